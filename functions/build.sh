@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Builds every guest crate in functions/ to a wasm32-wasip2 component.
+#
+# With rustup's wasm32-wasip2 target installed this is a plain cargo build.
+# Without it (machines where rustup cannot download targets), it uses Debian's
+# rustc-web toolchain and builds std from source; the packages are installed
+# with apt when missing. Both routes produce the same kind of component.
+#
+# Output: functions/target/wasm32-wasip2/release/<crate>.wasm (dashes become
+# underscores, as cargo names cdylibs).
+set -euo pipefail
+here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
+cd "$here"
+
+debian_packages=(rustc-web cargo-web rust-web-src rust-web-llvm lld-22 wasi-libc)
+
+if command -v rustup >/dev/null 2>&1 && rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+    echo "functions: building with rustup's wasm32-wasip2 target" >&2
+    cargo build --release --target wasm32-wasip2 --quiet
+    exit 0
+fi
+
+missing=()
+for pkg in "${debian_packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "functions: installing the Debian wasm toolchain: ${missing[*]}" >&2
+    sudo_cmd=()
+    [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
+    "${sudo_cmd[@]}" apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+echo "functions: building with Debian's rustc and -Zbuild-std" >&2
+# RUSTC_BOOTSTRAP must be in cargo's own environment for -Zbuild-std.
+RUSTC_BOOTSTRAP=1 RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc \
+RUSTFLAGS="-L native=/usr/lib/wasm32-wasi" \
+    /usr/bin/cargo build --release --target wasm32-wasip2 -Zbuild-std=std,panic_abort --quiet

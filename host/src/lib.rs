@@ -1,0 +1,13 @@
+//! Lichen: a WebAssembly function host for the edge.
+//!
+//! The binary in `main.rs` only parses the command line; everything else is
+//! here, one module per concern, testable without a process.
+
+pub mod api;
+pub mod client;
+pub mod engine;
+pub mod error;
+pub mod metrics;
+pub mod names;
+pub mod server;
+pub mod store;

@@ -1,0 +1,139 @@
+//! The `lichen` command: `serve` runs a host; `deploy`, `ls` and `rm` talk to one.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use lichen::client::{self, Target};
+use lichen::server::{self, ServeConfig, Server};
+
+#[derive(Parser)]
+#[command(
+    name = "lichen",
+    version,
+    about = "A WebAssembly function host for the edge"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a host.
+    Serve(ServeArgs),
+    /// Upload a component as function NAME (a new version if it exists).
+    Deploy {
+        name: String,
+        file: PathBuf,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// List the deployed functions.
+    Ls {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Delete function NAME.
+    Rm {
+        name: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on; port 0 picks a free port.
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// Where modules, compiled code and the admin token are kept.
+    #[arg(long, default_value = "./lichen-data")]
+    data_dir: PathBuf,
+    /// Directory of per-function policy files.
+    #[arg(long, default_value = "./policies")]
+    policies: PathBuf,
+    /// Admin token; if unset, one is generated into DATA_DIR/admin-token.
+    #[arg(long, env = "LICHEN_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Largest component upload, in bytes.
+    #[arg(long, default_value_t = server::DEFAULT_MAX_UPLOAD)]
+    max_upload_bytes: u64,
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args)]
+struct TargetArgs {
+    /// The host to talk to.
+    #[arg(long, default_value = "http://127.0.0.1:8080")]
+    url: String,
+    /// Admin token (default: $LICHEN_ADMIN_TOKEN, then DATA_DIR/admin-token).
+    #[arg(long, env = "LICHEN_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+    /// The local host's data directory, to read its admin token from.
+    #[arg(long, default_value = "./lichen-data")]
+    data_dir: PathBuf,
+}
+
+impl TargetArgs {
+    fn resolve(self) -> anyhow::Result<Target> {
+        Target::resolve(self.url, self.token, &self.data_dir)
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => serve(args).await,
+        Command::Deploy { name, file, target } => {
+            print(async { client::deploy(&target.resolve()?, &name, &file).await }).await
+        }
+        Command::Ls { target } => print(async { client::list(&target.resolve()?).await }).await,
+        Command::Rm { name, target } => {
+            print(async { client::remove(&target.resolve()?, &name).await }).await
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("lichen: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn print(run: impl Future<Output = anyhow::Result<String>>) -> anyhow::Result<()> {
+    println!("{}", run.await?);
+    Ok(())
+}
+
+async fn serve(args: ServeArgs) -> anyhow::Result<()> {
+    init_logging(args.log_format);
+    let mut config = ServeConfig::new(args.listen, args.data_dir);
+    config.policies_dir = args.policies;
+    config.admin_token = args.admin_token;
+    config.max_upload = args.max_upload_bytes;
+    let server = Server::bind(config).await?;
+    server.run(server::shutdown_signal()).await
+}

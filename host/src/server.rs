@@ -1,0 +1,219 @@
+//! Starting and stopping a host: open the store, build the engine, load the
+//! stored functions, bind the listener, serve connections until told to stop,
+//! then let in-flight requests finish (for a bounded time).
+//!
+//! `Server::bind` and `Server::run` are separate so a caller (the binary, a
+//! test) knows the bound address, port 0 included, before serving starts.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::server::graceful::GracefulShutdown;
+use tokio::net::TcpListener;
+
+use crate::api::{self, AppState};
+use crate::engine::{EngineSettings, Runtime};
+use crate::metrics::Metrics;
+use crate::store::ModuleStore;
+
+/// Default cap on an uploaded component: large enough for any real function
+/// (ours are ~100 KB; big ones with a language runtime are tens of MB).
+pub const DEFAULT_MAX_UPLOAD: u64 = 64 << 20;
+
+/// How long a client may take to send its request head before it is cut off.
+const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the generated admin token is kept, inside the data directory.
+pub const ADMIN_TOKEN_FILE: &str = "admin-token";
+
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub data_dir: PathBuf,
+    pub policies_dir: PathBuf,
+    /// `None`: generate one and write it to `data_dir/admin-token`.
+    pub admin_token: Option<String>,
+    pub max_upload: u64,
+    pub engine: EngineSettings,
+    /// How long in-flight requests may run on after a shutdown signal.
+    pub shutdown_grace: Duration,
+}
+
+impl ServeConfig {
+    pub fn new(listen: SocketAddr, data_dir: impl Into<PathBuf>) -> Self {
+        ServeConfig {
+            listen,
+            data_dir: data_dir.into(),
+            policies_dir: PathBuf::from("policies"),
+            admin_token: None,
+            max_upload: DEFAULT_MAX_UPLOAD,
+            engine: EngineSettings::default(),
+            shutdown_grace: Duration::from_secs(30),
+        }
+    }
+}
+
+/// A host that has bound its listener and loaded its functions.
+pub struct Server {
+    listener: TcpListener,
+    state: Arc<AppState>,
+    local_addr: SocketAddr,
+    admin_token: String,
+    shutdown_grace: Duration,
+}
+
+impl Server {
+    pub async fn bind(config: ServeConfig) -> Result<Server> {
+        let store = ModuleStore::open(&config.data_dir)?;
+        let admin_token = match config.admin_token {
+            Some(token) if !token.is_empty() => token,
+            _ => load_or_create_token(&config.data_dir)?,
+        };
+        let runtime = Runtime::new(config.engine.clone())?;
+        let metrics = Metrics::new()?;
+        let state = Arc::new(AppState::new(
+            runtime,
+            store,
+            metrics,
+            admin_token.clone(),
+            config.max_upload,
+        ));
+        let loader = Arc::clone(&state);
+        let loaded = tokio::task::spawn_blocking(move || loader.load_stored_functions())
+            .await
+            .context("loading stored functions")??;
+        tracing::info!(
+            functions = loaded,
+            pooling = state.runtime.pooling(),
+            data_dir = %config.data_dir.display(),
+            "functions loaded"
+        );
+        let listener = TcpListener::bind(config.listen)
+            .await
+            .with_context(|| format!("binding {}", config.listen))?;
+        let local_addr = listener.local_addr()?;
+        Ok(Server {
+            listener,
+            state,
+            local_addr,
+            admin_token,
+            shutdown_grace: config.shutdown_grace,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn admin_token(&self) -> &str {
+        &self.admin_token
+    }
+
+    pub fn state(&self) -> Arc<AppState> {
+        Arc::clone(&self.state)
+    }
+
+    /// Serves until `shutdown` completes, then stops accepting and waits for
+    /// open connections to finish their requests, at most the grace period.
+    pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
+        tracing::info!("listening on http://{}", self.local_addr);
+        let graceful = GracefulShutdown::new();
+        tokio::pin!(shutdown);
+        loop {
+            let (stream, peer) = tokio::select! {
+                accepted = self.listener.accept() => match accepted {
+                    Ok(accepted) => accepted,
+                    Err(error) => {
+                        // Out of file descriptors and the like: back off, keep serving.
+                        tracing::warn!(%error, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                },
+                () = &mut shutdown => break,
+            };
+            let _ = stream.set_nodelay(true);
+            let state = Arc::clone(&self.state);
+            let service = service_fn(move |req| {
+                let state = Arc::clone(&state);
+                async move { Ok::<_, std::convert::Infallible>(api::handle(state, req).await) }
+            });
+            let connection = http1::Builder::new()
+                .timer(TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .keep_alive(true)
+                .serve_connection(TokioIo::new(stream), service);
+            let connection = graceful.watch(connection);
+            tokio::spawn(async move {
+                if let Err(error) = connection.await {
+                    tracing::debug!(%peer, %error, "connection ended with an error");
+                }
+            });
+        }
+        drop(self.listener);
+        tracing::info!("shutting down: waiting for in-flight requests");
+        match tokio::time::timeout(self.shutdown_grace, graceful.shutdown()).await {
+            Ok(()) => tracing::info!("all connections closed"),
+            Err(_) => tracing::warn!(
+                "requests still running after {:?}; stopping anyway",
+                self.shutdown_grace
+            ),
+        }
+        Ok(())
+    }
+}
+
+/// Reads the admin token from the data directory, or makes a random one and
+/// writes it there readable by the owner only.
+fn load_or_create_token(data_dir: &Path) -> Result<String> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+
+    let path = data_dir.join(ADMIN_TOKEN_FILE);
+    if let Ok(existing) = std::fs::read_to_string(&path) {
+        let token = existing.trim().to_string();
+        if !token.is_empty() {
+            tracing::info!(path = %path.display(), "admin token read from file");
+            return Ok(token);
+        }
+    }
+    let mut raw = [0u8; 32];
+    getrandom::fill(&mut raw)
+        .map_err(|e| anyhow::anyhow!("no randomness for the admin token: {e}"))?;
+    let token = hex::encode(raw);
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&path)
+        .with_context(|| format!("writing {}", path.display()))?;
+    file.write_all(format!("{token}\n").as_bytes())?;
+    file.sync_all()?;
+    tracing::info!(path = %path.display(), "generated an admin token");
+    Ok(token)
+}
+
+/// Resolves when the process gets SIGINT or SIGTERM.
+pub async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(term) => term,
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the host");
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+    }
+}

@@ -1,0 +1,578 @@
+//! Deploy and invoke through a real host on 127.0.0.1:0 with the components
+//! built from functions/.
+
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod common;
+
+use std::time::Duration;
+
+use common::{FUNCTIONS, TestHost, component, send, test_config};
+use http::{Method, StatusCode};
+
+async fn host() -> (TestHost, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(test_config(dir.path())).await;
+    (host, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_example_deploys_and_answers() {
+    let (host, _dir) = host().await;
+    for name in ["hello", "echo", "square", "fib"] {
+        let reply = host.deploy(name, component(name)).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::CREATED,
+            "{name}: {}",
+            reply.text()
+        );
+        let body = reply.json();
+        assert_eq!(body["name"], name);
+        assert_eq!(body["version"], 1);
+        assert_eq!(body["size"], component(name).len());
+        assert_eq!(body["sha256"].as_str().unwrap().len(), 64);
+    }
+
+    let hello = host.get("/fn/hello").await;
+    assert_eq!(hello.status, StatusCode::OK);
+    assert_eq!(hello.text(), "Hello from Lichen!\n");
+    assert_eq!(hello.headers["content-type"], "text/plain; charset=utf-8");
+    assert!(hello.headers.contains_key("x-lichen-request-id"));
+
+    let square = send(
+        Method::POST,
+        &format!("{}/fn/square", host.url),
+        &[],
+        b"12".to_vec(),
+    )
+    .await;
+    assert_eq!(square.status, StatusCode::OK);
+    assert_eq!(square.json(), serde_json::json!(144));
+    let squares = send(
+        Method::POST,
+        &format!("{}/fn/square", host.url),
+        &[],
+        b"[1, -3, 2.5]".to_vec(),
+    )
+    .await;
+    assert_eq!(squares.json(), serde_json::json!([1, 9, 6.25]));
+    let not_a_number = send(
+        Method::POST,
+        &format!("{}/fn/square", host.url),
+        &[],
+        b"\"x\"".to_vec(),
+    )
+    .await;
+    assert_eq!(not_a_number.status, StatusCode::BAD_REQUEST);
+    assert!(
+        not_a_number.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("expected a number")
+    );
+
+    let fib = host.get("/fn/fib?n=20").await;
+    assert_eq!(fib.json(), serde_json::json!({"n": 20, "fib": 6765}));
+
+    let listed = host
+        .admin(Method::GET, "/v1/functions", Vec::new())
+        .await
+        .json();
+    let names: Vec<&str> = listed["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names, ["echo", "fib", "hello", "square"]);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn echo_round_trips_the_request() {
+    let (host, _dir) = host().await;
+    assert_eq!(
+        host.deploy("echo", component("echo")).await.status,
+        StatusCode::CREATED
+    );
+
+    let reply = send(
+        Method::PATCH,
+        &format!("{}/fn/echo/a/b?x=1&y=two", host.url),
+        &[("x-custom", "value one"), ("content-type", "text/plain")],
+        b"body text".to_vec(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let echo = reply.json();
+    assert_eq!(echo["method"], "PATCH");
+    assert_eq!(echo["uri"], "/a/b?x=1&y=two");
+    assert_eq!(echo["path"], "/a/b");
+    assert_eq!(echo["query"], "x=1&y=two");
+    assert_eq!(echo["body"], "body text");
+    let headers = echo["headers"].as_array().unwrap();
+    assert!(
+        headers.contains(&serde_json::json!(["x-custom", "value one"])),
+        "{headers:?}"
+    );
+
+    // The mount point itself is the guest's root.
+    let root = host.get("/fn/echo").await.json();
+    assert_eq!(root["uri"], "/");
+    let root_query = host.get("/fn/echo?q=1").await.json();
+    assert_eq!(root_query["uri"], "/?q=1");
+
+    // Empty and 1 MiB bodies.
+    let empty = send(
+        Method::POST,
+        &format!("{}/fn/echo", host.url),
+        &[],
+        Vec::new(),
+    )
+    .await
+    .json();
+    assert_eq!(empty["body_len"], 0);
+    let big: Vec<u8> = (0..1 << 20).map(|i| b'a' + (i % 26) as u8).collect();
+    let reply = send(
+        Method::PUT,
+        &format!("{}/fn/echo/big", host.url),
+        &[],
+        big.clone(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK);
+    let echoed = reply.json();
+    assert_eq!(echoed["body_len"], 1 << 20);
+    assert_eq!(echoed["body"].as_str().unwrap().as_bytes(), &big[..]);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_component_built_without_the_sdk_runs_unmodified() {
+    let (host, _dir) = host().await;
+    assert_eq!(
+        host.deploy("raw", component("raw-wasi")).await.status,
+        StatusCode::CREATED
+    );
+    let reply = host.get("/fn/raw/some/path?k=v").await;
+    assert_eq!(reply.status, StatusCode::ACCEPTED);
+    assert_eq!(reply.headers["x-raw"], "yes");
+    assert_eq!(reply.text(), "raw wasi component saw /some/path?k=v");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_uploads_are_refused_and_nothing_is_stored() {
+    let (host, dir) = host().await;
+    let garbage = host.deploy("junk", b"definitely not wasm".to_vec()).await;
+    assert_eq!(garbage.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(garbage.code(), "not_wasm");
+
+    let core = host
+        .deploy(
+            "core",
+            wat::parse_str("(module (func (export \"f\")))").unwrap(),
+        )
+        .await;
+    assert_eq!(core.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(core.code(), "core_module");
+    assert!(
+        core.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("wasm32-wasip2")
+    );
+
+    let empty_component = host
+        .deploy("empty", wat::parse_str("(component)").unwrap())
+        .await;
+    assert_eq!(empty_component.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(empty_component.code(), "not_http_handler");
+
+    let mut truncated = component("hello");
+    truncated.truncate(truncated.len() / 2);
+    let truncated = host.deploy("truncated", truncated).await;
+    assert_eq!(truncated.status, StatusCode::UNPROCESSABLE_ENTITY);
+    assert_eq!(truncated.code(), "invalid_component");
+
+    let listed = host
+        .admin(Method::GET, "/v1/functions", Vec::new())
+        .await
+        .json();
+    assert_eq!(listed["functions"], serde_json::json!([]));
+    for sub in ["modules", "functions", "tmp"] {
+        let entries = std::fs::read_dir(dir.path().join(sub)).unwrap().count();
+        assert_eq!(entries, 0, "{sub} should be empty");
+    }
+    assert_eq!(host.get("/fn/junk").await.status, StatusCode::NOT_FOUND);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_upload_keeps_the_previous_version() {
+    let (host, _dir) = host().await;
+    assert_eq!(
+        host.deploy("hello", component("hello")).await.status,
+        StatusCode::CREATED
+    );
+    let refused = host.deploy("hello", b"\0asm\x01\0\0\0".to_vec()).await;
+    assert_eq!(refused.status, StatusCode::UNPROCESSABLE_ENTITY);
+    let still = host.get("/fn/hello").await;
+    assert_eq!(still.text(), "Hello from Lichen!\n");
+    let described = host
+        .admin(Method::GET, "/v1/functions/hello", Vec::new())
+        .await
+        .json();
+    assert_eq!(described["version"], 1);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_are_validated() {
+    let (host, _dir) = host().await;
+    for bad in ["Hello", "-x", "a_b", "a.b", &"x".repeat(64), "%2e%2e"] {
+        let reply = host.deploy(bad, component("hello")).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::BAD_REQUEST,
+            "{bad}: {}",
+            reply.text()
+        );
+        assert_eq!(reply.code(), "invalid_name");
+    }
+    let max = "a".repeat(63);
+    assert_eq!(
+        host.deploy(&max, component("hello")).await.status,
+        StatusCode::CREATED
+    );
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn uploads_over_the_cap_get_413_even_when_streamed() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.max_upload = 64 * 1024;
+    let host = TestHost::start(config).await;
+
+    // Declared too large.
+    let oversized = vec![0u8; 64 * 1024 + 1];
+    let reply = host.deploy("big", oversized).await;
+    assert_eq!(reply.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(reply.code(), "too_large");
+
+    // Streamed without a length: cut off while streaming.
+    let (sender, body) = {
+        let (tx, rx) =
+            tokio::sync::mpsc::channel::<Result<http_body::Frame<bytes::Bytes>, std::io::Error>>(4);
+        (tx, http_body_util::StreamBody::new(tokio_stream_from(rx)))
+    };
+    let request = http::Request::builder()
+        .method(Method::PUT)
+        .uri(format!("{}/v1/functions/big", host.url))
+        .header("authorization", format!("Bearer {}", host.token))
+        .body(body)
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let feeder = tokio::spawn(async move {
+        // 1 MiB in 16 KiB chunks; the host answers long before the end.
+        for _ in 0..64 {
+            let chunk = bytes::Bytes::from(vec![0u8; 16 * 1024]);
+            if sender
+                .send(Ok(http_body::Frame::data(chunk)))
+                .await
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let response = tokio::time::timeout(Duration::from_secs(30), client.request(request))
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    feeder.abort();
+
+    let listed = host
+        .admin(Method::GET, "/v1/functions", Vec::new())
+        .await
+        .json();
+    assert_eq!(listed["functions"], serde_json::json!([]));
+    host.stop().await;
+}
+
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_routes_need_the_token() {
+    let (host, _dir) = host().await;
+    let url = format!("{}/v1/functions", host.url);
+    let missing = send(Method::GET, &url, &[], Vec::new()).await;
+    assert_eq!(missing.status, StatusCode::UNAUTHORIZED);
+    assert_eq!(missing.code(), "unauthorized");
+    let wrong = send(
+        Method::GET,
+        &url,
+        &[("authorization", "Bearer nope")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(wrong.status, StatusCode::FORBIDDEN);
+    let not_bearer = send(
+        Method::GET,
+        &url,
+        &[("authorization", "test-token")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(not_bearer.status, StatusCode::FORBIDDEN);
+    let put = send(
+        Method::PUT,
+        &format!("{url}/hello"),
+        &[],
+        component("hello"),
+    )
+    .await;
+    assert_eq!(put.status, StatusCode::UNAUTHORIZED);
+    let right = host.admin(Method::GET, "/v1/functions", Vec::new()).await;
+    assert_eq!(right.status, StatusCode::OK);
+    // Nothing was deployed by the refused PUT.
+    assert_eq!(host.get("/fn/hello").await.status, StatusCode::NOT_FOUND);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_functions_and_routes_are_404() {
+    let (host, _dir) = host().await;
+    let reply = host.get("/fn/nobody/here").await;
+    assert_eq!(reply.status, StatusCode::NOT_FOUND);
+    assert_eq!(reply.code(), "not_found");
+    assert_eq!(host.get("/nowhere").await.status, StatusCode::NOT_FOUND);
+    let described = host
+        .admin(Method::GET, "/v1/functions/nobody", Vec::new())
+        .await;
+    assert_eq!(described.status, StatusCode::NOT_FOUND);
+    assert_eq!(host.get("/healthz").await.status, StatusCode::OK);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_is_a_500_and_the_host_stays_up() {
+    let (host, _dir) = host().await;
+    assert_eq!(
+        host.deploy("trap", component("trap")).await.status,
+        StatusCode::CREATED
+    );
+    for path in ["/fn/trap/panic", "/fn/trap/unreachable"] {
+        let reply = host.get(path).await;
+        assert_eq!(reply.status, StatusCode::INTERNAL_SERVER_ERROR, "{path}");
+        assert_eq!(reply.code(), "trap");
+        assert_eq!(reply.headers["content-type"], "application/json");
+        let next = host.get("/fn/trap/fine").await;
+        assert_eq!(next.status, StatusCode::OK);
+        assert_eq!(next.text(), "ok\n");
+    }
+    // An error the handler returns is the guest's own answer, not a trap.
+    let handled = host.get("/fn/trap/error").await;
+    assert_eq!(handled.status.as_u16(), 418);
+    assert_eq!(handled.json()["error"], "an error the handler returned");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_past_its_deadline_gets_504() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.engine.timeout = Duration::from_secs(1);
+    let host = TestHost::start(config).await;
+    assert_eq!(
+        host.deploy("fib", component("fib")).await.status,
+        StatusCode::CREATED
+    );
+    let started = std::time::Instant::now();
+    let reply = host.get("/fn/fib?n=60").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.code(), "timeout");
+    assert!(
+        started.elapsed() < Duration::from_secs(10),
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(host.get("/fn/fib?n=10").await.json()["fib"], 55);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn identical_bytes_give_the_same_hash_and_version() {
+    let (host, _dir) = host().await;
+    let first = host.deploy("hello", component("hello")).await;
+    let again = host.deploy("hello", component("hello")).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(again.status, StatusCode::OK);
+    assert_eq!(first.json()["sha256"], again.json()["sha256"]);
+    assert_eq!(again.json()["version"], 1);
+    let other = host.deploy("greeting", component("hello")).await;
+    assert_eq!(other.json()["sha256"], first.json()["sha256"]);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_then_invoke_is_404() {
+    let (host, dir) = host().await;
+    assert_eq!(
+        host.deploy("hello", component("hello")).await.status,
+        StatusCode::CREATED
+    );
+    let deleted = host
+        .admin(Method::DELETE, "/v1/functions/hello", Vec::new())
+        .await;
+    assert_eq!(deleted.status, StatusCode::OK);
+    assert_eq!(host.get("/fn/hello").await.status, StatusCode::NOT_FOUND);
+    let again = host
+        .admin(Method::DELETE, "/v1/functions/hello", Vec::new())
+        .await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND);
+    // Its module is no longer kept.
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("modules"))
+            .unwrap()
+            .count(),
+        0
+    );
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restart_keeps_functions_without_recompiling() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(test_config(dir.path())).await;
+    for name in ["hello", "square"] {
+        assert_eq!(
+            host.deploy(name, component(name)).await.status,
+            StatusCode::CREATED
+        );
+    }
+    assert_eq!(
+        host.metric("lichen_compile_duration_seconds_count").await,
+        2.0
+    );
+    host.stop().await;
+
+    let restarted = TestHost::start(test_config(dir.path())).await;
+    assert_eq!(
+        restarted.get("/fn/hello").await.text(),
+        "Hello from Lichen!\n"
+    );
+    let squared = send(
+        Method::POST,
+        &format!("{}/fn/square", restarted.url),
+        &[],
+        b"3".to_vec(),
+    )
+    .await;
+    assert_eq!(squared.json(), serde_json::json!(9));
+    assert_eq!(
+        restarted
+            .metric("lichen_compile_duration_seconds_count")
+            .await,
+        0.0
+    );
+    assert_eq!(restarted.metric("lichen_code_cache_loads_total").await, 2.0);
+    restarted.stop().await;
+
+    // Damaged cached code is recompiled, not trusted.
+    for entry in walk(&dir.path().join("compiled")) {
+        std::fs::write(entry, b"garbage").unwrap();
+    }
+    let third = TestHost::start(test_config(dir.path())).await;
+    assert_eq!(third.get("/fn/hello").await.text(), "Hello from Lichen!\n");
+    assert_eq!(
+        third.metric("lichen_compile_duration_seconds_count").await,
+        2.0
+    );
+    third.stop().await;
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut files = Vec::new();
+    for entry in std::fs::read_dir(dir).unwrap().flatten() {
+        let path = entry.path();
+        if path.is_dir() {
+            files.extend(walk(&path));
+        } else {
+            files.push(path);
+        }
+    }
+    files
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redeploy_switches_versions_without_failing_requests() {
+    let (host, _dir) = host().await;
+    assert_eq!(
+        host.deploy("svc", component("hello")).await.status,
+        StatusCode::CREATED
+    );
+    let url = format!("{}/fn/svc", host.url);
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let url = url.clone();
+        let stop = stop.clone();
+        clients.push(tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let reply = send(Method::GET, &url, &[], Vec::new()).await;
+                assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+                seen.push(reply.text().starts_with("Hello"));
+            }
+            seen
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let v2 = host.deploy("svc", component("echo")).await;
+    assert_eq!(v2.status, StatusCode::CREATED);
+    assert_eq!(v2.json()["version"], 2);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for client in clients {
+        let seen = client.await.unwrap();
+        // Every client saw v1 then v2, never going back.
+        let switched = seen.iter().position(|hello| !hello).unwrap_or(seen.len());
+        assert!(seen[switched..].iter().all(|hello| !hello), "{seen:?}");
+    }
+    assert_eq!(host.get("/fn/svc").await.json()["uri"], "/");
+    host.stop().await;
+}
+
+#[test]
+fn every_function_crate_is_a_known_fixture() {
+    let manifest = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../functions/Cargo.toml"
+    ))
+    .unwrap();
+    let members_line = manifest.lines().find(|l| l.starts_with("members")).unwrap();
+    let mut members: Vec<String> = members_line
+        .split('"')
+        .skip(1)
+        .step_by(2)
+        .map(|path| path.rsplit('/').next().unwrap().to_string())
+        .collect();
+    members.sort();
+    let mut known: Vec<String> = FUNCTIONS.iter().map(|s| s.to_string()).collect();
+    known.sort();
+    assert_eq!(members, known);
+}

@@ -1,0 +1,173 @@
+//! The real `lichen` binary: `serve` on port 0 (address read from its log),
+//! the client subcommands against it, the generated admin token, and a clean
+//! exit on SIGTERM.
+
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::os::unix::fs::PermissionsExt;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{component, send};
+use http::{Method, StatusCode};
+
+const LICHEN: &str = env!("CARGO_BIN_EXE_lichen");
+
+/// Starts `lichen serve` and returns it with the URL from its log line.
+fn serve(data_dir: &std::path::Path) -> (Child, String, std::thread::JoinHandle<Vec<String>>) {
+    let mut child = Command::new(LICHEN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .env_remove("LICHEN_ADMIN_TOKEN")
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("starting lichen serve");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keep reading the log so the host never blocks on a full pipe.
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(at) = line.find("listening on http://") {
+                let _ = tx.send(line[at + "listening on ".len()..].trim().to_string());
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the host logs the address it listens on");
+    (child, url, reader)
+}
+
+fn run_client(args: &[&str], url: &str, data_dir: &std::path::Path) -> (bool, String, String) {
+    let output = Command::new(LICHEN)
+        .args(args)
+        .args(["--url", url, "--data-dir"])
+        .arg(data_dir)
+        .env_remove("LICHEN_ADMIN_TOKEN")
+        .output()
+        .expect("running the lichen client");
+    (
+        output.status.success(),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_deploy_invoke_list_remove_and_stop() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let wasm = dir.path().join("hello.wasm");
+    std::fs::write(&wasm, component("hello")).unwrap();
+    let (mut child, url, log) = serve(&data_dir);
+
+    // The generated token is kept private to the owner.
+    let token_file = data_dir.join("admin-token");
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    let (ok, out, err) = run_client(
+        &["deploy", "greet", wasm.to_str().unwrap()],
+        &url,
+        &data_dir,
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains("deployed greet version 1"), "{out}");
+
+    let reply = send(Method::GET, &format!("{url}/fn/greet"), &[], Vec::new()).await;
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.text(), "Hello from Lichen!\n");
+
+    let (ok, out, _) = run_client(&["ls"], &url, &data_dir);
+    assert!(ok);
+    assert!(out.lines().any(|l| l.starts_with("greet ")), "{out}");
+
+    // Errors print the server's message.
+    let (ok, _, err) = run_client(
+        &["deploy", "Bad_Name", wasm.to_str().unwrap()],
+        &url,
+        &data_dir,
+    );
+    assert!(!ok);
+    assert!(
+        err.contains("400") && err.contains("invalid function name"),
+        "{err}"
+    );
+    let output = Command::new(LICHEN)
+        .args(["ls", "--url", &url, "--token", "wrong"])
+        .output()
+        .unwrap();
+    assert!(!output.status.success());
+    assert!(String::from_utf8_lossy(&output.stderr).contains("403"));
+
+    let (ok, out, err) = run_client(&["rm", "greet"], &url, &data_dir);
+    assert!(ok, "{err}");
+    assert!(out.contains("removed greet"));
+    let gone = send(Method::GET, &format!("{url}/fn/greet"), &[], Vec::new()).await;
+    assert_eq!(gone.status, StatusCode::NOT_FOUND);
+
+    stop(&mut child);
+    let lines = log.join().unwrap();
+    assert!(lines.iter().any(|l| l.contains("SIGTERM")), "{lines:?}");
+}
+
+/// A request in flight when SIGTERM arrives still gets its answer, and the
+/// host then exits 0.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_in_flight_requests_finish() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let (mut child, url, _log) = serve(&data_dir);
+    let token = std::fs::read_to_string(data_dir.join("admin-token")).unwrap();
+    let auth = format!("Bearer {}", token.trim());
+    let deployed = send(
+        Method::PUT,
+        &format!("{url}/v1/functions/fib"),
+        &[("authorization", &auth)],
+        component("fib"),
+    )
+    .await;
+    assert_eq!(deployed.status, StatusCode::CREATED);
+
+    // fib(40) runs for about a second in wasm.
+    let slow_url = format!("{url}/fn/fib?n=40");
+    let slow = tokio::spawn(async move { send(Method::GET, &slow_url, &[], Vec::new()).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!slow.is_finished(), "the request should still be running");
+    Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let reply = slow.await.unwrap();
+    assert_eq!(reply.status, StatusCode::OK);
+    assert_eq!(reply.json()["fib"], 102334155);
+    stop(&mut child);
+}
+
+fn stop(child: &mut Child) {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            assert!(
+                status.success(),
+                "the host exits 0 on SIGTERM, got {status}"
+            );
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the host did not stop within 30 s"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}

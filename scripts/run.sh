@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Sets everything up and runs a host with the example functions deployed:
+# builds the guest components (installing the wasm toolchain if missing),
+# builds the host, starts it on 127.0.0.1:8080 (LICHEN_LISTEN to change),
+# deploys functions/{hello,echo,square,fib} and keeps serving until Ctrl-C.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+listen="${LICHEN_LISTEN:-127.0.0.1:8080}"
+data_dir="${LICHEN_DATA_DIR:-$root/lichen-data}"
+
+functions/build.sh
+echo "host: building (release; the first build takes several minutes)" >&2
+cargo build --release --quiet -p lichen-host
+lichen="$root/target/release/lichen"
+
+log="$(mktemp)"
+"$lichen" serve --listen "$listen" --data-dir "$data_dir" --policies "$root/policies" 2> >(tee "$log" >&2) &
+host_pid=$!
+trap 'kill -TERM $host_pid 2>/dev/null; wait $host_pid; rm -f "$log"' EXIT INT TERM
+
+url=""
+for _ in $(seq 1 300); do
+    url="$(grep -o 'listening on http://[0-9.:]*' "$log" | head -n1 | sed 's/listening on //')" || true
+    [ -n "$url" ] && break
+    kill -0 $host_pid 2>/dev/null || { echo "host exited before listening" >&2; exit 1; }
+    sleep 0.1
+done
+[ -n "$url" ] || { echo "host did not start listening" >&2; exit 1; }
+
+for fn in hello echo square fib; do
+    "$lichen" deploy "$fn" "functions/target/wasm32-wasip2/release/$fn.wasm" --url "$url" --data-dir "$data_dir"
+done
+"$lichen" ls --url "$url" --data-dir "$data_dir"
+cat >&2 <<MSG
+
+Lichen is serving on $url. Try:
+  curl $url/fn/hello
+  curl -d '[1,2,3]' $url/fn/square
+  curl '$url/fn/echo/any/path?x=1'
+Admin token: $data_dir/admin-token. Ctrl-C stops the host.
+MSG
+wait $host_pid

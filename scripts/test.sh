@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Runs the whole test suite from a fresh clone: builds the guest components
+# (installing the wasm toolchain if missing), checks formatting and lints,
+# then runs every test of the workspace against the built components.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+
+functions/build.sh
+cargo fmt --all -- --check
+cargo clippy --workspace --all-targets --quiet -- -D warnings
+LICHEN_FUNCTIONS_BUILT=1 cargo test --workspace

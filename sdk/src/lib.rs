@@ -1,0 +1,467 @@
+//! Write Lichen functions in a few lines.
+//!
+//! A Lichen function is a standard WebAssembly component that exports
+//! `wasi:http/incoming-handler` (the `wasi:http/proxy` world), so it runs on
+//! Lichen, `wasmtime serve`, Spin or wasmCloud alike. This crate hides the
+//! generated bindings behind a handler from [`Request`] to [`Response`]:
+//!
+//! ```
+//! use lichen_sdk::{Request, Response, Result};
+//!
+//! fn handle(req: Request) -> Result<Response> {
+//!     let name = req.query_param("name").unwrap_or_else(|| "world".to_string());
+//!     Ok(Response::text(format!("Hello, {name}!\n")))
+//! }
+//!
+//! lichen_sdk::export!(handle);
+//! # fn main() {
+//! #     let res = handle(Request::builder().uri("/?name=edge").build()).unwrap();
+//! #     assert_eq!(res.body(), b"Hello, edge!\n");
+//! # }
+//! ```
+//!
+//! Build it with `cargo build --release --target wasm32-wasip2`; the output is
+//! already a component. An `Err` returned by the handler becomes a JSON error
+//! response (`500` unless made with [`Error::new`] and another status), and a
+//! panic traps the instance, which the host answers with `500`.
+//!
+//! The handler reads the whole request body before it runs and the response
+//! is written in one piece: functions are small request/response programs, and
+//! buffering keeps the handler a plain function. Streaming needs the raw
+//! `wasi::http` bindings, which are re-exported as [`wasi`].
+
+use std::fmt;
+
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+
+pub use wasi;
+
+/// A handler's result: `Err` becomes a JSON error response.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// An HTTP request as the function sees it: the path is relative to where the
+/// function is mounted (`/fn/hello/a?x=1` arrives as `/a?x=1`).
+#[derive(Debug, Clone, Default)]
+pub struct Request {
+    method: String,
+    uri: String,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+}
+
+impl Request {
+    /// Starts a request by hand, for unit tests of a handler.
+    pub fn builder() -> RequestBuilder {
+        RequestBuilder {
+            req: Request {
+                method: "GET".to_string(),
+                uri: "/".to_string(),
+                ..Request::default()
+            },
+        }
+    }
+
+    /// The method, upper case (`GET`, `POST`, ...).
+    pub fn method(&self) -> &str {
+        &self.method
+    }
+
+    /// Path and query as sent, e.g. `/a?x=1`.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The path without the query, e.g. `/a`.
+    pub fn path(&self) -> &str {
+        self.uri.split_once('?').map_or(&self.uri, |(path, _)| path)
+    }
+
+    /// The raw query string without `?`, if there is one.
+    pub fn query(&self) -> Option<&str> {
+        self.uri.split_once('?').map(|(_, query)| query)
+    }
+
+    /// The first value of a query parameter, percent-decoded (`+` is a space).
+    pub fn query_param(&self, name: &str) -> Option<String> {
+        self.query()?
+            .split('&')
+            .filter_map(|pair| {
+                let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+                (percent_decode(key) == name).then(|| percent_decode(value))
+            })
+            .next()
+    }
+
+    /// The first value of a header (names compare case-insensitively), if it
+    /// is valid UTF-8.
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(key, _)| key.eq_ignore_ascii_case(name))
+            .and_then(|(_, value)| std::str::from_utf8(value).ok())
+    }
+
+    /// All headers in the order they arrived; a name may repeat.
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.headers
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_slice()))
+    }
+
+    /// The body bytes.
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+
+    /// The body as UTF-8 text; `400` if it is not.
+    pub fn text(&self) -> Result<&str> {
+        std::str::from_utf8(&self.body)
+            .map_err(|e| Error::new(400, format!("request body is not UTF-8: {e}")))
+    }
+
+    /// The body parsed as JSON; `400` with serde's message if it does not fit `T`.
+    pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
+        serde_json::from_slice(&self.body)
+            .map_err(|e| Error::new(400, format!("request body is not the JSON expected: {e}")))
+    }
+}
+
+/// Builds a [`Request`] by hand, for unit tests of a handler.
+#[derive(Debug)]
+pub struct RequestBuilder {
+    req: Request,
+}
+
+impl RequestBuilder {
+    pub fn method(mut self, method: &str) -> Self {
+        self.req.method = method.to_ascii_uppercase();
+        self
+    }
+
+    pub fn uri(mut self, uri: &str) -> Self {
+        self.req.uri = uri.to_string();
+        self
+    }
+
+    pub fn header(mut self, name: &str, value: impl Into<Vec<u8>>) -> Self {
+        self.req.headers.push((name.to_string(), value.into()));
+        self
+    }
+
+    pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.req.body = body.into();
+        self
+    }
+
+    pub fn build(self) -> Request {
+        self.req
+    }
+}
+
+/// An HTTP response: status, headers and body.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Response {
+    status: u16,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
+}
+
+impl Default for Response {
+    fn default() -> Self {
+        Response::new(200)
+    }
+}
+
+impl Response {
+    /// An empty response with this status.
+    pub fn new(status: u16) -> Self {
+        Response {
+            status,
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
+    /// `200` with a `text/plain; charset=utf-8` body.
+    pub fn text(body: impl Into<String>) -> Self {
+        Response::new(200)
+            .with_header("content-type", "text/plain; charset=utf-8")
+            .with_body(body.into())
+    }
+
+    /// `200` with `value` serialised as a JSON body.
+    pub fn json<T: Serialize + ?Sized>(value: &T) -> Result<Self> {
+        let body = serde_json::to_vec(value)
+            .map_err(|e| Error::new(500, format!("response does not serialise to JSON: {e}")))?;
+        Ok(Response::new(200)
+            .with_header("content-type", "application/json")
+            .with_body(body))
+    }
+
+    /// Replaces the status code.
+    pub fn with_status(mut self, status: u16) -> Self {
+        self.status = status;
+        self
+    }
+
+    /// Adds a header; an existing header of the same name is kept.
+    pub fn with_header(mut self, name: &str, value: impl Into<Vec<u8>>) -> Self {
+        self.headers.push((name.to_ascii_lowercase(), value.into()));
+        self
+    }
+
+    /// Replaces the body.
+    pub fn with_body(mut self, body: impl Into<Vec<u8>>) -> Self {
+        self.body = body.into();
+        self
+    }
+
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
+        self.headers
+            .iter()
+            .map(|(key, value)| (key.as_str(), value.as_slice()))
+    }
+
+    pub fn body(&self) -> &[u8] {
+        &self.body
+    }
+}
+
+/// A handler's failure: answered as `{"error": message}` with its status.
+///
+/// Any error type converts with `?` into a `500`; use [`Error::new`] for a
+/// client error such as `400`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Error {
+    status: u16,
+    message: String,
+}
+
+impl Error {
+    pub fn new(status: u16, message: impl Into<String>) -> Self {
+        Error {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn status(&self) -> u16 {
+        self.status
+    }
+
+    pub fn message(&self) -> &str {
+        &self.message
+    }
+
+    /// The response this error is answered with.
+    pub fn into_response(self) -> Response {
+        let body = serde_json::json!({ "error": self.message }).to_string();
+        Response::new(self.status)
+            .with_header("content-type", "application/json")
+            .with_body(body)
+    }
+}
+
+impl<E: std::error::Error> From<E> for Error {
+    fn from(error: E) -> Self {
+        Error::new(500, error.to_string())
+    }
+}
+
+impl fmt::Display for Error {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} ({})", self.message, self.status)
+    }
+}
+
+fn percent_decode(input: &str) -> String {
+    let bytes = input.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'+' => out.push(b' '),
+            b'%' if i + 2 < bytes.len() => {
+                let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
+                match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
+                    Some(byte) => {
+                        out.push(byte);
+                        i += 2;
+                    }
+                    None => out.push(b'%'),
+                }
+            }
+            byte => out.push(byte),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Exports a handler `fn(Request) -> Result<Response>` as the component's
+/// `wasi:http/incoming-handler`. Use it once per function crate.
+#[macro_export]
+macro_rules! export {
+    ($handler:path) => {
+        struct __LichenIncomingHandler;
+
+        impl $crate::wasi::exports::http::incoming_handler::Guest for __LichenIncomingHandler {
+            fn handle(
+                request: $crate::wasi::http::types::IncomingRequest,
+                response_out: $crate::wasi::http::types::ResponseOutparam,
+            ) {
+                $crate::__private::serve(request, response_out, $handler)
+            }
+        }
+
+        $crate::wasi::http::proxy::export!(__LichenIncomingHandler);
+    };
+}
+
+#[doc(hidden)]
+pub mod __private {
+    use std::io::{Read, Write};
+
+    use wasi::http::types::{
+        Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
+    };
+
+    use super::{Error, Request, Response, Result};
+
+    /// Runs one invocation: reads the request, calls the handler, writes the
+    /// response. Failures of the plumbing itself are answered with a 500 too,
+    /// so the caller always gets a response it can read.
+    pub fn serve(
+        request: IncomingRequest,
+        response_out: ResponseOutparam,
+        handler: impl FnOnce(Request) -> Result<Response>,
+    ) {
+        let response = match read_request(&request) {
+            Ok(req) => handler(req).unwrap_or_else(Error::into_response),
+            Err(error) => error.into_response(),
+        };
+        drop(request);
+        write_response(response, response_out);
+    }
+
+    fn read_request(request: &IncomingRequest) -> Result<Request> {
+        let method = match request.method() {
+            Method::Get => "GET".to_string(),
+            Method::Head => "HEAD".to_string(),
+            Method::Post => "POST".to_string(),
+            Method::Put => "PUT".to_string(),
+            Method::Delete => "DELETE".to_string(),
+            Method::Connect => "CONNECT".to_string(),
+            Method::Options => "OPTIONS".to_string(),
+            Method::Trace => "TRACE".to_string(),
+            Method::Patch => "PATCH".to_string(),
+            Method::Other(other) => other,
+        };
+        let uri = request.path_with_query().unwrap_or_else(|| "/".to_string());
+        let headers = request.headers().entries();
+        let incoming = request
+            .consume()
+            .map_err(|()| Error::new(500, "request body already consumed"))?;
+        let mut body = Vec::new();
+        {
+            let mut stream = incoming
+                .stream()
+                .map_err(|()| Error::new(500, "request body stream unavailable"))?;
+            stream
+                .read_to_end(&mut body)
+                .map_err(|e| Error::new(400, format!("reading the request body: {e}")))?;
+        }
+        drop(incoming);
+        Ok(Request {
+            method,
+            uri,
+            headers,
+            body,
+        })
+    }
+
+    fn write_response(response: Response, response_out: ResponseOutparam) {
+        let response = match build_response(response) {
+            Ok(parts) => parts,
+            Err(error) => match build_response(error.into_response()) {
+                Ok(parts) => parts,
+                // An error response has only our own valid headers; if even
+                // that fails the host will report that no response was set.
+                Err(_) => return,
+            },
+        };
+        let (outgoing, body) = response;
+        let Ok(out_body) = outgoing.body() else {
+            return;
+        };
+        ResponseOutparam::set(response_out, Ok(outgoing));
+        if let Ok(mut stream) = out_body.write() {
+            // The client hung up if this fails; nothing is left to tell.
+            let _ = stream
+                .write_all(&body)
+                .and_then(|()| Write::flush(&mut stream));
+        }
+        let _ = OutgoingBody::finish(out_body, None);
+    }
+
+    fn build_response(response: Response) -> Result<(OutgoingResponse, Vec<u8>)> {
+        let Response {
+            status,
+            headers,
+            body,
+        } = response;
+        let fields = Fields::from_list(&headers)
+            .map_err(|e| Error::new(500, format!("invalid response header: {e:?}")))?;
+        let outgoing = OutgoingResponse::new(fields);
+        outgoing
+            .set_status_code(status)
+            .map_err(|()| Error::new(500, format!("invalid response status {status}")))?;
+        Ok((outgoing, body))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn path_and_query_split() {
+        let req = Request::builder()
+            .uri("/a/b?x=1&name=hello%20edge+x")
+            .build();
+        assert_eq!(req.path(), "/a/b");
+        assert_eq!(req.query(), Some("x=1&name=hello%20edge+x"));
+        assert_eq!(req.query_param("x").as_deref(), Some("1"));
+        assert_eq!(req.query_param("name").as_deref(), Some("hello edge x"));
+        assert_eq!(req.query_param("missing"), None);
+    }
+
+    #[test]
+    fn bad_percent_escapes_are_kept() {
+        let req = Request::builder().uri("/?a=%zz&b=%4").build();
+        assert_eq!(req.query_param("a").as_deref(), Some("%zz"));
+        assert_eq!(req.query_param("b").as_deref(), Some("%4"));
+    }
+
+    #[test]
+    fn json_errors_are_client_errors() {
+        let req = Request::builder().body("not json").build();
+        let err = req.json::<f64>().unwrap_err();
+        assert_eq!(err.status(), 400);
+        let res = err.into_response();
+        assert_eq!(res.status(), 400);
+        let body: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
+        assert!(body["error"].as_str().unwrap().contains("JSON"));
+    }
+
+    #[test]
+    fn headers_compare_case_insensitively() {
+        let req = Request::builder().header("X-Thing", "v").build();
+        assert_eq!(req.header("x-thing"), Some("v"));
+    }
+}
