@@ -387,6 +387,28 @@ async fn a_trap_is_a_500_and_the_host_stays_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_guest_over_its_memory_limit_fails_alone() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.engine.memory_limit = 32 << 20;
+    let host = TestHost::start(config).await;
+    assert_eq!(
+        host.deploy("trap", component("trap")).await.status,
+        StatusCode::CREATED
+    );
+    let reply = host.get("/fn/trap/alloc").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.code(), "trap");
+    assert_eq!(host.get("/fn/trap/").await.text(), "ok\n");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_past_its_deadline_gets_504() {
     let dir = tempfile::tempdir().unwrap();
     let mut config = test_config(dir.path());

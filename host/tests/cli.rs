@@ -107,6 +107,28 @@ async fn serve_deploy_invoke_list_remove_and_stop() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("403"));
 
+    // Guest output reaches the host log, tagged with function and request id.
+    let trap_wasm = dir.path().join("trap.wasm");
+    std::fs::write(&trap_wasm, component("trap")).unwrap();
+    let (ok, _, err) = run_client(
+        &["deploy", "chatty", trap_wasm.to_str().unwrap()],
+        &url,
+        &data_dir,
+    );
+    assert!(ok, "{err}");
+    let logged = send(
+        Method::GET,
+        &format!("{url}/fn/chatty/log"),
+        &[],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(logged.text(), "logged\n");
+    let request_id = logged.headers["x-lichen-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+
     let (ok, out, err) = run_client(&["rm", "greet"], &url, &data_dir);
     assert!(ok, "{err}");
     assert!(out.contains("removed greet"));
@@ -116,6 +138,18 @@ async fn serve_deploy_invoke_list_remove_and_stop() {
     stop(&mut child);
     let lines = log.join().unwrap();
     assert!(lines.iter().any(|l| l.contains("SIGTERM")), "{lines:?}");
+    for (stream, text) in [
+        ("stdout", "a line on stdout"),
+        ("stderr", "a line on stderr"),
+    ] {
+        assert!(
+            lines.iter().any(|l| l.contains(text)
+                && l.contains("function=\"chatty\"")
+                && l.contains(&format!("request_id=\"{request_id}\""))
+                && l.contains(&format!("stream=\"{stream}\""))),
+            "no {stream} line for {request_id} in {lines:#?}"
+        );
+    }
 }
 
 /// A request in flight when SIGTERM arrives still gets its answer, and the
