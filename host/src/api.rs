@@ -21,18 +21,35 @@ use crate::engine::{Deployed, Outcome, Runtime};
 use crate::error::{ApiError, Body, full_body};
 use crate::metrics::Metrics;
 use crate::names::FunctionName;
+use crate::policy::{Policy, PolicyTable, WriteError};
+use crate::sandbox::{CappedResponseBody, GuardedRequestBody, Invocation};
+use crate::scheduler::{RETRY_AFTER_SECS, Refusal, Scheduler};
 use crate::store::{FunctionRecord, ModuleStore, VersionInfo, sha256_hex};
 
 pub const REQUEST_ID_HEADER: &str = "x-lichen-request-id";
+
+/// Largest policy file accepted by `PUT /v1/functions/{name}/policy`.
+const MAX_POLICY_BYTES: u64 = 64 << 10;
+
+/// Limits of the HTTP surface that are not per function.
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    /// Largest component upload.
+    pub max_upload: u64,
+    /// Longest pause between two chunks of a request body.
+    pub body_idle_timeout: Duration,
+}
 
 /// Everything a request handler needs; one per host.
 pub struct AppState {
     pub runtime: Runtime,
     pub store: ModuleStore,
     pub metrics: Metrics,
+    pub policies: Arc<PolicyTable>,
+    pub scheduler: Scheduler,
     functions: RwLock<HashMap<FunctionName, Arc<Deployed>>>,
     admin_token: String,
-    max_upload: u64,
+    limits: ApiLimits,
     /// Deploys and deletes change the store and the table together; one at a
     /// time keeps them in step. Invocations never take it.
     admin_lock: tokio::sync::Mutex<()>,
@@ -44,16 +61,20 @@ impl AppState {
         runtime: Runtime,
         store: ModuleStore,
         metrics: Metrics,
+        policies: Arc<PolicyTable>,
+        scheduler: Scheduler,
         admin_token: String,
-        max_upload: u64,
+        limits: ApiLimits,
     ) -> Self {
         AppState {
             runtime,
             store,
             metrics,
+            policies,
+            scheduler,
             functions: RwLock::new(HashMap::new()),
             admin_token,
-            max_upload,
+            limits,
             admin_lock: tokio::sync::Mutex::new(()),
             request_ids: RequestIds::new(),
         }
@@ -238,7 +259,11 @@ async fn admin(
         (Method::PUT, ["functions", name]) => deploy(state, parse_name(name)?, req).await,
         (Method::GET, ["functions", name]) => describe(state, &parse_name(name)?),
         (Method::DELETE, ["functions", name]) => delete(state, &parse_name(name)?).await,
-        (method, ["functions"] | ["functions", _]) => Err(ApiError::new(
+        (Method::PUT, ["functions", name, "policy"]) => {
+            put_policy(state, &parse_name(name)?, req).await
+        }
+        (Method::GET, ["functions", name, "policy"]) => get_policy(state, &parse_name(name)?),
+        (method, ["functions"] | ["functions", _] | ["functions", _, "policy"]) => Err(ApiError::new(
             StatusCode::METHOD_NOT_ALLOWED,
             "method_not_allowed",
             format!("{method} is not allowed here"),
@@ -250,27 +275,41 @@ async fn admin(
     }
 }
 
-/// Admin routes need `Authorization: Bearer <token>`. The comparison takes
-/// the same time wherever the tokens differ.
+/// Admin routes need `Authorization: Bearer <token>`.
 fn authorize(state: &AppState, req: &hyper::Request<Incoming>) -> Result<(), ApiError> {
+    check_bearer(req, [state.admin_token.as_str()], "admin routes")
+}
+
+/// Checks the request's bearer token against `accepted`: `401` without one,
+/// `403` with a wrong one. Each comparison takes the same time wherever the
+/// tokens differ.
+fn check_bearer<'a>(
+    req: &hyper::Request<Incoming>,
+    accepted: impl IntoIterator<Item = &'a str>,
+    what: &str,
+) -> Result<(), ApiError> {
     let Some(value) = req.headers().get(header::AUTHORIZATION) else {
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
-            "admin routes need an `Authorization: Bearer <token>` header",
+            format!("{what} need an `Authorization: Bearer <token>` header"),
         ));
     };
     let presented = value
         .as_bytes()
         .strip_prefix(b"Bearer ")
         .unwrap_or_default();
-    if bool::from(presented.ct_eq(state.admin_token.as_bytes())) {
+    let mut matched = false;
+    for token in accepted {
+        matched |= bool::from(presented.ct_eq(token.as_bytes()));
+    }
+    if matched && !presented.is_empty() {
         Ok(())
     } else {
         Err(ApiError::new(
             StatusCode::FORBIDDEN,
             "forbidden",
-            "the admin token is not valid",
+            "the token is not valid here",
         ))
     }
 }
@@ -332,8 +371,52 @@ fn describe(state: &AppState, name: &FunctionName) -> Result<Response<Body>, Api
             "created_unix": active.created_unix,
             "loaded": loaded.is_some(),
             "versions": record.versions,
+            "policy": policy_json(state, name),
         }),
     )
+}
+
+/// The policy in force (as written in its file) and the last load error.
+fn policy_json(state: &AppState, name: &FunctionName) -> serde_json::Value {
+    let status = state.policies.status(name);
+    serde_json::json!({
+        "in_force": status.policy.as_ref().map(|p| &p.source),
+        "loaded_unix": status.loaded_unix,
+        "error": status.error.as_ref().map(|e| e.to_string()),
+        "file": state.policies.dir().join(format!("{name}.toml")),
+    })
+}
+
+fn get_policy(state: &AppState, name: &FunctionName) -> Result<Response<Body>, ApiError> {
+    json(StatusCode::OK, &policy_json(state, name))
+}
+
+/// Validates a TOML policy and writes it to the policies directory, where it
+/// takes effect at once (files stay the single source of truth).
+async fn put_policy(
+    state: &Arc<AppState>,
+    name: &FunctionName,
+    req: hyper::Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let bytes = read_body_capped(req, MAX_POLICY_BYTES, state.limits.body_idle_timeout).await?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| ApiError::bad_request("invalid_policy", "the policy is not UTF-8 text"))?;
+    let policies = Arc::clone(&state.policies);
+    let name_owned = name.clone();
+    let text = text.to_string();
+    let written = tokio::task::spawn_blocking(move || policies.write(&name_owned, &text))
+        .await
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("policy write task failed: {e}")))?;
+    match written {
+        Ok(_) => {
+            tracing::info!(function = %name, "policy written through the admin API");
+            json(StatusCode::OK, &policy_json(state, name))
+        }
+        Err(WriteError::Invalid(error)) => {
+            Err(ApiError::bad_request("invalid_policy", error.to_string()))
+        }
+        Err(WriteError::Io(error)) => Err(ApiError::internal(error)),
+    }
 }
 
 async fn deploy(
@@ -356,7 +439,7 @@ async fn deploy_inner(
     name: FunctionName,
     req: hyper::Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let bytes = read_body_capped(req, state.max_upload).await?;
+    let bytes = read_body_capped(req, state.limits.max_upload, state.limits.body_idle_timeout).await?;
     let sha256 = sha256_hex(&bytes);
     let size = bytes.len() as u64;
 
@@ -404,6 +487,7 @@ async fn delete(state: &Arc<AppState>, name: &FunctionName) -> Result<Response<B
     }
     state.store.remove_record(name)?;
     state.remove(name);
+    state.scheduler.remove(name.as_str());
     if let Err(error) = state.store.collect_garbage() {
         tracing::warn!(error = format!("{error:#}"), "collecting unused modules");
     }
@@ -423,7 +507,11 @@ const DRAIN_TIME: Duration = Duration::from_secs(2);
 
 /// Reads a request body, refusing it with `413` as soon as it passes `limit`
 /// (by its declared length, or while it streams), never buffering more.
-async fn read_body_capped(req: hyper::Request<Incoming>, limit: u64) -> Result<Bytes, ApiError> {
+async fn read_body_capped(
+    req: hyper::Request<Incoming>,
+    limit: u64,
+    idle: Duration,
+) -> Result<Bytes, ApiError> {
     let too_large = || {
         ApiError::too_large(format!(
             "the body is larger than the limit of {limit} bytes"
@@ -440,7 +528,18 @@ async fn read_body_capped(req: hyper::Request<Incoming>, limit: u64) -> Result<B
         return Err(too_large());
     }
     let mut buffer = BytesMut::new();
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = match tokio::time::timeout(idle, body.frame()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(_) => {
+                return Err(ApiError::new(
+                    StatusCode::REQUEST_TIMEOUT,
+                    "body_timeout",
+                    format!("no request body data for {idle:?}"),
+                ));
+            }
+        };
         let frame = frame.map_err(|e| {
             ApiError::bad_request("bad_body", format!("reading the request body: {e}"))
         })?;
@@ -474,7 +573,7 @@ fn drain_in_background(mut body: Incoming) {
 /// the query, as if it were served at the root.
 async fn invoke(
     state: &Arc<AppState>,
-    mut req: hyper::Request<Incoming>,
+    req: hyper::Request<Incoming>,
     after_prefix: &str,
     request_id: &str,
 ) -> Result<Response<Body>, ApiError> {
@@ -485,21 +584,16 @@ async fn invoke(
     let function = state
         .lookup(name)
         .ok_or_else(|| ApiError::not_found(format!("no function named {name:?}")))?;
-    let guest_uri = match req.uri().query() {
-        Some(query) => format!("/{rest}?{query}"),
-        None => format!("/{rest}"),
-    };
-    *req.uri_mut() = guest_uri
-        .parse()
-        .map_err(|e| ApiError::bad_request("bad_uri", format!("invalid path: {e}")))?;
-    if !req.headers().contains_key(header::HOST) {
-        req.headers_mut()
-            .insert(header::HOST, HeaderValue::from_static("localhost"));
-    }
-
+    let policy = state.policies.get(&function.name).map_err(|error| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "policy_invalid",
+            format!("{} has no valid policy: {error}", function.name),
+        )
+    })?;
     let method = req.method().clone();
     let started = Instant::now();
-    let (result, outcome) = state.runtime.invoke(&function, req, request_id).await;
+    let (result, outcome) = admit_and_run(state, &function, policy, req, rest, request_id).await;
     let status = match &result {
         Ok(response) => response.status(),
         Err(error) => error.status,
@@ -511,10 +605,128 @@ async fn invoke(
         %method,
         status = status.as_u16(),
         duration_us = started.elapsed().as_micros() as u64,
-        outcome = ?outcome,
+        outcome = outcome.as_str(),
         "invocation"
     );
     result
+}
+
+/// Everything between finding the function and logging the outcome: access,
+/// body limits, admission, the run itself, and the response cap.
+async fn admit_and_run(
+    state: &Arc<AppState>,
+    function: &Arc<Deployed>,
+    policy: Arc<Policy>,
+    mut req: hyper::Request<Incoming>,
+    rest: &str,
+    request_id: &str,
+) -> (Result<Response<Body>, ApiError>, Outcome) {
+    let refused = |error: ApiError| (Err(error), Outcome::Rejected);
+    if !policy.public {
+        let accepted = std::iter::once(state.admin_token.as_str())
+            .chain(policy.tokens.iter().map(String::as_str));
+        if let Err(error) = check_bearer(&req, accepted, "private functions") {
+            return (Err(error), Outcome::Denied);
+        }
+        // The token was for the host; the guest does not get to see it.
+        req.headers_mut().remove(header::AUTHORIZATION);
+    }
+    let declared = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > policy.request_body) {
+        return refused(ApiError::too_large(format!(
+            "the request body is larger than {}'s limit of {} bytes",
+            function.name, policy.request_body
+        )));
+    }
+
+    let guest_uri = match req.uri().query() {
+        Some(query) => format!("/{rest}?{query}"),
+        None => format!("/{rest}"),
+    };
+    match guest_uri.parse() {
+        Ok(uri) => *req.uri_mut() = uri,
+        Err(e) => {
+            return refused(ApiError::bad_request("bad_uri", format!("invalid path: {e}")));
+        }
+    }
+    if !req.headers().contains_key(header::HOST) {
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("localhost"));
+    }
+
+    let gate = state
+        .scheduler
+        .gate(function.name.as_str(), policy.concurrency, policy.queue);
+    let _admission = match state.scheduler.admit(&gate, policy.timeout).await {
+        Ok(admission) => admission,
+        Err(refusal) => {
+            let message = match refusal {
+                Refusal::FunctionBusy => format!(
+                    "{} is at its concurrency limit ({}) and its queue ({}) is full",
+                    function.name, policy.concurrency, policy.queue
+                ),
+                Refusal::HostBusy => "this host is at its limit of invocations in flight".to_string(),
+                Refusal::QueueTimeout => format!(
+                    "{} did not get a free slot within its deadline of {:?}",
+                    function.name, policy.timeout
+                ),
+            };
+            let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message);
+            error.retry_after_secs = Some(RETRY_AFTER_SECS);
+            return refused(error);
+        }
+    };
+
+    let (parts, body) = req.into_parts();
+    let body = GuardedRequestBody::new(body, policy.request_body, state.limits.body_idle_timeout);
+    let exceeded = Arc::clone(&body.exceeded);
+    let request = hyper::Request::from_parts(parts, body);
+    let invocation = Invocation {
+        function: Arc::from(function.name.as_str()),
+        request_id: Arc::from(request_id),
+        policy: Arc::clone(&policy),
+        on_denied: Arc::new(|| {}),
+    };
+    let (result, outcome) = state.runtime.invoke(function, request, &invocation).await;
+    if exceeded.load(std::sync::atomic::Ordering::Relaxed) {
+        return refused(ApiError::too_large(format!(
+            "the request body is longer than {}'s limit of {} bytes",
+            function.name, policy.request_body
+        )));
+    }
+    let response = match result {
+        Ok(response) => response,
+        Err(error) => return (Err(error), outcome),
+    };
+    let declared = response
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > policy.response_body) {
+        let error = ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "response_too_large",
+            format!(
+                "{}'s response is larger than its limit of {} bytes",
+                function.name, policy.response_body
+            ),
+        );
+        return (Err(error), Outcome::GuestError);
+    }
+    let name = function.name.clone();
+    let limit = policy.response_body;
+    let response = response.map(move |body| {
+        let on_cut = Box::new(move || {
+            tracing::warn!(function = %name, limit, "response body cut off at the policy limit");
+        });
+        CappedResponseBody::new(body, limit, on_cut).boxed_unsync()
+    });
+    (Ok(response), outcome)
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {
@@ -545,6 +757,8 @@ impl Outcome {
             Outcome::GuestError => "guest_error",
             Outcome::Trap => "trap",
             Outcome::Timeout => "timeout",
+            Outcome::Rejected => "rejected",
+            Outcome::Denied => "denied",
         }
     }
 }

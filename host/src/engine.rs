@@ -13,35 +13,27 @@
 //!   yields to tokio at every tick, so a guest spinning in a loop shares its
 //!   worker thread, and a tokio timeout around the whole invocation (guest code
 //!   and host calls alike) ends it with a 504.
-//! - The guest gets only what the invocation needs: no environment, no files,
-//!   no sockets, no inherited stdio. Its stdout and stderr go to the host log,
-//!   tagged with the function and the request id. Outbound HTTP is denied.
+//! - What the guest may touch is decided per invocation by its policy (see
+//!   `sandbox`); the engine only runs it.
 //! - Uploads are accepted only as WebAssembly binaries: never text (the `wat`
 //!   feature is for tests), never precompiled code, which is only ever read
 //!   back from the host's own cache.
 
-use std::pin::Pin;
-use std::sync::Arc;
-use std::task::{Context as TaskContext, Poll};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use http::{Response, StatusCode};
 use sha2::{Digest, Sha256};
-use tokio::io::AsyncWrite;
-use wasmtime::component::{Component, Linker, ResourceTable};
-use wasmtime::{
-    Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store, StoreLimits,
-    StoreLimitsBuilder,
-};
-use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime::component::{Component, Linker};
+use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
-use wasmtime_wasi_http::{WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView};
 
 use crate::error::{ApiError, Body};
 use crate::names::FunctionName;
+use crate::policy::MAX_MEMORY;
+use crate::sandbox::{GuardedRequestBody, HostState, Invocation};
 use crate::store::VersionInfo;
 
 /// How often the epoch advances: the granularity of deadlines, and how long a
@@ -61,24 +53,20 @@ const POOL_CORE_PER_COMPONENT: u32 = 4;
 /// and TLB shoot-downs of unmapping them.
 const KEEP_RESIDENT: usize = 128 * 1024;
 
-/// How the engine runs guests; limits apply to every invocation.
+/// Wasm stack per invocation: deep enough for real programs, small enough
+/// that runaway recursion traps quickly (wasmtime's default, made explicit).
+const MAX_WASM_STACK: usize = 512 << 10;
+
+/// How the engine is set up; per-invocation limits come from policies.
 #[derive(Debug, Clone)]
 pub struct EngineSettings {
-    /// Largest linear memory of one instance, all memories together.
-    pub memory_limit: usize,
-    /// Wall-clock deadline of one invocation.
-    pub timeout: Duration,
     /// Try the pooling allocator (falls back if the machine refuses it).
     pub pooling: bool,
 }
 
 impl Default for EngineSettings {
     fn default() -> Self {
-        EngineSettings {
-            memory_limit: 128 << 20,
-            timeout: Duration::from_secs(30),
-            pooling: true,
-        }
+        EngineSettings { pooling: true }
     }
 }
 
@@ -129,9 +117,14 @@ pub struct Deployed {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Outcome {
     Ok,
+    /// The guest answered 4xx/5xx, or answered wrongly.
     GuestError,
     Trap,
     Timeout,
+    /// Refused before running: busy (503) or body too large (413).
+    Rejected,
+    /// Refused for access: missing or wrong token.
+    Denied,
 }
 
 /// The host's wasmtime engine and the linker every function is checked
@@ -147,18 +140,18 @@ pub struct Runtime {
 impl Runtime {
     pub fn new(settings: EngineSettings) -> Result<Self> {
         let (engine, pooling) = if settings.pooling {
-            match Engine::new(&engine_config(Some(&settings))) {
+            match Engine::new(&engine_config(true)) {
                 Ok(engine) => (engine, true),
                 Err(error) => {
                     tracing::warn!(
                         error = format!("{error:#}"),
                         "the pooling allocator is unavailable here; allocating instances on demand (slower)"
                     );
-                    (Engine::new(&engine_config(None))?, false)
+                    (Engine::new(&engine_config(false))?, false)
                 }
             }
         } else {
-            (Engine::new(&engine_config(None))?, false)
+            (Engine::new(&engine_config(false))?, false)
         };
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
@@ -233,22 +226,28 @@ impl Runtime {
         Ok(Deployed { name, version, pre })
     }
 
-    /// Runs one invocation of `function` in a fresh instance.
+    /// Runs one invocation of `function` in a fresh instance, under the
+    /// invocation's policy.
     ///
     /// `request` is what the guest sees: its path already relative to the
     /// function's mount.
     pub async fn invoke(
         &self,
         function: &Deployed,
-        request: hyper::Request<hyper::body::Incoming>,
-        request_id: &str,
+        request: hyper::Request<GuardedRequestBody>,
+        invocation: &Invocation,
     ) -> (Result<Response<Body>, ApiError>, Outcome) {
         let started = Instant::now();
-        let deadline = self.settings.timeout;
-        let mut store = Store::new(
-            &self.engine,
-            HostState::new(&function.name, request_id, self.settings.memory_limit),
-        );
+        let deadline = invocation.policy.timeout;
+        let request_id = &*invocation.request_id;
+        let state = match HostState::new(invocation) {
+            Ok(state) => state,
+            Err(error) => {
+                let error = error.context(format!("preparing the sandbox of {}", function.name));
+                return (Err(ApiError::internal(error)), Outcome::Trap);
+            }
+        };
+        let mut store = Store::new(&self.engine, state);
         store.limiter(|state| &mut state.limits);
         store.set_epoch_deadline(1);
         store.epoch_deadline_async_yield_and_update(1);
@@ -290,7 +289,7 @@ impl Runtime {
                     } else {
                         Outcome::Ok
                     };
-                (Ok(response.map(|body| body)), outcome)
+                (Ok(response), outcome)
             }
             Ok(Err(code)) => (
                 Err(ApiError::new(
@@ -370,18 +369,19 @@ fn trap_summary(error: &wasmtime::Error) -> String {
     }
 }
 
-fn engine_config(pooling: Option<&EngineSettings>) -> Config {
+fn engine_config(pooling: bool) -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
     config.wasm_component_model(true);
-    if let Some(settings) = pooling {
+    config.max_wasm_stack(MAX_WASM_STACK);
+    if pooling {
         let mut pool = PoolingAllocationConfig::default();
         pool.total_component_instances(POOL_INSTANCES)
             .total_core_instances(POOL_INSTANCES * POOL_CORE_PER_COMPONENT)
             .total_memories(POOL_INSTANCES * POOL_CORE_PER_COMPONENT)
             .total_tables(POOL_INSTANCES * POOL_CORE_PER_COMPONENT)
             .total_stacks(POOL_INSTANCES)
-            .max_memory_size(settings.memory_limit)
+            .max_memory_size(MAX_MEMORY as usize)
             .linear_memory_keep_resident(KEEP_RESIDENT)
             .table_keep_resident(KEEP_RESIDENT);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
@@ -424,182 +424,19 @@ fn spawn_epoch_ticker(engine: &Engine) {
     }
 }
 
-/// What a `Store` holds for one invocation.
-pub struct HostState {
-    wasi: WasiCtx,
-    http: WasiHttpCtx,
-    table: ResourceTable,
-    limits: StoreLimits,
-    hooks: DenyOutbound,
-}
-
-impl HostState {
-    fn new(function: &FunctionName, request_id: &str, memory_limit: usize) -> Self {
-        let output = |stream| GuestOutput {
-            function: Arc::from(function.as_str()),
-            request_id: Arc::from(request_id),
-            stream,
-        };
-        let mut wasi = WasiCtx::builder();
-        wasi.stdout(output("stdout")).stderr(output("stderr"));
-        HostState {
-            wasi: wasi.build(),
-            http: WasiHttpCtx::new(),
-            table: ResourceTable::new(),
-            limits: StoreLimitsBuilder::new()
-                .memory_size(memory_limit)
-                .trap_on_grow_failure(false)
-                .build(),
-            hooks: DenyOutbound,
-        }
-    }
-}
-
-impl WasiView for HostState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
-
-impl WasiHttpView for HostState {
-    fn http(&mut self) -> WasiHttpCtxView<'_> {
-        WasiHttpCtxView {
-            ctx: &mut self.http,
-            table: &mut self.table,
-            hooks: &mut self.hooks,
-        }
-    }
-}
-
-/// Outbound HTTP is denied until a policy grants hosts: the guest gets
-/// `HTTP-request-denied` and no connection is made.
-struct DenyOutbound;
-
-impl WasiHttpHooks for DenyOutbound {
-    fn send_request(
-        &mut self,
-        request: http::Request<wasmtime_wasi_http::WasiBody>,
-        _options: Option<wasmtime_wasi_http::RequestOptions>,
-        _fut: Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-    ) -> Box<
-        dyn Future<
-                Output = Result<
-                    (
-                        http::Response<wasmtime_wasi_http::WasiBody>,
-                        Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>,
-                    ),
-                    wasmtime_wasi_http::Error,
-                >,
-            > + Send,
-    > {
-        tracing::info!(uri = %request.uri(), "outbound request denied");
-        Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) })
-    }
-}
-
-/// Longest line of guest output kept in one log record; the rest of a longer
-/// line becomes further records.
-const MAX_LOG_LINE: usize = 4096;
-
-/// A guest's stdout or stderr: each line becomes a log record.
-#[derive(Clone)]
-struct GuestOutput {
-    function: Arc<str>,
-    request_id: Arc<str>,
-    stream: &'static str,
-}
-
-impl IsTerminal for GuestOutput {
-    fn is_terminal(&self) -> bool {
-        false
-    }
-}
-
-impl StdoutStream for GuestOutput {
-    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
-        Box::new(LineLogger {
-            output: self.clone(),
-            buffer: Vec::new(),
-        })
-    }
-}
-
-struct LineLogger {
-    output: GuestOutput,
-    buffer: Vec<u8>,
-}
-
-impl LineLogger {
-    fn emit(&self, line: &[u8]) {
-        let line = String::from_utf8_lossy(line);
-        tracing::info!(
-            target: "lichen::guest",
-            function = &*self.output.function,
-            request_id = &*self.output.request_id,
-            stream = self.output.stream,
-            "{}",
-            line.trim_end_matches('\r')
-        );
-    }
-
-    fn emit_complete_lines(&mut self) {
-        while let Some(newline) = self.buffer.iter().position(|&b| b == b'\n') {
-            let line: Vec<u8> = self.buffer.drain(..=newline).collect();
-            self.emit(&line[..line.len() - 1]);
-        }
-        while self.buffer.len() >= MAX_LOG_LINE {
-            let chunk: Vec<u8> = self.buffer.drain(..MAX_LOG_LINE).collect();
-            self.emit(&chunk);
-        }
-    }
-
-    fn emit_rest(&mut self) {
-        if !self.buffer.is_empty() {
-            let rest = std::mem::take(&mut self.buffer);
-            self.emit(&rest);
-        }
-    }
-}
-
-impl AsyncWrite for LineLogger {
-    fn poll_write(
-        mut self: Pin<&mut Self>,
-        _cx: &mut TaskContext<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        self.buffer.extend_from_slice(buf);
-        self.emit_complete_lines();
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _cx: &mut TaskContext<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(
-        mut self: Pin<&mut Self>,
-        _cx: &mut TaskContext<'_>,
-    ) -> Poll<std::io::Result<()>> {
-        self.emit_rest();
-        Poll::Ready(Ok(()))
-    }
-}
-
-impl Drop for LineLogger {
-    fn drop(&mut self) {
-        self.emit_rest();
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn runtime() -> Runtime {
         Runtime::new(EngineSettings::default()).unwrap()
+    }
+
+    #[test]
+    fn the_pooling_allocator_is_available_here() {
+        // Not a requirement of the host (it falls back), but the tests and
+        // benchmarks should exercise the configuration production uses.
+        assert!(runtime().pooling());
     }
 
     #[test]

@@ -9,5 +9,8 @@ pub mod engine;
 pub mod error;
 pub mod metrics;
 pub mod names;
+pub mod policy;
+pub mod sandbox;
+pub mod scheduler;
 pub mod server;
 pub mod store;

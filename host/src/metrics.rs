@@ -13,6 +13,8 @@ pub struct Metrics {
     /// Functions whose compiled code came from the cache instead.
     pub cache_loads: IntCounter,
     pub deploys: IntCounterVec,
+    /// Policy files that failed to load (the last good one stayed).
+    pub policy_reload_errors: IntCounter,
 }
 
 impl Metrics {
@@ -33,6 +35,11 @@ impl Metrics {
             Opts::new("lichen_deploys_total", "Uploads by outcome."),
             &["outcome"],
         )?;
+        let policy_reload_errors = IntCounter::with_opts(Opts::new(
+            "lichen_policy_reload_errors_total",
+            "Policy files that failed to parse or validate.",
+        ))?;
+        registry.register(Box::new(policy_reload_errors.clone()))?;
         registry.register(Box::new(compile_duration.clone()))?;
         registry.register(Box::new(cache_loads.clone()))?;
         registry.register(Box::new(deploys.clone()))?;
@@ -41,6 +48,7 @@ impl Metrics {
             compile_duration,
             cache_loads,
             deploys,
+            policy_reload_errors,
         })
     }
 

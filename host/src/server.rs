@@ -18,9 +18,11 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
-use crate::api::{self, AppState};
+use crate::api::{self, ApiLimits, AppState};
 use crate::engine::{EngineSettings, Runtime};
 use crate::metrics::Metrics;
+use crate::policy::PolicyTable;
+use crate::scheduler::{RETRY_AFTER_SECS, Scheduler};
 use crate::store::ModuleStore;
 
 /// Default cap on an uploaded component: large enough for any real function
@@ -29,6 +31,11 @@ pub const DEFAULT_MAX_UPLOAD: u64 = 64 << 20;
 
 /// How long a client may take to send its request head before it is cut off.
 const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Request head limits: more headers, or a larger head, is answered 431.
+/// 100 headers and 64 KiB are what common proxies allow.
+const MAX_HEADERS: usize = 100;
+const MAX_HEAD_BYTES: usize = 64 << 10;
 
 /// Where the generated admin token is kept, inside the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
@@ -44,6 +51,12 @@ pub struct ServeConfig {
     pub engine: EngineSettings,
     /// How long in-flight requests may run on after a shutdown signal.
     pub shutdown_grace: Duration,
+    /// Open connections at once; past it new ones get a 503 and are closed.
+    pub max_connections: u32,
+    /// Invocations running at once across all functions; past it, 503.
+    pub max_in_flight: u32,
+    /// Longest pause between two chunks of a request body.
+    pub body_idle_timeout: Duration,
 }
 
 impl ServeConfig {
@@ -56,6 +69,9 @@ impl ServeConfig {
             max_upload: DEFAULT_MAX_UPLOAD,
             engine: EngineSettings::default(),
             shutdown_grace: Duration::from_secs(30),
+            max_connections: 1024,
+            max_in_flight: 256,
+            body_idle_timeout: Duration::from_secs(30),
         }
     }
 }
@@ -67,6 +83,9 @@ pub struct Server {
     local_addr: SocketAddr,
     admin_token: String,
     shutdown_grace: Duration,
+    connections: Arc<tokio::sync::Semaphore>,
+    /// Reloads policies while the server lives.
+    _policy_watcher: notify::RecommendedWatcher,
 }
 
 impl Server {
@@ -78,12 +97,23 @@ impl Server {
         };
         let runtime = Runtime::new(config.engine.clone())?;
         let metrics = Metrics::new()?;
+        let reload_errors = metrics.policy_reload_errors.clone();
+        let policies = Arc::new(PolicyTable::load(
+            &config.policies_dir,
+            Box::new(move || reload_errors.inc()),
+        )?);
+        let policy_watcher = policies.watch()?;
         let state = Arc::new(AppState::new(
             runtime,
             store,
             metrics,
+            policies,
+            Scheduler::new(config.max_in_flight),
             admin_token.clone(),
-            config.max_upload,
+            ApiLimits {
+                max_upload: config.max_upload,
+                body_idle_timeout: config.body_idle_timeout,
+            },
         ));
         let loader = Arc::clone(&state);
         let loaded = tokio::task::spawn_blocking(move || loader.load_stored_functions())
@@ -105,6 +135,8 @@ impl Server {
             local_addr,
             admin_token,
             shutdown_grace: config.shutdown_grace,
+            connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections as usize)),
+            _policy_watcher: policy_watcher,
         })
     }
 
@@ -140,6 +172,10 @@ impl Server {
                 () = &mut shutdown => break,
             };
             let _ = stream.set_nodelay(true);
+            let Ok(slot) = Arc::clone(&self.connections).try_acquire_owned() else {
+                tokio::spawn(refuse_connection(stream));
+                continue;
+            };
             let state = Arc::clone(&self.state);
             let service = service_fn(move |req| {
                 let state = Arc::clone(&state);
@@ -148,6 +184,8 @@ impl Server {
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
+                .max_headers(MAX_HEADERS)
+                .max_buf_size(MAX_HEAD_BYTES)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service);
             let connection = graceful.watch(connection);
@@ -155,6 +193,7 @@ impl Server {
                 if let Err(error) = connection.await {
                     tracing::debug!(%peer, %error, "connection ended with an error");
                 }
+                drop(slot);
             });
         }
         drop(self.listener);
@@ -168,6 +207,22 @@ impl Server {
         }
         Ok(())
     }
+}
+
+/// Answers a connection over the cap with a 503 and closes it, without
+/// reading its request.
+async fn refuse_connection(mut stream: tokio::net::TcpStream) {
+    use tokio::io::AsyncWriteExt;
+    let body = r#"{"error":"this host is at its connection limit","code":"busy"}"#;
+    let response = format!(
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: {RETRY_AFTER_SECS}\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let _ = tokio::time::timeout(Duration::from_secs(1), async {
+        let _ = stream.write_all(response.as_bytes()).await;
+        let _ = stream.shutdown().await;
+    })
+    .await;
 }
 
 /// Reads the admin token from the data directory, or makes a random one and

@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{FUNCTIONS, TestHost, component, send, test_config};
+use common::{FUNCTIONS, TestHost, component, send, test_config, write_policy};
 use http::{Method, StatusCode};
 
 async fn host() -> (TestHost, tempfile::TempDir) {
@@ -389,9 +389,8 @@ async fn a_trap_is_a_500_and_the_host_stays_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_over_its_memory_limit_fails_alone() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.engine.memory_limit = 32 << 20;
-    let host = TestHost::start(config).await;
+    write_policy(dir.path(), "trap", "[limits]\nmemory = \"32MiB\"\n");
+    let host = TestHost::start(test_config(dir.path())).await;
     assert_eq!(
         host.deploy("trap", component("trap")).await.status,
         StatusCode::CREATED
@@ -411,9 +410,8 @@ async fn a_guest_over_its_memory_limit_fails_alone() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_past_its_deadline_gets_504() {
     let dir = tempfile::tempdir().unwrap();
-    let mut config = test_config(dir.path());
-    config.engine.timeout = Duration::from_secs(1);
-    let host = TestHost::start(config).await;
+    write_policy(dir.path(), "fib", "[limits]\ntimeout = \"1s\"\n");
+    let host = TestHost::start(test_config(dir.path())).await;
     assert_eq!(
         host.deploy("fib", component("fib")).await.status,
         StatusCode::CREATED

@@ -21,6 +21,8 @@ fn serve(data_dir: &std::path::Path) -> (Child, String, std::thread::JoinHandle<
     let mut child = Command::new(LICHEN)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
+        .arg("--policies")
+        .arg(data_dir.join("policies"))
         .env_remove("LICHEN_ADMIN_TOKEN")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())

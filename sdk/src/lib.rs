@@ -37,6 +37,8 @@ use serde::de::DeserializeOwned;
 
 pub use wasi;
 
+pub mod outbound;
+
 /// A handler's result: `Err` becomes a JSON error response.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 

@@ -19,7 +19,7 @@ use lichen::server::{ServeConfig, Server};
 /// Every crate in functions/ (workspace members), by crate name. A test
 /// checks this list against functions/Cargo.toml, and each entry is used by
 /// a test, so a new fixture cannot go untested.
-pub const FUNCTIONS: &[&str] = &["hello", "echo", "square", "fib", "trap", "raw-wasi"];
+pub const FUNCTIONS: &[&str] = &["hello", "echo", "square", "fib", "trap", "raw-wasi", "probe"];
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -58,12 +58,23 @@ pub fn component(name: &str) -> Vec<u8> {
     })
 }
 
+/// A host config for tests: port 0, a known admin token, and the policies
+/// directory at `data_dir/policies`.
 pub fn test_config(data_dir: &Path) -> ServeConfig {
     let mut config = ServeConfig::new("127.0.0.1:0".parse().unwrap(), data_dir);
+    config.policies_dir = data_dir.join("policies");
     config.admin_token = Some("test-token".to_string());
     config.engine = EngineSettings::default();
     config.shutdown_grace = Duration::from_secs(5);
     config
+}
+
+/// Writes the policy file of `function` into the test config's policies
+/// directory.
+pub fn write_policy(data_dir: &Path, function: &str, toml: &str) {
+    let dir = data_dir.join("policies");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(format!("{function}.toml")), toml).unwrap();
 }
 
 /// A host running in this process.

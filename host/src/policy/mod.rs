@@ -1,0 +1,605 @@
+//! What a function may do: its policy, read from `POLICIES_DIR/<name>.toml`.
+//!
+//! Deny by default: a function without a file gets the defaults below, which
+//! grant nothing (no environment, no files, no outbound hosts) and bound
+//! everything (memory, time, concurrency, bodies). A file grants one thing per
+//! key. Parsing is strict: unknown keys are errors (a misspelled limit must
+//! not silently become the default), and values are validated as they are
+//! deserialised, by newtypes, so an error names the file, the key and the
+//! problem.
+//!
+//! Host paths of `[files]` are resolved at load time, relative to the policies
+//! directory's parent unless absolute, and refused if they climb out with `..`
+//! or pass through a symbolic link: what the guest can see is decided by the
+//! file, not by what the disk looks like later.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+mod table;
+pub use table::{PolicyStatus, PolicyTable, WriteError};
+
+/// The limits a function gets unless its policy says otherwise.
+pub mod defaults {
+    use std::time::Duration;
+
+    /// Fastly gives 128 MB of heap; half of that is plenty for a function and
+    /// lets more of them run at once on a small edge machine.
+    pub const MEMORY: u64 = 64 << 20;
+    pub const TIMEOUT: Duration = Duration::from_secs(10);
+    pub const CONCURRENCY: u32 = 16;
+    pub const QUEUE: u32 = 64;
+    pub const REQUEST_BODY: u64 = 1 << 20;
+    pub const RESPONSE_BODY: u64 = 8 << 20;
+}
+
+/// The largest memory limit a policy may set: the pooling allocator sizes its
+/// memory slots for it.
+pub const MAX_MEMORY: u64 = 1 << 30;
+/// The longest deadline a policy may set.
+pub const MAX_TIMEOUT: Duration = Duration::from_secs(15 * 60);
+
+/// A policy file as written.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFile {
+    #[serde(default)]
+    pub limits: Limits,
+    /// The only environment variables the guest sees.
+    #[serde(default)]
+    pub env: BTreeMap<EnvName, String>,
+    /// Read-only directories: guest path = host path.
+    #[serde(default)]
+    pub files: BTreeMap<GuestPath, String>,
+    #[serde(default)]
+    pub outbound: Outbound,
+    #[serde(default)]
+    pub access: Access,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Limits {
+    #[serde(default = "default_memory")]
+    pub memory: ByteSize,
+    #[serde(default = "default_timeout")]
+    pub timeout: Timeout,
+    #[serde(default = "default_concurrency")]
+    pub concurrency: Concurrency,
+    #[serde(default = "default_queue")]
+    pub queue: u32,
+    #[serde(default = "default_request_body")]
+    pub request_body: ByteSize,
+    #[serde(default = "default_response_body")]
+    pub response_body: ByteSize,
+}
+
+fn default_memory() -> ByteSize {
+    ByteSize(defaults::MEMORY)
+}
+fn default_timeout() -> Timeout {
+    Timeout(defaults::TIMEOUT)
+}
+fn default_concurrency() -> Concurrency {
+    Concurrency(defaults::CONCURRENCY)
+}
+fn default_queue() -> u32 {
+    defaults::QUEUE
+}
+fn default_request_body() -> ByteSize {
+    ByteSize(defaults::REQUEST_BODY)
+}
+fn default_response_body() -> ByteSize {
+    ByteSize(defaults::RESPONSE_BODY)
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            memory: default_memory(),
+            timeout: default_timeout(),
+            concurrency: default_concurrency(),
+            queue: default_queue(),
+            request_body: default_request_body(),
+            response_body: default_response_body(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Outbound {
+    /// `scheme://host[:port]` patterns; `*` stands for any host label(s) or
+    /// any port. Everything else is denied.
+    #[serde(default)]
+    pub allow: Vec<HostPattern>,
+}
+
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Access {
+    /// Anyone may invoke a public function; a private one needs the admin
+    /// token or one of `tokens`.
+    #[serde(default = "yes")]
+    pub public: bool,
+    /// Bearer tokens that may invoke this function.
+    #[serde(default)]
+    pub tokens: Vec<String>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+impl Default for Access {
+    fn default() -> Self {
+        Access {
+            public: true,
+            tokens: Vec::new(),
+        }
+    }
+}
+
+/// A size: a whole number of bytes, or with `KiB`, `MiB`, `GiB` (or `B`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "SizeOrNumber", into = "String")]
+pub struct ByteSize(pub u64);
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum SizeOrNumber {
+    Number(u64),
+    Text(String),
+}
+
+impl TryFrom<SizeOrNumber> for ByteSize {
+    type Error = String;
+
+    fn try_from(value: SizeOrNumber) -> Result<Self, Self::Error> {
+        match value {
+            SizeOrNumber::Number(n) => Ok(ByteSize(n)),
+            SizeOrNumber::Text(text) => parse_size(&text).map(ByteSize),
+        }
+    }
+}
+
+fn parse_size(text: &str) -> Result<u64, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(text.len());
+    let (digits, unit) = text.split_at(split);
+    let unit_size: u64 = match unit.trim() {
+        "" | "B" => 1,
+        "KiB" => 1 << 10,
+        "MiB" => 1 << 20,
+        "GiB" => 1 << 30,
+        other => {
+            return Err(format!(
+                "invalid size {text:?}: unknown unit {other:?} (use B, KiB, MiB or GiB)"
+            ));
+        }
+    };
+    let n: u64 = digits
+        .parse()
+        .map_err(|_| format!("invalid size {text:?}: expected a whole number and a unit, like \"64MiB\""))?;
+    n.checked_mul(unit_size)
+        .ok_or_else(|| format!("invalid size {text:?}: too large"))
+}
+
+impl From<ByteSize> for String {
+    fn from(size: ByteSize) -> String {
+        size.to_string()
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if n >= size && n % size == 0 {
+                return write!(f, "{}{unit}", n / size);
+            }
+        }
+        write!(f, "{n}B")
+    }
+}
+
+/// A wall-clock deadline: `ms`, `s` or `m`, above zero and at most 15 minutes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Timeout(pub Duration);
+
+impl TryFrom<String> for Timeout {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        let trimmed = text.trim();
+        let split = trimmed
+            .find(|c: char| !c.is_ascii_digit())
+            .unwrap_or(trimmed.len());
+        let (digits, unit) = trimmed.split_at(split);
+        let n: u64 = digits.parse().map_err(|_| {
+            format!("invalid duration {text:?}: expected a whole number and a unit, like \"2s\"")
+        })?;
+        let duration = match unit.trim() {
+            "ms" => Duration::from_millis(n),
+            "s" => Duration::from_secs(n),
+            "m" => Duration::from_secs(n.saturating_mul(60)),
+            other => {
+                return Err(format!(
+                    "invalid duration {text:?}: unknown unit {other:?} (use ms, s or m)"
+                ));
+            }
+        };
+        if duration.is_zero() || duration > MAX_TIMEOUT {
+            return Err(format!(
+                "invalid duration {text:?}: must be above zero and at most 15m"
+            ));
+        }
+        Ok(Timeout(duration))
+    }
+}
+
+impl From<Timeout> for String {
+    fn from(timeout: Timeout) -> String {
+        let ms = timeout.0.as_millis();
+        if ms % 60_000 == 0 {
+            format!("{}m", ms / 60_000)
+        } else if ms % 1000 == 0 {
+            format!("{}s", ms / 1000)
+        } else {
+            format!("{ms}ms")
+        }
+    }
+}
+
+/// Invocations in flight at once: at least 1.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "u32")]
+pub struct Concurrency(pub u32);
+
+impl TryFrom<u32> for Concurrency {
+    type Error = String;
+
+    fn try_from(n: u32) -> Result<Self, Self::Error> {
+        if n == 0 {
+            Err("concurrency must be at least 1".to_string())
+        } else {
+            Ok(Concurrency(n))
+        }
+    }
+}
+
+/// An environment variable name: letters, digits and `_`, not starting with
+/// a digit.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(try_from = "String")]
+pub struct EnvName(pub String);
+
+impl TryFrom<String> for EnvName {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        let valid = name
+            .chars()
+            .next()
+            .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+            && name.chars().all(|c| c.is_ascii_alphanumeric() || c == '_');
+        if valid {
+            Ok(EnvName(name))
+        } else {
+            Err(format!(
+                "invalid environment variable name {name:?}: use letters, digits and '_'"
+            ))
+        }
+    }
+}
+
+/// Where a directory appears in the guest: absolute, without `..`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(try_from = "String")]
+pub struct GuestPath(pub String);
+
+impl TryFrom<String> for GuestPath {
+    type Error = String;
+
+    fn try_from(path: String) -> Result<Self, Self::Error> {
+        let p = Path::new(&path);
+        if !p.is_absolute() || p.components().any(|c| c == Component::ParentDir) {
+            return Err(format!(
+                "invalid guest path {path:?}: use an absolute path without '..', like \"/data\""
+            ));
+        }
+        Ok(GuestPath(path))
+    }
+}
+
+/// An allowed outbound destination: `scheme://host[:port]`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct HostPattern {
+    scheme: String,
+    /// Lower case; `*` alone is any host, `*.example.com` any subdomain.
+    host: String,
+    /// `None` is any port.
+    port: Option<u16>,
+}
+
+impl TryFrom<String> for HostPattern {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        let bad = |why: &str| {
+            format!("invalid outbound pattern {text:?}: {why} (like \"https://api.example.com\" or \"http://127.0.0.1:*\")")
+        };
+        let (scheme, rest) = text
+            .split_once("://")
+            .ok_or_else(|| bad("no scheme"))?;
+        let scheme = scheme.to_ascii_lowercase();
+        if scheme != "http" && scheme != "https" {
+            return Err(bad("the scheme must be http or https"));
+        }
+        if rest.contains('/') || rest.contains('@') || rest.contains('?') {
+            return Err(bad("only scheme, host and port are allowed"));
+        }
+        let (host, port) = match rest.rsplit_once(':') {
+            Some((host, "*")) => (host, None),
+            Some((host, port)) => (
+                host,
+                Some(port.parse::<u16>().map_err(|_| bad("the port must be a number or *"))?),
+            ),
+            None => (rest, Some(if scheme == "https" { 443 } else { 80 })),
+        };
+        let host = host.to_ascii_lowercase();
+        let wildcard_ok = host == "*"
+            || !host.contains('*')
+            || (host.starts_with("*.") && !host[2..].contains('*'));
+        if host.is_empty() || !wildcard_ok {
+            return Err(bad("'*' may only be the whole host or its first label"));
+        }
+        Ok(HostPattern { scheme, host, port })
+    }
+}
+
+impl From<HostPattern> for String {
+    fn from(p: HostPattern) -> String {
+        p.to_string()
+    }
+}
+
+impl fmt::Display for HostPattern {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.port {
+            Some(port) => write!(f, "{}://{}:{port}", self.scheme, self.host),
+            None => write!(f, "{}://{}:*", self.scheme, self.host),
+        }
+    }
+}
+
+impl HostPattern {
+    /// Whether a request to `scheme://host:port` is allowed by this pattern.
+    pub fn allows(&self, scheme: &str, host: &str, port: u16) -> bool {
+        if !self.scheme.eq_ignore_ascii_case(scheme) || self.port.is_some_and(|p| p != port) {
+            return false;
+        }
+        let host = host.to_ascii_lowercase();
+        if self.host == "*" {
+            return true;
+        }
+        match self.host.strip_prefix("*.") {
+            Some(domain) => host
+                .strip_suffix(domain)
+                .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
+            None => self.host == host,
+        }
+    }
+}
+
+/// A policy ready to enforce: values resolved, paths checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Policy {
+    pub memory: u64,
+    pub timeout: Duration,
+    pub concurrency: u32,
+    pub queue: u32,
+    pub request_body: u64,
+    pub response_body: u64,
+    pub env: Vec<(String, String)>,
+    pub files: Vec<Preopen>,
+    pub outbound: Vec<HostPattern>,
+    pub public: bool,
+    pub tokens: Vec<String>,
+    /// The file as written, shown by the admin API.
+    pub source: PolicyFile,
+}
+
+/// A read-only directory granted to the guest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Preopen {
+    pub guest: String,
+    pub host: PathBuf,
+}
+
+impl Default for Policy {
+    fn default() -> Self {
+        Policy::resolve(PolicyFile::default(), Path::new("."))
+            .unwrap_or_else(|_| unreachable!("the default policy grants no files to resolve"))
+    }
+}
+
+impl Policy {
+    /// Parses and checks a policy. `file` names it in errors; `base` is what
+    /// relative host paths are relative to.
+    pub fn parse(text: &str, file: &str, base: &Path) -> Result<Policy, PolicyError> {
+        let parsed: PolicyFile = toml::from_str(text).map_err(|e| PolicyError {
+            file: file.to_string(),
+            message: e.to_string().trim_end().to_string(),
+        })?;
+        Policy::resolve(parsed, base).map_err(|message| PolicyError {
+            file: file.to_string(),
+            message,
+        })
+    }
+
+    fn resolve(source: PolicyFile, base: &Path) -> Result<Policy, String> {
+        let limits = &source.limits;
+        if limits.memory.0 > MAX_MEMORY {
+            return Err(format!(
+                "limits.memory = {} is above the host's maximum of {}",
+                limits.memory,
+                ByteSize(MAX_MEMORY)
+            ));
+        }
+        let mut files = Vec::new();
+        for (guest, host) in &source.files {
+            let resolved = resolve_host_dir(base, host)
+                .map_err(|why| format!("files.{:?} = {host:?}: {why}", guest.0))?;
+            files.push(Preopen {
+                guest: guest.0.clone(),
+                host: resolved,
+            });
+        }
+        Ok(Policy {
+            memory: limits.memory.0,
+            timeout: limits.timeout.0,
+            concurrency: limits.concurrency.0,
+            queue: limits.queue,
+            request_body: limits.request_body.0,
+            response_body: limits.response_body.0,
+            env: source
+                .env
+                .iter()
+                .map(|(k, v)| (k.0.clone(), v.clone()))
+                .collect(),
+            files,
+            outbound: source.outbound.allow.clone(),
+            public: source.access.public,
+            tokens: source.access.tokens.clone(),
+            source,
+        })
+    }
+
+    /// Whether the guest may send a request to this destination.
+    pub fn allows_outbound(&self, scheme: &str, host: &str, port: u16) -> bool {
+        self.outbound.iter().any(|p| p.allows(scheme, host, port))
+    }
+}
+
+/// Resolves a `[files]` host path and refuses one that escapes: `..`
+/// anywhere, or a symbolic link on the way.
+fn resolve_host_dir(base: &Path, host: &str) -> Result<PathBuf, String> {
+    let path = Path::new(host);
+    if path.components().any(|c| c == Component::ParentDir) {
+        return Err("'..' is not allowed in host paths".to_string());
+    }
+    let joined = if path.is_absolute() {
+        path.to_path_buf()
+    } else {
+        base.join(path)
+    };
+    let lexical: PathBuf = joined
+        .components()
+        .filter(|c| *c != Component::CurDir)
+        .collect();
+    let lexical = if lexical.is_absolute() {
+        lexical
+    } else {
+        std::env::current_dir()
+            .map_err(|e| format!("cannot resolve: {e}"))?
+            .join(lexical)
+    };
+    let canonical = lexical
+        .canonicalize()
+        .map_err(|e| format!("cannot open {}: {e}", lexical.display()))?;
+    if canonical != lexical {
+        return Err(format!(
+            "{} passes through a symbolic link (to {}); name the real directory",
+            lexical.display(),
+            canonical.display()
+        ));
+    }
+    if !canonical.is_dir() {
+        return Err(format!("{} is not a directory", canonical.display()));
+    }
+    Ok(canonical)
+}
+
+/// A policy file that cannot be used, and why.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{file}: {message}")]
+pub struct PolicyError {
+    pub file: String,
+    pub message: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_and_durations_parse_with_units() {
+        assert_eq!(parse_size("64MiB"), Ok(64 << 20));
+        assert_eq!(parse_size("1 KiB"), Ok(1024));
+        assert_eq!(parse_size("12"), Ok(12));
+        assert!(parse_size("64MB").is_err());
+        assert!(parse_size("MiB").is_err());
+        assert_eq!(Timeout::try_from("250ms".to_string()), Ok(Timeout(Duration::from_millis(250))));
+        assert_eq!(Timeout::try_from("2m".to_string()), Ok(Timeout(Duration::from_secs(120))));
+        assert!(Timeout::try_from("0s".to_string()).is_err());
+        assert!(Timeout::try_from("1h".to_string()).is_err());
+        assert_eq!(ByteSize(64 << 20).to_string(), "64MiB");
+        assert_eq!(String::from(Timeout(Duration::from_millis(1500))), "1500ms");
+    }
+
+    #[test]
+    fn host_patterns_match_scheme_host_and_port() {
+        let p = |s: &str| HostPattern::try_from(s.to_string()).unwrap();
+        assert!(p("http://127.0.0.1:*").allows("http", "127.0.0.1", 9000));
+        assert!(!p("http://127.0.0.1:*").allows("https", "127.0.0.1", 9000));
+        assert!(p("https://api.example.com").allows("https", "API.example.com", 443));
+        assert!(!p("https://api.example.com").allows("https", "api.example.com", 8443));
+        assert!(p("https://*.example.com").allows("https", "a.b.example.com", 443));
+        assert!(!p("https://*.example.com").allows("https", "example.com", 443));
+        assert!(!p("https://*.example.com").allows("https", "evilexample.com", 443));
+        assert!(p("http://*:8080").allows("http", "anything", 8080));
+        for bad in ["api.example.com", "ftp://x", "http://a/b", "http://a*b.com", "http://x:port", "http://u@x"] {
+            assert!(HostPattern::try_from(bad.to_string()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn an_empty_file_is_the_default_policy() {
+        let policy = Policy::parse("", "x.toml", Path::new(".")).unwrap();
+        assert_eq!(policy, Policy::default());
+        assert_eq!(policy.memory, defaults::MEMORY);
+        assert!(policy.env.is_empty() && policy.files.is_empty() && policy.outbound.is_empty());
+        assert!(policy.public);
+    }
+
+    #[test]
+    fn a_misspelled_key_is_rejected_rather_than_ignored() {
+        let err = Policy::parse("[limits]\nmemroy = \"1MiB\"\n", "f.toml", Path::new(".")).unwrap_err();
+        assert!(err.to_string().starts_with("f.toml: "), "{err}");
+        assert!(err.message.contains("memroy"), "{err}");
+    }
+
+    #[test]
+    fn host_paths_cannot_escape() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = dir.path().canonicalize().unwrap();
+        std::fs::create_dir_all(base.join("data/ok")).unwrap();
+        std::os::unix::fs::symlink("/etc", base.join("data/link")).unwrap();
+        let policy = |host: &str| {
+            Policy::parse(&format!("[files]\n\"/d\" = {host:?}\n"), "p.toml", &base)
+        };
+        assert_eq!(policy("data/ok").unwrap().files[0].host, base.join("data/ok"));
+        assert!(policy("data/ok/../ok").unwrap_err().message.contains("'..'"));
+        assert!(policy("data/link").unwrap_err().message.contains("symbolic link"));
+        assert!(policy("data/missing").unwrap_err().message.contains("cannot open"));
+    }
+}

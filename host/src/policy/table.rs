@@ -1,0 +1,247 @@
+//! The policies in force, kept in step with the policies directory.
+//!
+//! Files are the single source of truth: the table is loaded from them at
+//! start, a `notify` watcher reloads a file when it is created, changed or
+//! removed, and the admin API writes files (atomically) rather than the
+//! table. A file that fails to parse or validate is logged, its error kept
+//! for the admin API, and the last good policy stays in force. A function
+//! whose file has never been good is not run at all (never fail open); a
+//! function without a file runs under the defaults.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{Context, Result};
+use notify::{RecursiveMode, Watcher};
+
+use super::{Policy, PolicyError};
+use crate::names::FunctionName;
+
+/// Events arriving this close together are handled as one reload: editors
+/// write a file in several steps.
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// What the table knows about one function's policy file.
+#[derive(Debug, Clone, Default)]
+pub struct PolicyStatus {
+    /// The policy in force; `None` if the file has never been valid.
+    pub policy: Option<Arc<Policy>>,
+    /// The error of the latest load, if it failed.
+    pub error: Option<PolicyError>,
+    /// When the policy in force was loaded (Unix seconds).
+    pub loaded_unix: u64,
+}
+
+pub struct PolicyTable {
+    dir: PathBuf,
+    /// What relative `[files]` paths are relative to: the directory's parent.
+    base: PathBuf,
+    entries: RwLock<HashMap<FunctionName, PolicyStatus>>,
+    default: Arc<Policy>,
+    on_error: Box<dyn Fn() + Send + Sync>,
+}
+
+impl PolicyTable {
+    /// Loads every `*.toml` in `dir` (creating `dir` if needed).
+    pub fn load(dir: &Path, on_error: Box<dyn Fn() + Send + Sync>) -> Result<Self> {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating the policies directory {}", dir.display()))?;
+        let dir = dir
+            .canonicalize()
+            .with_context(|| format!("resolving {}", dir.display()))?;
+        let base = dir.parent().unwrap_or(&dir).to_path_buf();
+        let table = PolicyTable {
+            dir,
+            base,
+            entries: RwLock::new(HashMap::new()),
+            default: Arc::new(Policy::default()),
+            on_error,
+        };
+        let entries = std::fs::read_dir(&table.dir)
+            .with_context(|| format!("reading {}", table.dir.display()))?;
+        for entry in entries.flatten() {
+            table.reload(&entry.path());
+        }
+        Ok(table)
+    }
+
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
+    /// The policy to run `name` under, or why it must not run.
+    pub fn get(&self, name: &FunctionName) -> Result<Arc<Policy>, PolicyError> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        match entries.get(name) {
+            None => Ok(Arc::clone(&self.default)),
+            Some(PolicyStatus {
+                policy: Some(policy),
+                ..
+            }) => Ok(Arc::clone(policy)),
+            Some(PolicyStatus { error, .. }) => Err(error.clone().unwrap_or_else(|| PolicyError {
+                file: format!("{name}.toml"),
+                message: "no valid policy loaded".to_string(),
+            })),
+        }
+    }
+
+    /// The policy in force and the last load error, for the admin API.
+    pub fn status(&self, name: &FunctionName) -> PolicyStatus {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries.get(name).cloned().unwrap_or_else(|| PolicyStatus {
+            policy: Some(Arc::clone(&self.default)),
+            error: None,
+            loaded_unix: 0,
+        })
+    }
+
+    /// Re-reads one file of the directory (or notes that it is gone).
+    /// Files that are not `<function-name>.toml` are ignored.
+    pub fn reload(&self, path: &Path) {
+        let Some(name) = function_of(path) else {
+            return;
+        };
+        let file = format!("{name}.toml");
+        let text = match std::fs::read_to_string(path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
+                let removed = self
+                    .entries
+                    .write()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&name);
+                if removed.is_some() {
+                    tracing::info!(function = %name, "policy file removed; defaults apply");
+                }
+                return;
+            }
+            Err(error) => {
+                self.record_error(&name, PolicyError {
+                    file,
+                    message: format!("cannot read: {error}"),
+                });
+                return;
+            }
+        };
+        match Policy::parse(&text, &file, &self.base) {
+            Ok(policy) => self.install(&name, policy),
+            Err(error) => self.record_error(&name, error),
+        }
+    }
+
+    /// Validates `text` as the policy of `name`, writes it to the directory
+    /// atomically and puts it in force. Nothing is written if it is invalid.
+    pub fn write(&self, name: &FunctionName, text: &str) -> Result<Arc<Policy>, WriteError> {
+        let file = format!("{name}.toml");
+        let policy = Policy::parse(text, &file, &self.base).map_err(WriteError::Invalid)?;
+        let target = self.dir.join(&file);
+        let tmp = self.dir.join(format!(".{file}.tmp"));
+        let written = (|| -> std::io::Result<()> {
+            let mut f = std::fs::File::create(&tmp)?;
+            f.write_all(text.as_bytes())?;
+            f.sync_all()?;
+            std::fs::rename(&tmp, &target)?;
+            std::fs::File::open(&self.dir)?.sync_all()
+        })();
+        if let Err(error) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(WriteError::Io(
+                anyhow::Error::from(error).context(format!("writing {}", target.display())),
+            ));
+        }
+        self.install(name, policy);
+        Ok(self.get(name).map_err(WriteError::Invalid)?)
+    }
+
+    fn install(&self, name: &FunctionName, policy: Policy) {
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        let unchanged = entries
+            .get(name)
+            .and_then(|s| s.policy.as_deref())
+            .is_some_and(|p| *p == policy);
+        let status = entries.entry(name.clone()).or_default();
+        status.error = None;
+        if !unchanged {
+            status.policy = Some(Arc::new(policy));
+            status.loaded_unix = now_unix();
+            tracing::info!(function = %name, "policy loaded");
+        }
+    }
+
+    fn record_error(&self, name: &FunctionName, error: PolicyError) {
+        tracing::error!(
+            function = %name,
+            error = %error,
+            "policy file rejected; the last good policy stays in force"
+        );
+        (self.on_error)();
+        let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+        entries.entry(name.clone()).or_default().error = Some(error);
+    }
+
+    /// Watches the directory and reloads changed files until the returned
+    /// watcher is dropped.
+    pub fn watch(self: &Arc<Self>) -> Result<notify::RecommendedWatcher> {
+        let (tx, rx) = mpsc::channel::<PathBuf>();
+        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+            match event {
+                Ok(event) => {
+                    for path in event.paths {
+                        let _ = tx.send(path);
+                    }
+                }
+                Err(error) => tracing::warn!(%error, "policy watcher error"),
+            }
+        })
+        .context("starting the policy watcher")?;
+        watcher
+            .watch(&self.dir, RecursiveMode::NonRecursive)
+            .with_context(|| format!("watching {}", self.dir.display()))?;
+        let table = Arc::downgrade(self);
+        std::thread::Builder::new()
+            .name("lichen-policies".into())
+            .spawn(move || {
+                // Ends when the watcher (the sender's owner) is dropped.
+                while let Ok(first) = rx.recv() {
+                    let mut paths = vec![first];
+                    while let Ok(more) = rx.recv_timeout(DEBOUNCE) {
+                        paths.push(more);
+                    }
+                    paths.sort();
+                    paths.dedup();
+                    let Some(table) = table.upgrade() else { return };
+                    for path in paths {
+                        table.reload(&path);
+                    }
+                }
+            })
+            .context("starting the policy reload thread")?;
+        Ok(watcher)
+    }
+}
+
+/// Why the admin API could not write a policy.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    #[error(transparent)]
+    Invalid(PolicyError),
+    #[error(transparent)]
+    Io(anyhow::Error),
+}
+
+/// `dir/hello.toml` -> `hello`; anything else (editor backups, temp files,
+/// names that are not function names) -> `None`.
+fn function_of(path: &Path) -> Option<FunctionName> {
+    let stem = path.file_name()?.to_str()?.strip_suffix(".toml")?;
+    FunctionName::new(stem).ok()
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}

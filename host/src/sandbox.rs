@@ -1,0 +1,433 @@
+//! Turns a function's policy into the `Store` state of one invocation, and
+//! guards what crosses the sandbox's edge while it runs.
+//!
+//! Deny by default, one grant at a time: the `WasiCtx` starts empty (no
+//! environment, no arguments, no files, no sockets, no inherited stdio) and
+//! receives only what the policy names: each `[env]` variable, each `[files]`
+//! directory opened read-only through cap-std (the guest cannot write,
+//! create, truncate or climb out of it). Its stdout and stderr go to the host
+//! log, a bounded number of lines per invocation.
+//!
+//! Outbound HTTP is checked against `[outbound] allow` before any connection
+//! is made, on the scheme, host and port of the request URI. The guest cannot
+//! steer a request with a forged `Host` header (CVE-2024-32980 in another
+//! host): wasmtime-wasi-http forbids guests from setting `Host`, and the
+//! connection goes to the URI's authority, which is what is checked. Names
+//! are checked as written; a name that an allowed pattern matches is trusted
+//! to resolve where its owner says.
+//!
+//! Bodies are bounded both ways: the request body by `request_body` (a larger
+//! declared length is refused before the guest starts; a longer stream is cut
+//! and answered 413), the response body by `response_body` (cut off, and the
+//! connection aborted, so the client cannot mistake it for complete).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http_body::{Body, Frame, SizeHint};
+use http_body_util::BodyExt;
+use tokio::io::AsyncWrite;
+use wasmtime::component::ResourceTable;
+use wasmtime::{StoreLimits, StoreLimitsBuilder};
+use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
+use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
+use wasmtime_wasi_http::{
+    RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
+};
+
+use crate::policy::Policy;
+
+/// Instances, tables and memories one invocation may create: a component
+/// from a wasm32-wasip2 toolchain has a handful.
+const MAX_INSTANCES: usize = 32;
+const MAX_TABLES: usize = 32;
+const MAX_MEMORIES: usize = 32;
+const MAX_TABLE_ELEMENTS: usize = 100_000;
+/// Host resources (streams, fields, requests...) a guest may hold at once;
+/// unbounded, a guest could fill host memory with handles
+/// (GHSA-852m-cvvp-9p4w).
+const MAX_RESOURCES: usize = 10_000;
+/// Bytes of randomness per call to `get-random-bytes`.
+const MAX_RANDOM_BYTES: u64 = 1 << 20;
+/// In-memory size of one HTTP fields resource (GHSA-243v-98vx-264h).
+const MAX_FIELDS_SIZE: usize = 64 << 10;
+/// Guest output lines logged per invocation, and the longest line kept.
+const MAX_LOG_LINES: u32 = 100;
+const MAX_LOG_LINE: usize = 4096;
+
+/// Who is running, for logs and the outbound check.
+#[derive(Clone)]
+pub struct Invocation {
+    pub function: Arc<str>,
+    pub request_id: Arc<str>,
+    pub policy: Arc<Policy>,
+    /// Called once per outbound request the policy denied.
+    pub on_denied: Arc<dyn Fn() + Send + Sync>,
+}
+
+/// What a `Store` holds for one invocation.
+pub struct HostState {
+    wasi: WasiCtx,
+    http: WasiHttpCtx,
+    table: ResourceTable,
+    pub limits: StoreLimits,
+    hooks: OutboundGuard,
+}
+
+impl HostState {
+    pub fn new(invocation: &Invocation) -> anyhow::Result<Self> {
+        let policy = &invocation.policy;
+        let log_budget = Arc::new(AtomicU32::new(MAX_LOG_LINES));
+        let output = |stream| GuestOutput {
+            function: invocation.function.clone(),
+            request_id: invocation.request_id.clone(),
+            stream,
+            budget: log_budget.clone(),
+        };
+        let mut wasi = WasiCtx::builder();
+        wasi.stdout(output("stdout"))
+            .stderr(output("stderr"))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .max_random_size(MAX_RANDOM_BYTES);
+        for (name, value) in &policy.env {
+            wasi.env(name, value);
+        }
+        for preopen in &policy.files {
+            wasi.preopened_dir(&preopen.host, &preopen.guest, FsPerms::ReadOnly)
+                .map_err(anyhow::Error::from)?;
+        }
+        let mut table = ResourceTable::new();
+        table.set_max_capacity(MAX_RESOURCES);
+        let mut http = WasiHttpCtx::new();
+        http.set_field_size_limit(MAX_FIELDS_SIZE);
+        let memory = usize::try_from(policy.memory).unwrap_or(usize::MAX);
+        Ok(HostState {
+            wasi: wasi.build(),
+            http,
+            table,
+            limits: StoreLimitsBuilder::new()
+                .memory_size(memory)
+                .instances(MAX_INSTANCES)
+                .tables(MAX_TABLES)
+                .memories(MAX_MEMORIES)
+                .table_elements(MAX_TABLE_ELEMENTS)
+                .trap_on_grow_failure(false)
+                .build(),
+            hooks: OutboundGuard {
+                invocation: invocation.clone(),
+            },
+        })
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+impl WasiHttpView for HostState {
+    fn http(&mut self) -> WasiHttpCtxView<'_> {
+        WasiHttpCtxView {
+            ctx: &mut self.http,
+            table: &mut self.table,
+            hooks: &mut self.hooks,
+        }
+    }
+}
+
+/// Checks each outbound request against the policy before connecting.
+struct OutboundGuard {
+    invocation: Invocation,
+}
+
+type ErrorFuture = Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>;
+type SendFuture = Box<
+    dyn Future<
+            Output = Result<(http::Response<WasiBody>, ErrorFuture), wasmtime_wasi_http::Error>,
+        > + Send,
+>;
+
+impl WasiHttpHooks for OutboundGuard {
+    fn send_request(
+        &mut self,
+        request: http::Request<WasiBody>,
+        options: Option<RequestOptions>,
+        _fut: ErrorFuture,
+    ) -> SendFuture {
+        let uri = request.uri();
+        let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
+        let host = uri.host().unwrap_or_default();
+        let default_port = if scheme == "https" { 443 } else { 80 };
+        let port = uri.port_u16().unwrap_or(default_port);
+        if !self.invocation.policy.allows_outbound(&scheme, host, port) {
+            tracing::warn!(
+                function = &*self.invocation.function,
+                request_id = &*self.invocation.request_id,
+                destination = format!("{scheme}://{host}:{port}"),
+                "outbound request denied by policy"
+            );
+            (self.invocation.on_denied)();
+            return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
+        }
+        Box::new(async move {
+            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
+            Ok((
+                response.map(BodyExt::boxed_unsync),
+                Box::new(io) as ErrorFuture,
+            ))
+        })
+    }
+}
+
+/// The request body as the guest reads it: at most `limit` bytes, and no
+/// more than `idle` between two chunks. Past the limit it sets `exceeded`
+/// and fails, so the guest sees an error and the client gets a 413.
+pub struct GuardedRequestBody {
+    inner: hyper::body::Incoming,
+    remaining: u64,
+    limit: u64,
+    idle: Duration,
+    timer: Option<Pin<Box<tokio::time::Sleep>>>,
+    pub exceeded: Arc<AtomicBool>,
+}
+
+impl GuardedRequestBody {
+    pub fn new(inner: hyper::body::Incoming, limit: u64, idle: Duration) -> Self {
+        GuardedRequestBody {
+            inner,
+            remaining: limit,
+            limit,
+            idle,
+            timer: None,
+            exceeded: Arc::new(AtomicBool::new(false)),
+        }
+    }
+}
+
+impl Body for GuardedRequestBody {
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                this.timer = None;
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > this.remaining {
+                        this.exceeded.store(true, Ordering::Relaxed);
+                        this.remaining = 0;
+                        return Poll::Ready(Some(Err(
+                            wasmtime_wasi_http::Error::HttpRequestBodySize(Some(this.limit)),
+                        )));
+                    }
+                    this.remaining -= len;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(Some(Err(error))) => Poll::Ready(Some(Err(error.into()))),
+            Poll::Ready(None) => Poll::Ready(None),
+            Poll::Pending => {
+                let idle = this.idle;
+                let timer = this
+                    .timer
+                    .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
+                match timer.as_mut().poll(cx) {
+                    Poll::Ready(()) => Poll::Ready(Some(Err(
+                        wasmtime_wasi_http::Error::ConnectionReadTimeout,
+                    ))),
+                    Poll::Pending => Poll::Pending,
+                }
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// The response body on its way to the client: cut off with an error past
+/// `limit` bytes, which makes hyper abort the connection.
+pub struct CappedResponseBody<B> {
+    inner: B,
+    remaining: u64,
+    limit: u64,
+    on_cut: Option<Box<dyn FnOnce() + Send>>,
+}
+
+impl<B> CappedResponseBody<B> {
+    pub fn new(inner: B, limit: u64, on_cut: Box<dyn FnOnce() + Send>) -> Self {
+        CappedResponseBody {
+            inner,
+            remaining: limit,
+            limit,
+            on_cut: Some(on_cut),
+        }
+    }
+}
+
+impl<B> Body for CappedResponseBody<B>
+where
+    B: Body<Data = Bytes, Error = wasmtime_wasi_http::Error> + Unpin,
+{
+    type Data = Bytes;
+    type Error = wasmtime_wasi_http::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        match Pin::new(&mut this.inner).poll_frame(cx) {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    let len = data.len() as u64;
+                    if len > this.remaining {
+                        this.remaining = 0;
+                        if let Some(on_cut) = this.on_cut.take() {
+                            on_cut();
+                        }
+                        return Poll::Ready(Some(Err(
+                            wasmtime_wasi_http::Error::HttpResponseBodySize(Some(this.limit)),
+                        )));
+                    }
+                    this.remaining -= len;
+                }
+                Poll::Ready(Some(Ok(frame)))
+            }
+            other => other,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A guest's stdout or stderr: each line becomes a log record, up to the
+/// invocation's budget of lines (shared by both streams).
+#[derive(Clone)]
+struct GuestOutput {
+    function: Arc<str>,
+    request_id: Arc<str>,
+    stream: &'static str,
+    budget: Arc<AtomicU32>,
+}
+
+impl IsTerminal for GuestOutput {
+    fn is_terminal(&self) -> bool {
+        false
+    }
+}
+
+impl StdoutStream for GuestOutput {
+    fn async_stream(&self) -> Box<dyn AsyncWrite + Send + Sync> {
+        Box::new(LineLogger {
+            output: self.clone(),
+            buffer: Vec::new(),
+        })
+    }
+}
+
+struct LineLogger {
+    output: GuestOutput,
+    buffer: Vec<u8>,
+}
+
+impl LineLogger {
+    fn emit(&self, line: &[u8]) {
+        let budget = &self.output.budget;
+        let left = budget
+            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+            .unwrap_or(0);
+        let text = String::from_utf8_lossy(line);
+        let text = text.trim_end_matches('\r');
+        match left {
+            0 => {}
+            1 => tracing::warn!(
+                target: "lichen::guest",
+                function = &*self.output.function,
+                request_id = &*self.output.request_id,
+                "guest output limit of {MAX_LOG_LINES} lines reached; dropping the rest"
+            ),
+            _ => tracing::info!(
+                target: "lichen::guest",
+                function = &*self.output.function,
+                request_id = &*self.output.request_id,
+                stream = self.output.stream,
+                "{text}"
+            ),
+        }
+    }
+
+    fn emit_complete_lines(&mut self) {
+        while let Some(newline) = self.buffer.iter().position(|&b| b == b'\n') {
+            let line: Vec<u8> = self.buffer.drain(..=newline).collect();
+            self.emit(&line[..line.len() - 1]);
+        }
+        while self.buffer.len() >= MAX_LOG_LINE {
+            let chunk: Vec<u8> = self.buffer.drain(..MAX_LOG_LINE).collect();
+            self.emit(&chunk);
+        }
+    }
+
+    fn emit_rest(&mut self) {
+        if !self.buffer.is_empty() {
+            let rest = std::mem::take(&mut self.buffer);
+            self.emit(&rest);
+        }
+    }
+}
+
+impl AsyncWrite for LineLogger {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        _cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        // Once the budget is spent, output is accepted and dropped unread.
+        if self.output.budget.load(Ordering::Relaxed) > 0 {
+            self.buffer.extend_from_slice(buf);
+            self.emit_complete_lines();
+        }
+        Poll::Ready(Ok(buf.len()))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, _cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        self.emit_rest();
+        Poll::Ready(Ok(()))
+    }
+}
+
+impl Drop for LineLogger {
+    fn drop(&mut self) {
+        self.emit_rest();
+    }
+}
