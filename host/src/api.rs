@@ -263,11 +263,13 @@ async fn admin(
             put_policy(state, &parse_name(name)?, req).await
         }
         (Method::GET, ["functions", name, "policy"]) => get_policy(state, &parse_name(name)?),
-        (method, ["functions"] | ["functions", _] | ["functions", _, "policy"]) => Err(ApiError::new(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            format!("{method} is not allowed here"),
-        )),
+        (method, ["functions"] | ["functions", _] | ["functions", _, "policy"]) => {
+            Err(ApiError::new(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method_not_allowed",
+                format!("{method} is not allowed here"),
+            ))
+        }
         _ => Err(ApiError::not_found(format!(
             "no admin route /v1/{}",
             segments.join("/")
@@ -439,7 +441,8 @@ async fn deploy_inner(
     name: FunctionName,
     req: hyper::Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let bytes = read_body_capped(req, state.limits.max_upload, state.limits.body_idle_timeout).await?;
+    let bytes =
+        read_body_capped(req, state.limits.max_upload, state.limits.body_idle_timeout).await?;
     let sha256 = sha256_hex(&bytes);
     let size = bytes.len() as u64;
 
@@ -650,7 +653,10 @@ async fn admit_and_run(
     match guest_uri.parse() {
         Ok(uri) => *req.uri_mut() = uri,
         Err(e) => {
-            return refused(ApiError::bad_request("bad_uri", format!("invalid path: {e}")));
+            return refused(ApiError::bad_request(
+                "bad_uri",
+                format!("invalid path: {e}"),
+            ));
         }
     }
     if !req.headers().contains_key(header::HOST) {
@@ -669,7 +675,9 @@ async fn admit_and_run(
                     "{} is at its concurrency limit ({}) and its queue ({}) is full",
                     function.name, policy.concurrency, policy.queue
                 ),
-                Refusal::HostBusy => "this host is at its limit of invocations in flight".to_string(),
+                Refusal::HostBusy => {
+                    "this host is at its limit of invocations in flight".to_string()
+                }
                 Refusal::QueueTimeout => format!(
                     "{} did not get a free slot within its deadline of {:?}",
                     function.name, policy.timeout

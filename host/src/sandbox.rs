@@ -152,9 +152,8 @@ struct OutboundGuard {
 
 type ErrorFuture = Box<dyn Future<Output = Result<(), wasmtime_wasi_http::Error>> + Send>;
 type SendFuture = Box<
-    dyn Future<
-            Output = Result<(http::Response<WasiBody>, ErrorFuture), wasmtime_wasi_http::Error>,
-        > + Send,
+    dyn Future<Output = Result<(http::Response<WasiBody>, ErrorFuture), wasmtime_wasi_http::Error>>
+        + Send,
 >;
 
 impl WasiHttpHooks for OutboundGuard {
@@ -247,9 +246,9 @@ impl Body for GuardedRequestBody {
                     .timer
                     .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle)));
                 match timer.as_mut().poll(cx) {
-                    Poll::Ready(()) => Poll::Ready(Some(Err(
-                        wasmtime_wasi_http::Error::ConnectionReadTimeout,
-                    ))),
+                    Poll::Ready(()) => {
+                        Poll::Ready(Some(Err(wasmtime_wasi_http::Error::ConnectionReadTimeout)))
+                    }
                     Poll::Pending => Poll::Pending,
                 }
             }

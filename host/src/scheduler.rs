@@ -146,13 +146,17 @@ mod tests {
     async fn a_full_gate_and_queue_refuse_at_once() {
         let scheduler = Scheduler::new(100);
         let gate = scheduler.gate("f", 1, 1);
-        let first = scheduler.admit(&gate, Duration::from_secs(5)).await.unwrap();
+        let first = scheduler
+            .admit(&gate, Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(gate.in_flight(), 1);
         let waiting = {
             let gate = Arc::clone(&gate);
             let scheduler = Arc::new(scheduler);
             let s = Arc::clone(&scheduler);
-            let handle = tokio::spawn(async move { s.admit(&gate, Duration::from_secs(5)).await.is_ok() });
+            let handle =
+                tokio::spawn(async move { s.admit(&gate, Duration::from_secs(5)).await.is_ok() });
             (handle, scheduler)
         };
         while gate.queued() == 0 {

@@ -78,8 +78,12 @@ pub fn send(request: OutboundRequest) -> Result<Response> {
         other => Method::Other(other.to_string()),
     };
     let invalid = |what: &str| Error::new(400, format!("invalid {what} in {:?}", request.url));
-    outgoing.set_method(&method).map_err(|()| invalid("method"))?;
-    outgoing.set_scheme(Some(&scheme)).map_err(|()| invalid("scheme"))?;
+    outgoing
+        .set_method(&method)
+        .map_err(|()| invalid("method"))?;
+    outgoing
+        .set_scheme(Some(&scheme))
+        .map_err(|()| invalid("scheme"))?;
     outgoing
         .set_authority(Some(authority))
         .map_err(|()| invalid("authority"))?;
@@ -108,7 +112,10 @@ pub fn send(request: OutboundRequest) -> Result<Response> {
     let incoming = match future.get() {
         Some(Ok(Ok(response))) => response,
         Some(Ok(Err(code))) => {
-            return Err(Error::new(502, format!("outbound request failed: {code:?}")));
+            return Err(Error::new(
+                502,
+                format!("outbound request failed: {code:?}"),
+            ));
         }
         Some(Err(())) | None => return Err(Error::new(502, "outbound response unavailable")),
     };

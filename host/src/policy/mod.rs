@@ -184,9 +184,9 @@ fn parse_size(text: &str) -> Result<u64, String> {
             ));
         }
     };
-    let n: u64 = digits
-        .parse()
-        .map_err(|_| format!("invalid size {text:?}: expected a whole number and a unit, like \"64MiB\""))?;
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("invalid size {text:?}: expected a whole number and a unit, like \"64MiB\"")
+    })?;
     n.checked_mul(unit_size)
         .ok_or_else(|| format!("invalid size {text:?}: too large"))
 }
@@ -201,7 +201,7 @@ impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
         for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
-            if n >= size && n % size == 0 {
+            if n >= size && n.is_multiple_of(size) {
                 return write!(f, "{}{unit}", n / size);
             }
         }
@@ -248,9 +248,9 @@ impl TryFrom<String> for Timeout {
 impl From<Timeout> for String {
     fn from(timeout: Timeout) -> String {
         let ms = timeout.0.as_millis();
-        if ms % 60_000 == 0 {
+        if ms.is_multiple_of(60_000) {
             format!("{}m", ms / 60_000)
-        } else if ms % 1000 == 0 {
+        } else if ms.is_multiple_of(1000) {
             format!("{}s", ms / 1000)
         } else {
             format!("{ms}ms")
@@ -335,11 +335,11 @@ impl TryFrom<String> for HostPattern {
 
     fn try_from(text: String) -> Result<Self, Self::Error> {
         let bad = |why: &str| {
-            format!("invalid outbound pattern {text:?}: {why} (like \"https://api.example.com\" or \"http://127.0.0.1:*\")")
+            format!(
+                "invalid outbound pattern {text:?}: {why} (like \"https://api.example.com\" or \"http://127.0.0.1:*\")"
+            )
         };
-        let (scheme, rest) = text
-            .split_once("://")
-            .ok_or_else(|| bad("no scheme"))?;
+        let (scheme, rest) = text.split_once("://").ok_or_else(|| bad("no scheme"))?;
         let scheme = scheme.to_ascii_lowercase();
         if scheme != "http" && scheme != "https" {
             return Err(bad("the scheme must be http or https"));
@@ -351,7 +351,10 @@ impl TryFrom<String> for HostPattern {
             Some((host, "*")) => (host, None),
             Some((host, port)) => (
                 host,
-                Some(port.parse::<u16>().map_err(|_| bad("the port must be a number or *"))?),
+                Some(
+                    port.parse::<u16>()
+                        .map_err(|_| bad("the port must be a number or *"))?,
+                ),
             ),
             None => (rest, Some(if scheme == "https" { 443 } else { 80 })),
         };
@@ -548,8 +551,14 @@ mod tests {
         assert_eq!(parse_size("12"), Ok(12));
         assert!(parse_size("64MB").is_err());
         assert!(parse_size("MiB").is_err());
-        assert_eq!(Timeout::try_from("250ms".to_string()), Ok(Timeout(Duration::from_millis(250))));
-        assert_eq!(Timeout::try_from("2m".to_string()), Ok(Timeout(Duration::from_secs(120))));
+        assert_eq!(
+            Timeout::try_from("250ms".to_string()),
+            Ok(Timeout(Duration::from_millis(250)))
+        );
+        assert_eq!(
+            Timeout::try_from("2m".to_string()),
+            Ok(Timeout(Duration::from_secs(120)))
+        );
         assert!(Timeout::try_from("0s".to_string()).is_err());
         assert!(Timeout::try_from("1h".to_string()).is_err());
         assert_eq!(ByteSize(64 << 20).to_string(), "64MiB");
@@ -567,7 +576,14 @@ mod tests {
         assert!(!p("https://*.example.com").allows("https", "example.com", 443));
         assert!(!p("https://*.example.com").allows("https", "evilexample.com", 443));
         assert!(p("http://*:8080").allows("http", "anything", 8080));
-        for bad in ["api.example.com", "ftp://x", "http://a/b", "http://a*b.com", "http://x:port", "http://u@x"] {
+        for bad in [
+            "api.example.com",
+            "ftp://x",
+            "http://a/b",
+            "http://a*b.com",
+            "http://x:port",
+            "http://u@x",
+        ] {
             assert!(HostPattern::try_from(bad.to_string()).is_err(), "{bad}");
         }
     }
@@ -583,7 +599,8 @@ mod tests {
 
     #[test]
     fn a_misspelled_key_is_rejected_rather_than_ignored() {
-        let err = Policy::parse("[limits]\nmemroy = \"1MiB\"\n", "f.toml", Path::new(".")).unwrap_err();
+        let err =
+            Policy::parse("[limits]\nmemroy = \"1MiB\"\n", "f.toml", Path::new(".")).unwrap_err();
         assert!(err.to_string().starts_with("f.toml: "), "{err}");
         assert!(err.message.contains("memroy"), "{err}");
     }
@@ -594,12 +611,29 @@ mod tests {
         let base = dir.path().canonicalize().unwrap();
         std::fs::create_dir_all(base.join("data/ok")).unwrap();
         std::os::unix::fs::symlink("/etc", base.join("data/link")).unwrap();
-        let policy = |host: &str| {
-            Policy::parse(&format!("[files]\n\"/d\" = {host:?}\n"), "p.toml", &base)
-        };
-        assert_eq!(policy("data/ok").unwrap().files[0].host, base.join("data/ok"));
-        assert!(policy("data/ok/../ok").unwrap_err().message.contains("'..'"));
-        assert!(policy("data/link").unwrap_err().message.contains("symbolic link"));
-        assert!(policy("data/missing").unwrap_err().message.contains("cannot open"));
+        let policy =
+            |host: &str| Policy::parse(&format!("[files]\n\"/d\" = {host:?}\n"), "p.toml", &base);
+        assert_eq!(
+            policy("data/ok").unwrap().files[0].host,
+            base.join("data/ok")
+        );
+        assert!(
+            policy("data/ok/../ok")
+                .unwrap_err()
+                .message
+                .contains("'..'")
+        );
+        assert!(
+            policy("data/link")
+                .unwrap_err()
+                .message
+                .contains("symbolic link")
+        );
+        assert!(
+            policy("data/missing")
+                .unwrap_err()
+                .message
+                .contains("cannot open")
+        );
     }
 }

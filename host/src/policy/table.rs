@@ -120,10 +120,13 @@ impl PolicyTable {
                 return;
             }
             Err(error) => {
-                self.record_error(&name, PolicyError {
-                    file,
-                    message: format!("cannot read: {error}"),
-                });
+                self.record_error(
+                    &name,
+                    PolicyError {
+                        file,
+                        message: format!("cannot read: {error}"),
+                    },
+                );
                 return;
             }
         };
@@ -154,7 +157,7 @@ impl PolicyTable {
             ));
         }
         self.install(name, policy);
-        Ok(self.get(name).map_err(WriteError::Invalid)?)
+        self.get(name).map_err(WriteError::Invalid)
     }
 
     fn install(&self, name: &FunctionName, policy: Policy) {
@@ -187,17 +190,16 @@ impl PolicyTable {
     /// watcher is dropped.
     pub fn watch(self: &Arc<Self>) -> Result<notify::RecommendedWatcher> {
         let (tx, rx) = mpsc::channel::<PathBuf>();
-        let mut watcher = notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
-            match event {
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
                 Ok(event) => {
                     for path in event.paths {
                         let _ = tx.send(path);
                     }
                 }
                 Err(error) => tracing::warn!(%error, "policy watcher error"),
-            }
-        })
-        .context("starting the policy watcher")?;
+            })
+            .context("starting the policy watcher")?;
         watcher
             .watch(&self.dir, RecursiveMode::NonRecursive)
             .with_context(|| format!("watching {}", self.dir.display()))?;

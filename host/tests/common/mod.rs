@@ -19,7 +19,9 @@ use lichen::server::{ServeConfig, Server};
 /// Every crate in functions/ (workspace members), by crate name. A test
 /// checks this list against functions/Cargo.toml, and each entry is used by
 /// a test, so a new fixture cannot go untested.
-pub const FUNCTIONS: &[&str] = &["hello", "echo", "square", "fib", "trap", "raw-wasi", "probe"];
+pub const FUNCTIONS: &[&str] = &[
+    "hello", "echo", "square", "fib", "trap", "raw-wasi", "probe",
+];
 
 fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
