@@ -22,7 +22,7 @@ use crate::error::{ApiError, Body, full_body};
 use crate::metrics::Metrics;
 use crate::names::FunctionName;
 use crate::policy::{Policy, PolicyTable, WriteError};
-use crate::sandbox::{CappedResponseBody, GuardedRequestBody, Invocation};
+use crate::sandbox::{CappedResponseBody, GuardedRequestBody, Invocation, drain_in_background};
 use crate::scheduler::{RETRY_AFTER_SECS, Refusal, Scheduler};
 use crate::store::{FunctionRecord, ModuleStore, VersionInfo, sha256_hex};
 
@@ -207,10 +207,29 @@ impl RequestIds {
     }
 }
 
+/// The largest request head accepted (request line and headers), as common
+/// proxies allow; hyper's read buffer bounds it only loosely.
+pub const MAX_HEAD_BYTES: usize = 64 << 10;
+
 /// Answers one request. Never fails: errors become JSON responses.
 pub async fn handle(state: Arc<AppState>, req: hyper::Request<Incoming>) -> Response<Body> {
     let request_id = state.request_ids.next();
-    let mut response = match route(&state, req, &request_id).await {
+    let head_bytes: usize = req.uri().to_string().len()
+        + req
+            .headers()
+            .iter()
+            .map(|(name, value)| name.as_str().len() + value.len() + 4)
+            .sum::<usize>();
+    let routed = if head_bytes > MAX_HEAD_BYTES {
+        Err(ApiError::new(
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+            "headers_too_large",
+            format!("the request head is {head_bytes} bytes; the limit is {MAX_HEAD_BYTES}"),
+        ))
+    } else {
+        route(&state, req, &request_id).await
+    };
+    let mut response = match routed {
         Ok(response) => response,
         Err(error) => error.into_response(),
     };
@@ -501,13 +520,6 @@ async fn delete(state: &Arc<AppState>, name: &FunctionName) -> Result<Response<B
     )
 }
 
-/// After refusing a body, how much more of it is read and thrown away, and for
-/// how long, so the client has sent its request before the connection closes
-/// and can read the `413` (closing on unread data resets the connection, and
-/// the client would see a broken pipe instead).
-const DRAIN_BYTES: usize = 4 << 20;
-const DRAIN_TIME: Duration = Duration::from_secs(2);
-
 /// Reads a request body, refusing it with `413` as soon as it passes `limit`
 /// (by its declared length, or while it streams), never buffering more.
 async fn read_body_capped(
@@ -555,21 +567,6 @@ async fn read_body_capped(
         }
     }
     Ok(buffer.freeze())
-}
-
-fn drain_in_background(mut body: Incoming) {
-    tokio::spawn(async move {
-        let _ = tokio::time::timeout(DRAIN_TIME, async move {
-            let mut drained = 0;
-            while let Some(Ok(frame)) = body.frame().await {
-                drained += frame.data_ref().map_or(0, |d| d.len());
-                if drained > DRAIN_BYTES {
-                    break;
-                }
-            }
-        })
-        .await;
-    });
 }
 
 /// `/fn/{name}` and `/fn/{name}/{rest...}`: the guest sees `/{rest...}` and
@@ -697,7 +694,13 @@ async fn admit_and_run(
         function: Arc::from(function.name.as_str()),
         request_id: Arc::from(request_id),
         policy: Arc::clone(&policy),
-        on_denied: Arc::new(|| {}),
+        on_denied: {
+            let denied = state
+                .metrics
+                .outbound_denied
+                .with_label_values(&[function.name.as_str()]);
+            Arc::new(move || denied.inc())
+        },
     };
     let (result, outcome) = state.runtime.invoke(function, request, &invocation).await;
     if exceeded.load(std::sync::atomic::Ordering::Relaxed) {

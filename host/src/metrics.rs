@@ -15,6 +15,8 @@ pub struct Metrics {
     pub deploys: IntCounterVec,
     /// Policy files that failed to load (the last good one stayed).
     pub policy_reload_errors: IntCounter,
+    /// Outbound requests a policy denied, per function.
+    pub outbound_denied: IntCounterVec,
 }
 
 impl Metrics {
@@ -40,6 +42,14 @@ impl Metrics {
             "Policy files that failed to parse or validate.",
         ))?;
         registry.register(Box::new(policy_reload_errors.clone()))?;
+        let outbound_denied = IntCounterVec::new(
+            Opts::new(
+                "lichen_outbound_denied_total",
+                "Outbound HTTP requests denied by the function's policy.",
+            ),
+            &["function"],
+        )?;
+        registry.register(Box::new(outbound_denied.clone()))?;
         registry.register(Box::new(compile_duration.clone()))?;
         registry.register(Box::new(cache_loads.clone()))?;
         registry.register(Box::new(deploys.clone()))?;
@@ -49,6 +59,7 @@ impl Metrics {
             cache_loads,
             deploys,
             policy_reload_errors,
+            outbound_denied,
         })
     }
 

@@ -192,7 +192,8 @@ impl WasiHttpHooks for OutboundGuard {
 /// more than `idle` between two chunks. Past the limit it sets `exceeded`
 /// and fails, so the guest sees an error and the client gets a 413.
 pub struct GuardedRequestBody {
-    inner: hyper::body::Incoming,
+    /// `None` only while being dropped.
+    inner: Option<hyper::body::Incoming>,
     remaining: u64,
     limit: u64,
     idle: Duration,
@@ -203,7 +204,7 @@ pub struct GuardedRequestBody {
 impl GuardedRequestBody {
     pub fn new(inner: hyper::body::Incoming, limit: u64, idle: Duration) -> Self {
         GuardedRequestBody {
-            inner,
+            inner: Some(inner),
             remaining: limit,
             limit,
             idle,
@@ -222,7 +223,10 @@ impl Body for GuardedRequestBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
+        let Some(inner) = this.inner.as_mut() else {
+            return Poll::Ready(None);
+        };
+        match Pin::new(inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 this.timer = None;
                 if let Some(data) = frame.data_ref() {
@@ -256,12 +260,47 @@ impl Body for GuardedRequestBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
+        self.inner.as_ref().is_none_or(Body::is_end_stream)
     }
 
     fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
+        self.inner
+            .as_ref()
+            .map_or_else(|| SizeHint::with_exact(0), Body::size_hint)
     }
+}
+
+impl Drop for GuardedRequestBody {
+    fn drop(&mut self) {
+        if self.exceeded.load(Ordering::Relaxed)
+            && let Some(inner) = self.inner.take()
+        {
+            drain_in_background(inner);
+        }
+    }
+}
+
+/// After refusing a body, how much more of it is read and thrown away, and for
+/// how long, so the client has sent its request before the connection closes
+/// and can read the `413` (closing on unread data resets the connection, and
+/// the client would see a broken pipe instead).
+const DRAIN_BYTES: usize = 4 << 20;
+const DRAIN_TIME: Duration = Duration::from_secs(2);
+
+/// Reads and discards the rest of a refused body, within bounds.
+pub fn drain_in_background(mut body: hyper::body::Incoming) {
+    tokio::spawn(async move {
+        let _ = tokio::time::timeout(DRAIN_TIME, async move {
+            let mut drained = 0;
+            while let Some(Ok(frame)) = body.frame().await {
+                drained += frame.data_ref().map_or(0, |d| d.len());
+                if drained > DRAIN_BYTES {
+                    break;
+                }
+            }
+        })
+        .await;
+    });
 }
 
 /// The response body on its way to the client: cut off with an error past

@@ -29,13 +29,10 @@ use crate::store::ModuleStore;
 /// (ours are ~100 KB; big ones with a language runtime are tens of MB).
 pub const DEFAULT_MAX_UPLOAD: u64 = 64 << 20;
 
-/// How long a client may take to send its request head before it is cut off.
-const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Request head limits: more headers, or a larger head, is answered 431.
-/// 100 headers and 64 KiB are what common proxies allow.
+/// Request head limits: more headers is answered 431 by hyper; a head over
+/// `api::MAX_HEAD_BYTES` by the API. hyper's read buffer is a backstop.
 const MAX_HEADERS: usize = 100;
-const MAX_HEAD_BYTES: usize = 64 << 10;
+const READ_BUFFER_BYTES: usize = 2 * api::MAX_HEAD_BYTES;
 
 /// Where the generated admin token is kept, inside the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
@@ -57,6 +54,9 @@ pub struct ServeConfig {
     pub max_in_flight: u32,
     /// Longest pause between two chunks of a request body.
     pub body_idle_timeout: Duration,
+    /// How long a client may take to send its request head; slower clients
+    /// are cut off (slowloris).
+    pub header_read_timeout: Duration,
 }
 
 impl ServeConfig {
@@ -72,6 +72,7 @@ impl ServeConfig {
             max_connections: 1024,
             max_in_flight: 256,
             body_idle_timeout: Duration::from_secs(30),
+            header_read_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -84,6 +85,7 @@ pub struct Server {
     admin_token: String,
     shutdown_grace: Duration,
     connections: Arc<tokio::sync::Semaphore>,
+    header_read_timeout: Duration,
     /// Reloads policies while the server lives.
     _policy_watcher: notify::RecommendedWatcher,
 }
@@ -136,6 +138,7 @@ impl Server {
             admin_token,
             shutdown_grace: config.shutdown_grace,
             connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections as usize)),
+            header_read_timeout: config.header_read_timeout,
             _policy_watcher: policy_watcher,
         })
     }
@@ -183,9 +186,9 @@ impl Server {
             });
             let connection = http1::Builder::new()
                 .timer(TokioTimer::new())
-                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .header_read_timeout(self.header_read_timeout)
                 .max_headers(MAX_HEADERS)
-                .max_buf_size(MAX_HEAD_BYTES)
+                .max_buf_size(READ_BUFFER_BYTES)
                 .keep_alive(true)
                 .serve_connection(TokioIo::new(stream), service);
             let connection = graceful.watch(connection);

@@ -96,7 +96,7 @@ pub fn send(request: OutboundRequest) -> Result<Response> {
         .map_err(|()| Error::new(500, "request body unavailable"))?;
     let future = outgoing_handler::handle(outgoing, None)
         .map_err(|code| Error::new(502, format!("outbound request refused: {code:?}")))?;
-    {
+    if !request.body.is_empty() {
         let mut stream = body
             .write()
             .map_err(|()| Error::new(500, "request body stream unavailable"))?;

@@ -1,0 +1,704 @@
+//! Every limit and grant of a policy, driven by real guests (`probe`, `trap`,
+//! `echo`, built from functions/) through real HTTP against a real host.
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use common::{Reply, TestHost, component, send, test_config, write_policy};
+use http::{Method, StatusCode};
+use http_body_util::Full;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+async fn host_with(dir: &std::path::Path, functions: &[(&str, &str)]) -> TestHost {
+    let host = TestHost::start(test_config(dir)).await;
+    for (name, fixture) in functions {
+        let reply = host.deploy(name, component(fixture)).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::CREATED,
+            "{name}: {}",
+            reply.text()
+        );
+    }
+    host
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_loop_and_a_blocked_host_call_end_at_the_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "probe", "[limits]\ntimeout = \"1s\"\n");
+    let host = host_with(dir.path(), &[("probe", "probe")]).await;
+    for path in ["/fn/probe/spin", "/fn/probe/sleep?ms=60000"] {
+        let started = Instant::now();
+        let reply = host.get(path).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::GATEWAY_TIMEOUT,
+            "{path}: {}",
+            reply.text()
+        );
+        assert_eq!(reply.code(), "timeout");
+        let took = started.elapsed();
+        assert!(took < Duration::from_secs(2), "{path} took {took:?}");
+        assert_eq!(host.get("/fn/probe/").await.text(), "probe\n");
+    }
+    host.stop().await;
+}
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_bomb_fails_fast_and_its_memory_is_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "trap", "[limits]\nmemory = \"32MiB\"\n");
+    let host = host_with(dir.path(), &[("trap", "trap")]).await;
+    assert_eq!(host.get("/fn/trap/").await.status, StatusCode::OK);
+    let before = rss_bytes();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let reply = host.get("/fn/trap/alloc").await;
+        assert_eq!(
+            reply.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{}",
+            reply.text()
+        );
+        assert_eq!(reply.code(), "trap");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    let after = rss_bytes();
+    // Each bomb filled 32 MiB; three of them kept would be 96 MiB.
+    assert!(
+        after < before + (24 << 20),
+        "RSS grew from {before} to {after}"
+    );
+    assert_eq!(host.get("/fn/trap/").await.text(), "ok\n");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runaway_recursion_is_a_500() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host_with(dir.path(), &[("probe", "probe")]).await;
+    let reply = host.get("/fn/probe/recurse").await;
+    assert_eq!(
+        reply.status,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "{}",
+        reply.text()
+    );
+    assert_eq!(reply.code(), "trap");
+    assert!(reply.text().contains("stack"), "{}", reply.text());
+    assert_eq!(host.get("/fn/probe/").await.status, StatusCode::OK);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_and_response_bodies_are_bounded() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(
+        dir.path(),
+        "echo",
+        "[limits]\nrequest_body = \"1KiB\"\nresponse_body = \"2KiB\"\n",
+    );
+    let host = host_with(dir.path(), &[("echo", "echo")]).await;
+    let url = format!("{}/fn/echo", host.url);
+
+    let fits = send(Method::POST, &url, &[], vec![b'a'; 512]).await;
+    assert_eq!(fits.status, StatusCode::OK);
+
+    // Declared too large: refused before the guest runs.
+    let declared = send(Method::POST, &url, &[], vec![b'a'; 2048]).await;
+    assert_eq!(declared.status, StatusCode::PAYLOAD_TOO_LARGE);
+    assert_eq!(declared.code(), "too_large");
+
+    // Streamed without a length: cut while streaming.
+    let chunks: Vec<Result<http_body::Frame<Bytes>, Infallible>> = (0..4)
+        .map(|_| Ok(http_body::Frame::data(Bytes::from(vec![b'b'; 600]))))
+        .collect();
+    let body = http_body_util::StreamBody::new(futures::stream::iter(chunks));
+    let request = http::Request::post(&url).body(body).unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let response = client.request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+
+    // The echo of a 1000-byte body is over 2 KiB of JSON: cut off, so the
+    // client cannot take it for a whole response.
+    let big_echo = http::Request::post(&url)
+        .header("x-pad", "p".repeat(1500))
+        .body(Full::new(Bytes::from(vec![b'c'; 1000])))
+        .unwrap();
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http::<Full<Bytes>>();
+    // Cut before the head went out, the request fails; after, the body does.
+    if let Ok(response) = client.request(big_echo).await {
+        let read = http_body_util::BodyExt::collect(response.into_body()).await;
+        assert!(
+            read.is_err(),
+            "a response over the limit must not arrive whole"
+        );
+    }
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_concurrency_and_queue_requests_get_503_with_retry_after() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(
+        dir.path(),
+        "probe",
+        "[limits]\nconcurrency = 2\nqueue = 0\n",
+    );
+    let host = host_with(dir.path(), &[("probe", "probe")]).await;
+    let url = format!("{}/fn/probe/sleep?ms=1500", host.url);
+    let slow =
+        |url: String| tokio::spawn(async move { send(Method::GET, &url, &[], Vec::new()).await });
+    let first = slow(url.clone());
+    let second = slow(url.clone());
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    let third = send(Method::GET, &url, &[], Vec::new()).await;
+    assert_eq!(
+        third.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        third.text()
+    );
+    assert_eq!(third.code(), "busy");
+    assert_eq!(third.headers["retry-after"], "1");
+    assert_eq!(first.await.unwrap().status, StatusCode::OK);
+    assert_eq!(second.await.unwrap().status, StatusCode::OK);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_request_waits_for_a_slot() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(
+        dir.path(),
+        "probe",
+        "[limits]\nconcurrency = 1\nqueue = 1\n",
+    );
+    let host = host_with(dir.path(), &[("probe", "probe")]).await;
+    let url = format!("{}/fn/probe/sleep?ms=500", host.url);
+    let first = {
+        let url = url.clone();
+        tokio::spawn(async move { send(Method::GET, &url, &[], Vec::new()).await })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let second = send(Method::GET, &url, &[], Vec::new()).await;
+    assert_eq!(second.status, StatusCode::OK);
+    assert_eq!(first.await.unwrap().status, StatusCode::OK);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_vars_are_visible_only_when_granted() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "granted", "[env]\nGREETING = \"hello\"\n");
+    let host = host_with(dir.path(), &[("granted", "probe"), ("plain", "probe")]).await;
+    assert_eq!(
+        host.get("/fn/granted/env?name=GREETING").await.text(),
+        "hello"
+    );
+    let all = host.get("/fn/granted/env-all").await.json();
+    assert_eq!(all, serde_json::json!([["GREETING", "hello"]]));
+    let plain = host.get("/fn/plain/env?name=GREETING").await;
+    assert_eq!(plain.status, StatusCode::NOT_FOUND);
+    // Nothing of the host's own environment leaks in.
+    assert!(std::env::var("PATH").is_ok());
+    assert_eq!(
+        host.get("/fn/plain/env-all").await.json(),
+        serde_json::json!([])
+    );
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preopened_files_are_read_only_and_cannot_be_escaped() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("shared/hello");
+    std::fs::create_dir_all(&data).unwrap();
+    std::fs::write(data.join("greeting.txt"), "hi from a file").unwrap();
+    std::fs::write(dir.path().join("shared/secret.txt"), "not for guests").unwrap();
+    write_policy(
+        dir.path(),
+        "probe",
+        "[files]\n\"/data\" = \"shared/hello\"\n",
+    );
+    let host = host_with(dir.path(), &[("probe", "probe"), ("other", "probe")]).await;
+
+    assert_eq!(
+        host.get("/fn/probe/read?path=/data/greeting.txt")
+            .await
+            .text(),
+        "hi from a file"
+    );
+    assert_eq!(
+        host.get("/fn/probe/list?path=/data").await.json(),
+        serde_json::json!(["greeting.txt"])
+    );
+    for attempt in [
+        "/fn/probe/write?path=/data/greeting.txt",
+        "/fn/probe/truncate?path=/data/greeting.txt",
+        "/fn/probe/create?path=/data/new.txt",
+        "/fn/probe/read?path=/data/../secret.txt",
+        "/fn/probe/read?path=/data/../../shared/secret.txt",
+        "/fn/probe/read?path=/etc/passwd",
+    ] {
+        let reply = host.get(attempt).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::FORBIDDEN,
+            "{attempt}: {}",
+            reply.text()
+        );
+    }
+    assert_eq!(
+        std::fs::read_to_string(data.join("greeting.txt")).unwrap(),
+        "hi from a file"
+    );
+    assert!(!data.join("new.txt").exists());
+    // A function without the grant sees no files at all.
+    let other = host.get("/fn/other/read?path=/data/greeting.txt").await;
+    assert_eq!(other.status, StatusCode::FORBIDDEN);
+    host.stop().await;
+}
+
+/// A loopback HTTP server that records the `Host` header of each request.
+async fn recording_server() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let record = seen.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((stream, _)) = listener.accept().await else {
+                return;
+            };
+            let record = record.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let host = req
+                            .headers()
+                            .get("host")
+                            .map(|h| h.to_str().unwrap_or("?").to_string())
+                            .unwrap_or_default();
+                        record.lock().unwrap().push(host);
+                        async move {
+                            Ok::<_, Infallible>(hyper::Response::new(Full::new(
+                                Bytes::from_static(b"upstream says hi"),
+                            )))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_requests_reach_only_allowed_hosts() {
+    let (allowed, allowed_seen) = recording_server().await;
+    let (denied, denied_seen) = recording_server().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(
+        dir.path(),
+        "probe",
+        &format!(
+            "[outbound]\nallow = [\"http://127.0.0.1:{}\"]\n",
+            allowed.port()
+        ),
+    );
+    let host = host_with(dir.path(), &[("probe", "probe")]).await;
+
+    let ok = host
+        .get(&format!("/fn/probe/fetch?url=http://{allowed}/x"))
+        .await;
+    assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+    assert_eq!(
+        ok.json(),
+        serde_json::json!({"status": 200, "body": "upstream says hi"})
+    );
+
+    let refused = host
+        .get(&format!("/fn/probe/fetch?url=http://{denied}/x"))
+        .await;
+    assert_eq!(
+        refused.status,
+        StatusCode::BAD_GATEWAY,
+        "{}",
+        refused.text()
+    );
+    assert!(
+        refused.text().contains("HttpRequestDenied"),
+        "{}",
+        refused.text()
+    );
+    // Same host, other scheme: denied too.
+    let https = host
+        .get(&format!("/fn/probe/fetch?url=https://{allowed}/x"))
+        .await;
+    assert_eq!(https.status, StatusCode::BAD_GATEWAY);
+
+    // A forged Host header cannot send the request elsewhere (CVE-2024-32980).
+    let forged = host
+        .get(&format!(
+            "/fn/probe/fetch?url=http://{allowed}/y&host={denied}"
+        ))
+        .await;
+    // The host refuses the header itself (wasi:http's `forbidden`), so the
+    // request is never sent.
+    assert_eq!(forged.status, StatusCode::BAD_REQUEST, "{}", forged.text());
+    assert!(forged.text().contains("Forbidden"), "{}", forged.text());
+    assert_eq!(*allowed_seen.lock().unwrap(), vec![allowed.to_string()]);
+    assert!(
+        denied_seen.lock().unwrap().is_empty(),
+        "the denied server was reached"
+    );
+    assert_eq!(host.metric("lichen_outbound_denied_total").await, 2.0);
+
+    // Without a policy, nothing is allowed.
+    host.deploy("closed", component("probe")).await;
+    let closed = host
+        .get(&format!("/fn/closed/fetch?url=http://{allowed}/x"))
+        .await;
+    assert_eq!(closed.status, StatusCode::BAD_GATEWAY);
+    host.stop().await;
+}
+
+/// Polls the admin API until `check` holds for the function's policy view.
+async fn wait_for_policy(
+    host: &TestHost,
+    name: &str,
+    check: impl Fn(&serde_json::Value) -> bool,
+) -> Duration {
+    let started = Instant::now();
+    loop {
+        let view = host
+            .admin(
+                Method::GET,
+                &format!("/v1/functions/{name}/policy"),
+                Vec::new(),
+            )
+            .await
+            .json();
+        if check(&view) {
+            return started.elapsed();
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "policy never matched: {view}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn policies_reload_live_and_a_broken_edit_keeps_the_last_good_one() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "probe", "[limits]\ntimeout = \"1s\"\n");
+    let host = host_with(dir.path(), &[("probe", "probe")]).await;
+    let slow = "/fn/probe/sleep?ms=1500";
+    assert_eq!(host.get(slow).await.status, StatusCode::GATEWAY_TIMEOUT);
+
+    // Raised by editing the file: in force within a second.
+    write_policy(dir.path(), "probe", "[limits]\ntimeout = \"5s\"\n");
+    let took = wait_for_policy(&host, "probe", |v| {
+        v["in_force"]["limits"]["timeout"] == "5s"
+    })
+    .await;
+    assert!(took < Duration::from_secs(1), "reload took {took:?}");
+    assert_eq!(host.get(slow).await.status, StatusCode::OK);
+
+    // A broken edit: logged, visible, and the last good policy stays.
+    write_policy(
+        dir.path(),
+        "probe",
+        "[limits]\ntimeout = \"five seconds\"\n",
+    );
+    wait_for_policy(&host, "probe", |v| v["error"].is_string()).await;
+    let view = host
+        .admin(Method::GET, "/v1/functions/probe", Vec::new())
+        .await
+        .json();
+    assert_eq!(view["policy"]["in_force"]["limits"]["timeout"], "5s");
+    let error = view["policy"]["error"].as_str().unwrap();
+    assert!(
+        error.contains("probe.toml") && error.contains("timeout"),
+        "{error}"
+    );
+    assert_eq!(host.get(slow).await.status, StatusCode::OK);
+    assert!(host.metric("lichen_policy_reload_errors_total").await >= 1.0);
+
+    // Fixed again: the error clears.
+    write_policy(dir.path(), "probe", "[limits]\ntimeout = \"1s\"\n");
+    wait_for_policy(&host, "probe", |v| {
+        v["error"].is_null() && v["in_force"]["limits"]["timeout"] == "1s"
+    })
+    .await;
+
+    // Deleted: the defaults apply.
+    std::fs::remove_file(dir.path().join("policies/probe.toml")).unwrap();
+    wait_for_policy(&host, "probe", |v| {
+        v["in_force"]["limits"]["timeout"] == "10s"
+    })
+    .await;
+    assert_eq!(host.get(slow).await.status, StatusCode::OK);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn in_flight_invocations_keep_the_policy_they_started_with() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "probe", "[limits]\ntimeout = \"5s\"\n");
+    let host = host_with(dir.path(), &[("probe", "probe")]).await;
+    let url = format!("{}/fn/probe/sleep?ms=1500", host.url);
+    let running = tokio::spawn(async move { send(Method::GET, &url, &[], Vec::new()).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    write_policy(dir.path(), "probe", "[limits]\ntimeout = \"1s\"\n");
+    wait_for_policy(&host, "probe", |v| {
+        v["in_force"]["limits"]["timeout"] == "1s"
+    })
+    .await;
+    assert_eq!(running.await.unwrap().status, StatusCode::OK);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_whose_policy_never_loaded_does_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "probe", "[limits]\nmemory = \"lots\"\n");
+    let host = host_with(dir.path(), &[("probe", "probe")]).await;
+    let reply = host.get("/fn/probe/").await;
+    assert_eq!(reply.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(reply.code(), "policy_invalid");
+    assert!(reply.text().contains("probe.toml"), "{}", reply.text());
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_admin_api_writes_policy_files() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host_with(dir.path(), &[("probe", "probe")]).await;
+    let text = "[env]\nMODE = \"api\"\n";
+    let put = host
+        .admin(
+            Method::PUT,
+            "/v1/functions/probe/policy",
+            text.as_bytes().to_vec(),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.text());
+    let file = dir.path().join("policies/probe.toml");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+    assert_eq!(host.get("/fn/probe/env?name=MODE").await.text(), "api");
+
+    let bad = host
+        .admin(
+            Method::PUT,
+            "/v1/functions/probe/policy",
+            b"[limits]\nspeed = 1\n".to_vec(),
+        )
+        .await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert_eq!(bad.code(), "invalid_policy");
+    assert!(bad.text().contains("speed"), "{}", bad.text());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), text);
+    assert_eq!(host.get("/fn/probe/env?name=MODE").await.text(), "api");
+
+    let unauthorized = send(
+        Method::PUT,
+        &format!("{}/v1/functions/probe/policy", host.url),
+        &[],
+        b"".to_vec(),
+    )
+    .await;
+    assert_eq!(unauthorized.status, StatusCode::UNAUTHORIZED);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_function_needs_a_token() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(
+        dir.path(),
+        "secret",
+        "[access]\npublic = false\ntokens = [\"fn-token\"]\n",
+    );
+    let host = host_with(dir.path(), &[("secret", "echo")]).await;
+    let url = format!("{}/fn/secret", host.url);
+    let none = send(Method::GET, &url, &[], Vec::new()).await;
+    assert_eq!(none.status, StatusCode::UNAUTHORIZED);
+    let wrong = send(
+        Method::GET,
+        &url,
+        &[("authorization", "Bearer nope")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(wrong.status, StatusCode::FORBIDDEN);
+    let with_fn_token = send(
+        Method::GET,
+        &url,
+        &[("authorization", "Bearer fn-token")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(with_fn_token.status, StatusCode::OK);
+    // The token is for the host; the guest never sees it.
+    let headers = with_fn_token.json()["headers"].to_string();
+    assert!(!headers.contains("fn-token"), "{headers}");
+    let with_admin = send(
+        Method::GET,
+        &url,
+        &[("authorization", "Bearer test-token")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(with_admin.status, StatusCode::OK);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_heads_get_431() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host_with(dir.path(), &[("hello", "hello")]).await;
+    let url = format!("{}/fn/hello", host.url);
+    let names: Vec<String> = (0..150).map(|i| format!("x-h{i}")).collect();
+    let many: Vec<(&str, &str)> = names.iter().map(|n| (n.as_str(), "v")).collect();
+    assert_eq!(
+        send(Method::GET, &url, &many, Vec::new()).await.status,
+        StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+    );
+    let huge = "v".repeat(80 * 1024);
+    let reply = raw_request(
+        &host,
+        &format!("GET /fn/hello HTTP/1.1\r\nhost: x\r\nx-big: {huge}\r\n\r\n"),
+    )
+    .await;
+    assert!(
+        reply.starts_with("HTTP/1.1 431"),
+        "{}",
+        &reply[..reply.len().min(200)]
+    );
+    assert_eq!(host.get("/fn/hello").await.status, StatusCode::OK);
+    host.stop().await;
+}
+
+/// Sends raw bytes and reads until the server closes or 5 s pass.
+async fn raw_request(host: &TestHost, request: &str) -> String {
+    let addr = host.url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let _ = stream.write_all(request.as_bytes()).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_clients_are_cut_off_and_connections_are_capped() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.header_read_timeout = Duration::from_millis(500);
+    config.max_connections = 2;
+    let host = TestHost::start(config).await;
+    let addr = host.url.trim_start_matches("http://").to_string();
+
+    // A slowloris client sends half a head and stalls: it is disconnected.
+    let mut slow = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    let mut buf = Vec::new();
+    let started = Instant::now();
+    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the stalled connection was not closed");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // Two idle connections take both slots; a third is refused with 503.
+    let _a = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    let _b = tokio::net::TcpStream::connect(&addr).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let reply = raw_request(&host, "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
+    assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
+    assert!(
+        reply.to_ascii_lowercase().contains("retry-after: 1"),
+        "{reply}"
+    );
+    drop((_a, _b));
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let ok: Reply = host.get("/healthz").await;
+    assert_eq!(ok.status, StatusCode::OK);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_host_caps_invocations_in_flight() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.max_in_flight = 1;
+    let host = TestHost::start(config).await;
+    for name in ["a", "b"] {
+        host.deploy(name, component("probe")).await;
+    }
+    let url = format!("{}/fn/a/sleep?ms=1000", host.url);
+    let first = tokio::spawn(async move { send(Method::GET, &url, &[], Vec::new()).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let other = host.get("/fn/b/").await;
+    assert_eq!(other.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(other.headers["retry-after"], "1");
+    assert_eq!(first.await.unwrap().status, StatusCode::OK);
+    host.stop().await;
+}
+
+/// `tests/ui/invalid/*.toml`, each beside the message it must produce
+/// (`*.stderr`). `BLESS=1` rewrites the expected messages.
+#[test]
+fn invalid_policy_files_give_the_expected_messages() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/ui/invalid");
+    let mut checked = 0;
+    let mut entries: Vec<_> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    entries.sort();
+    for path in entries {
+        if path.extension().and_then(|e| e.to_str()) != Some("toml") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        let file = path.file_name().unwrap().to_str().unwrap();
+        let error = lichen::policy::Policy::parse(&text, file, &dir)
+            .expect_err(&format!("{file} should be invalid"));
+        let expected_path = path.with_extension("stderr");
+        // Resolved paths differ between checkouts.
+        let actual = format!("{error}\n").replace(dir.to_str().unwrap(), "$DIR");
+        if std::env::var_os("BLESS").is_some() {
+            std::fs::write(&expected_path, &actual).unwrap();
+        }
+        let expected = std::fs::read_to_string(&expected_path).unwrap_or_else(|_| {
+            panic!("{} is missing (run with BLESS=1)", expected_path.display())
+        });
+        assert_eq!(actual, expected, "{file}");
+        checked += 1;
+    }
+    assert!(checked >= 8, "only {checked} golden files");
+}
