@@ -22,7 +22,9 @@ use crate::error::{ApiError, Body, full_body};
 use crate::metrics::Metrics;
 use crate::names::FunctionName;
 use crate::policy::{Policy, PolicyTable, WriteError};
-use crate::sandbox::{CappedResponseBody, GuardedRequestBody, Invocation, drain_in_background};
+use crate::sandbox::{
+    CappedResponseBody, GuardedRequestBody, Invocation, InvocationStats, drain_in_background,
+};
 use crate::scheduler::{RETRY_AFTER_SECS, Refusal, Scheduler};
 use crate::store::{FunctionRecord, ModuleStore, VersionInfo, sha256_hex};
 
@@ -38,6 +40,8 @@ pub struct ApiLimits {
     pub max_upload: u64,
     /// Longest pause between two chunks of a request body.
     pub body_idle_timeout: Duration,
+    /// Whether `GET /metrics` needs the admin token.
+    pub metrics_require_token: bool,
 }
 
 /// Everything a request handler needs; one per host.
@@ -175,11 +179,22 @@ impl AppState {
         table.get(&name).cloned()
     }
 
-    pub fn function_count(&self) -> usize {
-        self.functions
-            .read()
-            .unwrap_or_else(|e| e.into_inner())
-            .len()
+    /// Sets the gauges that mirror state, just before a scrape.
+    fn refresh_gauges(&self) {
+        let table = self.functions.read().unwrap_or_else(|e| e.into_inner());
+        self.metrics.functions.set(table.len() as i64);
+        for name in table.keys() {
+            let (in_flight, queued) = self.scheduler.load(name.as_str());
+            let name = name.as_str();
+            self.metrics
+                .inflight
+                .with_label_values(&[name])
+                .set(i64::from(in_flight));
+            self.metrics
+                .queued
+                .with_label_values(&[name])
+                .set(i64::from(queued));
+        }
     }
 }
 
@@ -253,6 +268,10 @@ async fn route(
         (&Method::GET, ["healthz"]) => Ok(text(StatusCode::OK, "ok\n")),
         (&Method::GET, ["readyz"]) => Ok(text(StatusCode::OK, "ready\n")),
         (&Method::GET, ["metrics"]) => {
+            if state.limits.metrics_require_token {
+                authorize(state, &req)?;
+            }
+            state.refresh_gauges();
             let (content_type, body) = state.metrics.render()?;
             let mut response = Response::new(full_body(body));
             if let Ok(value) = HeaderValue::from_str(&content_type) {
@@ -510,6 +529,7 @@ async fn delete(state: &Arc<AppState>, name: &FunctionName) -> Result<Response<B
     state.store.remove_record(name)?;
     state.remove(name);
     state.scheduler.remove(name.as_str());
+    state.metrics.forget_function(name.as_str());
     if let Err(error) = state.store.collect_garbage() {
         tracing::warn!(error = format!("{error:#}"), "collecting unused modules");
     }
@@ -581,30 +601,59 @@ async fn invoke(
         Some((name, rest)) => (name, rest),
         None => (after_prefix, ""),
     };
-    let function = state
-        .lookup(name)
-        .ok_or_else(|| ApiError::not_found(format!("no function named {name:?}")))?;
-    let policy = state.policies.get(&function.name).map_err(|error| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "policy_invalid",
-            format!("{} has no valid policy: {error}", function.name),
-        )
-    })?;
+    let Some(function) = state.lookup(name) else {
+        state.metrics.unknown_function.inc();
+        return Err(ApiError::not_found(format!("no function named {name:?}")));
+    };
+    let policy = match state.policies.get(&function.name) {
+        Ok(policy) => policy,
+        Err(error) => {
+            let name = function.name.as_str();
+            state
+                .metrics
+                .record_invocation(name, Outcome::Rejected, Duration::ZERO, None, 0);
+            return Err(ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "policy_invalid",
+                format!("{name} has no valid policy: {error}"),
+            ));
+        }
+    };
     let method = req.method().clone();
     let started = Instant::now();
-    let (result, outcome) = admit_and_run(state, &function, policy, req, rest, request_id).await;
+    let stats = Arc::new(InvocationStats::default());
+    let (result, outcome) = admit_and_run(
+        state,
+        &function,
+        policy,
+        req,
+        rest,
+        request_id,
+        Arc::clone(&stats),
+    )
+    .await;
+    let duration = started.elapsed();
     let status = match &result {
         Ok(response) => response.status(),
         Err(error) => error.status,
     };
+    let instantiate_ns = stats
+        .instantiate_ns
+        .load(std::sync::atomic::Ordering::Relaxed);
+    state.metrics.record_invocation(
+        function.name.as_str(),
+        outcome,
+        duration,
+        (instantiate_ns > 0).then(|| Duration::from_nanos(instantiate_ns)),
+        stats.memory_peak.load(std::sync::atomic::Ordering::Relaxed),
+    );
     tracing::info!(
         request_id,
         function = %function.name,
         version = function.version.version,
         %method,
         status = status.as_u16(),
-        duration_us = started.elapsed().as_micros() as u64,
+        duration_us = duration.as_micros() as u64,
         outcome = outcome.as_str(),
         "invocation"
     );
@@ -620,6 +669,7 @@ async fn admit_and_run(
     mut req: hyper::Request<Incoming>,
     rest: &str,
     request_id: &str,
+    stats: Arc<InvocationStats>,
 ) -> (Result<Response<Body>, ApiError>, Outcome) {
     let refused = |error: ApiError| (Err(error), Outcome::Rejected);
     if !policy.public {
@@ -701,6 +751,7 @@ async fn admit_and_run(
                 .with_label_values(&[function.name.as_str()]);
             Arc::new(move || denied.inc())
         },
+        stats,
     };
     let (result, outcome) = state.runtime.invoke(function, request, &invocation).await;
     if exceeded.load(std::sync::atomic::Ordering::Relaxed) {
@@ -731,8 +782,13 @@ async fn admit_and_run(
     }
     let name = function.name.clone();
     let limit = policy.response_body;
+    let cut = state
+        .metrics
+        .responses_cut
+        .with_label_values(&[function.name.as_str()]);
     let response = response.map(move |body| {
         let on_cut = Box::new(move || {
+            cut.inc();
             tracing::warn!(function = %name, limit, "response body cut off at the policy limit");
         });
         CappedResponseBody::new(body, limit, on_cut).boxed_unsync()
@@ -759,17 +815,4 @@ fn json<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Result<Response
         HeaderValue::from_static("application/json"),
     );
     Ok(response)
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Ok => "ok",
-            Outcome::GuestError => "guest_error",
-            Outcome::Trap => "trap",
-            Outcome::Timeout => "timeout",
-            Outcome::Rejected => "rejected",
-            Outcome::Denied => "denied",
-        }
-    }
 }

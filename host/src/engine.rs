@@ -19,6 +19,8 @@
 //!   feature is for tests), never precompiled code, which is only ever read
 //!   back from the host's own cache.
 
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -125,6 +127,20 @@ pub enum Outcome {
     Rejected,
     /// Refused for access: missing or wrong token.
     Denied,
+}
+
+impl Outcome {
+    /// The `outcome` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Ok => "ok",
+            Outcome::GuestError => "guest_error",
+            Outcome::Trap => "trap",
+            Outcome::Timeout => "timeout",
+            Outcome::Rejected => "rejected",
+            Outcome::Denied => "denied",
+        }
+    }
 }
 
 /// The host's wasmtime engine and the linker every function is checked
@@ -268,11 +284,17 @@ impl Runtime {
         };
 
         let pre = function.pre.clone();
+        let stats = Arc::clone(&invocation.stats);
         // The guest may keep writing the body after it has sent the response
         // head, so it runs in a task of its own; the deadline covers all of it.
         let task = tokio::spawn(async move {
             tokio::time::timeout(deadline, async move {
+                let instantiating = Instant::now();
                 let proxy = pre.instantiate_async(&mut store).await?;
+                let nanos = instantiating.elapsed().as_nanos();
+                stats
+                    .instantiate_ns
+                    .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
                 proxy
                     .wasi_http_incoming_handler()
                     .call_handle(&mut store, req, out)

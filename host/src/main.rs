@@ -61,6 +61,9 @@ struct ServeArgs {
     /// Largest component upload, in bytes.
     #[arg(long, default_value_t = server::DEFAULT_MAX_UPLOAD)]
     max_upload_bytes: u64,
+    /// Require the admin token for GET /metrics.
+    #[arg(long)]
+    metrics_require_token: bool,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
 }
@@ -136,6 +139,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.policies_dir = args.policies;
     config.admin_token = args.admin_token;
     config.max_upload = args.max_upload_bytes;
+    config.metrics_require_token = args.metrics_require_token;
     let server = Server::bind(config).await?;
     server.run(server::shutdown_signal()).await
 }

@@ -1,27 +1,128 @@
 //! Prometheus metrics, from a registry the host owns (not the crate's global
-//! one, so several hosts in one process, as in tests, never mix their figures).
+//! one, so several hosts in one process, as in tests, never mix figures).
+//!
+//! Names follow Prometheus conventions: the `lichen_` prefix, base units
+//! (seconds, bytes), `_total` for counters. Label values are bounded: the
+//! only free-form label is `function`, and it only ever holds names of
+//! deployed functions (a request for an unknown one is counted without a
+//! label), and a deleted function's series are removed. Gauges that mirror
+//! state (in flight, queued, function count) are set when scraped, so the
+//! invocation path does not pay for them.
+
+use std::time::Duration;
 
 use anyhow::Result;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, Opts, Registry, TextEncoder,
+    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
 };
+
+use crate::engine::Outcome;
+
+/// Buckets from 50 µs (an instantiate + call of a tiny function) to 30 s
+/// (a long deadline).
+const LATENCY_BUCKETS: &[f64] = &[
+    0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0,
+    2.5, 5.0, 10.0, 30.0,
+];
+
+/// Every outcome label value, so a deleted function's series can all go.
+const OUTCOMES: &[Outcome] = &[
+    Outcome::Ok,
+    Outcome::GuestError,
+    Outcome::Trap,
+    Outcome::Timeout,
+    Outcome::Rejected,
+    Outcome::Denied,
+];
 
 pub struct Metrics {
     registry: Registry,
+    pub invocations: IntCounterVec,
+    pub invocation_duration: HistogramVec,
+    pub instantiate_duration: HistogramVec,
+    pub inflight: IntGaugeVec,
+    pub queued: IntGaugeVec,
+    pub memory_peak: IntGaugeVec,
+    /// Outbound requests a policy denied, per function.
+    pub outbound_denied: IntCounterVec,
+    /// Responses cut off at the policy's `response_body` limit, per function.
+    pub responses_cut: IntCounterVec,
+    /// Invocations of functions that do not exist (no label: unbounded names).
+    pub unknown_function: IntCounter,
     /// Compilations from WebAssembly to machine code, with their durations.
     pub compile_duration: Histogram,
     /// Functions whose compiled code came from the cache instead.
     pub cache_loads: IntCounter,
     pub deploys: IntCounterVec,
+    pub functions: IntGauge,
     /// Policy files that failed to load (the last good one stayed).
     pub policy_reload_errors: IntCounter,
-    /// Outbound requests a policy denied, per function.
-    pub outbound_denied: IntCounterVec,
 }
 
 impl Metrics {
     pub fn new() -> Result<Self> {
         let registry = Registry::new();
+        let function = &["function"];
+        let invocations = IntCounterVec::new(
+            Opts::new(
+                "lichen_invocations_total",
+                "Invocations by function and outcome (ok, guest_error, trap, timeout, rejected, denied).",
+            ),
+            &["function", "outcome"],
+        )?;
+        let invocation_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "lichen_invocation_duration_seconds",
+                "Time from the request to the response head (queueing included), per function.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            function,
+        )?;
+        let instantiate_duration = HistogramVec::new(
+            HistogramOpts::new(
+                "lichen_instantiate_duration_seconds",
+                "Time to create a fresh instance, per function.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            function,
+        )?;
+        let inflight = IntGaugeVec::new(
+            Opts::new("lichen_inflight", "Invocations running now, per function."),
+            function,
+        )?;
+        let queued = IntGaugeVec::new(
+            Opts::new(
+                "lichen_queued",
+                "Invocations waiting for a slot, per function.",
+            ),
+            function,
+        )?;
+        let memory_peak = IntGaugeVec::new(
+            Opts::new(
+                "lichen_memory_peak_bytes",
+                "Largest linear memory an instance of the function has reached.",
+            ),
+            function,
+        )?;
+        let outbound_denied = IntCounterVec::new(
+            Opts::new(
+                "lichen_outbound_denied_total",
+                "Outbound HTTP requests denied by the function's policy.",
+            ),
+            function,
+        )?;
+        let responses_cut = IntCounterVec::new(
+            Opts::new(
+                "lichen_responses_cut_total",
+                "Responses cut off at the function's response body limit.",
+            ),
+            function,
+        )?;
+        let unknown_function = IntCounter::with_opts(Opts::new(
+            "lichen_unknown_function_requests_total",
+            "Invocations of functions that are not deployed.",
+        ))?;
         let compile_duration = Histogram::with_opts(
             HistogramOpts::new(
                 "lichen_compile_duration_seconds",
@@ -34,33 +135,106 @@ impl Metrics {
             "Functions loaded from the compiled-code cache without compiling.",
         ))?;
         let deploys = IntCounterVec::new(
-            Opts::new("lichen_deploys_total", "Uploads by outcome."),
+            Opts::new(
+                "lichen_deploys_total",
+                "Uploads by outcome (ok, rejected, failed).",
+            ),
             &["outcome"],
         )?;
+        let functions = IntGauge::with_opts(Opts::new(
+            "lichen_functions",
+            "Functions deployed and loaded.",
+        ))?;
         let policy_reload_errors = IntCounter::with_opts(Opts::new(
             "lichen_policy_reload_errors_total",
             "Policy files that failed to parse or validate.",
         ))?;
-        registry.register(Box::new(policy_reload_errors.clone()))?;
-        let outbound_denied = IntCounterVec::new(
-            Opts::new(
-                "lichen_outbound_denied_total",
-                "Outbound HTTP requests denied by the function's policy.",
-            ),
-            &["function"],
+        let build_info = IntGauge::with_opts(
+            Opts::new("lichen_build_info", "Always 1; the labels say which build.")
+                .const_label("version", env!("CARGO_PKG_VERSION")),
         )?;
+        build_info.set(1);
+
+        registry.register(Box::new(invocations.clone()))?;
+        registry.register(Box::new(invocation_duration.clone()))?;
+        registry.register(Box::new(instantiate_duration.clone()))?;
+        registry.register(Box::new(inflight.clone()))?;
+        registry.register(Box::new(queued.clone()))?;
+        registry.register(Box::new(memory_peak.clone()))?;
         registry.register(Box::new(outbound_denied.clone()))?;
+        registry.register(Box::new(responses_cut.clone()))?;
+        registry.register(Box::new(unknown_function.clone()))?;
         registry.register(Box::new(compile_duration.clone()))?;
         registry.register(Box::new(cache_loads.clone()))?;
         registry.register(Box::new(deploys.clone()))?;
+        registry.register(Box::new(functions.clone()))?;
+        registry.register(Box::new(policy_reload_errors.clone()))?;
+        registry.register(Box::new(build_info))?;
+        registry.register(Box::new(
+            prometheus::process_collector::ProcessCollector::for_self(),
+        ))?;
         Ok(Metrics {
             registry,
+            invocations,
+            invocation_duration,
+            instantiate_duration,
+            inflight,
+            queued,
+            memory_peak,
+            outbound_denied,
+            responses_cut,
+            unknown_function,
             compile_duration,
             cache_loads,
             deploys,
+            functions,
             policy_reload_errors,
-            outbound_denied,
         })
+    }
+
+    /// Records one finished invocation of a deployed function.
+    pub fn record_invocation(
+        &self,
+        function: &str,
+        outcome: Outcome,
+        duration: Duration,
+        instantiate: Option<Duration>,
+        memory_peak: usize,
+    ) {
+        self.invocations
+            .with_label_values(&[function, outcome.as_str()])
+            .inc();
+        self.invocation_duration
+            .with_label_values(&[function])
+            .observe(duration.as_secs_f64());
+        if let Some(instantiate) = instantiate {
+            self.instantiate_duration
+                .with_label_values(&[function])
+                .observe(instantiate.as_secs_f64());
+        }
+        if memory_peak > 0 {
+            let gauge = self.memory_peak.with_label_values(&[function]);
+            let peak = i64::try_from(memory_peak).unwrap_or(i64::MAX);
+            if peak > gauge.get() {
+                gauge.set(peak);
+            }
+        }
+    }
+
+    /// Drops every series of a deleted function.
+    pub fn forget_function(&self, function: &str) {
+        for outcome in OUTCOMES {
+            let _ = self
+                .invocations
+                .remove_label_values(&[function, outcome.as_str()]);
+        }
+        let _ = self.invocation_duration.remove_label_values(&[function]);
+        let _ = self.instantiate_duration.remove_label_values(&[function]);
+        let _ = self.inflight.remove_label_values(&[function]);
+        let _ = self.queued.remove_label_values(&[function]);
+        let _ = self.memory_peak.remove_label_values(&[function]);
+        let _ = self.outbound_denied.remove_label_values(&[function]);
+        let _ = self.responses_cut.remove_label_values(&[function]);
     }
 
     /// The exposition text (format 0.0.4).

@@ -23,7 +23,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -31,8 +31,8 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::AsyncWrite;
+use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
-use wasmtime::{StoreLimits, StoreLimitsBuilder};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{
@@ -67,6 +67,17 @@ pub struct Invocation {
     pub policy: Arc<Policy>,
     /// Called once per outbound request the policy denied.
     pub on_denied: Arc<dyn Fn() + Send + Sync>,
+    /// Filled in while it runs, read for metrics.
+    pub stats: Arc<InvocationStats>,
+}
+
+/// Figures of one invocation, written from inside the sandbox.
+#[derive(Debug, Default)]
+pub struct InvocationStats {
+    /// Time to instantiate, in nanoseconds (0 if it never got that far).
+    pub instantiate_ns: AtomicU64,
+    /// Largest total linear memory the instance reached, in bytes.
+    pub memory_peak: AtomicUsize,
 }
 
 /// What a `Store` holds for one invocation.
@@ -74,8 +85,59 @@ pub struct HostState {
     wasi: WasiCtx,
     http: WasiHttpCtx,
     table: ResourceTable,
-    pub limits: StoreLimits,
+    pub limits: Limiter,
     hooks: OutboundGuard,
+}
+
+/// Bounds memory (all of an instance's memories together), tables and
+/// instance counts, and records the memory high-water mark. Growth past the
+/// limit fails in the guest (`memory.grow` returns -1), which a guest
+/// usually turns into a trap.
+pub struct Limiter {
+    memory_limit: usize,
+    memory_total: usize,
+    stats: Arc<InvocationStats>,
+}
+
+impl ResourceLimiter for Limiter {
+    fn memory_growing(
+        &mut self,
+        current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        let total = self
+            .memory_total
+            .saturating_sub(current)
+            .saturating_add(desired);
+        if total > self.memory_limit {
+            return Ok(false);
+        }
+        self.memory_total = total;
+        self.stats.memory_peak.fetch_max(total, Ordering::Relaxed);
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= MAX_TABLE_ELEMENTS)
+    }
+
+    fn instances(&self) -> usize {
+        MAX_INSTANCES
+    }
+
+    fn tables(&self) -> usize {
+        MAX_TABLES
+    }
+
+    fn memories(&self) -> usize {
+        MAX_MEMORIES
+    }
 }
 
 impl HostState {
@@ -111,14 +173,11 @@ impl HostState {
             wasi: wasi.build(),
             http,
             table,
-            limits: StoreLimitsBuilder::new()
-                .memory_size(memory)
-                .instances(MAX_INSTANCES)
-                .tables(MAX_TABLES)
-                .memories(MAX_MEMORIES)
-                .table_elements(MAX_TABLE_ELEMENTS)
-                .trap_on_grow_failure(false)
-                .build(),
+            limits: Limiter {
+                memory_limit: memory,
+                memory_total: 0,
+                stats: Arc::clone(&invocation.stats),
+            },
             hooks: OutboundGuard {
                 invocation: invocation.clone(),
             },

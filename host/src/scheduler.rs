@@ -95,6 +95,14 @@ impl Scheduler {
         }
     }
 
+    /// Invocations of `function` running and waiting now.
+    pub fn load(&self, function: &str) -> (u32, u32) {
+        let gates = self.gates.lock().unwrap_or_else(|e| e.into_inner());
+        gates
+            .get(function)
+            .map_or((0, 0), |gate| (gate.in_flight(), gate.queued()))
+    }
+
     /// Forgets a deleted function's gate.
     pub fn remove(&self, function: &str) {
         self.gates

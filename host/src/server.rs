@@ -57,6 +57,8 @@ pub struct ServeConfig {
     /// How long a client may take to send its request head; slower clients
     /// are cut off (slowloris).
     pub header_read_timeout: Duration,
+    /// Whether `GET /metrics` needs the admin token.
+    pub metrics_require_token: bool,
 }
 
 impl ServeConfig {
@@ -73,6 +75,7 @@ impl ServeConfig {
             max_in_flight: 256,
             body_idle_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
+            metrics_require_token: false,
         }
     }
 }
@@ -115,6 +118,7 @@ impl Server {
             ApiLimits {
                 max_upload: config.max_upload,
                 body_idle_timeout: config.body_idle_timeout,
+                metrics_require_token: config.metrics_require_token,
             },
         ));
         let loader = Arc::clone(&state);

@@ -18,11 +18,19 @@ const LICHEN: &str = env!("CARGO_BIN_EXE_lichen");
 
 /// Starts `lichen serve` and returns it with the URL from its log line.
 fn serve(data_dir: &std::path::Path) -> (Child, String, std::thread::JoinHandle<Vec<String>>) {
+    serve_with(data_dir, &[])
+}
+
+fn serve_with(
+    data_dir: &std::path::Path,
+    extra: &[&str],
+) -> (Child, String, std::thread::JoinHandle<Vec<String>>) {
     let mut child = Command::new(LICHEN)
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
         .arg("--policies")
         .arg(data_dir.join("policies"))
+        .args(extra)
         .env_remove("LICHEN_ADMIN_TOKEN")
         .stderr(Stdio::piped())
         .stdout(Stdio::null())
@@ -35,7 +43,11 @@ fn serve(data_dir: &std::path::Path) -> (Child, String, std::thread::JoinHandle<
         let mut lines = Vec::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
             if let Some(at) = line.find("listening on http://") {
-                let _ = tx.send(line[at + "listening on ".len()..].trim().to_string());
+                let url: String = line[at + "listening on ".len()..]
+                    .chars()
+                    .take_while(|c| !c.is_whitespace() && *c != '"')
+                    .collect();
+                let _ = tx.send(url);
             }
             lines.push(line);
         }
@@ -86,6 +98,10 @@ async fn serve_deploy_invoke_list_remove_and_stop() {
     let reply = send(Method::GET, &format!("{url}/fn/greet"), &[], Vec::new()).await;
     assert_eq!(reply.status, StatusCode::OK);
     assert_eq!(reply.text(), "Hello from Lichen!\n");
+    let greet_id = reply.headers["x-lichen-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
 
     let (ok, out, _) = run_client(&["ls"], &url, &data_dir);
     assert!(ok);
@@ -140,6 +156,26 @@ async fn serve_deploy_invoke_list_remove_and_stop() {
     stop(&mut child);
     let lines = log.join().unwrap();
     assert!(lines.iter().any(|l| l.contains("SIGTERM")), "{lines:?}");
+    // One line per invocation, carrying the id the client got.
+    let invocation: Vec<&String> = lines
+        .iter()
+        .filter(|l| l.contains(&format!("request_id=\"{greet_id}\"")))
+        .collect();
+    assert_eq!(invocation.len(), 1, "{lines:#?}");
+    for field in [
+        "invocation",
+        "function=greet",
+        "method=GET",
+        "status=200",
+        "outcome=\"ok\"",
+        "duration_us=",
+    ] {
+        assert!(
+            invocation[0].contains(field),
+            "{field} missing in {}",
+            invocation[0]
+        );
+    }
     for (stream, text) in [
         ("stdout", "a line on stdout"),
         ("stderr", "a line on stderr"),
@@ -206,4 +242,39 @@ fn stop(child: &mut Child) {
         );
         std::thread::sleep(Duration::from_millis(50));
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_carry_the_request_id() {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let (mut child, url, log) = serve_with(&data_dir, &["--log-format", "json"]);
+    let token = std::fs::read_to_string(data_dir.join("admin-token")).unwrap();
+    let auth = format!("Bearer {}", token.trim());
+    let deployed = send(
+        Method::PUT,
+        &format!("{url}/v1/functions/hello"),
+        &[("authorization", &auth)],
+        component("hello"),
+    )
+    .await;
+    assert_eq!(deployed.status, StatusCode::CREATED);
+    let reply = send(Method::GET, &format!("{url}/fn/hello"), &[], Vec::new()).await;
+    let id = reply.headers["x-lichen-request-id"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    stop(&mut child);
+    let lines = log.join().unwrap();
+    let records: Vec<serde_json::Value> = lines
+        .iter()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}")))
+        .collect();
+    let invocation = records
+        .iter()
+        .find(|r| r["fields"]["request_id"] == id.as_str())
+        .unwrap_or_else(|| panic!("no record for {id}: {records:#?}"));
+    assert_eq!(invocation["fields"]["message"], "invocation");
+    assert_eq!(invocation["fields"]["status"], 200);
+    assert_eq!(invocation["fields"]["function"], "hello");
 }
