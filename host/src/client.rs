@@ -121,11 +121,12 @@ pub async fn list(target: &Target) -> Result<String> {
         "NAME", "VERSION", "SIZE", "SHA256"
     );
     for f in value["functions"].as_array().into_iter().flatten() {
+        // serde_json's Display ignores width; format the numbers themselves.
         out.push_str(&format!(
             "{:<24} {:>7} {:>10}  {}\n",
             f["name"].as_str().unwrap_or("?"),
-            f["version"],
-            f["size"],
+            f["version"].as_u64().unwrap_or(0),
+            f["size"].as_u64().unwrap_or(0),
             f["sha256"].as_str().unwrap_or("?"),
         ));
     }

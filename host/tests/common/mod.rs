@@ -142,6 +142,22 @@ impl TestHost {
     }
 }
 
+/// Starts a host with the policies already in `dir` and deploys each
+/// `(name, fixture)`.
+pub async fn host_with(dir: &Path, functions: &[(&str, &str)]) -> TestHost {
+    let host = TestHost::start(test_config(dir)).await;
+    for (name, fixture) in functions {
+        let reply = host.deploy(name, component(fixture)).await;
+        assert_eq!(
+            reply.status,
+            StatusCode::CREATED,
+            "{name}: {}",
+            reply.text()
+        );
+    }
+    host
+}
+
 impl Drop for TestHost {
     fn drop(&mut self) {
         if let Some(tx) = self.shutdown.take() {

@@ -1,0 +1,47 @@
+//! The memory limit, measured from outside: a guest that allocates without
+//! bound fails fast, and the host's resident memory comes back. Alone in its
+//! own test binary so no other test's allocations blur the measurement.
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{host_with, write_policy};
+use http::StatusCode;
+
+fn rss_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    let kib: u64 = line.split_whitespace().nth(1).unwrap().parse().unwrap();
+    kib * 1024
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_memory_bomb_fails_fast_and_its_memory_is_returned() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "trap", "[limits]\nmemory = \"32MiB\"\n");
+    let host = host_with(dir.path(), &[("trap", "trap")]).await;
+    assert_eq!(host.get("/fn/trap/").await.status, StatusCode::OK);
+    let before = rss_bytes();
+    for _ in 0..3 {
+        let started = Instant::now();
+        let reply = host.get("/fn/trap/alloc").await;
+        assert_eq!(
+            reply.status,
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "{}",
+            reply.text()
+        );
+        assert_eq!(reply.code(), "trap");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+    let after = rss_bytes();
+    // Each bomb filled 32 MiB; three of them kept would be 96 MiB.
+    assert!(
+        after < before + (24 << 20),
+        "RSS grew from {before} to {after}"
+    );
+    assert_eq!(host.get("/fn/trap/").await.text(), "ok\n");
+    host.stop().await;
+}
