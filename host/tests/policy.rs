@@ -652,3 +652,34 @@ fn invalid_policy_files_give_the_expected_messages() {
     }
     assert!(checked >= 8, "only {checked} golden files");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_request_body_is_cut_off() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.body_idle_timeout = Duration::from_millis(500);
+    let host = TestHost::start(config).await;
+    host.deploy("echo", component("echo")).await;
+
+    // An upload that stops halfway: 408, not a connection held forever.
+    let started = Instant::now();
+    let upload = raw_request(
+        &host,
+        "PUT /v1/functions/slow HTTP/1.1\r\nhost: x\r\nauthorization: Bearer test-token\r\ncontent-length: 100\r\n\r\n0123456789",
+    )
+    .await;
+    assert!(upload.starts_with("HTTP/1.1 408"), "{upload}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+
+    // An invocation whose body stalls: the guest's read fails and it answers.
+    let started = Instant::now();
+    let invoke = raw_request(
+        &host,
+        "POST /fn/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789",
+    )
+    .await;
+    assert!(invoke.starts_with("HTTP/1.1 400"), "{invoke}");
+    assert!(invoke.contains("reading the request body"), "{invoke}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    host.stop().await;
+}
