@@ -51,7 +51,7 @@ pub struct AppState {
     pub metrics: Metrics,
     pub policies: Arc<PolicyTable>,
     pub scheduler: Scheduler,
-    functions: RwLock<HashMap<FunctionName, Arc<Deployed>>>,
+    functions: RwLock<HashMap<FunctionName, Arc<Slot>>>,
     admin_token: String,
     limits: ApiLimits,
     /// Deploys and deletes change the store and the table together; one at a
@@ -89,24 +89,37 @@ impl AppState {
     /// out; its record stays, so a later deploy or restart can bring it back.
     pub fn load_stored_functions(&self) -> anyhow::Result<usize> {
         let records = self.store.load_records()?;
-        let mut loaded = 0;
+        let mut table = self.functions.write().unwrap_or_else(|e| e.into_inner());
         for record in records {
-            let Some(version) = record.active_version().cloned() else {
-                continue;
-            };
-            match self.load_version(&record.name, version, None) {
-                Ok(deployed) => {
-                    self.insert(deployed);
-                    loaded += 1;
-                }
-                Err(error) => tracing::error!(
-                    function = %record.name,
-                    error = %error.message,
-                    "cannot load stored function"
-                ),
+            if let Some(version) = record.active_version().cloned() {
+                let slot = Slot {
+                    name: record.name.clone(),
+                    version,
+                    loaded: tokio::sync::OnceCell::new(),
+                };
+                table.insert(record.name, Arc::new(slot));
             }
         }
-        Ok(loaded)
+        Ok(table.len())
+    }
+
+    /// The function's code, loading it on first use (from the compiled-code
+    /// cache, or compiling if the cache cannot be used).
+    async fn load_slot(self: &Arc<Self>, slot: &Arc<Slot>) -> Result<Arc<Deployed>, ApiError> {
+        slot.loaded
+            .get_or_try_init(|| async {
+                let state = Arc::clone(self);
+                let (name, version) = (slot.name.clone(), slot.version.clone());
+                let deployed =
+                    tokio::task::spawn_blocking(move || state.load_version(&name, version, None))
+                        .await
+                        .map_err(|e| {
+                            ApiError::internal(anyhow::anyhow!("load task failed: {e}"))
+                        })??;
+                Ok(Arc::new(deployed))
+            })
+            .await
+            .cloned()
     }
 
     /// Turns a stored (or just uploaded) version into a ready function:
@@ -164,16 +177,21 @@ impl AppState {
     }
 
     fn insert(&self, deployed: Deployed) {
+        let slot = Slot {
+            name: deployed.name.clone(),
+            version: deployed.version.clone(),
+            loaded: tokio::sync::OnceCell::new_with(Some(Arc::new(deployed))),
+        };
         let mut table = self.functions.write().unwrap_or_else(|e| e.into_inner());
-        table.insert(deployed.name.clone(), Arc::new(deployed));
+        table.insert(slot.name.clone(), Arc::new(slot));
     }
 
-    fn remove(&self, name: &FunctionName) -> Option<Arc<Deployed>> {
+    fn remove(&self, name: &FunctionName) -> Option<Arc<Slot>> {
         let mut table = self.functions.write().unwrap_or_else(|e| e.into_inner());
         table.remove(name)
     }
 
-    fn lookup(&self, name: &str) -> Option<Arc<Deployed>> {
+    fn lookup(&self, name: &str) -> Option<Arc<Slot>> {
         let table = self.functions.read().unwrap_or_else(|e| e.into_inner());
         let name = FunctionName::new(name).ok()?;
         table.get(&name).cloned()
@@ -196,6 +214,15 @@ impl AppState {
                 .set(i64::from(queued));
         }
     }
+}
+
+/// A deployed function: its active version, and its code once loaded.
+/// Stored functions are loaded on first use, so a host with many functions
+/// starts at once and only holds the code of those that are called.
+pub struct Slot {
+    pub name: FunctionName,
+    pub version: VersionInfo,
+    loaded: tokio::sync::OnceCell<Arc<Deployed>>,
 }
 
 /// Request ids: unique per host run without coordination, short enough to
@@ -409,7 +436,7 @@ fn describe(state: &AppState, name: &FunctionName) -> Result<Response<Body>, Api
             "sha256": active.sha256,
             "size": active.size,
             "created_unix": active.created_unix,
-            "loaded": loaded.is_some(),
+            "loaded": loaded.is_some_and(|slot| slot.loaded.initialized()),
             "versions": record.versions,
             "policy": policy_json(state, name),
         }),
@@ -601,10 +628,11 @@ async fn invoke(
         Some((name, rest)) => (name, rest),
         None => (after_prefix, ""),
     };
-    let Some(function) = state.lookup(name) else {
+    let Some(slot) = state.lookup(name) else {
         state.metrics.unknown_function.inc();
         return Err(ApiError::not_found(format!("no function named {name:?}")));
     };
+    let function = state.load_slot(&slot).await?;
     let policy = match state.policies.get(&function.name) {
         Ok(policy) => policy,
         Err(error) => {

@@ -35,7 +35,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use crate::error::{ApiError, Body};
 use crate::names::FunctionName;
 use crate::policy::MAX_MEMORY;
-use crate::sandbox::{GuardedRequestBody, HostState, Invocation};
+use crate::sandbox::{HostState, Invocation};
 use crate::store::VersionInfo;
 
 /// How often the epoch advances: the granularity of deadlines, and how long a
@@ -247,12 +247,15 @@ impl Runtime {
     ///
     /// `request` is what the guest sees: its path already relative to the
     /// function's mount.
-    pub async fn invoke(
+    pub async fn invoke<B>(
         &self,
         function: &Deployed,
-        request: hyper::Request<GuardedRequestBody>,
+        request: hyper::Request<B>,
         invocation: &Invocation,
-    ) -> (Result<Response<Body>, ApiError>, Outcome) {
+    ) -> (Result<Response<Body>, ApiError>, Outcome)
+    where
+        B: http_body::Body<Data = bytes::Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static,
+    {
         let started = Instant::now();
         let deadline = invocation.policy.timeout;
         let request_id = &*invocation.request_id;

@@ -250,9 +250,12 @@ impl WasiHttpHooks for OutboundGuard {
 /// The request body as the guest reads it: at most `limit` bytes, and no
 /// more than `idle` between two chunks. Past the limit it sets `exceeded`
 /// and fails, so the guest sees an error and the client gets a 413.
-pub struct GuardedRequestBody {
+pub struct GuardedRequestBody<B = hyper::body::Incoming>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+{
     /// `None` only while being dropped.
-    inner: Option<hyper::body::Incoming>,
+    inner: Option<B>,
     remaining: u64,
     limit: u64,
     idle: Duration,
@@ -260,8 +263,11 @@ pub struct GuardedRequestBody {
     pub exceeded: Arc<AtomicBool>,
 }
 
-impl GuardedRequestBody {
-    pub fn new(inner: hyper::body::Incoming, limit: u64, idle: Duration) -> Self {
+impl<B> GuardedRequestBody<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+{
+    pub fn new(inner: B, limit: u64, idle: Duration) -> Self {
         GuardedRequestBody {
             inner: Some(inner),
             remaining: limit,
@@ -273,7 +279,11 @@ impl GuardedRequestBody {
     }
 }
 
-impl Body for GuardedRequestBody {
+impl<B> Body for GuardedRequestBody<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: Into<wasmtime_wasi_http::Error>,
+{
     type Data = Bytes;
     type Error = wasmtime_wasi_http::Error;
 
@@ -329,7 +339,10 @@ impl Body for GuardedRequestBody {
     }
 }
 
-impl Drop for GuardedRequestBody {
+impl<B> Drop for GuardedRequestBody<B>
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+{
     fn drop(&mut self) {
         if self.exceeded.load(Ordering::Relaxed)
             && let Some(inner) = self.inner.take()
@@ -347,7 +360,10 @@ const DRAIN_BYTES: usize = 4 << 20;
 const DRAIN_TIME: Duration = Duration::from_secs(2);
 
 /// Reads and discards the rest of a refused body, within bounds.
-pub fn drain_in_background(mut body: hyper::body::Incoming) {
+pub fn drain_in_background<B>(mut body: B)
+where
+    B: Body<Data = Bytes> + Send + Unpin + 'static,
+{
     tokio::spawn(async move {
         let _ = tokio::time::timeout(DRAIN_TIME, async move {
             let mut drained = 0;
