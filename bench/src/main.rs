@@ -1,1 +1,361 @@
-fn main() {}
+//! `lichen-bench`: Lichen side by side with `wasmtime serve` and a native
+//! hyper server on the same machine in the same run, plus in-process, compute,
+//! cold-path and scale measurements. Prints a table and writes
+//! `bench/RESULTS.md`. Run it through `bench/run.sh`, which builds and
+//! installs what it needs.
+//!
+//! ```text
+//! lichen-bench all [--smoke] [--out FILE]   every scenario (smoke: ~1 s each)
+//! lichen-bench native-hello ADDR            the native baseline server
+//! lichen-bench instantiate [N]              only the in-process loop (for profilers)
+//! ```
+//!
+//! Inputs from the environment: `LICHEN_BIN` (default `target/release/lichen`),
+//! `WASMTIME_BIN` (the official CLI; its scenarios are skipped without it),
+//! `FUNCTIONS_DIR` (default `functions/target/wasm32-wasip2/release`).
+
+/// The fib function's computation, the same source file the guest compiles
+/// to wasm, compiled natively for the compute comparison.
+#[path = "../../functions/fib/src/compute.rs"]
+mod fib;
+mod inproc;
+mod load;
+mod report;
+mod servers;
+
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+
+use report::{Report, median, percentile};
+use servers::{Scratch, Server};
+
+fn main() -> Result<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        Some("native-hello") => {
+            let addr = args.get(1).map_or("127.0.0.1:0", String::as_str);
+            tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?
+                .block_on(servers::run_native_hello(addr))
+        }
+        Some("instantiate") => {
+            // Just the in-process instantiate + call loop: for profiling.
+            let settings = Settings::from_env(false)?;
+            let iterations: usize = args.get(1).map_or(Ok(50_000), |n| n.parse())?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let times = runtime.block_on(inproc::instantiate_and_call(
+                &settings.component("hello")?,
+                iterations,
+            ))?;
+            println!(
+                "instantiate + call x{iterations}: p50 {:?}, p99 {:?}",
+                percentile(&times, 0.5),
+                percentile(&times, 0.99)
+            );
+            Ok(())
+        }
+        Some("all") => {
+            let smoke = args.iter().any(|a| a == "--smoke");
+            let out = args
+                .iter()
+                .position(|a| a == "--out")
+                .and_then(|i| args.get(i + 1))
+                .map_or_else(|| PathBuf::from("bench/RESULTS.md"), PathBuf::from);
+            run_all(&Settings::from_env(smoke)?, &out)
+        }
+        _ => bail!("usage: lichen-bench all [--smoke] [--out FILE] | native-hello ADDR"),
+    }
+}
+
+/// How long and how often: the full run, or a smoke run that only checks the
+/// harness still works.
+pub struct Settings {
+    pub smoke: bool,
+    pub rounds: usize,
+    pub seconds: u32,
+    pub connections: u32,
+    pub functions: usize,
+    pub lichen: PathBuf,
+    pub wasmtime: Option<PathBuf>,
+    pub components: PathBuf,
+    pub self_exe: PathBuf,
+}
+
+impl Settings {
+    fn from_env(smoke: bool) -> Result<Self> {
+        let lichen = std::env::var_os("LICHEN_BIN")
+            .map_or_else(|| PathBuf::from("target/release/lichen"), PathBuf::from);
+        let wasmtime = std::env::var_os("WASMTIME_BIN").map(PathBuf::from);
+        let components = std::env::var_os("FUNCTIONS_DIR").map_or_else(
+            || PathBuf::from("functions/target/wasm32-wasip2/release"),
+            PathBuf::from,
+        );
+        Ok(Settings {
+            smoke,
+            rounds: if smoke { 1 } else { 3 },
+            seconds: if smoke { 1 } else { 10 },
+            connections: 64,
+            functions: if smoke { 20 } else { 1000 },
+            lichen,
+            wasmtime,
+            components,
+            self_exe: std::env::current_exe()?,
+        })
+    }
+
+    fn component(&self, name: &str) -> Result<Vec<u8>> {
+        let path = self.components.join(format!("{name}.wasm"));
+        std::fs::read(&path)
+            .with_context(|| format!("reading {} (run functions/build.sh)", path.display()))
+    }
+
+    fn component_path(&self, name: &str) -> PathBuf {
+        self.components.join(format!("{name}.wasm"))
+    }
+}
+
+/// A host started for the benchmark, with hello deployed under a policy that
+/// lets 64 connections through (the defaults would queue and shed them).
+fn lichen_with_hello(settings: &Settings, scratch: &Scratch) -> Result<Server> {
+    std::fs::write(
+        scratch.policies().join("hello.toml"),
+        "[limits]\nconcurrency = 128\nqueue = 1024\n",
+    )?;
+    let server = servers::lichen(&settings.lichen, &scratch.data(), &scratch.policies())?;
+    servers::deploy(&server.url, "hello", &settings.component("hello")?)?;
+    Ok(server)
+}
+
+fn run_all(settings: &Settings, out: &Path) -> Result<()> {
+    let mut report = Report::new(settings)?;
+    throughput(settings, &mut report)?;
+    open_loop(settings, &mut report)?;
+    in_process(settings, &mut report)?;
+    cold_paths(settings, &mut report)?;
+    scale(settings, &mut report)?;
+    let markdown = report.markdown();
+    println!("{markdown}");
+    std::fs::write(out, &markdown).with_context(|| format!("writing {}", out.display()))?;
+    eprintln!("wrote {}", out.display());
+    Ok(())
+}
+
+/// Closed loop, wrk -t1 -c64, servers alternating A B C A B C.
+fn throughput(settings: &Settings, report: &mut Report) -> Result<()> {
+    let hello = settings.component_path("hello");
+    let mut runs: Vec<(&'static str, load::WrkResult)> = Vec::new();
+    for round in 0..settings.rounds {
+        for kind in ["lichen", "wasmtime serve", "native hyper"] {
+            let scratch = Scratch::new(&format!("tp-{round}"))?;
+            let server = match kind {
+                "lichen" => lichen_with_hello(settings, &scratch)?,
+                "wasmtime serve" => match &settings.wasmtime {
+                    Some(bin) => servers::wasmtime(bin, &hello)?,
+                    None => continue,
+                },
+                _ => servers::native(&settings.self_exe)?,
+            };
+            let url = match kind {
+                "lichen" => format!("{}/fn/hello", server.url),
+                _ => format!("{}/", server.url),
+            };
+            // Warm up: connections, caches, the allocator's pools.
+            load::wrk(&url, settings.connections, 1)?;
+            let result = load::wrk(&url, settings.connections, settings.seconds)?;
+            eprintln!(
+                "throughput round {round} {kind}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
+                result.requests_per_sec, result.p50_ms, result.p99_ms, result.errors
+            );
+            runs.push((kind, result));
+            server.stop();
+        }
+    }
+    report.throughput(&runs);
+    Ok(())
+}
+
+/// Open loop at half of wasmtime serve's median throughput.
+fn open_loop(settings: &Settings, report: &mut Report) -> Result<()> {
+    let baseline = report
+        .median_rps("wasmtime serve")
+        .or_else(|| report.median_rps("lichen"))
+        .context("no throughput figures to pick a rate from")?;
+    let rate = (baseline / 2.0).max(100.0);
+    let hello = settings.component_path("hello");
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let mut runs = Vec::new();
+    for round in 0..settings.rounds {
+        for kind in ["lichen", "wasmtime serve"] {
+            let scratch = Scratch::new(&format!("ol-{round}"))?;
+            let server = match kind {
+                "lichen" => lichen_with_hello(settings, &scratch)?,
+                _ => match &settings.wasmtime {
+                    Some(bin) => servers::wasmtime(bin, &hello)?,
+                    None => continue,
+                },
+            };
+            let url = match kind {
+                "lichen" => format!("{}/fn/hello", server.url),
+                _ => format!("{}/", server.url),
+            };
+            load::wrk(&url, settings.connections, 1)?;
+            let result = runtime.block_on(load::open_loop(
+                &url,
+                rate,
+                f64::from(settings.seconds),
+                settings.connections as usize,
+            ))?;
+            eprintln!(
+                "open loop round {round} {kind} at {rate:.0}/s: p50 {:.2} ms, p99 {:.2} ms, failed {}",
+                result.p50_ms, result.p99_ms, result.failed
+            );
+            runs.push((kind, result));
+            server.stop();
+        }
+    }
+    report.open_loop(rate, &runs);
+    Ok(())
+}
+
+/// Instantiate + call and compute, through the library.
+fn in_process(settings: &Settings, report: &mut Report) -> Result<()> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let iterations = if settings.smoke { 2_000 } else { 20_000 };
+    let times = runtime.block_on(inproc::instantiate_and_call(
+        &settings.component("hello")?,
+        iterations,
+    ))?;
+    eprintln!(
+        "instantiate + call: p50 {:?}, p99 {:?}",
+        percentile(&times, 0.5),
+        percentile(&times, 0.99)
+    );
+    report.instantiate(iterations, &times);
+
+    let n = if settings.smoke { 25 } else { 32 };
+    let rounds = if settings.smoke { 3 } else { 7 };
+    let (wasm, native) =
+        runtime.block_on(inproc::compute(&settings.component("fib")?, n, rounds))?;
+    eprintln!(
+        "fib({n}): wasm {:?}, native {:?}",
+        median(&wasm),
+        median(&native)
+    );
+    report.compute(n, &wasm, &native);
+    Ok(())
+}
+
+/// Upload to first 200 (compile included), and restart to first 200 (code
+/// from the cache).
+fn cold_paths(settings: &Settings, report: &mut Report) -> Result<()> {
+    let hello = settings.component("hello")?;
+    let scratch = Scratch::new("cold")?;
+    let server = servers::lichen(&settings.lichen, &scratch.data(), &scratch.policies())?;
+    let mut uploads = Vec::new();
+    for round in 0..settings.rounds.max(3) {
+        let name = format!("cold-{round}");
+        let bytes = servers::distinct_component(&hello, &name);
+        let started = Instant::now();
+        servers::deploy(&server.url, &name, &bytes)?;
+        let took = load::wait_for_200(
+            &format!("{}/fn/{name}", server.url),
+            started,
+            Duration::from_secs(60),
+        )?;
+        uploads.push(took);
+    }
+    server.stop();
+    let mut restarts = Vec::new();
+    for _ in 0..settings.rounds.max(3) {
+        let started = Instant::now();
+        let server = servers::lichen(&settings.lichen, &scratch.data(), &scratch.policies())?;
+        let took = load::wait_for_200(
+            &format!("{}/fn/cold-0", server.url),
+            started,
+            Duration::from_secs(60),
+        )?;
+        restarts.push(took);
+        server.stop();
+    }
+    eprintln!(
+        "upload -> 200: {:?}; restart -> 200: {:?}",
+        median(&uploads),
+        median(&restarts)
+    );
+    report.cold(&uploads, &restarts);
+    Ok(())
+}
+
+/// Many functions: start time, memory, and invoking random ones.
+fn scale(settings: &Settings, report: &mut Report) -> Result<()> {
+    let hello = settings.component("hello")?;
+    let scratch = Scratch::new("scale")?;
+    let server = servers::lichen(&settings.lichen, &scratch.data(), &scratch.policies())?;
+    let deploying = Instant::now();
+    for i in 0..settings.functions {
+        let name = format!("f{i}");
+        servers::deploy(
+            &server.url,
+            &name,
+            &servers::distinct_component(&hello, &name),
+        )?;
+    }
+    let deploy_time = deploying.elapsed();
+    server.stop();
+
+    let mut starts = Vec::new();
+    let mut rss_start = Vec::new();
+    for _ in 0..settings.rounds {
+        let started = Instant::now();
+        let server = servers::lichen(&settings.lichen, &scratch.data(), &scratch.policies())?;
+        starts.push(started.elapsed());
+        rss_start.push(server.rss_bytes()?);
+        server.stop();
+    }
+
+    let server = servers::lichen(&settings.lichen, &scratch.data(), &scratch.policies())?;
+    let calls = if settings.smoke { 200 } else { 2_000 };
+    let mut seed: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mut latencies = Vec::with_capacity(calls);
+    for _ in 0..calls {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let i = (seed % settings.functions as u64) as usize;
+        let started = Instant::now();
+        let status = load::blocking_request("GET", &format!("{}/fn/f{i}", server.url), None, b"")?;
+        latencies.push(started.elapsed());
+        if status != 200 {
+            bail!("f{i} answered {status}");
+        }
+    }
+    let rss_after = server.rss_bytes()?;
+    server.stop();
+    eprintln!(
+        "{} functions: start {:?}, RSS {} MiB at start, {} MiB after {calls} random calls",
+        settings.functions,
+        median(&starts),
+        median(&rss_start) >> 20,
+        rss_after >> 20
+    );
+    report.scale(
+        settings.functions,
+        deploy_time,
+        &starts,
+        &rss_start,
+        rss_after,
+        &latencies,
+    );
+    Ok(())
+}

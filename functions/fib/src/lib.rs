@@ -2,9 +2,8 @@
 //! Benchmarks use it for compute, tests for deadlines (`n=45` runs for minutes).
 use lichen_sdk::{Error, Request, Response, Result};
 
-pub fn fib(n: u32) -> u64 {
-    if n < 2 { n as u64 } else { fib(n - 1).wrapping_add(fib(n - 2)) }
-}
+mod compute;
+use compute::fib;
 
 fn handle(req: Request) -> Result<Response> {
     let n: u32 = match req.query_param("n") {

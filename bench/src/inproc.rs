@@ -1,0 +1,118 @@
+//! In-process measurements through the host library, no HTTP: a fresh
+//! instance plus a call of hello (the per-request cost of the sandbox), and
+//! the fib function in wasm against the same Rust code compiled natively.
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result};
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full};
+use lichen::engine::{Deployed, EngineSettings, Runtime};
+use lichen::names::FunctionName;
+use lichen::policy::Policy;
+use lichen::sandbox::{Invocation, InvocationStats};
+use lichen::store::{VersionInfo, sha256_hex};
+
+use crate::fib;
+
+pub struct Prepared {
+    runtime: Runtime,
+    deployed: Deployed,
+    invocation: Invocation,
+}
+
+/// Compiles and pre-instantiates `component` as the host would.
+pub fn prepare(name: &str, component: &[u8]) -> Result<Prepared> {
+    let runtime = Runtime::new(EngineSettings::default())?;
+    let compiled = runtime.compile(component)?;
+    let version = VersionInfo {
+        version: 1,
+        sha256: sha256_hex(component),
+        size: component.len() as u64,
+        created_unix: 0,
+    };
+    let deployed = runtime.prepare(FunctionName::new(name)?, version, &compiled)?;
+    let invocation = Invocation {
+        function: Arc::from(name),
+        request_id: Arc::from("bench"),
+        policy: Arc::new(Policy::default()),
+        on_denied: Arc::new(|| {}),
+        stats: Arc::new(InvocationStats::default()),
+    };
+    Ok(Prepared {
+        runtime,
+        deployed,
+        invocation,
+    })
+}
+
+impl Prepared {
+    /// One invocation of `uri`, its body read in full; returns the body.
+    pub async fn call(&self, uri: &str) -> Result<Bytes> {
+        let body = Full::new(Bytes::new())
+            .map_err(|never| -> wasmtime_wasi_http::Error { match never {} });
+        let request = hyper::Request::get(uri)
+            .header("host", "bench")
+            .body(body)?;
+        let (result, _outcome) = self
+            .runtime
+            .invoke(&self.deployed, request, &self.invocation)
+            .await;
+        let response = result.map_err(|e| anyhow::anyhow!("{}: {}", e.code, e.message))?;
+        let bytes = response
+            .into_body()
+            .collect()
+            .await
+            .map_err(|e| anyhow::anyhow!("{e:?}"))?
+            .to_bytes();
+        Ok(bytes)
+    }
+}
+
+/// Per-call times of `iterations` instantiate + call of hello, after warming up.
+pub async fn instantiate_and_call(hello: &[u8], iterations: usize) -> Result<Vec<Duration>> {
+    let prepared = prepare("hello", hello)?;
+    for _ in 0..iterations / 10 + 10 {
+        prepared.call("/").await?;
+    }
+    let mut times = Vec::with_capacity(iterations);
+    for _ in 0..iterations {
+        let started = Instant::now();
+        let body = prepared.call("/").await?;
+        times.push(started.elapsed());
+        black_box(body);
+    }
+    Ok(times)
+}
+
+/// fib(n) in wasm through the host (instance included) and natively,
+/// alternating, `rounds` each.
+pub async fn compute(
+    fib_component: &[u8],
+    n: u32,
+    rounds: usize,
+) -> Result<(Vec<Duration>, Vec<Duration>)> {
+    let prepared = prepare("fib", fib_component)?;
+    let uri = format!("/?n={n}");
+    let expected = fib::fib(n);
+    let mut wasm = Vec::new();
+    let mut native = Vec::new();
+    for _ in 0..rounds {
+        let started = Instant::now();
+        let body = prepared.call(&uri).await?;
+        wasm.push(started.elapsed());
+        let answer: serde_json::Value = serde_json::from_slice(&body)?;
+        let got = answer["fib"].as_u64().context("no fib in the answer")?;
+        anyhow::ensure!(
+            got == expected,
+            "wasm fib({n}) = {got}, native = {expected}"
+        );
+
+        let started = Instant::now();
+        black_box(fib::fib(black_box(n)));
+        native.push(started.elapsed());
+    }
+    Ok((wasm, native))
+}

@@ -1,0 +1,310 @@
+//! The results as Markdown: the machine, the versions, the commands, and per
+//! scenario the medians, the ratios against the baselines measured in the
+//! same run, and whether each goal held.
+
+use std::fmt::Write;
+use std::process::Command;
+use std::time::Duration;
+
+use anyhow::Result;
+
+use crate::Settings;
+use crate::load::{OpenLoopResult, WrkResult};
+
+/// The median of a non-empty list (the lower middle for even lengths);
+/// the default for an empty one.
+pub fn median<T: Ord + Copy + Default>(values: &[T]) -> T {
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    sorted
+        .get(sorted.len().saturating_sub(1) / 2)
+        .copied()
+        .unwrap_or_default()
+}
+
+/// The `p` quantile (0..=1) of a list of durations.
+pub fn percentile(values: &[Duration], p: f64) -> Duration {
+    let mut sorted = values.to_vec();
+    sorted.sort();
+    let index = ((sorted.len() as f64 * p) as usize).min(sorted.len().saturating_sub(1));
+    sorted.get(index).copied().unwrap_or_default()
+}
+
+fn median_f64(values: impl Iterator<Item = f64>) -> Option<f64> {
+    let mut sorted: Vec<f64> = values.collect();
+    sorted.sort_by(f64::total_cmp);
+    sorted.get(sorted.len().checked_sub(1)? / 2).copied()
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.2} ms", d.as_secs_f64() * 1000.0)
+}
+
+fn us(d: Duration) -> String {
+    format!("{:.1} µs", d.as_secs_f64() * 1e6)
+}
+
+fn goal(ok: bool) -> &'static str {
+    if ok { "met" } else { "**not met**" }
+}
+
+pub struct Report {
+    header: String,
+    sections: Vec<String>,
+    rps: Vec<(&'static str, f64)>,
+    goals: Vec<String>,
+}
+
+fn command_line(program: &str, args: &[&str]) -> String {
+    Command::new(program)
+        .args(args)
+        .output()
+        .ok()
+        .map(|o| {
+            let text = if o.stdout.is_empty() {
+                o.stderr
+            } else {
+                o.stdout
+            };
+            String::from_utf8_lossy(&text)
+                .lines()
+                .next()
+                .unwrap_or("")
+                .trim()
+                .to_string()
+        })
+        .unwrap_or_else(|| "not found".to_string())
+}
+
+impl Report {
+    pub fn new(settings: &Settings) -> Result<Self> {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let model = cpuinfo
+            .lines()
+            .find_map(|l| l.strip_prefix("model name"))
+            .map(|l| l.trim_start_matches([' ', '\t', ':']).to_string())
+            .unwrap_or_else(|| "unknown".to_string());
+        let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+        let lichen = command_line(&settings.lichen.to_string_lossy(), &["--version"]);
+        let wasmtime = settings.wasmtime.as_ref().map_or_else(
+            || "not installed (its scenarios were skipped)".to_string(),
+            |bin| command_line(&bin.to_string_lossy(), &["--version"]),
+        );
+        let mut header = String::new();
+        let _ = writeln!(header, "# Lichen benchmark results\n");
+        if settings.smoke {
+            let _ = writeln!(
+                header,
+                "**Smoke run** (about a second per scenario, one round): checks the harness, not the figures.\n"
+            );
+        }
+        let _ = writeln!(
+            header,
+            "Produced by `bench/run.sh{}` (which runs `target/release/lichen-bench all{}`).\n",
+            if settings.smoke { " --smoke" } else { "" },
+            if settings.smoke { " --smoke" } else { "" }
+        );
+        let _ = writeln!(header, "| | |\n| --- | --- |");
+        let _ = writeln!(header, "| machine | {cores} cores, {model} |");
+        let _ = writeln!(header, "| lichen | {lichen} (release build) |");
+        let _ = writeln!(header, "| wasmtime serve | {wasmtime} |");
+        let _ = writeln!(
+            header,
+            "| rustc | {} |",
+            command_line("rustc", &["--version"])
+        );
+        let _ = writeln!(
+            header,
+            "| load | {} , `-t1 -c{}`; open loop: lichen-bench's own generator |",
+            command_line("wrk", &["-v"]),
+            settings.connections
+        );
+        let _ = writeln!(
+            header,
+            "| method | every figure is the median of {} rounds, servers alternating A B C A B C; nothing is pinned: the load tool and the server share the {cores} cores the same way for every server |",
+            settings.rounds
+        );
+        Ok(Report {
+            header,
+            sections: Vec::new(),
+            rps: Vec::new(),
+            goals: Vec::new(),
+        })
+    }
+
+    pub fn median_rps(&self, kind: &str) -> Option<f64> {
+        self.rps.iter().find(|(k, _)| *k == kind).map(|(_, r)| *r)
+    }
+
+    pub fn throughput(&mut self, runs: &[(&'static str, WrkResult)]) {
+        let mut s = String::from(
+            "## hello: throughput and latency (closed loop)\n\nThe same hello component in Lichen and in `wasmtime serve`; the native server answers the same text from Rust.\n\n| server | req/s | p50 | p99 | errors |\n| --- | ---: | ---: | ---: | ---: |\n",
+        );
+        let mut medians = Vec::new();
+        for kind in ["lichen", "wasmtime serve", "native hyper"] {
+            let of_kind: Vec<&WrkResult> = runs
+                .iter()
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, r)| r)
+                .collect();
+            let (Some(rps), Some(p50), Some(p99)) = (
+                median_f64(of_kind.iter().map(|r| r.requests_per_sec)),
+                median_f64(of_kind.iter().map(|r| r.p50_ms)),
+                median_f64(of_kind.iter().map(|r| r.p99_ms)),
+            ) else {
+                continue;
+            };
+            let errors: u64 = of_kind.iter().map(|r| r.errors).sum();
+            let _ = writeln!(
+                s,
+                "| {kind} | {rps:.0} | {p50:.2} ms | {p99:.2} ms | {errors} |"
+            );
+            self.rps.push((kind, rps));
+            medians.push((kind, rps, p99));
+        }
+        let get = |k: &str| {
+            medians
+                .iter()
+                .find(|(kind, ..)| *kind == k)
+                .map(|(_, r, p)| (*r, *p))
+        };
+        if let Some((lichen, lichen_p99)) = get("lichen") {
+            if let Some((wasmtime, wasmtime_p99)) = get("wasmtime serve") {
+                let ratio = lichen / wasmtime;
+                let _ = writeln!(
+                    s,
+                    "\nLichen / wasmtime serve: **{ratio:.2}x** req/s, p99 {lichen_p99:.2} ms vs {wasmtime_p99:.2} ms."
+                );
+                self.goals.push(format!(
+                    "hello req/s >= 1.3x wasmtime serve: {ratio:.2}x, {}",
+                    goal(ratio >= 1.3)
+                ));
+                self.goals.push(format!(
+                    "hello p99 <= wasmtime serve's: {lichen_p99:.2} ms vs {wasmtime_p99:.2} ms, {}",
+                    goal(lichen_p99 <= wasmtime_p99)
+                ));
+            }
+            if let Some((native, _)) = get("native hyper") {
+                let ratio = lichen / native;
+                let _ = writeln!(s, "\nLichen / native hyper: **{ratio:.2}x** req/s.");
+                self.goals.push(format!(
+                    "hello req/s >= 0.5x native hyper: {ratio:.2}x, {}",
+                    goal(ratio >= 0.5)
+                ));
+            }
+        }
+        self.sections.push(s);
+    }
+
+    pub fn open_loop(&mut self, rate: f64, runs: &[(&'static str, OpenLoopResult)]) {
+        let mut s = format!(
+            "## hello: latency at a fixed rate (open loop)\n\n{rate:.0} requests/s (half of the closed-loop baseline) over 64 connections; latency counts from each request's scheduled time, so a stalled server cannot hide its queue (coordinated omission corrected, as wrk2 does).\n\n| server | p50 | p99 | failed |\n| --- | ---: | ---: | ---: |\n"
+        );
+        for kind in ["lichen", "wasmtime serve"] {
+            let of_kind: Vec<&OpenLoopResult> = runs
+                .iter()
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, r)| r)
+                .collect();
+            if let (Some(p50), Some(p99)) = (
+                median_f64(of_kind.iter().map(|r| r.p50_ms)),
+                median_f64(of_kind.iter().map(|r| r.p99_ms)),
+            ) {
+                let failed: usize = of_kind.iter().map(|r| r.failed).sum();
+                let sent: usize = of_kind.iter().map(|r| r.sent).sum();
+                let _ = writeln!(
+                    s,
+                    "| {kind} | {p50:.2} ms | {p99:.2} ms | {failed} of {sent} |"
+                );
+            }
+        }
+        self.sections.push(s);
+    }
+
+    pub fn instantiate(&mut self, iterations: usize, times: &[Duration]) {
+        let p50 = percentile(times, 0.5);
+        let p99 = percentile(times, 0.99);
+        self.sections.push(format!(
+            "## instantiate + call, in process\n\nA fresh instance of hello from its pre-instantiated component, the call, and the response body read, through the host library (no HTTP), {iterations} times after a warm-up.\n\n| p50 | p99 |\n| ---: | ---: |\n| {} | {} |\n",
+            us(p50),
+            us(p99)
+        ));
+        self.goals.push(format!(
+            "instantiate + call p50 <= 20 µs: {}, {}",
+            us(p50),
+            goal(p50 <= Duration::from_micros(20))
+        ));
+    }
+
+    pub fn compute(&mut self, n: u32, wasm: &[Duration], native: &[Duration]) {
+        let (w, nat) = (median(wasm), median(native));
+        let ratio = w.as_secs_f64() / nat.as_secs_f64().max(1e-9);
+        self.sections.push(format!(
+            "## compute: fib({n}) in wasm vs native\n\nThe `fib` function's recursive Fibonacci, in wasm through the host (a fresh instance included) and the same source file (`functions/fib/src/compute.rs`) compiled natively, both at opt-level 3, alternating.\n\n| wasm | native | wasm / native |\n| ---: | ---: | ---: |\n| {} | {} | **{ratio:.2}x** |\n",
+            ms(w),
+            ms(nat)
+        ));
+        self.goals.push(format!(
+            "compute <= 1.3x native: {ratio:.2}x, {}",
+            goal(ratio <= 1.3)
+        ));
+    }
+
+    pub fn cold(&mut self, uploads: &[Duration], restarts: &[Duration]) {
+        self.sections.push(format!(
+            "## cold paths\n\n| path | median | all runs |\n| --- | ---: | --- |\n| upload -> first 200 (compile included) | {} | {} |\n| restart -> first 200 (process start, compiled code from the cache) | {} | {} |\n",
+            ms(median(uploads)),
+            uploads.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", "),
+            ms(median(restarts)),
+            restarts.iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", "),
+        ));
+    }
+
+    pub fn scale(
+        &mut self,
+        functions: usize,
+        deploy_time: Duration,
+        starts: &[Duration],
+        rss_start: &[u64],
+        rss_after: u64,
+        latencies: &[Duration],
+    ) {
+        let start = median(starts);
+        let rss = median(rss_start);
+        let mib = |b: u64| format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20));
+        self.sections.push(format!(
+            "## scale: {functions} functions\n\n{functions} distinct copies of hello (each with its own hash, so each compiled and cached on its own), deployed in {:.1} s. Then the host is restarted: start is from process spawn to listening; code loads lazily on each function's first call. Random functions are then called one at a time over HTTP (first calls load code, later ones do not).\n\n| start | RSS after start | RSS after {} random calls | random call p50 | p99 |\n| ---: | ---: | ---: | ---: | ---: |\n| {} | {} | {} | {} | {} |\n",
+            deploy_time.as_secs_f64(),
+            latencies.len(),
+            ms(start),
+            mib(rss),
+            mib(rss_after),
+            ms(percentile(latencies, 0.5)),
+            ms(percentile(latencies, 0.99)),
+        ));
+        self.goals.push(format!(
+            "{functions} functions: start <= 1 s: {}, {}",
+            ms(start),
+            goal(start <= Duration::from_secs(1))
+        ));
+        self.goals.push(format!(
+            "{functions} functions: RSS <= 256 MiB: {} at start, {} after calls, {}",
+            mib(rss),
+            mib(rss_after),
+            goal(rss.max(rss_after) <= 256 << 20)
+        ));
+    }
+
+    pub fn markdown(&self) -> String {
+        let mut out = self.header.clone();
+        out.push_str("\n## Goals\n\n");
+        for g in &self.goals {
+            let _ = writeln!(out, "- {g}");
+        }
+        for section in &self.sections {
+            out.push('\n');
+            out.push_str(section);
+        }
+        out
+    }
+}
