@@ -45,10 +45,16 @@ fn main() -> Result<()> {
             // Just the in-process instantiate + call loop: for profiling.
             let settings = Settings::from_env(false)?;
             let iterations: usize = args.get(1).map_or(Ok(50_000), |n| n.parse())?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
+            let runtime = if std::env::var_os("BENCH_CURRENT_THREAD").is_some() {
+                tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()?
+            } else {
+                tokio::runtime::Builder::new_multi_thread()
+                    .worker_threads(2)
+                    .enable_all()
+                    .build()?
+            };
             let times = runtime.block_on(inproc::instantiate_and_call(
                 &settings.component("hello")?,
                 iterations,

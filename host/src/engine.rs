@@ -27,7 +27,9 @@ use anyhow::{Context, Result};
 use http::{Response, StatusCode};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
-use wasmtime::{Config, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store};
+use wasmtime::{
+    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store,
+};
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
@@ -50,10 +52,14 @@ const POOL_INSTANCES: u32 = 1000;
 /// and memories (the program, its adapters); room for several per component.
 const POOL_CORE_PER_COMPONENT: u32 = 4;
 
-/// Linear memory pages kept resident between instances instead of handed back
-/// to the kernel: resetting them with memset is cheaper than the page faults
-/// and TLB shoot-downs of unmapping them.
-const KEEP_RESIDENT: usize = 128 * 1024;
+/// Linear memory kept resident between instances instead of handed back to
+/// the kernel: resetting it with memset is cheaper than the page faults and
+/// TLB shoot-downs of unmapping it. With `pagemap_scan` (Linux 6.7+) wasmtime
+/// resets only the pages a guest dirtied. Measured with `lichen-bench
+/// instantiate`: 128 KiB without pagemap_scan ~170 µs per instantiate + call,
+/// with it ~68 µs; 1 MiB resident was slower again (more to reset) and kept a
+/// memory bomb's pages resident, so the host's RSS did not come back.
+const KEEP_RESIDENT: usize = 128 << 10;
 
 /// Wasm stack per invocation: deep enough for real programs, small enough
 /// that runaway recursion traps quickly (wasmtime's default, made explicit).
@@ -408,7 +414,8 @@ fn engine_config(pooling: bool) -> Config {
             .total_stacks(POOL_INSTANCES)
             .max_memory_size(MAX_MEMORY as usize)
             .linear_memory_keep_resident(KEEP_RESIDENT)
-            .table_keep_resident(KEEP_RESIDENT);
+            .table_keep_resident(KEEP_RESIDENT)
+            .pagemap_scan(Enabled::Auto);
         config.allocation_strategy(InstanceAllocationStrategy::Pooling(pool));
     }
     config
