@@ -8,6 +8,7 @@
 //! lichen-bench all [--smoke] [--out FILE]   every scenario (smoke: ~1 s each)
 //! lichen-bench native-hello ADDR            the native baseline server
 //! lichen-bench instantiate [N]              only the in-process loop (for profilers)
+//! lichen-bench scale [N]                    only the many-functions scenario
 //! ```
 //!
 //! Inputs from the environment: `LICHEN_BIN` (default `target/release/lichen`),
@@ -64,6 +65,16 @@ fn main() -> Result<()> {
                 percentile(&times, 0.5),
                 percentile(&times, 0.99)
             );
+            Ok(())
+        }
+        Some("scale") => {
+            // Just the many-functions scenario, with N functions.
+            let mut settings = Settings::from_env(false)?;
+            settings.functions = args.get(1).map_or(Ok(1000), |n| n.parse())?;
+            settings.rounds = 1;
+            let mut report = Report::new(&settings)?;
+            scale(&settings, &mut report)?;
+            println!("{}", report.markdown());
             Ok(())
         }
         Some("all") => {

@@ -273,7 +273,7 @@ impl Report {
         let rss = median(rss_start);
         let mib = |b: u64| format!("{:.1} MiB", b as f64 / f64::from(1u32 << 20));
         self.sections.push(format!(
-            "## scale: {functions} functions\n\n{functions} distinct copies of hello (each with its own hash, so each compiled and cached on its own), deployed in {:.1} s. Then the host is restarted: start is from process spawn to listening; code loads lazily on each function's first call. Random functions are then called one at a time over HTTP (first calls load code, later ones do not).\n\n| start | RSS after start | RSS after {} random calls | random call p50 | p99 |\n| ---: | ---: | ---: | ---: | ---: |\n| {} | {} | {} | {} | {} |\n",
+            "## scale: {functions} functions\n\n{functions} distinct copies of hello (each with its own hash, so each compiled and cached on its own), deployed in {:.1} s. Then the host is restarted: start is from process spawn to listening; code loads lazily on a function's first call, and at most 256 functions keep their code loaded (the least recently called are unloaded, `ServeConfig::max_loaded_functions`). Random functions are then called one at a time over HTTP: with 1000 functions and 256 loaded, most calls load code from the cache first (about a millisecond), which is what the p50 shows.\n\n| start | RSS after start | RSS after {} random calls | random call p50 | p99 |\n| ---: | ---: | ---: | ---: | ---: |\n| {} | {} | {} | {} | {} |\n",
             deploy_time.as_secs_f64(),
             latencies.len(),
             ms(start),

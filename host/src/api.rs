@@ -42,6 +42,9 @@ pub struct ApiLimits {
     pub body_idle_timeout: Duration,
     /// Whether `GET /metrics` needs the admin token.
     pub metrics_require_token: bool,
+    /// How many functions keep their compiled code loaded; beyond it the
+    /// least recently called are unloaded (and load again when called).
+    pub max_loaded: usize,
 }
 
 /// Everything a request handler needs; one per host.
@@ -58,6 +61,8 @@ pub struct AppState {
     /// time keeps them in step. Invocations never take it.
     admin_lock: tokio::sync::Mutex<()>,
     request_ids: RequestIds,
+    /// Counts calls, to order functions by how recently they were called.
+    clock: AtomicU64,
 }
 
 impl AppState {
@@ -81,6 +86,7 @@ impl AppState {
             limits,
             admin_lock: tokio::sync::Mutex::new(()),
             request_ids: RequestIds::new(),
+            clock: AtomicU64::new(1),
         }
     }
 
@@ -92,11 +98,7 @@ impl AppState {
         let mut table = self.functions.write().unwrap_or_else(|e| e.into_inner());
         for record in records {
             if let Some(version) = record.active_version().cloned() {
-                let slot = Slot {
-                    name: record.name.clone(),
-                    version,
-                    loaded: tokio::sync::OnceCell::new(),
-                };
+                let slot = Slot::new(record.name.clone(), version, None);
                 table.insert(record.name, Arc::new(slot));
             }
         }
@@ -104,22 +106,43 @@ impl AppState {
     }
 
     /// The function's code, loading it on first use (from the compiled-code
-    /// cache, or compiling if the cache cannot be used).
+    /// cache, or compiling if the cache cannot be used). Loading one more
+    /// function than `max_loaded` unloads the one called least recently.
     async fn load_slot(self: &Arc<Self>, slot: &Arc<Slot>) -> Result<Arc<Deployed>, ApiError> {
-        slot.loaded
-            .get_or_try_init(|| async {
-                let state = Arc::clone(self);
-                let (name, version) = (slot.name.clone(), slot.version.clone());
-                let deployed =
-                    tokio::task::spawn_blocking(move || state.load_version(&name, version, None))
-                        .await
-                        .map_err(|e| {
-                            ApiError::internal(anyhow::anyhow!("load task failed: {e}"))
-                        })??;
-                Ok(Arc::new(deployed))
-            })
-            .await
-            .cloned()
+        slot.touch(&self.clock);
+        if let Some(deployed) = slot.get() {
+            return Ok(deployed);
+        }
+        let _loading = slot.loading.lock().await;
+        if let Some(deployed) = slot.get() {
+            return Ok(deployed);
+        }
+        let state = Arc::clone(self);
+        let (name, version) = (slot.name.clone(), slot.version.clone());
+        let deployed =
+            tokio::task::spawn_blocking(move || state.load_version(&name, version, None))
+                .await
+                .map_err(|e| ApiError::internal(anyhow::anyhow!("load task failed: {e}")))??;
+        let deployed = Arc::new(deployed);
+        *slot.loaded.write().unwrap_or_else(|e| e.into_inner()) = Some(Arc::clone(&deployed));
+        self.unload_beyond_cap();
+        Ok(deployed)
+    }
+
+    /// Keeps at most `max_loaded` functions' code in memory: unloading the
+    /// least recently called ones (invocations running keep their own `Arc`).
+    fn unload_beyond_cap(&self) {
+        let cap = self.limits.max_loaded.max(1);
+        let table = self.functions.read().unwrap_or_else(|e| e.into_inner());
+        let mut loaded: Vec<&Arc<Slot>> = table.values().filter(|s| s.get().is_some()).collect();
+        if loaded.len() <= cap {
+            return;
+        }
+        loaded.sort_by_key(|s| s.last_used.load(Ordering::Relaxed));
+        for slot in &loaded[..loaded.len() - cap] {
+            *slot.loaded.write().unwrap_or_else(|e| e.into_inner()) = None;
+            tracing::debug!(function = %slot.name, "unloaded (least recently called)");
+        }
     }
 
     /// Turns a stored (or just uploaded) version into a ready function:
@@ -177,13 +200,17 @@ impl AppState {
     }
 
     fn insert(&self, deployed: Deployed) {
-        let slot = Slot {
-            name: deployed.name.clone(),
-            version: deployed.version.clone(),
-            loaded: tokio::sync::OnceCell::new_with(Some(Arc::new(deployed))),
-        };
-        let mut table = self.functions.write().unwrap_or_else(|e| e.into_inner());
-        table.insert(slot.name.clone(), Arc::new(slot));
+        let slot = Slot::new(
+            deployed.name.clone(),
+            deployed.version.clone(),
+            Some(Arc::new(deployed)),
+        );
+        slot.touch(&self.clock);
+        {
+            let mut table = self.functions.write().unwrap_or_else(|e| e.into_inner());
+            table.insert(slot.name.clone(), Arc::new(slot));
+        }
+        self.unload_beyond_cap();
     }
 
     fn remove(&self, name: &FunctionName) -> Option<Arc<Slot>> {
@@ -216,13 +243,41 @@ impl AppState {
     }
 }
 
-/// A deployed function: its active version, and its code once loaded.
+/// A deployed function: its active version, and its code while loaded.
 /// Stored functions are loaded on first use, so a host with many functions
 /// starts at once and only holds the code of those that are called.
 pub struct Slot {
     pub name: FunctionName,
     pub version: VersionInfo,
-    loaded: tokio::sync::OnceCell<Arc<Deployed>>,
+    loaded: RwLock<Option<Arc<Deployed>>>,
+    /// Serialises loading, so concurrent first calls load once.
+    loading: tokio::sync::Mutex<()>,
+    /// The host's clock value at the latest call, for unloading.
+    last_used: AtomicU64,
+}
+
+impl Slot {
+    fn new(name: FunctionName, version: VersionInfo, loaded: Option<Arc<Deployed>>) -> Self {
+        Slot {
+            name,
+            version,
+            loaded: RwLock::new(loaded),
+            loading: tokio::sync::Mutex::new(()),
+            last_used: AtomicU64::new(0),
+        }
+    }
+
+    fn get(&self) -> Option<Arc<Deployed>> {
+        self.loaded
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn touch(&self, clock: &AtomicU64) {
+        let now = clock.fetch_add(1, Ordering::Relaxed);
+        self.last_used.store(now, Ordering::Relaxed);
+    }
 }
 
 /// Request ids: unique per host run without coordination, short enough to
@@ -436,7 +491,7 @@ fn describe(state: &AppState, name: &FunctionName) -> Result<Response<Body>, Api
             "sha256": active.sha256,
             "size": active.size,
             "created_unix": active.created_unix,
-            "loaded": loaded.is_some_and(|slot| slot.loaded.initialized()),
+            "loaded": loaded.is_some_and(|slot| slot.get().is_some()),
             "versions": record.versions,
             "policy": policy_json(state, name),
         }),

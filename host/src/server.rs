@@ -59,6 +59,11 @@ pub struct ServeConfig {
     pub header_read_timeout: Duration,
     /// Whether `GET /metrics` needs the admin token.
     pub metrics_require_token: bool,
+    /// How many functions keep their compiled code loaded. Each costs its
+    /// mapped code and metadata (about 0.4 MB for hello); beyond this the
+    /// least recently called are unloaded, and load again from the cache
+    /// (about a millisecond) when next called.
+    pub max_loaded_functions: usize,
 }
 
 impl ServeConfig {
@@ -76,6 +81,7 @@ impl ServeConfig {
             body_idle_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
             metrics_require_token: false,
+            max_loaded_functions: 256,
         }
     }
 }
@@ -119,6 +125,7 @@ impl Server {
                 max_upload: config.max_upload,
                 body_idle_timeout: config.body_idle_timeout,
                 metrics_require_token: config.metrics_require_token,
+                max_loaded: config.max_loaded_functions,
             },
         ));
         let loader = Arc::clone(&state);

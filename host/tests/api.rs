@@ -601,3 +601,38 @@ fn every_function_crate_is_a_known_fixture() {
     known.sort();
     assert_eq!(members, known);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn code_of_the_least_recently_called_functions_is_unloaded() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.max_loaded_functions = 2;
+    let host = TestHost::start(config).await;
+    for name in ["a", "b", "c"] {
+        assert_eq!(
+            host.deploy(name, component("hello")).await.status,
+            StatusCode::CREATED
+        );
+    }
+    // Deploying loads; the third deploy unloaded the least recent, a.
+    assert_eq!(loaded(&host, "a").await, false);
+    assert_eq!(loaded(&host, "c").await, true);
+    // Calling a loads it again (from the cache) and unloads b.
+    assert_eq!(host.get("/fn/a").await.text(), "Hello from Lichen!\n");
+    assert_eq!(loaded(&host, "a").await, true);
+    assert_eq!(loaded(&host, "b").await, false);
+    assert_eq!(host.get("/fn/b").await.status, StatusCode::OK);
+    // One compile (the three share their bytes); b and c's deploys and the
+    // two reloads came from the cache.
+    assert_eq!(
+        host.metric("lichen_compile_duration_seconds_count").await,
+        1.0
+    );
+    assert_eq!(host.metric("lichen_code_cache_loads_total").await, 4.0);
+    host.stop().await;
+}
+
+async fn loaded(host: &TestHost, name: &str) -> serde_json::Value {
+    let path = format!("/v1/functions/{name}");
+    host.admin(Method::GET, &path, Vec::new()).await.json()["loaded"].clone()
+}
