@@ -305,6 +305,11 @@ impl Report {
             out.push('\n');
             out.push_str(section);
         }
+        // The analysis of the goals not met, written by hand from profiles.
+        if let Ok(notes) = std::fs::read_to_string("bench/NOTES.md") {
+            out.push('\n');
+            out.push_str(&notes);
+        }
         out
     }
 }
