@@ -634,11 +634,7 @@ async fn read_body_capped(
             "the body is larger than the limit of {limit} bytes"
         ))
     };
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(req.headers());
     let mut body = req.into_body();
     if declared.is_some_and(|len| len > limit) {
         drain_in_background(body);
@@ -764,11 +760,7 @@ async fn admit_and_run(
         // The token was for the host; the guest does not get to see it.
         req.headers_mut().remove(header::AUTHORIZATION);
     }
-    let declared = req
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(req.headers());
     if declared.is_some_and(|len| len > policy.request_body) {
         return refused(ApiError::too_large(format!(
             "the request body is larger than {}'s limit of {} bytes",
@@ -847,11 +839,7 @@ async fn admit_and_run(
         Ok(response) => response,
         Err(error) => return (Err(error), outcome),
     };
-    let declared = response
-        .headers()
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse::<u64>().ok());
+    let declared = declared_length(response.headers());
     if declared.is_some_and(|len| len > policy.response_body) {
         let error = ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -877,6 +865,14 @@ async fn admit_and_run(
         CappedResponseBody::new(body, limit, on_cut).boxed_unsync()
     });
     (Ok(response), outcome)
+}
+
+/// The `Content-Length` a request or response declares, if any and valid.
+fn declared_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Body> {

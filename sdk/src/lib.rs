@@ -330,7 +330,8 @@ pub mod __private {
     use std::io::{Read, Write};
 
     use wasi::http::types::{
-        Fields, IncomingRequest, Method, OutgoingBody, OutgoingResponse, ResponseOutparam,
+        Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingResponse,
+        ResponseOutparam,
     };
 
     use super::{Error, Request, Response, Result};
@@ -369,22 +370,28 @@ pub mod __private {
         let incoming = request
             .consume()
             .map_err(|()| Error::new(500, "request body already consumed"))?;
-        let mut body = Vec::new();
-        {
-            let mut stream = incoming
-                .stream()
-                .map_err(|()| Error::new(500, "request body stream unavailable"))?;
-            stream
-                .read_to_end(&mut body)
-                .map_err(|e| Error::new(400, format!("reading the request body: {e}")))?;
-        }
-        drop(incoming);
+        let body = read_all(incoming, 400, "request")?;
         Ok(Request {
             method,
             uri,
             headers,
             body,
         })
+    }
+
+    /// Reads a body to its end; a failure is answered with `status`.
+    pub(crate) fn read_all(incoming: IncomingBody, status: u16, what: &str) -> Result<Vec<u8>> {
+        let mut body = Vec::new();
+        let mut stream = incoming
+            .stream()
+            .map_err(|()| Error::new(500, format!("{what} body stream unavailable")))?;
+        stream
+            .read_to_end(&mut body)
+            .map_err(|e| Error::new(status, format!("reading the {what} body: {e}")))?;
+        // The stream is a child of the body resource: it must go first.
+        drop(stream);
+        drop(incoming);
+        Ok(body)
     }
 
     fn write_response(response: Response, response_out: ResponseOutparam) {

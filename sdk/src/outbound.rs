@@ -14,7 +14,7 @@
 //! # }
 //! ```
 
-use std::io::{Read, Write};
+use std::io::Write;
 
 use wasi::http::outgoing_handler;
 use wasi::http::types::{Fields, Method, OutgoingBody, OutgoingRequest, Scheme};
@@ -124,15 +124,7 @@ pub fn send(request: OutboundRequest) -> Result<Response> {
     let body_resource = incoming
         .consume()
         .map_err(|()| Error::new(502, "response body unavailable"))?;
-    let mut bytes = Vec::new();
-    {
-        let mut stream = body_resource
-            .stream()
-            .map_err(|()| Error::new(502, "response body stream unavailable"))?;
-        stream
-            .read_to_end(&mut bytes)
-            .map_err(|e| Error::new(502, format!("reading the response body: {e}")))?;
-    }
+    let bytes = crate::__private::read_all(body_resource, 502, "response")?;
     let mut response = Response::new(status).with_body(bytes);
     for (name, value) in headers {
         response = response.with_header(&name, value);
