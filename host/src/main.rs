@@ -61,6 +61,15 @@ struct ServeArgs {
     /// Largest component upload, in bytes.
     #[arg(long, default_value_t = server::DEFAULT_MAX_UPLOAD)]
     max_upload_bytes: u64,
+    /// Open connections at once; beyond it new ones get 503.
+    #[arg(long, default_value_t = server::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: u32,
+    /// Invocations running at once across all functions; beyond it 503.
+    #[arg(long, default_value_t = server::DEFAULT_MAX_IN_FLIGHT)]
+    max_in_flight: u32,
+    /// Functions whose compiled code stays loaded (least recently called unload first).
+    #[arg(long, default_value_t = server::DEFAULT_MAX_LOADED_FUNCTIONS)]
+    max_loaded_functions: usize,
     /// Require the admin token for GET /metrics.
     #[arg(long)]
     metrics_require_token: bool,
@@ -140,6 +149,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.admin_token = args.admin_token;
     config.max_upload = args.max_upload_bytes;
     config.metrics_require_token = args.metrics_require_token;
+    config.max_connections = args.max_connections;
+    config.max_in_flight = args.max_in_flight;
+    config.max_loaded_functions = args.max_loaded_functions;
     let server = Server::bind(config).await?;
     server.run(server::shutdown_signal()).await
 }

@@ -34,6 +34,15 @@ pub const DEFAULT_MAX_UPLOAD: u64 = 64 << 20;
 const MAX_HEADERS: usize = 100;
 const READ_BUFFER_BYTES: usize = 2 * api::MAX_HEAD_BYTES;
 
+/// Open connections at once by default: plenty for an edge host, and far
+/// below the usual 64k descriptor limit.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
+/// Invocations in flight across all functions by default: a quarter of the
+/// pooling allocator's instance slots, so slots never run out first.
+pub const DEFAULT_MAX_IN_FLIGHT: u32 = 256;
+/// Functions whose compiled code stays loaded by default.
+pub const DEFAULT_MAX_LOADED_FUNCTIONS: usize = 256;
+
 /// Where the generated admin token is kept, inside the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
@@ -76,12 +85,12 @@ impl ServeConfig {
             max_upload: DEFAULT_MAX_UPLOAD,
             engine: EngineSettings::default(),
             shutdown_grace: Duration::from_secs(30),
-            max_connections: 1024,
-            max_in_flight: 256,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
             body_idle_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
             metrics_require_token: false,
-            max_loaded_functions: 256,
+            max_loaded_functions: DEFAULT_MAX_LOADED_FUNCTIONS,
         }
     }
 }
