@@ -46,7 +46,7 @@ const EPOCH_TICK: Duration = Duration::from_millis(10);
 
 /// Instances that can exist at once with the pooling allocator. Each slot
 /// reserves address space, not memory.
-const POOL_INSTANCES: u32 = 1000;
+pub const POOL_INSTANCES: u32 = 1000;
 
 /// A component built by `wasm32-wasip2` toolchains has a few core instances
 /// and memories (the program, its adapters); room for several per component.
@@ -349,6 +349,21 @@ impl Runtime {
                     )),
                     Outcome::Timeout,
                 ),
+                // Every instance slot of the pool is taken: the host is full,
+                // not the guest at fault.
+                Ok(Ok(Err(error)))
+                    if error
+                        .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
+                        .is_some() =>
+                {
+                    let mut busy = ApiError::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "busy",
+                        format!("no instance slot free for {}: {error}", function.name),
+                    );
+                    busy.retry_after_secs = Some(crate::scheduler::RETRY_AFTER_SECS);
+                    (Err(busy), Outcome::Rejected)
+                }
                 Ok(Ok(Err(trap))) => {
                     tracing::warn!(
                         function = %function.name,

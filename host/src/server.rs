@@ -110,6 +110,13 @@ pub struct Server {
 
 impl Server {
     pub async fn bind(config: ServeConfig) -> Result<Server> {
+        if config.max_in_flight > crate::engine::POOL_INSTANCES {
+            anyhow::bail!(
+                "--max-in-flight {} is above the {} instance slots of the pooling allocator",
+                config.max_in_flight,
+                crate::engine::POOL_INSTANCES
+            );
+        }
         let store = ModuleStore::open(&config.data_dir)?;
         let admin_token = match config.admin_token {
             Some(token) if !token.is_empty() => token,

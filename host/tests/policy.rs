@@ -683,3 +683,12 @@ async fn a_stalled_request_body_is_cut_off() {
     assert!(started.elapsed() < Duration::from_secs(3));
     host.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_in_flight_than_instance_slots_is_refused_at_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = test_config(dir.path());
+    config.max_in_flight = lichen::engine::POOL_INSTANCES + 1;
+    let error = lichen::server::Server::bind(config).await.err().unwrap();
+    assert!(error.to_string().contains("instance slots"), "{error}");
+}
