@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod client;
+pub mod cluster;
 pub mod engine;
 pub mod error;
 pub mod metrics;
