@@ -598,6 +598,12 @@ async fn deploy_inner(
     };
     state.store.write_record(&next)?;
     state.insert(deployed);
+    if next.versions.len() <= record.versions.len() {
+        // The oldest version was forgotten: its module may now be unused.
+        if let Err(error) = state.store.collect_garbage() {
+            tracing::warn!(error = format!("{error:#}"), "collecting unused modules");
+        }
+    }
     tracing::info!(function = %name, version = version.version, sha256 = %version.sha256, size, "deployed");
     let body = FunctionSummary::new(&name, &version);
     json(StatusCode::CREATED, &body)

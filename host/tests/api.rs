@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{FUNCTIONS, TestHost, component, send, test_config, write_policy};
+use common::{FUNCTIONS, TestHost, component, distinct, send, test_config, write_policy};
 use http::{Method, StatusCode};
 
 async fn host() -> (TestHost, tempfile::TempDir) {
@@ -635,4 +635,29 @@ async fn code_of_the_least_recently_called_functions_is_unloaded() {
 async fn loaded(host: &TestHost, name: &str) -> serde_json::Value {
     let path = format!("/v1/functions/{name}");
     host.admin(Method::GET, &path, Vec::new()).await.json()["loaded"].clone()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_the_last_ten_versions_are_kept_on_disk() {
+    let (host, dir) = host().await;
+    for i in 0..12 {
+        let reply = host
+            .deploy("hello", distinct(&component("hello"), &format!("v{i}")))
+            .await;
+        assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+        assert_eq!(reply.json()["version"], i + 1);
+    }
+    let described = host
+        .admin(Method::GET, "/v1/functions/hello", Vec::new())
+        .await
+        .json();
+    assert_eq!(described["versions"].as_array().unwrap().len(), 10);
+    assert_eq!(
+        std::fs::read_dir(dir.path().join("modules"))
+            .unwrap()
+            .count(),
+        10
+    );
+    assert_eq!(host.get("/fn/hello").await.text(), "Hello from Lichen!\n");
+    host.stop().await;
 }

@@ -235,3 +235,18 @@ pub fn metric_value(text: &str, name: &str) -> f64 {
         })
         .sum()
 }
+
+/// `component` with a custom section appended: other bytes and hash, same
+/// behaviour.
+pub fn distinct(component: &[u8], tag: &str) -> Vec<u8> {
+    let name = b"lichen-test";
+    let mut contents = vec![name.len() as u8];
+    contents.extend_from_slice(name);
+    contents.extend_from_slice(tag.as_bytes());
+    assert!(contents.len() < 128, "one LEB128 byte for the size");
+    let mut out = component.to_vec();
+    out.push(0);
+    out.push(contents.len() as u8);
+    out.extend_from_slice(&contents);
+    out
+}
