@@ -387,27 +387,6 @@ async fn a_trap_is_a_500_and_the_host_stays_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_guest_over_its_memory_limit_fails_alone() {
-    let dir = tempfile::tempdir().unwrap();
-    write_policy(dir.path(), "trap", "[limits]\nmemory = \"32MiB\"\n");
-    let host = TestHost::start(test_config(dir.path())).await;
-    assert_eq!(
-        host.deploy("trap", component("trap")).await.status,
-        StatusCode::CREATED
-    );
-    let reply = host.get("/fn/trap/alloc").await;
-    assert_eq!(
-        reply.status,
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "{}",
-        reply.text()
-    );
-    assert_eq!(reply.code(), "trap");
-    assert_eq!(host.get("/fn/trap/").await.text(), "ok\n");
-    host.stop().await;
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_guest_past_its_deadline_gets_504() {
     let dir = tempfile::tempdir().unwrap();
     write_policy(dir.path(), "fib", "[limits]\ntimeout = \"1s\"\n");

@@ -27,13 +27,7 @@ async fn a_memory_bomb_fails_fast_and_its_memory_is_returned() {
     for _ in 0..3 {
         let started = Instant::now();
         let reply = host.get("/fn/trap/alloc").await;
-        assert_eq!(
-            reply.status,
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "{}",
-            reply.text()
-        );
-        assert_eq!(reply.code(), "trap");
+        reply.assert_error(StatusCode::INTERNAL_SERVER_ERROR, "trap");
         assert!(started.elapsed() < Duration::from_secs(5));
     }
     let after = rss_bytes();

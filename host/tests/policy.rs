@@ -42,13 +42,7 @@ async fn runaway_recursion_is_a_500() {
     let dir = tempfile::tempdir().unwrap();
     let host = host_with(dir.path(), &[("probe", "probe")]).await;
     let reply = host.get("/fn/probe/recurse").await;
-    assert_eq!(
-        reply.status,
-        StatusCode::INTERNAL_SERVER_ERROR,
-        "{}",
-        reply.text()
-    );
-    assert_eq!(reply.code(), "trap");
+    reply.assert_error(StatusCode::INTERNAL_SERVER_ERROR, "trap");
     assert!(reply.text().contains("stack"), "{}", reply.text());
     assert_eq!(host.get("/fn/probe/").await.status, StatusCode::OK);
     host.stop().await;

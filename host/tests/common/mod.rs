@@ -188,6 +188,12 @@ impl Reply {
     pub fn code(&self) -> String {
         self.json()["code"].as_str().unwrap_or_default().to_string()
     }
+
+    /// Asserts a JSON error answer with this status and code.
+    pub fn assert_error(&self, status: StatusCode, code: &str) {
+        assert_eq!(self.status, status, "{}", self.text());
+        assert_eq!(self.code(), code, "{}", self.text());
+    }
 }
 
 fn client() -> Client<HttpConnector, Full<Bytes>> {
