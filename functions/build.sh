@@ -20,17 +20,7 @@ if command -v rustup >/dev/null 2>&1 && rustup target list --installed 2>/dev/nu
     exit 0
 fi
 
-missing=()
-for pkg in "${debian_packages[@]}"; do
-    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
-done
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "functions: installing the Debian wasm toolchain: ${missing[*]}" >&2
-    sudo_cmd=()
-    [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
-    "${sudo_cmd[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-fi
+"$here/../scripts/apt-install.sh" "${debian_packages[@]}"
 
 echo "functions: building with Debian's rustc and -Zbuild-std" >&2
 # RUSTC_BOOTSTRAP must be in cargo's own environment for -Zbuild-std.

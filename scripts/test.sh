@@ -9,13 +9,7 @@ cd "$root"
 functions/build.sh
 
 # promtool checks the /metrics output; Debian ships it in the prometheus package.
-if ! command -v promtool >/dev/null 2>&1; then
-    echo "test: installing promtool (Debian package prometheus)" >&2
-    sudo_cmd=()
-    [ "$(id -u)" -eq 0 ] || sudo_cmd=(sudo)
-    "${sudo_cmd[@]}" apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive "${sudo_cmd[@]}" apt-get install -y -qq --no-install-recommends prometheus >/dev/null
-fi
+scripts/apt-install.sh prometheus
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 LICHEN_FUNCTIONS_BUILT=1 cargo test --workspace
