@@ -77,11 +77,7 @@ fn read_listening_line(child: &mut Child) -> Result<String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(at) = line.find("listening on http://") {
-                let url: String = line[at + "listening on ".len()..]
-                    .chars()
-                    .take_while(|c| !c.is_whitespace() && *c != '"')
-                    .collect();
+            if let Some(url) = lichen::server::listening_url(&line) {
                 let _ = tx.send(url);
             }
         }
@@ -143,7 +139,11 @@ pub async fn run_native_hello(addr: &str) -> Result<()> {
     use hyper_util::rt::TokioIo;
 
     let listener = tokio::net::TcpListener::bind(addr).await?;
-    eprintln!("listening on http://{}", listener.local_addr()?);
+    eprintln!(
+        "{}{}",
+        lichen::server::LISTENING_PREFIX,
+        listener.local_addr()?
+    );
     loop {
         let (stream, _) = listener.accept().await?;
         let _ = stream.set_nodelay(true);

@@ -311,7 +311,11 @@ pub const MAX_HEAD_BYTES: usize = 64 << 10;
 /// Answers one request. Never fails: errors become JSON responses.
 pub async fn handle(state: Arc<AppState>, req: hyper::Request<Incoming>) -> Response<Body> {
     let request_id = state.request_ids.next();
-    let head_bytes: usize = req.uri().to_string().len()
+    // Measured without formatting the URI: this runs on every request.
+    let uri = req.uri();
+    let head_bytes: usize = uri.scheme_str().map_or(0, |s| s.len() + 3)
+        + uri.authority().map_or(0, |a| a.as_str().len())
+        + uri.path_and_query().map_or(0, |p| p.as_str().len())
         + req
             .headers()
             .iter()

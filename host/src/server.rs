@@ -43,6 +43,21 @@ pub const DEFAULT_MAX_IN_FLIGHT: u32 = 256;
 /// Functions whose compiled code stays loaded by default.
 pub const DEFAULT_MAX_LOADED_FUNCTIONS: usize = 256;
 
+/// The start of the log line that announces the bound address; scripts and
+/// tests read the URL from it (see [`listening_url`]).
+pub const LISTENING_PREFIX: &str = "listening on http://";
+
+/// The `http://IP:PORT` URL of a "listening on" log line, in text or JSON
+/// log format.
+pub fn listening_url(line: &str) -> Option<String> {
+    let at = line.find(LISTENING_PREFIX)?;
+    let url: String = line[at + "listening on ".len()..]
+        .chars()
+        .take_while(|c| !c.is_whitespace() && *c != '"')
+        .collect();
+    Some(url)
+}
+
 /// Where the generated admin token is kept, inside the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
@@ -185,7 +200,7 @@ impl Server {
     /// Serves until `shutdown` completes, then stops accepting and waits for
     /// open connections to finish their requests, at most the grace period.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        tracing::info!("listening on http://{}", self.local_addr);
+        tracing::info!("{LISTENING_PREFIX}{}", self.local_addr);
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {

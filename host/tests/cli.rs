@@ -42,11 +42,7 @@ fn serve_with(
     let reader = std::thread::spawn(move || {
         let mut lines = Vec::new();
         for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(at) = line.find("listening on http://") {
-                let url: String = line[at + "listening on ".len()..]
-                    .chars()
-                    .take_while(|c| !c.is_whitespace() && *c != '"')
-                    .collect();
+            if let Some(url) = lichen::server::listening_url(&line) {
                 let _ = tx.send(url);
             }
             lines.push(line);
