@@ -32,6 +32,7 @@ pub fn prepare(name: &str, component: &[u8]) -> Result<Prepared> {
         sha256: sha256_hex(component),
         size: component.len() as u64,
         created_unix: 0,
+        timestamp_ms: None,
     };
     let deployed = runtime.prepare(FunctionName::new(name)?, version, &compiled)?;
     let invocation = Invocation {

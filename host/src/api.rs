@@ -6,17 +6,20 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::{Bytes, BytesMut};
 use http::{HeaderValue, Method, Response, StatusCode, header};
+use http_body::Body as _;
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 use serde::Serialize;
 use subtle::ConstantTimeEq;
 
+use crate::cluster::forward::{Forward, Replay};
+use crate::cluster::{CLUSTER_AUTH_HEADER, Cluster, HOP_HEADER};
 use crate::engine::{Deployed, Outcome, Runtime};
 use crate::error::{ApiError, Body, full_body};
 use crate::metrics::Metrics;
@@ -25,7 +28,7 @@ use crate::policy::{Policy, PolicyTable, WriteError};
 use crate::sandbox::{
     CappedResponseBody, GuardedRequestBody, Invocation, InvocationStats, drain_in_background,
 };
-use crate::scheduler::{RETRY_AFTER_SECS, Refusal, Scheduler};
+use crate::scheduler::{Refusal, Scheduler};
 use crate::store::{FunctionRecord, ModuleStore, VersionInfo, sha256_hex};
 
 pub const REQUEST_ID_HEADER: &str = "x-lichen-request-id";
@@ -63,6 +66,8 @@ pub struct AppState {
     request_ids: RequestIds,
     /// Counts calls, to order functions by how recently they were called.
     clock: AtomicU64,
+    /// Set once the host has joined a cluster.
+    cluster: OnceLock<Arc<Cluster>>,
 }
 
 impl AppState {
@@ -87,7 +92,100 @@ impl AppState {
             admin_lock: tokio::sync::Mutex::new(()),
             request_ids: RequestIds::new(),
             clock: AtomicU64::new(1),
+            cluster: OnceLock::new(),
         }
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
+    }
+
+    /// Makes this host a cluster member (once).
+    pub fn join(&self, cluster: Arc<Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    pub fn limits(&self) -> &ApiLimits {
+        &self.limits
+    }
+
+    /// Deploys and deletes (local or from the cluster) take this first.
+    pub(crate) async fn lock_admin(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.admin_lock.lock().await
+    }
+
+    /// The SHA-256 of the active version of `name`, if deployed here.
+    pub(crate) fn active_sha(&self, name: &FunctionName) -> Option<String> {
+        self.lookup(name.as_str())
+            .map(|slot| slot.version.sha256.clone())
+    }
+
+    /// The text of the policy in force for `name`, if it has a file.
+    pub(crate) fn policy_source(&self, name: &FunctionName) -> Option<String> {
+        self.policies.status(name).policy.map(|p| p.text.clone())
+    }
+
+    /// Makes `version` the active version of `name`: compiles it (or loads
+    /// its cached code), stores the module if `bytes` are given, records it,
+    /// and swaps it in. Callers hold the admin lock.
+    pub(crate) async fn activate(
+        self: &Arc<Self>,
+        _admin: &tokio::sync::MutexGuard<'_, ()>,
+        name: &FunctionName,
+        version: VersionInfo,
+        bytes: Option<Bytes>,
+    ) -> Result<(), ApiError> {
+        let record = self.store.read_record(name)?.unwrap_or(FunctionRecord {
+            name: name.clone(),
+            active: 0,
+            versions: Vec::new(),
+        });
+        let mut next = record.clone();
+        next.install(version.clone());
+        // Compiling takes milliseconds to seconds of CPU: off the async workers.
+        let deployed = {
+            let state = Arc::clone(self);
+            let name = name.clone();
+            tokio::task::spawn_blocking(move || -> Result<Deployed, ApiError> {
+                let sha256 = version.sha256.clone();
+                let deployed = state.load_version(&name, version, bytes.as_deref())?;
+                if let Some(bytes) = bytes {
+                    state.store.write_module(&sha256, &bytes)?;
+                }
+                Ok(deployed)
+            })
+            .await
+            .map_err(|e| ApiError::internal(anyhow::anyhow!("compile task failed: {e}")))??
+        };
+        self.store.write_record(&next)?;
+        self.insert(deployed);
+        if !record.versions.is_empty() && next.versions.len() <= record.versions.len() {
+            // A version was forgotten or replaced: its module may be unused.
+            if let Err(error) = self.store.collect_garbage() {
+                tracing::warn!(error = format!("{error:#}"), "collecting unused modules");
+            }
+        }
+        Ok(())
+    }
+
+    /// Deletes `name` from this host; `false` if it was not here. Callers
+    /// hold the admin lock.
+    pub(crate) fn delete_function(
+        &self,
+        _admin: &tokio::sync::MutexGuard<'_, ()>,
+        name: &FunctionName,
+    ) -> Result<bool, ApiError> {
+        if self.store.read_record(name)?.is_none() {
+            return Ok(false);
+        }
+        self.store.remove_record(name)?;
+        self.remove(name);
+        self.scheduler.remove(name.as_str());
+        self.metrics.forget_function(name.as_str());
+        if let Err(error) = self.store.collect_garbage() {
+            tracing::warn!(error = format!("{error:#}"), "collecting unused modules");
+        }
+        Ok(true)
     }
 
     /// Loads every stored function's active version, from the compiled-code
@@ -347,10 +445,20 @@ async fn route(
 ) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_string();
     if let Some(rest) = path.strip_prefix("/fn/") {
-        return invoke(state, req, rest, request_id).await;
+        let arrival = arrival(state, &req)?;
+        let req = req.map(RequestBody::Streamed);
+        return invoke(state, req, rest, request_id, arrival).await;
     }
     let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
     match (req.method(), segments.as_slice()) {
+        (&Method::GET, ["v1", "internal", "modules", sha256]) => {
+            authorize_peer(state, &req)?;
+            module(state, sha256)
+        }
+        (&Method::POST, ["v1", "functions", name, "map"]) => {
+            let name = parse_name(name)?;
+            crate::map::map(state, &name, req, request_id).await
+        }
         (&Method::GET, ["healthz"]) => Ok(text(StatusCode::OK, "ok\n")),
         (&Method::GET, ["readyz"]) => Ok(text(StatusCode::OK, "ready\n")),
         (&Method::GET, ["metrics"]) => {
@@ -380,6 +488,7 @@ async fn admin(
 ) -> Result<Response<Body>, ApiError> {
     match (req.method().clone(), segments) {
         (Method::GET, ["functions"]) => list(state),
+        (Method::GET, ["peers"]) => peers(state),
         (Method::PUT, ["functions", name]) => deploy(state, parse_name(name)?, req).await,
         (Method::GET, ["functions", name]) => describe(state, &parse_name(name)?),
         (Method::DELETE, ["functions", name]) => delete(state, &parse_name(name)?).await,
@@ -406,11 +515,100 @@ fn authorize(state: &AppState, req: &hyper::Request<Incoming>) -> Result<(), Api
     check_bearer(req, [state.admin_token.as_str()], "admin routes")
 }
 
+/// Internal routes need the cluster token.
+fn authorize_peer<B>(state: &AppState, req: &hyper::Request<B>) -> Result<(), ApiError> {
+    let Some(cluster) = state.cluster() else {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "this host is not in a cluster",
+        ));
+    };
+    let Some(presented) = req.headers().get(CLUSTER_AUTH_HEADER) else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!("internal requests need an `{CLUSTER_AUTH_HEADER}` header"),
+        ));
+    };
+    if cluster.secret().accepts(presented.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "forbidden",
+            "the cluster token is not valid here",
+        ))
+    }
+}
+
+/// Whether an invocation came from a client or, forwarded, from a peer
+/// (which must prove it is one).
+fn arrival<B>(state: &AppState, req: &hyper::Request<B>) -> Result<Arrival, ApiError> {
+    if req.headers().contains_key(HOP_HEADER) {
+        authorize_peer(state, req)?;
+        Ok(Arrival::Forwarded)
+    } else {
+        Ok(Arrival::Client)
+    }
+}
+
+/// `GET /v1/internal/modules/{sha256}`: a module's bytes, for a peer.
+fn module(state: &AppState, sha256: &str) -> Result<Response<Body>, ApiError> {
+    let valid = sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit());
+    if !valid || !state.store.has_module(sha256) {
+        return Err(ApiError::not_found(format!("no module {sha256}")));
+    }
+    let bytes = state.store.read_module(sha256)?;
+    let mut response = Response::new(full_body(bytes));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/wasm"),
+    );
+    Ok(response)
+}
+
+/// `GET /v1/peers`: the live peers and what they advertise.
+fn peers(state: &AppState) -> Result<Response<Body>, ApiError> {
+    let Some(cluster) = state.cluster() else {
+        return json(
+            StatusCode::OK,
+            &serde_json::json!({ "node_id": null, "peers": [] }),
+        );
+    };
+    let peers: Vec<serde_json::Value> = cluster
+        .peers()
+        .iter()
+        .map(|peer| {
+            let mut functions: Vec<_> = peer
+                .functions
+                .values()
+                .filter(|e| !e.is_tombstone())
+                .map(|e| serde_json::json!({ "name": e.name, "version": e.version, "sha256": e.sha256 }))
+                .collect();
+            functions.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+            serde_json::json!({
+                "node_id": peer.node_id,
+                "api": peer.api,
+                "gossip": peer.gossip,
+                "free_slots": peer.free_slots,
+                "load": peer.load,
+                "modules": peer.modules,
+                "functions": functions,
+            })
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "node_id": cluster.node_id(), "peers": peers }),
+    )
+}
+
 /// Checks the request's bearer token against `accepted`: `401` without one,
 /// `403` with a wrong one. Each comparison takes the same time wherever the
 /// tokens differ.
-fn check_bearer<'a>(
-    req: &hyper::Request<Incoming>,
+fn check_bearer<'a, B>(
+    req: &hyper::Request<B>,
     accepted: impl IntoIterator<Item = &'a str>,
     what: &str,
 ) -> Result<(), ApiError> {
@@ -438,6 +636,31 @@ fn check_bearer<'a>(
             "the token is not valid here",
         ))
     }
+}
+
+/// For a map: the function exists, has a valid policy, and the request may
+/// invoke it. Returns the `Authorization` each item carries, and the policy.
+pub(crate) fn check_access<B>(
+    state: &AppState,
+    name: &FunctionName,
+    req: &hyper::Request<B>,
+) -> Result<(Option<HeaderValue>, Arc<Policy>), ApiError> {
+    if state.lookup(name.as_str()).is_none() {
+        return Err(ApiError::not_found(format!("no function named {name:?}")));
+    }
+    let policy = state.policies.get(name).map_err(|error| {
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "policy_invalid",
+            format!("{name} has no valid policy: {error}"),
+        )
+    })?;
+    if !policy.public {
+        let accepted = std::iter::once(state.admin_token.as_str())
+            .chain(policy.tokens.iter().map(String::as_str));
+        check_bearer(req, accepted, "private functions")?;
+    }
+    Ok((req.headers().get(header::AUTHORIZATION).cloned(), policy))
 }
 
 fn parse_name(name: &str) -> Result<FunctionName, ApiError> {
@@ -530,12 +753,25 @@ async fn put_policy(
     let policies = Arc::clone(&state.policies);
     let name_owned = name.clone();
     let text = text.to_string();
+    let text_for_cluster = text.clone();
     let written = tokio::task::spawn_blocking(move || policies.write(&name_owned, &text))
         .await
         .map_err(|e| ApiError::internal(anyhow::anyhow!("policy write task failed: {e}")))?;
     match written {
         Ok(_) => {
             tracing::info!(function = %name, "policy written through the admin API");
+            if let Some(cluster) = state.cluster()
+                && let Some(slot) = state.lookup(name.as_str())
+            {
+                cluster
+                    .publish_local(
+                        name.as_str(),
+                        Some(slot.version.sha256.clone()),
+                        slot.version.version,
+                        Some(text_for_cluster),
+                    )
+                    .await;
+            }
             json(StatusCode::OK, &policy_json(state, name))
         }
         Err(WriteError::Invalid(error)) => {
@@ -570,7 +806,7 @@ async fn deploy_inner(
     let sha256 = sha256_hex(&bytes);
     let size = bytes.len() as u64;
 
-    let _guard = state.admin_lock.lock().await;
+    let guard = state.lock_admin().await;
     let record = state.store.read_record(&name)?.unwrap_or(FunctionRecord {
         name: name.clone(),
         active: 0,
@@ -585,28 +821,16 @@ async fn deploy_inner(
         return json(StatusCode::OK, &body);
     }
 
-    let mut next = record.clone();
-    let version = next.push_version(&sha256, size);
-    // Compiling takes milliseconds to seconds of CPU: off the async workers.
-    let deployed = {
-        let state = Arc::clone(state);
-        let name = name.clone();
-        let version = version.clone();
-        tokio::task::spawn_blocking(move || -> Result<Deployed, ApiError> {
-            let deployed = state.load_version(&name, version, Some(&bytes))?;
-            state.store.write_module(&sha256, &bytes)?;
-            Ok(deployed)
-        })
-        .await
-        .map_err(|e| ApiError::internal(anyhow::anyhow!("compile task failed: {e}")))??
-    };
-    state.store.write_record(&next)?;
-    state.insert(deployed);
-    if next.versions.len() <= record.versions.len() {
-        // The oldest version was forgotten: its module may now be unused.
-        if let Err(error) = state.store.collect_garbage() {
-            tracing::warn!(error = format!("{error:#}"), "collecting unused modules");
-        }
+    let version = record.next_version(&sha256, size);
+    state
+        .activate(&guard, &name, version.clone(), Some(bytes))
+        .await?;
+    drop(guard);
+    if let Some(cluster) = state.cluster() {
+        let policy = state.policy_source(&name);
+        cluster
+            .publish_local(name.as_str(), Some(sha256), version.version, policy)
+            .await;
     }
     tracing::info!(function = %name, version = version.version, sha256 = %version.sha256, size, "deployed");
     let body = FunctionSummary::new(&name, &version);
@@ -614,18 +838,19 @@ async fn deploy_inner(
 }
 
 async fn delete(state: &Arc<AppState>, name: &FunctionName) -> Result<Response<Body>, ApiError> {
-    let _guard = state.admin_lock.lock().await;
-    if state.store.read_record(name)?.is_none() {
+    let guard = state.lock_admin().await;
+    if !state.delete_function(&guard, name)? {
         return Err(ApiError::not_found(format!("no function named {name}")));
     }
-    state.store.remove_record(name)?;
-    state.remove(name);
-    state.scheduler.remove(name.as_str());
-    state.metrics.forget_function(name.as_str());
-    if let Err(error) = state.store.collect_garbage() {
-        tracing::warn!(error = format!("{error:#}"), "collecting unused modules");
-    }
+    drop(guard);
     tracing::info!(function = %name, "deleted");
+    if let Some(cluster) = state.cluster() {
+        cluster.forget_function(name.as_str());
+        let version = cluster.entry(name.as_str()).map_or(0, |e| e.version);
+        cluster
+            .publish_local(name.as_str(), None, version, None)
+            .await;
+    }
     json(
         StatusCode::OK,
         &serde_json::json!({ "name": name, "deleted": true }),
@@ -634,7 +859,7 @@ async fn delete(state: &Arc<AppState>, name: &FunctionName) -> Result<Response<B
 
 /// Reads a request body, refusing it with `413` as soon as it passes `limit`
 /// (by its declared length, or while it streams), never buffering more.
-async fn read_body_capped(
+pub(crate) async fn read_body_capped(
     req: hyper::Request<Incoming>,
     limit: u64,
     idle: Duration,
@@ -677,13 +902,71 @@ async fn read_body_capped(
     Ok(buffer.freeze())
 }
 
+/// The body of an invocation: streamed from a client or a peer, or whole
+/// (a map item).
+pub enum RequestBody {
+    Streamed(Incoming),
+    Whole(http_body_util::Full<Bytes>),
+}
+
+impl From<Bytes> for RequestBody {
+    fn from(bytes: Bytes) -> Self {
+        RequestBody::Whole(http_body_util::Full::new(bytes))
+    }
+}
+
+impl http_body::Body for RequestBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            RequestBody::Streamed(body) => std::pin::Pin::new(body).poll_frame(cx),
+            RequestBody::Whole(body) => std::pin::Pin::new(body)
+                .poll_frame(cx)
+                .map_err(|never| match never {}),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            RequestBody::Streamed(body) => body.is_end_stream(),
+            RequestBody::Whole(body) => body.is_end_stream(),
+        }
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        match self {
+            RequestBody::Streamed(body) => body.size_hint(),
+            RequestBody::Whole(body) => body.size_hint(),
+        }
+    }
+}
+
+/// How an invocation reached this host.
+#[derive(Clone)]
+pub enum Arrival {
+    /// From a client: forwarded to a peer when this host has no room.
+    Client,
+    /// An item of a map: like a client's, and its body can be sent again
+    /// if a peer fails after receiving it.
+    MapItem(Bytes),
+    /// Forwarded by a peer (authenticated): run here at once or refuse as
+    /// busy, never forwarded again. The peer checked access.
+    Forwarded,
+}
+
 /// `/fn/{name}` and `/fn/{name}/{rest...}`: the guest sees `/{rest...}` and
 /// the query, as if it were served at the root.
-async fn invoke(
+pub(crate) async fn invoke(
     state: &Arc<AppState>,
-    req: hyper::Request<Incoming>,
+    req: hyper::Request<RequestBody>,
     after_prefix: &str,
     request_id: &str,
+    arrival: Arrival,
 ) -> Result<Response<Body>, ApiError> {
     let (name, rest) = match after_prefix.split_once('/') {
         Some((name, rest)) => (name, rest),
@@ -719,6 +1002,7 @@ async fn invoke(
         rest,
         request_id,
         Arc::clone(&stats),
+        arrival,
     )
     .await;
     let duration = started.elapsed();
@@ -750,18 +1034,21 @@ async fn invoke(
 }
 
 /// Everything between finding the function and logging the outcome: access,
-/// body limits, admission, the run itself, and the response cap.
+/// body limits, admission (here or at a peer), the run itself, and the
+/// response cap.
+#[allow(clippy::too_many_arguments)]
 async fn admit_and_run(
     state: &Arc<AppState>,
     function: &Arc<Deployed>,
     policy: Arc<Policy>,
-    mut req: hyper::Request<Incoming>,
+    mut req: hyper::Request<RequestBody>,
     rest: &str,
     request_id: &str,
     stats: Arc<InvocationStats>,
+    arrival: Arrival,
 ) -> (Result<Response<Body>, ApiError>, Outcome) {
     let refused = |error: ApiError| (Err(error), Outcome::Rejected);
-    if !policy.public {
+    if !policy.public && !matches!(arrival, Arrival::Forwarded) {
         let accepted = std::iter::once(state.admin_token.as_str())
             .chain(policy.tokens.iter().map(String::as_str));
         if let Err(error) = check_bearer(&req, accepted, "private functions") {
@@ -778,48 +1065,91 @@ async fn admit_and_run(
         )));
     }
 
+    let original_uri = req.uri().clone();
     let guest_uri = match req.uri().query() {
         Some(query) => format!("/{rest}?{query}"),
         None => format!("/{rest}"),
     };
-    match guest_uri.parse() {
-        Ok(uri) => *req.uri_mut() = uri,
+    let guest_uri: http::Uri = match guest_uri.parse() {
+        Ok(uri) => uri,
         Err(e) => {
             return refused(ApiError::bad_request(
                 "bad_uri",
                 format!("invalid path: {e}"),
             ));
         }
-    }
-    if !req.headers().contains_key(header::HOST) {
-        req.headers_mut()
-            .insert(header::HOST, HeaderValue::from_static("localhost"));
-    }
+    };
 
     let gate = state
         .scheduler
         .gate(function.name.as_str(), policy.concurrency, policy.queue);
-    let _admission = match state.scheduler.admit(&gate, policy.timeout).await {
+    let busy = |refusal: Refusal| {
+        ApiError::busy(match refusal {
+            Refusal::FunctionBusy => format!(
+                "{} is at its concurrency limit ({}) and its queue ({}) is full",
+                function.name, policy.concurrency, policy.queue
+            ),
+            Refusal::HostBusy => "this host is at its limit of invocations in flight".to_string(),
+            Refusal::QueueTimeout => format!(
+                "{} did not get a free slot within its deadline of {:?}",
+                function.name, policy.timeout
+            ),
+        })
+    };
+    // Local cores first; when they are taken, a peer with room; when no
+    // peer has room either, this host's queue.
+    let _admission = match state.scheduler.try_admit(&gate) {
         Ok(admission) => admission,
-        Err(refusal) => {
-            let message = match refusal {
-                Refusal::FunctionBusy => format!(
-                    "{} is at its concurrency limit ({}) and its queue ({}) is full",
-                    function.name, policy.concurrency, policy.queue
-                ),
-                Refusal::HostBusy => {
-                    "this host is at its limit of invocations in flight".to_string()
-                }
-                Refusal::QueueTimeout => format!(
-                    "{} did not get a free slot within its deadline of {:?}",
-                    function.name, policy.timeout
-                ),
-            };
-            let mut error = ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message);
-            error.retry_after_secs = Some(RETRY_AFTER_SECS);
-            return refused(error);
+        Err(refusal) if matches!(arrival, Arrival::Forwarded) => return refused(busy(refusal)),
+        Err(_) => {
+            if let Some(cluster) = state.cluster() {
+                let replay = match &arrival {
+                    Arrival::MapItem(bytes) => Replay::Body(bytes.clone()),
+                    _ if is_idempotent(req.method()) && req.body().is_end_stream() => {
+                        Replay::Body(Bytes::new())
+                    }
+                    _ => Replay::Never,
+                };
+                let forwarded = cluster
+                    .forward(
+                        function.name.as_str(),
+                        &function.version.sha256,
+                        req,
+                        policy.timeout + FORWARD_SLACK,
+                        replay.clone(),
+                    )
+                    .await;
+                req = match forwarded {
+                    Forward::Done(response) => return (Ok(response), Outcome::Forwarded),
+                    Forward::Failed(error) => return (Err(error), Outcome::ForwardFailed),
+                    Forward::NoRoom(parts, Some(body)) => hyper::Request::from_parts(parts, body),
+                    Forward::NoRoom(parts, None) => match replay {
+                        Replay::Body(bytes) => {
+                            hyper::Request::from_parts(parts, RequestBody::from(bytes))
+                        }
+                        Replay::Never => {
+                            return refused(ApiError::busy(
+                                "no host in the cluster has room for this request",
+                            ));
+                        }
+                    },
+                };
+            }
+            match state.scheduler.admit(&gate, policy.timeout).await {
+                Ok(admission) => admission,
+                Err(refusal) => return refused(busy(refusal)),
+            }
         }
     };
+    debug_assert_eq!(req.uri(), &original_uri);
+    *req.uri_mut() = guest_uri;
+    if !req.headers().contains_key(header::HOST) {
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("localhost"));
+    }
+    // Between hosts only.
+    req.headers_mut().remove(HOP_HEADER);
+    req.headers_mut().remove(CLUSTER_AUTH_HEADER);
 
     let (parts, body) = req.into_parts();
     let body = GuardedRequestBody::new(body, policy.request_body, state.limits.body_idle_timeout);
@@ -875,6 +1205,18 @@ async fn admit_and_run(
         CappedResponseBody::new(body, limit, on_cut).boxed_unsync()
     });
     (Ok(response), outcome)
+}
+
+/// A forward may take this much longer than the function's deadline (the
+/// peer's own queueing and the network).
+const FORWARD_SLACK: Duration = Duration::from_secs(1);
+
+/// Methods that may be sent twice with the effect of once (RFC 9110 9.2.2).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
 }
 
 /// The `Content-Length` a request or response declares, if any and valid.

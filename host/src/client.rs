@@ -1,4 +1,4 @@
-//! The command-line client: `lichen deploy`, `lichen ls`, `lichen rm` talk to
+//! The command-line client: `lichen deploy`, `ls`, `rm` and `map` talk to
 //! a host's admin API. Errors print the server's own message.
 
 use std::path::{Path, PathBuf};
@@ -138,4 +138,12 @@ pub async fn remove(target: &Target, name: &str) -> Result<String> {
         .call(Method::DELETE, &format!("/v1/functions/{name}"), Vec::new())
         .await?;
     Ok(format!("removed {name}"))
+}
+
+pub async fn map(target: &Target, name: &str, file: &Path) -> Result<String> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let value = target
+        .call(Method::POST, &format!("/v1/functions/{name}/map"), bytes)
+        .await?;
+    Ok(serde_json::to_string_pretty(&value)?)
 }

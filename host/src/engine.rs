@@ -133,6 +133,10 @@ pub enum Outcome {
     Rejected,
     /// Refused for access: missing or wrong token.
     Denied,
+    /// Run by a peer (this host was full).
+    Forwarded,
+    /// A peer took it and failed, or timed out.
+    ForwardFailed,
 }
 
 impl Outcome {
@@ -145,6 +149,8 @@ impl Outcome {
             Outcome::Timeout => "timeout",
             Outcome::Rejected => "rejected",
             Outcome::Denied => "denied",
+            Outcome::Forwarded => "forwarded",
+            Outcome::ForwardFailed => "forward_failed",
         }
     }
 }
@@ -514,6 +520,7 @@ mod tests {
             sha256: String::new(),
             size: 0,
             created_unix: 0,
+            timestamp_ms: None,
         };
         assert!(matches!(
             rt.prepare(name, version, &component),

@@ -52,6 +52,14 @@ impl ApiError {
         Self::new(StatusCode::UNPROCESSABLE_ENTITY, code, message)
     }
 
+    /// No room to run it now: `503` with `Retry-After`, and a header that
+    /// tells a forwarding peer nothing ran (so it may go elsewhere).
+    pub fn busy(message: impl Into<String>) -> Self {
+        let mut error = Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message);
+        error.retry_after_secs = Some(crate::scheduler::RETRY_AFTER_SECS);
+        error
+    }
+
     pub fn too_large(message: impl Into<String>) -> Self {
         Self::new(StatusCode::PAYLOAD_TOO_LARGE, "too_large", message)
     }
@@ -82,6 +90,12 @@ impl ApiError {
             http::header::CONTENT_TYPE,
             HeaderValue::from_static("application/json"),
         );
+        if self.code == "busy" {
+            response.headers_mut().insert(
+                crate::cluster::forward::BUSY_HEADER,
+                HeaderValue::from_static("1"),
+            );
+        }
         if let Some(secs) = self.retry_after_secs {
             response
                 .headers_mut()

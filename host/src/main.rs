@@ -1,4 +1,5 @@
-//! The `lichen` command: `serve` runs a host; `deploy`, `ls` and `rm` talk to one.
+//! The `lichen` command: `serve` runs a host; `deploy`, `ls`, `rm` and `map`
+//! talk to one.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -42,6 +43,14 @@ enum Command {
         #[command(flatten)]
         target: TargetArgs,
     },
+    /// Invoke NAME once per element of the JSON array in FILE (in parallel,
+    /// across the cluster); prints the results in input order.
+    Map {
+        name: String,
+        file: PathBuf,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
 }
 
 #[derive(clap::Args)]
@@ -75,6 +84,66 @@ struct ServeArgs {
     metrics_require_token: bool,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
+    #[command(flatten)]
+    cluster: ClusterArgs,
+}
+
+/// Joining peer hosts. Any of these flags makes the host a cluster member;
+/// `--cluster-secret` is then required.
+#[derive(clap::Args)]
+#[command(next_help_heading = "Cluster")]
+struct ClusterArgs {
+    /// Gossip address (UDP) of a host to join through; repeatable.
+    #[arg(long = "peer", value_name = "ADDR")]
+    peers: Vec<String>,
+    /// Where this host gossips (UDP), e.g. 10.0.0.5:7946.
+    #[arg(long, value_name = "ADDR")]
+    gossip: Option<SocketAddr>,
+    /// The HTTP address peers use for this host (default: the listen address).
+    #[arg(long, value_name = "ADDR")]
+    advertise: Option<SocketAddr>,
+    /// This host's name in the cluster (default: the hostname and gossip port).
+    #[arg(long)]
+    node_id: Option<String>,
+    /// Shared by every host of the cluster (at least 16 characters).
+    #[arg(long, env = "LICHEN_CLUSTER_SECRET", hide_env_values = true)]
+    cluster_secret: Option<String>,
+    /// Time between gossip rounds, in milliseconds; a dead peer is noticed
+    /// after about ten.
+    #[arg(long, default_value_t = 200)]
+    gossip_interval_ms: u64,
+}
+
+impl ClusterArgs {
+    fn config(self) -> anyhow::Result<Option<lichen::cluster::ClusterConfig>> {
+        if self.peers.is_empty() && self.gossip.is_none() {
+            return Ok(None);
+        }
+        let Some(secret) = self.cluster_secret else {
+            anyhow::bail!("joining a cluster needs --cluster-secret (or LICHEN_CLUSTER_SECRET)");
+        };
+        let gossip_listen = self
+            .gossip
+            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7946)));
+        let node_id = match self.node_id {
+            Some(id) => id,
+            None => {
+                let host = std::fs::read_to_string("/etc/hostname")
+                    .map(|h| h.trim().to_string())
+                    .unwrap_or_else(|_| "lichen".to_string());
+                format!("{host}-{}", gossip_listen.port())
+            }
+        };
+        Ok(Some(lichen::cluster::ClusterConfig {
+            node_id,
+            gossip_listen,
+            gossip_advertise: None,
+            api_advertise: self.advertise,
+            seeds: self.peers,
+            secret: lichen::cluster::Secret::new(&secret)?,
+            gossip_interval: std::time::Duration::from_millis(self.gossip_interval_ms.max(10)),
+        }))
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -127,6 +196,9 @@ async fn main() -> ExitCode {
         Command::Rm { name, target } => {
             print(async { client::remove(&target.resolve()?, &name).await }).await
         }
+        Command::Map { name, file, target } => {
+            print(async { client::map(&target.resolve()?, &name, &file).await }).await
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -152,6 +224,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_connections = args.max_connections;
     config.max_in_flight = args.max_in_flight;
     config.max_loaded_functions = args.max_loaded_functions;
+    config.cluster = args.cluster.config()?;
     let server = Server::bind(config).await?;
     server.run(server::shutdown_signal()).await
 }

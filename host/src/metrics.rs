@@ -34,8 +34,11 @@ const OUTCOMES: &[Outcome] = &[
     Outcome::Timeout,
     Outcome::Rejected,
     Outcome::Denied,
+    Outcome::Forwarded,
+    Outcome::ForwardFailed,
 ];
 
+#[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
     pub invocations: IntCounterVec,
@@ -58,6 +61,14 @@ pub struct Metrics {
     pub functions: IntGauge,
     /// Policy files that failed to load (the last good one stayed).
     pub policy_reload_errors: IntCounter,
+    /// Peers the failure detector holds alive (this host not counted).
+    pub peers_alive: IntGauge,
+    /// Invocations a peer ran for this host, by function and peer node id.
+    pub forwarded: IntCounterVec,
+    /// Forwards that failed (connection, peer error, timeout).
+    pub forward_failures: IntCounter,
+    /// Modules fetched from peers, by outcome.
+    pub module_fetches: IntCounterVec,
 }
 
 impl Metrics {
@@ -154,6 +165,28 @@ impl Metrics {
                 .const_label("version", env!("CARGO_PKG_VERSION")),
         )?;
         build_info.set(1);
+        let peers_alive = IntGauge::with_opts(Opts::new(
+            "lichen_peers_alive",
+            "Peer hosts alive in the cluster, this host not counted.",
+        ))?;
+        let forwarded = IntCounterVec::new(
+            Opts::new(
+                "lichen_forwarded_total",
+                "Invocations forwarded to a peer because this host was full.",
+            ),
+            &["function", "peer"],
+        )?;
+        let forward_failures = IntCounter::with_opts(Opts::new(
+            "lichen_forward_failures_total",
+            "Forwards that failed: no connection, a peer error, or the deadline.",
+        ))?;
+        let module_fetches = IntCounterVec::new(
+            Opts::new(
+                "lichen_module_fetches_total",
+                "Modules fetched from peers by outcome (ok, hash_mismatch, failed, unavailable).",
+            ),
+            &["outcome"],
+        )?;
 
         registry.register(Box::new(invocations.clone()))?;
         registry.register(Box::new(invocation_duration.clone()))?;
@@ -170,6 +203,10 @@ impl Metrics {
         registry.register(Box::new(functions.clone()))?;
         registry.register(Box::new(policy_reload_errors.clone()))?;
         registry.register(Box::new(build_info))?;
+        registry.register(Box::new(peers_alive.clone()))?;
+        registry.register(Box::new(forwarded.clone()))?;
+        registry.register(Box::new(forward_failures.clone()))?;
+        registry.register(Box::new(module_fetches.clone()))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -189,6 +226,10 @@ impl Metrics {
             deploys,
             functions,
             policy_reload_errors,
+            peers_alive,
+            forwarded,
+            forward_failures,
+            module_fetches,
         })
     }
 

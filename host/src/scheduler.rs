@@ -70,6 +70,7 @@ pub struct Admission {
 pub struct Scheduler {
     gates: Mutex<HashMap<String, Arc<Gate>>>,
     host: Arc<Semaphore>,
+    max_in_flight: u32,
 }
 
 impl Scheduler {
@@ -77,6 +78,7 @@ impl Scheduler {
         Scheduler {
             gates: Mutex::new(HashMap::new()),
             host: Arc::new(Semaphore::new(max_in_flight as usize)),
+            max_in_flight,
         }
     }
 
@@ -109,6 +111,26 @@ impl Scheduler {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(function);
+    }
+
+    /// Free slots of the host and invocations in flight, for peers.
+    pub fn host_load(&self) -> (u32, u32) {
+        let free = self.host.available_permits() as u32;
+        (free, self.max_in_flight.saturating_sub(free))
+    }
+
+    /// A permit of `gate` and one of the host's if both are free now.
+    pub fn try_admit(&self, gate: &Gate) -> Result<Admission, Refusal> {
+        let function = Arc::clone(&gate.permits)
+            .try_acquire_owned()
+            .map_err(|_| Refusal::FunctionBusy)?;
+        let host = Arc::clone(&self.host)
+            .try_acquire_owned()
+            .map_err(|_| Refusal::HostBusy)?;
+        Ok(Admission {
+            _function: function,
+            _host: host,
+        })
     }
 
     /// Waits for a permit of `gate` (at most `wait`), then takes one of the

@@ -19,6 +19,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::api::{self, ApiLimits, AppState};
+use crate::cluster::{Cluster, ClusterConfig};
 use crate::engine::{EngineSettings, Runtime};
 use crate::metrics::Metrics;
 use crate::policy::PolicyTable;
@@ -88,6 +89,8 @@ pub struct ServeConfig {
     /// least recently called are unloaded, and load again from the cache
     /// (about a millisecond) when next called.
     pub max_loaded_functions: usize,
+    /// Join a cluster of peer hosts.
+    pub cluster: Option<ClusterConfig>,
 }
 
 impl ServeConfig {
@@ -106,6 +109,7 @@ impl ServeConfig {
             header_read_timeout: Duration::from_secs(10),
             metrics_require_token: false,
             max_loaded_functions: DEFAULT_MAX_LOADED_FUNCTIONS,
+            cluster: None,
         }
     }
 }
@@ -119,6 +123,7 @@ pub struct Server {
     shutdown_grace: Duration,
     connections: Arc<tokio::sync::Semaphore>,
     header_read_timeout: Duration,
+    cluster: Option<Arc<Cluster>>,
     /// Reloads policies while the server lives.
     _policy_watcher: notify::RecommendedWatcher,
 }
@@ -173,6 +178,19 @@ impl Server {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let local_addr = listener.local_addr()?;
+        let cluster = match config.cluster {
+            Some(cluster_config) => {
+                let cluster =
+                    Cluster::start(cluster_config, local_addr, state.metrics.clone()).await?;
+                state.join(Arc::clone(&cluster));
+                tokio::spawn(crate::cluster::sync::run(
+                    Arc::clone(&cluster),
+                    Arc::downgrade(&state),
+                ));
+                Some(cluster)
+            }
+            None => None,
+        };
         Ok(Server {
             listener,
             state,
@@ -181,6 +199,7 @@ impl Server {
             shutdown_grace: config.shutdown_grace,
             connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections as usize)),
             header_read_timeout: config.header_read_timeout,
+            cluster,
             _policy_watcher: policy_watcher,
         })
     }
@@ -242,6 +261,9 @@ impl Server {
             });
         }
         drop(self.listener);
+        if let Some(cluster) = &self.cluster {
+            cluster.shutdown();
+        }
         tracing::info!("shutting down: waiting for in-flight requests");
         match tokio::time::timeout(self.shutdown_grace, graceful.shutdown()).await {
             Ok(()) => tracing::info!("all connections closed"),

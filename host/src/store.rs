@@ -54,6 +54,10 @@ pub struct VersionInfo {
     pub sha256: String,
     pub size: u64,
     pub created_unix: u64,
+    /// When the cluster registry entry of this version was written
+    /// (milliseconds since the epoch), if it came through one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timestamp_ms: Option<u64>,
 }
 
 /// Everything the store knows about one function.
@@ -70,24 +74,38 @@ impl FunctionRecord {
         self.versions.iter().find(|v| v.version == self.active)
     }
 
-    /// Adds a version for `sha256` and makes it active. Returns it.
-    pub fn push_version(&mut self, sha256: &str, size: u64) -> VersionInfo {
-        let version = self.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1;
-        let info = VersionInfo {
-            version,
+    /// A new version for `sha256`, numbered after every version known.
+    pub fn next_version(&self, sha256: &str, size: u64) -> VersionInfo {
+        VersionInfo {
+            version: self.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1,
             sha256: sha256.to_string(),
             size,
             created_unix: SystemTime::now()
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
-        };
-        self.versions.push(info.clone());
+            timestamp_ms: None,
+        }
+    }
+
+    /// Adds a version for `sha256` and makes it active. Returns it.
+    pub fn push_version(&mut self, sha256: &str, size: u64) -> VersionInfo {
+        let info = self.next_version(sha256, size);
+        self.install(info.clone());
+        info
+    }
+
+    /// Makes `info` the active version, replacing a version of the same
+    /// number (a cluster's registry decides numbers across hosts), and
+    /// forgets the oldest beyond what is kept.
+    pub fn install(&mut self, info: VersionInfo) {
+        self.versions.retain(|v| v.version != info.version);
+        self.active = info.version;
+        self.versions.push(info);
+        self.versions.sort_by_key(|v| v.version);
         if self.versions.len() > KEEP_VERSIONS {
             let excess = self.versions.len() - KEEP_VERSIONS;
             self.versions.drain(..excess);
         }
-        self.active = version;
-        info
     }
 }
 

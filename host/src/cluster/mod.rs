@@ -1,10 +1,398 @@
-//! Peer hosts sharing work (issue 6), in progress. What is here is the pure
-//! logic the cluster is built on, tested on its own; membership (chitchat),
-//! module transfer, forwarding and the map API are not wired in yet.
+//! Peer hosts sharing work: membership, one registry of functions, modules
+//! moved by content hash, and forwarding when this host is full.
 //!
-//! - `placement`: rendezvous-hash owners of a function and the power of two
-//!   choices among them.
-//! - `registry`: the last-writer-wins registry of functions with tombstones.
+//! - Membership and failure detection are chitchat's (Scuttlebutt gossip
+//!   with a phi-accrual failure detector, as Quickwit runs it). Each host
+//!   publishes, sealed with the cluster secret ([`auth`]): `api` (its HTTP
+//!   address), `load` (free invocation slots and invocations in flight),
+//!   `mod:<sha256>` per module it holds, and `fn:<name>` per function it
+//!   serves: the registry entry it has applied.
+//! - The registry ([`registry`]) merges last-writer-wins by (timestamp, node
+//!   id). A host applies a newer entry it sees at a peer (fetching the module
+//!   from a peer that holds it, checking its hash, compiling it itself), and
+//!   only then publishes it as its own: so every `fn:` key says "this host
+//!   serves that version", and an entry outlives the host that wrote it.
+//! - Forwarding ([`forward`]) sends an invocation this host has no room for
+//!   to the function's rendezvous owners with room ([`placement`]).
 
+pub mod auth;
+pub mod forward;
 pub mod placement;
 pub mod registry;
+pub mod sync;
+
+use std::collections::{BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context;
+use chitchat::transport::UdpTransport;
+use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
+use serde::Serialize;
+
+use crate::metrics::Metrics;
+pub use auth::Secret;
+use registry::{Entry, Registry};
+
+/// Header of a forwarded request: the node that forwarded it. A request that
+/// carries it is never forwarded again.
+pub const HOP_HEADER: &str = "x-lichen-forwarded-by";
+/// Header naming the host that ran a forwarded invocation.
+pub const SERVED_BY_HEADER: &str = "x-lichen-served-by";
+/// Header of internal requests: the cluster token.
+pub const CLUSTER_AUTH_HEADER: &str = "x-lichen-cluster-token";
+
+const KEY_API: &str = "api";
+const KEY_LOAD: &str = "load";
+const PREFIX_FN: &str = "fn:";
+const PREFIX_MOD: &str = "mod:";
+
+/// How a host takes part in a cluster.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub node_id: String,
+    /// Where gossip (UDP) listens.
+    pub gossip_listen: SocketAddr,
+    /// The gossip address peers use; `None`: `gossip_listen`.
+    pub gossip_advertise: Option<SocketAddr>,
+    /// The HTTP address peers use for this host; `None`: the bound address.
+    pub api_advertise: Option<SocketAddr>,
+    /// Gossip addresses of hosts to join through.
+    pub seeds: Vec<String>,
+    pub secret: Secret,
+    pub gossip_interval: Duration,
+}
+
+/// A live peer as its gossip state says.
+#[derive(Debug, Clone, Serialize)]
+pub struct Peer {
+    pub node_id: String,
+    pub api: String,
+    pub gossip: SocketAddr,
+    pub free_slots: u32,
+    pub load: u32,
+    /// The registry entries it serves, by function name.
+    #[serde(skip)]
+    pub functions: HashMap<String, Entry>,
+    pub modules: BTreeSet<String>,
+}
+
+impl Peer {
+    /// Whether it serves exactly this version of `function`.
+    pub fn serves(&self, function: &str, sha256: &str) -> bool {
+        self.functions
+            .get(function)
+            .and_then(|e| e.sha256.as_deref())
+            .is_some_and(|sha| sha == sha256)
+    }
+}
+
+/// A gossip value's place: (node id, key).
+type GossipKey = (String, String);
+
+/// This host's membership in a cluster.
+pub struct Cluster {
+    node_id: String,
+    secret: Secret,
+    api_url: String,
+    interval: Duration,
+    chitchat: ChitchatHandle,
+    /// Live peers at the latest gossip round (this host excluded).
+    peers: RwLock<Arc<Vec<Peer>>>,
+    /// What this host serves: the entries it has applied and publishes.
+    registry: Mutex<Registry>,
+    /// Parsed gossip values by (node, key): re-read only when their version
+    /// changes, as a round sees every key of every peer.
+    parsed: Mutex<HashMap<GossipKey, (u64, Option<Entry>)>>,
+    /// Peers this host has forwarded to, per function, to drop their series
+    /// when the function is deleted.
+    forwarded_to: Mutex<HashMap<String, HashSet<String>>>,
+    client: forward::Client,
+    metrics: Metrics,
+}
+
+impl Cluster {
+    /// Joins (or starts) the cluster: opens the gossip socket and publishes
+    /// this host's address.
+    pub async fn start(
+        config: ClusterConfig,
+        api_addr: SocketAddr,
+        metrics: Metrics,
+    ) -> anyhow::Result<Arc<Cluster>> {
+        let api = config.api_advertise.unwrap_or(api_addr);
+        if api.ip().is_unspecified() {
+            anyhow::bail!(
+                "the API listens on {api}: peers need a reachable address, give --advertise"
+            );
+        }
+        let api_url = format!("http://{api}");
+        let gossip_advertise = config.gossip_advertise.unwrap_or(config.gossip_listen);
+        if gossip_advertise.ip().is_unspecified() {
+            anyhow::bail!(
+                "gossip listens on {gossip_advertise}: peers need a reachable address, give --gossip with an IP"
+            );
+        }
+        let generation = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let chitchat_id = ChitchatId::new(config.node_id.clone(), generation, gossip_advertise);
+        let interval = config.gossip_interval;
+        let chitchat_config = ChitchatConfig {
+            chitchat_id,
+            cluster_id: config.secret.cluster_id(),
+            gossip_interval: interval,
+            listen_addr: config.gossip_listen,
+            seed_nodes: config.seeds.clone(),
+            failure_detector_config: FailureDetectorConfig {
+                // About ten silent rounds mark a peer dead.
+                initial_interval: interval,
+                max_interval: interval * 10,
+                dead_node_grace_period: Duration::from_secs(3600),
+                ..FailureDetectorConfig::default()
+            },
+            marked_for_deletion_grace_period: Duration::from_secs(3600),
+            catchup_callback: None,
+            extra_liveness_predicate: None,
+            protocol_version: chitchat::ProtocolVersion::V0,
+        };
+        let initial = vec![(
+            KEY_API.to_string(),
+            config.secret.seal(&config.node_id, KEY_API, &api_url),
+        )];
+        let chitchat = chitchat::spawn_chitchat(chitchat_config, initial, &UdpTransport)
+            .await
+            .with_context(|| format!("starting gossip on {}", config.gossip_listen))?;
+        tracing::info!(node_id = %config.node_id, gossip = %gossip_advertise, api = %api_url, seeds = ?config.seeds, "joined the cluster");
+        Ok(Arc::new(Cluster {
+            node_id: config.node_id,
+            client: forward::client(),
+            secret: config.secret,
+            api_url,
+            interval,
+            chitchat,
+            peers: RwLock::new(Arc::new(Vec::new())),
+            registry: Mutex::new(Registry::default()),
+            parsed: Mutex::new(HashMap::new()),
+            forwarded_to: Mutex::new(HashMap::new()),
+            metrics,
+        }))
+    }
+
+    pub fn node_id(&self) -> &str {
+        &self.node_id
+    }
+
+    pub fn secret(&self) -> &Secret {
+        &self.secret
+    }
+
+    /// Live peers as of the latest gossip round.
+    pub fn peers(&self) -> Arc<Vec<Peer>> {
+        Arc::clone(&self.peers.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// The entry this host serves for `name`, tombstones included.
+    pub fn entry(&self, name: &str) -> Option<Entry> {
+        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+        registry.get(name).cloned()
+    }
+
+    /// Records a change made on this host (deploy, delete, policy) and
+    /// publishes it. Its timestamp is later than any entry seen for the name,
+    /// so it wins over everything it was made on top of.
+    pub async fn publish_local(
+        &self,
+        name: &str,
+        sha256: Option<String>,
+        version: u64,
+        policy: Option<String>,
+    ) {
+        let seen = self
+            .peers()
+            .iter()
+            .filter_map(|p| p.functions.get(name).map(|e| e.timestamp_ms))
+            .chain(self.entry(name).map(|e| e.timestamp_ms))
+            .max()
+            .unwrap_or(0);
+        let entry = Entry {
+            name: name.to_string(),
+            sha256,
+            version,
+            policy,
+            timestamp_ms: now_ms().max(seen + 1),
+            origin: self.node_id.clone(),
+        };
+        self.publish(entry).await;
+    }
+
+    /// Makes `entry` this host's own and gossips it (with its module).
+    async fn publish(&self, entry: Entry) {
+        let key = format!("{PREFIX_FN}{}", entry.name);
+        let Ok(json) = serde_json::to_string(&entry) else {
+            return;
+        };
+        let sealed = self.secret.seal(&self.node_id, &key, &json);
+        let modules: BTreeSet<String> = {
+            let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
+            registry.merge(entry);
+            registry
+                .entries()
+                .filter_map(|e| e.sha256.clone())
+                .collect()
+        };
+        self.chitchat
+            .with_chitchat(|chitchat| {
+                let state = chitchat.self_node_state();
+                state.set(key.as_str(), sealed.as_str());
+                let held: Vec<String> = state
+                    .key_values()
+                    .filter_map(|(k, _)| k.strip_prefix(PREFIX_MOD).map(str::to_string))
+                    .collect();
+                for sha in &held {
+                    if !modules.contains(sha) {
+                        state.delete(&format!("{PREFIX_MOD}{sha}"));
+                    }
+                }
+                for sha in &modules {
+                    let key = format!("{PREFIX_MOD}{sha}");
+                    if !state.contains_key(&key) {
+                        let sealed = self.secret.seal(&self.node_id, &key, "");
+                        state.set(key, sealed);
+                    }
+                }
+            })
+            .await;
+    }
+
+    /// Publishes this host's free slots and load, and reads every live
+    /// peer's state into [`Cluster::peers`].
+    async fn gossip_round(&self, free_slots: u32, load: u32) {
+        let load_value = self
+            .secret
+            .seal(&self.node_id, KEY_LOAD, &format!("{free_slots} {load}"));
+        let snapshot = self
+            .chitchat
+            .with_chitchat(|chitchat| {
+                chitchat
+                    .self_node_state()
+                    .set(KEY_LOAD, load_value.as_str());
+                let me = chitchat.self_chitchat_id().clone();
+                let live: Vec<ChitchatId> = chitchat
+                    .live_nodes()
+                    .filter(|id| **id != me)
+                    .cloned()
+                    .collect();
+                live.into_iter()
+                    .filter_map(|id| {
+                        let state = chitchat.node_state(&id)?;
+                        let values: Vec<(String, u64, String)> = state
+                            .key_values_including_deleted()
+                            .filter(|(_, v)| !v.is_deleted())
+                            .map(|(k, v)| (k.to_string(), v.version, v.value.clone()))
+                            .collect();
+                        Some((id, values))
+                    })
+                    .collect::<Vec<_>>()
+            })
+            .await;
+        let peers: Vec<Peer> = snapshot
+            .into_iter()
+            .filter_map(|(id, values)| self.read_peer(&id, values))
+            .collect();
+        self.metrics.peers_alive.set(peers.len() as i64);
+        *self.peers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(peers);
+    }
+
+    /// A peer from its gossip values; `None` if it has not (validly)
+    /// published an API address. Values with a wrong MAC are ignored.
+    fn read_peer(&self, id: &ChitchatId, values: Vec<(String, u64, String)>) -> Option<Peer> {
+        let node = &*id.node_id;
+        let mut peer = Peer {
+            node_id: node.to_string(),
+            api: String::new(),
+            gossip: id.gossip_advertise_addr,
+            free_slots: 0,
+            load: 0,
+            functions: HashMap::new(),
+            modules: BTreeSet::new(),
+        };
+        let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
+        for (key, version, sealed) in values {
+            if let Some(name) = key.strip_prefix(PREFIX_FN) {
+                let cache_key = (node.to_string(), key.clone());
+                let entry = match parsed.get(&cache_key) {
+                    Some((v, entry)) if *v == version => entry.clone(),
+                    _ => {
+                        let entry = self
+                            .secret
+                            .open(node, &key, &sealed)
+                            .and_then(|json| serde_json::from_str::<Entry>(json).ok())
+                            .filter(|e| e.name == name);
+                        if entry.is_none() {
+                            tracing::warn!(
+                                peer = node,
+                                key,
+                                "ignoring a gossip value with a bad seal or body"
+                            );
+                        }
+                        parsed.insert(cache_key, (version, entry.clone()));
+                        entry
+                    }
+                };
+                if let Some(entry) = entry {
+                    peer.functions.insert(name.to_string(), entry);
+                }
+                continue;
+            }
+            let Some(value) = self.secret.open(node, &key, &sealed) else {
+                continue;
+            };
+            if key == KEY_API {
+                peer.api = value.to_string();
+            } else if key == KEY_LOAD {
+                let mut parts = value.split(' ').map(str::parse::<u32>);
+                if let (Some(Ok(free)), Some(Ok(load))) = (parts.next(), parts.next()) {
+                    peer.free_slots = free;
+                    peer.load = load;
+                }
+            } else if let Some(sha) = key.strip_prefix(PREFIX_MOD) {
+                peer.modules.insert(sha.to_string());
+            }
+        }
+        (!peer.api.is_empty()).then_some(peer)
+    }
+
+    /// Forgets a deleted function's forwarding series.
+    pub fn forget_function(&self, function: &str) {
+        let peers = self
+            .forwarded_to
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(function)
+            .unwrap_or_default();
+        for peer in peers {
+            let _ = self
+                .metrics
+                .forwarded
+                .remove_label_values(&[function, peer.as_str()]);
+        }
+    }
+
+    /// Leaves the cluster (peers see this host dead after their detector's
+    /// interval).
+    pub fn shutdown(&self) {
+        let _ = self.chitchat.initiate_shutdown();
+    }
+
+    pub fn api_url(&self) -> &str {
+        &self.api_url
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

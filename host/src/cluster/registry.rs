@@ -32,6 +32,11 @@ impl Entry {
         self.sha256.is_none()
     }
 
+    /// Whether this entry wins over `other` (a later write).
+    pub fn newer_than(&self, other: &Entry) -> bool {
+        self.stamp_cmp(other) == Ordering::Greater
+    }
+
     /// The order of writes: later timestamp wins, then the larger node id.
     fn stamp_cmp(&self, other: &Entry) -> Ordering {
         self.timestamp_ms
@@ -72,6 +77,11 @@ impl Registry {
         };
         self.entries.insert(entry.name.clone(), entry);
         change
+    }
+
+    /// The entry of a function, tombstone or not.
+    pub fn get(&self, name: &str) -> Option<&Entry> {
+        self.entries.get(name)
     }
 
     /// The active entry of a function (not a tombstone).

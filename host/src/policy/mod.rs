@@ -417,8 +417,10 @@ pub struct Policy {
     pub outbound: Vec<HostPattern>,
     pub public: bool,
     pub tokens: Vec<String>,
-    /// The file as written, shown by the admin API.
+    /// The file as parsed, shown by the admin API.
     pub source: PolicyFile,
+    /// The file's text, as the cluster registry carries it.
+    pub text: String,
 }
 
 /// A read-only directory granted to the guest.
@@ -443,10 +445,12 @@ impl Policy {
             file: file.to_string(),
             message: e.to_string().trim_end().to_string(),
         })?;
-        Policy::resolve(parsed, base).map_err(|message| PolicyError {
+        let mut policy = Policy::resolve(parsed, base).map_err(|message| PolicyError {
             file: file.to_string(),
             message,
-        })
+        })?;
+        policy.text = text.to_string();
+        Ok(policy)
     }
 
     fn resolve(source: PolicyFile, base: &Path) -> Result<Policy, String> {
@@ -484,6 +488,7 @@ impl Policy {
             public: source.access.public,
             tokens: source.access.tokens.clone(),
             source,
+            text: String::new(),
         })
     }
 

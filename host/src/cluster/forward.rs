@@ -1,0 +1,324 @@
+//! Sending an invocation this host has no room for to a peer that has.
+//!
+//! Peers are tried in placement order: first the power-of-two choice among
+//! the function's rendezvous owners with room, then the other peers serving
+//! the same version by rank. The request body streams through. What may be
+//! retried on another peer follows from what the first one could have done:
+//! - the connection failed: nothing was sent, so any request is retried;
+//! - the peer refused it as busy (before running it): retried while the body
+//!   was not started, as nothing ran;
+//! - it failed after the request left: only a request the caller can replay
+//!   (a map item, an idempotent method without a body) is sent once more
+//!   elsewhere; otherwise 502, or 504 past the deadline. A non-idempotent
+//!   request is never run twice.
+
+use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body::{Body as HttpBody, Frame, SizeHint};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+
+use super::placement::{self, Candidate};
+use super::{CLUSTER_AUTH_HEADER, Cluster, HOP_HEADER, Peer, SERVED_BY_HEADER};
+use crate::error::{ApiError, Body};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type ForwardBody = UnsyncBoxBody<Bytes, BoxError>;
+pub type Client = hyper_util::client::legacy::Client<HttpConnector, ForwardBody>;
+
+/// Header on a host's "busy" 503: it refused before running anything.
+pub const BUSY_HEADER: &str = "x-lichen-busy";
+
+/// Owners among which the power of two choices picks.
+const OWNERS: usize = 3;
+/// Peers tried for one invocation.
+const MAX_ATTEMPTS: usize = 3;
+
+pub fn client() -> Client {
+    let mut connector = HttpConnector::new();
+    connector.set_nodelay(true);
+    connector.set_connect_timeout(Some(Duration::from_secs(1)));
+    hyper_util::client::legacy::Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(30))
+        .build(connector)
+}
+
+/// What a forward came to.
+pub enum Forward<B> {
+    /// A peer answered; its response streams through.
+    Done(Response<Body>),
+    /// No peer took it. The body is handed back if it was never started.
+    NoRoom(http::request::Parts, Option<B>),
+    /// It failed after leaving this host.
+    Failed(ApiError),
+}
+
+/// What the caller can send again after a peer failed mid-request.
+#[derive(Clone)]
+pub enum Replay {
+    Never,
+    Body(Bytes),
+}
+
+impl Cluster {
+    /// Forwards `req` (whose URI is the original `/fn/...` path) to a peer
+    /// serving `sha256` of `function`.
+    pub async fn forward<B>(
+        &self,
+        function: &str,
+        sha256: &str,
+        req: Request<B>,
+        deadline: Duration,
+        replay: Replay,
+    ) -> Forward<B>
+    where
+        B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
+        B::Error: Into<BoxError>,
+    {
+        let peers = self.peers();
+        let candidates = candidates(&peers, function, sha256);
+        let (parts, body) = req.into_parts();
+        let mut body = Some(body);
+        let mut retried_after_sent = false;
+        for peer in candidates.into_iter().take(MAX_ATTEMPTS) {
+            let (outgoing, slot) = match body.take() {
+                Some(body) => {
+                    let (outgoing, slot) = Reclaimable::new(body);
+                    (outgoing.boxed_unsync(), Some(slot))
+                }
+                None => match &replay {
+                    Replay::Body(bytes) => (full(bytes.clone()), None),
+                    Replay::Never => break,
+                },
+            };
+            let request = match self.peer_request(&parts, peer, outgoing) {
+                Ok(request) => request,
+                Err(error) => return Forward::Failed(error),
+            };
+            let sent = tokio::time::timeout(deadline, self.client.request(request)).await;
+            match sent {
+                Err(_) => {
+                    self.metrics.forward_failures.inc();
+                    return Forward::Failed(ApiError::new(
+                        StatusCode::GATEWAY_TIMEOUT,
+                        "peer_timeout",
+                        format!("peer {} did not answer within {deadline:?}", peer.node_id),
+                    ));
+                }
+                Ok(Ok(response))
+                    if response.status() == StatusCode::SERVICE_UNAVAILABLE
+                        && response.headers().contains_key(BUSY_HEADER) =>
+                {
+                    // Refused before running: free to go elsewhere.
+                    body = slot.and_then(|s| s.reclaim());
+                    if body.is_none() && matches!(replay, Replay::Never) {
+                        return Forward::Done(self.relay(function, peer, response));
+                    }
+                }
+                Ok(Ok(response)) => return Forward::Done(self.relay(function, peer, response)),
+                Ok(Err(error)) if error.is_connect() => {
+                    self.metrics.forward_failures.inc();
+                    tracing::warn!(peer = %peer.node_id, error = %error, "cannot connect to peer; trying another");
+                    body = slot.and_then(|s| s.reclaim());
+                }
+                Ok(Err(error)) => {
+                    self.metrics.forward_failures.inc();
+                    tracing::warn!(peer = %peer.node_id, error = format!("{error:#}"), "peer failed after the request was sent");
+                    if matches!(replay, Replay::Never) || retried_after_sent {
+                        return Forward::Failed(ApiError::new(
+                            StatusCode::BAD_GATEWAY,
+                            "peer_failed",
+                            format!("peer {} failed: {error}", peer.node_id),
+                        ));
+                    }
+                    retried_after_sent = true;
+                }
+            }
+        }
+        match (body, &replay) {
+            (Some(body), _) => Forward::NoRoom(parts, Some(body)),
+            (None, Replay::Body(_)) => Forward::NoRoom(parts, None),
+            (None, Replay::Never) => Forward::Failed(ApiError::busy(
+                "no host in the cluster has room for this request",
+            )),
+        }
+    }
+
+    fn peer_request(
+        &self,
+        parts: &http::request::Parts,
+        peer: &Peer,
+        body: ForwardBody,
+    ) -> Result<Request<ForwardBody>, ApiError> {
+        let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+        let uri: http::Uri = format!("{}{path}", peer.api).parse().map_err(|e| {
+            ApiError::internal(anyhow::anyhow!("peer {} address: {e}", peer.node_id))
+        })?;
+        let mut request = Request::new(body);
+        *request.method_mut() = parts.method.clone();
+        *request.uri_mut() = uri;
+        let headers = request.headers_mut();
+        for (name, value) in &parts.headers {
+            if !is_hop_by_hop(name) {
+                headers.append(name.clone(), value.clone());
+            }
+        }
+        let hop = HeaderValue::from_str(&self.node_id)
+            .map_err(|e| ApiError::internal(anyhow::anyhow!("node id as a header: {e}")))?;
+        headers.insert(HOP_HEADER, hop);
+        let token = HeaderValue::from_str(self.secret.token())
+            .map_err(|e| ApiError::internal(anyhow::anyhow!("cluster token as a header: {e}")))?;
+        headers.insert(CLUSTER_AUTH_HEADER, token);
+        Ok(request)
+    }
+
+    /// The peer's response, streamed back with who served it.
+    fn relay(
+        &self,
+        function: &str,
+        peer: &Peer,
+        response: Response<hyper::body::Incoming>,
+    ) -> Response<Body> {
+        self.metrics
+            .forwarded
+            .with_label_values(&[function, peer.node_id.as_str()])
+            .inc();
+        self.forwarded_to
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(function.to_string())
+            .or_default()
+            .insert(peer.node_id.clone());
+        let mut response = response.map(|body| {
+            body.map_err(wasmtime_wasi_http::Error::Hyper)
+                .boxed_unsync()
+        });
+        if let Ok(value) = HeaderValue::from_str(&peer.node_id) {
+            response.headers_mut().insert(SERVED_BY_HEADER, value);
+        }
+        response
+    }
+}
+
+/// Peers serving this version with room, best first.
+fn candidates<'a>(peers: &'a [Peer], function: &str, sha256: &str) -> Vec<&'a Peer> {
+    let members: Vec<Candidate> = peers
+        .iter()
+        .filter(|p| p.free_slots > 0 && p.serves(function, sha256))
+        .map(|p| Candidate {
+            node_id: p.node_id.clone(),
+            free_slots: p.free_slots,
+            load: p.load,
+        })
+        .collect();
+    let first = placement::choose(function, &members, OWNERS).map(|c| c.node_id.clone());
+    let mut order: Vec<String> = first.iter().cloned().collect();
+    for owner in placement::owners(function, &members, members.len()) {
+        if Some(&owner.node_id) != first.as_ref() {
+            order.push(owner.node_id.clone());
+        }
+    }
+    order
+        .iter()
+        .filter_map(|id| peers.iter().find(|p| &p.node_id == id))
+        .collect()
+}
+
+fn is_hop_by_hop(name: &header::HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "upgrade"
+            | "host"
+            | HOP_HEADER
+            | CLUSTER_AUTH_HEADER
+    )
+}
+
+fn full(bytes: Bytes) -> ForwardBody {
+    Full::new(bytes)
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A body the HTTP client may take, that can be had back untouched if the
+/// client never started sending it (the connection failed, or the peer
+/// answered before reading it).
+struct Reclaimable<B> {
+    shared: Arc<Shared<B>>,
+}
+
+struct Shared<B> {
+    body: Mutex<Option<B>>,
+    started: AtomicBool,
+}
+
+struct Slot<B>(Arc<Shared<B>>);
+
+impl<B> Slot<B> {
+    fn reclaim(self) -> Option<B> {
+        if self.0.started.load(Ordering::Acquire) {
+            return None;
+        }
+        self.0.body.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+}
+
+impl<B> Reclaimable<B> {
+    fn new(body: B) -> (Self, Slot<B>) {
+        let shared = Arc::new(Shared {
+            body: Mutex::new(Some(body)),
+            started: AtomicBool::new(false),
+        });
+        (
+            Reclaimable {
+                shared: Arc::clone(&shared),
+            },
+            Slot(shared),
+        )
+    }
+}
+
+impl<B> HttpBody for Reclaimable<B>
+where
+    B: HttpBody<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        self.shared.started.store(true, Ordering::Release);
+        let mut body = self.shared.body.lock().unwrap_or_else(|e| e.into_inner());
+        match body.as_mut() {
+            Some(body) => Pin::new(body).poll_frame(cx).map_err(Into::into),
+            None => Poll::Ready(None),
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        let body = self.shared.body.lock().unwrap_or_else(|e| e.into_inner());
+        body.as_ref().is_none_or(|b| b.is_end_stream())
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let body = self.shared.body.lock().unwrap_or_else(|e| e.into_inner());
+        body.as_ref()
+            .map_or(SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}

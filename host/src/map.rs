@@ -1,0 +1,180 @@
+//! `POST /v1/functions/{name}/map`: one invocation per element of a JSON
+//! array, run in parallel over this host's cores and its peers', answered
+//! as an array in input order of `{"status", "body"}`.
+//!
+//! Each item is an ordinary invocation (`POST /`, the element as its JSON
+//! body) going through the same admission as a client's: here if there is
+//! room, else a peer with room, else this host's queue. An item refused as
+//! busy waits and tries again until the function's deadline; an item whose
+//! peer fails is sent once more elsewhere. One failed item fails only
+//! itself.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use http::{HeaderValue, Method, Response, StatusCode, header};
+use http_body_util::BodyExt;
+use hyper::body::Incoming;
+
+use crate::api::{self, AppState, Arrival, RequestBody};
+use crate::error::{ApiError, Body};
+use crate::names::FunctionName;
+
+/// Most items in one map.
+pub const MAX_ITEMS: usize = 100_000;
+/// Items in flight at once, at most.
+const MAX_IN_FLIGHT: usize = 256;
+/// Pause before a busy item tries again.
+const BUSY_PAUSE: Duration = Duration::from_millis(5);
+
+pub async fn map(
+    state: &Arc<AppState>,
+    name: &FunctionName,
+    req: hyper::Request<Incoming>,
+    request_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    let (authorization, policy) = api::check_access(state, name, &req)?;
+    let body = api::read_body_capped(
+        req,
+        state.limits().max_upload,
+        state.limits().body_idle_timeout,
+    )
+    .await?;
+    let items: Vec<serde_json::Value> = serde_json::from_slice(&body).map_err(|e| {
+        ApiError::bad_request("invalid_map", format!("the body must be a JSON array: {e}"))
+    })?;
+    if items.len() > MAX_ITEMS {
+        return Err(ApiError::too_large(format!(
+            "{} items; a map takes at most {MAX_ITEMS}",
+            items.len()
+        )));
+    }
+    let width = in_flight_bound(state, name, policy.concurrency);
+    let started = Instant::now();
+    let count = items.len();
+    let results: Vec<serde_json::Value> = futures::stream::iter(items.into_iter().enumerate())
+        .map(|(i, item)| {
+            let authorization = authorization.clone();
+            let deadline = Instant::now() + policy.timeout + policy.timeout;
+            async move {
+                run_item(
+                    state,
+                    name,
+                    item,
+                    authorization,
+                    &format!("{request_id}-{i}"),
+                    deadline,
+                )
+                .await
+            }
+        })
+        .buffered(width)
+        .collect()
+        .await;
+    tracing::info!(request_id, function = %name, items = count, width, duration_us = started.elapsed().as_micros() as u64, "map");
+    let body = serde_json::to_vec(&results).map_err(anyhow::Error::from)?;
+    let mut response = Response::new(crate::error::full_body(body));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    Ok(response)
+}
+
+/// Items in flight: this host's slots for the function plus the free slots
+/// of peers serving it (each at most the function's concurrency).
+fn in_flight_bound(state: &AppState, name: &FunctionName, concurrency: u32) -> usize {
+    let local = concurrency as usize;
+    let peers = match (state.cluster(), state.active_sha(name)) {
+        (Some(cluster), Some(sha)) => cluster
+            .peers()
+            .iter()
+            .filter(|p| p.serves(name.as_str(), &sha))
+            .map(|p| p.free_slots.min(concurrency) as usize)
+            .sum(),
+        _ => 0,
+    };
+    (local + peers).clamp(1, MAX_IN_FLIGHT)
+}
+
+async fn run_item(
+    state: &Arc<AppState>,
+    name: &FunctionName,
+    item: serde_json::Value,
+    authorization: Option<HeaderValue>,
+    request_id: &str,
+    deadline: Instant,
+) -> serde_json::Value {
+    let bytes = Bytes::from(serde_json::to_vec(&item).unwrap_or_default());
+    let mut retried = false;
+    loop {
+        let mut req = hyper::Request::new(RequestBody::from(bytes.clone()));
+        *req.method_mut() = Method::POST;
+        if let Ok(uri) = format!("/fn/{name}").parse() {
+            *req.uri_mut() = uri;
+        }
+        let headers = req.headers_mut();
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
+        if let Some(value) = &authorization {
+            headers.insert(header::AUTHORIZATION, value.clone());
+        }
+        let arrival = Arrival::MapItem(bytes.clone());
+        match api::invoke(state, req, name.as_str(), request_id, arrival).await {
+            Err(error) if error.code == "busy" && Instant::now() < deadline => {
+                tokio::time::sleep(BUSY_PAUSE).await;
+            }
+            Err(error) => {
+                return serde_json::json!({
+                    "status": error.status.as_u16(),
+                    "body": { "error": error.message, "code": error.code },
+                });
+            }
+            Ok(response) => match collect(response).await {
+                Ok(result) => return result,
+                // The response broke off (a peer died mid-answer): once more.
+                Err(error) if !retried => {
+                    tracing::warn!(request_id, error = %error, "map item's response broke off; retrying it");
+                    retried = true;
+                }
+                Err(error) => {
+                    return serde_json::json!({
+                        "status": StatusCode::BAD_GATEWAY.as_u16(),
+                        "body": { "error": error, "code": "response_failed" },
+                    });
+                }
+            },
+        }
+    }
+}
+
+/// `{"status", "body"}`: the body as JSON when it is JSON, else as text.
+async fn collect(response: Response<Body>) -> Result<serde_json::Value, String> {
+    let status = response.status().as_u16();
+    let is_json = response
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.contains("json"));
+    let mut body = response.into_body();
+    let mut bytes = BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| e.to_string())?;
+        if let Ok(data) = frame.into_data() {
+            bytes.extend_from_slice(&data);
+        }
+    }
+    let body = match is_json
+        .then(|| serde_json::from_slice::<serde_json::Value>(&bytes).ok())
+        .flatten()
+    {
+        Some(value) => value,
+        None => serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()),
+    };
+    Ok(serde_json::json!({ "status": status, "body": body }))
+}
