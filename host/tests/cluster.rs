@@ -1,0 +1,563 @@
+//! Peer hosts: real `lichen serve` processes on loopback gossiping over UDP
+//! and talking HTTP, so a host can be killed outright.
+
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{Reply, component, distinct, send};
+use http::{Method, StatusCode};
+
+const LICHEN: &str = env!("CARGO_BIN_EXE_lichen");
+const SECRET: &str = "a-test-cluster-secret-of-some-length";
+const TOKEN: &str = "cluster-test-token";
+/// How long the cluster may take to agree on a change.
+const CONVERGE: Duration = Duration::from_secs(5);
+
+/// One `lichen serve` process in a cluster.
+struct Node {
+    id: String,
+    url: String,
+    gossip: String,
+    dir: PathBuf,
+    child: Child,
+}
+
+impl Node {
+    /// Starts a host that joins through `seeds` (gossip addresses).
+    fn start(root: &Path, id: &str, seeds: &[&Node], secret: &str) -> Node {
+        Node::start_with(root, id, seeds, secret, &[])
+    }
+
+    fn start_with(root: &Path, id: &str, seeds: &[&Node], secret: &str, extra: &[&str]) -> Node {
+        let dir = root.join(id);
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
+        // A free UDP port for gossip (chitchat advertises what it binds).
+        let gossip = std::net::UdpSocket::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .to_string();
+        let mut command = Command::new(LICHEN);
+        command
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.join("data"))
+            .arg("--policies")
+            .arg(dir.join("policies"))
+            .args(["--gossip", &gossip, "--node-id", id])
+            .args(["--gossip-interval-ms", "100"])
+            .args(extra)
+            .env("LICHEN_ADMIN_TOKEN", TOKEN)
+            .env("LICHEN_CLUSTER_SECRET", secret)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        for seed in seeds {
+            command.args(["--peer", &seed.gossip]);
+        }
+        let mut child = command.spawn().expect("starting lichen serve");
+        let stderr = child.stderr.take().unwrap();
+        let (tx, rx) = std::sync::mpsc::channel();
+        let log_id = id.to_string();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                if let Some(url) = lichen::server::listening_url(&line) {
+                    let _ = tx.send(url);
+                }
+                if std::env::var_os("LICHEN_TEST_LOGS").is_some() {
+                    eprintln!("[{log_id}] {line}");
+                }
+            }
+        });
+        let url = rx
+            .recv_timeout(Duration::from_secs(60))
+            .expect("the host logs the address it listens on");
+        Node {
+            id: id.to_string(),
+            url,
+            gossip,
+            dir,
+            child,
+        }
+    }
+
+    async fn admin(&self, method: Method, path: &str, body: Vec<u8>) -> Reply {
+        let auth = format!("Bearer {TOKEN}");
+        send(
+            method,
+            &format!("{}{path}", self.url),
+            &[("authorization", &auth)],
+            body,
+        )
+        .await
+    }
+
+    async fn post(&self, path: &str, body: &str) -> Reply {
+        send(
+            Method::POST,
+            &format!("{}{path}", self.url),
+            &[],
+            body.as_bytes().to_vec(),
+        )
+        .await
+    }
+
+    async fn metrics(&self) -> String {
+        send(
+            Method::GET,
+            &format!("{}/metrics", self.url),
+            &[],
+            Vec::new(),
+        )
+        .await
+        .text()
+    }
+
+    /// Whether this host sees `count` peers serving `function`.
+    async fn sees_serving(&self, count: usize, function: &str) -> bool {
+        let peers = self
+            .admin(Method::GET, "/v1/peers", Vec::new())
+            .await
+            .json();
+        let serving = peers["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| {
+                p["functions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|f| f["name"] == function)
+            })
+            .count();
+        serving == count
+    }
+
+    async fn peer_ids(&self) -> Vec<String> {
+        let peers = self
+            .admin(Method::GET, "/v1/peers", Vec::new())
+            .await
+            .json();
+        let mut ids: Vec<String> = peers["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["node_id"].as_str().unwrap().to_string())
+            .collect();
+        ids.sort();
+        ids
+    }
+
+    fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// Three hosts: `a` first, `b` and `c` joining through it; returns once
+/// each sees the other two.
+async fn three(root: &Path) -> (Node, Node, Node) {
+    let a = Node::start(root, "a", &[], SECRET);
+    let b = Node::start(root, "b", &[&a], SECRET);
+    let c = Node::start(root, "c", &[&a], SECRET);
+    for node in [&a, &b, &c] {
+        eventually(&format!("{} sees two peers", node.id), || async {
+            node.peer_ids().await.len() == 2
+        })
+        .await;
+    }
+    (a, b, c)
+}
+
+/// Polls `check` until it holds, failing after [`CONVERGE`].
+async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < CONVERGE,
+            "not within {CONVERGE:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The sum of the series whose text starts with `prefix` (a family name, or
+/// a name and the start of its labels).
+fn series_sum(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deploys_redeploys_and_deletes_reach_every_host() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = three(root.path()).await;
+
+    let deployed = a
+        .admin(Method::PUT, "/v1/functions/hello", component("hello"))
+        .await;
+    assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+    let started = Instant::now();
+    eventually("c serves hello deployed on a", || async {
+        c.post("/fn/hello", "").await.status == StatusCode::OK
+    })
+    .await;
+    eprintln!("deploy on a -> 200 on c: {:?}", started.elapsed());
+    let reply = c.post("/fn/hello", "").await;
+    assert!(reply.text().contains("Hello"), "{}", reply.text());
+    assert!(
+        series_sum(
+            &c.metrics().await,
+            "lichen_module_fetches_total{outcome=\"ok\"}"
+        ) >= 1.0,
+        "c fetched the module from a peer"
+    );
+
+    // A new version on b: every host serves it, at the same version number.
+    let v2 = distinct(&component("hello"), "v2");
+    let redeployed = b.admin(Method::PUT, "/v1/functions/hello", v2).await;
+    assert_eq!(redeployed.status, StatusCode::CREATED);
+    let sha2 = redeployed.json()["sha256"].as_str().unwrap().to_string();
+    for node in [&a, &b, &c] {
+        eventually(&format!("{} serves v2", node.id), || async {
+            let info = node
+                .admin(Method::GET, "/v1/functions/hello", Vec::new())
+                .await
+                .json();
+            info["sha256"] == sha2.as_str() && info["version"] == 2
+        })
+        .await;
+    }
+
+    // A policy written on a reaches b's policy directory.
+    let policy = "[limits]\nconcurrency = 3\n";
+    let put = a
+        .admin(
+            Method::PUT,
+            "/v1/functions/hello/policy",
+            policy.as_bytes().to_vec(),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.text());
+    eventually("the policy reaches b", || async {
+        std::fs::read_to_string(b.dir.join("policies/hello.toml")).is_ok_and(|t| t == policy)
+    })
+    .await;
+
+    // Deleted on c: gone everywhere, and it stays gone.
+    let deleted = c
+        .admin(Method::DELETE, "/v1/functions/hello", Vec::new())
+        .await;
+    assert_eq!(deleted.status, StatusCode::OK);
+    for node in [&a, &b, &c] {
+        eventually(&format!("hello is gone from {}", node.id), || async {
+            node.post("/fn/hello", "").await.status == StatusCode::NOT_FOUND
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for node in [&a, &b, &c] {
+        let listed = node.admin(Method::GET, "/v1/functions", Vec::new()).await;
+        assert_eq!(listed.json()["functions"], serde_json::json!([]));
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_full_host_forwards_to_peers_with_room() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = three(root.path()).await;
+    let policy = "[limits]\nconcurrency = 2\nqueue = 0\n";
+    a.admin(Method::PUT, "/v1/functions/probe", component("probe"))
+        .await;
+    a.admin(
+        Method::PUT,
+        "/v1/functions/probe/policy",
+        policy.as_bytes().to_vec(),
+    )
+    .await;
+    for node in [&b, &c] {
+        eventually(&format!("{} has probe's policy", node.id), || async {
+            std::fs::read_to_string(node.dir.join("policies/probe.toml")).is_ok_and(|t| t == policy)
+        })
+        .await;
+    }
+    eventually("a sees b and c serve probe", || a.sees_serving(2, "probe")).await;
+
+    // Six slow calls at a, which runs two at once and queues none: the
+    // cluster has six slots, so all six run.
+    let calls = (0..6).map(|_| {
+        let url = format!("{}/fn/probe/sleep?ms=1500", a.url);
+        tokio::spawn(async move { send(Method::GET, &url, &[], Vec::new()).await })
+    });
+    let replies: Vec<Reply> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    let mut served_by: Vec<String> = Vec::new();
+    for reply in &replies {
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        served_by.push(
+            reply
+                .headers
+                .get("x-lichen-served-by")
+                .map_or("a".to_string(), |v| v.to_str().unwrap().to_string()),
+        );
+    }
+    served_by.sort();
+    assert_eq!(served_by, ["a", "a", "b", "b", "c", "c"]);
+    let metrics = a.metrics().await;
+    assert_eq!(series_sum(&metrics, "lichen_forwarded_total{"), 4.0);
+
+    // A seventh while all six slots are taken: no host has room.
+    let calls = (0..7).map(|_| {
+        let url = format!("{}/fn/probe/sleep?ms=1500", a.url);
+        tokio::spawn(async move { send(Method::GET, &url, &[], Vec::new()).await })
+    });
+    let statuses: Vec<StatusCode> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|r| r.unwrap().status)
+        .collect();
+    assert_eq!(statuses.iter().filter(|s| **s == StatusCode::OK).count(), 6);
+    let refused: Vec<_> = statuses.iter().filter(|s| **s != StatusCode::OK).collect();
+    assert_eq!(refused, [&StatusCode::SERVICE_UNAVAILABLE]);
+
+    // A forwarded request is authenticated: a client cannot pose as a peer.
+    let posing = send(
+        Method::GET,
+        &format!("{}/fn/probe/sleep?ms=1", b.url),
+        &[("x-lichen-forwarded-by", "a")],
+        Vec::new(),
+    )
+    .await;
+    posing.assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_spreads_over_hosts_and_survives_one_dying() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, mut b, c) = three(root.path()).await;
+    a.admin(Method::PUT, "/v1/functions/square", component("square"))
+        .await;
+    // One at a time per host: the map takes long enough to kill b in it.
+    let policy = "[limits]\nconcurrency = 1\n";
+    a.admin(
+        Method::PUT,
+        "/v1/functions/square/policy",
+        policy.as_bytes().to_vec(),
+    )
+    .await;
+    for node in [&b, &c] {
+        eventually(&format!("{} serves square", node.id), || async {
+            node.post("/fn/square", "3").await.status == StatusCode::OK
+                && std::fs::read_to_string(node.dir.join("policies/square.toml"))
+                    .is_ok_and(|t| t == policy)
+        })
+        .await;
+    }
+    let inputs: Vec<i64> = (0..1000).collect();
+    let body = serde_json::to_string(&inputs).unwrap();
+
+    let check = |reply: &Reply| {
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let results = reply.json();
+        let results = results.as_array().unwrap();
+        assert_eq!(results.len(), 1000);
+        for (i, result) in results.iter().enumerate() {
+            let i = i as i64;
+            assert_eq!(result["status"], 200, "item {i}: {result}");
+            assert_eq!(result["body"], i * i, "item {i}");
+        }
+    };
+    check(&a.post("/v1/functions/square/map", &body).await);
+
+    // Again, with b killed while the map runs.
+    let map = {
+        let (url, body) = (format!("{}/v1/functions/square/map", a.url), body.clone());
+        tokio::spawn(async move { send(Method::POST, &url, &[], body.into_bytes()).await })
+    };
+    let before = Instant::now();
+    while series_sum(
+        &a.metrics().await,
+        "lichen_invocations_total{function=\"square\"",
+    ) < 1050.0
+    {
+        assert!(before.elapsed() < CONVERGE, "the second map did not start");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    b.kill();
+    assert!(
+        !map.is_finished(),
+        "b was killed after the map had finished"
+    );
+    check(&map.await.unwrap());
+
+    // b leaves placement once the failure detector says so.
+    eventually("a no longer lists b", || async {
+        a.peer_ids().await == ["c"]
+    })
+    .await;
+    assert_eq!(
+        series_sum(&a.metrics().await, "lichen_peers_alive"),
+        1.0,
+        "a counts c alone"
+    );
+
+    // The CLI's map.
+    let file = root.path().join("inputs.json");
+    std::fs::write(&file, "[2, 3, \"x\"]").unwrap();
+    let output = Command::new(LICHEN)
+        .args(["map", "square"])
+        .arg(&file)
+        .args(["--url", &c.url, "--token", TOKEN])
+        .output()
+        .unwrap();
+    assert!(output.status.success(), "{output:?}");
+    let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
+    assert_eq!(printed[0], serde_json::json!({"status": 200, "body": 4}));
+    assert_eq!(printed[1], serde_json::json!({"status": 200, "body": 9}));
+    assert_eq!(printed[2]["status"], 400, "one bad item fails only itself");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_the_secret_a_host_cannot_join_or_fetch() {
+    let root = tempfile::tempdir().unwrap();
+    let a = Node::start(root.path(), "a", &[], SECRET);
+    let deployed = a
+        .admin(Method::PUT, "/v1/functions/hello", component("hello"))
+        .await;
+    let sha = deployed.json()["sha256"].as_str().unwrap().to_string();
+    let intruder = Node::start(root.path(), "x", &[&a], "some-other-secret-entirely");
+    let b = Node::start(root.path(), "b", &[&a], SECRET);
+    eventually("b joins and serves hello", || async {
+        b.post("/fn/hello", "").await.status == StatusCode::OK
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(a.peer_ids().await, ["b"]);
+    assert_eq!(intruder.peer_ids().await, Vec::<String>::new());
+    intruder
+        .post("/fn/hello", "")
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+
+    let module = format!("{}/v1/internal/modules/{sha}", a.url);
+    let wrong = lichen::cluster::Secret::new("some-other-secret-entirely").unwrap();
+    send(
+        Method::GET,
+        &module,
+        &[("x-lichen-cluster-token", wrong.token())],
+        Vec::new(),
+    )
+    .await
+    .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    send(Method::GET, &module, &[], Vec::new())
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+    let right = lichen::cluster::Secret::new(SECRET).unwrap();
+    let fetched = send(
+        Method::GET,
+        &module,
+        &[("x-lichen-cluster-token", right.token())],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(fetched.status, StatusCode::OK);
+    assert_eq!(fetched.body.as_ref(), component("hello").as_slice());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_module_that_does_not_match_its_hash_is_refused() {
+    let root = tempfile::tempdir().unwrap();
+    // a advertises its API behind a proxy that swaps the modules it serves
+    // for other bytes, as an attacker on the path would.
+    let proxy = tampering_proxy(component("echo")).await;
+    let advertise = proxy.to_string();
+    let a = Node::start_with(root.path(), "a", &[], SECRET, &["--advertise", &advertise]);
+    let deployed = a
+        .admin(Method::PUT, "/v1/functions/hello", component("hello"))
+        .await;
+    let sha = deployed.json()["sha256"].as_str().unwrap().to_string();
+
+    let b = Node::start(root.path(), "b", &[&a], SECRET);
+    eventually("b fetched the module and refused it", || async {
+        series_sum(
+            &b.metrics().await,
+            "lichen_module_fetches_total{outcome=\"hash_mismatch\"}",
+        ) >= 1.0
+    })
+    .await;
+    b.post("/fn/hello", "")
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+    assert!(!b.dir.join(format!("data/modules/{sha}.wasm")).exists());
+    assert_eq!(a.post("/fn/hello", "").await.status, StatusCode::OK);
+
+    // A host does not hand out a module that no longer matches its hash on
+    // its own disk either.
+    std::fs::write(
+        a.dir.join(format!("data/modules/{sha}.wasm")),
+        component("echo"),
+    )
+    .unwrap();
+    let right = lichen::cluster::Secret::new(SECRET).unwrap();
+    send(
+        Method::GET,
+        &format!("{}/v1/internal/modules/{sha}", a.url),
+        &[("x-lichen-cluster-token", right.token())],
+        Vec::new(),
+    )
+    .await
+    .assert_error(StatusCode::INTERNAL_SERVER_ERROR, "internal");
+}
+
+/// An HTTP server on loopback that answers every module fetch with
+/// `bytes`, and anything else with 502.
+async fn tampering_proxy(bytes: Vec<u8>) -> std::net::SocketAddr {
+    use hyper::body::Incoming;
+    use hyper_util::rt::TokioIo;
+
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let bytes = bytes::Bytes::from(bytes);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let bytes = bytes.clone();
+            let service = hyper::service::service_fn(move |req: http::Request<Incoming>| {
+                let bytes = bytes.clone();
+                async move {
+                    let mut response = http::Response::new(http_body_util::Full::new(bytes));
+                    if !req.uri().path().starts_with("/v1/internal/modules/") {
+                        *response.status_mut() = StatusCode::BAD_GATEWAY;
+                        *response.body_mut() = http_body_util::Full::default();
+                    }
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            });
+            tokio::spawn(
+                hyper::server::conn::http1::Builder::new()
+                    .serve_connection(TokioIo::new(stream), service),
+            );
+        }
+    });
+    addr
+}
