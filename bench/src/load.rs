@@ -196,6 +196,19 @@ pub fn blocking_request(method: &str, url: &str, token: Option<&str>, body: &[u8
     Ok(status)
 }
 
+/// Polls `url` with a POST of `body` until it answers 200 (at most a
+/// minute).
+pub fn wait_for_200_post(url: &str, body: &[u8]) -> Result<()> {
+    let since = Instant::now();
+    while blocking_request("POST", url, None, body)? != 200 {
+        if since.elapsed() > Duration::from_secs(60) {
+            bail!("{url} did not answer 200 within a minute");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(())
+}
+
 /// Polls `url` until it answers 200; returns how long that took.
 pub fn wait_for_200(url: &str, since: Instant, limit: Duration) -> Result<Duration> {
     loop {

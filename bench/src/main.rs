@@ -77,6 +77,15 @@ fn main() -> Result<()> {
             println!("{}", report.markdown());
             Ok(())
         }
+        Some("map") => {
+            // Just the map scenario: 1 host vs 3.
+            let mut settings = Settings::from_env(args.iter().any(|a| a == "--smoke"))?;
+            settings.rounds = settings.rounds.min(2);
+            let mut report = Report::new(&settings)?;
+            map(&settings, &mut report)?;
+            println!("{}", report.markdown());
+            Ok(())
+        }
         Some("all") => {
             let smoke = args.iter().any(|a| a == "--smoke");
             let out = args
@@ -86,7 +95,9 @@ fn main() -> Result<()> {
                 .map_or_else(|| PathBuf::from("bench/RESULTS.md"), PathBuf::from);
             run_all(&Settings::from_env(smoke)?, &out)
         }
-        _ => bail!("usage: lichen-bench all [--smoke] [--out FILE] | native-hello ADDR"),
+        _ => bail!(
+            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | scale N | map [--smoke] | native-hello ADDR"
+        ),
     }
 }
 
@@ -156,6 +167,7 @@ fn run_all(settings: &Settings, out: &Path) -> Result<()> {
     in_process(settings, &mut report)?;
     cold_paths(settings, &mut report)?;
     scale(settings, &mut report)?;
+    map(settings, &mut report)?;
     let markdown = report.markdown();
     println!("{markdown}");
     std::fs::write(out, &markdown).with_context(|| format!("writing {}", out.display()))?;
@@ -374,5 +386,71 @@ fn scale(settings: &Settings, report: &mut Report) -> Result<()> {
         rss_after,
         &latencies,
     );
+    Ok(())
+}
+
+/// The map API over `square`: one host alone, then three hosts in a
+/// cluster (all on this machine's cores), alternating.
+fn map(settings: &Settings, report: &mut Report) -> Result<()> {
+    let items = if settings.smoke { 1_000 } else { 20_000 };
+    let inputs: Vec<u64> = (0..items).collect();
+    let body = serde_json::to_vec(&inputs)?;
+    let square = settings.component("square")?;
+    let mut runs: Vec<(usize, Duration)> = Vec::new();
+    for _ in 0..settings.rounds {
+        for hosts in [1usize, 3] {
+            let scratches: Vec<Scratch> = (0..hosts)
+                .map(|i| Scratch::new(&format!("map-{hosts}-{i}")))
+                .collect::<Result<_>>()?;
+            let mut servers: Vec<servers::Server> = Vec::new();
+            let mut seed: Option<String> = None;
+            for scratch in &scratches {
+                let mut extra = Vec::new();
+                if hosts > 1 {
+                    let gossip = std::net::UdpSocket::bind("127.0.0.1:0")?.local_addr()?;
+                    extra.extend([
+                        "--gossip".to_string(),
+                        gossip.to_string(),
+                        "--node-id".to_string(),
+                        format!("n{}", servers.len()),
+                        "--cluster-secret".to_string(),
+                        "bench-cluster-secret-0123456789".to_string(),
+                        "--gossip-interval-ms".to_string(),
+                        "100".to_string(),
+                    ]);
+                    if let Some(seed) = &seed {
+                        extra.extend(["--peer".to_string(), seed.clone()]);
+                    } else {
+                        seed = Some(gossip.to_string());
+                    }
+                }
+                servers.push(servers::lichen_with(
+                    &settings.lichen,
+                    &scratch.data(),
+                    &scratch.policies(),
+                    &extra,
+                )?);
+            }
+            servers::deploy(&servers[0].url, "square", &square)?;
+            for server in &servers {
+                load::wait_for_200_post(&format!("{}/fn/square", server.url), b"2")?;
+            }
+            // Let every host see the others serve it.
+            std::thread::sleep(Duration::from_millis(if hosts > 1 { 1_000 } else { 0 }));
+            let url = format!("{}/v1/functions/square/map", servers[0].url);
+            let started = Instant::now();
+            let status = load::blocking_request("POST", &url, None, &body)?;
+            let took = started.elapsed();
+            if status != 200 {
+                bail!("map on {hosts} hosts answered {status}");
+            }
+            eprintln!("map of {items} over {hosts} host(s): {took:?}");
+            runs.push((hosts, took));
+            for server in servers {
+                server.stop();
+            }
+        }
+    }
+    report.map(items, &runs);
     Ok(())
 }

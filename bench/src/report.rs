@@ -295,6 +295,24 @@ impl Report {
         ));
     }
 
+    pub fn map(&mut self, items: u64, runs: &[(usize, Duration)]) {
+        let of = |hosts: usize| -> Vec<Duration> {
+            runs.iter().filter(|r| r.0 == hosts).map(|r| r.1).collect()
+        };
+        let (one, three) = (median(&of(1)), median(&of(3)));
+        let rate = |d: Duration| items as f64 / d.as_secs_f64().max(1e-9);
+        self.sections.push(format!(
+            "## map: {items} items over `square`\n\n`POST /v1/functions/square/map` with {items} numbers, sent to the first host; one host alone, then three hosts in a cluster, alternating. The three hosts run on this machine's same two cores, so the cluster cannot add compute here: the figure shows what spreading costs (forwarding over loopback HTTP) rather than what it gains on separate machines.\n\n| hosts | median | items/s | all runs |\n| ---: | ---: | ---: | --- |\n| 1 | {} | {:.0} | {} |\n| 3 | {} | {:.0} | {} |\n\n3 hosts / 1 host, items/s: {:.2}x\n",
+            ms(one),
+            rate(one),
+            of(1).iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", "),
+            ms(three),
+            rate(three),
+            of(3).iter().map(|d| ms(*d)).collect::<Vec<_>>().join(", "),
+            rate(three) / rate(one),
+        ));
+    }
+
     pub fn markdown(&self) -> String {
         let mut out = self.header.clone();
         out.push_str("\n## Goals\n\n");

@@ -55,12 +55,23 @@ impl Server {
 /// Starts `lichen serve` on a free port with `data_dir` and `policies`;
 /// returns once it logs its address.
 pub fn lichen(bin: &Path, data_dir: &Path, policies: &Path) -> Result<Server> {
+    lichen_with(bin, data_dir, policies, &[])
+}
+
+/// [`lichen`] with more `serve` arguments (cluster flags).
+pub fn lichen_with(
+    bin: &Path,
+    data_dir: &Path,
+    policies: &Path,
+    extra: &[String],
+) -> Result<Server> {
     let mut child = Command::new(bin)
         .args(["serve", "--listen", "127.0.0.1:0", "--admin-token", TOKEN])
         .arg("--data-dir")
         .arg(data_dir)
         .arg("--policies")
         .arg(policies)
+        .args(extra)
         .env("RUST_LOG", "warn,lichen::server=info")
         .stdout(Stdio::null())
         .stderr(Stdio::piped())

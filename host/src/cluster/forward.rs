@@ -84,7 +84,10 @@ impl Cluster {
         B::Error: Into<BoxError>,
     {
         let peers = self.peers();
-        let candidates = candidates(&peers, function, sha256);
+        let candidates: Vec<&Peer> = candidates(&peers, function, sha256)
+            .into_iter()
+            .filter(|p| !self.is_suspect(&p.node_id))
+            .collect();
         let (parts, body) = req.into_parts();
         let mut body = Some(body);
         let mut retried_after_sent = false;
@@ -127,11 +130,13 @@ impl Cluster {
                 Ok(Err(error)) if error.is_connect() => {
                     self.metrics.forward_failures.inc();
                     tracing::warn!(peer = %peer.node_id, error = %error, "cannot connect to peer; trying another");
+                    self.suspect(&peer.node_id);
                     body = slot.and_then(|s| s.reclaim());
                 }
                 Ok(Err(error)) => {
                     self.metrics.forward_failures.inc();
                     tracing::warn!(peer = %peer.node_id, error = format!("{error:#}"), "peer failed after the request was sent");
+                    self.suspect(&peer.node_id);
                     if matches!(replay, Replay::Never) || retried_after_sent {
                         return Forward::Failed(ApiError::new(
                             StatusCode::BAD_GATEWAY,
@@ -320,5 +325,71 @@ where
         let body = self.shared.body.lock().unwrap_or_else(|e| e.into_inner());
         body.as_ref()
             .map_or(SizeHint::with_exact(0), |b| b.size_hint())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeSet, HashMap};
+
+    use super::*;
+    use crate::cluster::registry::Entry;
+
+    fn peer(id: &str, free: u32, load: u32, sha: Option<&str>) -> Peer {
+        let mut functions = HashMap::new();
+        if let Some(sha) = sha {
+            functions.insert(
+                "f".to_string(),
+                Entry {
+                    name: "f".to_string(),
+                    sha256: Some(sha.to_string()),
+                    version: 1,
+                    policy: None,
+                    timestamp_ms: 1,
+                    origin: "x".to_string(),
+                },
+            );
+        }
+        Peer {
+            node_id: id.to_string(),
+            api: format!("http://{id}"),
+            gossip: ([127, 0, 0, 1], 1).into(),
+            free_slots: free,
+            load,
+            functions,
+            modules: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn only_peers_with_room_serving_the_same_version_are_candidates() {
+        let peers = [
+            peer("full", 0, 9, Some("v1")),
+            peer("old", 5, 0, Some("v0")),
+            peer("none", 5, 0, None),
+            peer("p", 5, 3, Some("v1")),
+            peer("q", 5, 1, Some("v1")),
+        ];
+        let ids: Vec<&str> = candidates(&peers, "f", "v1")
+            .iter()
+            .map(|p| p.node_id.as_str())
+            .collect();
+        let mut sorted = ids.clone();
+        sorted.sort();
+        assert_eq!(sorted, ["p", "q"]);
+        // The two owners with room: the less loaded goes first.
+        assert_eq!(ids[0], "q");
+    }
+
+    #[tokio::test]
+    async fn an_untouched_body_can_be_had_back_and_a_started_one_cannot() {
+        let (body, slot) = Reclaimable::new(Full::new(Bytes::from_static(b"x")));
+        drop(body);
+        assert!(slot.reclaim().is_some());
+
+        let (body, slot) = Reclaimable::new(Full::new(Bytes::from_static(b"x")));
+        let collected = body.collect().await.unwrap().to_bytes();
+        assert_eq!(&collected[..], b"x");
+        assert!(slot.reclaim().is_none());
     }
 }

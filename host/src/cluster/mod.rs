@@ -24,7 +24,7 @@ pub mod sync;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use chitchat::transport::UdpTransport;
@@ -108,6 +108,9 @@ pub struct Cluster {
     /// Peers this host has forwarded to, per function, to drop their series
     /// when the function is deleted.
     forwarded_to: Mutex<HashMap<String, HashSet<String>>>,
+    /// Peers a connection just failed to, and when: skipped by forwarding
+    /// until the failure detector catches up.
+    suspects: Mutex<HashMap<String, Instant>>,
     client: forward::Client,
     metrics: Metrics,
 }
@@ -175,6 +178,7 @@ impl Cluster {
             registry: Mutex::new(Registry::default()),
             parsed: Mutex::new(HashMap::new()),
             forwarded_to: Mutex::new(HashMap::new()),
+            suspects: Mutex::new(HashMap::new()),
             metrics,
         }))
     }
@@ -296,6 +300,14 @@ impl Cluster {
                     .collect::<Vec<_>>()
             })
             .await;
+        let live: HashSet<String> = snapshot
+            .iter()
+            .map(|(id, _)| id.node_id.to_string())
+            .collect();
+        self.parsed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(node, _), _| live.contains(node));
         let peers: Vec<Peer> = snapshot
             .into_iter()
             .filter_map(|(id, values)| self.read_peer(&id, values))
@@ -361,6 +373,22 @@ impl Cluster {
             }
         }
         (!peer.api.is_empty()).then_some(peer)
+    }
+
+    /// Marks `node` as unreachable for a while.
+    fn suspect(&self, node: &str) {
+        self.suspects
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(node.to_string(), Instant::now());
+    }
+
+    /// Whether a connection to `node` failed within the last few rounds.
+    fn is_suspect(&self, node: &str) -> bool {
+        let mut suspects = self.suspects.lock().unwrap_or_else(|e| e.into_inner());
+        let window = self.interval * 10;
+        suspects.retain(|_, at| at.elapsed() < window);
+        suspects.contains_key(node)
     }
 
     /// Forgets a deleted function's forwarding series.
