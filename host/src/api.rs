@@ -825,13 +825,15 @@ async fn deploy_inner(
     state
         .activate(&guard, &name, version.clone(), Some(bytes))
         .await?;
-    drop(guard);
+    // Published before the lock is let go, so an older registry entry being
+    // applied meanwhile sees this one and stands down.
     if let Some(cluster) = state.cluster() {
         let policy = state.policy_source(&name);
         cluster
             .publish_local(name.as_str(), Some(sha256), version.version, policy)
             .await;
     }
+    drop(guard);
     tracing::info!(function = %name, version = version.version, sha256 = %version.sha256, size, "deployed");
     let body = FunctionSummary::new(&name, &version);
     json(StatusCode::CREATED, &body)
@@ -842,8 +844,6 @@ async fn delete(state: &Arc<AppState>, name: &FunctionName) -> Result<Response<B
     if !state.delete_function(&guard, name)? {
         return Err(ApiError::not_found(format!("no function named {name}")));
     }
-    drop(guard);
-    tracing::info!(function = %name, "deleted");
     if let Some(cluster) = state.cluster() {
         cluster.forget_function(name.as_str());
         let version = cluster.entry(name.as_str()).map_or(0, |e| e.version);
@@ -851,6 +851,8 @@ async fn delete(state: &Arc<AppState>, name: &FunctionName) -> Result<Response<B
             .publish_local(name.as_str(), None, version, None)
             .await;
     }
+    drop(guard);
+    tracing::info!(function = %name, "deleted");
     json(
         StatusCode::OK,
         &serde_json::json!({ "name": name, "deleted": true }),

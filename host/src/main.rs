@@ -96,7 +96,7 @@ struct ClusterArgs {
     /// Gossip address (UDP) of a host to join through; repeatable.
     #[arg(long = "peer", value_name = "ADDR")]
     peers: Vec<String>,
-    /// Where this host gossips (UDP), e.g. 10.0.0.5:7946.
+    /// Where this host gossips (UDP) [default: the listen IP, port 7946].
     #[arg(long, value_name = "ADDR")]
     gossip: Option<SocketAddr>,
     /// The HTTP address peers use for this host (default: the listen address).
@@ -115,7 +115,7 @@ struct ClusterArgs {
 }
 
 impl ClusterArgs {
-    fn config(self) -> anyhow::Result<Option<lichen::cluster::ClusterConfig>> {
+    fn config(self, listen: SocketAddr) -> anyhow::Result<Option<lichen::cluster::ClusterConfig>> {
         if self.peers.is_empty() && self.gossip.is_none() {
             return Ok(None);
         }
@@ -124,7 +124,7 @@ impl ClusterArgs {
         };
         let gossip_listen = self
             .gossip
-            .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 7946)));
+            .unwrap_or_else(|| SocketAddr::new(listen.ip(), 7946));
         let node_id = match self.node_id {
             Some(id) => id,
             None => {
@@ -224,7 +224,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_connections = args.max_connections;
     config.max_in_flight = args.max_in_flight;
     config.max_loaded_functions = args.max_loaded_functions;
-    config.cluster = args.cluster.config()?;
+    config.cluster = args.cluster.config(args.listen)?;
     let server = Server::bind(config).await?;
     server.run(server::shutdown_signal()).await
 }

@@ -230,7 +230,8 @@ impl Cluster {
         self.publish(entry).await;
     }
 
-    /// Makes `entry` this host's own and gossips it (with its module).
+    /// Makes `entry` this host's own and gossips it (with its module),
+    /// unless an entry as new is already this host's.
     async fn publish(&self, entry: Entry) {
         let key = format!("{PREFIX_FN}{}", entry.name);
         let Ok(json) = serde_json::to_string(&entry) else {
@@ -239,7 +240,9 @@ impl Cluster {
         let sealed = self.secret.seal(&self.node_id, &key, &json);
         let modules: BTreeSet<String> = {
             let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-            registry.merge(entry);
+            if registry.merge(entry) == registry::Change::None {
+                return;
+            }
             registry
                 .entries()
                 .filter_map(|e| e.sha256.clone())

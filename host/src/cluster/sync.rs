@@ -175,6 +175,9 @@ async fn apply_inner(
 ) -> anyhow::Result<()> {
     let Some(sha256) = entry.sha256.clone() else {
         let guard = state.lock_admin().await;
+        if superseded(cluster, entry) {
+            return Ok(());
+        }
         state
             .delete_function(&guard, name)
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
@@ -199,6 +202,9 @@ async fn apply_inner(
             timestamp_ms: Some(entry.timestamp_ms),
         };
         let guard = state.lock_admin().await;
+        if superseded(cluster, entry) {
+            return Ok(());
+        }
         state
             .activate(&guard, name, version, bytes)
             .await
@@ -214,6 +220,14 @@ async fn apply_inner(
             .map_err(|e| anyhow::anyhow!("the registry's policy: {e}"))?;
     }
     Ok(())
+}
+
+/// Whether this host has meanwhile taken a change at least as new as
+/// `entry` (a deploy or delete made here while it was being fetched).
+fn superseded(cluster: &Cluster, entry: &Entry) -> bool {
+    cluster
+        .entry(&entry.name)
+        .is_some_and(|ours| !entry.newer_than(&ours))
 }
 
 /// Gets a module from a peer that holds it, checking its hash: a peer is
