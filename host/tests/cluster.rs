@@ -561,3 +561,104 @@ async fn tampering_proxy(bytes: Vec<u8>) -> std::net::SocketAddr {
     });
     addr
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_dying_mid_request_retries_only_what_may_run_twice() {
+    let root = tempfile::tempdir().unwrap();
+    let a = Node::start(root.path(), "a", &[], SECRET);
+    let mut others: Vec<Node> = ["b", "c", "d"]
+        .iter()
+        .map(|id| Node::start(root.path(), id, &[&a], SECRET))
+        .collect();
+    let policy = "[limits]\nconcurrency = 1\nqueue = 0\n";
+    a.admin(Method::PUT, "/v1/functions/probe", component("probe"))
+        .await;
+    a.admin(
+        Method::PUT,
+        "/v1/functions/probe/policy",
+        policy.as_bytes().to_vec(),
+    )
+    .await;
+    for node in &others {
+        eventually(&format!("{} has probe's policy", node.id), || async {
+            std::fs::read_to_string(node.dir.join("policies/probe.toml")).is_ok_and(|t| t == policy)
+        })
+        .await;
+    }
+    eventually("a sees three peers serve probe", || {
+        a.sees_serving(3, "probe")
+    })
+    .await;
+
+    // a's one slot is taken for the whole test.
+    let hold = {
+        let url = format!("{}/fn/probe/sleep?ms=4500", a.url);
+        tokio::spawn(async move { send(Method::GET, &url, &[], Vec::new()).await })
+    };
+    eventually("a runs the long call", || async {
+        series_sum(&a.metrics().await, "lichen_inflight{function=\"probe\"}") == 1.0
+    })
+    .await;
+
+    // Sends one call through a, kills the peer it went to while it runs,
+    // and returns the reply and the peer killed.
+    async fn call_and_kill_its_peer(
+        a: &Node,
+        others: &mut [Node],
+        method: Method,
+    ) -> (Reply, String) {
+        let call = {
+            let url = format!("{}/fn/probe/sleep?ms=1500", a.url);
+            tokio::spawn(async move { send(method, &url, &[], Vec::new()).await })
+        };
+        let started = Instant::now();
+        loop {
+            for node in others.iter_mut() {
+                if node.child.try_wait().unwrap().is_none()
+                    && series_sum(&node.metrics().await, "lichen_inflight{function=\"probe\"}")
+                        == 1.0
+                {
+                    node.kill();
+                    return (call.await.unwrap(), node.id.clone());
+                }
+            }
+            assert!(
+                started.elapsed() < CONVERGE,
+                "the call never reached a peer"
+            );
+        }
+    }
+
+    // A GET is idempotent: sent once more to another peer.
+    let (reply, killed) = call_and_kill_its_peer(&a, &mut others, Method::GET).await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let served_by = reply.headers["x-lichen-served-by"].to_str().unwrap();
+    assert_ne!(served_by, killed);
+
+    // A POST is not: 502, and no other host ran it.
+    let mut before = std::collections::HashMap::new();
+    for node in others.iter().filter(|n| n.id != killed) {
+        let count = series_sum(
+            &node.metrics().await,
+            "lichen_invocations_total{function=\"probe\"",
+        );
+        before.insert(node.id.clone(), count);
+    }
+    let (reply, second) = call_and_kill_its_peer(&a, &mut others, Method::POST).await;
+    reply.assert_error(StatusCode::BAD_GATEWAY, "peer_failed");
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let survivor = others
+        .iter()
+        .find(|n| n.id != killed && n.id != second)
+        .unwrap();
+    let after = series_sum(
+        &survivor.metrics().await,
+        "lichen_invocations_total{function=\"probe\"",
+    );
+    assert_eq!(
+        after, before[&survivor.id],
+        "the POST ran again on {}",
+        survivor.id
+    );
+    assert_eq!(hold.await.unwrap().status, StatusCode::OK);
+}
