@@ -310,3 +310,48 @@ async fn fetch_from(
     }
     Ok(bytes.freeze())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::collections::{BTreeSet, HashMap};
+
+    use super::*;
+
+    fn entry(name: &str, ts: u64, origin: &str) -> Entry {
+        Entry {
+            name: name.to_string(),
+            sha256: Some(format!("{name}-{ts}")),
+            version: ts,
+            policy: None,
+            timestamp_ms: ts,
+            origin: origin.to_string(),
+        }
+    }
+
+    fn peer(id: &str, entries: &[Entry]) -> Peer {
+        Peer {
+            node_id: id.to_string(),
+            api: String::new(),
+            gossip: ([127, 0, 0, 1], 1).into(),
+            free_slots: 1,
+            load: 0,
+            functions: entries
+                .iter()
+                .map(|e| (e.name.clone(), e.clone()))
+                .collect::<HashMap<_, _>>(),
+            modules: BTreeSet::new(),
+        }
+    }
+
+    #[test]
+    fn the_newest_entry_of_each_function_across_peers_is_the_one_to_apply() {
+        let peers = [
+            peer("a", &[entry("f", 10, "a"), entry("g", 5, "a")]),
+            peer("b", &[entry("f", 20, "b"), entry("g", 5, "c")]),
+            peer("c", &[entry("f", 20, "a")]),
+        ];
+        let mut newest = newest_entries(&peers);
+        newest.sort_by(|x, y| x.name.cmp(&y.name));
+        assert_eq!(newest, [entry("f", 20, "b"), entry("g", 5, "c")]);
+    }
+}
