@@ -67,6 +67,24 @@ fn main() -> Result<()> {
             );
             Ok(())
         }
+        Some("compute") => {
+            // Just fib(N) in wasm vs natively, ROUNDS alternating.
+            let settings = Settings::from_env(false)?;
+            let n: u32 = args.get(1).map_or(Ok(32), |n| n.parse())?;
+            let rounds: usize = args.get(2).map_or(Ok(15), |r| r.parse())?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let (wasm, native) =
+                runtime.block_on(inproc::compute(&settings.component("fib")?, n, rounds))?;
+            let (w, nat) = (median(&wasm), median(&native));
+            println!(
+                "fib({n}) x{rounds}: wasm p50 {w:?}, native p50 {nat:?}, ratio {:.2}x",
+                w.as_secs_f64() / nat.as_secs_f64()
+            );
+            Ok(())
+        }
         Some("scale") => {
             // Just the many-functions scenario, with N functions.
             let mut settings = Settings::from_env(false)?;
@@ -96,7 +114,7 @@ fn main() -> Result<()> {
             run_all(&Settings::from_env(smoke)?, &out)
         }
         _ => bail!(
-            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | scale N | map [--smoke] | native-hello ADDR"
+            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | compute [N] [ROUNDS] | scale N | map [--smoke] | native-hello ADDR"
         ),
     }
 }
