@@ -648,19 +648,35 @@ pub(crate) fn check_access<B>(
     if state.lookup(name.as_str()).is_none() {
         return Err(ApiError::not_found(format!("no function named {name:?}")));
     }
-    let policy = state.policies.get(name).map_err(|error| {
-        ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "policy_invalid",
-            format!("{name} has no valid policy: {error}"),
-        )
-    })?;
-    if !policy.public {
-        let accepted = std::iter::once(state.admin_token.as_str())
-            .chain(policy.tokens.iter().map(String::as_str));
-        check_bearer(req, accepted, "private functions")?;
-    }
+    let policy = state
+        .policies
+        .get(name)
+        .map_err(|error| policy_invalid(name, error))?;
+    check_invoke_access(state, &policy, req)?;
     Ok((req.headers().get(header::AUTHORIZATION).cloned(), policy))
+}
+
+/// `503`: the function has no policy in force.
+fn policy_invalid(name: &FunctionName, error: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "policy_invalid",
+        format!("{name} has no valid policy: {error}"),
+    )
+}
+
+/// A private function takes the admin token or one of its policy's tokens.
+fn check_invoke_access<B>(
+    state: &AppState,
+    policy: &Policy,
+    req: &hyper::Request<B>,
+) -> Result<(), ApiError> {
+    if policy.public {
+        return Ok(());
+    }
+    let accepted =
+        std::iter::once(state.admin_token.as_str()).chain(policy.tokens.iter().map(String::as_str));
+    check_bearer(req, accepted, "private functions")
 }
 
 fn parse_name(name: &str) -> Result<FunctionName, ApiError> {
@@ -986,11 +1002,7 @@ pub(crate) async fn invoke(
             state
                 .metrics
                 .record_invocation(name, Outcome::Rejected, Duration::ZERO, None, 0);
-            return Err(ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "policy_invalid",
-                format!("{name} has no valid policy: {error}"),
-            ));
+            return Err(policy_invalid(&function.name, error));
         }
     };
     let method = req.method().clone();
@@ -1050,10 +1062,11 @@ async fn admit_and_run(
     arrival: Arrival,
 ) -> (Result<Response<Body>, ApiError>, Outcome) {
     let refused = |error: ApiError| (Err(error), Outcome::Rejected);
-    if !policy.public && !matches!(arrival, Arrival::Forwarded) {
-        let accepted = std::iter::once(state.admin_token.as_str())
-            .chain(policy.tokens.iter().map(String::as_str));
-        if let Err(error) = check_bearer(&req, accepted, "private functions") {
+    if !policy.public {
+        // A forwarded request was checked by the host it came through.
+        if !matches!(arrival, Arrival::Forwarded)
+            && let Err(error) = check_invoke_access(state, &policy, &req)
+        {
             return (Err(error), Outcome::Denied);
         }
         // The token was for the host; the guest does not get to see it.
