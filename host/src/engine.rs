@@ -300,25 +300,41 @@ impl Runtime {
 
         let pre = function.pre.clone();
         let stats = Arc::clone(&invocation.stats);
-        // The guest may keep writing the body after it has sent the response
-        // head, so it runs in a task of its own; the deadline covers all of it.
-        let task = tokio::spawn(async move {
-            tokio::time::timeout(deadline, async move {
-                let instantiating = Instant::now();
-                let proxy = pre.instantiate_async(&mut store).await?;
-                let nanos = instantiating.elapsed().as_nanos();
-                stats
-                    .instantiate_ns
-                    .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
-                proxy
-                    .wasi_http_incoming_handler()
-                    .call_handle(&mut store, req, out)
-                    .await
-            })
-            .await
+        let guest = tokio::time::timeout(deadline, async move {
+            let instantiating = Instant::now();
+            let proxy = pre.instantiate_async(&mut store).await?;
+            let nanos = instantiating.elapsed().as_nanos();
+            stats
+                .instantiate_ns
+                .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
+            proxy
+                .wasi_http_incoming_handler()
+                .call_handle(&mut store, req, out)
+                .await
         });
-
-        match receiver.await {
+        let mut guest = Box::pin(guest);
+        // The guest runs here until it has either finished (most functions
+        // answer and return at once: no task to spawn and wake) or sent its
+        // response head while still writing the body, in which case the rest
+        // of it moves to a task of its own. The deadline covers all of it.
+        let mut receiver = receiver;
+        let first = tokio::select! {
+            biased;
+            result = &mut guest => First::Finished(result),
+            head = &mut receiver => First::Head(head),
+        };
+        let (head, task) = match first {
+            // Finished: the head was sent, or never will be once the store
+            // that holds the sender is gone.
+            First::Finished(result) => {
+                // A guest stopped at its deadline still holds its store (and
+                // the sender) until dropped.
+                drop(guest);
+                (receiver.await, GuestRun::Finished(result))
+            }
+            First::Head(head) => (head, GuestRun::Running(tokio::spawn(guest))),
+        };
+        match head {
             Ok(Ok(response)) => {
                 let outcome =
                     if response.status().is_client_error() || response.status().is_server_error() {
@@ -341,7 +357,7 @@ impl Runtime {
             ),
             // The guest dropped the response outparam: it returned without
             // answering, trapped, or ran out of time.
-            Err(_) => match task.await {
+            Err(_) => match task.result().await {
                 Ok(Err(_elapsed)) => (
                     Err(ApiError::new(
                         StatusCode::GATEWAY_TIMEOUT,
@@ -402,6 +418,28 @@ impl Runtime {
                     Outcome::Trap,
                 ),
             },
+        }
+    }
+}
+
+/// What happened first: the guest finished, or it sent its response head.
+enum First<R, H> {
+    Finished(R),
+    Head(H),
+}
+
+/// Where a guest is after its response head: done, or still running in a
+/// task of its own (writing its body).
+enum GuestRun<T> {
+    Finished(T),
+    Running(tokio::task::JoinHandle<T>),
+}
+
+impl<T> GuestRun<T> {
+    async fn result(self) -> Result<T, tokio::task::JoinError> {
+        match self {
+            GuestRun::Finished(result) => Ok(result),
+            GuestRun::Running(task) => task.await,
         }
     }
 }
