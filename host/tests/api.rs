@@ -640,3 +640,64 @@ async fn only_the_last_ten_versions_are_kept_on_disk() {
     assert_eq!(host.get("/fn/hello").await.text(), "Hello from Lichen!\n");
     host.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_on_one_host_answers_in_order_and_refuses_bad_input() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(
+        dir.path(),
+        "secret-square",
+        "[access]\npublic = false\ntokens = [\"let-me-in\"]\n",
+    );
+    let host = common::host_with(
+        dir.path(),
+        &[("square", "square"), ("secret-square", "square")],
+    )
+    .await;
+    let map = |name: &str| format!("{}/v1/functions/{name}/map", host.url);
+
+    let inputs: Vec<i64> = (0..300).map(|i| i - 150).collect();
+    let reply = send(
+        Method::POST,
+        &map("square"),
+        &[],
+        serde_json::to_vec(&inputs).unwrap(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let results = reply.json();
+    let expected: Vec<serde_json::Value> = inputs
+        .iter()
+        .map(|i| serde_json::json!({ "status": 200, "body": i * i }))
+        .collect();
+    assert_eq!(results, serde_json::Value::Array(expected));
+    let empty = send(Method::POST, &map("square"), &[], b"[]".to_vec()).await;
+    assert_eq!(empty.json(), serde_json::json!([]));
+
+    send(
+        Method::POST,
+        &map("square"),
+        &[],
+        b"{\"not\": \"an array\"}".to_vec(),
+    )
+    .await
+    .assert_error(StatusCode::BAD_REQUEST, "invalid_map");
+    send(Method::POST, &map("nothing-here"), &[], b"[1]".to_vec())
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+    send(Method::POST, &map("secret-square"), &[], b"[1]".to_vec())
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+    let allowed = send(
+        Method::POST,
+        &map("secret-square"),
+        &[("authorization", "Bearer let-me-in")],
+        b"[4]".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        allowed.json(),
+        serde_json::json!([{ "status": 200, "body": 16 }])
+    );
+    host.stop().await;
+}
