@@ -662,3 +662,34 @@ async fn a_peer_dying_mid_request_retries_only_what_may_run_twice() {
     );
     assert_eq!(hold.await.unwrap().status, StatusCode::OK);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_back_from_the_dead_catches_up() {
+    let root = tempfile::tempdir().unwrap();
+    let a = Node::start(root.path(), "a", &[], SECRET);
+    let mut b = Node::start(root.path(), "b", &[&a], SECRET);
+    a.admin(Method::PUT, "/v1/functions/hello", component("hello"))
+        .await;
+    eventually("b serves hello", || async {
+        b.post("/fn/hello", "").await.status == StatusCode::OK
+    })
+    .await;
+    b.kill();
+
+    // While b is down: hello deleted, square deployed.
+    a.admin(Method::DELETE, "/v1/functions/hello", Vec::new())
+        .await;
+    a.admin(Method::PUT, "/v1/functions/square", component("square"))
+        .await;
+    let b = Node::start(root.path(), "b", &[&a], SECRET);
+    eventually("b serves square and not hello", || async {
+        b.post("/fn/square", "5").await.status == StatusCode::OK
+            && b.post("/fn/hello", "").await.status == StatusCode::NOT_FOUND
+    })
+    .await;
+    // And a did not get hello back from b's old record.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.post("/fn/hello", "")
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+}

@@ -88,7 +88,7 @@ impl Peer {
     }
 }
 
-/// A gossip value's place: (node id, key).
+/// A gossip value's place: (node incarnation, key).
 type GossipKey = (String, String);
 
 /// This host's membership in a cluster.
@@ -303,10 +303,7 @@ impl Cluster {
                     .collect::<Vec<_>>()
             })
             .await;
-        let live: HashSet<String> = snapshot
-            .iter()
-            .map(|(id, _)| id.node_id.to_string())
-            .collect();
+        let live: HashSet<String> = snapshot.iter().map(|(id, _)| incarnation(id)).collect();
         self.parsed
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -335,7 +332,7 @@ impl Cluster {
         let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
         for (key, version, sealed) in values {
             if let Some(name) = key.strip_prefix(PREFIX_FN) {
-                let cache_key = (node.to_string(), key.clone());
+                let cache_key = (incarnation(id), key.clone());
                 let entry = match parsed.get(&cache_key) {
                     Some((v, entry)) if *v == version => entry.clone(),
                     _ => {
@@ -419,6 +416,12 @@ impl Cluster {
     pub fn api_url(&self) -> &str {
         &self.api_url
     }
+}
+
+/// A node's id and generation: a restarted node numbers its values afresh,
+/// so parsed values are cached per incarnation.
+fn incarnation(id: &ChitchatId) -> String {
+    format!("{}/{}", id.node_id, id.generation_id)
 }
 
 /// Milliseconds since the Unix epoch.
