@@ -125,21 +125,26 @@ impl AppState {
         self.policies.status(name).policy.map(|p| p.text.clone())
     }
 
-    /// Makes `version` the active version of `name`: compiles it (or loads
+    /// The stored record of `name`, or an empty one for a new function.
+    pub(crate) fn record_or_new(&self, name: &FunctionName) -> Result<FunctionRecord, ApiError> {
+        Ok(self
+            .store
+            .read_record(name)?
+            .unwrap_or_else(|| FunctionRecord::new(name.clone())))
+    }
+
+    /// Makes `version` the active version of the function of `record` (as
+    /// read under the admin lock, which callers hold): compiles it (or loads
     /// its cached code), stores the module if `bytes` are given, records it,
-    /// and swaps it in. Callers hold the admin lock.
+    /// and swaps it in.
     pub(crate) async fn activate(
         self: &Arc<Self>,
         _admin: &tokio::sync::MutexGuard<'_, ()>,
-        name: &FunctionName,
+        record: FunctionRecord,
         version: VersionInfo,
         bytes: Option<Bytes>,
     ) -> Result<(), ApiError> {
-        let record = self.store.read_record(name)?.unwrap_or(FunctionRecord {
-            name: name.clone(),
-            active: 0,
-            versions: Vec::new(),
-        });
+        let name = &record.name;
         let mut next = record.clone();
         next.install(version.clone());
         // Compiling takes milliseconds to seconds of CPU: off the async workers.
@@ -823,11 +828,7 @@ async fn deploy_inner(
     let size = bytes.len() as u64;
 
     let guard = state.lock_admin().await;
-    let record = state.store.read_record(&name)?.unwrap_or(FunctionRecord {
-        name: name.clone(),
-        active: 0,
-        versions: Vec::new(),
-    });
+    let record = state.record_or_new(&name)?;
     if let Some(active) = record.active_version()
         && active.sha256 == sha256
         && state.lookup(name.as_str()).is_some()
@@ -839,7 +840,7 @@ async fn deploy_inner(
 
     let version = record.next_version(&sha256, size);
     state
-        .activate(&guard, &name, version.clone(), Some(bytes))
+        .activate(&guard, record, version.clone(), Some(bytes))
         .await?;
     // Published before the lock is let go, so an older registry entry being
     // applied meanwhile sees this one and stands down.

@@ -124,13 +124,7 @@ impl Scheduler {
         let function = Arc::clone(&gate.permits)
             .try_acquire_owned()
             .map_err(|_| Refusal::FunctionBusy)?;
-        let host = Arc::clone(&self.host)
-            .try_acquire_owned()
-            .map_err(|_| Refusal::HostBusy)?;
-        Ok(Admission {
-            _function: function,
-            _host: host,
-        })
+        self.with_host_permit(function)
     }
 
     /// Waits for a permit of `gate` (at most `wait`), then takes one of the
@@ -158,6 +152,11 @@ impl Scheduler {
                 }
             }
         };
+        self.with_host_permit(function)
+    }
+
+    /// Adds one of the host's permits to a function's, if one is free.
+    fn with_host_permit(&self, function: OwnedSemaphorePermit) -> Result<Admission, Refusal> {
         let host = Arc::clone(&self.host)
             .try_acquire_owned()
             .map_err(|_| Refusal::HostBusy)?;

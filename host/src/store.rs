@@ -70,6 +70,15 @@ pub struct FunctionRecord {
 }
 
 impl FunctionRecord {
+    /// The record of a function with no version yet.
+    pub fn new(name: FunctionName) -> Self {
+        FunctionRecord {
+            name,
+            active: 0,
+            versions: Vec::new(),
+        }
+    }
+
     pub fn active_version(&self) -> Option<&VersionInfo> {
         self.versions.iter().find(|v| v.version == self.active)
     }

@@ -205,8 +205,11 @@ async fn apply_inner(
         if superseded(cluster, entry) {
             return Ok(());
         }
+        let record = state
+            .record_or_new(name)
+            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         state
-            .activate(&guard, name, version, bytes)
+            .activate(&guard, record, version, bytes)
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
     }
