@@ -180,6 +180,33 @@ async fn three(root: &Path) -> (Node, Node, Node) {
     (a, b, c)
 }
 
+/// Deploys `function` (the fixture of that name) on `origin` with `policy`,
+/// and waits until each of `peers` has the policy file.
+async fn deploy_with_policy(origin: &Node, peers: &[&Node], function: &str, policy: &str) {
+    let deployed = origin
+        .admin(
+            Method::PUT,
+            &format!("/v1/functions/{function}"),
+            component(function),
+        )
+        .await;
+    assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+    origin
+        .admin(
+            Method::PUT,
+            &format!("/v1/functions/{function}/policy"),
+            policy.as_bytes().to_vec(),
+        )
+        .await;
+    for node in peers {
+        eventually(&format!("{} has {function}'s policy", node.id), || async {
+            std::fs::read_to_string(node.dir.join(format!("policies/{function}.toml")))
+                .is_ok_and(|t| t == policy)
+        })
+        .await;
+    }
+}
+
 /// Polls `check` until it holds, failing after [`CONVERGE`].
 async fn eventually<F, Fut>(what: &str, mut check: F)
 where
@@ -285,20 +312,7 @@ async fn a_full_host_forwards_to_peers_with_room() {
     let root = tempfile::tempdir().unwrap();
     let (a, b, c) = three(root.path()).await;
     let policy = "[limits]\nconcurrency = 2\nqueue = 0\n";
-    a.admin(Method::PUT, "/v1/functions/probe", component("probe"))
-        .await;
-    a.admin(
-        Method::PUT,
-        "/v1/functions/probe/policy",
-        policy.as_bytes().to_vec(),
-    )
-    .await;
-    for node in [&b, &c] {
-        eventually(&format!("{} has probe's policy", node.id), || async {
-            std::fs::read_to_string(node.dir.join("policies/probe.toml")).is_ok_and(|t| t == policy)
-        })
-        .await;
-    }
+    deploy_with_policy(&a, &[&b, &c], "probe", policy).await;
     eventually("a sees b and c serve probe", || a.sees_serving(2, "probe")).await;
 
     // Six slow calls at a, which runs two at once and queues none: the
@@ -356,21 +370,11 @@ async fn a_full_host_forwards_to_peers_with_room() {
 async fn a_map_spreads_over_hosts_and_survives_one_dying() {
     let root = tempfile::tempdir().unwrap();
     let (a, mut b, c) = three(root.path()).await;
-    a.admin(Method::PUT, "/v1/functions/square", component("square"))
-        .await;
     // One at a time per host: the map takes long enough to kill b in it.
-    let policy = "[limits]\nconcurrency = 1\n";
-    a.admin(
-        Method::PUT,
-        "/v1/functions/square/policy",
-        policy.as_bytes().to_vec(),
-    )
-    .await;
+    deploy_with_policy(&a, &[&b, &c], "square", "[limits]\nconcurrency = 1\n").await;
     for node in [&b, &c] {
         eventually(&format!("{} serves square", node.id), || async {
             node.post("/fn/square", "3").await.status == StatusCode::OK
-                && std::fs::read_to_string(node.dir.join("policies/square.toml"))
-                    .is_ok_and(|t| t == policy)
         })
         .await;
     }
@@ -571,20 +575,8 @@ async fn a_peer_dying_mid_request_retries_only_what_may_run_twice() {
         .map(|id| Node::start(root.path(), id, &[&a], SECRET))
         .collect();
     let policy = "[limits]\nconcurrency = 1\nqueue = 0\n";
-    a.admin(Method::PUT, "/v1/functions/probe", component("probe"))
-        .await;
-    a.admin(
-        Method::PUT,
-        "/v1/functions/probe/policy",
-        policy.as_bytes().to_vec(),
-    )
-    .await;
-    for node in &others {
-        eventually(&format!("{} has probe's policy", node.id), || async {
-            std::fs::read_to_string(node.dir.join("policies/probe.toml")).is_ok_and(|t| t == policy)
-        })
-        .await;
-    }
+    let peers: Vec<&Node> = others.iter().collect();
+    deploy_with_policy(&a, &peers, "probe", policy).await;
     eventually("a sees three peers serve probe", || {
         a.sees_serving(3, "probe")
     })
