@@ -120,32 +120,37 @@ async fn publish_policy_edits(
     state: &AppState,
     applying: &Mutex<HashSet<String>>,
 ) {
-    let entries: Vec<Entry> = {
+    // Only entries whose policy file now says something else are copied.
+    let edited: Vec<(String, Option<String>, u64, String)> = {
         let registry = cluster.registry.lock().unwrap_or_else(|e| e.into_inner());
         registry
             .entries()
             .filter(|e| !e.is_tombstone())
-            .cloned()
+            .filter_map(|e| {
+                let name = FunctionName::new(&e.name).ok()?;
+                let policy = state.policies.status(&name).policy?;
+                (e.policy.as_deref() != Some(policy.text.as_str())).then(|| {
+                    (
+                        e.name.clone(),
+                        e.sha256.clone(),
+                        e.version,
+                        policy.text.clone(),
+                    )
+                })
+            })
             .collect()
     };
-    for entry in entries {
-        let Ok(name) = FunctionName::new(&entry.name) else {
-            continue;
-        };
-        let source = state.policy_source(&name);
-        if source.is_none() || source == entry.policy {
-            continue;
-        }
+    for (name, sha256, version, source) in edited {
         if applying
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .contains(&entry.name)
+            .contains(&name)
         {
             continue;
         }
         tracing::info!(function = %name, "policy edited here; publishing it to the cluster");
         cluster
-            .publish_local(&entry.name, entry.sha256.clone(), entry.version, source)
+            .publish_local(&name, sha256, version, Some(source))
             .await;
     }
 }
