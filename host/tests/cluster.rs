@@ -685,3 +685,27 @@ async fn a_host_back_from_the_dead_catches_up() {
         .await
         .assert_error(StatusCode::NOT_FOUND, "not_found");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_file_edited_on_one_host_reaches_the_others() {
+    let root = tempfile::tempdir().unwrap();
+    let a = Node::start(root.path(), "a", &[], SECRET);
+    let b = Node::start(root.path(), "b", &[&a], SECRET);
+    a.admin(Method::PUT, "/v1/functions/hello", component("hello"))
+        .await;
+    eventually("b serves hello", || async {
+        b.post("/fn/hello", "").await.status == StatusCode::OK
+    })
+    .await;
+    let policy = "[limits]\nconcurrency = 5\n";
+    std::fs::write(b.dir.join("policies/hello.toml"), policy).unwrap();
+    eventually("a has the policy written on b's disk", || async {
+        std::fs::read_to_string(a.dir.join("policies/hello.toml")).is_ok_and(|t| t == policy)
+    })
+    .await;
+    let in_force = a
+        .admin(Method::GET, "/v1/functions/hello/policy", Vec::new())
+        .await
+        .json();
+    assert_eq!(in_force["in_force"]["limits"]["concurrency"], 5);
+}
