@@ -487,6 +487,16 @@ async fn without_the_secret_a_host_cannot_join_or_fetch() {
     .await;
     assert_eq!(fetched.status, StatusCode::OK);
     assert_eq!(fetched.body.as_ref(), component("hello").as_slice());
+    for missing in ["0".repeat(64), "not-a-hash".to_string()] {
+        send(
+            Method::GET,
+            &format!("{}/v1/internal/modules/{missing}", a.url),
+            &[("x-lichen-cluster-token", right.token())],
+            Vec::new(),
+        )
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
