@@ -4,6 +4,7 @@
 
 use std::hint::black_box;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -49,6 +50,14 @@ pub fn prepare(name: &str, component: &[u8]) -> Result<Prepared> {
     })
 }
 
+/// Per-call figures of the instantiate + call loop.
+pub struct CallTimes {
+    /// From the start of the invocation to the last byte of the body.
+    pub total: Vec<Duration>,
+    /// The part of `total` spent instantiating (as the host records it).
+    pub instantiate: Vec<Duration>,
+}
+
 impl Prepared {
     /// One invocation of `uri`, its body read in full; returns the body.
     pub async fn call(&self, uri: &str) -> Result<Bytes> {
@@ -76,21 +85,27 @@ impl Prepared {
 /// up. The loop runs as a task on the runtime's workers, as a connection task
 /// of the server does, not from outside the runtime (which would add a
 /// cross-thread wake-up to every call that the server does not pay).
-pub async fn instantiate_and_call(hello: &[u8], iterations: usize) -> Result<Vec<Duration>> {
+pub async fn instantiate_and_call(hello: &[u8], iterations: usize) -> Result<CallTimes> {
     let prepared = prepare("hello", hello)?;
     tokio::spawn(async move { call_loop(prepared, iterations).await }).await?
 }
 
-async fn call_loop(prepared: Prepared, iterations: usize) -> Result<Vec<Duration>> {
+async fn call_loop(prepared: Prepared, iterations: usize) -> Result<CallTimes> {
     for _ in 0..iterations / 10 + 10 {
         prepared.call("/").await?;
     }
-    let mut times = Vec::with_capacity(iterations);
+    let mut times = CallTimes {
+        total: Vec::with_capacity(iterations),
+        instantiate: Vec::with_capacity(iterations),
+    };
+    let recorded = &prepared.invocation.stats.instantiate_ns;
     for _ in 0..iterations {
         let started = Instant::now();
         let body = prepared.call("/").await?;
-        times.push(started.elapsed());
+        times.total.push(started.elapsed());
         black_box(body);
+        let nanos = recorded.load(Ordering::Relaxed);
+        times.instantiate.push(Duration::from_nanos(nanos));
     }
     Ok(times)
 }

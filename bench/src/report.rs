@@ -9,6 +9,7 @@ use std::time::Duration;
 use anyhow::Result;
 
 use crate::Settings;
+use crate::inproc::CallTimes;
 use crate::load::{OpenLoopResult, WrkResult};
 
 /// The median of a non-empty list (the lower middle for even lengths);
@@ -221,13 +222,21 @@ impl Report {
         self.sections.push(s);
     }
 
-    pub fn instantiate(&mut self, iterations: usize, times: &[Duration]) {
-        let p50 = percentile(times, 0.5);
-        let p99 = percentile(times, 0.99);
+    pub fn instantiate(&mut self, iterations: usize, times: &CallTimes) {
+        let p50 = percentile(&times.total, 0.5);
+        let p99 = percentile(&times.total, 0.99);
+        let rest: Vec<Duration> = times
+            .total
+            .iter()
+            .zip(&times.instantiate)
+            .map(|(total, instantiate)| total.saturating_sub(*instantiate))
+            .collect();
         self.sections.push(format!(
-            "## instantiate + call, in process\n\nA fresh instance of hello from its pre-instantiated component, the call, and the response body read, through the host library (no HTTP), {iterations} times after a warm-up.\n\n| p50 | p99 |\n| ---: | ---: |\n| {} | {} |\n",
+            "## instantiate + call, in process\n\nA fresh instance of hello from its pre-instantiated component, the call, and the response body read, through the host library (no HTTP), {iterations} times after a warm-up. The instantiation alone is the time the host records for it; the rest is the sandbox set-up, the guest's call with its host calls, the response body and the store's teardown (the pool resets the memory the guest dirtied).\n\n| p50 | p99 | instantiation alone, p50 | the rest, p50 |\n| ---: | ---: | ---: | ---: |\n| {} | {} | {} | {} |\n",
             us(p50),
-            us(p99)
+            us(p99),
+            us(percentile(&times.instantiate, 0.5)),
+            us(percentile(&rest, 0.5)),
         ));
         self.goals.push(format!(
             "instantiate + call p50 <= 20 µs: {}, {}",
