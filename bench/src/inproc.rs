@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 use bytes::Bytes;
 use http_body_util::{BodyExt, Full};
 use lichen::engine::{Deployed, EngineSettings, Runtime};
@@ -16,7 +16,7 @@ use lichen::policy::Policy;
 use lichen::sandbox::{Invocation, InvocationStats};
 use lichen::store::{VersionInfo, sha256_hex};
 
-use crate::fib;
+use crate::{fib, hash};
 
 pub struct Prepared {
     runtime: Runtime,
@@ -110,32 +110,76 @@ async fn call_loop(prepared: Prepared, iterations: usize) -> Result<CallTimes> {
     Ok(times)
 }
 
-/// fib(n) in wasm through the host (instance included) and natively,
-/// alternating, `rounds` each.
+/// A CPU-bound workload: the same source file compiled into a guest and
+/// natively into the benchmark.
+pub struct Workload {
+    /// What the report calls it, e.g. `fib(32)`.
+    pub label: String,
+    /// What bounds it, for the reader: calls or loops.
+    pub kind: &'static str,
+    /// The component in functions/ and the request that runs it there.
+    pub function: &'static str,
+    uri: String,
+    /// The computation natively, answering exactly what the guest answers.
+    native: Box<dyn Fn() -> String + Send>,
+}
+
+impl Workload {
+    /// The naive recursive Fibonacci: a call per step, so call overhead
+    /// (and wasmtime's epoch check at each function entry) dominates.
+    pub fn fib(n: u32) -> Self {
+        Workload {
+            label: format!("fib({n})"),
+            kind: "call-bound",
+            function: "fib",
+            uri: format!("/?n={n}"),
+            native: Box::new(move || {
+                let fib = fib::fib(black_box(n));
+                serde_json::json!({ "n": n, "fib": fib }).to_string()
+            }),
+        }
+    }
+
+    /// SHA-256 over `mib` MiB: tight loops of integer arithmetic.
+    pub fn sha256(mib: u32) -> Self {
+        Workload {
+            label: format!("SHA-256 of {mib} MiB"),
+            kind: "loop-bound",
+            function: "hash",
+            uri: format!("/?mib={mib}"),
+            native: Box::new(move || {
+                let digest = hash::hash_chain(black_box(mib));
+                let hex: String = digest.iter().map(|byte| format!("{byte:02x}")).collect();
+                hex + "\n"
+            }),
+        }
+    }
+}
+
+/// `workload` in wasm through the host (a fresh instance included) and
+/// natively, alternating, `rounds` each; the answers must agree.
 pub async fn compute(
-    fib_component: &[u8],
-    n: u32,
+    component: &[u8],
+    workload: &Workload,
     rounds: usize,
 ) -> Result<(Vec<Duration>, Vec<Duration>)> {
-    let prepared = prepare("fib", fib_component)?;
-    let uri = format!("/?n={n}");
-    let expected = fib::fib(n);
+    let prepared = prepare(workload.function, component)?;
     let mut wasm = Vec::new();
     let mut native = Vec::new();
     for _ in 0..rounds {
         let started = Instant::now();
-        let body = prepared.call(&uri).await?;
+        let body = prepared.call(&workload.uri).await?;
         wasm.push(started.elapsed());
-        let answer: serde_json::Value = serde_json::from_slice(&body)?;
-        let got = answer["fib"].as_u64().context("no fib in the answer")?;
-        anyhow::ensure!(
-            got == expected,
-            "wasm fib({n}) = {got}, native = {expected}"
-        );
 
         let started = Instant::now();
-        black_box(fib::fib(black_box(n)));
+        let expected = (workload.native)();
         native.push(started.elapsed());
+        anyhow::ensure!(
+            body == expected.as_bytes(),
+            "{}: wasm answered {:?}, native {expected:?}",
+            workload.label,
+            String::from_utf8_lossy(&body)
+        );
     }
     Ok((wasm, native))
 }

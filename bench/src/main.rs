@@ -15,10 +15,12 @@
 //! `WASMTIME_BIN` (the official CLI; its scenarios are skipped without it),
 //! `FUNCTIONS_DIR` (default `functions/target/wasm32-wasip2/release`).
 
-/// The fib function's computation, the same source file the guest compiles
-/// to wasm, compiled natively for the compute comparison.
+/// The fib and hash functions' computations, the same source files the
+/// guests compile to wasm, compiled natively for the compute comparison.
 #[path = "../../functions/fib/src/compute.rs"]
 mod fib;
+#[path = "../../functions/hash/src/compute.rs"]
+mod hash;
 mod inproc;
 mod load;
 mod report;
@@ -69,21 +71,24 @@ fn main() -> Result<()> {
             Ok(())
         }
         Some("compute") => {
-            // Just fib(N) in wasm vs natively, ROUNDS alternating.
+            // Just the compute workloads in wasm vs natively, ROUNDS alternating.
             let settings = Settings::from_env(false)?;
-            let n: u32 = args.get(1).map_or(Ok(32), |n| n.parse())?;
-            let rounds: usize = args.get(2).map_or(Ok(15), |r| r.parse())?;
+            let rounds: usize = args.get(1).map_or(Ok(15), |r| r.parse())?;
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
-            let (wasm, native) =
-                runtime.block_on(inproc::compute(&settings.component("fib")?, n, rounds))?;
-            let (w, nat) = (median(&wasm), median(&native));
-            println!(
-                "fib({n}) x{rounds}: wasm p50 {w:?}, native p50 {nat:?}, ratio {:.2}x",
-                w.as_secs_f64() / nat.as_secs_f64()
-            );
+            for workload in [inproc::Workload::fib(32), inproc::Workload::sha256(32)] {
+                let component = settings.component(workload.function)?;
+                let (wasm, native) =
+                    runtime.block_on(inproc::compute(&component, &workload, rounds))?;
+                let (w, nat) = (median(&wasm), median(&native));
+                println!(
+                    "{} x{rounds}: wasm p50 {w:?}, native p50 {nat:?}, ratio {:.2}x",
+                    workload.label,
+                    w.as_secs_f64() / nat.as_secs_f64()
+                );
+            }
             Ok(())
         }
         Some("scale") => {
@@ -292,16 +297,25 @@ fn in_process(settings: &Settings, report: &mut Report) -> Result<()> {
     );
     report.instantiate(iterations, &times);
 
-    let n = if settings.smoke { 25 } else { 32 };
     let rounds = if settings.smoke { 3 } else { 7 };
-    let (wasm, native) =
-        runtime.block_on(inproc::compute(&settings.component("fib")?, n, rounds))?;
-    eprintln!(
-        "fib({n}): wasm {:?}, native {:?}",
-        median(&wasm),
-        median(&native)
-    );
-    report.compute(n, &wasm, &native);
+    let workloads = if settings.smoke {
+        [inproc::Workload::fib(25), inproc::Workload::sha256(2)]
+    } else {
+        [inproc::Workload::fib(32), inproc::Workload::sha256(32)]
+    };
+    let mut results = Vec::new();
+    for workload in workloads {
+        let component = settings.component(workload.function)?;
+        let (wasm, native) = runtime.block_on(inproc::compute(&component, &workload, rounds))?;
+        eprintln!(
+            "{}: wasm {:?}, native {:?}",
+            workload.label,
+            median(&wasm),
+            median(&native)
+        );
+        results.push((workload, wasm, native));
+    }
+    report.compute(&results);
     Ok(())
 }
 

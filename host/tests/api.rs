@@ -19,7 +19,7 @@ async fn host() -> (TestHost, tempfile::TempDir) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_example_deploys_and_answers() {
     let (host, _dir) = host().await;
-    for name in ["hello", "echo", "square", "fib"] {
+    for name in ["hello", "echo", "square", "fib", "hash"] {
         let reply = host.deploy(name, component(name)).await;
         assert_eq!(
             reply.status,
@@ -75,6 +75,28 @@ async fn every_example_deploys_and_answers() {
     let fib = host.get("/fn/fib?n=20").await;
     assert_eq!(fib.json(), serde_json::json!({"n": 20, "fib": 6765}));
 
+    // FIPS 180-2's "abc" vector, then a body of many blocks against the
+    // host's own SHA-256 implementation.
+    let hash_url = format!("{}/fn/hash", host.url);
+    let hash = |body: Vec<u8>| send(Method::POST, &hash_url, &[], body);
+    assert_eq!(
+        hash(b"abc".to_vec()).await.text(),
+        "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad\n"
+    );
+    let long: Vec<u8> = (0..100_000u32).map(|i| (i % 251) as u8).collect();
+    assert_eq!(
+        hash(long.clone()).await.text().trim_end(),
+        lichen::store::sha256_hex(&long)
+    );
+    let bad = host.get("/fn/hash?mib=lots").await;
+    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
+    assert!(
+        bad.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("mib must be")
+    );
+
     let listed = host
         .admin(Method::GET, "/v1/functions", Vec::new())
         .await
@@ -85,7 +107,7 @@ async fn every_example_deploys_and_answers() {
         .iter()
         .map(|f| f["name"].as_str().unwrap())
         .collect();
-    assert_eq!(names, ["echo", "fib", "hello", "square"]);
+    assert_eq!(names, ["echo", "fib", "hash", "hello", "square"]);
     host.stop().await;
 }
 

@@ -20,7 +20,7 @@ use lichen::server::{ServeConfig, Server};
 /// checks this list against functions/Cargo.toml, and each entry is used by
 /// a test, so a new fixture cannot go untested.
 pub const FUNCTIONS: &[&str] = &[
-    "hello", "echo", "square", "fib", "trap", "raw-wasi", "probe",
+    "hello", "echo", "square", "fib", "hash", "trap", "raw-wasi", "probe",
 ];
 
 fn repo_root() -> PathBuf {
