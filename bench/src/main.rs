@@ -8,7 +8,9 @@
 //! lichen-bench all [--smoke] [--out FILE]   every scenario (smoke: ~1 s each)
 //! lichen-bench native-hello ADDR            the native baseline server
 //! lichen-bench instantiate [N]              only the in-process loop (for profilers)
+//! lichen-bench compute [ROUNDS]             only fib and SHA-256, wasm vs native
 //! lichen-bench scale [N]                    only the many-functions scenario
+//! lichen-bench map [--smoke]                only the map, one host vs three
 //! ```
 //!
 //! Inputs from the environment: `LICHEN_BIN` (default `target/release/lichen`),
@@ -120,7 +122,7 @@ fn main() -> Result<()> {
             run_all(&Settings::from_env(smoke)?, &out)
         }
         _ => bail!(
-            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | compute [N] [ROUNDS] | scale N | map [--smoke] | native-hello ADDR"
+            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | compute [ROUNDS] | scale N | map [--smoke] | native-hello ADDR"
         ),
     }
 }
