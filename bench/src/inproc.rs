@@ -183,3 +183,43 @@ pub async fn compute(
     }
     Ok((wasm, native))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A guest built by `functions/build.sh` (the test script builds them
+    /// before the tests run).
+    fn component(name: &str) -> Vec<u8> {
+        let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../functions/target/wasm32-wasip2/release")
+            .join(format!("{name}.wasm"));
+        std::fs::read(&path)
+            .unwrap_or_else(|e| panic!("{}: {e}; run functions/build.sh", path.display()))
+    }
+
+    /// The in-process scenarios in a few calls, so the harness keeps working
+    /// between full runs; the figures themselves are not asserted.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_in_process_scenarios_run_and_check_their_answers() {
+        let times = instantiate_and_call(&component("hello"), 20).await.unwrap();
+        assert_eq!(times.total.len(), 20);
+        for (instantiate, total) in times.instantiate.iter().zip(&times.total) {
+            assert!(!instantiate.is_zero() && instantiate <= total);
+        }
+
+        for workload in [Workload::fib(20), Workload::sha256(1)] {
+            let (wasm, native) = compute(&component(workload.function), &workload, 2)
+                .await
+                .unwrap();
+            assert_eq!((wasm.len(), native.len()), (2, 2));
+        }
+
+        let wrong = Workload {
+            native: Box::new(|| "not what the guest says".to_string()),
+            ..Workload::sha256(1)
+        };
+        let error = compute(&component("hash"), &wrong, 1).await.unwrap_err();
+        assert!(error.to_string().contains("wasm answered"), "{error}");
+    }
+}
