@@ -786,6 +786,7 @@ async fn put_policy(
             {
                 cluster
                     .publish_local(
+                        &state.store,
                         name.as_str(),
                         Some(slot.version.sha256.clone()),
                         slot.version.version,
@@ -847,7 +848,13 @@ async fn deploy_inner(
     if let Some(cluster) = state.cluster() {
         let policy = state.policy_source(&name);
         cluster
-            .publish_local(name.as_str(), Some(sha256), version.version, policy)
+            .publish_local(
+                &state.store,
+                name.as_str(),
+                Some(sha256),
+                version.version,
+                policy,
+            )
             .await;
     }
     drop(guard);
@@ -865,7 +872,7 @@ async fn delete(state: &Arc<AppState>, name: &FunctionName) -> Result<Response<B
         cluster.forget_function(name.as_str());
         let version = cluster.entry(name.as_str()).map_or(0, |e| e.version);
         cluster
-            .publish_local(name.as_str(), None, version, None)
+            .publish_local(&state.store, name.as_str(), None, version, None)
             .await;
     }
     drop(guard);

@@ -41,6 +41,9 @@ use crate::names::FunctionName;
 const MODULES: &str = "modules";
 const COMPILED: &str = "compiled";
 const FUNCTIONS: &str = "functions";
+/// Deletes this host took part in, as the cluster's registry entries
+/// (tombstones), so a restart of every host cannot bring a function back.
+const DELETED: &str = "deleted";
 const TMP: &str = "tmp";
 
 /// How many versions of a function are remembered; older ones are forgotten
@@ -136,7 +139,7 @@ impl ModuleStore {
             .with_context(|| format!("creating data directory {}", path.display()))?;
         let dir = Dir::open_ambient_dir(path, ambient_authority())
             .with_context(|| format!("opening data directory {}", path.display()))?;
-        for sub in [MODULES, COMPILED, FUNCTIONS, TMP] {
+        for sub in [MODULES, COMPILED, FUNCTIONS, DELETED, TMP] {
             dir.create_dir_all(sub)
                 .with_context(|| format!("creating {}/{sub}", path.display()))?;
         }
@@ -266,6 +269,43 @@ impl ModuleStore {
         self.sync_dir(FUNCTIONS)
     }
 
+    /// Remembers that `name` was deleted: `entry` is the cluster's tombstone,
+    /// opaque to the store.
+    pub fn write_deletion(&self, name: &FunctionName, entry: &[u8]) -> Result<()> {
+        self.write_atomic(&deletion_file(name), entry)
+            .with_context(|| format!("writing the deletion of {name}"))
+    }
+
+    /// Forgets the deletion of `name` (it was deployed again), if any.
+    pub fn remove_deletion(&self, name: &FunctionName) -> Result<()> {
+        let file = deletion_file(name);
+        if !self.dir.exists(&file) {
+            return Ok(());
+        }
+        self.dir
+            .remove_file(&file)
+            .with_context(|| format!("removing {file}"))?;
+        self.sync_dir(DELETED)
+    }
+
+    /// Every remembered deletion, as written. A file that cannot be read is
+    /// logged and skipped.
+    pub fn load_deletions(&self) -> Result<Vec<Vec<u8>>> {
+        let mut deletions = Vec::new();
+        for entry in self.dir.read_dir(DELETED)? {
+            let file_name = entry?.file_name().to_string_lossy().into_owned();
+            if !file_name.ends_with(".json") {
+                continue;
+            }
+            let file = format!("{DELETED}/{file_name}");
+            match self.dir.read(&file) {
+                Ok(bytes) => deletions.push(bytes),
+                Err(error) => tracing::error!(%file, %error, "skipping a remembered delete"),
+            }
+        }
+        Ok(deletions)
+    }
+
     /// Removes modules and compiled code that no record refers to any more.
     pub fn collect_garbage(&self) -> Result<()> {
         let referenced: HashSet<String> = self
@@ -357,6 +397,10 @@ fn compiled_file(engine_key: &str, sha256: &str) -> String {
 
 fn record_file(name: &FunctionName) -> String {
     format!("{FUNCTIONS}/{name}.json")
+}
+
+fn deletion_file(name: &FunctionName) -> String {
+    format!("{DELETED}/{name}.json")
 }
 
 #[cfg(test)]

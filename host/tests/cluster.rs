@@ -697,6 +697,79 @@ async fn a_host_back_from_the_dead_catches_up() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_delete_outlives_every_host_restarting() {
+    let root = tempfile::tempdir().unwrap();
+    let mut a = Node::start(root.path(), "a", &[], SECRET);
+    let mut b = Node::start(root.path(), "b", &[&a], SECRET);
+    a.admin(Method::PUT, "/v1/functions/hello", component("hello"))
+        .await;
+    eventually("b serves hello", || async {
+        b.post("/fn/hello", "").await.status == StatusCode::OK
+    })
+    .await;
+    // b goes down holding hello; a deletes it, then goes down too.
+    b.kill();
+    let deleted = a
+        .admin(Method::DELETE, "/v1/functions/hello", Vec::new())
+        .await;
+    assert_eq!(deleted.status, StatusCode::OK, "{}", deleted.text());
+    a.kill();
+    assert!(a.dir.join("data/deleted/hello.json").exists());
+
+    // Both come back: only a's disk knows of the delete.
+    let a = Node::start(root.path(), "a", &[], SECRET);
+    let b = Node::start(root.path(), "b", &[&a], SECRET);
+    eventually("b drops the hello it missed the delete of", || async {
+        b.post("/fn/hello", "").await.status == StatusCode::NOT_FOUND
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    a.post("/fn/hello", "")
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+
+    // Deployed again, the function is no longer remembered as deleted.
+    a.admin(Method::PUT, "/v1/functions/hello", component("hello"))
+        .await;
+    eventually("b serves hello again", || async {
+        b.post("/fn/hello", "").await.status == StatusCode::OK
+    })
+    .await;
+    assert!(!a.dir.join("data/deleted/hello.json").exists());
+    assert!(!b.dir.join("data/deleted/hello.json").exists());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remembered_delete_newer_than_a_stored_function_removes_it_at_start() {
+    let root = tempfile::tempdir().unwrap();
+    let mut a = Node::start(root.path(), "a", &[], SECRET);
+    a.admin(Method::PUT, "/v1/functions/hello", component("hello"))
+        .await;
+    a.admin(Method::PUT, "/v1/functions/square", component("square"))
+        .await;
+    a.kill();
+    // A delete of hello later than its upload, as the host writes them.
+    let later = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+        + 1000;
+    let tombstone = serde_json::json!({
+        "name": "hello", "sha256": null, "version": 1, "policy": null,
+        "timestamp_ms": later, "origin": "a",
+    });
+    std::fs::write(a.dir.join("data/deleted/hello.json"), tombstone.to_string()).unwrap();
+
+    let a = Node::start(root.path(), "a", &[], SECRET);
+    eventually("hello is deleted at start", || async {
+        a.post("/fn/hello", "").await.status == StatusCode::NOT_FOUND
+    })
+    .await;
+    assert!(!a.dir.join("data/functions/hello.json").exists());
+    assert_eq!(a.post("/fn/square", "3").await.text(), "9");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_file_edited_on_one_host_reaches_the_others() {
     let root = tempfile::tempdir().unwrap();
     let a = Node::start(root.path(), "a", &[], SECRET);

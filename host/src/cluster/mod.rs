@@ -32,6 +32,8 @@ use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig
 use serde::Serialize;
 
 use crate::metrics::Metrics;
+use crate::names::FunctionName;
+use crate::store::ModuleStore;
 pub use auth::Secret;
 use registry::{Entry, Registry};
 
@@ -207,6 +209,7 @@ impl Cluster {
     /// so it wins over everything it was made on top of.
     pub async fn publish_local(
         &self,
+        store: &ModuleStore,
         name: &str,
         sha256: Option<String>,
         version: u64,
@@ -227,17 +230,22 @@ impl Cluster {
             timestamp_ms: now_ms().max(seen + 1),
             origin: self.node_id.clone(),
         };
-        self.publish(entry).await;
+        self.publish(store, entry).await;
     }
 
     /// Makes `entry` this host's own and gossips it (with its module),
-    /// unless an entry as new is already this host's.
-    async fn publish(&self, entry: Entry) {
+    /// unless an entry as new is already this host's. A delete is kept on
+    /// disk (and forgotten when the function comes back), so hosts that all
+    /// restart still know it and one that missed it cannot revive the
+    /// function.
+    async fn publish(&self, store: &ModuleStore, entry: Entry) {
         let key = format!("{PREFIX_FN}{}", entry.name);
         let Ok(json) = serde_json::to_string(&entry) else {
             return;
         };
         let sealed = self.secret.seal(&self.node_id, &key, &json);
+        let name = FunctionName::new(&entry.name);
+        let deleted = entry.is_tombstone();
         let modules: BTreeSet<String> = {
             let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
             if registry.merge(entry) == registry::Change::None {
@@ -248,6 +256,16 @@ impl Cluster {
                 .filter_map(|e| e.sha256.clone())
                 .collect()
         };
+        if let Ok(name) = name {
+            let kept = if deleted {
+                store.write_deletion(&name, json.as_bytes())
+            } else {
+                store.remove_deletion(&name)
+            };
+            if let Err(error) = kept {
+                tracing::warn!(function = %name, error = format!("{error:#}"), "cannot keep the function's delete on disk");
+            }
+        }
         self.chitchat
             .with_chitchat(|chitchat| {
                 let state = chitchat.self_node_state();

@@ -86,9 +86,25 @@ fn newest_entries(peers: &[Peer]) -> Vec<Entry> {
     newest.into_values().cloned().collect()
 }
 
-/// Publishes what this host stored before it joined, with the timestamp of
-/// the entry it came from (or its upload time).
+/// Publishes what this host stored before it joined: the deletes it
+/// remembers, then its functions, with the timestamp of the entry each came
+/// from (or its upload time). A stored function older than a remembered
+/// delete of it (a data directory put back from a backup, say) is deleted.
 async fn publish_stored(cluster: &Cluster, state: &AppState) {
+    match state.store.load_deletions() {
+        Ok(deletions) => {
+            for bytes in deletions {
+                match serde_json::from_slice::<Entry>(&bytes) {
+                    Ok(entry) if entry.is_tombstone() => cluster.publish(&state.store, entry).await,
+                    Ok(entry) => {
+                        tracing::warn!(function = %entry.name, "a remembered delete that is not one; ignored")
+                    }
+                    Err(error) => tracing::warn!(%error, "skipping a remembered delete"),
+                }
+            }
+        }
+        Err(error) => tracing::warn!(error = format!("{error:#}"), "reading remembered deletes"),
+    }
     let records = match state.store.load_records() {
         Ok(records) => records,
         Err(error) => {
@@ -110,7 +126,17 @@ async fn publish_stored(cluster: &Cluster, state: &AppState) {
                 .unwrap_or(active.created_unix.saturating_mul(1000)),
             origin: cluster.node_id.clone(),
         };
-        cluster.publish(entry).await;
+        if cluster
+            .entry(&entry.name)
+            .is_some_and(|known| known.newer_than(&entry))
+        {
+            let guard = state.lock_admin().await;
+            if let Err(error) = state.delete_function(&guard, &record.name) {
+                tracing::warn!(function = %record.name, error = %error.message, "cannot delete a function deleted after it was stored");
+            }
+            continue;
+        }
+        cluster.publish(&state.store, entry).await;
     }
 }
 
@@ -150,7 +176,7 @@ async fn publish_policy_edits(
         }
         tracing::info!(function = %name, "policy edited here; publishing it to the cluster");
         cluster
-            .publish_local(&name, sha256, version, Some(source))
+            .publish_local(&state.store, &name, sha256, version, Some(source))
             .await;
     }
 }
@@ -163,7 +189,7 @@ async fn apply(cluster: &Cluster, state: &Arc<AppState>, entry: Entry) -> anyhow
     match &result {
         Ok(()) => {
             tracing::info!(function = %name, version = entry.version, origin = %entry.origin, deleted = entry.is_tombstone(), "registry entry applied");
-            cluster.publish(entry).await;
+            cluster.publish(&state.store, entry).await;
         }
         Err(error) => {
             tracing::warn!(function = %name, origin = %entry.origin, error = format!("{error:#}"), "cannot apply a registry entry yet");
