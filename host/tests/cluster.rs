@@ -791,4 +791,20 @@ async fn a_policy_file_edited_on_one_host_reaches_the_others() {
         .await
         .json();
     assert_eq!(in_force["in_force"]["limits"]["concurrency"], 5);
+
+    // The file removed on b: a falls back to the defaults too (its file
+    // says nothing), as b, without a file, does.
+    std::fs::remove_file(b.dir.join("policies/hello.toml")).unwrap();
+    eventually("a runs hello under the defaults, as b does", || async {
+        let path = "/v1/functions/hello/policy";
+        let on_a = a.admin(Method::GET, path, Vec::new()).await.json()["in_force"].clone();
+        let on_b = b.admin(Method::GET, path, Vec::new()).await.json()["in_force"].clone();
+        on_a == on_b && on_a["limits"]["concurrency"] != 5
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(a.dir.join("policies/hello.toml")).unwrap(),
+        ""
+    );
+    assert!(!b.dir.join("policies/hello.toml").exists());
 }
