@@ -58,15 +58,15 @@ const MAX_FIELDS_SIZE: usize = 64 << 10;
 /// Guest output lines logged per invocation, and the longest line kept.
 const MAX_LOG_LINES: u32 = 100;
 const MAX_LOG_LINE: usize = 4096;
-/// The response body a guest may write ahead of the client: up to
-/// `BODY_CHUNKS` writes of at most `BODY_CHUNK` bytes each (1 MiB in all;
-/// wasmtime's defaults, one write of 1 MiB, hold up to 2 MiB). A guest that
-/// writes its answer in a few pieces then finishes without waiting for the
-/// connection, so it runs to its end in the request's own task; with one
-/// buffered write, a second write parked the guest until hyper had taken the
-/// first, and the rest of it ran as a task of its own. `lichen-bench
-/// instantiate` with the two-write raw-wasi fixture: the call went from about
-/// 39 µs to 11-13 µs.
+/// The body a guest may write ahead of its reader (the client, or the peer
+/// of an outbound request): up to `BODY_CHUNKS` writes of at most
+/// `BODY_CHUNK` bytes each (about 1 MiB in all; wasmtime's defaults, one
+/// write of up to 1 MiB, hold up to 2 MiB). A guest that writes its answer in
+/// a few pieces then finishes without waiting for the connection, so it runs
+/// to its end in the request's own task; with one buffered write, a second
+/// write parked the guest until hyper had taken the first, and the rest of it
+/// ran as a task of its own. The in-process instantiate + call loop over the
+/// two-write raw-wasi fixture: the call went from about 39 µs to 11-13 µs.
 const BODY_CHUNKS: usize = 16;
 const BODY_CHUNK: usize = 64 << 10;
 
