@@ -57,20 +57,14 @@ async fn every_example_deploys_and_answers() {
     )
     .await;
     assert_eq!(squares.json(), serde_json::json!([1, 9, 6.25]));
-    let not_a_number = send(
+    send(
         Method::POST,
         &format!("{}/fn/square", host.url),
         &[],
         b"\"x\"".to_vec(),
     )
-    .await;
-    assert_eq!(not_a_number.status, StatusCode::BAD_REQUEST);
-    assert!(
-        not_a_number.json()["error"]
-            .as_str()
-            .unwrap()
-            .contains("expected a number")
-    );
+    .await
+    .assert_error_says(StatusCode::BAD_REQUEST, "expected a number");
 
     let fib = host.get("/fn/fib?n=20").await;
     assert_eq!(fib.json(), serde_json::json!({"n": 20, "fib": 6765}));
@@ -88,14 +82,9 @@ async fn every_example_deploys_and_answers() {
         hash(long.clone()).await.text().trim_end(),
         lichen::store::sha256_hex(&long)
     );
-    let bad = host.get("/fn/hash?mib=lots").await;
-    assert_eq!(bad.status, StatusCode::BAD_REQUEST);
-    assert!(
-        bad.json()["error"]
-            .as_str()
-            .unwrap()
-            .contains("mib must be")
-    );
+    host.get("/fn/hash?mib=lots")
+        .await
+        .assert_error_says(StatusCode::BAD_REQUEST, "mib must be");
 
     let listed = host
         .admin(Method::GET, "/v1/functions", Vec::new())
@@ -197,14 +186,8 @@ async fn bad_uploads_are_refused_and_nothing_is_stored() {
             wat::parse_str("(module (func (export \"f\")))").unwrap(),
         )
         .await;
-    assert_eq!(core.status, StatusCode::UNPROCESSABLE_ENTITY);
-    assert_eq!(core.code(), "core_module");
-    assert!(
-        core.json()["error"]
-            .as_str()
-            .unwrap()
-            .contains("wasm32-wasip2")
-    );
+    core.assert_error(StatusCode::UNPROCESSABLE_ENTITY, "core_module");
+    core.assert_error_says(StatusCode::UNPROCESSABLE_ENTITY, "wasm32-wasip2");
 
     let empty_component = host
         .deploy("empty", wat::parse_str("(component)").unwrap())

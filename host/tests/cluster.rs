@@ -153,6 +153,18 @@ impl Node {
         ids
     }
 
+    /// A module fetch from this host, as a peer holding `secret` makes it.
+    async fn fetch_module(&self, sha256: &str, secret: &str) -> Reply {
+        let token = lichen::cluster::Secret::new(secret).unwrap();
+        send(
+            Method::GET,
+            &format!("{}/v1/internal/modules/{sha256}", self.url),
+            &[("x-lichen-cluster-token", token.token())],
+            Vec::new(),
+        )
+        .await
+    }
+
     fn kill(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -464,38 +476,20 @@ async fn without_the_secret_a_host_cannot_join_or_fetch() {
         .await
         .assert_error(StatusCode::NOT_FOUND, "not_found");
 
+    a.fetch_module(&sha, "some-other-secret-entirely")
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
     let module = format!("{}/v1/internal/modules/{sha}", a.url);
-    let wrong = lichen::cluster::Secret::new("some-other-secret-entirely").unwrap();
-    send(
-        Method::GET,
-        &module,
-        &[("x-lichen-cluster-token", wrong.token())],
-        Vec::new(),
-    )
-    .await
-    .assert_error(StatusCode::FORBIDDEN, "forbidden");
     send(Method::GET, &module, &[], Vec::new())
         .await
         .assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
-    let right = lichen::cluster::Secret::new(SECRET).unwrap();
-    let fetched = send(
-        Method::GET,
-        &module,
-        &[("x-lichen-cluster-token", right.token())],
-        Vec::new(),
-    )
-    .await;
+    let fetched = a.fetch_module(&sha, SECRET).await;
     assert_eq!(fetched.status, StatusCode::OK);
     assert_eq!(fetched.body.as_ref(), component("hello").as_slice());
     for missing in ["0".repeat(64), "not-a-hash".to_string()] {
-        send(
-            Method::GET,
-            &format!("{}/v1/internal/modules/{missing}", a.url),
-            &[("x-lichen-cluster-token", right.token())],
-            Vec::new(),
-        )
-        .await
-        .assert_error(StatusCode::NOT_FOUND, "not_found");
+        a.fetch_module(&missing, SECRET)
+            .await
+            .assert_error(StatusCode::NOT_FOUND, "not_found");
     }
 }
 
@@ -533,15 +527,9 @@ async fn a_module_that_does_not_match_its_hash_is_refused() {
         component("echo"),
     )
     .unwrap();
-    let right = lichen::cluster::Secret::new(SECRET).unwrap();
-    send(
-        Method::GET,
-        &format!("{}/v1/internal/modules/{sha}", a.url),
-        &[("x-lichen-cluster-token", right.token())],
-        Vec::new(),
-    )
-    .await
-    .assert_error(StatusCode::INTERNAL_SERVER_ERROR, "internal");
+    a.fetch_module(&sha, SECRET)
+        .await
+        .assert_error(StatusCode::INTERNAL_SERVER_ERROR, "internal");
 }
 
 /// An HTTP server on loopback that answers every module fetch with

@@ -194,6 +194,16 @@ impl Reply {
         assert_eq!(self.status, status, "{}", self.text());
         assert_eq!(self.code(), code, "{}", self.text());
     }
+
+    /// Asserts an answer with this status whose JSON `error` message says
+    /// `part` (errors from the SDK carry a message but no code).
+    pub fn assert_error_says(&self, status: StatusCode, part: &str) {
+        assert_eq!(self.status, status, "{}", self.text());
+        let says = self.json()["error"]
+            .as_str()
+            .is_some_and(|message| message.contains(part));
+        assert!(says, "{}", self.text());
+    }
 }
 
 fn client() -> Client<HttpConnector, Full<Bytes>> {
