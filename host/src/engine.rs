@@ -283,7 +283,7 @@ impl Runtime {
         store.set_epoch_deadline(1);
         store.epoch_deadline_async_yield_and_update(1);
 
-        let (sender, receiver) = tokio::sync::oneshot::channel();
+        let (sender, mut receiver) = tokio::sync::oneshot::channel();
         let setup = (|| {
             let mut http = store.data_mut().http();
             let req = http.new_incoming_request(Scheme::Http, request)?;
@@ -317,7 +317,6 @@ impl Runtime {
         // answer and return at once: no task to spawn and wake) or sent its
         // response head while still writing the body, in which case the rest
         // of it moves to a task of its own. The deadline covers all of it.
-        let mut receiver = receiver;
         let first = tokio::select! {
             biased;
             result = &mut guest => First::Finished(result),
