@@ -10,6 +10,8 @@ functions/build.sh
 
 # promtool checks the /metrics output; Debian ships it in the prometheus package.
 scripts/apt-install.sh prometheus
+# schemathesis fuzzes a live host against its OpenAPI document (tests/fuzz_api.rs).
+scripts/install-schemathesis.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 LICHEN_FUNCTIONS_BUILT=1 cargo test --workspace

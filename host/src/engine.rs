@@ -377,12 +377,10 @@ impl Runtime {
                         .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
                         .is_some() =>
                 {
-                    let mut busy = ApiError::new(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "busy",
-                        format!("no instance slot free for {}: {error}", function.name),
-                    );
-                    busy.retry_after_secs = Some(crate::scheduler::RETRY_AFTER_SECS);
+                    let busy = ApiError::busy(format!(
+                        "no instance slot free for {}: {error}",
+                        function.name
+                    ));
                     (Err(busy), Outcome::Rejected)
                 }
                 Ok(Ok(Err(trap))) => {

@@ -9,6 +9,13 @@ use http::{HeaderValue, Response, StatusCode};
 use http_body_util::{BodyExt, Full};
 use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 
+/// Seconds a client refused as busy is told to wait before retrying.
+pub const RETRY_AFTER_SECS: u32 = 1;
+
+/// Header on a "busy" `503`: the host refused before running anything, so a
+/// peer that forwarded the request may send it elsewhere.
+pub const BUSY_HEADER: &str = "x-lichen-busy";
+
 /// A response body: the same type the guest's responses use, so every route
 /// returns one type.
 pub type Body = HyperOutgoingBody;
@@ -56,7 +63,7 @@ impl ApiError {
     /// tells a forwarding peer nothing ran (so it may go elsewhere).
     pub fn busy(message: impl Into<String>) -> Self {
         let mut error = Self::new(StatusCode::SERVICE_UNAVAILABLE, "busy", message);
-        error.retry_after_secs = Some(crate::scheduler::RETRY_AFTER_SECS);
+        error.retry_after_secs = Some(RETRY_AFTER_SECS);
         error
     }
 
@@ -91,10 +98,9 @@ impl ApiError {
             HeaderValue::from_static("application/json"),
         );
         if self.code == "busy" {
-            response.headers_mut().insert(
-                crate::cluster::forward::BUSY_HEADER,
-                HeaderValue::from_static("1"),
-            );
+            response
+                .headers_mut()
+                .insert(BUSY_HEADER, HeaderValue::from_static("1"));
         }
         if let Some(secs) = self.retry_after_secs {
             response

@@ -8,7 +8,7 @@ pub mod client;
 pub mod cluster;
 pub mod engine;
 pub mod error;
-pub mod map;
+pub mod functions;
 pub mod metrics;
 pub mod names;
 pub mod policy;

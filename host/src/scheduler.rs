@@ -17,9 +17,6 @@ use std::time::Duration;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-/// Seconds a refused client is told to wait before retrying.
-pub const RETRY_AFTER_SECS: u32 = 1;
-
 /// Why a request was not admitted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Refusal {

@@ -21,9 +21,11 @@ use tokio::net::TcpListener;
 use crate::api::{self, ApiLimits, AppState};
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::engine::{EngineSettings, Runtime};
+use crate::error::{BUSY_HEADER, RETRY_AFTER_SECS};
+use crate::functions::Functions;
 use crate::metrics::Metrics;
 use crate::policy::PolicyTable;
-use crate::scheduler::{RETRY_AFTER_SECS, Scheduler};
+use crate::scheduler::Scheduler;
 use crate::store::ModuleStore;
 
 /// Default cap on an uploaded component: large enough for any real function
@@ -150,27 +152,21 @@ impl Server {
             Box::new(move || reload_errors.inc()),
         )?);
         let policy_watcher = policies.watch()?;
-        let state = Arc::new(AppState::new(
+        let functions = Arc::new(Functions::new(
             runtime,
             store,
             metrics,
             policies,
             Scheduler::new(config.max_in_flight),
-            admin_token.clone(),
-            ApiLimits {
-                max_upload: config.max_upload,
-                body_idle_timeout: config.body_idle_timeout,
-                metrics_require_token: config.metrics_require_token,
-                max_loaded: config.max_loaded_functions,
-            },
+            config.max_loaded_functions,
         ));
-        let loader = Arc::clone(&state);
-        let loaded = tokio::task::spawn_blocking(move || loader.load_stored_functions())
+        let loader = Arc::clone(&functions);
+        let loaded = tokio::task::spawn_blocking(move || loader.load_stored())
             .await
             .context("loading stored functions")??;
         tracing::info!(
             functions = loaded,
-            pooling = state.runtime.pooling(),
+            pooling = functions.runtime.pooling(),
             data_dir = %config.data_dir.display(),
             "functions loaded"
         );
@@ -181,16 +177,28 @@ impl Server {
         let cluster = match config.cluster {
             Some(cluster_config) => {
                 let cluster =
-                    Cluster::start(cluster_config, local_addr, state.metrics.clone()).await?;
-                state.join(Arc::clone(&cluster));
+                    Cluster::start(cluster_config, local_addr, functions.metrics.clone()).await?;
                 tokio::spawn(crate::cluster::sync::run(
                     Arc::clone(&cluster),
-                    Arc::downgrade(&state),
+                    Arc::downgrade(&functions),
+                    config.max_upload,
                 ));
                 Some(cluster)
             }
             None => None,
         };
+        let state = Arc::new(AppState::new(
+            functions,
+            admin_token.clone(),
+            ApiLimits {
+                max_upload: config.max_upload,
+                body_idle_timeout: config.body_idle_timeout,
+                metrics_require_token: config.metrics_require_token,
+            },
+        ));
+        if let Some(cluster) = &cluster {
+            state.join(Arc::clone(cluster));
+        }
         Ok(Server {
             listener,
             state,
@@ -281,9 +289,8 @@ impl Server {
 async fn refuse_connection(mut stream: tokio::net::TcpStream) {
     use tokio::io::AsyncWriteExt;
     let body = r#"{"error":"this host is at its connection limit","code":"busy"}"#;
-    let busy = crate::cluster::forward::BUSY_HEADER;
     let response = format!(
-        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: {RETRY_AFTER_SECS}\r\n{busy}: 1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+        "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\nretry-after: {RETRY_AFTER_SECS}\r\n{BUSY_HEADER}: 1\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
         body.len()
     );
     let _ = tokio::time::timeout(Duration::from_secs(1), async {

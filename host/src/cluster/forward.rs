@@ -28,14 +28,11 @@ use hyper_util::rt::TokioExecutor;
 
 use super::placement::{self, Candidate};
 use super::{CLUSTER_AUTH_HEADER, Cluster, HOP_HEADER, Peer, SERVED_BY_HEADER};
-use crate::error::{ApiError, Body};
+use crate::error::{ApiError, BUSY_HEADER, Body};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ForwardBody = UnsyncBoxBody<Bytes, BoxError>;
 pub type Client = hyper_util::client::legacy::Client<HttpConnector, ForwardBody>;
-
-/// Header on a host's "busy" 503: it refused before running anything.
-pub const BUSY_HEADER: &str = "x-lichen-busy";
 
 /// Owners among which the power of two choices picks.
 const OWNERS: usize = 3;

@@ -11,15 +11,16 @@ use http_body_util::{BodyExt, Empty};
 
 use super::registry::Entry;
 use super::{CLUSTER_AUTH_HEADER, Cluster, Peer};
-use crate::api::AppState;
+use crate::functions::Functions;
 use crate::names::FunctionName;
 use crate::store::{VersionInfo, sha256_hex};
 
 /// How long an entry that failed to apply waits before the next try.
 const RETRY_APPLY: Duration = Duration::from_secs(1);
 
-/// Runs the host's rounds until the host is dropped.
-pub async fn run(cluster: Arc<Cluster>, state: Weak<AppState>) {
+/// Runs the host's rounds until its function table is dropped. Modules
+/// fetched from peers are capped at `max_upload` bytes, like uploads.
+pub async fn run(cluster: Arc<Cluster>, state: Weak<Functions>, max_upload: u64) {
     let applying: Arc<Mutex<HashSet<String>>> = Arc::default();
     // Entries that failed to apply, by name: retried after a pause.
     let failed: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
@@ -56,7 +57,7 @@ pub async fn run(cluster: Arc<Cluster>, state: Weak<AppState>) {
             let (applying, failed) = (Arc::clone(&applying), Arc::clone(&failed));
             tokio::spawn(async move {
                 let name = entry.name.clone();
-                if apply(&cluster, &state, entry).await.is_err() {
+                if apply(&cluster, &state, entry, max_upload).await.is_err() {
                     failed
                         .lock()
                         .unwrap_or_else(|e| e.into_inner())
@@ -90,7 +91,7 @@ fn newest_entries(peers: &[Peer]) -> Vec<Entry> {
 /// remembers, then its functions, with the timestamp of the entry each came
 /// from (or its upload time). A stored function older than a remembered
 /// delete of it (a data directory put back from a backup, say) is deleted.
-async fn publish_stored(cluster: &Cluster, state: &AppState) {
+async fn publish_stored(cluster: &Cluster, state: &Functions) {
     match state.store.load_deletions() {
         Ok(deletions) => {
             for bytes in deletions {
@@ -131,7 +132,7 @@ async fn publish_stored(cluster: &Cluster, state: &AppState) {
             .is_some_and(|known| known.newer_than(&entry))
         {
             let guard = state.lock_admin().await;
-            if let Err(error) = state.delete_function(&guard, &record.name) {
+            if let Err(error) = state.delete(&guard, &record.name) {
                 tracing::warn!(function = %record.name, error = %error.message, "cannot delete a function deleted after it was stored");
             }
             continue;
@@ -143,7 +144,7 @@ async fn publish_stored(cluster: &Cluster, state: &AppState) {
 /// Policy files edited on this host's disk become registry changes.
 async fn publish_policy_edits(
     cluster: &Cluster,
-    state: &AppState,
+    state: &Functions,
     applying: &Mutex<HashSet<String>>,
 ) {
     // Only entries whose policy file now says something else are copied.
@@ -182,10 +183,15 @@ async fn publish_policy_edits(
 }
 
 /// Makes this host serve `entry` (or delete the function), then publishes it.
-async fn apply(cluster: &Cluster, state: &Arc<AppState>, entry: Entry) -> anyhow::Result<()> {
+async fn apply(
+    cluster: &Cluster,
+    state: &Arc<Functions>,
+    entry: Entry,
+    max_upload: u64,
+) -> anyhow::Result<()> {
     let name = FunctionName::new(&entry.name)
         .map_err(|e| anyhow::anyhow!("registry entry for an invalid name: {e}"))?;
-    let result = apply_inner(cluster, state, &name, &entry).await;
+    let result = apply_inner(cluster, state, &name, &entry, max_upload).await;
     match &result {
         Ok(()) => {
             tracing::info!(function = %name, version = entry.version, origin = %entry.origin, deleted = entry.is_tombstone(), "registry entry applied");
@@ -200,9 +206,10 @@ async fn apply(cluster: &Cluster, state: &Arc<AppState>, entry: Entry) -> anyhow
 
 async fn apply_inner(
     cluster: &Cluster,
-    state: &Arc<AppState>,
+    state: &Arc<Functions>,
     name: &FunctionName,
     entry: &Entry,
+    max_upload: u64,
 ) -> anyhow::Result<()> {
     let Some(sha256) = entry.sha256.clone() else {
         let guard = state.lock_admin().await;
@@ -210,7 +217,7 @@ async fn apply_inner(
             return Ok(());
         }
         state
-            .delete_function(&guard, name)
+            .delete(&guard, name)
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         cluster.forget_function(name.as_str());
         return Ok(());
@@ -219,7 +226,7 @@ async fn apply_inner(
         let bytes = if state.store.has_module(&sha256) {
             None
         } else {
-            Some(fetch_module(cluster, state, &sha256).await?)
+            Some(fetch_module(cluster, &sha256, max_upload).await?)
         };
         let size = match &bytes {
             Some(bytes) => bytes.len() as u64,
@@ -266,7 +273,7 @@ fn superseded(cluster: &Cluster, entry: &Entry) -> bool {
 
 /// Gets a module from a peer that holds it, checking its hash: a peer is
 /// trusted with bytes, never with their identity (nor with compiled code).
-async fn fetch_module(cluster: &Cluster, state: &AppState, sha256: &str) -> anyhow::Result<Bytes> {
+async fn fetch_module(cluster: &Cluster, sha256: &str, max_upload: u64) -> anyhow::Result<Bytes> {
     let peers = cluster.peers();
     let holders: Vec<&Peer> = peers
         .iter()
@@ -282,7 +289,7 @@ async fn fetch_module(cluster: &Cluster, state: &AppState, sha256: &str) -> anyh
     }
     let mut last_error = None;
     for peer in holders {
-        match fetch_from(cluster, peer, sha256, state.limits().max_upload).await {
+        match fetch_from(cluster, peer, sha256, max_upload).await {
             Ok(bytes) if sha256_hex(&bytes) == sha256 => {
                 cluster
                     .metrics

@@ -18,7 +18,9 @@ use http::{HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
-use crate::api::{self, AppState, Arrival, RequestBody};
+use super::AppState;
+use super::body::{self, RequestBody};
+use super::invoke::{self, Arrival};
 use crate::error::{ApiError, Body};
 use crate::names::FunctionName;
 
@@ -35,8 +37,8 @@ pub async fn map(
     req: hyper::Request<Incoming>,
     request_id: &str,
 ) -> Result<Response<Body>, ApiError> {
-    let (authorization, policy) = api::check_access(state, name, &req)?;
-    let body = api::read_body_capped(
+    let (authorization, policy) = invoke::check_access(state, name, &req)?;
+    let body = body::read_capped(
         req,
         state.limits().max_upload,
         state.limits().body_idle_timeout,
@@ -87,7 +89,7 @@ pub async fn map(
 /// of peers serving it (each at most the function's concurrency).
 fn in_flight_bound(state: &AppState, name: &FunctionName, concurrency: u32) -> usize {
     let local = concurrency as usize;
-    let peers = match (state.cluster(), state.active_sha(name)) {
+    let peers = match (state.cluster(), state.functions.active_sha(name)) {
         (Some(cluster), Some(sha)) => cluster
             .peers()
             .iter()
@@ -125,7 +127,7 @@ async fn run_item(
             headers.insert(header::AUTHORIZATION, value.clone());
         }
         let arrival = Arrival::MapItem(bytes.clone());
-        match api::invoke(state, req, name.as_str(), request_id, arrival).await {
+        match invoke::invoke(state, req, (name.as_str(), ""), request_id, arrival).await {
             Err(error) if error.code == "busy" && Instant::now() < deadline => {
                 tokio::time::sleep(BUSY_PAUSE).await;
             }

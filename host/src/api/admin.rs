@@ -1,0 +1,290 @@
+//! The admin API: deploy, list, describe and delete functions, read and
+//! write their policies, and what a host tells about its cluster (its peers,
+//! and module bytes for a peer that lacks them).
+//!
+//! Why it is built this way:
+//! - A deploy or delete changes the store and the function table under the
+//!   table's admin lock, and publishes the change to the cluster before it
+//!   lets go, so an older registry entry being applied meanwhile stands down.
+//! - Policy files stay the source of truth: `PUT .../policy` validates the
+//!   text and writes the file; the watcher loads it like any edit on disk.
+//! - Module bytes are served to peers only; compiled code never leaves the
+//!   host.
+
+use std::sync::Arc;
+
+use http::{HeaderValue, Response, StatusCode, header};
+use hyper::body::Incoming;
+use serde::Serialize;
+
+use super::body;
+use super::{AppState, json};
+use crate::error::{ApiError, Body, full_body};
+use crate::names::FunctionName;
+use crate::policy::WriteError;
+use crate::store::{VersionInfo, sha256_hex};
+
+/// Largest policy file accepted by `PUT /v1/functions/{name}/policy`.
+const MAX_POLICY_BYTES: u64 = 64 << 10;
+
+#[derive(Serialize)]
+struct FunctionSummary<'a> {
+    name: &'a FunctionName,
+    version: u64,
+    sha256: &'a str,
+    size: u64,
+    created_unix: u64,
+}
+
+impl<'a> FunctionSummary<'a> {
+    fn new(name: &'a FunctionName, version: &'a VersionInfo) -> Self {
+        FunctionSummary {
+            name,
+            version: version.version,
+            sha256: &version.sha256,
+            size: version.size,
+            created_unix: version.created_unix,
+        }
+    }
+}
+
+/// `GET /v1/functions`: every deployed function, by name.
+pub fn list(state: &AppState) -> Result<Response<Body>, ApiError> {
+    let slots = state.functions.list();
+    let functions: Vec<FunctionSummary> = slots
+        .iter()
+        .map(|f| FunctionSummary::new(&f.name, &f.version))
+        .collect();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "functions": functions }),
+    )
+}
+
+/// `GET /v1/functions/{name}`: the active version, the remembered ones,
+/// and the policy in force.
+pub fn describe(state: &AppState, name: &FunctionName) -> Result<Response<Body>, ApiError> {
+    let record = state
+        .functions
+        .store
+        .read_record(name)?
+        .ok_or_else(|| ApiError::not_found(format!("no function named {name}")))?;
+    let loaded = state.functions.lookup(name.as_str());
+    let active = record.active_version().ok_or_else(|| {
+        ApiError::internal(anyhow::anyhow!("record of {name} has no active version"))
+    })?;
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "name": name,
+            "version": active.version,
+            "sha256": active.sha256,
+            "size": active.size,
+            "created_unix": active.created_unix,
+            "loaded": loaded.is_some_and(|slot| slot.get().is_some()),
+            "versions": record.versions,
+            "policy": policy_json(state, name),
+        }),
+    )
+}
+
+/// The policy in force (as written in its file) and the last load error.
+fn policy_json(state: &AppState, name: &FunctionName) -> serde_json::Value {
+    let policies = &state.functions.policies;
+    let status = policies.status(name);
+    serde_json::json!({
+        "in_force": status.policy.as_ref().map(|p| &p.source),
+        "loaded_unix": status.loaded_unix,
+        "error": status.error.as_ref().map(|e| e.to_string()),
+        "file": policies.dir().join(format!("{name}.toml")),
+    })
+}
+
+/// `GET /v1/functions/{name}/policy`.
+pub fn get_policy(state: &AppState, name: &FunctionName) -> Result<Response<Body>, ApiError> {
+    json(StatusCode::OK, &policy_json(state, name))
+}
+
+/// Validates a TOML policy and writes it to the policies directory, where it
+/// takes effect at once (files stay the single source of truth).
+pub async fn put_policy(
+    state: &Arc<AppState>,
+    name: &FunctionName,
+    req: hyper::Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let bytes = body::read_capped(req, MAX_POLICY_BYTES, state.limits.body_idle_timeout).await?;
+    let text = std::str::from_utf8(&bytes)
+        .map_err(|_| ApiError::bad_request("invalid_policy", "the policy is not UTF-8 text"))?;
+    let policies = Arc::clone(&state.functions.policies);
+    let name_owned = name.clone();
+    let text = text.to_string();
+    let text_for_cluster = text.clone();
+    let written = tokio::task::spawn_blocking(move || policies.write(&name_owned, &text))
+        .await
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("policy write task failed: {e}")))?;
+    match written {
+        Ok(_) => {
+            tracing::info!(function = %name, "policy written through the admin API");
+            if let Some(cluster) = state.cluster()
+                && let Some(slot) = state.functions.lookup(name.as_str())
+            {
+                cluster
+                    .publish_local(
+                        &state.functions.store,
+                        name.as_str(),
+                        Some(slot.version.sha256.clone()),
+                        slot.version.version,
+                        Some(text_for_cluster),
+                    )
+                    .await;
+            }
+            json(StatusCode::OK, &policy_json(state, name))
+        }
+        Err(WriteError::Invalid(error)) => {
+            Err(ApiError::bad_request("invalid_policy", error.to_string()))
+        }
+        Err(WriteError::Io(error)) => Err(ApiError::internal(error)),
+    }
+}
+
+/// `PUT /v1/functions/{name}`: validate, compile, store and activate an
+/// upload; `201`, or `200` when it is the active version already.
+pub async fn deploy(
+    state: &Arc<AppState>,
+    name: FunctionName,
+    req: hyper::Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let result = deploy_inner(state, name, req).await;
+    let outcome = match &result {
+        Ok(_) => "ok",
+        Err(error) if error.status.is_client_error() => "rejected",
+        Err(_) => "failed",
+    };
+    state
+        .functions
+        .metrics
+        .deploys
+        .with_label_values(&[outcome])
+        .inc();
+    result
+}
+
+async fn deploy_inner(
+    state: &Arc<AppState>,
+    name: FunctionName,
+    req: hyper::Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let bytes =
+        body::read_capped(req, state.limits.max_upload, state.limits.body_idle_timeout).await?;
+    let sha256 = sha256_hex(&bytes);
+    let size = bytes.len() as u64;
+
+    let functions = &state.functions;
+    let guard = functions.lock_admin().await;
+    let record = functions.record_or_new(&name)?;
+    if let Some(active) = record.active_version()
+        && active.sha256 == sha256
+        && functions.lookup(name.as_str()).is_some()
+    {
+        // The same bytes again: nothing changes, and the answer says so.
+        let body = FunctionSummary::new(&name, active);
+        return json(StatusCode::OK, &body);
+    }
+
+    let version = record.next_version(&sha256, size);
+    functions
+        .activate(&guard, record, version.clone(), Some(bytes))
+        .await?;
+    // Published before the lock is let go, so an older registry entry being
+    // applied meanwhile sees this one and stands down.
+    if let Some(cluster) = state.cluster() {
+        let policy = functions.policy_source(&name);
+        cluster
+            .publish_local(
+                &functions.store,
+                name.as_str(),
+                Some(sha256),
+                version.version,
+                policy,
+            )
+            .await;
+    }
+    drop(guard);
+    tracing::info!(function = %name, version = version.version, sha256 = %version.sha256, size, "deployed");
+    let body = FunctionSummary::new(&name, &version);
+    json(StatusCode::CREATED, &body)
+}
+
+/// `DELETE /v1/functions/{name}`.
+pub async fn delete(state: &AppState, name: &FunctionName) -> Result<Response<Body>, ApiError> {
+    let functions = &state.functions;
+    let guard = functions.lock_admin().await;
+    if !functions.delete(&guard, name)? {
+        return Err(ApiError::not_found(format!("no function named {name}")));
+    }
+    if let Some(cluster) = state.cluster() {
+        cluster.forget_function(name.as_str());
+        let version = cluster.entry(name.as_str()).map_or(0, |e| e.version);
+        cluster
+            .publish_local(&functions.store, name.as_str(), None, version, None)
+            .await;
+    }
+    drop(guard);
+    tracing::info!(function = %name, "deleted");
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "name": name, "deleted": true }),
+    )
+}
+
+/// `GET /v1/internal/modules/{sha256}`: a module's bytes, for a peer.
+pub fn module(state: &AppState, sha256: &str) -> Result<Response<Body>, ApiError> {
+    let store = &state.functions.store;
+    let valid = sha256.len() == 64 && sha256.bytes().all(|b| b.is_ascii_hexdigit());
+    if !valid || !store.has_module(sha256) {
+        return Err(ApiError::not_found(format!("no module {sha256}")));
+    }
+    let bytes = store.read_module(sha256)?;
+    let mut response = Response::new(full_body(bytes));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/wasm"),
+    );
+    Ok(response)
+}
+
+/// `GET /v1/peers`: the live peers and what they advertise.
+pub fn peers(state: &AppState) -> Result<Response<Body>, ApiError> {
+    let Some(cluster) = state.cluster() else {
+        return json(
+            StatusCode::OK,
+            &serde_json::json!({ "node_id": null, "peers": [] }),
+        );
+    };
+    let peers: Vec<serde_json::Value> = cluster
+        .peers()
+        .iter()
+        .map(|peer| {
+            let mut functions: Vec<_> = peer
+                .functions
+                .values()
+                .filter(|e| !e.is_tombstone())
+                .map(|e| serde_json::json!({ "name": e.name, "version": e.version, "sha256": e.sha256 }))
+                .collect();
+            functions.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
+            serde_json::json!({
+                "node_id": peer.node_id,
+                "api": peer.api,
+                "gossip": peer.gossip,
+                "free_slots": peer.free_slots,
+                "load": peer.load,
+                "modules": peer.modules,
+                "functions": functions,
+            })
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "node_id": cluster.node_id(), "peers": peers }),
+    )
+}

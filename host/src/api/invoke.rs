@@ -1,0 +1,348 @@
+//! The invocation path, from a request's arrival to its response: access,
+//! body limits, admission (here, at a peer, or in this host's queue), the
+//! run itself in a fresh instance, and the response cap.
+//!
+//! Why it is built this way:
+//! - Local cores first. When the function has no free slot here, the
+//!   request goes to a peer with room before it waits in this host's queue,
+//!   so `503` means the whole cluster is full. A forwarded request is
+//!   admitted or refused at once, never queued at the peer.
+//! - The URI stays the original `/fn/...` until admission, so a forward
+//!   sends the request as it came; only then does the guest's URI replace it
+//!   (`/fn/hello/a?x=1` reaches the guest as `/a?x=1`, as under
+//!   `wasmtime serve`).
+//! - A private function's token is for the host: it is checked, then taken
+//!   out of the headers before the guest sees them. So are the headers that
+//!   only pass between hosts.
+//! - Body limits are checked on the declared length before anything runs
+//!   and again while the body streams; the response is cut at its limit.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{HeaderValue, Method, Response, StatusCode, header};
+use http_body::Body as _;
+use http_body_util::BodyExt;
+
+use super::AppState;
+use super::auth;
+use super::body::{RequestBody, declared_length};
+use crate::cluster::forward::{Forward, Replay};
+use crate::cluster::{CLUSTER_AUTH_HEADER, HOP_HEADER};
+use crate::engine::{Deployed, Outcome};
+use crate::error::{ApiError, Body};
+use crate::names::FunctionName;
+use crate::policy::Policy;
+use crate::sandbox::{CappedResponseBody, GuardedRequestBody, Invocation, InvocationStats};
+use crate::scheduler::Refusal;
+
+/// How an invocation reached this host.
+#[derive(Clone)]
+pub enum Arrival {
+    /// From a client: forwarded to a peer when this host has no room.
+    Client,
+    /// An item of a map: like a client's, and its body can be sent again
+    /// if a peer fails after receiving it.
+    MapItem(Bytes),
+    /// Forwarded by a peer (authenticated): run here at once or refuse as
+    /// busy, never forwarded again. The peer checked access.
+    Forwarded,
+}
+
+/// `/fn/{name}` and `/fn/{name}/{rest...}`: the guest sees `/{rest...}` and
+/// the query, as if it were served at the root.
+pub async fn invoke(
+    state: &Arc<AppState>,
+    req: hyper::Request<RequestBody>,
+    (name, rest): (&str, &str),
+    request_id: &str,
+    arrival: Arrival,
+) -> Result<Response<Body>, ApiError> {
+    let functions = &state.functions;
+    let Some(slot) = functions.lookup(name) else {
+        functions.metrics.unknown_function.inc();
+        return Err(ApiError::not_found(format!("no function named {name:?}")));
+    };
+    let function = functions.load(&slot).await?;
+    let policy = match functions.policies.get(&function.name) {
+        Ok(policy) => policy,
+        Err(error) => {
+            let name = function.name.as_str();
+            functions
+                .metrics
+                .record_invocation(name, Outcome::Rejected, Duration::ZERO, None, 0);
+            return Err(policy_invalid(&function.name, error));
+        }
+    };
+    let method = req.method().clone();
+    let started = Instant::now();
+    let stats = Arc::new(InvocationStats::default());
+    let (result, outcome) = admit_and_run(
+        state,
+        &function,
+        policy,
+        req,
+        rest,
+        request_id,
+        Arc::clone(&stats),
+        arrival,
+    )
+    .await;
+    let duration = started.elapsed();
+    let status = match &result {
+        Ok(response) => response.status(),
+        Err(error) => error.status,
+    };
+    let instantiate_ns = stats
+        .instantiate_ns
+        .load(std::sync::atomic::Ordering::Relaxed);
+    functions.metrics.record_invocation(
+        function.name.as_str(),
+        outcome,
+        duration,
+        (instantiate_ns > 0).then(|| Duration::from_nanos(instantiate_ns)),
+        stats.memory_peak.load(std::sync::atomic::Ordering::Relaxed),
+    );
+    tracing::info!(
+        request_id,
+        function = %function.name,
+        version = function.version.version,
+        %method,
+        status = status.as_u16(),
+        duration_us = duration.as_micros() as u64,
+        outcome = outcome.as_str(),
+        "invocation"
+    );
+    result
+}
+
+/// Everything between finding the function and logging the outcome: access,
+/// body limits, admission (here or at a peer), the run itself, and the
+/// response cap.
+#[allow(clippy::too_many_arguments)]
+async fn admit_and_run(
+    state: &Arc<AppState>,
+    function: &Arc<Deployed>,
+    policy: Arc<Policy>,
+    mut req: hyper::Request<RequestBody>,
+    rest: &str,
+    request_id: &str,
+    stats: Arc<InvocationStats>,
+    arrival: Arrival,
+) -> (Result<Response<Body>, ApiError>, Outcome) {
+    let refused = |error: ApiError| (Err(error), Outcome::Rejected);
+    if !policy.public {
+        // A forwarded request was checked by the host it came through.
+        if !matches!(arrival, Arrival::Forwarded)
+            && let Err(error) = auth::invoke(state, &policy, &req)
+        {
+            return (Err(error), Outcome::Denied);
+        }
+        // The token was for the host; the guest does not get to see it.
+        req.headers_mut().remove(header::AUTHORIZATION);
+    }
+    let declared = declared_length(req.headers());
+    if declared.is_some_and(|len| len > policy.request_body) {
+        return refused(ApiError::too_large(format!(
+            "the request body is larger than {}'s limit of {} bytes",
+            function.name, policy.request_body
+        )));
+    }
+
+    // The URI stays the original `/fn/...` until admission: a forward
+    // sends it as it came.
+    let guest_uri = match req.uri().query() {
+        Some(query) => format!("/{rest}?{query}"),
+        None => format!("/{rest}"),
+    };
+    let guest_uri: http::Uri = match guest_uri.parse() {
+        Ok(uri) => uri,
+        Err(e) => {
+            return refused(ApiError::bad_request(
+                "bad_uri",
+                format!("invalid path: {e}"),
+            ));
+        }
+    };
+
+    let functions = &state.functions;
+    let gate = functions
+        .scheduler
+        .gate(function.name.as_str(), policy.concurrency, policy.queue);
+    let busy = |refusal: Refusal| {
+        ApiError::busy(match refusal {
+            Refusal::FunctionBusy => format!(
+                "{} is at its concurrency limit ({}) and its queue ({}) is full",
+                function.name, policy.concurrency, policy.queue
+            ),
+            Refusal::HostBusy => "this host is at its limit of invocations in flight".to_string(),
+            Refusal::QueueTimeout => format!(
+                "{} did not get a free slot within its deadline of {:?}",
+                function.name, policy.timeout
+            ),
+        })
+    };
+    // Local cores first; when they are taken, a peer with room; when no
+    // peer has room either, this host's queue.
+    let _admission = match functions.scheduler.try_admit(&gate) {
+        Ok(admission) => admission,
+        Err(refusal) if matches!(arrival, Arrival::Forwarded) => return refused(busy(refusal)),
+        Err(_) => {
+            if let Some(cluster) = state.cluster() {
+                let replay = match &arrival {
+                    Arrival::MapItem(bytes) => Replay::Body(bytes.clone()),
+                    _ if is_idempotent(req.method()) && req.body().is_end_stream() => {
+                        Replay::Body(Bytes::new())
+                    }
+                    _ => Replay::Never,
+                };
+                let forwarded = cluster
+                    .forward(
+                        function.name.as_str(),
+                        &function.version.sha256,
+                        req,
+                        policy.timeout + FORWARD_SLACK,
+                        replay.clone(),
+                    )
+                    .await;
+                req = match forwarded {
+                    Forward::Done(response) => return (Ok(response), Outcome::Forwarded),
+                    Forward::Failed(error) => return (Err(error), Outcome::ForwardFailed),
+                    Forward::NoRoom(parts, Some(body)) => hyper::Request::from_parts(parts, body),
+                    Forward::NoRoom(parts, None) => match replay {
+                        Replay::Body(bytes) => {
+                            hyper::Request::from_parts(parts, RequestBody::from(bytes))
+                        }
+                        Replay::Never => {
+                            return refused(ApiError::busy(
+                                "no host in the cluster has room for this request",
+                            ));
+                        }
+                    },
+                };
+            }
+            match functions.scheduler.admit(&gate, policy.timeout).await {
+                Ok(admission) => admission,
+                Err(refusal) => return refused(busy(refusal)),
+            }
+        }
+    };
+    *req.uri_mut() = guest_uri;
+    if !req.headers().contains_key(header::HOST) {
+        req.headers_mut()
+            .insert(header::HOST, HeaderValue::from_static("localhost"));
+    }
+    // Between hosts only.
+    req.headers_mut().remove(HOP_HEADER);
+    req.headers_mut().remove(CLUSTER_AUTH_HEADER);
+
+    let (parts, body) = req.into_parts();
+    let body = GuardedRequestBody::new(body, policy.request_body, state.limits.body_idle_timeout);
+    let exceeded = Arc::clone(&body.exceeded);
+    let request = hyper::Request::from_parts(parts, body);
+    let invocation = Invocation {
+        function: Arc::from(function.name.as_str()),
+        request_id: Arc::from(request_id),
+        policy: Arc::clone(&policy),
+        on_denied: {
+            let denied = functions
+                .metrics
+                .outbound_denied
+                .with_label_values(&[function.name.as_str()]);
+            Arc::new(move || denied.inc())
+        },
+        stats,
+    };
+    let (result, outcome) = functions
+        .runtime
+        .invoke(function, request, &invocation)
+        .await;
+    if exceeded.load(std::sync::atomic::Ordering::Relaxed) {
+        return refused(ApiError::too_large(format!(
+            "the request body is longer than {}'s limit of {} bytes",
+            function.name, policy.request_body
+        )));
+    }
+    let response = match result {
+        Ok(response) => response,
+        Err(error) => return (Err(error), outcome),
+    };
+    let declared = declared_length(response.headers());
+    if declared.is_some_and(|len| len > policy.response_body) {
+        let error = ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "response_too_large",
+            format!(
+                "{}'s response is larger than its limit of {} bytes",
+                function.name, policy.response_body
+            ),
+        );
+        return (Err(error), Outcome::GuestError);
+    }
+    let name = function.name.clone();
+    let limit = policy.response_body;
+    let cut = functions
+        .metrics
+        .responses_cut
+        .with_label_values(&[function.name.as_str()]);
+    let response = response.map(move |body| {
+        let on_cut = Box::new(move || {
+            cut.inc();
+            tracing::warn!(function = %name, limit, "response body cut off at the policy limit");
+        });
+        CappedResponseBody::new(body, limit, on_cut).boxed_unsync()
+    });
+    (Ok(response), outcome)
+}
+
+/// A forward may take this much longer than the function's deadline (the
+/// peer's own queueing and the network).
+const FORWARD_SLACK: Duration = Duration::from_secs(1);
+
+/// Methods that may be sent twice with the effect of once (RFC 9110 9.2.2).
+fn is_idempotent(method: &Method) -> bool {
+    matches!(
+        *method,
+        Method::GET | Method::HEAD | Method::OPTIONS | Method::PUT | Method::DELETE | Method::TRACE
+    )
+}
+
+/// Whether an invocation came from a client or, forwarded, from a peer
+/// (which must prove it is one).
+pub fn arrival<B>(state: &AppState, req: &hyper::Request<B>) -> Result<Arrival, ApiError> {
+    if req.headers().contains_key(HOP_HEADER) {
+        auth::peer(state, req)?;
+        Ok(Arrival::Forwarded)
+    } else {
+        Ok(Arrival::Client)
+    }
+}
+
+/// For a map: the function exists, has a valid policy, and the request may
+/// invoke it. Returns the `Authorization` each item carries, and the policy.
+pub fn check_access<B>(
+    state: &AppState,
+    name: &FunctionName,
+    req: &hyper::Request<B>,
+) -> Result<(Option<HeaderValue>, Arc<Policy>), ApiError> {
+    if state.functions.lookup(name.as_str()).is_none() {
+        return Err(ApiError::not_found(format!("no function named {name:?}")));
+    }
+    let policy = state
+        .functions
+        .policies
+        .get(name)
+        .map_err(|error| policy_invalid(name, error))?;
+    auth::invoke(state, &policy, req)?;
+    Ok((req.headers().get(header::AUTHORIZATION).cloned(), policy))
+}
+
+/// `503`: the function has no policy in force.
+fn policy_invalid(name: &FunctionName, error: impl std::fmt::Display) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "policy_invalid",
+        format!("{name} has no valid policy: {error}"),
+    )
+}

@@ -1,0 +1,33 @@
+//! What tools poll: Prometheus metrics, and the API's own written contract,
+//! the OpenAPI document (`host/openapi.json`, compiled into the binary and
+//! served as written, so what a host serves is what the repository says).
+
+use http::{HeaderValue, Response, header};
+
+use super::AppState;
+use crate::error::{ApiError, Body, full_body};
+
+/// The OpenAPI 3.1 document of this host's HTTP API.
+pub const OPENAPI: &str = include_str!("../../openapi.json");
+
+/// `GET /v1/openapi.json`.
+pub fn openapi() -> Response<Body> {
+    let mut response = Response::new(full_body(OPENAPI));
+    response.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// `GET /metrics`: Prometheus text, with the gauges that mirror state set
+/// just before.
+pub fn metrics(state: &AppState) -> Result<Response<Body>, ApiError> {
+    state.functions.refresh_gauges();
+    let (content_type, body) = state.functions.metrics.render()?;
+    let mut response = Response::new(full_body(body));
+    if let Ok(value) = HeaderValue::from_str(&content_type) {
+        response.headers_mut().insert(header::CONTENT_TYPE, value);
+    }
+    Ok(response)
+}

@@ -1,0 +1,84 @@
+//! What every request handler of one host shares: the function table, the
+//! cluster once joined, the admin token, the limits of the HTTP surface, and
+//! the request id counter.
+//!
+//! It is built once by `server` and handed to each connection behind an
+//! `Arc`. The function table is an `Arc` of its own because the cluster's
+//! sync loop holds it too, without holding the API.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use crate::cluster::Cluster;
+use crate::functions::Functions;
+
+/// Limits of the HTTP surface that are not per function.
+#[derive(Debug, Clone)]
+pub struct ApiLimits {
+    /// Largest component upload.
+    pub max_upload: u64,
+    /// Longest pause between two chunks of a request body.
+    pub body_idle_timeout: Duration,
+    /// Whether `GET /metrics` needs the admin token.
+    pub metrics_require_token: bool,
+}
+
+/// Everything a request handler needs; one per host.
+pub struct AppState {
+    pub functions: Arc<Functions>,
+    pub(super) admin_token: String,
+    pub(super) limits: ApiLimits,
+    pub(super) request_ids: RequestIds,
+    /// Set once the host has joined a cluster.
+    cluster: OnceLock<Arc<Cluster>>,
+}
+
+impl AppState {
+    pub fn new(functions: Arc<Functions>, admin_token: String, limits: ApiLimits) -> Self {
+        AppState {
+            functions,
+            admin_token,
+            limits,
+            request_ids: RequestIds::new(),
+            cluster: OnceLock::new(),
+        }
+    }
+
+    pub fn cluster(&self) -> Option<&Arc<Cluster>> {
+        self.cluster.get()
+    }
+
+    /// Makes this host a cluster member (once).
+    pub fn join(&self, cluster: Arc<Cluster>) {
+        let _ = self.cluster.set(cluster);
+    }
+
+    pub fn limits(&self) -> &ApiLimits {
+        &self.limits
+    }
+}
+
+/// Request ids: unique per host run without coordination, short enough to
+/// grep. A random prefix per host and a counter.
+pub(super) struct RequestIds {
+    prefix: u32,
+    next: AtomicU64,
+}
+
+impl RequestIds {
+    fn new() -> Self {
+        let mut prefix = [0u8; 4];
+        // Without randomness ids are still unique within this run.
+        let _ = getrandom::fill(&mut prefix);
+        RequestIds {
+            prefix: u32::from_le_bytes(prefix),
+            next: AtomicU64::new(1),
+        }
+    }
+
+    pub(super) fn next(&self) -> String {
+        let n = self.next.fetch_add(1, Ordering::Relaxed);
+        format!("{:08x}{:08x}", self.prefix, n)
+    }
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Installs schemathesis (PyPI), the API fuzzer of host/tests/fuzz_api.rs, into
+# a virtualenv under the target directory, once: target/tools/schemathesis.
+# Python 3 with venv and pip is all it needs.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+venv="$root/target/tools/schemathesis"
+version="4.32.5"
+
+if [ -x "$venv/bin/st" ] && "$venv/bin/python" -c "import schemathesis, sys; sys.exit(schemathesis.__version__ != '$version')" 2>/dev/null; then
+    exit 0
+fi
+echo "schemathesis: installing $version into $venv" >&2
+rm -rf "$venv"
+python3 -m venv "$venv"
+"$venv/bin/pip" install --quiet --disable-pip-version-check "schemathesis==$version"
