@@ -686,3 +686,59 @@ async fn more_in_flight_than_instance_slots_is_refused_at_start() {
     let error = lichen::server::Server::bind(config).await.err().unwrap();
     assert!(error.to_string().contains("instance slots"), "{error}");
 }
+
+/// Questions the API fuzzing raised (tests/fuzz_api.rs), answered here:
+/// a policy belongs to a name, deployed or not. Put in place before the
+/// first deploy, it holds from the first request (a private function is
+/// never public, not even for a moment); it outlives a delete of the
+/// function; an empty body is the empty policy, the defaults; one over the
+/// size cap is 413 and changes nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_belongs_to_a_name_before_and_after_its_function() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host_with(dir.path(), &[]).await;
+    let path = "/v1/functions/later/policy";
+    let private = "[access]\npublic = false\ntokens = [\"caller-token\"]\n";
+    let put = host
+        .admin(Method::PUT, path, private.as_bytes().to_vec())
+        .await;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.text());
+    assert_eq!(put.json()["in_force"]["access"]["public"], false);
+
+    let deployed = host.deploy("later", component("hello")).await;
+    assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+    host.get("/fn/later")
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+    let url = format!("{}/fn/later", host.url);
+    let allowed = send(
+        Method::GET,
+        &url,
+        &[("authorization", "Bearer caller-token")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(allowed.status, StatusCode::OK, "{}", allowed.text());
+
+    let deleted = host
+        .admin(Method::DELETE, "/v1/functions/later", Vec::new())
+        .await;
+    assert_eq!(deleted.status, StatusCode::OK);
+    let kept = host.admin(Method::GET, path, Vec::new()).await;
+    assert_eq!(kept.status, StatusCode::OK);
+    assert_eq!(kept.json()["in_force"]["access"]["public"], false);
+    let file = dir.path().join("policies/later.toml");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), private);
+
+    let empty = host.admin(Method::PUT, path, Vec::new()).await;
+    assert_eq!(empty.status, StatusCode::OK, "{}", empty.text());
+    assert_eq!(empty.json()["in_force"]["access"]["public"], true);
+    assert_eq!(empty.json()["in_force"]["limits"]["timeout"], "10s");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "");
+
+    let huge = format!("# {}\n", "x".repeat(64 << 10));
+    let refused = host.admin(Method::PUT, path, huge.into_bytes()).await;
+    refused.assert_error(StatusCode::PAYLOAD_TOO_LARGE, "too_large");
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "");
+    host.stop().await;
+}
