@@ -742,3 +742,43 @@ async fn a_policy_belongs_to_a_name_before_and_after_its_function() {
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "");
     host.stop().await;
 }
+
+/// A policy file rewritten in place is empty between its truncation and its
+/// first write, and an empty policy is valid (the defaults, public): the
+/// host reads a file written in place only once its writer closes it, so a
+/// private function stays private throughout. (Found when a loaded machine
+/// stretched that moment in the reload test.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_rewritten_in_place_is_read_once_written() {
+    use std::io::Write;
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "hello", "[access]\npublic = false\n");
+    let host = host_with(dir.path(), &[("hello", "hello")]).await;
+    host.get("/fn/hello")
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+
+    let path = dir.path().join("policies/hello.toml");
+    let mut file = std::fs::File::create(&path).unwrap(); // truncated, still open
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    host.get("/fn/hello")
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+    file.write_all(b"[access]\npublic = false\ntokens = [\"t2\"]\n")
+        .unwrap();
+    drop(file);
+    wait_for_policy(&host, "hello", |v| {
+        v["in_force"]["access"]["tokens"] == serde_json::json!(["t2"])
+    })
+    .await;
+    let url = format!("{}/fn/hello", host.url);
+    let reply = send(
+        Method::GET,
+        &url,
+        &[("authorization", "Bearer t2")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    host.stop().await;
+}

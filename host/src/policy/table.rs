@@ -192,11 +192,12 @@ impl PolicyTable {
         let (tx, rx) = mpsc::channel::<PathBuf>();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| match event {
-                Ok(event) => {
+                Ok(event) if settles_a_file(&event.kind) => {
                     for path in event.paths {
                         let _ = tx.send(path);
                     }
                 }
+                Ok(_) => {}
                 Err(error) => tracing::warn!(%error, "policy watcher error"),
             })
             .context("starting the policy watcher")?;
@@ -240,6 +241,23 @@ pub enum WriteError {
 fn function_of(path: &Path) -> Option<FunctionName> {
     let stem = path.file_name()?.to_str()?.strip_suffix(".toml")?;
     FunctionName::new(stem).ok()
+}
+
+/// Whether an event may leave a file in a state worth reading. A write in
+/// place is read when the writer closes the file, not at each write: right
+/// after the truncation that starts it, the file is empty, and an empty
+/// policy is a valid one, the defaults (a private function must not turn
+/// public for that moment). Renames, creations and removals are read at once.
+fn settles_a_file(kind: &notify::EventKind) -> bool {
+    use notify::EventKind;
+    use notify::event::{AccessKind, AccessMode, ModifyKind};
+    match kind {
+        EventKind::Access(AccessKind::Close(AccessMode::Write)) => true,
+        EventKind::Access(_) => false,
+        EventKind::Modify(ModifyKind::Data(_) | ModifyKind::Metadata(_)) => false,
+        EventKind::Modify(_) | EventKind::Create(_) | EventKind::Remove(_) => true,
+        EventKind::Any | EventKind::Other => true,
+    }
 }
 
 fn now_unix() -> u64 {
