@@ -2,7 +2,8 @@
 # Sets everything up and runs a host with the example functions deployed:
 # builds the guest components (installing the wasm toolchain if missing),
 # builds the host, starts it on 127.0.0.1:8080 (LICHEN_LISTEN to change),
-# deploys functions/{hello,echo,square,fib,hash} and keeps serving until Ctrl-C.
+# deploys functions/{hello,echo,square,fib,hash,hello-p3} and keeps serving until
+# Ctrl-C.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -29,14 +30,15 @@ for _ in $(seq 1 300); do
 done
 [ -n "$url" ] || { echo "host did not start listening" >&2; exit 1; }
 
-for fn in hello echo square fib hash; do
-    "$lichen" deploy "$fn" "functions/target/wasm32-wasip2/release/$fn.wasm" --url "$url" --data-dir "$data_dir"
+for fn in hello echo square fib hash hello-p3; do
+    "$lichen" deploy "$fn" "functions/target/wasm32-wasip2/release/${fn//-/_}.wasm" --url "$url" --data-dir "$data_dir"
 done
 "$lichen" ls --url "$url" --data-dir "$data_dir"
 cat >&2 <<MSG
 
 Lichen is serving on $url. Try:
   curl $url/fn/hello
+  curl $url/fn/hello-p3        (the same function built for WASI 0.3)
   curl -d '[1,2,3]' $url/fn/square
   curl '$url/fn/echo/any/path?x=1'
 Admin token: $data_dir/admin-token. Ctrl-C stops the host.

@@ -34,6 +34,7 @@ pub fn prepare(name: &str, component: &[u8]) -> Result<Prepared> {
         size: component.len() as u64,
         created_unix: 0,
         timestamp_ms: None,
+        abi: Default::default(),
     };
     let deployed = runtime.prepare(FunctionName::new(name)?, version, &compiled)?;
     let invocation = Invocation {

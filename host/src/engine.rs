@@ -24,6 +24,7 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
+use futures::FutureExt;
 use http::{Response, StatusCode};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
@@ -33,12 +34,13 @@ use wasmtime::{
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
+use wasmtime_wasi_http::p3::bindings::ServicePre;
 
 use crate::error::{ApiError, Body};
 use crate::names::FunctionName;
 use crate::policy::MAX_MEMORY;
-use crate::sandbox::{HostState, Invocation};
-use crate::store::VersionInfo;
+use crate::sandbox::{HostState, Invocation, InvocationStats};
+use crate::store::{Abi, VersionInfo};
 
 /// How often the epoch advances: the granularity of deadlines, and how long a
 /// guest computing without host calls holds its worker thread at most.
@@ -92,7 +94,7 @@ pub enum UploadError {
     #[error("the component does not compile: {0}")]
     Invalid(String),
     #[error(
-        "the component does not fit the wasi:http/proxy world (it must export wasi:http/incoming-handler and import only what that world provides): {0}"
+        "the component is not a wasi:http handler: a WASI 0.2 component must export wasi:http/incoming-handler@0.2.x (the wasi:http/proxy world), a WASI 0.3 one wasi:http/handler@0.3.x (the wasi:http/service world), and import only what WASI provides: {0}"
     )]
     NotHttpHandler(String),
 }
@@ -118,7 +120,13 @@ impl From<UploadError> for ApiError {
 pub struct Deployed {
     pub name: FunctionName,
     pub version: VersionInfo,
-    pre: ProxyPre<HostState>,
+    pre: Pre,
+}
+
+/// A pre-instantiated component of either `wasi:http` generation.
+enum Pre {
+    P2(ProxyPre<HostState>),
+    P3(ServicePre<HostState>),
 }
 
 /// What happened to one invocation, for logs and metrics.
@@ -188,6 +196,15 @@ impl Runtime {
         wasmtime_wasi_http::p2::add_only_http_to_linker_async(&mut linker)
             .map_err(anyhow::Error::from)
             .context("adding wasi:http to the linker")?;
+        // WASIp3 beside it: a p3 component still imports p2 interfaces (Rust's
+        // std uses p2 `wasi:cli`, `wasi:io`, `wasi:clocks`, `wasi:filesystem`),
+        // so both generations are linked together, as `wasmtime serve` does.
+        wasmtime_wasi::p3::add_to_linker(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("adding WASIp3 to the linker")?;
+        wasmtime_wasi_http::p3::add_to_linker(&mut linker)
+            .map_err(anyhow::Error::from)
+            .context("adding wasi:http 0.3 to the linker")?;
         spawn_epoch_ticker(&engine);
         let cache_key = engine_cache_key(&engine);
         Ok(Runtime {
@@ -238,19 +255,34 @@ impl Runtime {
             .with_context(|| format!("loading compiled code {}", path.display()))
     }
 
-    /// Resolves the component's imports and its wasi:http export.
+    /// Resolves the component's imports and its wasi:http export, which
+    /// says its ABI: `wasi:http/handler@0.3` (p3) or
+    /// `wasi:http/incoming-handler@0.2` (p2).
     pub fn prepare(
         &self,
         name: FunctionName,
-        version: VersionInfo,
+        mut version: VersionInfo,
         component: &Component,
     ) -> Result<Deployed, UploadError> {
         let instance_pre = self
             .linker
             .instantiate_pre(component)
             .map_err(|e| UploadError::NotHttpHandler(format!("{e:#}")))?;
-        let pre = ProxyPre::new(instance_pre)
-            .map_err(|e| UploadError::NotHttpHandler(format!("{e:#}")))?;
+        let pre = match ServicePre::new(instance_pre.clone()) {
+            Ok(pre) => Pre::P3(pre),
+            Err(p3) => match ProxyPre::new(instance_pre) {
+                Ok(pre) => Pre::P2(pre),
+                Err(p2) => {
+                    return Err(UploadError::NotHttpHandler(format!(
+                        "as WASI 0.2: {p2:#}; as WASI 0.3: {p3:#}"
+                    )));
+                }
+            },
+        };
+        version.abi = match pre {
+            Pre::P2(_) => Abi::P2,
+            Pre::P3(_) => Abi::P3,
+        };
         Ok(Deployed { name, version, pre })
     }
 
@@ -283,55 +315,68 @@ impl Runtime {
         store.set_epoch_deadline(1);
         store.epoch_deadline_async_yield_and_update(1);
 
-        let (sender, mut receiver) = tokio::sync::oneshot::channel();
-        let setup = (|| {
-            let mut http = store.data_mut().http();
-            let req = http.new_incoming_request(Scheme::Http, request)?;
-            let out = http.new_response_outparam(sender)?;
-            anyhow::Ok((req, out))
-        })();
-        let (req, out) = match setup {
-            Ok(parts) => parts,
-            Err(error) => {
-                let error = ApiError::bad_request("bad_request", format!("{error:#}"));
-                return (Err(error), Outcome::GuestError);
-            }
-        };
-
-        let pre = function.pre.clone();
         let stats = Arc::clone(&invocation.stats);
-        let guest = tokio::time::timeout(deadline, async move {
-            let instantiating = Instant::now();
-            let proxy = pre.instantiate_async(&mut store).await?;
-            let nanos = instantiating.elapsed().as_nanos();
-            stats
-                .instantiate_ns
-                .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
-            proxy
-                .wasi_http_incoming_handler()
-                .call_handle(&mut store, req, out)
-                .await
-        });
-        let mut guest = Box::pin(guest);
-        // The guest runs here until it has either finished (most functions
-        // answer and return at once: no task to spawn and wake) or sent its
-        // response head while still writing the body, in which case the rest
-        // of it moves to a task of its own. The deadline covers all of it.
-        let first = tokio::select! {
-            biased;
-            result = &mut guest => First::Finished(result),
-            head = &mut receiver => First::Head(head),
-        };
-        let (head, task) = match first {
-            // Finished: the head was sent, or never will be once the store
-            // that holds the sender is gone.
-            First::Finished(result) => {
-                // A guest stopped at its deadline still holds its store (and
-                // the sender) until dropped.
-                drop(guest);
-                (receiver.await, GuestRun::Finished(result))
+        let (head, task) = match &function.pre {
+            Pre::P2(pre) => {
+                let (sender, receiver) = tokio::sync::oneshot::channel();
+                let setup = (|| {
+                    let mut http = store.data_mut().http();
+                    let req = http.new_incoming_request(Scheme::Http, request)?;
+                    let out = http.new_response_outparam(sender)?;
+                    anyhow::Ok((req, out))
+                })();
+                let (req, out) = match setup {
+                    Ok(parts) => parts,
+                    Err(error) => {
+                        let error = ApiError::bad_request("bad_request", format!("{error:#}"));
+                        return (Err(error), Outcome::GuestError);
+                    }
+                };
+                let pre = pre.clone();
+                let guest = tokio::time::timeout(deadline, async move {
+                    let proxy = instantiate(&stats, pre.instantiate_async(&mut store)).await?;
+                    proxy
+                        .wasi_http_incoming_handler()
+                        .call_handle(&mut store, req, out)
+                        .await
+                });
+                let (head, task) = run_until_head(guest, receiver).await;
+                let head = head.map(|answer| answer.map_err(|code| format!("{code:?}")));
+                (head, task)
             }
-            First::Head(head) => (head, GuestRun::Running(tokio::spawn(guest))),
+            Pre::P3(pre) => {
+                let (sender, receiver) = tokio::sync::oneshot::channel();
+                let pre = pre.clone();
+                let guest = tokio::time::timeout(deadline, async move {
+                    let service = instantiate(&stats, pre.instantiate_async(&mut store)).await?;
+                    let (req, io) = {
+                        let hooks = store.data_mut().http().hooks;
+                        wasmtime_wasi_http::p3::Request::from_http(hooks, request)
+                    };
+                    store
+                        .run_concurrent(async move |accessor| {
+                            match service.handle(accessor, req).await? {
+                                Ok(response) => {
+                                    let response = accessor
+                                        .with(|mut store| response.into_http(&mut store, io))?;
+                                    let _ = sender.send(Ok(response));
+                                }
+                                Err(code) => {
+                                    let _ = sender.send(Err(code));
+                                }
+                            }
+                            // A p3 guest may still be running after `handle`
+                            // returned (a task it spawned writes the body):
+                            // the instance is driven until its tasks are done.
+                            std::future::poll_fn(|cx| accessor.poll_no_interesting_tasks(cx)).await;
+                            wasmtime::Result::<()>::Ok(())
+                        })
+                        .await?
+                });
+                let (head, task) = run_until_head(guest, receiver).await;
+                let head = head.map(|answer| answer.map_err(|code| format!("{code:?}")));
+                (head, task)
+            }
         };
         match head {
             Ok(Ok(response)) => {
@@ -347,10 +392,7 @@ impl Runtime {
                 Err(ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     "guest_error",
-                    format!(
-                        "{} answered with a wasi:http error: {code:?}",
-                        function.name
-                    ),
+                    format!("{} answered with a wasi:http error: {code}", function.name),
                 )),
                 Outcome::GuestError,
             ),
@@ -407,15 +449,67 @@ impl Runtime {
                     )),
                     Outcome::GuestError,
                 ),
-                Err(join) => (
+                Err(failure) => (
                     Err(ApiError::internal(anyhow::anyhow!(
-                        "the invocation task of {} failed: {join}",
+                        "running {} failed in the host (contained; the host keeps serving): {failure}",
                         function.name
                     ))),
                     Outcome::Trap,
                 ),
             },
         }
+    }
+}
+
+/// Instantiates a pre-instantiated component, recording how long it took.
+async fn instantiate<T>(
+    stats: &InvocationStats,
+    instantiating: impl Future<Output = wasmtime::Result<T>>,
+) -> wasmtime::Result<T> {
+    let started = Instant::now();
+    let instance = instantiating.await?;
+    let nanos = started.elapsed().as_nanos();
+    stats
+        .instantiate_ns
+        .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
+    Ok(instance)
+}
+
+/// Runs `guest` in this task until it has either finished (most functions
+/// answer and return at once: no task to spawn and wake) or sent its
+/// response head while still writing the body, in which case the rest of it
+/// moves to a task of its own. The deadline (inside `guest`) covers all of it.
+async fn run_until_head<G, H>(
+    guest: G,
+    mut receiver: tokio::sync::oneshot::Receiver<H>,
+) -> (
+    Result<H, tokio::sync::oneshot::error::RecvError>,
+    GuestRun<G::Output>,
+)
+where
+    G: Future + Send + 'static,
+    G::Output: Send + 'static,
+{
+    // A panic inside wasmtime while it runs a guest (a bug it may have, such
+    // as GHSA-xrvr-8678-5wp8 in stream and future copies, until the upgrade
+    // that fixes it) fails that invocation with a 500; the host keeps
+    // serving.
+    let mut guest = Box::pin(std::panic::AssertUnwindSafe(guest).catch_unwind());
+    let first = tokio::select! {
+        biased;
+        result = &mut guest => First::Finished(result),
+        head = &mut receiver => First::Head(head),
+    };
+    match first {
+        // Finished: the head was sent, or never will be once the store that
+        // holds the sender is gone.
+        First::Finished(result) => {
+            // A guest stopped at its deadline still holds its store (and the
+            // sender) until dropped.
+            drop(guest);
+            (receiver.await, GuestRun::Finished(result))
+        }
+        First::Head(head) => (head, GuestRun::Running(tokio::spawn(guest))),
     }
 }
 
@@ -426,18 +520,27 @@ enum First<R, H> {
 }
 
 /// Where a guest is after its response head: done, or still running in a
-/// task of its own (writing its body).
+/// task of its own (writing its body). Either way its panics were caught.
 enum GuestRun<T> {
-    Finished(T),
-    Running(tokio::task::JoinHandle<T>),
+    Finished(std::thread::Result<T>),
+    Running(tokio::task::JoinHandle<std::thread::Result<T>>),
 }
 
 impl<T> GuestRun<T> {
-    async fn result(self) -> Result<T, tokio::task::JoinError> {
-        match self {
-            GuestRun::Finished(result) => Ok(result),
-            GuestRun::Running(task) => task.await,
-        }
+    /// The guest's result, or what went wrong in the host while it ran.
+    async fn result(self) -> Result<T, String> {
+        let caught = match self {
+            GuestRun::Finished(caught) => caught,
+            GuestRun::Running(task) => task.await.map_err(|join| join.to_string())?,
+        };
+        caught.map_err(|panic| {
+            let message = panic
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| panic.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "a panic".to_string());
+            format!("the host caught a panic: {message}")
+        })
     }
 }
 
@@ -460,6 +563,8 @@ fn engine_config(pooling: bool) -> Config {
     let mut config = Config::new();
     config.epoch_interruption(true);
     config.wasm_component_model(true);
+    // WASIp3 components: async lifts and lowers, streams, futures.
+    config.wasm_component_model_async(true);
     config.max_wasm_stack(MAX_WASM_STACK);
     if pooling {
         let mut pool = PoolingAllocationConfig::default();
@@ -556,6 +661,7 @@ mod tests {
             size: 0,
             created_unix: 0,
             timestamp_ms: None,
+            abi: Default::default(),
         };
         assert!(matches!(
             rt.prepare(name, version, &component),

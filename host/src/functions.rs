@@ -128,8 +128,6 @@ impl Functions {
         bytes: Option<Bytes>,
     ) -> Result<(), ApiError> {
         let name = &record.name;
-        let mut next = record.clone();
-        next.install(version.clone());
         // Compiling takes milliseconds to seconds of CPU: off the async workers.
         let deployed = {
             let functions = Arc::clone(self);
@@ -145,6 +143,9 @@ impl Functions {
             .await
             .map_err(|e| ApiError::internal(anyhow::anyhow!("compile task failed: {e}")))??
         };
+        // The version as prepared: it knows the component's ABI now.
+        let mut next = record.clone();
+        next.install(deployed.version.clone());
         self.store.write_record(&next)?;
         self.insert(deployed);
         if !record.versions.is_empty() && next.versions.len() <= record.versions.len() {

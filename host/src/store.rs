@@ -50,6 +50,19 @@ const TMP: &str = "tmp";
 /// and their modules collected when nothing else refers to them.
 const KEEP_VERSIONS: usize = 10;
 
+/// Which generation of `wasi:http` a component serves: detected by the
+/// engine when the version is deployed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Abi {
+    /// `wasi:http/proxy@0.2`: exports `wasi:http/incoming-handler@0.2.x`.
+    /// Records written before WASIp3 was served have no `abi`: they are p2.
+    #[default]
+    P2,
+    /// `wasi:http/service@0.3`: exports `wasi:http/handler@0.3.x`.
+    P3,
+}
+
 /// One uploaded version of a function.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionInfo {
@@ -61,6 +74,8 @@ pub struct VersionInfo {
     /// (milliseconds since the epoch), if it came through one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timestamp_ms: Option<u64>,
+    #[serde(default)]
+    pub abi: Abi,
 }
 
 /// Everything the store knows about one function.
@@ -96,6 +111,8 @@ impl FunctionRecord {
                 .duration_since(UNIX_EPOCH)
                 .map_or(0, |d| d.as_secs()),
             timestamp_ms: None,
+            // Set from the component when it is prepared.
+            abi: Abi::P2,
         }
     }
 

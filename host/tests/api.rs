@@ -602,8 +602,14 @@ fn every_function_crate_is_a_known_fixture() {
         "/../functions/Cargo.toml"
     ))
     .unwrap();
-    let members_line = manifest.lines().find(|l| l.starts_with("members")).unwrap();
-    let mut members: Vec<String> = members_line
+    // `members = [...]`, on one line or several, without its comments.
+    let start = manifest.find("\nmembers").unwrap();
+    let end = start + manifest[start..].find(']').unwrap();
+    let members_list: String = manifest[start..end]
+        .lines()
+        .map(|line| line.split('#').next().unwrap_or_default())
+        .collect();
+    let mut members: Vec<String> = members_list
         .split('"')
         .skip(1)
         .step_by(2)

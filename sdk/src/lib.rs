@@ -21,7 +21,10 @@
 //! ```
 //!
 //! Build it with `cargo build --release --target wasm32-wasip2`; the output is
-//! already a component. An `Err` returned by the handler becomes a JSON error
+//! already a component. With the crate's feature `p3`, the same handler is
+//! exported as `wasi:http/handler@0.3.0` instead (the `wasi:http/service`
+//! world of WASI 0.3): switching a function between the two generations
+//! changes its `Cargo.toml`, not its code. An `Err` returned by the handler becomes a JSON error
 //! response (`500` unless made with [`Error::new`] and another status), and a
 //! panic traps the instance, which the host answers with `500`.
 //!
@@ -307,6 +310,7 @@ fn percent_decode(input: &str) -> String {
 
 /// Exports a handler `fn(Request) -> Result<Response>` as the component's
 /// `wasi:http/incoming-handler`. Use it once per function crate.
+#[cfg(not(feature = "p3"))]
 #[macro_export]
 macro_rules! export {
     ($handler:path) => {
@@ -325,8 +329,35 @@ macro_rules! export {
     };
 }
 
+/// Exports a handler `fn(Request) -> Result<Response>` as the component's
+/// `wasi:http/handler@0.3.0` (the `wasi:http/service` world, WASIp3): the
+/// same handler as a WASI 0.2 build, only the feature `p3` differs.
+#[cfg(feature = "p3")]
+#[macro_export]
+macro_rules! export {
+    ($handler:path) => {
+        struct __LichenService;
+
+        impl $crate::__private::p3::wasip3::exports::http::handler::Guest for __LichenService {
+            async fn handle(
+                request: $crate::__private::p3::wasip3::http::types::Request,
+            ) -> ::core::result::Result<
+                $crate::__private::p3::wasip3::http::types::Response,
+                $crate::__private::p3::wasip3::http::types::ErrorCode,
+            > {
+                $crate::__private::p3::serve(request, $handler).await
+            }
+        }
+
+        $crate::__private::p3::wasip3::http::service::export!(__LichenService);
+    };
+}
+
 #[doc(hidden)]
 pub mod __private {
+    #[cfg(feature = "p3")]
+    pub mod p3;
+
     use std::io::{Read, Write};
 
     use wasi::http::types::{

@@ -22,7 +22,7 @@ use super::{AppState, json};
 use crate::error::{ApiError, Body, full_body};
 use crate::names::FunctionName;
 use crate::policy::WriteError;
-use crate::store::{VersionInfo, sha256_hex};
+use crate::store::{Abi, VersionInfo, sha256_hex};
 
 /// Largest policy file accepted by `PUT /v1/functions/{name}/policy`.
 const MAX_POLICY_BYTES: u64 = 64 << 10;
@@ -34,6 +34,7 @@ struct FunctionSummary<'a> {
     sha256: &'a str,
     size: u64,
     created_unix: u64,
+    abi: Abi,
 }
 
 impl<'a> FunctionSummary<'a> {
@@ -44,6 +45,7 @@ impl<'a> FunctionSummary<'a> {
             sha256: &version.sha256,
             size: version.size,
             created_unix: version.created_unix,
+            abi: version.abi,
         }
     }
 }
@@ -81,6 +83,7 @@ pub fn describe(state: &AppState, name: &FunctionName) -> Result<Response<Body>,
             "sha256": active.sha256,
             "size": active.size,
             "created_unix": active.created_unix,
+            "abi": active.abi,
             "loaded": loaded.is_some_and(|slot| slot.get().is_some()),
             "versions": record.versions,
             "policy": policy_json(state, name),

@@ -238,6 +238,8 @@ async fn apply_inner(
             size,
             created_unix: super::now_ms() / 1000,
             timestamp_ms: Some(entry.timestamp_ms),
+            // Set from the component when it is prepared.
+            abi: Default::default(),
         };
         let guard = state.lock_admin().await;
         if superseded(cluster, entry) {

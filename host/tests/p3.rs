@@ -1,0 +1,125 @@
+//! WASIp3 components (`wasi:http/service@0.3`) beside WASIp2 ones, through
+//! real HTTP against a real host: the p3 fixtures are the p2 examples'
+//! own sources built with the SDK's `p3` feature.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{host_with, send, write_policy};
+use http::{Method, StatusCode};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_p3_component_deploys_answers_and_says_its_abi() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host_with(dir.path(), &[("hello", "hello-p3"), ("old", "hello")]).await;
+    let reply = host.get("/fn/hello").await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(reply.text(), "Hello from Lichen!\n");
+
+    let described = host
+        .admin(Method::GET, "/v1/functions/hello", Vec::new())
+        .await
+        .json();
+    assert_eq!(described["abi"], "p3");
+    assert_eq!(described["versions"][0]["abi"], "p3");
+    let old = host
+        .admin(Method::GET, "/v1/functions/old", Vec::new())
+        .await
+        .json();
+    assert_eq!(old["abi"], "p2");
+    let listed = host.admin(Method::GET, "/v1/functions", Vec::new()).await;
+    let abis: Vec<serde_json::Value> = listed.json()["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["abi"].clone())
+        .collect();
+    assert_eq!(abis, ["p3", "p2"]);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_p3_component_sees_the_request_as_a_p2_one_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host_with(dir.path(), &[("echo", "echo-p3"), ("echo2", "echo")]).await;
+    for name in ["echo", "echo2"] {
+        let reply = send(
+            Method::PATCH,
+            &format!("{}/fn/{name}/a/b?x=1&y=two", host.url),
+            &[("x-custom", "value one"), ("content-type", "text/plain")],
+            b"body text".to_vec(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{name}: {}", reply.text());
+        let echo = reply.json();
+        assert_eq!(echo["method"], "PATCH");
+        assert_eq!(echo["uri"], "/a/b?x=1&y=two");
+        assert_eq!(echo["query"], "x=1&y=two");
+        assert_eq!(echo["body"], "body text");
+        let headers = echo["headers"].as_array().unwrap();
+        assert!(
+            headers.contains(&serde_json::json!(["x-custom", "value one"])),
+            "{name}: {headers:?}"
+        );
+    }
+    // Empty and 1 MiB bodies, both ways.
+    let empty = send(
+        Method::POST,
+        &format!("{}/fn/echo", host.url),
+        &[],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(empty.json()["body_len"], 0);
+    let big: Vec<u8> = (0..1 << 20).map(|i| b'a' + (i % 26) as u8).collect();
+    let reply = send(
+        Method::PUT,
+        &format!("{}/fn/echo/big", host.url),
+        &[],
+        big.clone(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let echoed = reply.json();
+    assert_eq!(echoed["body_len"], 1 << 20);
+    assert_eq!(echoed["body"].as_str().unwrap().as_bytes(), &big[..]);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_p3_trap_is_that_requests_500_and_the_host_stays_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host_with(dir.path(), &[("trap", "trap-p3")]).await;
+    for path in ["/fn/trap/panic", "/fn/trap/unreachable"] {
+        let reply = host.get(path).await;
+        reply.assert_error(StatusCode::INTERNAL_SERVER_ERROR, "trap");
+        let next = host.get("/fn/trap/").await;
+        assert_eq!(next.status, StatusCode::OK, "{}", next.text());
+        assert_eq!(next.text(), "ok\n");
+    }
+    let handled = host.get("/fn/trap/error").await;
+    assert_eq!(handled.status.as_u16(), 418);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_p3_guest_gets_its_policy_env_and_is_stopped_at_its_deadline() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(
+        dir.path(),
+        "probe",
+        "[limits]\ntimeout = \"1s\"\n[env]\nMODE = \"p3\"\n",
+    );
+    let host = host_with(dir.path(), &[("probe", "probe-p3")]).await;
+    assert_eq!(host.get("/fn/probe/env?name=MODE").await.text(), "p3");
+    for path in ["/fn/probe/spin", "/fn/probe/sleep?ms=60000"] {
+        let started = Instant::now();
+        let reply = host.get(path).await;
+        reply.assert_error(StatusCode::GATEWAY_TIMEOUT, "timeout");
+        assert!(started.elapsed() < Duration::from_secs(10), "{path}");
+    }
+    assert_eq!(host.get("/fn/probe/env?name=MODE").await.text(), "p3");
+    host.stop().await;
+}
