@@ -558,9 +558,22 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redeploy_switches_versions_without_failing_requests() {
+    redeploy_under_load("hello", "echo").await;
+}
+
+/// From one `wasi:http` generation to the other and back, under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redeploy_switches_abi_without_failing_requests() {
+    redeploy_under_load("hello", "echo-p3").await;
+    redeploy_under_load("hello-p3", "echo").await;
+}
+
+/// Deploys `v1` (a hello) as `svc`, then `v2` (an echo) while four clients
+/// call it: none fails, and each sees v1 then v2, never going back.
+async fn redeploy_under_load(v1: &str, v2: &str) {
     let (host, _dir) = host().await;
     assert_eq!(
-        host.deploy("svc", component("hello")).await.status,
+        host.deploy("svc", component(v1)).await.status,
         StatusCode::CREATED
     );
     let url = format!("{}/fn/svc", host.url);
@@ -580,7 +593,7 @@ async fn a_redeploy_switches_versions_without_failing_requests() {
         }));
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    let v2 = host.deploy("svc", component("echo")).await;
+    let v2 = host.deploy("svc", component(v2)).await;
     assert_eq!(v2.status, StatusCode::CREATED);
     assert_eq!(v2.json()["version"], 2);
     tokio::time::sleep(Duration::from_millis(200)).await;

@@ -195,11 +195,23 @@ async fn three(root: &Path) -> (Node, Node, Node) {
 /// Deploys `function` (the fixture of that name) on `origin` with `policy`,
 /// and waits until each of `peers` has the policy file.
 async fn deploy_with_policy(origin: &Node, peers: &[&Node], function: &str, policy: &str) {
+    deploy_fixture_with_policy(origin, peers, function, function, policy).await;
+}
+
+/// Deploys the fixture `fixture` as `function` on `origin` with `policy`,
+/// and waits until each of `peers` has the policy file.
+async fn deploy_fixture_with_policy(
+    origin: &Node,
+    peers: &[&Node],
+    function: &str,
+    fixture: &str,
+    policy: &str,
+) {
     let deployed = origin
         .admin(
             Method::PUT,
             &format!("/v1/functions/{function}"),
-            component(function),
+            component(fixture),
         )
         .await;
     assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
@@ -376,6 +388,40 @@ async fn a_full_host_forwards_to_peers_with_room() {
     )
     .await;
     posing.assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+}
+
+/// A WASIp3 function moves between hosts as a p2 one does: its module by
+/// hash, its invocations forwarded when the host they reach is full.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_p3_function_is_shared_and_forwarded_like_a_p2_one() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = three(root.path()).await;
+    let policy = "[limits]\nconcurrency = 1\nqueue = 0\n";
+    deploy_fixture_with_policy(&a, &[&b, &c], "slow", "probe-p3", policy).await;
+    eventually("a sees b and c serve slow", || a.sees_serving(2, "slow")).await;
+    let described = b
+        .admin(Method::GET, "/v1/functions/slow", Vec::new())
+        .await
+        .json();
+    assert_eq!(described["abi"], "p3");
+
+    let calls = (0..3).map(|_| {
+        let url = format!("{}/fn/slow/sleep?ms=1500", a.url);
+        tokio::spawn(async move { send(Method::GET, &url, &[], Vec::new()).await })
+    });
+    let mut served_by: Vec<String> = Vec::new();
+    for reply in futures::future::join_all(calls).await {
+        let reply = reply.unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        served_by.push(
+            reply
+                .headers
+                .get("x-lichen-served-by")
+                .map_or("a".to_string(), |v| v.to_str().unwrap().to_string()),
+        );
+    }
+    served_by.sort();
+    assert_eq!(served_by, ["a", "b", "c"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -5,9 +5,7 @@
 
 mod common;
 
-use std::time::{Duration, Instant};
-
-use common::{host_with, send, write_policy};
+use common::{host_with, send};
 use http::{Method, StatusCode};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -104,22 +102,57 @@ async fn a_p3_trap_is_that_requests_500_and_the_host_stays_up() {
     host.stop().await;
 }
 
+/// Metrics, logs and the map API treat a p3 function as a p2 one.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_p3_guest_gets_its_policy_env_and_is_stopped_at_its_deadline() {
+async fn a_p3_function_is_counted_logged_and_mapped() {
     let dir = tempfile::tempdir().unwrap();
-    write_policy(
-        dir.path(),
-        "probe",
-        "[limits]\ntimeout = \"1s\"\n[env]\nMODE = \"p3\"\n",
-    );
-    let host = host_with(dir.path(), &[("probe", "probe-p3")]).await;
-    assert_eq!(host.get("/fn/probe/env?name=MODE").await.text(), "p3");
-    for path in ["/fn/probe/spin", "/fn/probe/sleep?ms=60000"] {
-        let started = Instant::now();
-        let reply = host.get(path).await;
-        reply.assert_error(StatusCode::GATEWAY_TIMEOUT, "timeout");
-        assert!(started.elapsed() < Duration::from_secs(10), "{path}");
+    let host = host_with(dir.path(), &[("echo", "echo-p3"), ("trap", "trap-p3")]).await;
+    for _ in 0..3 {
+        assert_eq!(host.get("/fn/echo").await.status, StatusCode::OK);
     }
-    assert_eq!(host.get("/fn/probe/env?name=MODE").await.text(), "p3");
+    assert_eq!(host.get("/fn/trap/log").await.text(), "logged\n");
+    host.get("/fn/trap/panic")
+        .await
+        .assert_error(StatusCode::INTERNAL_SERVER_ERROR, "trap");
+    let metrics = host.get("/metrics").await.text();
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(series)?.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in\n{metrics}"))
+    };
+    assert_eq!(
+        value("lichen_invocations_total{function=\"echo\",outcome=\"ok\"}"),
+        3.0
+    );
+    assert_eq!(
+        value("lichen_invocations_total{function=\"trap\",outcome=\"trap\"}"),
+        1.0
+    );
+    assert_eq!(
+        value("lichen_instantiate_duration_seconds_count{function=\"echo\"}"),
+        3.0
+    );
+    assert!(value("lichen_memory_peak_bytes{function=\"echo\"}") > 0.0);
+
+    let mapped = host
+        .admin(
+            Method::POST,
+            "/v1/functions/echo/map",
+            b"[1, \"two\", {\"three\": 3}]".to_vec(),
+        )
+        .await;
+    assert_eq!(mapped.status, StatusCode::OK, "{}", mapped.text());
+    let bodies: Vec<serde_json::Value> = mapped
+        .json()
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|item| {
+            assert_eq!(item["status"], 200, "{item}");
+            item["body"]["body"].clone()
+        })
+        .collect();
+    assert_eq!(bodies, ["1", "\"two\"", "{\"three\":3}"]);
     host.stop().await;
 }

@@ -1,5 +1,7 @@
 //! Every limit and grant of a policy, driven by real guests (`probe`, `trap`,
-//! `echo`, built from functions/) through real HTTP against a real host.
+//! `echo`, built from functions/) through real HTTP against a real host;
+//! each test runs once with the WASIp2 build of its guest and once (`_p3`)
+//! with the WASIp3 build of the same source.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
 mod common;
@@ -17,9 +19,18 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_loop_and_a_blocked_host_call_end_at_the_deadline() {
+    an_endless_loop_and_a_blocked_host_call_end_at_the_deadline_with("probe").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_endless_loop_and_a_blocked_host_call_end_at_the_deadline_p3() {
+    an_endless_loop_and_a_blocked_host_call_end_at_the_deadline_with("probe-p3").await;
+}
+
+async fn an_endless_loop_and_a_blocked_host_call_end_at_the_deadline_with(fixture: &str) {
     let dir = tempfile::tempdir().unwrap();
     write_policy(dir.path(), "probe", "[limits]\ntimeout = \"1s\"\n");
-    let host = host_with(dir.path(), &[("probe", "probe")]).await;
+    let host = host_with(dir.path(), &[("probe", fixture)]).await;
     for path in ["/fn/probe/spin", "/fn/probe/sleep?ms=60000"] {
         let started = Instant::now();
         let reply = host.get(path).await;
@@ -39,8 +50,17 @@ async fn an_endless_loop_and_a_blocked_host_call_end_at_the_deadline() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn runaway_recursion_is_a_500() {
+    runaway_recursion_is_a_500_with("probe").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runaway_recursion_is_a_500_p3() {
+    runaway_recursion_is_a_500_with("probe-p3").await;
+}
+
+async fn runaway_recursion_is_a_500_with(fixture: &str) {
     let dir = tempfile::tempdir().unwrap();
-    let host = host_with(dir.path(), &[("probe", "probe")]).await;
+    let host = host_with(dir.path(), &[("probe", fixture)]).await;
     let reply = host.get("/fn/probe/recurse").await;
     reply.assert_error(StatusCode::INTERNAL_SERVER_ERROR, "trap");
     assert!(reply.text().contains("stack"), "{}", reply.text());
@@ -50,13 +70,22 @@ async fn runaway_recursion_is_a_500() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn request_and_response_bodies_are_bounded() {
+    request_and_response_bodies_are_bounded_with("echo").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn request_and_response_bodies_are_bounded_p3() {
+    request_and_response_bodies_are_bounded_with("echo-p3").await;
+}
+
+async fn request_and_response_bodies_are_bounded_with(fixture: &str) {
     let dir = tempfile::tempdir().unwrap();
     write_policy(
         dir.path(),
         "echo",
         "[limits]\nrequest_body = \"1KiB\"\nresponse_body = \"2KiB\"\n",
     );
-    let host = host_with(dir.path(), &[("echo", "echo")]).await;
+    let host = host_with(dir.path(), &[("echo", fixture)]).await;
     let url = format!("{}/fn/echo", host.url);
 
     let fits = send(Method::POST, &url, &[], vec![b'a'; 512]).await;
@@ -99,13 +128,22 @@ async fn request_and_response_bodies_are_bounded() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_concurrency_and_queue_requests_get_503_with_retry_after() {
+    past_concurrency_and_queue_requests_get_503_with_retry_after_with("probe").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn past_concurrency_and_queue_requests_get_503_with_retry_after_p3() {
+    past_concurrency_and_queue_requests_get_503_with_retry_after_with("probe-p3").await;
+}
+
+async fn past_concurrency_and_queue_requests_get_503_with_retry_after_with(fixture: &str) {
     let dir = tempfile::tempdir().unwrap();
     write_policy(
         dir.path(),
         "probe",
         "[limits]\nconcurrency = 2\nqueue = 0\n",
     );
-    let host = host_with(dir.path(), &[("probe", "probe")]).await;
+    let host = host_with(dir.path(), &[("probe", fixture)]).await;
     let url = format!("{}/fn/probe/sleep?ms=1500", host.url);
     let slow =
         |url: String| tokio::spawn(async move { send(Method::GET, &url, &[], Vec::new()).await });
@@ -128,13 +166,22 @@ async fn past_concurrency_and_queue_requests_get_503_with_retry_after() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_queued_request_waits_for_a_slot() {
+    a_queued_request_waits_for_a_slot_with("probe").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_queued_request_waits_for_a_slot_p3() {
+    a_queued_request_waits_for_a_slot_with("probe-p3").await;
+}
+
+async fn a_queued_request_waits_for_a_slot_with(fixture: &str) {
     let dir = tempfile::tempdir().unwrap();
     write_policy(
         dir.path(),
         "probe",
         "[limits]\nconcurrency = 1\nqueue = 1\n",
     );
-    let host = host_with(dir.path(), &[("probe", "probe")]).await;
+    let host = host_with(dir.path(), &[("probe", fixture)]).await;
     let url = format!("{}/fn/probe/sleep?ms=500", host.url);
     let first = {
         let url = url.clone();
@@ -149,9 +196,18 @@ async fn a_queued_request_waits_for_a_slot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn env_vars_are_visible_only_when_granted() {
+    env_vars_are_visible_only_when_granted_with("probe").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn env_vars_are_visible_only_when_granted_p3() {
+    env_vars_are_visible_only_when_granted_with("probe-p3").await;
+}
+
+async fn env_vars_are_visible_only_when_granted_with(fixture: &str) {
     let dir = tempfile::tempdir().unwrap();
     write_policy(dir.path(), "granted", "[env]\nGREETING = \"hello\"\n");
-    let host = host_with(dir.path(), &[("granted", "probe"), ("plain", "probe")]).await;
+    let host = host_with(dir.path(), &[("granted", fixture), ("plain", fixture)]).await;
     assert_eq!(
         host.get("/fn/granted/env?name=GREETING").await.text(),
         "hello"
@@ -171,6 +227,15 @@ async fn env_vars_are_visible_only_when_granted() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn preopened_files_are_read_only_and_cannot_be_escaped() {
+    preopened_files_are_read_only_and_cannot_be_escaped_with("probe").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preopened_files_are_read_only_and_cannot_be_escaped_p3() {
+    preopened_files_are_read_only_and_cannot_be_escaped_with("probe-p3").await;
+}
+
+async fn preopened_files_are_read_only_and_cannot_be_escaped_with(fixture: &str) {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("shared/hello");
     std::fs::create_dir_all(&data).unwrap();
@@ -181,7 +246,7 @@ async fn preopened_files_are_read_only_and_cannot_be_escaped() {
         "probe",
         "[files]\n\"/data\" = \"shared/hello\"\n",
     );
-    let host = host_with(dir.path(), &[("probe", "probe"), ("other", "probe")]).await;
+    let host = host_with(dir.path(), &[("probe", fixture), ("other", fixture)]).await;
 
     assert_eq!(
         host.get("/fn/probe/read?path=/data/greeting.txt")
@@ -259,6 +324,15 @@ async fn recording_server() -> (SocketAddr, Arc<Mutex<Vec<String>>>) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn outbound_requests_reach_only_allowed_hosts() {
+    outbound_requests_reach_only_allowed_hosts_with("probe").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_requests_reach_only_allowed_hosts_p3() {
+    outbound_requests_reach_only_allowed_hosts_with("probe-p3").await;
+}
+
+async fn outbound_requests_reach_only_allowed_hosts_with(fixture: &str) {
     let (allowed, allowed_seen) = recording_server().await;
     let (denied, denied_seen) = recording_server().await;
     let dir = tempfile::tempdir().unwrap();
@@ -270,7 +344,7 @@ async fn outbound_requests_reach_only_allowed_hosts() {
             allowed.port()
         ),
     );
-    let host = host_with(dir.path(), &[("probe", "probe")]).await;
+    let host = host_with(dir.path(), &[("probe", fixture)]).await;
 
     let ok = host
         .get(&format!("/fn/probe/fetch?url=http://{allowed}/x"))
@@ -319,7 +393,7 @@ async fn outbound_requests_reach_only_allowed_hosts() {
     assert_eq!(host.metric("lichen_outbound_denied_total").await, 2.0);
 
     // Without a policy, nothing is allowed.
-    host.deploy("closed", component("probe")).await;
+    host.deploy("closed", component(fixture)).await;
     let closed = host
         .get(&format!("/fn/closed/fetch?url=http://{allowed}/x"))
         .await;
@@ -480,13 +554,22 @@ async fn the_admin_api_writes_policy_files() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_private_function_needs_a_token() {
+    a_private_function_needs_a_token_with("echo").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_private_function_needs_a_token_p3() {
+    a_private_function_needs_a_token_with("echo-p3").await;
+}
+
+async fn a_private_function_needs_a_token_with(fixture: &str) {
     let dir = tempfile::tempdir().unwrap();
     write_policy(
         dir.path(),
         "secret",
         "[access]\npublic = false\ntokens = [\"fn-token\"]\n",
     );
-    let host = host_with(dir.path(), &[("secret", "echo")]).await;
+    let host = host_with(dir.path(), &[("secret", fixture)]).await;
     let url = format!("{}/fn/secret", host.url);
     let none = send(Method::GET, &url, &[], Vec::new()).await;
     assert_eq!(none.status, StatusCode::UNAUTHORIZED);
