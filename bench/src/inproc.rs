@@ -43,6 +43,8 @@ pub fn prepare(name: &str, component: &[u8]) -> Result<Prepared> {
         policy: Arc::new(Policy::default()),
         on_denied: Arc::new(|| {}),
         stats: Arc::new(InvocationStats::default()),
+        on_instance: Arc::new(|_| {}),
+        on_memory_peak: Arc::new(|_| {}),
     };
     Ok(Prepared {
         runtime,

@@ -19,8 +19,8 @@
 //!   feature is for tests), never precompiled code, which is only ever read
 //!   back from the host's own cache.
 
-use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
@@ -32,6 +32,7 @@ use wasmtime::{
     Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store,
 };
 use wasmtime_wasi_http::WasiHttpView;
+use wasmtime_wasi_http::handler;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
 use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 use wasmtime_wasi_http::p3::bindings::ServicePre;
@@ -39,6 +40,7 @@ use wasmtime_wasi_http::p3::bindings::ServicePre;
 use crate::error::{ApiError, Body};
 use crate::names::FunctionName;
 use crate::policy::MAX_MEMORY;
+use crate::pool::Pool;
 use crate::sandbox::{HostState, Invocation, InvocationStats};
 use crate::store::{Abi, VersionInfo};
 
@@ -121,6 +123,8 @@ pub struct Deployed {
     pub name: FunctionName,
     pub version: VersionInfo,
     pre: Pre,
+    /// Instances kept for reuse, when the policy in force asks for it.
+    pool: Mutex<Option<Arc<Pool>>>,
 }
 
 /// A pre-instantiated component of either `wasi:http` generation.
@@ -283,7 +287,12 @@ impl Runtime {
             Pre::P2(_) => Abi::P2,
             Pre::P3(_) => Abi::P3,
         };
-        Ok(Deployed { name, version, pre })
+        Ok(Deployed {
+            name,
+            version,
+            pre,
+            pool: Mutex::new(None),
+        })
     }
 
     /// Runs one invocation of `function` in a fresh instance, under the
@@ -300,6 +309,9 @@ impl Runtime {
     where
         B: http_body::Body<Data = bytes::Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static,
     {
+        if invocation.policy.reuses_instances() {
+            return self.invoke_reusing(function, request, invocation).await;
+        }
         let started = Instant::now();
         let deadline = invocation.policy.timeout;
         let request_id = &*invocation.request_id;
@@ -459,6 +471,109 @@ impl Runtime {
             },
         }
     }
+}
+
+impl Runtime {
+    /// Runs one invocation in an instance of the function's pool, made for
+    /// the policy in force (a new policy gets a new pool; the old one's
+    /// instances finish what they hold and go when idle).
+    async fn invoke_reusing<B>(
+        &self,
+        function: &Deployed,
+        request: hyper::Request<B>,
+        invocation: &Invocation,
+    ) -> (Result<Response<Body>, ApiError>, Outcome)
+    where
+        B: http_body::Body<Data = bytes::Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static,
+    {
+        let started = Instant::now();
+        let deadline = invocation.policy.timeout;
+        let pool = {
+            let mut pool = function.pool.lock().unwrap_or_else(|e| e.into_inner());
+            match &*pool {
+                Some(current) if Arc::ptr_eq(&current.policy, &invocation.policy) => {
+                    Arc::clone(current)
+                }
+                _ => {
+                    let (pre, p3) = match &function.pre {
+                        Pre::P2(pre) => (handler::ProxyPre::P2(pre.clone()), false),
+                        Pre::P3(pre) => (handler::ProxyPre::P3(pre.clone()), true),
+                    };
+                    let fresh = Arc::new(Pool::new(&self.engine, pre, p3, invocation));
+                    *pool = Some(Arc::clone(&fresh));
+                    fresh
+                }
+            }
+        };
+        let request = request.map(http_body_util::BodyExt::boxed_unsync);
+        // The pool's workers enforce the deadline; this bounds the wait for
+        // one to take the request as well.
+        let handled = tokio::time::timeout(deadline + EPOCH_TICK, pool.handler.handle((), request));
+        match handled.await {
+            Ok(Ok(response)) => {
+                let outcome =
+                    if response.status().is_client_error() || response.status().is_server_error() {
+                        Outcome::GuestError
+                    } else {
+                        Outcome::Ok
+                    };
+                (Ok(response), outcome)
+            }
+            // Past the deadline the pool drops the instance, whatever the
+            // error it then reports for the request (expired, or no answer).
+            Ok(Err(error))
+                if error.is::<handler::ExpirationError>() || started.elapsed() >= deadline =>
+            {
+                (
+                    Err(timed_out(&function.name, deadline, started)),
+                    Outcome::Timeout,
+                )
+            }
+            Err(_) => (
+                Err(timed_out(&function.name, deadline, started)),
+                Outcome::Timeout,
+            ),
+            Ok(Err(error))
+                if error
+                    .chain()
+                    .any(|cause| cause.is::<wasmtime::PoolConcurrencyLimitError>()) =>
+            {
+                let busy = ApiError::busy(format!(
+                    "no instance slot free for {}: {error}",
+                    function.name
+                ));
+                (Err(busy), Outcome::Rejected)
+            }
+            Ok(Err(trap)) => {
+                tracing::warn!(
+                    function = %function.name,
+                    request_id = &*invocation.request_id,
+                    error = format!("{trap:#}"),
+                    "guest trapped (its instance is retired)"
+                );
+                (
+                    Err(ApiError::new(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        "trap",
+                        format!("{} trapped: {}", function.name, trap_summary(&trap)),
+                    )),
+                    Outcome::Trap,
+                )
+            }
+        }
+    }
+}
+
+/// `504`: the function did not answer within its deadline.
+fn timed_out(name: &FunctionName, deadline: Duration, started: Instant) -> ApiError {
+    ApiError::new(
+        StatusCode::GATEWAY_TIMEOUT,
+        "timeout",
+        format!(
+            "{name} did not answer within {deadline:?} (ran {:?})",
+            started.elapsed()
+        ),
+    )
 }
 
 /// Instantiates a pre-instantiated component, recording how long it took.

@@ -12,6 +12,7 @@ pub mod functions;
 pub mod metrics;
 pub mod names;
 pub mod policy;
+pub mod pool;
 pub mod sandbox;
 pub mod scheduler;
 pub mod server;

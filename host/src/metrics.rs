@@ -38,6 +38,9 @@ const OUTCOMES: &[Outcome] = &[
     Outcome::ForwardFailed,
 ];
 
+/// The `event` label values of `lichen_instances_total`.
+pub const INSTANCE_EVENTS: [&str; 3] = ["created", "reused", "retired"];
+
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
@@ -51,6 +54,9 @@ pub struct Metrics {
     pub outbound_denied: IntCounterVec,
     /// Responses cut off at the policy's `response_body` limit, per function.
     pub responses_cut: IntCounterVec,
+    /// Instances of functions that reuse them: created, reused (a request
+    /// served by an instance that had served one before) and retired.
+    pub instances: IntCounterVec,
     /// Invocations of functions that do not exist (no label: unbounded names).
     pub unknown_function: IntCounter,
     /// Compilations from WebAssembly to machine code, with their durations.
@@ -130,6 +136,13 @@ impl Metrics {
             ),
             function,
         )?;
+        let instances = IntCounterVec::new(
+            Opts::new(
+                "lichen_instances_total",
+                "Instances of functions whose policy reuses them, by event (created, reused, retired).",
+            ),
+            &["function", "event"],
+        )?;
         let unknown_function = IntCounter::with_opts(Opts::new(
             "lichen_unknown_function_requests_total",
             "Invocations of functions that are not deployed.",
@@ -196,6 +209,7 @@ impl Metrics {
         registry.register(Box::new(memory_peak.clone()))?;
         registry.register(Box::new(outbound_denied.clone()))?;
         registry.register(Box::new(responses_cut.clone()))?;
+        registry.register(Box::new(instances.clone()))?;
         registry.register(Box::new(unknown_function.clone()))?;
         registry.register(Box::new(compile_duration.clone()))?;
         registry.register(Box::new(cache_loads.clone()))?;
@@ -220,6 +234,7 @@ impl Metrics {
             memory_peak,
             outbound_denied,
             responses_cut,
+            instances,
             unknown_function,
             compile_duration,
             cache_loads,
@@ -253,9 +268,14 @@ impl Metrics {
                 .with_label_values(&[function])
                 .observe(instantiate.as_secs_f64());
         }
-        if memory_peak > 0 {
+        self.record_memory_peak(function, memory_peak);
+    }
+
+    /// Raises the function's memory high-water mark to `peak` if above.
+    pub fn record_memory_peak(&self, function: &str, peak: usize) {
+        if peak > 0 {
             let gauge = self.memory_peak.with_label_values(&[function]);
-            let peak = i64::try_from(memory_peak).unwrap_or(i64::MAX);
+            let peak = i64::try_from(peak).unwrap_or(i64::MAX);
             if peak > gauge.get() {
                 gauge.set(peak);
             }
@@ -276,6 +296,9 @@ impl Metrics {
         let _ = self.memory_peak.remove_label_values(&[function]);
         let _ = self.outbound_denied.remove_label_values(&[function]);
         let _ = self.responses_cut.remove_label_values(&[function]);
+        for event in INSTANCE_EVENTS {
+            let _ = self.instances.remove_label_values(&[function, event]);
+        }
     }
 
     /// The exposition text (format 0.0.4).

@@ -80,6 +80,10 @@ pub struct Invocation {
     pub on_denied: Arc<dyn Fn() + Send + Sync>,
     /// Filled in while it runs, read for metrics.
     pub stats: Arc<InvocationStats>,
+    /// Called when a reused instance is created, reused or retired.
+    pub on_instance: Arc<dyn Fn(InstanceEvent) + Send + Sync>,
+    /// Called with a reused instance's memory high-water mark when it goes.
+    pub on_memory_peak: Arc<dyn Fn(usize) + Send + Sync>,
 }
 
 /// Figures of one invocation, written from inside the sandbox.
@@ -89,6 +93,26 @@ pub struct InvocationStats {
     pub instantiate_ns: AtomicU64,
     /// Largest total linear memory the instance reached, in bytes.
     pub memory_peak: AtomicUsize,
+}
+
+/// What happened to an instance, for metrics (`pool` reports them).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InstanceEvent {
+    Created,
+    /// A request went to an instance that had served one before.
+    Reused,
+    Retired,
+}
+
+impl InstanceEvent {
+    /// The `event` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            InstanceEvent::Created => "created",
+            InstanceEvent::Reused => "reused",
+            InstanceEvent::Retired => "retired",
+        }
+    }
 }
 
 /// What a `Store` holds for one invocation.

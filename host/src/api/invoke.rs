@@ -17,7 +17,7 @@
 //! - Body limits are checked on the declared length before anything runs
 //!   and again while the body streams; the response is cut at its limit.
 
-use std::sync::Arc;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -32,9 +32,12 @@ use crate::cluster::forward::{Forward, Replay};
 use crate::cluster::{CLUSTER_AUTH_HEADER, HOP_HEADER};
 use crate::engine::{Deployed, Outcome};
 use crate::error::{ApiError, Body};
+use crate::functions::Functions;
 use crate::names::FunctionName;
 use crate::policy::Policy;
-use crate::sandbox::{CappedResponseBody, GuardedRequestBody, Invocation, InvocationStats};
+use crate::sandbox::{
+    CappedResponseBody, GuardedRequestBody, InstanceEvent, Invocation, InvocationStats,
+};
 use crate::scheduler::Refusal;
 
 /// How an invocation reached this host.
@@ -253,6 +256,8 @@ async fn admit_and_run(
             Arc::new(move || denied.inc())
         },
         stats,
+        on_instance: instance_events(functions, function, &policy),
+        on_memory_peak: memory_peaks(functions, function, &policy),
     };
     let (result, outcome) = functions
         .runtime
@@ -294,6 +299,42 @@ async fn admit_and_run(
         CappedResponseBody::new(body, limit, on_cut).boxed_unsync()
     });
     (Ok(response), outcome)
+}
+
+/// Counts a reused function's instance events; a function that does not
+/// reuse instances gets a shared no-op (no allocation per request).
+fn instance_events(
+    functions: &Functions,
+    function: &Deployed,
+    policy: &Policy,
+) -> Arc<dyn Fn(InstanceEvent) + Send + Sync> {
+    static NONE: LazyLock<Arc<dyn Fn(InstanceEvent) + Send + Sync>> =
+        LazyLock::new(|| Arc::new(|_| {}));
+    if !policy.reuses_instances() {
+        return Arc::clone(&NONE);
+    }
+    let counters = functions.metrics.instances.clone();
+    let name: Arc<str> = Arc::from(function.name.as_str());
+    Arc::new(move |event: InstanceEvent| {
+        counters.with_label_values(&[&*name, event.as_str()]).inc();
+    })
+}
+
+/// Records a reused instance's memory high-water mark when it retires.
+fn memory_peaks(
+    functions: &Functions,
+    function: &Deployed,
+    policy: &Policy,
+) -> Arc<dyn Fn(usize) + Send + Sync> {
+    static NONE: LazyLock<Arc<dyn Fn(usize) + Send + Sync>> = LazyLock::new(|| Arc::new(|_| {}));
+    if !policy.reuses_instances() {
+        return Arc::clone(&NONE);
+    }
+    let metrics = functions.metrics.clone();
+    let name: Arc<str> = Arc::from(function.name.as_str());
+    Arc::new(move |peak: usize| {
+        metrics.record_memory_peak(&name, peak);
+    })
 }
 
 /// A forward may take this much longer than the function's deadline (the

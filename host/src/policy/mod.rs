@@ -59,6 +59,8 @@ pub struct PolicyFile {
     pub outbound: Outbound,
     #[serde(default)]
     pub access: Access,
+    #[serde(default)]
+    pub instances: Instances,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -117,6 +119,65 @@ pub struct Outbound {
     /// any port. Everything else is denied.
     #[serde(default)]
     pub allow: Vec<HostPattern>,
+}
+
+/// Instance reuse, off by default: a fresh instance per request is the
+/// isolation promise. Reuse trades it for speed, since whatever a guest
+/// keeps in memory (globals, caches, a previous caller's data) is there
+/// for the next request its instance serves.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Instances {
+    /// Requests one instance may serve before it is retired (1: a fresh
+    /// instance every time).
+    #[serde(default = "one")]
+    pub reuse: Reuse,
+    /// Requests one WASIp3 instance may serve at once (a WASIp2 instance
+    /// serves one at a time whatever this says).
+    #[serde(default = "one")]
+    pub concurrency: Reuse,
+    /// An instance idle this long is dropped.
+    #[serde(default = "default_idle")]
+    pub idle: Timeout,
+}
+
+fn one() -> Reuse {
+    Reuse(1)
+}
+
+fn default_idle() -> Timeout {
+    Timeout(Duration::from_secs(1))
+}
+
+impl Default for Instances {
+    fn default() -> Self {
+        Instances {
+            reuse: one(),
+            concurrency: one(),
+            idle: default_idle(),
+        }
+    }
+}
+
+/// A count of requests per instance: 1 to 10,000.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "u32")]
+pub struct Reuse(pub u32);
+
+/// Beyond this an instance would hold a guest's state for as long as
+/// restarting the host: retire it and start afresh.
+const MAX_REUSE: u32 = 10_000;
+
+impl TryFrom<u32> for Reuse {
+    type Error = String;
+
+    fn try_from(n: u32) -> Result<Self, Self::Error> {
+        if (1..=MAX_REUSE).contains(&n) {
+            Ok(Reuse(n))
+        } else {
+            Err(format!("must be from 1 to {MAX_REUSE}, not {n}"))
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -417,6 +478,12 @@ pub struct Policy {
     pub outbound: Vec<HostPattern>,
     pub public: bool,
     pub tokens: Vec<String>,
+    /// Requests one instance may serve in its life (1: no reuse).
+    pub reuse: u32,
+    /// Requests one p3 instance may serve at once.
+    pub instance_concurrency: u32,
+    /// How long an idle reused instance is kept.
+    pub idle: Duration,
     /// The file as parsed, shown by the admin API.
     pub source: PolicyFile,
     /// The file's text, as the cluster registry carries it.
@@ -487,9 +554,17 @@ impl Policy {
             outbound: source.outbound.allow.clone(),
             public: source.access.public,
             tokens: source.access.tokens.clone(),
+            reuse: source.instances.reuse.0,
+            instance_concurrency: source.instances.concurrency.0,
+            idle: source.instances.idle.0,
             source,
             text: String::new(),
         })
+    }
+
+    /// Whether this policy opts in to reusing instances.
+    pub fn reuses_instances(&self) -> bool {
+        self.reuse > 1 || self.instance_concurrency > 1
     }
 
     /// Whether the guest may send a request to this destination.

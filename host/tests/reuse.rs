@@ -1,0 +1,137 @@
+//! Instance reuse, opt-in per function (`[instances]`), driven by a guest
+//! that counts the requests its instance has served (`probe`'s `/count`),
+//! for each ABI: a fresh instance per request unless the policy says
+//! otherwise, `reuse` requests per instance at most, and an instance retired
+//! by a trap, a redeploy or a policy edit.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::{Duration, Instant};
+
+use common::{TestHost, component, distinct, host_with, write_policy};
+use http::{Method, StatusCode};
+
+async fn counts(host: &TestHost, n: usize) -> Vec<String> {
+    let mut seen = Vec::new();
+    for _ in 0..n {
+        let reply = host.get("/fn/probe/count").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        seen.push(reply.text());
+    }
+    seen
+}
+
+/// Polls until `/count` answers 1: a fresh instance serves.
+async fn until_fresh(host: &TestHost) {
+    let started = Instant::now();
+    while host.get("/fn/probe/count").await.text() != "1" {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "no fresh instance within 5 s"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn without_reuse_no_two_requests_share_an_instance() {
+    for fixture in ["probe", "probe-p3"] {
+        for policy in ["", "[instances]\nreuse = 1\n"] {
+            let dir = tempfile::tempdir().unwrap();
+            write_policy(dir.path(), "probe", policy);
+            let host = host_with(dir.path(), &[("probe", fixture)]).await;
+            assert_eq!(counts(&host, 4).await, ["1", "1", "1", "1"], "{fixture}");
+            host.stop().await;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_serves_at_most_reuse_requests() {
+    for fixture in ["probe", "probe-p3"] {
+        let dir = tempfile::tempdir().unwrap();
+        write_policy(dir.path(), "probe", "[instances]\nreuse = 3\n");
+        let host = host_with(dir.path(), &[("probe", fixture)]).await;
+        assert_eq!(
+            counts(&host, 7).await,
+            ["1", "2", "3", "1", "2", "3", "1"],
+            "{fixture}"
+        );
+        let metrics = host.get("/metrics").await.text();
+        for (event, at_least) in [("created", 3.0), ("reused", 4.0), ("retired", 2.0)] {
+            let series = format!("lichen_instances_total{{event=\"{event}\",function=\"probe\"}}");
+            let value: f64 = metrics
+                .lines()
+                .find_map(|l| l.strip_prefix(&series)?.trim().parse().ok())
+                .unwrap_or_else(|| panic!("{fixture}: no {series} in\n{metrics}"));
+            assert!(value >= at_least, "{fixture}: {series} = {value}");
+        }
+        host.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trap_a_redeploy_and_a_policy_edit_retire_instances() {
+    for fixture in ["probe", "probe-p3"] {
+        let dir = tempfile::tempdir().unwrap();
+        write_policy(dir.path(), "probe", "[instances]\nreuse = 100\n");
+        let host = host_with(dir.path(), &[("probe", fixture)]).await;
+        assert_eq!(counts(&host, 2).await, ["1", "2"], "{fixture}");
+
+        // A trap: the next request gets a fresh instance.
+        host.get("/fn/probe/recurse")
+            .await
+            .assert_error(StatusCode::INTERNAL_SERVER_ERROR, "trap");
+        assert_eq!(counts(&host, 2).await, ["1", "2"], "{fixture} after a trap");
+
+        // A redeploy (other bytes, same behaviour): a fresh instance.
+        let redeployed = host
+            .deploy("probe", distinct(&component(fixture), "v2"))
+            .await;
+        assert_eq!(redeployed.status, StatusCode::CREATED);
+        assert_eq!(
+            counts(&host, 2).await,
+            ["1", "2"],
+            "{fixture} after a redeploy"
+        );
+
+        // A policy edit: instances of the old policy are not reused.
+        let put = host
+            .admin(
+                Method::PUT,
+                "/v1/functions/probe/policy",
+                b"[instances]\nreuse = 50\n".to_vec(),
+            )
+            .await;
+        assert_eq!(put.status, StatusCode::OK, "{}", put.text());
+        until_fresh(&host).await;
+        assert_eq!(
+            counts(&host, 1).await,
+            ["2"],
+            "{fixture} after a policy edit"
+        );
+        host.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_instance_is_stopped_at_its_deadline_and_retired() {
+    for fixture in ["probe", "probe-p3"] {
+        let dir = tempfile::tempdir().unwrap();
+        write_policy(
+            dir.path(),
+            "probe",
+            "[limits]\ntimeout = \"1s\"\n[instances]\nreuse = 10\n",
+        );
+        let host = host_with(dir.path(), &[("probe", fixture)]).await;
+        assert_eq!(counts(&host, 2).await, ["1", "2"], "{fixture}");
+        let started = Instant::now();
+        host.get("/fn/probe/spin")
+            .await
+            .assert_error(StatusCode::GATEWAY_TIMEOUT, "timeout");
+        assert!(started.elapsed() < Duration::from_secs(5), "{fixture}");
+        until_fresh(&host).await;
+        host.stop().await;
+    }
+}
