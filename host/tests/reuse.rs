@@ -135,3 +135,47 @@ async fn a_reused_instance_is_stopped_at_its_deadline_and_retired() {
         host.stop().await;
     }
 }
+
+/// A WASIp3 instance serves up to `concurrency` requests at once, never
+/// more (which instance takes which request is the scheduler's choice); with
+/// `concurrency = 1` each serves one at a time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_p3_instance_serves_up_to_concurrency_requests_at_once() {
+    for (per_instance, requests) in [(4, 6), (1, 3)] {
+        let dir = tempfile::tempdir().unwrap();
+        write_policy(
+            dir.path(),
+            "slow",
+            &format!(
+                "[limits]\nconcurrency = 8\n[instances]\nreuse = 100\nconcurrency = {per_instance}\nidle = \"10s\"\n"
+            ),
+        );
+        let host = host_with(dir.path(), &[("slow", "slow-p3")]).await;
+        assert_eq!(host.get("/fn/slow/wait?ms=0").await.status, StatusCode::OK);
+
+        let calls = (0..requests).map(|_| {
+            let url = format!("{}/fn/slow/wait?ms=1500", host.url);
+            tokio::spawn(async move { common::send(Method::GET, &url, &[], Vec::new()).await })
+        });
+        let started = Instant::now();
+        let mut most_at_once = Vec::new();
+        for reply in futures::future::join_all(calls).await {
+            let reply = reply.unwrap();
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+            most_at_once.push(reply.json()["most_at_once"].as_u64().unwrap());
+        }
+        // All at once (instances side by side): well under one wait after
+        // another.
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "{most_at_once:?}"
+        );
+        let most = *most_at_once.iter().max().unwrap();
+        if per_instance == 1 {
+            assert_eq!(most, 1, "{most_at_once:?}");
+        } else {
+            assert!((2..=per_instance).contains(&most), "{most_at_once:?}");
+        }
+        host.stop().await;
+    }
+}

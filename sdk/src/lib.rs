@@ -313,6 +313,9 @@ fn percent_decode(input: &str) -> String {
 #[cfg(not(feature = "p3"))]
 #[macro_export]
 macro_rules! export {
+    (async $handler:path) => {
+        compile_error!("an async handler needs lichen-sdk's `p3` feature (WASI 0.3)");
+    };
     ($handler:path) => {
         struct __LichenIncomingHandler;
 
@@ -332,9 +335,29 @@ macro_rules! export {
 /// Exports a handler `fn(Request) -> Result<Response>` as the component's
 /// `wasi:http/handler@0.3.0` (the `wasi:http/service` world, WASIp3): the
 /// same handler as a WASI 0.2 build, only the feature `p3` differs.
+///
+/// With `p3`, the handler may also be an `async fn(Request) -> Result<Response>`
+/// (`export!(async handle)`), so it can wait (an outbound call, a timer)
+/// without holding up the other requests its instance serves.
 #[cfg(feature = "p3")]
 #[macro_export]
 macro_rules! export {
+    (async $handler:path) => {
+        struct __LichenService;
+
+        impl $crate::__private::p3::wasip3::exports::http::handler::Guest for __LichenService {
+            async fn handle(
+                request: $crate::__private::p3::wasip3::http::types::Request,
+            ) -> ::core::result::Result<
+                $crate::__private::p3::wasip3::http::types::Response,
+                $crate::__private::p3::wasip3::http::types::ErrorCode,
+            > {
+                $crate::__private::p3::serve_async(request, $handler).await
+            }
+        }
+
+        $crate::__private::p3::wasip3::http::service::export!(__LichenService);
+    };
     ($handler:path) => {
         struct __LichenService;
 
@@ -351,6 +374,19 @@ macro_rules! export {
 
         $crate::__private::p3::wasip3::http::service::export!(__LichenService);
     };
+}
+
+/// WASIp3 helpers for async handlers (feature `p3`).
+#[cfg(feature = "p3")]
+pub mod p3 {
+    pub use crate::__private::p3::wasip3;
+
+    /// Waits `duration` without blocking the instance: other requests it
+    /// serves go on meanwhile.
+    pub async fn sleep(duration: std::time::Duration) {
+        let nanos = u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX);
+        wasip3::clocks::monotonic_clock::wait_for(nanos).await;
+    }
 }
 
 #[doc(hidden)]

@@ -21,7 +21,7 @@ use lichen::server::{ServeConfig, Server};
 /// a test, so a new fixture cannot go untested.
 pub const FUNCTIONS: &[&str] = &[
     "hello", "echo", "square", "fib", "hash", "trap", "raw-wasi", "probe", "hello-p3", "echo-p3",
-    "probe-p3", "trap-p3",
+    "probe-p3", "trap-p3", "slow-p3",
 ];
 
 fn repo_root() -> PathBuf {

@@ -32,6 +32,25 @@ pub async fn serve(
     }
 }
 
+/// Like [`serve`], for an `async fn` handler.
+pub async fn serve_async<F>(
+    request: WasiRequest,
+    handler: impl FnOnce(Request) -> F,
+) -> std::result::Result<WasiResponse, ErrorCode>
+where
+    F: std::future::Future<Output = Result<Response>>,
+{
+    let response = match read_request(request).await {
+        Ok(req) => handler(req).await.unwrap_or_else(Error::into_response),
+        Err(error) => error.into_response(),
+    };
+    match build_response(response) {
+        Ok(response) => Ok(response),
+        Err(error) => build_response(error.into_response())
+            .map_err(|e| ErrorCode::InternalError(Some(e.to_string()))),
+    }
+}
+
 async fn read_request(request: WasiRequest) -> Result<Request> {
     let method = match request.get_method() {
         Method::Get => "GET".to_string(),
