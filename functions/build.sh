@@ -7,7 +7,9 @@
 # with apt when missing. Both routes produce the same kind of component.
 #
 # Output: functions/target/wasm32-wasip2/release/<crate>.wasm (dashes become
-# underscores, as cargo names cdylibs).
+# underscores, as cargo names cdylibs), and functions/target/python/<app>_py.wasm
+# for the Python apps in functions/python/ (componentize-py, installed into
+# functions/target/tools when missing).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
@@ -32,13 +34,44 @@ build() {
 if command -v rustup >/dev/null 2>&1 && rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
     echo "functions: building with rustup's wasm32-wasip2 target" >&2
     build cargo build --release --target wasm32-wasip2 --quiet
-    exit 0
+else
+    "$here/../scripts/apt-install.sh" "${debian_packages[@]}"
+    echo "functions: building with Debian's rustc and -Zbuild-std" >&2
+    # RUSTC_BOOTSTRAP must be in cargo's own environment for -Zbuild-std;
+    # a subshell keeps these away from the cargo metadata call below.
+    (
+        export RUSTC_BOOTSTRAP=1 RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc
+        export RUSTFLAGS="-L native=/usr/lib/wasm32-wasi"
+        build /usr/bin/cargo build --release --target wasm32-wasip2 -Zbuild-std=std,panic_abort --quiet
+    )
 fi
 
-"$here/../scripts/apt-install.sh" "${debian_packages[@]}"
-
-echo "functions: building with Debian's rustc and -Zbuild-std" >&2
-# RUSTC_BOOTSTRAP must be in cargo's own environment for -Zbuild-std.
-export RUSTC_BOOTSTRAP=1 RUSTC=/usr/bin/rustc RUSTDOC=/usr/bin/rustdoc
-export RUSTFLAGS="-L native=/usr/lib/wasm32-wasi"
-build /usr/bin/cargo build --release --target wasm32-wasip2 -Zbuild-std=std,panic_abort --quiet
+# A WASIp3 component from another toolchain: Python, with componentize-py
+# (PyPI), against the WIT of the wasmtime-wasi-http crate the host links.
+# Output: functions/target/python/<name>_py.wasm.
+componentize_py_version="0.25.0"
+venv="$here/target/tools/componentize-py"
+if ! [ -x "$venv/bin/componentize-py" ] || ! "$venv/bin/componentize-py" --version 2>/dev/null | grep -qx "componentize-py $componentize_py_version"; then
+    echo "functions: installing componentize-py $componentize_py_version" >&2
+    rm -rf "$venv"
+    python3 -m venv "$venv"
+    "$venv/bin/pip" install --quiet --disable-pip-version-check "componentize-py==$componentize_py_version"
+fi
+wit="$(cd "$here/.." && cargo metadata --format-version 1 --locked 2>/dev/null | python3 -c '
+import json, os, sys
+for package in json.load(sys.stdin)["packages"]:
+    if package["name"] == "wasmtime-wasi-http":
+        print(os.path.join(os.path.dirname(package["manifest_path"]), "src", "p3", "wit"))
+        break
+')"
+[ -d "$wit" ] || { echo "functions: wasmtime-wasi-http's WIT not found (cargo metadata)" >&2; exit 1; }
+mkdir -p "$here/target/python"
+for app in "$here"/python/*/; do
+    name="$(basename "$app")"
+    out="$here/target/python/${name}_py.wasm"
+    if [ -f "$out" ] && [ -z "$(find "$app" -newer "$out" -type f)" ]; then
+        continue
+    fi
+    echo "functions: componentize-py $name" >&2
+    (cd "$app" && "$venv/bin/componentize-py" -d "$wit" -w wasi:http/service@0.3.0 componentize app -o "$out" >/dev/null)
+done

@@ -119,14 +119,15 @@ impl Functions {
     /// Makes `version` the active version of the function of `record` (as
     /// read under the admin lock, which callers hold): compiles it (or loads
     /// its cached code), stores the module if `bytes` are given, records it,
-    /// and swaps it in.
+    /// and swaps it in. Returns the version as recorded (with its ABI, which
+    /// only compiling the component tells).
     pub async fn activate(
         self: &Arc<Self>,
         _admin: &AdminGuard<'_>,
         record: FunctionRecord,
         version: VersionInfo,
         bytes: Option<Bytes>,
-    ) -> Result<(), ApiError> {
+    ) -> Result<VersionInfo, ApiError> {
         let name = &record.name;
         // Compiling takes milliseconds to seconds of CPU: off the async workers.
         let deployed = {
@@ -145,7 +146,8 @@ impl Functions {
         };
         // The version as prepared: it knows the component's ABI now.
         let mut next = record.clone();
-        next.install(deployed.version.clone());
+        let installed = deployed.version.clone();
+        next.install(installed.clone());
         self.store.write_record(&next)?;
         self.insert(deployed);
         if !record.versions.is_empty() && next.versions.len() <= record.versions.len() {
@@ -154,7 +156,7 @@ impl Functions {
                 tracing::warn!(error = format!("{error:#}"), "collecting unused modules");
             }
         }
-        Ok(())
+        Ok(installed)
     }
 
     /// Deletes `name` from this host; `false` if it was not here. Callers

@@ -15,6 +15,9 @@ async fn a_p3_component_deploys_answers_and_says_its_abi() {
     let reply = host.get("/fn/hello").await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     assert_eq!(reply.text(), "Hello from Lichen!\n");
+    let deployed = host.deploy("again", common::component("hello-p3")).await;
+    assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+    assert_eq!(deployed.json()["abi"], "p3");
 
     let described = host
         .admin(Method::GET, "/v1/functions/hello", Vec::new())
@@ -34,7 +37,7 @@ async fn a_p3_component_deploys_answers_and_says_its_abi() {
         .iter()
         .map(|f| f["abi"].clone())
         .collect();
-    assert_eq!(abis, ["p3", "p2"]);
+    assert_eq!(abis, ["p3", "p3", "p2"]);
     host.stop().await;
 }
 
@@ -154,5 +157,37 @@ async fn a_p3_function_is_counted_logged_and_mapped() {
         })
         .collect();
     assert_eq!(bodies, ["1", "\"two\"", "{\"three\":3}"]);
+    host.stop().await;
+}
+
+/// A WASIp3 component from another toolchain runs unmodified: Python,
+/// built by componentize-py against the WIT the host links.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_p3_component_runs_unmodified() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host_with(dir.path(), &[]).await;
+    let deployed = host.deploy("py", common::python_component("echo")).await;
+    assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+    assert_eq!(deployed.json()["abi"], "p3");
+    let reply = send(
+        Method::POST,
+        &format!("{}/fn/py/a/b?x=1", host.url),
+        &[("x-custom", "value")],
+        b"hello".to_vec(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let echo = reply.json();
+    assert_eq!(echo["language"], "python");
+    assert_eq!(echo["method"], "POST");
+    assert_eq!(echo["uri"], "/a/b?x=1");
+    assert_eq!(echo["body_len"], 5);
+    assert!(
+        echo["headers"]
+            .as_array()
+            .unwrap()
+            .contains(&serde_json::json!(["x-custom", "value"])),
+        "{echo}"
+    );
     host.stop().await;
 }

@@ -195,8 +195,8 @@ async fn deploy_inner(
     }
 
     let version = record.next_version(&sha256, size);
-    functions
-        .activate(&guard, record, version.clone(), Some(bytes))
+    let version = functions
+        .activate(&guard, record, version, Some(bytes))
         .await?;
     // Published before the lock is let go, so an older registry entry being
     // applied meanwhile sees this one and stands down.

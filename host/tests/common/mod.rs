@@ -61,6 +61,20 @@ pub fn component(name: &str) -> Vec<u8> {
     })
 }
 
+/// A component built by componentize-py from `functions/python/<name>/`.
+pub fn python_component(name: &str) -> Vec<u8> {
+    ensure_built();
+    let path = repo_root()
+        .join("functions/target/python")
+        .join(format!("{name}_py.wasm"));
+    std::fs::read(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; build the guests with functions/build.sh",
+            path.display()
+        )
+    })
+}
+
 /// A host config for tests: port 0, a known admin token, and the policies
 /// directory at `data_dir/policies`.
 pub fn test_config(data_dir: &Path) -> ServeConfig {
