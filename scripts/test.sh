@@ -12,6 +12,8 @@ functions/build.sh
 scripts/apt-install.sh prometheus
 # schemathesis fuzzes a live host against its OpenAPI document (tests/fuzz_api.rs).
 scripts/install-schemathesis.sh
+# The official wasmtime CLI: p3 answers are compared with `wasmtime serve`'s.
+scripts/install-wasmtime.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 LICHEN_FUNCTIONS_BUILT=1 cargo test --workspace
