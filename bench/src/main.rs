@@ -11,6 +11,7 @@
 //! lichen-bench compute [ROUNDS]             only fib and SHA-256, wasm vs native
 //! lichen-bench scale [N]                    only the many-functions scenario
 //! lichen-bench map [--smoke]                only the map, one host vs three
+//! lichen-bench p3 [--smoke]                 only WASIp3 hello: reuse and fresh
 //! ```
 //!
 //! Inputs from the environment: `LICHEN_BIN` (default `target/release/lichen`),
@@ -112,6 +113,14 @@ fn main() -> Result<()> {
             println!("{}", report.markdown());
             Ok(())
         }
+        Some("p3") => {
+            // Just WASIp3 hello against wasmtime serve and native hyper.
+            let settings = Settings::from_env(args.iter().any(|a| a == "--smoke"))?;
+            let mut report = Report::new(&settings)?;
+            p3_throughput(&settings, &mut report)?;
+            println!("{}", report.markdown());
+            Ok(())
+        }
         Some("all") => {
             let smoke = args.iter().any(|a| a == "--smoke");
             let out = args
@@ -122,7 +131,7 @@ fn main() -> Result<()> {
             run_all(&Settings::from_env(smoke)?, &out)
         }
         _ => bail!(
-            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | compute [ROUNDS] | scale N | map [--smoke] | native-hello ADDR"
+            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | compute [ROUNDS] | scale N | map [--smoke] | p3 [--smoke] | native-hello ADDR"
         ),
     }
 }
@@ -189,6 +198,7 @@ fn lichen_with_hello(settings: &Settings, scratch: &Scratch) -> Result<Server> {
 fn run_all(settings: &Settings, out: &Path) -> Result<()> {
     let mut report = Report::new(settings)?;
     throughput(settings, &mut report)?;
+    p3_throughput(settings, &mut report)?;
     open_loop(settings, &mut report)?;
     in_process(settings, &mut report)?;
     cold_paths(settings, &mut report)?;
@@ -232,6 +242,69 @@ fn throughput(settings: &Settings, report: &mut Report) -> Result<()> {
         }
     }
     report.throughput(&runs);
+    Ok(())
+}
+
+/// `wasmtime serve`'s defaults for WASIp3 components, which Lichen's reuse
+/// policy is set to match: 128 requests per instance, 16 at once.
+const P3_REUSE: &str = "[limits]\nconcurrency = 128\nqueue = 1024\n[instances]\nreuse = 128\nconcurrency = 16\nidle = \"1s\"\n";
+const P3_FRESH: &str = "[limits]\nconcurrency = 128\nqueue = 1024\n";
+
+/// WASIp3 hello (the same component everywhere), closed loop, alternating:
+/// Lichen reusing instances as `wasmtime serve` does by default, both with
+/// a fresh instance per request, and native hyper.
+fn p3_throughput(settings: &Settings, report: &mut Report) -> Result<()> {
+    let hello = settings.component_path("hello_p3");
+    let kinds = [
+        "lichen p3 reuse",
+        "wasmtime serve p3 reuse",
+        "lichen p3 fresh",
+        "wasmtime serve p3 fresh",
+        "native hyper",
+    ];
+    let mut runs: Vec<(&'static str, load::WrkResult)> = Vec::new();
+    for round in 0..settings.rounds {
+        for kind in kinds {
+            let scratch = Scratch::new(&format!("p3-{round}"))?;
+            let lichen = |policy: &str| -> Result<Server> {
+                std::fs::write(scratch.policies().join("hello.toml"), policy)?;
+                let server =
+                    servers::lichen(&settings.lichen, &scratch.data(), &scratch.policies())?;
+                servers::deploy(&server.url, "hello", &settings.component("hello_p3")?)?;
+                Ok(server)
+            };
+            let server = match kind {
+                "lichen p3 reuse" => lichen(P3_REUSE)?,
+                "lichen p3 fresh" => lichen(P3_FRESH)?,
+                "native hyper" => servers::native(&settings.self_exe)?,
+                _ => {
+                    let Some(bin) = &settings.wasmtime else {
+                        continue;
+                    };
+                    let flags: &[&str] = if kind.ends_with("fresh") {
+                        &["--max-instance-reuse-count", "1"]
+                    } else {
+                        &[]
+                    };
+                    servers::wasmtime_with(bin, &hello, flags)?
+                }
+            };
+            let url = if kind.starts_with("lichen") {
+                format!("{}/fn/hello", server.url)
+            } else {
+                format!("{}/", server.url)
+            };
+            load::wrk(&url, settings.connections, 1)?;
+            let result = load::wrk(&url, settings.connections, settings.seconds)?;
+            eprintln!(
+                "p3 round {round} {kind}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
+                result.requests_per_sec, result.p50_ms, result.p99_ms, result.errors
+            );
+            runs.push((kind, result));
+            server.stop();
+        }
+    }
+    report.p3_throughput(&runs);
     Ok(())
 }
 

@@ -141,27 +141,9 @@ impl Report {
         let mut s = String::from(
             "## hello: throughput and latency (closed loop)\n\nThe same hello component in Lichen and in `wasmtime serve`; the native server answers the same text from Rust.\n\n| server | req/s | p50 | p99 | errors |\n| --- | ---: | ---: | ---: | ---: |\n",
         );
-        let mut medians = Vec::new();
-        for kind in ["lichen", "wasmtime serve", "native hyper"] {
-            let of_kind: Vec<&WrkResult> = runs
-                .iter()
-                .filter(|(k, _)| *k == kind)
-                .map(|(_, r)| r)
-                .collect();
-            let (Some(rps), Some(p50), Some(p99)) = (
-                median_f64(of_kind.iter().map(|r| r.requests_per_sec)),
-                median_f64(of_kind.iter().map(|r| r.p50_ms)),
-                median_f64(of_kind.iter().map(|r| r.p99_ms)),
-            ) else {
-                continue;
-            };
-            let errors: u64 = of_kind.iter().map(|r| r.errors).sum();
-            let _ = writeln!(
-                s,
-                "| {kind} | {rps:.0} | {p50:.2} ms | {p99:.2} ms | {errors} |"
-            );
-            self.rps.push((kind, rps));
-            medians.push((kind, rps, p99));
+        let medians = median_rows(&mut s, runs, &["lichen", "wasmtime serve", "native hyper"]);
+        for (kind, rps, _) in &medians {
+            self.rps.push((kind, *rps));
         }
         let get = |k: &str| {
             medians
@@ -193,6 +175,71 @@ impl Report {
                     goal(ratio >= 0.5)
                 ));
             }
+        }
+        self.sections.push(s);
+    }
+
+    /// WASIp3 hello: Lichen and `wasmtime serve` at the same reuse settings,
+    /// and both with a fresh instance per request, against native hyper.
+    pub fn p3_throughput(&mut self, runs: &[(&'static str, WrkResult)]) {
+        let mut s = String::from(
+            "## WASIp3 hello: instance reuse and fresh instances (closed loop)\n\nThe same `hello-p3` component (`hello` built with the SDK's `p3` feature). *reuse*: 128 requests per instance, 16 at once (`wasmtime serve`'s defaults for p3; Lichen's `[instances] reuse = 128, concurrency = 16`); *fresh*: one instance per request (`--max-instance-reuse-count 1`; Lichen's default).\n\n| server | req/s | p50 | p99 | errors |\n| --- | ---: | ---: | ---: | ---: |\n",
+        );
+        let medians = median_rows(
+            &mut s,
+            runs,
+            &[
+                "lichen p3 reuse",
+                "wasmtime serve p3 reuse",
+                "lichen p3 fresh",
+                "wasmtime serve p3 fresh",
+                "native hyper",
+            ],
+        );
+        let get = |k: &str| {
+            medians
+                .iter()
+                .find(|(kind, ..)| *kind == k)
+                .map(|(_, r, p)| (*r, *p))
+        };
+        let native = get("native hyper").map(|(r, _)| r);
+        if let (Some((ours, ours_p99)), Some((theirs, theirs_p99))) =
+            (get("lichen p3 reuse"), get("wasmtime serve p3 reuse"))
+        {
+            let ratio = ours / theirs;
+            let _ = writeln!(
+                s,
+                "\nReuse, Lichen / wasmtime serve: **{ratio:.2}x** req/s, p99 {ours_p99:.2} ms vs {theirs_p99:.2} ms."
+            );
+            self.goals.push(format!(
+                "p3 reuse req/s >= 1.3x wasmtime serve at the same settings: {ratio:.2}x, {}",
+                goal(ratio >= 1.3)
+            ));
+            self.goals.push(format!(
+                "p3 reuse p99 <= wasmtime serve's: {ours_p99:.2} ms vs {theirs_p99:.2} ms, {}",
+                goal(ours_p99 <= theirs_p99)
+            ));
+            if let Some(native) = native {
+                let ratio = ours / native;
+                let _ = writeln!(s, "\nReuse, Lichen / native hyper: **{ratio:.2}x** req/s.");
+                self.goals.push(format!(
+                    "p3 reuse req/s >= 0.5x native hyper: {ratio:.2}x, {}",
+                    goal(ratio >= 0.5)
+                ));
+            }
+        }
+        if let (Some((ours, ours_p99)), Some((theirs, theirs_p99))) =
+            (get("lichen p3 fresh"), get("wasmtime serve p3 fresh"))
+        {
+            let ratio = ours / theirs;
+            let _ = writeln!(
+                s,
+                "\nFresh, Lichen / wasmtime serve: **{ratio:.2}x** req/s, p99 {ours_p99:.2} ms vs {theirs_p99:.2} ms."
+            );
+            self.goals.push(format!(
+                "p3 fresh p99 <= wasmtime serve's: {ours_p99:.2} ms vs {theirs_p99:.2} ms, {}",
+                goal(ours_p99 <= theirs_p99)
+            ));
         }
         self.sections.push(s);
     }
@@ -354,4 +401,35 @@ impl Report {
         }
         out
     }
+}
+
+/// One table row per kind of server with its median req/s, p50 and p99 over
+/// the rounds; returns (kind, req/s, p99) of each kind that ran.
+fn median_rows(
+    s: &mut String,
+    runs: &[(&'static str, WrkResult)],
+    kinds: &[&'static str],
+) -> Vec<(&'static str, f64, f64)> {
+    let mut medians = Vec::new();
+    for &kind in kinds {
+        let of_kind: Vec<&WrkResult> = runs
+            .iter()
+            .filter(|(k, _)| *k == kind)
+            .map(|(_, r)| r)
+            .collect();
+        let (Some(rps), Some(p50), Some(p99)) = (
+            median_f64(of_kind.iter().map(|r| r.requests_per_sec)),
+            median_f64(of_kind.iter().map(|r| r.p50_ms)),
+            median_f64(of_kind.iter().map(|r| r.p99_ms)),
+        ) else {
+            continue;
+        };
+        let errors: u64 = of_kind.iter().map(|r| r.errors).sum();
+        let _ = writeln!(
+            s,
+            "| {kind} | {rps:.0} | {p50:.2} ms | {p99:.2} ms | {errors} |"
+        );
+        medians.push((kind, rps, p99));
+    }
+    medians
 }

@@ -99,10 +99,16 @@ fn read_listening_line(child: &mut Child) -> Result<String> {
 
 /// Starts the official `wasmtime serve` with `component` on a free port.
 pub fn wasmtime(bin: &Path, component: &Path) -> Result<Server> {
+    wasmtime_with(bin, component, &[])
+}
+
+/// `wasmtime serve` with extra flags (instance reuse settings).
+pub fn wasmtime_with(bin: &Path, component: &Path, flags: &[&str]) -> Result<Server> {
     let port = free_port()?;
     let addr = format!("127.0.0.1:{port}");
     let child = Command::new(bin)
         .args(["serve", "-S", "cli", "--addr", &addr])
+        .args(flags)
         .arg(component)
         .stdout(Stdio::null())
         .stderr(Stdio::null())

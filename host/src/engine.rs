@@ -391,15 +391,7 @@ impl Runtime {
             }
         };
         match head {
-            Ok(Ok(response)) => {
-                let outcome =
-                    if response.status().is_client_error() || response.status().is_server_error() {
-                        Outcome::GuestError
-                    } else {
-                        Outcome::Ok
-                    };
-                (Ok(response), outcome)
-            }
+            Ok(Ok(response)) => answered(response),
             Ok(Err(code)) => (
                 Err(ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
@@ -437,22 +429,7 @@ impl Runtime {
                     ));
                     (Err(busy), Outcome::Rejected)
                 }
-                Ok(Ok(Err(trap))) => {
-                    tracing::warn!(
-                        function = %function.name,
-                        request_id,
-                        error = format!("{trap:#}"),
-                        "guest trapped"
-                    );
-                    (
-                        Err(ApiError::new(
-                            StatusCode::INTERNAL_SERVER_ERROR,
-                            "trap",
-                            format!("{} trapped: {}", function.name, trap_summary(&trap)),
-                        )),
-                        Outcome::Trap,
-                    )
-                }
+                Ok(Ok(Err(trap))) => trapped(&function.name, request_id, &trap),
                 Ok(Ok(Ok(()))) => (
                     Err(ApiError::new(
                         StatusCode::INTERNAL_SERVER_ERROR,
@@ -510,15 +487,7 @@ impl Runtime {
         // one to take the request as well.
         let handled = tokio::time::timeout(deadline + EPOCH_TICK, pool.handler.handle((), request));
         match handled.await {
-            Ok(Ok(response)) => {
-                let outcome =
-                    if response.status().is_client_error() || response.status().is_server_error() {
-                        Outcome::GuestError
-                    } else {
-                        Outcome::Ok
-                    };
-                (Ok(response), outcome)
-            }
+            Ok(Ok(response)) => answered(response),
             // Past the deadline the pool drops the instance, whatever the
             // error it then reports for the request (expired, or no answer).
             Ok(Err(error))
@@ -544,24 +513,37 @@ impl Runtime {
                 ));
                 (Err(busy), Outcome::Rejected)
             }
-            Ok(Err(trap)) => {
-                tracing::warn!(
-                    function = %function.name,
-                    request_id = &*invocation.request_id,
-                    error = format!("{trap:#}"),
-                    "guest trapped (its instance is retired)"
-                );
-                (
-                    Err(ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "trap",
-                        format!("{} trapped: {}", function.name, trap_summary(&trap)),
-                    )),
-                    Outcome::Trap,
-                )
-            }
+            // A trap retires its instance (the pool's worker ends with it).
+            Ok(Err(trap)) => trapped(&function.name, &invocation.request_id, &trap),
         }
     }
+}
+
+/// The guest's own answer: `GuestError` for a 4xx or 5xx.
+fn answered(response: Response<Body>) -> (Result<Response<Body>, ApiError>, Outcome) {
+    let status = response.status();
+    let outcome = if status.is_client_error() || status.is_server_error() {
+        Outcome::GuestError
+    } else {
+        Outcome::Ok
+    };
+    (Ok(response), outcome)
+}
+
+/// `500`: the guest trapped. Logged with the whole chain; the client gets
+/// the trap's own message.
+fn trapped(
+    name: &FunctionName,
+    request_id: &str,
+    trap: &wasmtime::Error,
+) -> (Result<Response<Body>, ApiError>, Outcome) {
+    tracing::warn!(function = %name, request_id, error = format!("{trap:#}"), "guest trapped");
+    let error = ApiError::new(
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "trap",
+        format!("{name} trapped: {}", trap_summary(trap)),
+    );
+    (Err(error), Outcome::Trap)
 }
 
 /// `504`: the function did not answer within its deadline.

@@ -192,6 +192,23 @@ async fn three(root: &Path) -> (Node, Node, Node) {
     (a, b, c)
 }
 
+/// Who served each of `replies` (all 200), sorted: the peer named by
+/// `x-lichen-served-by`, or `a` (the host called) without it.
+fn served_by(replies: &[Reply]) -> Vec<String> {
+    let mut served_by: Vec<String> = replies
+        .iter()
+        .map(|reply| {
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+            reply
+                .headers
+                .get("x-lichen-served-by")
+                .map_or("a".to_string(), |v| v.to_str().unwrap().to_string())
+        })
+        .collect();
+    served_by.sort();
+    served_by
+}
+
 /// Deploys `function` (the fixture of that name) on `origin` with `policy`,
 /// and waits until each of `peers` has the policy file.
 async fn deploy_with_policy(origin: &Node, peers: &[&Node], function: &str, policy: &str) {
@@ -350,18 +367,7 @@ async fn a_full_host_forwards_to_peers_with_room() {
         .into_iter()
         .map(Result::unwrap)
         .collect();
-    let mut served_by: Vec<String> = Vec::new();
-    for reply in &replies {
-        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-        served_by.push(
-            reply
-                .headers
-                .get("x-lichen-served-by")
-                .map_or("a".to_string(), |v| v.to_str().unwrap().to_string()),
-        );
-    }
-    served_by.sort();
-    assert_eq!(served_by, ["a", "a", "b", "b", "c", "c"]);
+    assert_eq!(served_by(&replies), ["a", "a", "b", "b", "c", "c"]);
     let metrics = a.metrics().await;
     assert_eq!(series_sum(&metrics, "lichen_forwarded_total{"), 4.0);
 
@@ -409,19 +415,12 @@ async fn a_p3_function_is_shared_and_forwarded_like_a_p2_one() {
         let url = format!("{}/fn/slow/sleep?ms=1500", a.url);
         tokio::spawn(async move { send(Method::GET, &url, &[], Vec::new()).await })
     });
-    let mut served_by: Vec<String> = Vec::new();
-    for reply in futures::future::join_all(calls).await {
-        let reply = reply.unwrap();
-        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-        served_by.push(
-            reply
-                .headers
-                .get("x-lichen-served-by")
-                .map_or("a".to_string(), |v| v.to_str().unwrap().to_string()),
-        );
-    }
-    served_by.sort();
-    assert_eq!(served_by, ["a", "b", "c"]);
+    let replies: Vec<Reply> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    assert_eq!(served_by(&replies), ["a", "b", "c"]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

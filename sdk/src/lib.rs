@@ -343,22 +343,12 @@ macro_rules! export {
 #[macro_export]
 macro_rules! export {
     (async $handler:path) => {
-        struct __LichenService;
-
-        impl $crate::__private::p3::wasip3::exports::http::handler::Guest for __LichenService {
-            async fn handle(
-                request: $crate::__private::p3::wasip3::http::types::Request,
-            ) -> ::core::result::Result<
-                $crate::__private::p3::wasip3::http::types::Response,
-                $crate::__private::p3::wasip3::http::types::ErrorCode,
-            > {
-                $crate::__private::p3::serve_async(request, $handler).await
-            }
-        }
-
-        $crate::__private::p3::wasip3::http::service::export!(__LichenService);
+        $crate::export!(@service |request| $handler(request));
     };
     ($handler:path) => {
+        $crate::export!(@service |request| ::core::future::ready($handler(request)));
+    };
+    (@service $handle:expr) => {
         struct __LichenService;
 
         impl $crate::__private::p3::wasip3::exports::http::handler::Guest for __LichenService {
@@ -368,7 +358,7 @@ macro_rules! export {
                 $crate::__private::p3::wasip3::http::types::Response,
                 $crate::__private::p3::wasip3::http::types::ErrorCode,
             > {
-                $crate::__private::p3::serve(request, $handler).await
+                $crate::__private::p3::serve(request, $handle).await
             }
         }
 

@@ -16,24 +16,9 @@ use wasip3::{wit_future, wit_stream};
 
 use crate::{Error, Request, Response, Result};
 
-/// Runs one invocation: reads the request, calls the handler, answers.
-pub async fn serve(
-    request: WasiRequest,
-    handler: impl FnOnce(Request) -> Result<Response>,
-) -> std::result::Result<WasiResponse, ErrorCode> {
-    let response = match read_request(request).await {
-        Ok(req) => handler(req).unwrap_or_else(Error::into_response),
-        Err(error) => error.into_response(),
-    };
-    match build_response(response) {
-        Ok(response) => Ok(response),
-        Err(error) => build_response(error.into_response())
-            .map_err(|e| ErrorCode::InternalError(Some(e.to_string()))),
-    }
-}
-
-/// Like [`serve`], for an `async fn` handler.
-pub async fn serve_async<F>(
+/// Runs one invocation: reads the request, calls the handler (a plain one
+/// is wrapped in a ready future by `export!`), answers.
+pub async fn serve<F>(
     request: WasiRequest,
     handler: impl FnOnce(Request) -> F,
 ) -> std::result::Result<WasiResponse, ErrorCode>
