@@ -46,8 +46,7 @@ pub struct Pool {
 }
 
 impl Pool {
-    /// A pool for invocations like `invocation` (its function and policy;
-    /// the request id of the first request names the instance's log lines).
+    /// A pool for invocations like `invocation` (its function and policy).
     pub fn new(
         engine: &Engine,
         pre: ProxyPre<HostState>,
@@ -61,6 +60,7 @@ impl Pool {
                 pre,
                 p3,
                 invocation: invocation.clone(),
+                instances: AtomicUsize::new(0),
             }),
         }
     }
@@ -70,8 +70,11 @@ pub struct PoolState {
     engine: Engine,
     pre: ProxyPre<HostState>,
     p3: bool,
-    /// Whose instances these are; `stats` are replaced per instance.
+    /// Whose instances these are; `stats` and the id its output is logged
+    /// under are replaced per instance.
     invocation: Invocation,
+    /// Instances created so far.
+    instances: AtomicUsize,
 }
 
 impl HandlerState for PoolState {
@@ -83,8 +86,12 @@ impl HandlerState for PoolState {
         &self,
     ) -> wasmtime::Result<Instance<HostState, Self::WorkerExpiration, Self::WorkerState>> {
         let stats = Arc::new(InvocationStats::default());
+        // An instance serves many requests, so its output cannot carry one
+        // request's id: its log lines say which instance wrote them.
+        let number = self.instances.fetch_add(1, Ordering::Relaxed) + 1;
         let invocation = Invocation {
             stats: Arc::clone(&stats),
+            request_id: Arc::from(format!("instance-{number}")),
             ..self.invocation.clone()
         };
         let state = HostState::new(&invocation).map_err(wasmtime::Error::from_anyhow)?;
