@@ -283,3 +283,52 @@ async fn a_p3_component_answers_as_under_wasmtime_serve() {
     }
     host.stop().await;
 }
+
+/// GHSA-xrvr-8678-5wp8 (wasmtime before 48.0.9): a guest cancels a stream
+/// copy from the wrong end (`stream.cancel-write` on the readable end of
+/// its request body, while a read of it is pending). Whatever wasmtime makes
+/// of it (a trap, or a panic where it reaches a state it does not expect),
+/// that request is a 500 and the host keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_cancelled_from_the_wrong_end_fails_only_its_request() {
+    use bytes::Bytes;
+    use http_body_util::BodyExt;
+    let dir = tempfile::tempdir().unwrap();
+    let host = host_with(dir.path(), &[("cancel", "cancel-p3")]).await;
+    for _ in 0..3 {
+        // The body comes a second late, so the guest's read is pending.
+        let (tx, rx) = tokio::sync::mpsc::channel::<
+            Result<http_body::Frame<Bytes>, std::convert::Infallible>,
+        >(1);
+        tokio::spawn(async move {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+            let _ = tx
+                .send(Ok(http_body::Frame::data(Bytes::from_static(b"late"))))
+                .await;
+        });
+        let body = http_body_util::StreamBody::new(tokio_stream_of(rx));
+        let request = http::Request::post(format!("{}/fn/cancel/wrong-end", host.url))
+            .body(body)
+            .unwrap();
+        let client =
+            hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+                .build_http();
+        let response = client.request(request).await.unwrap();
+        let status = response.status();
+        let text =
+            String::from_utf8_lossy(&response.into_body().collect().await.unwrap().to_bytes())
+                .into_owned();
+        assert_eq!(status, StatusCode::INTERNAL_SERVER_ERROR, "{text}");
+        let ok = host.get("/fn/cancel/").await;
+        assert_eq!(ok.status, StatusCode::OK, "{}", ok.text());
+        assert_eq!(ok.text(), "ok\n");
+    }
+    assert_eq!(host.get("/healthz").await.status, StatusCode::OK);
+    host.stop().await;
+}
+
+fn tokio_stream_of<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}

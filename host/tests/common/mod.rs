@@ -20,8 +20,20 @@ use lichen::server::{ServeConfig, Server};
 /// checks this list against functions/Cargo.toml, and each entry is used by
 /// a test, so a new fixture cannot go untested.
 pub const FUNCTIONS: &[&str] = &[
-    "hello", "echo", "square", "fib", "hash", "trap", "raw-wasi", "probe", "hello-p3", "echo-p3",
-    "probe-p3", "trap-p3", "slow-p3",
+    "hello",
+    "echo",
+    "square",
+    "fib",
+    "hash",
+    "trap",
+    "raw-wasi",
+    "probe",
+    "hello-p3",
+    "echo-p3",
+    "probe-p3",
+    "trap-p3",
+    "slow-p3",
+    "cancel-p3",
 ];
 
 fn repo_root() -> PathBuf {
