@@ -7,8 +7,13 @@
 //!   ahead of time, so a fresh instance per request costs microseconds. It
 //!   needs a lot of virtual address space; where the machine refuses it (a
 //!   `ulimit -v`, say) the engine falls back to on-demand allocation and says so.
-//! - Each function keeps a `ProxyPre` (an `InstancePre` with the wasi:http
-//!   exports resolved), so an invocation is instantiate + call, nothing more.
+//! - Each function keeps a pre-instantiated component with its wasi:http
+//!   export resolved (`ProxyPre` for WASI 0.2, `ServicePre` for 0.3; the
+//!   export tells which at upload), so an invocation is instantiate + call,
+//!   nothing more. A p3 guest runs inside `run_concurrent` until its tasks
+//!   are done, since it may write its body after `handle` has returned.
+//! - A panic inside wasmtime while a guest runs (GHSA-xrvr-8678-5wp8 in
+//!   48.0.8, reachable by a p3 guest) is caught: that request's 500.
 //! - Deadlines use epoch interruption driven by one ticker thread: the guest
 //!   yields to tokio at every tick, so a guest spinning in a loop shares its
 //!   worker thread, and a tokio timeout around the whole invocation (guest code
