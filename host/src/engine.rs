@@ -409,31 +409,10 @@ impl Runtime {
             // answering, trapped, or ran out of time.
             Err(_) => match task.result().await {
                 Ok(Err(_elapsed)) => (
-                    Err(ApiError::new(
-                        StatusCode::GATEWAY_TIMEOUT,
-                        "timeout",
-                        format!(
-                            "{} did not answer within {:?} (ran {:?})",
-                            function.name,
-                            deadline,
-                            started.elapsed()
-                        ),
-                    )),
+                    Err(timed_out(&function.name, deadline, started)),
                     Outcome::Timeout,
                 ),
-                // Every instance slot of the pool is taken: the host is full,
-                // not the guest at fault.
-                Ok(Ok(Err(error)))
-                    if error
-                        .downcast_ref::<wasmtime::PoolConcurrencyLimitError>()
-                        .is_some() =>
-                {
-                    let busy = ApiError::busy(format!(
-                        "no instance slot free for {}: {error}",
-                        function.name
-                    ));
-                    (Err(busy), Outcome::Rejected)
-                }
+                Ok(Ok(Err(error))) if pool_full(&error) => no_slot(&function.name, &error),
                 Ok(Ok(Err(trap))) => trapped(&function.name, request_id, &trap),
                 Ok(Ok(Ok(()))) => (
                     Err(ApiError::new(
@@ -477,11 +456,11 @@ impl Runtime {
                     Arc::clone(current)
                 }
                 _ => {
-                    let (pre, p3) = match &function.pre {
-                        Pre::P2(pre) => (handler::ProxyPre::P2(pre.clone()), false),
-                        Pre::P3(pre) => (handler::ProxyPre::P3(pre.clone()), true),
+                    let pre = match &function.pre {
+                        Pre::P2(pre) => handler::ProxyPre::P2(pre.clone()),
+                        Pre::P3(pre) => handler::ProxyPre::P3(pre.clone()),
                     };
-                    let fresh = Arc::new(Pool::new(&self.engine, pre, p3, invocation));
+                    let fresh = Arc::new(Pool::new(&self.engine, pre, invocation));
                     *pool = Some(Arc::clone(&fresh));
                     fresh
                 }
@@ -507,17 +486,7 @@ impl Runtime {
                 Err(timed_out(&function.name, deadline, started)),
                 Outcome::Timeout,
             ),
-            Ok(Err(error))
-                if error
-                    .chain()
-                    .any(|cause| cause.is::<wasmtime::PoolConcurrencyLimitError>()) =>
-            {
-                let busy = ApiError::busy(format!(
-                    "no instance slot free for {}: {error}",
-                    function.name
-                ));
-                (Err(busy), Outcome::Rejected)
-            }
+            Ok(Err(error)) if pool_full(&error) => no_slot(&function.name, &error),
             // A trap retires its instance (the pool's worker ends with it).
             Ok(Err(trap)) => trapped(&function.name, &invocation.request_id, &trap),
         }
@@ -549,6 +518,23 @@ fn trapped(
         format!("{name} trapped: {}", trap_summary(trap)),
     );
     (Err(error), Outcome::Trap)
+}
+
+/// Whether every instance slot of the pooling allocator was taken.
+fn pool_full(error: &wasmtime::Error) -> bool {
+    error
+        .chain()
+        .any(|cause| cause.is::<wasmtime::PoolConcurrencyLimitError>())
+}
+
+/// `503`: no instance slot was free. The host is full, not the guest at
+/// fault.
+fn no_slot(
+    name: &FunctionName,
+    error: &wasmtime::Error,
+) -> (Result<Response<Body>, ApiError>, Outcome) {
+    let busy = ApiError::busy(format!("no instance slot free for {name}: {error}"));
+    (Err(busy), Outcome::Rejected)
 }
 
 /// `504`: the function did not answer within its deadline.

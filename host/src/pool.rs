@@ -47,18 +47,12 @@ pub struct Pool {
 
 impl Pool {
     /// A pool for invocations like `invocation` (its function and policy).
-    pub fn new(
-        engine: &Engine,
-        pre: ProxyPre<HostState>,
-        p3: bool,
-        invocation: &Invocation,
-    ) -> Self {
+    pub fn new(engine: &Engine, pre: ProxyPre<HostState>, invocation: &Invocation) -> Self {
         Pool {
             policy: Arc::clone(&invocation.policy),
             handler: ProxyHandler::new(PoolState {
                 engine: engine.clone(),
                 pre,
-                p3,
                 invocation: invocation.clone(),
                 instances: AtomicUsize::new(0),
             }),
@@ -69,7 +63,6 @@ impl Pool {
 pub struct PoolState {
     engine: Engine,
     pre: ProxyPre<HostState>,
-    p3: bool,
     /// Whose instances these are; `stats` and the id its output is logged
     /// under are replaced per instance.
     invocation: Invocation,
@@ -113,7 +106,8 @@ impl HandlerState for PoolState {
             expiration: Expiry::new(policy.idle, policy.timeout),
             state: Worker {
                 reuse: policy.reuse as usize,
-                concurrency: if self.p3 {
+                // A p2 instance serves one request at a time.
+                concurrency: if matches!(self.pre, ProxyPre::P3(_)) {
                     policy.instance_concurrency as usize
                 } else {
                     1
