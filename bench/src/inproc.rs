@@ -45,6 +45,7 @@ pub fn prepare(name: &str, component: &[u8]) -> Result<Prepared> {
         stats: Arc::new(InvocationStats::default()),
         on_instance: Arc::new(|_| {}),
         on_memory_peak: Arc::new(|_| {}),
+        kv: None,
     };
     Ok(Prepared {
         runtime,

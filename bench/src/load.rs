@@ -25,14 +25,28 @@ pub struct WrkResult {
 
 /// `wrk -t1 -c<connections> -d<seconds>s --latency <url>`.
 pub fn wrk(url: &str, connections: u32, seconds: u32) -> Result<WrkResult> {
-    let output = Command::new("wrk")
-        .args([
-            "-t1",
-            &format!("-c{connections}"),
-            &format!("-d{seconds}s"),
-            "--latency",
-            url,
-        ])
+    wrk_script(url, connections, seconds, None)
+}
+
+/// [`wrk`] with a Lua script (`-s`) that shapes the requests.
+pub fn wrk_script(
+    url: &str,
+    connections: u32,
+    seconds: u32,
+    script: Option<&std::path::Path>,
+) -> Result<WrkResult> {
+    let mut command = Command::new("wrk");
+    command.args([
+        "-t1",
+        &format!("-c{connections}"),
+        &format!("-d{seconds}s"),
+        "--latency",
+    ]);
+    if let Some(script) = script {
+        command.arg("-s").arg(script);
+    }
+    let output = command
+        .arg(url)
         .output()
         .context("running wrk (apt-get install wrk)")?;
     let text = String::from_utf8_lossy(&output.stdout);

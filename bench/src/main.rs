@@ -12,11 +12,13 @@
 //! lichen-bench scale [N]                    only the many-functions scenario
 //! lichen-bench map [--smoke]                only the map, one host vs three
 //! lichen-bench p3 [--smoke]                 only WASIp3 hello: reuse and fresh
+//! lichen-bench kv [--smoke]                 only key-value: local vs NATS
 //! ```
 //!
 //! Inputs from the environment: `LICHEN_BIN` (default `target/release/lichen`),
 //! `WASMTIME_BIN` (the official CLI; its scenarios are skipped without it),
-//! `FUNCTIONS_DIR` (default `functions/target/wasm32-wasip2/release`).
+//! `FUNCTIONS_DIR` (default `functions/target/wasm32-wasip2/release`),
+//! `NATS_SERVER_BIN` (a `nats-server`; the NATS rows are skipped without it).
 
 /// The fib and hash functions' computations, the same source files the
 /// guests compile to wasm, compiled natively for the compute comparison.
@@ -121,6 +123,14 @@ fn main() -> Result<()> {
             println!("{}", report.markdown());
             Ok(())
         }
+        Some("kv") => {
+            // Just the key-value scenario: local vs NATS beside hello.
+            let settings = Settings::from_env(args.iter().any(|a| a == "--smoke"))?;
+            let mut report = Report::new(&settings)?;
+            kv(&settings, &mut report)?;
+            println!("{}", report.markdown());
+            Ok(())
+        }
         Some("all") => {
             let smoke = args.iter().any(|a| a == "--smoke");
             let out = args
@@ -131,7 +141,7 @@ fn main() -> Result<()> {
             run_all(&Settings::from_env(smoke)?, &out)
         }
         _ => bail!(
-            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | compute [ROUNDS] | scale N | map [--smoke] | p3 [--smoke] | native-hello ADDR"
+            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | compute [ROUNDS] | scale N | map [--smoke] | p3 [--smoke] | kv [--smoke] | native-hello ADDR"
         ),
     }
 }
@@ -146,6 +156,7 @@ pub struct Settings {
     pub functions: usize,
     pub lichen: PathBuf,
     pub wasmtime: Option<PathBuf>,
+    pub nats_server: Option<PathBuf>,
     pub components: PathBuf,
     pub self_exe: PathBuf,
 }
@@ -155,6 +166,7 @@ impl Settings {
         let lichen = std::env::var_os("LICHEN_BIN")
             .map_or_else(|| PathBuf::from("target/release/lichen"), PathBuf::from);
         let wasmtime = std::env::var_os("WASMTIME_BIN").map(PathBuf::from);
+        let nats_server = std::env::var_os("NATS_SERVER_BIN").map(PathBuf::from);
         let components = std::env::var_os("FUNCTIONS_DIR").map_or_else(
             || PathBuf::from("functions/target/wasm32-wasip2/release"),
             PathBuf::from,
@@ -167,6 +179,7 @@ impl Settings {
             functions: if smoke { 20 } else { 1000 },
             lichen,
             wasmtime,
+            nats_server,
             components,
             self_exe: std::env::current_exe()?,
         })
@@ -204,6 +217,7 @@ fn run_all(settings: &Settings, out: &Path) -> Result<()> {
     cold_paths(settings, &mut report)?;
     scale(settings, &mut report)?;
     map(settings, &mut report)?;
+    kv(settings, &mut report)?;
     let markdown = report.markdown();
     println!("{markdown}");
     std::fs::write(out, &markdown).with_context(|| format!("writing {}", out.display()))?;
@@ -305,6 +319,99 @@ fn p3_throughput(settings: &Settings, report: &mut Report) -> Result<()> {
         }
     }
     report.p3_throughput(&runs);
+    Ok(())
+}
+
+/// The key-value functions' policy: room for the load, the store granted.
+const KV_POLICY: &str = "[limits]\nconcurrency = 128\nqueue = 1024\n[keyvalue]\nstores = [\"default\"]\nmax_keys = 100000\n";
+
+/// Key-value operations through HTTP, closed loop, each backend in turn per
+/// round: counter increments (`counter`, 100 paths), and 1 KiB sets and
+/// gets (`kv-draft`, 1,000 keys), with hello on the same host as the
+/// baseline. Local: redb in the data directory; NATS: a single
+/// `nats-server` with JetStream on loopback (file storage, one replica).
+fn kv(settings: &Settings, report: &mut Report) -> Result<()> {
+    let scripts = Scratch::new("kv-scripts")?;
+    let script = |name: &str, body: &str| -> Result<PathBuf> {
+        let path = scripts.0.join(name);
+        std::fs::write(&path, body)?;
+        Ok(path)
+    };
+    let counter = script(
+        "counter.lua",
+        "request = function()\n  return wrk.format(\"GET\", \"/fn/counter/page\" .. math.random(100))\nend\n",
+    )?;
+    let set = script(
+        "set.lua",
+        "local body = string.rep(\"x\", 1024)\nrequest = function()\n  return wrk.format(\"POST\", \"/fn/kv?op=set&key=k\" .. math.random(1000), nil, body)\nend\n",
+    )?;
+    let get = script(
+        "get.lua",
+        "request = function()\n  return wrk.format(\"GET\", \"/fn/kv?op=get&key=k\" .. math.random(1000))\nend\n",
+    )?;
+    let backends: Vec<&str> = match &settings.nats_server {
+        Some(_) => vec!["local", "nats"],
+        None => vec!["local"],
+    };
+    let mut runs: Vec<(String, load::WrkResult)> = Vec::new();
+    for round in 0..settings.rounds {
+        for backend in &backends {
+            let scratch = Scratch::new(&format!("kv-{round}-{backend}"))?;
+            let nats = match (*backend, &settings.nats_server) {
+                ("nats", Some(bin)) => Some(servers::nats(bin, &scratch.0.join("nats"))?),
+                _ => None,
+            };
+            let extra: Vec<String> = match &nats {
+                Some(nats) => vec![
+                    "--kv-backend".into(),
+                    "nats".into(),
+                    "--kv-nats-url".into(),
+                    nats.url.clone(),
+                    "--kv-nats-replicas".into(),
+                    "1".into(),
+                ],
+                None => Vec::new(),
+            };
+            for name in ["hello", "counter", "kv"] {
+                let policy = if name == "hello" {
+                    "[limits]\nconcurrency = 128\nqueue = 1024\n"
+                } else {
+                    KV_POLICY
+                };
+                std::fs::write(scratch.policies().join(format!("{name}.toml")), policy)?;
+            }
+            let server = servers::lichen_with(
+                &settings.lichen,
+                &scratch.data(),
+                &scratch.policies(),
+                &extra,
+            )?;
+            servers::deploy(&server.url, "hello", &settings.component("hello")?)?;
+            servers::deploy(&server.url, "counter", &settings.component("counter")?)?;
+            servers::deploy(&server.url, "kv", &settings.component("kv_draft")?)?;
+            let workloads: [(&str, String, Option<&Path>); 4] = [
+                ("hello", format!("{}/fn/hello", server.url), None),
+                ("counter increment", server.url.clone(), Some(&counter)),
+                ("set 1 KiB", server.url.clone(), Some(&set)),
+                ("get 1 KiB", server.url.clone(), Some(&get)),
+            ];
+            for (workload, url, script) in workloads {
+                load::wrk_script(&url, settings.connections, 1, script)?;
+                let result =
+                    load::wrk_script(&url, settings.connections, settings.seconds, script)?;
+                eprintln!(
+                    "kv round {round} {backend} {workload}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
+                    result.requests_per_sec, result.p50_ms, result.p99_ms, result.errors
+                );
+                runs.push((format!("{workload} ({backend})"), result));
+            }
+            server.stop();
+            if let Some(nats) = nats {
+                nats.stop();
+            }
+        }
+    }
+    report.kv(&runs);
     Ok(())
 }
 

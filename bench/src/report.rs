@@ -384,6 +384,43 @@ impl Report {
         ));
     }
 
+    pub fn kv(&mut self, runs: &[(String, WrkResult)]) {
+        let mut s = String::from(
+            "## Key-value state through HTTP (closed loop)\n\nOne host, wrk -t1 -c64, each backend in turn per round, medians. *counter increment*: `counter` on 100 paths (an atomic increment each); *set 1 KiB* / *get 1 KiB*: `kv-draft` over 1,000 keys; *hello*: the same host's baseline. *local*: redb in the data directory (each write acknowledged after its group's fsync); *nats*: one `nats-server` with JetStream on loopback (file storage, one replica; reads through the stream leader, writes compare-and-swap).\n\n| workload | req/s | p50 | p99 | errors | vs hello |\n| --- | ---: | ---: | ---: | ---: | ---: |\n",
+        );
+        let mut kinds: Vec<&str> = Vec::new();
+        for (kind, _) in runs {
+            if !kinds.contains(&kind.as_str()) {
+                kinds.push(kind);
+            }
+        }
+        let median_of = |kind: &str| {
+            let of_kind: Vec<&WrkResult> = runs
+                .iter()
+                .filter(|(k, _)| k == kind)
+                .map(|(_, r)| r)
+                .collect();
+            let rps = median_f64(of_kind.iter().map(|r| r.requests_per_sec))?;
+            let p50 = median_f64(of_kind.iter().map(|r| r.p50_ms))?;
+            let p99 = median_f64(of_kind.iter().map(|r| r.p99_ms))?;
+            let errors: u64 = of_kind.iter().map(|r| r.errors).sum();
+            Some((rps, p50, p99, errors))
+        };
+        for kind in kinds {
+            let Some((rps, p50, p99, errors)) = median_of(kind) else {
+                continue;
+            };
+            let backend = kind.rsplit_once(" (").map_or("", |(_, b)| b);
+            let baseline = median_of(&format!("hello ({backend}")).map(|(r, ..)| r);
+            let ratio = baseline.map_or(String::new(), |b| format!("{:.2}x", rps / b));
+            let _ = writeln!(
+                s,
+                "| {kind} | {rps:.0} | {p50:.2} ms | {p99:.2} ms | {errors} | {ratio} |"
+            );
+        }
+        self.sections.push(s);
+    }
+
     pub fn markdown(&self) -> String {
         let mut out = self.header.clone();
         out.push_str("\n## Goals\n\n");

@@ -52,6 +52,38 @@ impl Server {
     }
 }
 
+/// Starts a `nats-server` with JetStream on a free loopback port, its data
+/// in `dir`; returns once it accepts connections.
+pub fn nats(bin: &Path, dir: &Path) -> Result<Server> {
+    let port = TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    std::fs::create_dir_all(dir)?;
+    let child = Command::new(bin)
+        .args([
+            "--addr",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--jetstream",
+        ])
+        .arg("--store_dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .with_context(|| format!("starting {}", bin.display()))?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        if Instant::now() > deadline {
+            bail!("nats-server did not accept connections within 30 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(Server {
+        url: format!("nats://127.0.0.1:{port}"),
+        child,
+    })
+}
+
 /// Starts `lichen serve` on a free port with `data_dir` and `policies`;
 /// returns once it logs its address.
 pub fn lichen(bin: &Path, data_dir: &Path, policies: &Path) -> Result<Server> {

@@ -33,9 +33,7 @@ use futures::FutureExt;
 use http::{Response, StatusCode};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
-use wasmtime::{
-    Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig, Store,
-};
+use wasmtime::{Config, Enabled, Engine, InstanceAllocationStrategy, PoolingAllocationConfig};
 use wasmtime_wasi_http::WasiHttpView;
 use wasmtime_wasi_http::handler;
 use wasmtime_wasi_http::p2::bindings::ProxyPre;
@@ -46,7 +44,7 @@ use crate::error::{ApiError, Body};
 use crate::names::FunctionName;
 use crate::policy::MAX_MEMORY;
 use crate::pool::Pool;
-use crate::sandbox::{HostState, Invocation, InvocationStats};
+use crate::sandbox::{HostState, Invocation, InvocationStats, new_store};
 use crate::store::{Abi, VersionInfo};
 
 /// How often the epoch advances: the granularity of deadlines, and how long a
@@ -214,6 +212,9 @@ impl Runtime {
         wasmtime_wasi_http::p3::add_to_linker(&mut linker)
             .map_err(anyhow::Error::from)
             .context("adding wasi:http 0.3 to the linker")?;
+        crate::kv::wasi::add_to_linker(&mut linker, HostState::kv)
+            .map_err(anyhow::Error::from)
+            .context("adding wasi:keyvalue to the linker")?;
         spawn_epoch_ticker(&engine);
         let cache_key = engine_cache_key(&engine);
         Ok(Runtime {
@@ -320,17 +321,13 @@ impl Runtime {
         let started = Instant::now();
         let deadline = invocation.policy.timeout;
         let request_id = &*invocation.request_id;
-        let state = match HostState::new(invocation) {
-            Ok(state) => state,
+        let mut store = match new_store(&self.engine, invocation) {
+            Ok(store) => store,
             Err(error) => {
                 let error = error.context(format!("preparing the sandbox of {}", function.name));
                 return (Err(ApiError::internal(error)), Outcome::Trap);
             }
         };
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limits);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_async_yield_and_update(1);
 
         let stats = Arc::clone(&invocation.stats);
         let (head, task) = match &function.pre {

@@ -28,6 +28,7 @@ use bytes::Bytes;
 
 use crate::engine::{Deployed, Runtime};
 use crate::error::ApiError;
+use crate::kv::{Backend, Kv, KvAccess};
 use crate::metrics::Metrics;
 use crate::names::FunctionName;
 use crate::policy::PolicyTable;
@@ -53,6 +54,8 @@ pub struct Functions {
     admin_lock: tokio::sync::Mutex<()>,
     /// Counts calls, to order functions by how recently they were called.
     clock: AtomicU64,
+    /// The key-value backend of every function's stores.
+    pub kv: Arc<Kv>,
 }
 
 impl Functions {
@@ -63,6 +66,7 @@ impl Functions {
         policies: Arc<PolicyTable>,
         scheduler: Scheduler,
         max_loaded: usize,
+        kv: Arc<Kv>,
     ) -> Self {
         Functions {
             runtime,
@@ -74,6 +78,15 @@ impl Functions {
             max_loaded,
             admin_lock: tokio::sync::Mutex::new(()),
             clock: AtomicU64::new(1),
+            kv,
+        }
+    }
+
+    /// What an invocation is handed of the key-value backend.
+    pub fn kv_access(&self) -> KvAccess {
+        KvAccess {
+            backend: Arc::clone(&self.kv),
+            metrics: self.metrics.kv.clone(),
         }
     }
 
@@ -302,6 +315,23 @@ impl Functions {
     }
 
     /// Sets the gauges that mirror state, just before a scrape.
+    /// Sets the per-store key-value gauges from the backend, for deployed
+    /// functions only (the `function` label holds no other names).
+    pub async fn refresh_kv_gauges(&self) {
+        let stores = match self.kv.all_stores().await {
+            Ok(stores) => stores,
+            Err(error) => {
+                tracing::warn!(error = %error, "reading key-value usage for /metrics");
+                return;
+            }
+        };
+        let shown: Vec<_> = stores
+            .into_iter()
+            .filter(|(function, _, _)| self.lookup(function).is_some())
+            .collect();
+        self.metrics.kv.set_usage(&shown);
+    }
+
     pub fn refresh_gauges(&self) {
         let table = self.table.read().unwrap_or_else(|e| e.into_inner());
         self.metrics.functions.set(table.len() as i64);

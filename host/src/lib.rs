@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod engine;
 pub mod error;
 pub mod functions;
+pub mod kv;
 pub mod metrics;
 pub mod names;
 pub mod policy;

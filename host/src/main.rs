@@ -16,7 +16,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 use lichen::client::{self, Target};
-use lichen::server::{self, ServeConfig, Server};
+use lichen::server::{self, KvConfig, ServeConfig, Server};
 
 #[derive(Parser)]
 #[command(
@@ -94,6 +94,52 @@ struct ServeArgs {
     log_format: LogFormat,
     #[command(flatten)]
     cluster: ClusterArgs,
+    #[command(flatten)]
+    kv: KvArgs,
+}
+
+/// Where functions' key-value stores live.
+#[derive(clap::Args)]
+#[command(next_help_heading = "Key-value stores")]
+struct KvArgs {
+    /// `local`: an embedded store in DATA_DIR (each host its own data);
+    /// `nats`: NATS JetStream, shared by every host on the same NATS cluster.
+    #[arg(long, value_enum, default_value_t = KvBackendArg::Local)]
+    kv_backend: KvBackendArg,
+    /// A NATS server of the site's cluster (with `--kv-backend nats`); repeatable.
+    #[arg(long = "kv-nats-url", value_name = "URL")]
+    kv_nats_urls: Vec<String>,
+    /// Copies NATS keeps of each store (3 survives the loss of one server).
+    #[arg(long, default_value_t = 3)]
+    kv_nats_replicas: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum KvBackendArg {
+    Local,
+    Nats,
+}
+
+impl KvArgs {
+    fn config(self) -> anyhow::Result<KvConfig> {
+        match self.kv_backend {
+            KvBackendArg::Local => {
+                if !self.kv_nats_urls.is_empty() {
+                    anyhow::bail!("--kv-nats-url needs --kv-backend nats");
+                }
+                Ok(KvConfig::Local)
+            }
+            KvBackendArg::Nats => {
+                if self.kv_nats_urls.is_empty() {
+                    anyhow::bail!("--kv-backend nats needs at least one --kv-nats-url");
+                }
+                Ok(KvConfig::Nats {
+                    urls: self.kv_nats_urls,
+                    replicas: self.kv_nats_replicas,
+                })
+            }
+        }
+    }
 }
 
 /// Joining peer hosts. Any of these flags makes the host a cluster member;
@@ -233,6 +279,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_in_flight = args.max_in_flight;
     config.max_loaded_functions = args.max_loaded_functions;
     config.cluster = args.cluster.config(args.listen)?;
+    config.kv = args.kv.config()?;
     let server = Server::bind(config).await?;
     server.run(server::shutdown_signal()).await
 }

@@ -18,6 +18,7 @@ use prometheus::{
 };
 
 use crate::engine::Outcome;
+use crate::kv::KvMetrics;
 
 /// Buckets from 50 µs (an instantiate + call of a tiny function) to 30 s
 /// (a long deadline).
@@ -57,6 +58,8 @@ pub struct Metrics {
     /// Instances of functions that reuse them: created, reused (a request
     /// served by an instance that had served one before) and retired.
     pub instances: IntCounterVec,
+    /// Key-value operations and stores.
+    pub kv: KvMetrics,
     /// Invocations of functions that do not exist (no label: unbounded names).
     pub unknown_function: IntCounter,
     /// Compilations from WebAssembly to machine code, with their durations.
@@ -224,7 +227,9 @@ impl Metrics {
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
+        let kv = KvMetrics::register(&registry)?;
         Ok(Metrics {
+            kv,
             registry,
             invocations,
             invocation_duration,
@@ -299,6 +304,7 @@ impl Metrics {
         for event in INSTANCE_EVENTS {
             let _ = self.instances.remove_label_values(&[function, event]);
         }
+        self.kv.forget_function(function);
     }
 
     /// The exposition text (format 0.0.4).

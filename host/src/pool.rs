@@ -37,7 +37,7 @@ use wasmtime_wasi_http::handler::{
 };
 
 use crate::policy::Policy;
-use crate::sandbox::{HostState, InstanceEvent, Invocation, InvocationStats};
+use crate::sandbox::{HostState, InstanceEvent, Invocation, InvocationStats, new_store};
 
 /// The instances of one function version under one policy.
 pub struct Pool {
@@ -87,11 +87,8 @@ impl HandlerState for PoolState {
             request_id: Arc::from(format!("instance-{number}")),
             ..self.invocation.clone()
         };
-        let state = HostState::new(&invocation).map_err(wasmtime::Error::from_anyhow)?;
-        let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limits);
-        store.set_epoch_deadline(1);
-        store.epoch_deadline_async_yield_and_update(1);
+        let mut store =
+            new_store(&self.engine, &invocation).map_err(wasmtime::Error::from_anyhow)?;
         let policy = &invocation.policy;
         let instantiate =
             tokio::time::timeout(policy.timeout, self.pre.instantiate_async(&mut store));

@@ -31,14 +31,16 @@ use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
 use tokio::io::AsyncWrite;
-use wasmtime::ResourceLimiter;
 use wasmtime::component::ResourceTable;
+use wasmtime::{Engine, ResourceLimiter, Store};
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 use wasmtime_wasi::{FsPerms, WasiCtx, WasiCtxView, WasiView};
 use wasmtime_wasi_http::{
     RequestOptions, WasiBody, WasiHttpCtx, WasiHttpCtxView, WasiHttpHooks, WasiHttpView,
 };
 
+use crate::kv::KvAccess;
+use crate::kv::wasi::{KvCtx, KvView};
 use crate::policy::Policy;
 
 /// Instances, tables and memories one invocation may create: a component
@@ -84,6 +86,9 @@ pub struct Invocation {
     pub on_instance: Arc<dyn Fn(InstanceEvent) + Send + Sync>,
     /// Called with a reused instance's memory high-water mark when it goes.
     pub on_memory_peak: Arc<dyn Fn(usize) + Send + Sync>,
+    /// The host's key-value backend and its metrics (what the policy
+    /// grants is checked on use).
+    pub kv: Option<KvAccess>,
 }
 
 /// Figures of one invocation, written from inside the sandbox.
@@ -122,6 +127,7 @@ pub struct HostState {
     table: ResourceTable,
     pub limits: Limiter,
     hooks: OutboundGuard,
+    kv: KvCtx,
 }
 
 /// Bounds memory (all of an instance's memories together), tables and
@@ -216,6 +222,11 @@ impl HostState {
             hooks: OutboundGuard {
                 invocation: invocation.clone(),
             },
+            kv: KvCtx::new(
+                Arc::clone(&invocation.function),
+                Arc::clone(policy),
+                invocation.kv.clone(),
+            ),
         })
     }
 }
@@ -224,6 +235,44 @@ impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
         WasiCtxView {
             ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
+    }
+}
+
+/// A store for one invocation (or one reused instance) under its policy:
+/// its limits, the epoch deadline that lets a spinning guest be stopped,
+/// and, for a function granted key-value stores, hostcall fuel that bounds
+/// what the guest can hand the host in one call near the value limit (a
+/// larger value traps in the lifting, before the host holds it; one within
+/// the fuel but over the limit gets the interface's error). The floor
+/// leaves room for what other calls carry (body chunks, header lists).
+pub fn new_store(engine: &Engine, invocation: &Invocation) -> anyhow::Result<Store<HostState>> {
+    let state = HostState::new(invocation)?;
+    let mut store = Store::new(engine, state);
+    store.limiter(|state| &mut state.limits);
+    store.set_epoch_deadline(1);
+    store.epoch_deadline_async_yield_and_update(1);
+    let kv = &invocation.policy.keyvalue;
+    if kv.grants_any() {
+        let fuel = kv
+            .max_value_bytes
+            .max(HOSTCALL_FUEL_FLOOR)
+            .saturating_add(kv.max_key_bytes)
+            .saturating_add(64 << 10);
+        store.set_hostcall_fuel(usize::try_from(fuel).unwrap_or(usize::MAX));
+    }
+    Ok(store)
+}
+
+/// The least hostcall fuel a function granted key-value stores gets.
+const HOSTCALL_FUEL_FLOOR: u64 = 1 << 20;
+
+impl HostState {
+    /// The key-value stores' view of this state (`wasi:keyvalue`).
+    pub fn kv(&mut self) -> KvView<'_> {
+        KvView {
+            ctx: &mut self.kv,
             table: &mut self.table,
         }
     }

@@ -23,10 +23,14 @@ use crate::cluster::{Cluster, ClusterConfig};
 use crate::engine::{EngineSettings, Runtime};
 use crate::error::{BUSY_HEADER, RETRY_AFTER_SECS};
 use crate::functions::Functions;
+use crate::kv::{Kv, LocalBackend, NatsBackend};
 use crate::metrics::Metrics;
 use crate::policy::PolicyTable;
 use crate::scheduler::Scheduler;
 use crate::store::ModuleStore;
+
+/// The embedded key-value store, in the data directory.
+const KV_FILE: &str = "kv.redb";
 
 /// Default cap on an uploaded component: large enough for any real function
 /// (ours are ~100 KB; big ones with a language runtime are tens of MB).
@@ -93,6 +97,18 @@ pub struct ServeConfig {
     pub max_loaded_functions: usize,
     /// Join a cluster of peer hosts.
     pub cluster: Option<ClusterConfig>,
+    /// Where functions' key-value stores live.
+    pub kv: KvConfig,
+}
+
+/// The key-value backend a host uses.
+#[derive(Debug, Clone, Default)]
+pub enum KvConfig {
+    /// redb in the data directory: this host's own data.
+    #[default]
+    Local,
+    /// NATS JetStream: shared by every host on the same NATS cluster.
+    Nats { urls: Vec<String>, replicas: usize },
 }
 
 impl ServeConfig {
@@ -112,6 +128,7 @@ impl ServeConfig {
             metrics_require_token: false,
             max_loaded_functions: DEFAULT_MAX_LOADED_FUNCTIONS,
             cluster: None,
+            kv: KvConfig::Local,
         }
     }
 }
@@ -140,6 +157,17 @@ impl Server {
             );
         }
         let store = ModuleStore::open(&config.data_dir)?;
+        let kv = Arc::new(match &config.kv {
+            KvConfig::Local => Kv::Local(
+                LocalBackend::open(store.open_database(KV_FILE)?)
+                    .with_context(|| format!("opening the key-value store {KV_FILE}"))?,
+            ),
+            KvConfig::Nats { urls, replicas } => Kv::Nats(Box::new(
+                NatsBackend::connect(urls, *replicas)
+                    .await
+                    .context("setting up the NATS key-value backend")?,
+            )),
+        });
         let admin_token = match config.admin_token {
             Some(token) if !token.is_empty() => token,
             _ => load_or_create_token(&config.data_dir)?,
@@ -159,6 +187,7 @@ impl Server {
             policies,
             Scheduler::new(config.max_in_flight),
             config.max_loaded_functions,
+            kv,
         ));
         let loader = Arc::clone(&functions);
         let loaded = tokio::task::spawn_blocking(move || loader.load_stored())
@@ -176,8 +205,13 @@ impl Server {
         let local_addr = listener.local_addr()?;
         let cluster = match config.cluster {
             Some(cluster_config) => {
-                let cluster =
-                    Cluster::start(cluster_config, local_addr, functions.metrics.clone()).await?;
+                let cluster = Cluster::start(
+                    cluster_config,
+                    local_addr,
+                    functions.metrics.clone(),
+                    Arc::clone(&functions.kv),
+                )
+                .await?;
                 tokio::spawn(crate::cluster::sync::run(
                     Arc::clone(&cluster),
                     Arc::downgrade(&functions),
@@ -280,6 +314,7 @@ impl Server {
                 self.shutdown_grace
             ),
         }
+        self.state.functions.kv.close().await;
         Ok(())
     }
 }

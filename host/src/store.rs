@@ -176,6 +176,18 @@ impl ModuleStore {
         &self.path
     }
 
+    /// Opens (creating if needed) a database file directly in the data
+    /// directory, for reading and writing.
+    pub fn open_database(&self, name: &str) -> Result<std::fs::File> {
+        let mut options = cap_std::fs::OpenOptions::new();
+        options.read(true).write(true).create(true);
+        let file = self
+            .dir
+            .open_with(name, &options)
+            .with_context(|| format!("opening {}/{name}", self.path.display()))?;
+        Ok(file.into_std())
+    }
+
     pub fn has_module(&self, sha256: &str) -> bool {
         self.dir.exists(module_file(sha256))
     }

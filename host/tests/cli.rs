@@ -6,9 +6,8 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::os::unix::fs::PermissionsExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 use common::{component, send};
@@ -25,34 +24,7 @@ fn serve_with(
     data_dir: &std::path::Path,
     extra: &[&str],
 ) -> (Child, String, std::thread::JoinHandle<Vec<String>>) {
-    let mut child = Command::new(LICHEN)
-        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(data_dir)
-        .arg("--policies")
-        .arg(data_dir.join("policies"))
-        .args(extra)
-        .env_remove("LICHEN_ADMIN_TOKEN")
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("starting lichen serve");
-    let stderr = child.stderr.take().expect("stderr is piped");
-    let (tx, rx) = std::sync::mpsc::channel();
-    // Keep reading the log so the host never blocks on a full pipe.
-    let reader = std::thread::spawn(move || {
-        let mut lines = Vec::new();
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if let Some(url) = lichen::server::listening_url(&line) {
-                let _ = tx.send(url);
-            }
-            lines.push(line);
-        }
-        lines
-    });
-    let url = rx
-        .recv_timeout(Duration::from_secs(60))
-        .expect("the host logs the address it listens on");
-    (child, url, reader)
+    common::spawn_lichen(data_dir, extra)
 }
 
 fn run_client(args: &[&str], url: &str, data_dir: &std::path::Path) -> (bool, String, String) {

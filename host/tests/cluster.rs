@@ -841,3 +841,108 @@ async fn a_policy_file_edited_on_one_host_reaches_the_others() {
     );
     assert!(!b.dir.join("policies/hello.toml").exists());
 }
+
+/// Three slow calls at `a` to `function`, which runs one at a time and
+/// queues none: who served each (`busy` for a 503 refusal).
+async fn three_slow_calls(a: &Node, function: &str) -> Vec<String> {
+    let calls = (0..3).map(|_| {
+        let url = format!("{}/fn/{function}/sleep?ms=1500", a.url);
+        tokio::spawn(async move { send(Method::GET, &url, &[], Vec::new()).await })
+    });
+    let mut outcomes: Vec<String> = futures::future::join_all(calls)
+        .await
+        .into_iter()
+        .map(|reply| {
+            let reply = reply.unwrap();
+            match reply.status {
+                StatusCode::SERVICE_UNAVAILABLE => "busy".to_string(),
+                StatusCode::OK => reply
+                    .headers
+                    .get("x-lichen-served-by")
+                    .map_or("a".to_string(), |v| v.to_str().unwrap().to_string()),
+                other => panic!("{other}: {}", reply.text()),
+            }
+        })
+        .collect();
+    outcomes.sort();
+    outcomes
+}
+
+/// A function with key-value stores runs only where its data is: hosts on
+/// their own embedded stores never forward it (nor a map over it), while a
+/// function without stores is forwarded as ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_with_local_stores_is_never_forwarded() {
+    let root = tempfile::tempdir().unwrap();
+    let (a, b, c) = three(root.path()).await;
+    let with_stores = "[limits]\nconcurrency = 1\nqueue = 0\n[keyvalue]\nstores = [\"default\"]\n";
+    deploy_fixture_with_policy(&a, &[&b, &c], "stateful", "probe", with_stores).await;
+    deploy_fixture_with_policy(
+        &a,
+        &[&b, &c],
+        "stateless",
+        "probe",
+        "[limits]\nconcurrency = 1\nqueue = 0\n",
+    )
+    .await;
+    eventually("a sees b and c serve both", || async {
+        a.sees_serving(2, "stateful").await && a.sees_serving(2, "stateless").await
+    })
+    .await;
+    let peers = a.admin(Method::GET, "/v1/peers", Vec::new()).await.json();
+    assert_eq!(peers["kv"], "local:a");
+    let mut kvs: Vec<&str> = peers["peers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p["kv"].as_str().unwrap())
+        .collect();
+    kvs.sort_unstable();
+    assert_eq!(kvs, ["local:b", "local:c"]);
+
+    assert_eq!(three_slow_calls(&a, "stateless").await, ["a", "b", "c"]);
+    assert_eq!(
+        three_slow_calls(&a, "stateful").await,
+        ["a", "busy", "busy"]
+    );
+}
+
+/// Hosts on one NATS cluster see the same stores, so a function with
+/// stores is forwarded between them like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_function_with_shared_stores_is_forwarded_within_its_nats_cluster() {
+    let root = tempfile::tempdir().unwrap();
+    let nats = common::NatsServer::start(&root.path().join("nats"));
+    let flags = [
+        "--kv-backend",
+        "nats",
+        "--kv-nats-url",
+        &nats.url,
+        "--kv-nats-replicas",
+        "1",
+    ];
+    let a = Node::start_with(root.path(), "a", &[], SECRET, &flags);
+    let b = Node::start_with(root.path(), "b", &[&a], SECRET, &flags);
+    let c = Node::start_with(root.path(), "c", &[&a], SECRET, &flags);
+    for node in [&a, &b, &c] {
+        eventually(&format!("{} sees two peers", node.id), || async {
+            node.peer_ids().await.len() == 2
+        })
+        .await;
+    }
+    let with_stores = "[limits]\nconcurrency = 1\nqueue = 0\n[keyvalue]\nstores = [\"default\"]\n";
+    deploy_fixture_with_policy(&a, &[&b, &c], "stateful", "probe", with_stores).await;
+    eventually("a sees b and c serve it", || a.sees_serving(2, "stateful")).await;
+    let peers = a.admin(Method::GET, "/v1/peers", Vec::new()).await.json();
+    let kv = peers["kv"].as_str().unwrap().to_string();
+    assert!(kv.starts_with("nats:"), "{kv}");
+    assert!(
+        peers["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["kv"] == kv.as_str()),
+        "{peers}"
+    );
+    assert_eq!(three_slow_calls(&a, "stateful").await, ["a", "b", "c"]);
+}

@@ -192,54 +192,6 @@ async fn a_python_p3_component_runs_unmodified() {
     host.stop().await;
 }
 
-/// The official `wasmtime serve` with a component, on a free loopback port;
-/// killed when dropped.
-struct WasmtimeServe {
-    child: std::process::Child,
-    url: String,
-}
-
-impl WasmtimeServe {
-    fn start(component: &std::path::Path) -> WasmtimeServe {
-        use std::io::{BufRead, BufReader};
-        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
-        let bin = root.join("target/tools/wasmtime/lib/wasmtime");
-        if !bin.exists() {
-            let status = std::process::Command::new(root.join("scripts/install-wasmtime.sh"))
-                .status()
-                .expect("running scripts/install-wasmtime.sh");
-            assert!(status.success(), "installing wasmtime failed");
-        }
-        let mut child = std::process::Command::new(&bin)
-            .args(["serve", "-S", "cli", "--addr", "127.0.0.1:0"])
-            .arg(component)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("starting wasmtime serve");
-        let stderr = child.stderr.take().unwrap();
-        let mut lines = BufReader::new(stderr).lines();
-        let url = loop {
-            let line = lines
-                .next()
-                .expect("wasmtime serve printed its address")
-                .unwrap();
-            if let Some(at) = line.find("http://") {
-                break line[at..].trim_end_matches('/').to_string();
-            }
-        };
-        std::thread::spawn(move || lines.for_each(drop));
-        WasmtimeServe { child, url }
-    }
-}
-
-impl Drop for WasmtimeServe {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// A p3 component answers the same under Lichen as under `wasmtime serve`
 /// 49: method, path, query, headers and body as the guest saw them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -248,7 +200,7 @@ async fn a_p3_component_answers_as_under_wasmtime_serve() {
     let host = host_with(dir.path(), &[("echo", "echo-p3")]).await;
     let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../functions/target/wasm32-wasip2/release/echo_p3.wasm");
-    let wasmtime = WasmtimeServe::start(&path);
+    let wasmtime = common::WasmtimeServe::start(&path, &[]);
     let big: Vec<u8> = (0..1 << 20).map(|i| b'a' + (i % 26) as u8).collect();
     let cases: Vec<(Method, &str, Vec<u8>)> = vec![
         (Method::GET, "/", Vec::new()),

@@ -40,6 +40,7 @@ use serde::de::DeserializeOwned;
 
 pub use wasi;
 
+pub mod kv;
 pub mod outbound;
 
 /// A handler's result: `Err` becomes a JSON error response.

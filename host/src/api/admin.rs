@@ -20,8 +20,9 @@ use serde::Serialize;
 use super::body;
 use super::{AppState, json};
 use crate::error::{ApiError, Body, full_body};
+use crate::kv::{Backend, KvError, Scope};
 use crate::names::FunctionName;
-use crate::policy::WriteError;
+use crate::policy::{StoreLabel, WriteError};
 use crate::store::{Abi, VersionInfo, sha256_hex};
 
 /// Largest policy file accepted by `PUT /v1/functions/{name}/policy`.
@@ -219,11 +220,35 @@ async fn deploy_inner(
 }
 
 /// `DELETE /v1/functions/{name}`.
-pub async fn delete(state: &AppState, name: &FunctionName) -> Result<Response<Body>, ApiError> {
+/// `DELETE /v1/functions/{name}`. The function's key-value data stays
+/// (a redeploy finds it) unless the query says `purge_kv=true`.
+pub async fn delete(
+    state: &AppState,
+    name: &FunctionName,
+    query: Option<&str>,
+) -> Result<Response<Body>, ApiError> {
+    let purge_kv = match query_flag(query, "purge_kv") {
+        Ok(flag) => flag,
+        Err(why) => return Err(ApiError::bad_request("invalid_query", why)),
+    };
     let functions = &state.functions;
     let guard = functions.lock_admin().await;
     if !functions.delete(&guard, name)? {
         return Err(ApiError::not_found(format!("no function named {name}")));
+    }
+    if purge_kv {
+        let stores = functions
+            .kv
+            .stores(name.as_str())
+            .await
+            .map_err(kv_unavailable)?;
+        for (label, _) in stores {
+            functions
+                .kv
+                .purge(&Scope::new(name.as_str(), &label))
+                .await
+                .map_err(kv_unavailable)?;
+        }
     }
     if let Some(cluster) = state.cluster() {
         cluster.forget_function(name.as_str());
@@ -233,10 +258,114 @@ pub async fn delete(state: &AppState, name: &FunctionName) -> Result<Response<Bo
             .await;
     }
     drop(guard);
-    tracing::info!(function = %name, "deleted");
+    tracing::info!(function = %name, purge_kv, "deleted");
     json(
         StatusCode::OK,
-        &serde_json::json!({ "name": name, "deleted": true }),
+        &serde_json::json!({ "name": name, "deleted": true, "purged_kv": purge_kv }),
+    )
+}
+
+/// A `true`/`false` query parameter (absent: false).
+fn query_flag(query: Option<&str>, name: &str) -> Result<bool, String> {
+    let Some(query) = query else {
+        return Ok(false);
+    };
+    for pair in query.split('&') {
+        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
+        if key == name {
+            return match value {
+                "true" | "1" => Ok(true),
+                "false" | "0" => Ok(false),
+                other => Err(format!("{name}={other:?}: use true or false")),
+            };
+        }
+    }
+    Ok(false)
+}
+
+/// `GET /v1/functions/{name}/kv`: each store the function is granted or
+/// has data in, with what it holds against the policy's limits.
+pub async fn kv_usage(state: &AppState, name: &FunctionName) -> Result<Response<Body>, ApiError> {
+    let functions = &state.functions;
+    let stored = functions
+        .kv
+        .stores(name.as_str())
+        .await
+        .map_err(kv_unavailable)?;
+    let deployed = functions.lookup(name.as_str()).is_some();
+    if !deployed && stored.is_empty() {
+        return Err(ApiError::not_found(format!(
+            "no function named {name}, and no key-value data of one"
+        )));
+    }
+    let grant = functions
+        .policies
+        .get(name)
+        .map(|policy| policy.keyvalue.clone())
+        .unwrap_or_default();
+    let mut labels: Vec<String> = grant.stores.clone();
+    for (label, _) in &stored {
+        if !labels.contains(label) {
+            labels.push(label.clone());
+        }
+    }
+    labels.sort();
+    let stores: Vec<serde_json::Value> = labels
+        .iter()
+        .map(|label| {
+            let usage = stored
+                .iter()
+                .find(|(l, _)| l == label)
+                .map(|(_, usage)| *usage)
+                .unwrap_or_default();
+            serde_json::json!({
+                "label": label,
+                "granted": grant.stores.contains(label),
+                "keys": usage.keys,
+                "bytes": usage.bytes,
+                "max_keys": grant.max_keys,
+                "max_bytes": grant.max_bytes,
+            })
+        })
+        .collect();
+    json(
+        StatusCode::OK,
+        &serde_json::json!({
+            "name": name,
+            "backend": functions.kv.kind(),
+            "stores": stores,
+        }),
+    )
+}
+
+/// `DELETE /v1/functions/{name}/kv/{label}`: deletes everything in one
+/// store of a function (deployed or not: data outlives a delete).
+pub async fn kv_purge(
+    state: &AppState,
+    name: &FunctionName,
+    label: &str,
+) -> Result<Response<Body>, ApiError> {
+    let label = StoreLabel::try_from(label.to_string())
+        .map_err(|why| ApiError::bad_request("invalid_label", why))?;
+    let scope = Scope::new(name.as_str(), &label.0);
+    state
+        .functions
+        .kv
+        .purge(&scope)
+        .await
+        .map_err(kv_unavailable)?;
+    tracing::info!(function = %name, store = %label.0, "key-value store purged");
+    json(
+        StatusCode::OK,
+        &serde_json::json!({ "name": name, "label": label.0, "purged": true }),
+    )
+}
+
+fn kv_unavailable(error: KvError) -> ApiError {
+    ApiError::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        "kv_unavailable",
+        error.to_string(),
     )
 }
 
@@ -261,7 +390,11 @@ pub fn peers(state: &AppState) -> Result<Response<Body>, ApiError> {
     let Some(cluster) = state.cluster() else {
         return json(
             StatusCode::OK,
-            &serde_json::json!({ "node_id": null, "peers": [] }),
+            &serde_json::json!({
+                "node_id": null,
+                "kv": null,
+                "peers": [],
+            }),
         );
     };
     let peers: Vec<serde_json::Value> = cluster
@@ -281,6 +414,7 @@ pub fn peers(state: &AppState) -> Result<Response<Body>, ApiError> {
                 "gossip": peer.gossip,
                 "free_slots": peer.free_slots,
                 "load": peer.load,
+                "kv": peer.kv,
                 "modules": peer.modules,
                 "functions": functions,
             })
@@ -288,6 +422,10 @@ pub fn peers(state: &AppState) -> Result<Response<Body>, ApiError> {
         .collect();
     json(
         StatusCode::OK,
-        &serde_json::json!({ "node_id": cluster.node_id(), "peers": peers }),
+        &serde_json::json!({
+            "node_id": cluster.node_id(),
+            "kv": cluster.kv_identity(),
+            "peers": peers,
+        }),
     )
 }

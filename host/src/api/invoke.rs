@@ -207,6 +207,7 @@ async fn admit_and_run(
                         req,
                         policy.timeout + FORWARD_SLACK,
                         replay.clone(),
+                        policy.keyvalue.grants_any(),
                     )
                     .await;
                 req = match forwarded {
@@ -258,6 +259,7 @@ async fn admit_and_run(
         stats,
         on_instance: instance_events(functions, function, &policy),
         on_memory_peak: memory_peaks(functions, function, &policy),
+        kv: Some(functions.kv_access()),
     };
     let (result, outcome) = functions
         .runtime

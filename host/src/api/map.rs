@@ -23,6 +23,7 @@ use super::body::{self, RequestBody};
 use super::invoke::{self, Arrival};
 use crate::error::{ApiError, Body};
 use crate::names::FunctionName;
+use crate::policy::Policy;
 
 /// Most items in one map.
 pub const MAX_ITEMS: usize = 100_000;
@@ -53,7 +54,7 @@ pub async fn map(
             items.len()
         )));
     }
-    let width = in_flight_bound(state, name, policy.concurrency);
+    let width = in_flight_bound(state, name, &policy);
     let started = Instant::now();
     let count = items.len();
     let results: Vec<serde_json::Value> = futures::stream::iter(items.into_iter().enumerate())
@@ -86,16 +87,23 @@ pub async fn map(
 }
 
 /// Items in flight: this host's slots for the function plus the free slots
-/// of peers serving it (each at most the function's concurrency).
-fn in_flight_bound(state: &AppState, name: &FunctionName, concurrency: u32) -> usize {
+/// of peers serving it (each at most the function's concurrency); for a
+/// function with key-value stores, only peers that see the same stores,
+/// as only those are forwarded to.
+fn in_flight_bound(state: &AppState, name: &FunctionName, policy: &Policy) -> usize {
+    let concurrency = policy.concurrency;
     let local = concurrency as usize;
     let peers = match (state.cluster(), state.functions.active_sha(name)) {
-        (Some(cluster), Some(sha)) => cluster
-            .peers()
-            .iter()
-            .filter(|p| p.serves(name.as_str(), &sha))
-            .map(|p| p.free_slots.min(concurrency) as usize)
-            .sum(),
+        (Some(cluster), Some(sha)) => {
+            let kv = policy.keyvalue.grants_any().then(|| cluster.kv_identity());
+            cluster
+                .peers()
+                .iter()
+                .filter(|p| p.serves(name.as_str(), &sha))
+                .filter(|p| kv.as_ref().is_none_or(|kv| *kv == p.kv))
+                .map(|p| p.free_slots.min(concurrency) as usize)
+                .sum()
+        }
         _ => 0,
     };
     (local + peers).clamp(1, MAX_IN_FLIGHT)

@@ -2,7 +2,7 @@
 //! the OpenAPI document (`host/openapi.json`, compiled into the binary and
 //! served as written, so what a host serves is what the repository says).
 
-use http::{HeaderValue, Response, header};
+use http::{HeaderValue, Response, StatusCode, header};
 
 use super::AppState;
 use crate::error::{ApiError, Body, full_body};
@@ -22,12 +22,27 @@ pub fn openapi() -> Response<Body> {
 
 /// `GET /metrics`: Prometheus text, with the gauges that mirror state set
 /// just before.
-pub fn metrics(state: &AppState) -> Result<Response<Body>, ApiError> {
+pub async fn metrics(state: &AppState) -> Result<Response<Body>, ApiError> {
     state.functions.refresh_gauges();
+    state.functions.refresh_kv_gauges().await;
     let (content_type, body) = state.functions.metrics.render()?;
     let mut response = Response::new(full_body(body));
     if let Ok(value) = HeaderValue::from_str(&content_type) {
         response.headers_mut().insert(header::CONTENT_TYPE, value);
     }
     Ok(response)
+}
+
+/// `GET /readyz`: ready unless the key-value backend is out of reach (the
+/// host still serves; functions with stores get the interface's error).
+pub fn readyz(state: &AppState) -> Response<Body> {
+    let kv = &state.functions.kv;
+    if kv.reachable() {
+        super::text(StatusCode::OK, "ready\n")
+    } else {
+        super::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not ready: the key-value backend (NATS) is unreachable\n",
+        )
+    }
 }

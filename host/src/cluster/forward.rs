@@ -67,7 +67,8 @@ pub enum Replay {
 
 impl Cluster {
     /// Forwards `req` (whose URI is the original `/fn/...` path) to a peer
-    /// serving `sha256` of `function`.
+    /// serving `sha256` of `function`; with `same_kv` (a function with
+    /// key-value stores), only to a peer that sees the same stores.
     pub async fn forward<B>(
         &self,
         function: &str,
@@ -75,15 +76,18 @@ impl Cluster {
         req: Request<B>,
         deadline: Duration,
         replay: Replay,
+        same_kv: bool,
     ) -> Forward<B>
     where
         B: HttpBody<Data = Bytes> + Send + Unpin + 'static,
         B::Error: Into<BoxError>,
     {
         let peers = self.peers();
+        let kv = same_kv.then(|| self.kv_identity());
         let candidates: Vec<&Peer> = candidates(&peers, function, sha256)
             .into_iter()
             .filter(|p| !self.is_suspect(&p.node_id))
+            .filter(|p| kv.as_ref().is_none_or(|kv| *kv == p.kv))
             .collect();
         let (parts, body) = req.into_parts();
         let mut body = Some(body);
@@ -353,6 +357,7 @@ mod tests {
             gossip: ([127, 0, 0, 1], 1).into(),
             free_slots: free,
             load,
+            kv: String::new(),
             functions,
             modules: BTreeSet::new(),
         }

@@ -31,6 +31,7 @@ use chitchat::transport::UdpTransport;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
 use serde::Serialize;
 
+use crate::kv::Kv;
 use crate::metrics::Metrics;
 use crate::names::FunctionName;
 use crate::store::ModuleStore;
@@ -47,6 +48,8 @@ pub const CLUSTER_AUTH_HEADER: &str = "x-lichen-cluster-token";
 
 const KEY_API: &str = "api";
 const KEY_LOAD: &str = "load";
+/// Which key-value data the host sees (`local:<node>`, `nats:<cluster>`).
+const KEY_KV: &str = "kv";
 const PREFIX_FN: &str = "fn:";
 const PREFIX_MOD: &str = "mod:";
 
@@ -74,6 +77,9 @@ pub struct Peer {
     pub gossip: SocketAddr,
     pub free_slots: u32,
     pub load: u32,
+    /// Which key-value data it sees: a function with stores is only sent
+    /// to peers that see the same as this host.
+    pub kv: String,
     /// The registry entries it serves, by function name.
     #[serde(skip)]
     pub functions: HashMap<String, Entry>,
@@ -115,6 +121,8 @@ pub struct Cluster {
     suspects: Mutex<HashMap<String, Instant>>,
     client: forward::Client,
     metrics: Metrics,
+    /// The key-value backend, whose identity each round publishes.
+    kv: Arc<Kv>,
 }
 
 impl Cluster {
@@ -124,6 +132,7 @@ impl Cluster {
         config: ClusterConfig,
         api_addr: SocketAddr,
         metrics: Metrics,
+        kv: Arc<Kv>,
     ) -> anyhow::Result<Arc<Cluster>> {
         let api = config.api_advertise.unwrap_or(api_addr);
         if api.ip().is_unspecified() {
@@ -182,6 +191,7 @@ impl Cluster {
             forwarded_to: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
             metrics,
+            kv,
         }))
     }
 
@@ -191,6 +201,11 @@ impl Cluster {
 
     pub fn secret(&self) -> &Secret {
         &self.secret
+    }
+
+    /// Which key-value data this host sees, as it gossips it.
+    pub fn kv_identity(&self) -> String {
+        self.kv.identity(&self.node_id)
     }
 
     /// Live peers as of the latest gossip round.
@@ -296,12 +311,13 @@ impl Cluster {
         let load_value = self
             .secret
             .seal(&self.node_id, KEY_LOAD, &format!("{free_slots} {load}"));
+        let kv_value = self.secret.seal(&self.node_id, KEY_KV, &self.kv_identity());
         let snapshot = self
             .chitchat
             .with_chitchat(|chitchat| {
-                chitchat
-                    .self_node_state()
-                    .set(KEY_LOAD, load_value.as_str());
+                let state = chitchat.self_node_state();
+                state.set(KEY_LOAD, load_value.as_str());
+                state.set(KEY_KV, kv_value.as_str());
                 let me = chitchat.self_chitchat_id().clone();
                 let live: Vec<ChitchatId> = chitchat
                     .live_nodes()
@@ -344,6 +360,7 @@ impl Cluster {
             gossip: id.gossip_advertise_addr,
             free_slots: 0,
             load: 0,
+            kv: String::new(),
             functions: HashMap::new(),
             modules: BTreeSet::new(),
         };
@@ -386,6 +403,8 @@ impl Cluster {
                     peer.free_slots = free;
                     peer.load = load;
                 }
+            } else if key == KEY_KV {
+                peer.kv = value.to_string();
             } else if let Some(sha) = key.strip_prefix(PREFIX_MOD) {
                 peer.modules.insert(sha.to_string());
             }

@@ -378,6 +378,7 @@ mod tests {
             gossip: ([127, 0, 0, 1], 1).into(),
             free_slots: 1,
             load: 0,
+            kv: String::new(),
             functions: entries
                 .iter()
                 .map(|e| (e.name.clone(), e.clone()))

@@ -61,6 +61,8 @@ pub struct PolicyFile {
     pub access: Access,
     #[serde(default)]
     pub instances: Instances,
+    #[serde(default)]
+    pub keyvalue: KeyValue,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -176,6 +178,87 @@ impl TryFrom<u32> for Reuse {
             Ok(Reuse(n))
         } else {
             Err(format!("must be from 1 to {MAX_REUSE}, not {n}"))
+        }
+    }
+}
+
+/// Key-value stores the function may open, by label, and how much it may
+/// keep. Nothing is granted by default: with no `stores`, every `open` is
+/// `access-denied`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct KeyValue {
+    #[serde(default)]
+    pub stores: Vec<StoreLabel>,
+    #[serde(default = "default_max_key_bytes")]
+    pub max_key_bytes: ByteSize,
+    #[serde(default = "default_max_value_bytes")]
+    pub max_value_bytes: ByteSize,
+    /// Keys per store.
+    #[serde(default = "default_max_keys")]
+    pub max_keys: u64,
+    /// Bytes of keys and values per store.
+    #[serde(default = "default_max_bytes")]
+    pub max_bytes: ByteSize,
+    /// Operations per invocation (each key of a batch counts).
+    #[serde(default = "default_max_ops")]
+    pub max_ops: u64,
+}
+
+fn default_max_key_bytes() -> ByteSize {
+    ByteSize(512)
+}
+fn default_max_value_bytes() -> ByteSize {
+    ByteSize(1 << 20)
+}
+fn default_max_keys() -> u64 {
+    10_000
+}
+fn default_max_bytes() -> ByteSize {
+    ByteSize(64 << 20)
+}
+fn default_max_ops() -> u64 {
+    1000
+}
+
+impl Default for KeyValue {
+    fn default() -> Self {
+        KeyValue {
+            stores: Vec::new(),
+            max_key_bytes: default_max_key_bytes(),
+            max_value_bytes: default_max_value_bytes(),
+            max_keys: default_max_keys(),
+            max_bytes: default_max_bytes(),
+            max_ops: default_max_ops(),
+        }
+    }
+}
+
+/// The largest key and value a policy may allow: a value crosses from the
+/// guest in one call, and the replicated backend carries it in one message.
+pub const MAX_KEY_BYTES: u64 = 1024;
+pub const MAX_VALUE_BYTES: u64 = 16 << 20;
+
+/// A store's label: 1 to 64 of `A-Z a-z 0-9 _ -`, so it names a store the
+/// same way on every backend.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String")]
+pub struct StoreLabel(pub String);
+
+impl TryFrom<String> for StoreLabel {
+    type Error = String;
+
+    fn try_from(label: String) -> Result<Self, Self::Error> {
+        let ok = (1..=64).contains(&label.len())
+            && label
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if ok {
+            Ok(StoreLabel(label))
+        } else {
+            Err(format!(
+                "{label:?} is not a store label: 1 to 64 of A-Z, a-z, 0-9, '_' and '-'"
+            ))
         }
     }
 }
@@ -484,10 +567,30 @@ pub struct Policy {
     pub instance_concurrency: u32,
     /// How long an idle reused instance is kept.
     pub idle: Duration,
+    /// Key-value stores granted, with their limits in bytes.
+    pub keyvalue: KeyValueGrant,
     /// The file as parsed, shown by the admin API.
     pub source: PolicyFile,
     /// The file's text, as the cluster registry carries it.
     pub text: String,
+}
+
+/// `[keyvalue]`, resolved.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct KeyValueGrant {
+    pub stores: Vec<String>,
+    pub max_key_bytes: u64,
+    pub max_value_bytes: u64,
+    pub max_keys: u64,
+    pub max_bytes: u64,
+    pub max_ops: u64,
+}
+
+impl KeyValueGrant {
+    /// Whether the function may open any store.
+    pub fn grants_any(&self) -> bool {
+        !self.stores.is_empty()
+    }
 }
 
 /// A read-only directory granted to the guest.
@@ -529,6 +632,20 @@ impl Policy {
                 ByteSize(MAX_MEMORY)
             ));
         }
+        let kv = &source.keyvalue;
+        if kv.max_key_bytes.0 > MAX_KEY_BYTES {
+            return Err(format!(
+                "keyvalue.max_key_bytes = {} is above the host's maximum of {MAX_KEY_BYTES}",
+                kv.max_key_bytes
+            ));
+        }
+        if kv.max_value_bytes.0 > MAX_VALUE_BYTES {
+            return Err(format!(
+                "keyvalue.max_value_bytes = {} is above the host's maximum of {}",
+                kv.max_value_bytes,
+                ByteSize(MAX_VALUE_BYTES)
+            ));
+        }
         let mut files = Vec::new();
         for (guest, host) in &source.files {
             let resolved = resolve_host_dir(base, host)
@@ -557,6 +674,14 @@ impl Policy {
             reuse: source.instances.reuse.0,
             instance_concurrency: source.instances.concurrency.0,
             idle: source.instances.idle.0,
+            keyvalue: KeyValueGrant {
+                stores: kv.stores.iter().map(|s| s.0.clone()).collect(),
+                max_key_bytes: kv.max_key_bytes.0,
+                max_value_bytes: kv.max_value_bytes.0,
+                max_keys: kv.max_keys,
+                max_bytes: kv.max_bytes.0,
+                max_ops: kv.max_ops,
+            },
             source,
             text: String::new(),
         })

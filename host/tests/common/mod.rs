@@ -34,6 +34,10 @@ pub const FUNCTIONS: &[&str] = &[
     "trap-p3",
     "slow-p3",
     "cancel-p3",
+    "counter",
+    "notes",
+    "kv-draft",
+    "kv-draft-p3",
 ];
 
 fn repo_root() -> PathBuf {
@@ -247,23 +251,33 @@ pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: Vec
 }
 
 pub async fn send_request(request: Request<Full<Bytes>>) -> Reply {
-    let response = tokio::time::timeout(Duration::from_secs(60), client().request(request))
+    tokio::time::timeout(Duration::from_secs(60), try_send_request(request))
         .await
         .expect("the host answers within 60 s")
-        .expect("the host answers");
+        .expect("the host answers")
+}
+
+/// Like [`send`], for a host that may be gone: `None` if the connection or
+/// the body failed.
+pub async fn try_send(method: Method, url: &str, body: Vec<u8>) -> Option<Reply> {
+    let request = Request::builder()
+        .method(method)
+        .uri(url)
+        .body(Full::new(Bytes::from(body)))
+        .expect("request");
+    try_send_request(request).await.ok()
+}
+
+async fn try_send_request(request: Request<Full<Bytes>>) -> anyhow::Result<Reply> {
+    let response = client().request(request).await?;
     let status = response.status();
     let headers = response.headers().clone();
-    let body = response
-        .into_body()
-        .collect()
-        .await
-        .expect("reading the body")
-        .to_bytes();
-    Reply {
+    let body = response.into_body().collect().await?.to_bytes();
+    Ok(Reply {
         status,
         headers,
         body,
-    }
+    })
 }
 
 /// The value of an unlabelled sample (or the sum over all label sets) in
@@ -292,4 +306,248 @@ pub fn distinct(component: &[u8], tag: &str) -> Vec<u8> {
     out.push(contents.len() as u8);
     out.extend_from_slice(&contents);
     out
+}
+
+/// The official `wasmtime serve` with a component, on a free loopback port;
+/// killed when dropped. Installs wasmtime (scripts/install-wasmtime.sh)
+/// when it is missing.
+pub struct WasmtimeServe {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl WasmtimeServe {
+    /// `extra`: more `serve` options, such as `-S keyvalue`.
+    pub fn start(component: &std::path::Path, extra: &[&str]) -> WasmtimeServe {
+        use std::io::{BufRead, BufReader};
+        let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+        let bin = root.join("target/tools/wasmtime/lib/wasmtime");
+        if !bin.exists() {
+            let status = std::process::Command::new(root.join("scripts/install-wasmtime.sh"))
+                .status()
+                .expect("running scripts/install-wasmtime.sh");
+            assert!(status.success(), "installing wasmtime failed");
+        }
+        let mut child = std::process::Command::new(&bin)
+            .args(["serve", "-S", "cli", "--addr", "127.0.0.1:0"])
+            .args(extra)
+            .arg(component)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("starting wasmtime serve");
+        let stderr = child.stderr.take().unwrap();
+        let mut lines = BufReader::new(stderr).lines();
+        let url = loop {
+            let line = lines
+                .next()
+                .expect("wasmtime serve printed its address")
+                .unwrap();
+            if let Some(at) = line.find("http://") {
+                break line[at..].trim_end_matches('/').to_string();
+            }
+        };
+        std::thread::spawn(move || lines.for_each(drop));
+        WasmtimeServe { child, url }
+    }
+}
+
+impl Drop for WasmtimeServe {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts the real `lichen serve` binary on port 0 with the policies at
+/// `data_dir/policies`; returns it with the URL from its log line and the
+/// thread that keeps reading (and returns) its log.
+pub fn spawn_lichen(
+    data_dir: &std::path::Path,
+    extra: &[&str],
+) -> (
+    std::process::Child,
+    String,
+    std::thread::JoinHandle<Vec<String>>,
+) {
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lichen"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(data_dir)
+        .arg("--policies")
+        .arg(data_dir.join("policies"))
+        .args(extra)
+        .env_remove("LICHEN_ADMIN_TOKEN")
+        .stderr(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("starting lichen serve");
+    let stderr = child.stderr.take().expect("stderr is piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    // Keep reading the log so the host never blocks on a full pipe.
+    let reader = std::thread::spawn(move || {
+        let mut lines = Vec::new();
+        for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
+            if let Some(url) = lichen::server::listening_url(&line) {
+                let _ = tx.send(url);
+            }
+            lines.push(line);
+        }
+        lines
+    });
+    let url = rx
+        .recv_timeout(Duration::from_secs(60))
+        .expect("the host logs the address it listens on");
+    (child, url, reader)
+}
+
+/// A real `nats-server` with JetStream on free loopback ports, its data in
+/// `dir`; killed when dropped. Installs nats-server
+/// (scripts/install-nats-server.sh) when it is missing.
+pub struct NatsServer {
+    child: Option<std::process::Child>,
+    pub url: String,
+    args: Vec<String>,
+    monitor: u16,
+}
+
+fn nats_server_bin() -> PathBuf {
+    let root = repo_root();
+    let bin = root.join("target/tools/nats-server/bin/nats-server");
+    if !bin.exists() {
+        let status = Command::new(root.join("scripts/install-nats-server.sh"))
+            .status()
+            .expect("running scripts/install-nats-server.sh");
+        assert!(status.success(), "installing nats-server failed");
+    }
+    bin
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+impl NatsServer {
+    /// One server, alone.
+    pub fn start(dir: &Path) -> NatsServer {
+        let port = free_port();
+        let mut server = NatsServer::configured(dir, "n1", port, Vec::new());
+        server.spawn();
+        server.wait_ready();
+        server
+    }
+
+    /// Three servers in one cluster (`lichen-test`), each with JetStream.
+    pub fn cluster(dir: &Path) -> Vec<NatsServer> {
+        let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
+        let routes: Vec<String> = ports
+            .iter()
+            .map(|(_, cluster)| format!("nats://127.0.0.1:{cluster}"))
+            .collect();
+        let mut servers: Vec<NatsServer> = ports
+            .iter()
+            .enumerate()
+            .map(|(i, (port, cluster))| {
+                let cluster_args = vec![
+                    "--cluster_name".to_string(),
+                    "lichen-test".to_string(),
+                    "--cluster".to_string(),
+                    format!("nats://127.0.0.1:{cluster}"),
+                    "--routes".to_string(),
+                    routes.join(","),
+                ];
+                NatsServer::configured(dir, &format!("n{}", i + 1), *port, cluster_args)
+            })
+            .collect();
+        for server in &mut servers {
+            server.spawn();
+        }
+        for server in &servers {
+            server.wait_ready();
+        }
+        servers
+    }
+
+    fn configured(dir: &Path, name: &str, port: u16, extra: Vec<String>) -> NatsServer {
+        let monitor = free_port();
+        let store = dir.join(name);
+        let mut args = vec![
+            "--addr".to_string(),
+            "127.0.0.1".to_string(),
+            "--port".to_string(),
+            port.to_string(),
+            "--http_port".to_string(),
+            monitor.to_string(),
+            "--server_name".to_string(),
+            name.to_string(),
+            "--jetstream".to_string(),
+            "--store_dir".to_string(),
+            store.display().to_string(),
+        ];
+        args.extend(extra);
+        NatsServer {
+            child: None,
+            url: format!("nats://127.0.0.1:{port}"),
+            args,
+            monitor,
+        }
+    }
+
+    fn spawn(&mut self) {
+        let child = Command::new(nats_server_bin())
+            .args(&self.args)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting nats-server");
+        self.child = Some(child);
+    }
+
+    /// Waits until the server says JetStream is ready (its `/healthz`).
+    fn wait_ready(&self) {
+        let deadline = std::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            if self.healthy() {
+                return;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "nats-server at {} not ready within 60 s",
+                self.url
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn healthy(&self) -> bool {
+        use std::io::{Read, Write};
+        let Ok(mut stream) = std::net::TcpStream::connect(("127.0.0.1", self.monitor)) else {
+            return false;
+        };
+        let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+        if stream
+            .write_all(b"GET /healthz HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n")
+            .is_err()
+        {
+            return false;
+        }
+        let mut head = [0u8; 12];
+        stream.read_exact(&mut head).is_ok() && head.ends_with(b" 200")
+    }
+
+    /// Kills the server (SIGKILL), as a crash would.
+    pub fn kill(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for NatsServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
 }

@@ -1,0 +1,576 @@
+//! The shared backend, for a site of several hosts: NATS JetStream
+//! key-value, one bucket per store, replicated by the NATS servers the
+//! site runs (on its hosts; three of them keep every write through the loss
+//! of one). Every host pointed at the same NATS cluster sees the same data.
+//!
+//! - **Buckets**: `lichen_<function>_<label>` (function names have no `_`,
+//!   so the name reads back unambiguously), created on first use with
+//!   `--kv-nats-replicas` replicas and one revision per key.
+//! - **Reads see the latest write**: a bucket's reads go through the stream
+//!   leader (JetStream's message get), never a direct get, which a replica
+//!   may answer before it has caught up.
+//! - **Keys**: NATS keys are subject tokens. A key of `A-Z a-z 0-9 _ -` is
+//!   stored as itself; any other (dots, spaces, unicode, empty) as `=` and
+//!   its bytes in hex, which no plain key can look like.
+//! - **Writes are compare-and-swap on the key's revision**, so increments,
+//!   swaps and quota accounting are exact under any number of hosts: an
+//!   increment is a bounded loop of read, add, write-if-unchanged.
+//! - **Usage** (`=usage` in the bucket, JSON) is kept by compare-and-swap
+//!   too. A write that grows the store reserves its growth before it writes
+//!   (refused past the quota) and gives it back if the write loses a race;
+//!   a write that shrinks it records that after. A host that dies between
+//!   the two leaves the usage counted high, never low: quotas err towards
+//!   refusing.
+//!
+//! A host whose NATS servers are unreachable keeps serving: key-value
+//! operations fail with the interface's error (`unavailable`), `/readyz`
+//! says so, and the client reconnects on its own.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+
+use super::{Backend, KvError, Page, Quota, Scope, Usage, add_to_counter, entry_size};
+
+const BUCKET_PREFIX: &str = "lichen_";
+const USAGE_KEY: &str = "=usage";
+/// Compare-and-swap rounds before a write gives up on a key that keeps
+/// changing under it.
+const MAX_ROUNDS: usize = 64;
+
+pub struct NatsBackend {
+    client: async_nats::Client,
+    js: jetstream::Context,
+    replicas: usize,
+    /// Open buckets, by store.
+    buckets: Mutex<HashMap<Scope, kv::Store>>,
+    /// Held while a bucket is looked up or created: a burst of first
+    /// writes to a new store makes one stream, not one request each (which
+    /// a clustered JetStream answers slowly, past the request timeout).
+    opening: tokio::sync::Mutex<()>,
+}
+
+fn unavailable(error: impl std::fmt::Display) -> KvError {
+    KvError::Unavailable(error.to_string())
+}
+
+/// The NATS key a store key is kept under.
+pub fn encode_key(key: &str) -> String {
+    let plain = !key.is_empty()
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+    if plain {
+        key.to_string()
+    } else {
+        format!("={}", hex::encode(key.as_bytes()))
+    }
+}
+
+/// The store key of a NATS key; `None` for Lichen's own (`=usage`).
+pub fn decode_key(key: &str) -> Option<String> {
+    match key.strip_prefix('=') {
+        None => Some(key.to_string()),
+        Some(encoded) => hex::decode(encoded)
+            .ok()
+            .and_then(|bytes| String::from_utf8(bytes).ok()),
+    }
+}
+
+fn bucket_name(scope: &Scope) -> String {
+    format!("{BUCKET_PREFIX}{}_{}", scope.function, scope.label)
+}
+
+/// (function, label) of a bucket of ours.
+fn parse_bucket(name: &str) -> Option<(String, String)> {
+    let (function, label) = name.strip_prefix(BUCKET_PREFIX)?.split_once('_')?;
+    Some((function.to_string(), label.to_string()))
+}
+
+fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {
+    matches!(
+        error.kind(),
+        jetstream::context::GetStreamErrorKind::JetStream(e)
+            if e.error_code() == jetstream::ErrorCode::STREAM_NOT_FOUND
+    )
+}
+
+/// Whether a conditional write failed because the key changed since it
+/// was read. Servers since 2.12 answer that with error code 10164 as well
+/// as 10071, and async-nats 0.51 only recognises the older one.
+fn lost_race(recognised: bool, error: &impl std::fmt::Display) -> bool {
+    recognised || {
+        let text = error.to_string();
+        text.contains("error code 10164") || text.contains("wrong last sequence")
+    }
+}
+
+/// A pause before another compare-and-swap round on a contended key:
+/// random, growing with the round up to about 10 ms, so writers that lost
+/// to each other do not collide again in step.
+async fn backoff(round: usize) {
+    let mut byte = [0u8; 1];
+    let _ = getrandom::fill(&mut byte);
+    let ceiling_us = 250 * round.min(40) as u64;
+    let pause = u64::from(byte[0]) * ceiling_us / 255;
+    tokio::time::sleep(Duration::from_micros(pause)).await;
+}
+
+/// What a write decided, given the value it found.
+enum Change<T> {
+    Put(Vec<u8>, T),
+    Delete(T),
+    Keep(T),
+}
+
+impl NatsBackend {
+    /// Connects to `urls` (one NATS cluster); the host starts even if none
+    /// answers yet, and the client keeps reconnecting.
+    pub async fn connect(urls: &[String], replicas: usize) -> anyhow::Result<Self> {
+        let options = async_nats::ConnectOptions::new()
+            .name("lichen")
+            .retry_on_initial_connect()
+            .connection_timeout(Duration::from_secs(2))
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Connected => {
+                        tracing::info!("key-value backend: connected to NATS")
+                    }
+                    async_nats::Event::Disconnected => {
+                        tracing::warn!("key-value backend: NATS unreachable, reconnecting")
+                    }
+                    other => tracing::info!(event = %other, "key-value backend: NATS event"),
+                }
+            });
+        let addrs: Vec<async_nats::ServerAddr> = urls
+            .iter()
+            .map(|url| url.parse())
+            .collect::<Result<_, _>>()
+            .map_err(|e| anyhow::anyhow!("--kv-nats-url: {e}"))?;
+        let client = options.connect(addrs).await?;
+        let mut js = jetstream::new(client.clone());
+        js.set_timeout(Duration::from_secs(5));
+        Ok(NatsBackend {
+            client,
+            js,
+            replicas: replicas.max(1),
+            buckets: Mutex::new(HashMap::new()),
+            opening: tokio::sync::Mutex::new(()),
+        })
+    }
+
+    /// Whether the client is connected now.
+    pub fn connected(&self) -> bool {
+        self.client.connection_state() == async_nats::connection::State::Connected
+    }
+
+    /// Which data this host sees, for the cluster: hosts on the same NATS
+    /// cluster see the same (its name, or the server's id if it has none).
+    pub fn identity(&self) -> Option<String> {
+        let info = self.client.server_info();
+        match info.cluster {
+            Some(cluster) if !cluster.is_empty() => Some(cluster),
+            _ if !info.server_id.is_empty() => Some(info.server_id),
+            _ => None,
+        }
+    }
+
+    pub async fn close(&self) {
+        let _ = self.client.drain().await;
+    }
+
+    /// The store's bucket; `create`: make it if missing (else `None`).
+    async fn bucket(&self, scope: &Scope, create: bool) -> Result<Option<kv::Store>, KvError> {
+        if let Some(store) = self.cached(scope) {
+            return Ok(Some(store));
+        }
+        let _opening = self.opening.lock().await;
+        if let Some(store) = self.cached(scope) {
+            return Ok(Some(store));
+        }
+        let name = bucket_name(scope);
+        let stream = format!("KV_{name}");
+        match self.js.get_stream(&stream).await {
+            Ok(_) => {}
+            Err(e) if is_not_found(&e) && !create => return Ok(None),
+            Err(e) if is_not_found(&e) => {
+                // The stream a key-value bucket is, as async-nats makes it,
+                // except that reads go through the stream leader: a direct
+                // get may be answered by a replica that has not seen the
+                // latest write.
+                let config = jetstream::stream::Config {
+                    name: stream,
+                    subjects: vec![format!("$KV.{name}.>")],
+                    max_messages_per_subject: 1,
+                    allow_rollup: true,
+                    deny_delete: true,
+                    allow_direct: false,
+                    num_replicas: self.replicas,
+                    discard: jetstream::stream::DiscardPolicy::New,
+                    ..Default::default()
+                };
+                let mut stream = self
+                    .js
+                    .get_or_create_stream(config)
+                    .await
+                    .map_err(unavailable)?;
+                // A new replicated stream elects its leader first; reads
+                // before that wait out the request timeout.
+                for _ in 0..50 {
+                    let info = stream.info().await.map_err(unavailable)?;
+                    if info.cluster.as_ref().is_none_or(|c| c.leader.is_some()) {
+                        break;
+                    }
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+            Err(e) => return Err(unavailable(e)),
+        }
+        let store = self.js.get_key_value(&name).await.map_err(unavailable)?;
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        buckets.insert(scope.clone(), store.clone());
+        Ok(Some(store))
+    }
+
+    fn cached(&self, scope: &Scope) -> Option<kv::Store> {
+        let buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        buckets.get(scope).cloned()
+    }
+
+    fn forget(&self, scope: &Scope) {
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        buckets.remove(scope);
+    }
+
+    /// The value at `key` (encoded) and its revision (0: never written).
+    async fn entry(store: &kv::Store, key: &str) -> Result<(Option<Bytes>, u64), KvError> {
+        match store.entry(key).await.map_err(unavailable)? {
+            None => Ok((None, 0)),
+            Some(entry) => match entry.operation {
+                kv::Operation::Put => Ok((Some(entry.value), entry.revision)),
+                _ => Ok((None, entry.revision)),
+            },
+        }
+    }
+
+    async fn read_usage(store: &kv::Store) -> Result<(Usage, u64), KvError> {
+        let (value, revision) = Self::entry(store, USAGE_KEY).await?;
+        let usage = match value {
+            None => Usage::default(),
+            Some(bytes) => {
+                let (keys, bytes): (u64, u64) = serde_json::from_slice(&bytes)
+                    .map_err(|e| KvError::Invalid(format!("the store's usage record: {e}")))?;
+                Usage { keys, bytes }
+            }
+        };
+        Ok((usage, revision))
+    }
+
+    /// Applies a change of (keys, bytes) to the usage record; with a quota,
+    /// refuses growth past it.
+    async fn adjust_usage(
+        store: &kv::Store,
+        keys: i64,
+        bytes: i64,
+        quota: Option<Quota>,
+    ) -> Result<(), KvError> {
+        for round in 0..MAX_ROUNDS {
+            if round > 0 {
+                backoff(round).await;
+            }
+            let (usage, revision) = Self::read_usage(store).await?;
+            let next = Usage {
+                keys: usage.keys.saturating_add_signed(keys),
+                bytes: usage.bytes.saturating_add_signed(bytes),
+            };
+            if let Some(quota) = quota {
+                usage.check(next, quota)?;
+            }
+            let record = serde_json::to_vec(&(next.keys, next.bytes))
+                .map_err(|e| KvError::Invalid(e.to_string()))?;
+            match store.update(USAGE_KEY, record.into(), revision).await {
+                Ok(_) => return Ok(()),
+                Err(e) if lost_race(e.kind() == kv::UpdateErrorKind::WrongLastRevision, &e) => {
+                    continue;
+                }
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Err(unavailable("the store's usage kept changing; try again"))
+    }
+
+    /// Reads `key`, lets `decide` choose, and writes if nothing changed in
+    /// between (else reads again), keeping the usage record in step.
+    async fn change<T>(
+        &self,
+        scope: &Scope,
+        key: &str,
+        quota: Quota,
+        creates: bool,
+        mut decide: impl FnMut(Option<&[u8]>) -> Result<Change<T>, KvError>,
+    ) -> Result<T, KvError> {
+        let Some(store) = self.bucket(scope, creates).await? else {
+            // Nothing stored, nothing to delete.
+            return match decide(None)? {
+                Change::Delete(answer) | Change::Keep(answer) => Ok(answer),
+                Change::Put(..) => Err(unavailable("the store's bucket is missing")),
+            };
+        };
+        let nats_key = encode_key(key);
+        for round in 0..MAX_ROUNDS {
+            if round > 0 {
+                backoff(round).await;
+            }
+            let (old, revision) = Self::entry(&store, &nats_key).await?;
+            let old_size = old.as_deref().map(|v| entry_size(key, v) as i64);
+            match decide(old.as_deref())? {
+                Change::Keep(answer) => return Ok(answer),
+                Change::Put(value, answer) => {
+                    let keys = i64::from(old.is_none());
+                    let bytes = entry_size(key, &value) as i64 - old_size.unwrap_or(0);
+                    let (grow_keys, grow_bytes) = (keys.max(0), bytes.max(0));
+                    if grow_keys > 0 || grow_bytes > 0 {
+                        Self::adjust_usage(&store, grow_keys, grow_bytes, Some(quota)).await?;
+                    }
+                    match store.update(&nats_key, value.into(), revision).await {
+                        Ok(_) => {
+                            if bytes < 0 {
+                                Self::adjust_usage(&store, 0, bytes, None).await?;
+                            }
+                            return Ok(answer);
+                        }
+                        Err(e) => {
+                            if grow_keys > 0 || grow_bytes > 0 {
+                                Self::adjust_usage(&store, -grow_keys, -grow_bytes, None).await?;
+                            }
+                            if !lost_race(e.kind() == kv::UpdateErrorKind::WrongLastRevision, &e) {
+                                return Err(unavailable(e));
+                            }
+                        }
+                    }
+                }
+                Change::Delete(answer) => {
+                    let Some(size) = old_size else {
+                        return Ok(answer);
+                    };
+                    match store
+                        .delete_expect_revision(&nats_key, Some(revision))
+                        .await
+                    {
+                        Ok(()) => {
+                            Self::adjust_usage(&store, -1, -size, None).await?;
+                            return Ok(answer);
+                        }
+                        Err(e)
+                            if lost_race(
+                                e.kind() == kv::DeleteErrorKind::WrongLastRevision,
+                                &e,
+                            ) =>
+                        {
+                            continue;
+                        }
+                        Err(e) => return Err(unavailable(e)),
+                    }
+                }
+            }
+        }
+        Err(unavailable(format!(
+            "{key:?} kept changing under {MAX_ROUNDS} attempts to write it"
+        )))
+    }
+
+    /// Our buckets' stores: (function, label).
+    async fn our_buckets(&self) -> Result<Vec<(String, String)>, KvError> {
+        let names: Vec<String> = self
+            .js
+            .stream_names()
+            .try_collect()
+            .await
+            .map_err(unavailable)?;
+        Ok(names
+            .iter()
+            .filter_map(|stream| stream.strip_prefix("KV_"))
+            .filter_map(parse_bucket)
+            .collect())
+    }
+}
+
+impl Backend for NatsBackend {
+    async fn get(&self, scope: &Scope, key: &str) -> Result<Option<Vec<u8>>, KvError> {
+        let Some(store) = self.bucket(scope, false).await? else {
+            return Ok(None);
+        };
+        let (value, _) = Self::entry(&store, &encode_key(key)).await?;
+        Ok(value.map(|v| v.to_vec()))
+    }
+
+    async fn set(
+        &self,
+        scope: &Scope,
+        key: &str,
+        value: Vec<u8>,
+        quota: Quota,
+    ) -> Result<(), KvError> {
+        self.change(scope, key, quota, true, |_| {
+            Ok(Change::Put(value.clone(), ()))
+        })
+        .await
+    }
+
+    async fn delete(&self, scope: &Scope, key: &str) -> Result<(), KvError> {
+        self.change(scope, key, Quota::UNLIMITED, false, |_| {
+            Ok(Change::Delete(()))
+        })
+        .await
+    }
+
+    async fn exists(&self, scope: &Scope, key: &str) -> Result<bool, KvError> {
+        Ok(self.get(scope, key).await?.is_some())
+    }
+
+    async fn list(
+        &self,
+        scope: &Scope,
+        after: Option<&str>,
+        limit: usize,
+    ) -> Result<Page, KvError> {
+        let Some(store) = self.bucket(scope, false).await? else {
+            return Ok(Page {
+                keys: Vec::new(),
+                next: None,
+            });
+        };
+        let mut keys: Vec<String> = Vec::new();
+        let mut listed = store.keys().await.map_err(unavailable)?;
+        while let Some(key) = listed.next().await {
+            if let Some(key) = decode_key(&key.map_err(unavailable)?) {
+                keys.push(key);
+            }
+        }
+        keys.sort();
+        let start = match after {
+            Some(after) => keys.partition_point(|k| k.as_str() <= after),
+            None => 0,
+        };
+        let page: Vec<String> = keys.iter().skip(start).take(limit).cloned().collect();
+        let more = start + page.len() < keys.len();
+        let next = if more { page.last().cloned() } else { None };
+        Ok(Page { keys: page, next })
+    }
+
+    async fn increment(
+        &self,
+        scope: &Scope,
+        key: &str,
+        delta: i64,
+        quota: Quota,
+    ) -> Result<i64, KvError> {
+        self.change(scope, key, quota, true, |old| {
+            let sum = add_to_counter(key, old, delta)?;
+            Ok(Change::Put(sum.to_string().into_bytes(), sum))
+        })
+        .await
+    }
+
+    async fn compare_and_swap(
+        &self,
+        scope: &Scope,
+        key: &str,
+        expected: Option<Vec<u8>>,
+        value: Vec<u8>,
+        quota: Quota,
+    ) -> Result<bool, KvError> {
+        self.change(scope, key, quota, true, |old| {
+            if old == expected.as_deref() {
+                Ok(Change::Put(value.clone(), true))
+            } else {
+                Ok(Change::Keep(false))
+            }
+        })
+        .await
+    }
+
+    async fn usage(&self, scope: &Scope) -> Result<Usage, KvError> {
+        match self.bucket(scope, false).await? {
+            None => Ok(Usage::default()),
+            Some(store) => Ok(Self::read_usage(&store).await?.0),
+        }
+    }
+
+    async fn stores(&self, function: &str) -> Result<Vec<(String, Usage)>, KvError> {
+        let mut stores = Vec::new();
+        for (f, label) in self.our_buckets().await? {
+            if f != function {
+                continue;
+            }
+            let usage = self.usage(&Scope::new(&f, &label)).await?;
+            if usage.keys > 0 {
+                stores.push((label, usage));
+            }
+        }
+        stores.sort_by(|a, b| a.0.cmp(&b.0));
+        Ok(stores)
+    }
+
+    async fn all_stores(&self) -> Result<Vec<(String, String, Usage)>, KvError> {
+        let mut stores = Vec::new();
+        for (function, label) in self.our_buckets().await? {
+            let usage = self.usage(&Scope::new(&function, &label)).await?;
+            if usage.keys > 0 {
+                stores.push((function, label, usage));
+            }
+        }
+        Ok(stores)
+    }
+
+    async fn purge(&self, scope: &Scope) -> Result<(), KvError> {
+        self.forget(scope);
+        match self
+            .js
+            .delete_stream(format!("KV_{}", bucket_name(scope)))
+            .await
+        {
+            Ok(_) => Ok(()),
+            Err(e) if e.to_string().contains("stream not found") => Ok(()),
+            Err(e) => Err(unavailable(e)),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_round_trip_and_plain_ones_stay_readable() {
+        for key in [
+            "plain-key_1",
+            "",
+            "a.b",
+            "with space",
+            "=usage",
+            "\u{e9}t\u{e9}",
+            "a/b*>",
+        ] {
+            let encoded = encode_key(key);
+            assert!(
+                encoded
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-' || b == b'='),
+                "{encoded}"
+            );
+            assert_eq!(decode_key(&encoded).as_deref(), Some(key));
+        }
+        assert_eq!(encode_key("plain-key_1"), "plain-key_1");
+        assert_ne!(encode_key("=usage"), USAGE_KEY);
+        assert_eq!(decode_key(USAGE_KEY), None);
+        assert_eq!(
+            parse_bucket("lichen_my-fn_sessions_v2"),
+            Some(("my-fn".into(), "sessions_v2".into()))
+        );
+    }
+}

@@ -1,0 +1,199 @@
+//! The shared key-value backend against real `nats-server`s started by the
+//! test on free loopback ports: the conformance suite every backend passes,
+//! and a site of three NATS servers and two Lichen hosts that keeps every
+//! acknowledged write through the loss of a server.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::{NatsServer, TestHost, send, test_config, write_policy};
+use http::{Method, StatusCode};
+use lichen::kv::{NatsBackend, conformance};
+use lichen::server::KvConfig;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn nats_passes_the_conformance_suite() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path());
+    let backend = Arc::new(
+        NatsBackend::connect(std::slice::from_ref(&nats.url), 1)
+            .await
+            .unwrap(),
+    );
+    if let Err(failure) = conformance::check(&backend, "nats").await {
+        panic!("{failure}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_site_shares_its_stores_and_survives_losing_a_nats_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsServer::cluster(&dir.path().join("nats"));
+    let urls: Vec<String> = nats.iter().map(|n| n.url.clone()).collect();
+    let host = |name: &str| {
+        let data = dir.path().join(name);
+        write_policy(&data, "counter", "[keyvalue]\nstores = [\"default\"]\n");
+        write_policy(&data, "notes", "[keyvalue]\nstores = [\"notes\"]\n");
+        let mut config = test_config(&data);
+        config.kv = KvConfig::Nats {
+            urls: urls.clone(),
+            replicas: 3,
+        };
+        config
+    };
+    let a = TestHost::start(host("a")).await;
+    let b = TestHost::start(host("b")).await;
+    for h in [&a, &b] {
+        for name in ["counter", "notes"] {
+            let reply = h.deploy(name, common::component(name)).await;
+            assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+        }
+        assert_eq!(h.get("/readyz").await.status, StatusCode::OK);
+    }
+
+    let put = |host: &TestHost, key: String, n: usize| {
+        let url = format!("{}/fn/notes/{key}", host.url);
+        async move {
+            send(
+                Method::PUT,
+                &url,
+                &[],
+                format!("{{\"n\":{n}}}").into_bytes(),
+            )
+            .await
+        }
+    };
+    // Writes through A are read through B; counts from both add up.
+    for n in 0..10 {
+        let reply = put(&a, format!("k{n}"), n).await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    for n in 0..10 {
+        let reply = b.get(&format!("/fn/notes/k{n}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "k{n}: {}", reply.text());
+        assert_eq!(reply.json()["n"], n);
+    }
+    // 24 increments of one counter at once, through both hosts: exact.
+    let increments: Vec<_> = (0..24)
+        .map(|i| {
+            let url = format!(
+                "{}/fn/counter/shared",
+                if i % 2 == 0 { &a.url } else { &b.url }
+            );
+            tokio::spawn(async move { send(Method::GET, &url, &[], Vec::new()).await })
+        })
+        .collect();
+    for increment in increments {
+        let reply = increment.await.unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    assert_eq!(b.get("/fn/counter/shared").await.json()["visits"], 25);
+
+    // One NATS server dies: writes and reads go on, nothing is lost.
+    nats[0].kill();
+    let mut acked = Vec::new();
+    for n in 10..30 {
+        let writer = if n % 2 == 0 { &a } else { &b };
+        let mut stored = false;
+        // The cluster may take a moment to move a stream's leader.
+        for _ in 0..50 {
+            let reply = put(writer, format!("k{n}"), n).await;
+            if reply.status == StatusCode::OK {
+                stored = true;
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        assert!(stored, "k{n} was never stored with two of three servers up");
+        acked.push(n);
+    }
+    for n in (0..10).chain(acked) {
+        let reader = if n % 2 == 0 { &b } else { &a };
+        let reply = reader.get(&format!("/fn/notes/k{n}")).await;
+        assert_eq!(reply.status, StatusCode::OK, "k{n}: {}", reply.text());
+        assert_eq!(reply.json()["n"], n);
+    }
+    // Listing makes a consumer, which the cluster may be moving too.
+    let mut listed = serde_json::Value::Null;
+    for attempt in 0..50 {
+        let reply = a.get("/fn/notes/").await;
+        listed = reply.json();
+        if reply.status == StatusCode::OK {
+            eprintln!("listed after {attempt} failed attempts");
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert_eq!(
+        listed["keys"].as_array().map(Vec::len),
+        Some(30),
+        "{listed}"
+    );
+    a.stop().await;
+    b.stop().await;
+}
+
+/// A host whose NATS servers are gone keeps serving: key-value operations
+/// get the interface's error (a 500 from the SDK's `?`, never a trap), and
+/// `/readyz` says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unreachable_nats_is_an_error_for_the_guest_and_not_ready() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut nats = NatsServer::start(&dir.path().join("nats"));
+    let data = dir.path().join("host");
+    write_policy(&data, "kv", "[keyvalue]\nstores = [\"default\"]\n");
+    let mut config = test_config(&data);
+    config.kv = KvConfig::Nats {
+        urls: vec![nats.url.clone()],
+        replicas: 1,
+    };
+    let host = TestHost::start(config).await;
+    let reply = host.deploy("kv", common::component("kv-draft")).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let set = send(
+        Method::POST,
+        &format!("{}/fn/kv?op=set&key=k", host.url),
+        &[],
+        b"v".to_vec(),
+    )
+    .await;
+    assert_eq!(set.status, StatusCode::OK, "{}", set.text());
+
+    nats.kill();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let ready = host.get("/readyz").await;
+    assert_eq!(
+        ready.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        ready.text()
+    );
+    assert!(ready.text().contains("key-value"), "{}", ready.text());
+    let get = send(
+        Method::POST,
+        &format!("{}/fn/kv?op=get&key=k", host.url),
+        &[],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(
+        get.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        get.text()
+    );
+    assert_eq!(get.json()["error"], "other");
+    assert!(
+        get.json()["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("unavailable"),
+        "{}",
+        get.text()
+    );
+    assert_eq!(host.get("/healthz").await.status, StatusCode::OK);
+    host.stop().await;
+}
