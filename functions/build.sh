@@ -69,9 +69,24 @@ mkdir -p "$here/target/python"
 for app in "$here"/python/*/; do
     name="$(basename "$app")"
     out="$here/target/python/${name}_py.wasm"
-    if [ -f "$out" ] && [ -z "$(find "$app" -newer "$out" -type f)" ]; then
+    if [ -f "$out" ] && [ -z "$(find "$app" -newer "$out" -type f -not -path '*/__pycache__/*')" ]; then
         continue
     fi
+    # An app may bring its own world (`wit/world.wit`, say one that also
+    # imports wasi:keyvalue) with the WIT directories it uses listed in
+    # `wit/deps.txt`, from the repository root; otherwise it is a plain
+    # wasi:http/service@0.3.0.
+    args=(-d "$wit")
+    world="wasi:http/service@0.3.0"
+    if [ -f "$app/wit/world.wit" ]; then
+        while read -r dir; do
+            case "$dir" in ""|"#"*) continue ;; esac
+            args+=(-d "$here/../$dir")
+        done < "$app/wit/deps.txt"
+        args+=(-d "$app/wit")
+        package="$(sed -n 's/^package \([^;@]*\).*;/\1/p' "$app/wit/world.wit")"
+        world="$package/$(sed -n 's/^world \([a-z0-9-]*\).*/\1/p' "$app/wit/world.wit")"
+    fi
     echo "functions: componentize-py $name" >&2
-    (cd "$app" && "$venv/bin/componentize-py" -d "$wit" -w wasi:http/service@0.3.0 componentize app -o "$out" >/dev/null)
+    (cd "$app" && "$venv/bin/componentize-py" "${args[@]}" -w "$world" componentize app -o "$out" >/dev/null)
 done

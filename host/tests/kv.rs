@@ -493,3 +493,33 @@ async fn admin_shows_usage_purges_and_keeps_data_past_a_delete() {
     gone.assert_error(StatusCode::NOT_FOUND, "not_found");
     host.stop().await;
 }
+
+/// A component from another toolchain keeps state unmodified: Python
+/// (componentize-py), WASIp3, importing `wasi:keyvalue@0.2.0-draft`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_python_component_keeps_count() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(dir.path(), "pycount", GRANT_DEFAULT);
+    let host = TestHost::start(test_config(dir.path())).await;
+    let deployed = host
+        .deploy("pycount", common::python_component("counter"))
+        .await;
+    assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+    assert_eq!(deployed.json()["abi"], "p3");
+    for expected in 1..=3 {
+        let reply = host.get("/fn/pycount/a").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        let answer = reply.json();
+        assert_eq!(answer["visits"], expected, "{answer}");
+        assert_eq!(answer["language"], "python");
+    }
+    let denied = host.get("/fn/pycount/a?store=other").await;
+    assert_eq!(
+        denied.status,
+        StatusCode::UNPROCESSABLE_ENTITY,
+        "{}",
+        denied.text()
+    );
+    assert_eq!(denied.json()["error"], "AccessDenied");
+    host.stop().await;
+}
