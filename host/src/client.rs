@@ -133,11 +133,20 @@ pub async fn list(target: &Target) -> Result<String> {
     Ok(out.trim_end().to_string())
 }
 
-pub async fn remove(target: &Target, name: &str) -> Result<String> {
+pub async fn remove(target: &Target, name: &str, purge_kv: bool) -> Result<String> {
+    let query = if purge_kv { "?purge_kv=true" } else { "" };
     target
-        .call(Method::DELETE, &format!("/v1/functions/{name}"), Vec::new())
+        .call(
+            Method::DELETE,
+            &format!("/v1/functions/{name}{query}"),
+            Vec::new(),
+        )
         .await?;
-    Ok(format!("removed {name}"))
+    Ok(if purge_kv {
+        format!("removed {name} and its key-value data")
+    } else {
+        format!("removed {name}")
+    })
 }
 
 pub async fn map(target: &Target, name: &str, file: &Path) -> Result<String> {

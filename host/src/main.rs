@@ -48,6 +48,10 @@ enum Command {
     /// Delete function NAME.
     Rm {
         name: String,
+        /// Also delete the function's key-value data on that host (kept by
+        /// default, for a redeploy to find).
+        #[arg(long)]
+        purge_kv: bool,
         #[command(flatten)]
         target: TargetArgs,
     },
@@ -247,9 +251,11 @@ async fn main() -> ExitCode {
             print(async { client::deploy(&target.resolve()?, &name, &file).await }).await
         }
         Command::Ls { target } => print(async { client::list(&target.resolve()?).await }).await,
-        Command::Rm { name, target } => {
-            print(async { client::remove(&target.resolve()?, &name).await }).await
-        }
+        Command::Rm {
+            name,
+            purge_kv,
+            target,
+        } => print(async { client::remove(&target.resolve()?, &name, purge_kv).await }).await,
         Command::Map { name, file, target } => {
             print(async { client::map(&target.resolve()?, &name, &file).await }).await
         }

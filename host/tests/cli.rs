@@ -120,6 +120,12 @@ async fn serve_deploy_invoke_list_remove_and_stop() {
     assert!(out.contains("removed greet"));
     let gone = send(Method::GET, &format!("{url}/fn/greet"), &[], Vec::new()).await;
     assert_eq!(gone.status, StatusCode::NOT_FOUND);
+    let (ok, out, err) = run_client(&["rm", "chatty", "--purge-kv"], &url, &data_dir);
+    assert!(ok, "{err}");
+    assert!(
+        out.contains("removed chatty and its key-value data"),
+        "{out}"
+    );
 
     stop(&mut child);
     let lines = log.join().unwrap();
