@@ -215,6 +215,18 @@ impl KvView<'_> {
         Ok(self.table.get(bucket)?.scope.clone())
     }
 
+    /// What an operation on one key needs, checked and counted: the
+    /// bucket's store and the backend.
+    fn one_key(
+        &mut self,
+        bucket: &Resource<Bucket>,
+        key: &str,
+    ) -> Result<(Scope, Arc<Kv>), Failure> {
+        let scope = self.scope(bucket)?;
+        self.check_key(key)?;
+        Ok((scope, self.begin(1)?))
+    }
+
     fn check_key(&self, key: &str) -> Result<(), Failure> {
         let max = self.ctx.policy.keyvalue.max_key_bytes;
         if key.len() as u64 > max {
@@ -253,9 +265,7 @@ impl KvView<'_> {
         let op = self.ctx.op("get");
         op.finish(
             async {
-                let scope = self.scope(bucket)?;
-                self.check_key(&key)?;
-                let backend = self.begin(1)?;
+                let (scope, backend) = self.one_key(bucket, &key)?;
                 Ok(backend.get(&scope, &key).await?)
             }
             .await,
@@ -271,10 +281,8 @@ impl KvView<'_> {
         let op = self.ctx.op("set");
         op.finish(
             async {
-                let scope = self.scope(bucket)?;
-                self.check_key(&key)?;
                 self.check_value(&value)?;
-                let backend = self.begin(1)?;
+                let (scope, backend) = self.one_key(bucket, &key)?;
                 Ok(backend.set(&scope, &key, value, self.quota()).await?)
             }
             .await,
@@ -285,9 +293,7 @@ impl KvView<'_> {
         let op = self.ctx.op("delete");
         op.finish(
             async {
-                let scope = self.scope(bucket)?;
-                self.check_key(&key)?;
-                let backend = self.begin(1)?;
+                let (scope, backend) = self.one_key(bucket, &key)?;
                 Ok(backend.delete(&scope, &key).await?)
             }
             .await,
@@ -298,9 +304,7 @@ impl KvView<'_> {
         let op = self.ctx.op("exists");
         op.finish(
             async {
-                let scope = self.scope(bucket)?;
-                self.check_key(&key)?;
-                let backend = self.begin(1)?;
+                let (scope, backend) = self.one_key(bucket, &key)?;
                 Ok(backend.exists(&scope, &key).await?)
             }
             .await,
@@ -367,9 +371,7 @@ impl KvView<'_> {
         let op = self.ctx.op("increment");
         op.finish(
             async {
-                let scope = self.scope(bucket)?;
-                self.check_key(&key)?;
-                let backend = self.begin(1)?;
+                let (scope, backend) = self.one_key(bucket, &key)?;
                 Ok(backend.increment(&scope, &key, delta, self.quota()).await?)
             }
             .await,
@@ -454,9 +456,7 @@ impl KvView<'_> {
         let op = self.ctx.op("cas");
         op.finish(
             async {
-                let scope = self.scope(bucket)?;
-                self.check_key(&key)?;
-                let backend = self.begin(1)?;
+                let (scope, backend) = self.one_key(bucket, &key)?;
                 let current = backend.get(&scope, &key).await?;
                 Ok(self.table.push(Cas {
                     scope,
