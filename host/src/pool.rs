@@ -146,10 +146,13 @@ impl WorkerState for Worker {
 
     fn on_request_start(
         &self,
-        _store: StoreContextMut<'_, HostState>,
+        mut store: StoreContextMut<'_, HostState>,
         _data: (),
         _task: GuestTaskId,
     ) -> Pin<Box<dyn Future<Output = ()> + Send + Sync>> {
+        // `max_ops` is per request: each one starts a new count (requests
+        // running at once in one p3 instance share it).
+        store.data_mut().kv_request_started();
         if self.served.fetch_add(1, Ordering::Relaxed) > 0 {
             (self.invocation.on_instance)(InstanceEvent::Reused);
         }

@@ -269,6 +269,12 @@ pub fn new_store(engine: &Engine, invocation: &Invocation) -> anyhow::Result<Sto
 const HOSTCALL_FUEL_FLOOR: u64 = 1 << 20;
 
 impl HostState {
+    /// A reused instance starts another request: a new count of key-value
+    /// operations.
+    pub fn kv_request_started(&mut self) {
+        self.kv.reset_ops();
+    }
+
     /// The key-value stores' view of this state (`wasi:keyvalue`).
     pub fn kv(&mut self) -> KvView<'_> {
         KvView {

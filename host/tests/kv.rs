@@ -523,3 +523,30 @@ async fn a_python_component_keeps_count() {
     assert_eq!(denied.json()["error"], "AccessDenied");
     host.stop().await;
 }
+
+/// `max_ops` counts per request, also when an instance serves several.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reused_instance_counts_operations_per_request() {
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(
+        dir.path(),
+        "kv",
+        "[instances]\nreuse = 10\n[keyvalue]\nstores = [\"default\"]\nmax_ops = 10\n",
+    );
+    let host = host_with(dir.path(), &[("kv", "kv-draft")]).await;
+    for _ in 0..3 {
+        assert_eq!(
+            ok(&host, "kv", "op=burn&key=k&count=10", b"").await["done"],
+            10
+        );
+    }
+    let over = refused(&host, "kv", "op=burn&key=k&count=11", b"").await;
+    assert_eq!(over["done"], 10, "{over}");
+    assert!(host.metric("lichen_instances_total").await >= 1.0);
+    let reused = host.get("/metrics").await.text();
+    assert!(
+        reused.contains("lichen_instances_total{event=\"reused\",function=\"kv\"} 3"),
+        "{reused}"
+    );
+    host.stop().await;
+}

@@ -123,6 +123,11 @@ impl KvCtx {
         }
     }
 
+    /// Starts a new count of operations against `max_ops`.
+    pub fn reset_ops(&mut self) {
+        self.ops = 0;
+    }
+
     /// Starts timing operation `op` for the metrics.
     fn op(&self, op: &'static str) -> Op {
         Op {
