@@ -1,14 +1,19 @@
 //! The command-line client: `lichen deploy`, `ls`, `rm` and `map` talk to
-//! a host's admin API. Errors print the server's own message.
+//! a host's admin API, over HTTP or HTTPS (the public roots, plus
+//! `--ca-cert` for a private CA; an expired certificate or one for another
+//! name is refused). Errors print the server's own message.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
-use http::{Method, Request, StatusCode, header};
+use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
-use hyper_util::client::legacy::Client;
-use hyper_util::rt::TokioExecutor;
+use hyper::body::Incoming;
+use hyper_util::rt::TokioIo;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, ServerName};
 
 use crate::server::ADMIN_TOKEN_FILE;
 
@@ -17,6 +22,8 @@ use crate::server::ADMIN_TOKEN_FILE;
 pub struct Target {
     pub url: String,
     pub token: String,
+    /// A CA (PEM) trusted for `https://` beside the public roots.
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Target {
@@ -41,6 +48,7 @@ impl Target {
         Ok(Target {
             url: url.trim_end_matches('/').to_string(),
             token,
+            ca_cert: None,
         })
     }
 
@@ -51,17 +59,24 @@ impl Target {
         path: &str,
         body: Vec<u8>,
     ) -> Result<(StatusCode, Bytes)> {
-        let client = Client::builder(TokioExecutor::new()).build_http::<Full<Bytes>>();
-        let uri = format!("{}{path}", self.url);
-        let request = Request::builder()
+        let uri: Uri = format!("{}{path}", self.url)
+            .parse()
+            .with_context(|| format!("{} is not a URL", self.url))?;
+        let mut request = Request::builder()
             .method(method)
-            .uri(&uri)
+            .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
             .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
             .header(header::CONTENT_TYPE, "application/wasm")
             .body(Full::new(Bytes::from(body)))
             .with_context(|| format!("building a request to {uri}"))?;
-        let response = client
-            .request(request)
+        if let Some(authority) = uri.authority() {
+            request.headers_mut().insert(
+                header::HOST,
+                HeaderValue::from_str(authority.as_str()).context("the URL's host")?,
+            );
+        }
+        let response = self
+            .request(&uri, request)
             .await
             .with_context(|| format!("cannot reach the host at {}", self.url))?;
         let status = response.status();
@@ -72,6 +87,58 @@ impl Target {
             .context("reading the host's answer")?
             .to_bytes();
         Ok((status, body))
+    }
+
+    /// One request on a connection of its own, over TLS for `https://`.
+    async fn request(
+        &self,
+        uri: &Uri,
+        request: Request<Full<Bytes>>,
+    ) -> Result<http::Response<Incoming>> {
+        let https = match uri.scheme_str() {
+            Some("https") => true,
+            Some("http") => false,
+            other => bail!("{uri}: the scheme must be http or https, not {other:?}"),
+        };
+        let host = uri.host().context("the URL has no host")?;
+        let port = uri.port_u16().unwrap_or(if https { 443 } else { 80 });
+        let tcp = tokio::net::TcpStream::connect((host.trim_matches(['[', ']']), port)).await?;
+        if !https {
+            return send_over(tcp, request).await;
+        }
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(self.tls_config()?));
+        let name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
+            .with_context(|| format!("{host} is not a name a certificate can carry"))?;
+        let tls = connector
+            .connect(name, tcp)
+            .await
+            .context("the TLS handshake failed (is the certificate valid for this name, and trusted? see --ca-cert)")?;
+        send_over(tls, request).await
+    }
+
+    /// The public roots, and the `--ca-cert` one if given.
+    fn tls_config(&self) -> Result<rustls::ClientConfig> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+        if let Some(path) = &self.ca_cert {
+            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+                .with_context(|| format!("reading {}", path.display()))?
+                .collect::<Result<_, _>>()
+                .with_context(|| format!("parsing {}", path.display()))?;
+            if certs.is_empty() {
+                bail!("{} holds no certificate", path.display());
+            }
+            for cert in certs {
+                roots
+                    .add(cert)
+                    .with_context(|| format!("a certificate in {}", path.display()))?;
+            }
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_no_client_auth())
     }
 
     /// Like [`Target::send`], but a non-2xx answer is an error carrying the
@@ -96,6 +163,18 @@ impl Target {
         }
         Ok(value)
     }
+}
+
+/// Sends `request` on a new HTTP/1.1 connection over `io`.
+async fn send_over<I>(io: I, request: Request<Full<Bytes>>) -> Result<http::Response<Incoming>>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(io)).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(sender.send_request(request).await?)
 }
 
 pub async fn deploy(target: &Target, name: &str, file: &Path) -> Result<String> {

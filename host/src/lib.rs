@@ -18,3 +18,4 @@ pub mod sandbox;
 pub mod scheduler;
 pub mod server;
 pub mod store;
+pub mod tls;

@@ -32,7 +32,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a host.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Upload a component as function NAME (a new version if it exists).
     Deploy {
         name: String,
@@ -100,6 +100,13 @@ struct ServeArgs {
     cluster: ClusterArgs,
     #[command(flatten)]
     kv: KvArgs,
+    /// Serve HTTPS with this certificate chain (PEM); needs --tls-key.
+    /// Reloaded on SIGHUP and when the file changes.
+    #[arg(long, value_name = "FILE", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The private key (PEM) of --tls-cert.
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 /// Where functions' key-value stores live.
@@ -221,11 +228,17 @@ struct TargetArgs {
     /// The local host's data directory, to read its admin token from.
     #[arg(long, default_value = "./lichen-data")]
     data_dir: PathBuf,
+    /// A CA certificate (PEM) to trust for an https:// URL, beside the
+    /// public roots: for a host whose certificate a private CA signed.
+    #[arg(long, value_name = "FILE")]
+    ca_cert: Option<PathBuf>,
 }
 
 impl TargetArgs {
     fn resolve(self) -> anyhow::Result<Target> {
-        Target::resolve(self.url, self.token, &self.data_dir)
+        let mut target = Target::resolve(self.url, self.token, &self.data_dir)?;
+        target.ca_cert = self.ca_cert;
+        Ok(target)
     }
 }
 
@@ -246,7 +259,7 @@ fn init_logging(format: LogFormat) {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Serve(args) => serve(args).await,
+        Command::Serve(args) => serve(*args).await,
         Command::Deploy { name, file, target } => {
             print(async { client::deploy(&target.resolve()?, &name, &file).await }).await
         }
@@ -286,6 +299,9 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_loaded_functions = args.max_loaded_functions;
     config.cluster = args.cluster.config(args.listen)?;
     config.kv = args.kv.config()?;
+    if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
+        config.tls = Some(lichen::tls::TlsFiles { cert, key });
+    }
     let server = Server::bind(config).await?;
     server.run(server::shutdown_signal()).await
 }

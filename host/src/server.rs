@@ -12,9 +12,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use hyper::server::conn::http1;
+use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
@@ -28,6 +28,7 @@ use crate::metrics::Metrics;
 use crate::policy::PolicyTable;
 use crate::scheduler::Scheduler;
 use crate::store::ModuleStore;
+use crate::tls::{Tls, TlsFiles};
 
 /// The embedded key-value store, in the data directory.
 const KV_FILE: &str = "kv.redb";
@@ -53,11 +54,15 @@ pub const DEFAULT_MAX_LOADED_FUNCTIONS: usize = 256;
 /// The start of the log line that announces the bound address; scripts and
 /// tests read the URL from it (see [`listening_url`]).
 pub const LISTENING_PREFIX: &str = "listening on http://";
+/// The same, for a host serving TLS.
+pub const LISTENING_TLS_PREFIX: &str = "listening on https://";
 
-/// The `http://IP:PORT` URL of a "listening on" log line, in text or JSON
-/// log format.
+/// The `http://IP:PORT` (or `https://`) URL of a "listening on" log line,
+/// in text or JSON log format.
 pub fn listening_url(line: &str) -> Option<String> {
-    let at = line.find(LISTENING_PREFIX)?;
+    let at = line
+        .find(LISTENING_PREFIX)
+        .or_else(|| line.find(LISTENING_TLS_PREFIX))?;
     let url: String = line[at + "listening on ".len()..]
         .chars()
         .take_while(|c| !c.is_whitespace() && *c != '"')
@@ -99,6 +104,8 @@ pub struct ServeConfig {
     pub cluster: Option<ClusterConfig>,
     /// Where functions' key-value stores live.
     pub kv: KvConfig,
+    /// Serve HTTPS with this certificate and key (plain HTTP without).
+    pub tls: Option<TlsFiles>,
 }
 
 /// The key-value backend a host uses.
@@ -129,6 +136,7 @@ impl ServeConfig {
             max_loaded_functions: DEFAULT_MAX_LOADED_FUNCTIONS,
             cluster: None,
             kv: KvConfig::Local,
+            tls: None,
         }
     }
 }
@@ -145,6 +153,8 @@ pub struct Server {
     cluster: Option<Arc<Cluster>>,
     /// Reloads policies while the server lives.
     _policy_watcher: notify::RecommendedWatcher,
+    /// TLS in force, with the watcher that reloads it.
+    tls: Option<(Arc<Tls>, notify::RecommendedWatcher)>,
 }
 
 impl Server {
@@ -156,6 +166,14 @@ impl Server {
                 crate::engine::POOL_INSTANCES
             );
         }
+        let tls = match &config.tls {
+            Some(files) => {
+                let tls = Tls::load(files.clone()).context("loading the TLS certificate")?;
+                let watcher = tls.watch()?;
+                Some((tls, watcher))
+            }
+            None => None,
+        };
         let store = ModuleStore::open(&config.data_dir)?;
         let kv = Arc::new(match &config.kv {
             KvConfig::Local => Kv::Local(
@@ -243,6 +261,7 @@ impl Server {
             header_read_timeout: config.header_read_timeout,
             cluster,
             _policy_watcher: policy_watcher,
+            tls,
         })
     }
 
@@ -261,7 +280,10 @@ impl Server {
     /// Serves until `shutdown` completes, then stops accepting and waits for
     /// open connections to finish their requests, at most the grace period.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
-        tracing::info!("{LISTENING_PREFIX}{}", self.local_addr);
+        match &self.tls {
+            Some(_) => tracing::info!("{LISTENING_TLS_PREFIX}{}", self.local_addr),
+            None => tracing::info!("{LISTENING_PREFIX}{}", self.local_addr),
+        }
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
         loop {
@@ -279,7 +301,11 @@ impl Server {
             };
             let _ = stream.set_nodelay(true);
             let Ok(slot) = Arc::clone(&self.connections).try_acquire_owned() else {
-                tokio::spawn(refuse_connection(stream));
+                // Over TLS a plain-text answer would only confuse the
+                // client: the connection is just closed.
+                if self.tls.is_none() {
+                    tokio::spawn(refuse_connection(stream));
+                }
                 continue;
             };
             let state = Arc::clone(&self.state);
@@ -287,16 +313,44 @@ impl Server {
                 let state = Arc::clone(&state);
                 async move { Ok::<_, std::convert::Infallible>(api::handle(state, req).await) }
             });
-            let connection = http1::Builder::new()
-                .timer(TokioTimer::new())
-                .header_read_timeout(self.header_read_timeout)
-                .max_headers(MAX_HEADERS)
-                .max_buf_size(READ_BUFFER_BYTES)
-                .keep_alive(true)
-                .serve_connection(TokioIo::new(stream), service);
-            let connection = graceful.watch(connection);
+            let watcher = graceful.watcher();
+            let head_timeout = self.header_read_timeout;
+            let acceptor = self.tls.as_ref().map(|(tls, _)| tls.acceptor());
             tokio::spawn(async move {
-                if let Err(error) = connection.await {
+                let served = match acceptor {
+                    None => {
+                        watcher
+                            .watch(http1_connection(stream, service, head_timeout))
+                            .await
+                    }
+                    Some(acceptor) => {
+                        // The handshake is bounded like a request head.
+                        let handshake = tokio::time::timeout(head_timeout, acceptor.accept(stream));
+                        match handshake.await {
+                            Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                                let connection = http2::Builder::new(TokioExecutor::new())
+                                    .timer(TokioTimer::new())
+                                    .max_header_list_size(api::MAX_HEAD_BYTES as u32)
+                                    .serve_connection(TokioIo::new(tls), service);
+                                watcher.watch(connection).await
+                            }
+                            Ok(Ok(tls)) => {
+                                watcher
+                                    .watch(http1_connection(tls, service, head_timeout))
+                                    .await
+                            }
+                            Ok(Err(error)) => {
+                                tracing::debug!(%peer, %error, "TLS handshake failed");
+                                Ok(())
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "TLS handshake timed out");
+                                Ok(())
+                            }
+                        }
+                    }
+                };
+                if let Err(error) = served {
                     tracing::debug!(%peer, %error, "connection ended with an error");
                 }
                 drop(slot);
@@ -317,6 +371,26 @@ impl Server {
         self.state.functions.kv.close().await;
         Ok(())
     }
+}
+
+/// An HTTP/1.1 connection with the host's limits: head size, header count,
+/// how long a client may take to send its head.
+fn http1_connection<I, S>(
+    io: I,
+    service: S,
+    head_timeout: Duration,
+) -> http1::Connection<TokioIo<I>, S>
+where
+    I: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::error::Body>,
+{
+    http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(head_timeout)
+        .max_headers(MAX_HEADERS)
+        .max_buf_size(READ_BUFFER_BYTES)
+        .keep_alive(true)
+        .serve_connection(TokioIo::new(io), service)
 }
 
 /// Answers a connection over the cap with a 503 and closes it, without

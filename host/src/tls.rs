@@ -1,0 +1,152 @@
+//! TLS for clients (`--tls-cert`, `--tls-key`): rustls with the ring
+//! provider, HTTP/2 and HTTP/1.1 offered over ALPN.
+//!
+//! The certificate and key are PEM files, read at start (a pair that does
+//! not load stops the host from starting) and again on SIGHUP or when either
+//! file changes on disk. A new pair that does not load, or whose key does
+//! not match its certificate, is logged and the old one stays in service:
+//! a bad rotation never leaves a dead listener. Each connection takes the
+//! pair current at its handshake and keeps it, so a rotation never drops a
+//! request in flight.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use notify::{RecursiveMode, Watcher};
+use rustls::ServerConfig;
+use rustls::pki_types::pem::PemObject;
+use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::TlsAcceptor;
+
+/// Where the certificate chain and its key are.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// The server's TLS settings in force, replaced whole on a good reload.
+pub struct Tls {
+    files: TlsFiles,
+    current: RwLock<Arc<ServerConfig>>,
+}
+
+impl Tls {
+    /// Loads the pair; an error here stops the host from starting.
+    pub fn load(files: TlsFiles) -> Result<Arc<Tls>> {
+        let config = server_config(&files)?;
+        Ok(Arc::new(Tls {
+            files,
+            current: RwLock::new(Arc::new(config)),
+        }))
+    }
+
+    /// An acceptor with the pair in force now.
+    pub fn acceptor(&self) -> TlsAcceptor {
+        let config = self.current.read().unwrap_or_else(|e| e.into_inner());
+        TlsAcceptor::from(Arc::clone(&config))
+    }
+
+    /// Reads the files again; keeps the pair in force if the new one does
+    /// not load.
+    pub fn reload(&self) -> bool {
+        match server_config(&self.files) {
+            Ok(config) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+                tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
+                true
+            }
+            Err(error) => {
+                tracing::error!(
+                    cert = %self.files.cert.display(),
+                    key = %self.files.key.display(),
+                    error = format!("{error:#}"),
+                    "the new TLS certificate or key does not load; still serving the previous one"
+                );
+                false
+            }
+        }
+    }
+
+    /// Reloads on SIGHUP and when either file changes. The returned watcher
+    /// must be kept alive.
+    pub fn watch(self: &Arc<Self>) -> Result<notify::RecommendedWatcher> {
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
+        let files_changed = tx.clone();
+        let names: Vec<PathBuf> = [&self.files.cert, &self.files.key]
+            .iter()
+            .filter_map(|p| p.file_name().map(PathBuf::from))
+            .collect();
+        let mut watcher =
+            notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
+                let Ok(event) = event else { return };
+                let ours = event
+                    .paths
+                    .iter()
+                    .any(|p| p.file_name().is_some_and(|n| names.iter().any(|m| m == n)));
+                if ours && !matches!(event.kind, notify::EventKind::Access(_)) {
+                    let _ = files_changed.send(());
+                }
+            })?;
+        // Watch the directories: certificate tools replace files by
+        // renaming, which a watch on the file itself would lose.
+        for dir in [parent(&self.files.cert), parent(&self.files.key)] {
+            watcher
+                .watch(&dir, RecursiveMode::NonRecursive)
+                .with_context(|| format!("watching {}", dir.display()))?;
+        }
+        #[cfg(unix)]
+        {
+            let mut hangups =
+                tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+            tokio::spawn(async move {
+                while hangups.recv().await.is_some() {
+                    if tx.send(()).is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+        let tls = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while rx.recv().await.is_some() {
+                // A rotation writes two files: let both land, then read once.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                while rx.try_recv().is_ok() {}
+                let Some(tls) = tls.upgrade() else { return };
+                tls.reload();
+            }
+        });
+        Ok(watcher)
+    }
+}
+
+fn parent(path: &Path) -> PathBuf {
+    match path.parent() {
+        Some(dir) if !dir.as_os_str().is_empty() => dir.to_path_buf(),
+        _ => PathBuf::from("."),
+    }
+}
+
+/// The rustls settings for a certificate chain and key in PEM files.
+fn server_config(files: &TlsFiles) -> Result<ServerConfig> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
+        .with_context(|| format!("reading {}", files.cert.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parsing {}", files.cert.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no certificate", files.cert.display());
+    }
+    let key = PrivateKeyDer::from_pem_file(&files.key)
+        .with_context(|| format!("reading the private key in {}", files.key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_no_client_auth()
+        .with_single_cert(certs, key)
+        .context("the key does not go with the certificate")?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(config)
+}

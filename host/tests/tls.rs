@@ -1,0 +1,294 @@
+//! TLS for clients: a CA and certificates made by the test (rcgen), real
+//! handshakes over HTTP/1.1 and HTTP/2, the CLI client trusting a private
+//! CA, a certificate rotated under load, and what a client refuses.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::{TestHost, test_config, write_policy};
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use lichen::tls::TlsFiles;
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use rustls::pki_types::{CertificateDer, ServerName};
+
+const LICHEN: &str = env!("CARGO_BIN_EXE_lichen");
+
+/// A test CA.
+struct Ca {
+    issuer: CertifiedIssuer<'static, KeyPair>,
+}
+
+impl Ca {
+    fn new() -> Ca {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, "Lichen test CA");
+        let issuer = CertifiedIssuer::self_signed(params, KeyPair::generate().unwrap()).unwrap();
+        Ca { issuer }
+    }
+
+    fn pem(&self) -> String {
+        self.issuer.pem()
+    }
+
+    fn der(&self) -> CertificateDer<'static> {
+        self.issuer.der().clone()
+    }
+
+    /// A certificate for `names`, valid now unless `expired`; PEM of the
+    /// certificate and of its key.
+    fn leaf(&self, names: &[&str], common_name: &str, expired: bool) -> (String, String) {
+        let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+        let mut params = CertificateParams::new(names).unwrap();
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
+        if expired {
+            params.not_before = rcgen::date_time_ymd(2000, 1, 1);
+            params.not_after = rcgen::date_time_ymd(2001, 1, 1);
+        }
+        let key = KeyPair::generate().unwrap();
+        let cert = params.signed_by(&key, &self.issuer).unwrap();
+        (cert.pem(), key.serialize_pem())
+    }
+}
+
+/// Writes a pair to `dir/tls.crt` and `dir/tls.key` (by rename, as
+/// certificate tools do).
+fn install(dir: &Path, (cert, key): &(String, String)) -> TlsFiles {
+    let files = TlsFiles {
+        cert: dir.join("tls.crt"),
+        key: dir.join("tls.key"),
+    };
+    for (path, text) in [(&files.key, key), (&files.cert, cert)] {
+        let tmp = path.with_extension("new");
+        std::fs::write(&tmp, text).unwrap();
+        std::fs::rename(&tmp, path).unwrap();
+    }
+    files
+}
+
+fn client_config(ca: &Ca, alpn: &[&[u8]]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der()).unwrap();
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config
+}
+
+/// A TLS connection to `addr` as `name`: the negotiated protocol and the
+/// server's certificate.
+async fn connect(
+    ca: &Ca,
+    addr: &str,
+    name: &str,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca, alpn)));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    connector
+        .connect(ServerName::try_from(name.to_string()).unwrap(), tcp)
+        .await
+}
+
+fn served_cert(tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Vec<u8> {
+    tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
+}
+
+/// `GET path` over an HTTP/1.1 or HTTP/2 connection on `tls`.
+async fn get(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    path: &str,
+) -> (StatusCode, Bytes) {
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let request = Request::get(format!("https://localhost{path}"))
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = if h2 {
+        let (mut sender, connection) =
+            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        sender.send_request(request).await.unwrap()
+    } else {
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
+            .await
+            .unwrap();
+        tokio::spawn(connection);
+        sender.send_request(request).await.unwrap()
+    };
+    let status = response.status();
+    (
+        status,
+        response.into_body().collect().await.unwrap().to_bytes(),
+    )
+}
+
+fn addr(host: &TestHost) -> String {
+    host.url.trim_start_matches("http://").to_string()
+}
+
+/// `lichen ls` against the host over HTTPS; its success and output.
+fn cli_ls(url: &str, ca_cert: Option<&PathBuf>) -> (bool, String) {
+    let mut command = Command::new(LICHEN);
+    command
+        .args(["ls", "--url", url, "--token", "test-token"])
+        .env_remove("LICHEN_ADMIN_TOKEN");
+    if let Some(ca) = ca_cert {
+        command.arg("--ca-cert").arg(ca);
+    }
+    let output = command.output().unwrap();
+    (
+        output.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&output.stdout),
+            String::from_utf8_lossy(&output.stderr)
+        ),
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_over_http1_and_http2_and_the_cli_trusts_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let mut config = test_config(dir.path());
+    config.tls = Some(install(
+        dir.path(),
+        &ca.leaf(&["127.0.0.1", "localhost"], "one", false),
+    ));
+    let host = TestHost::start(config).await;
+    let addr = addr(&host);
+
+    for alpn in [
+        &[b"h2".as_slice()][..],
+        &[b"http/1.1".as_slice()][..],
+        &[][..],
+    ] {
+        let tls = connect(&ca, &addr, "localhost", alpn).await.unwrap();
+        let negotiated = tls.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        let expected = alpn.first().map(|p| p.to_vec());
+        assert_eq!(negotiated, expected);
+        let (status, body) = get(tls, "/healthz").await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(&body[..], b"ok\n");
+    }
+    // Plain HTTP on a TLS port gets no answer.
+    let plain = tokio::time::timeout(
+        Duration::from_secs(10),
+        common::try_send(
+            http::Method::GET,
+            &format!("http://{addr}/healthz"),
+            Vec::new(),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(plain.is_none_or(|r| r.status != StatusCode::OK));
+
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    let url = format!("https://{addr}");
+    let (ok, out) = cli_ls(&url, Some(&ca_file));
+    assert!(ok, "{out}");
+    assert!(out.contains("NAME"), "{out}");
+    let (ok, out) = cli_ls(&url, None);
+    assert!(
+        !ok,
+        "a private CA must not be trusted without --ca-cert: {out}"
+    );
+    assert!(out.contains("TLS handshake failed"), "{out}");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rotated_certificate_is_picked_up_and_a_bad_one_is_not() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    write_policy(dir.path(), "slow", "[limits]\ntimeout = \"10s\"\n");
+    // Deployed over plain HTTP first; the TLS host finds it in the store.
+    let plain = TestHost::start(test_config(dir.path())).await;
+    let deployed = plain.deploy("slow", common::component("probe")).await;
+    assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+    plain.stop().await;
+    let mut config = test_config(dir.path());
+    config.tls = Some(install(
+        dir.path(),
+        &ca.leaf(&["localhost"], "first", false),
+    ));
+    let host = TestHost::start(config).await;
+    let addr = addr(&host);
+
+    let first = connect(&ca, &addr, "localhost", &[b"http/1.1"])
+        .await
+        .unwrap();
+    let first_cert = served_cert(&first);
+    // A request in flight across the rotation.
+    let in_flight = tokio::spawn(async move { get(first, "/fn/slow/sleep?ms=1500").await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    install(dir.path(), &ca.leaf(&["localhost"], "second", false));
+    let mut rotated = None;
+    for _ in 0..100 {
+        let tls = connect(&ca, &addr, "localhost", &[]).await.unwrap();
+        if served_cert(&tls) != first_cert {
+            rotated = Some(served_cert(&tls));
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let rotated = rotated.expect("the new certificate is served within 5 s");
+    let (status, _) = in_flight.await.unwrap();
+    assert_eq!(status, StatusCode::OK, "the request in flight finished");
+
+    // A key that does not go with its certificate: the previous pair stays.
+    let (cert, _) = ca.leaf(&["localhost"], "third", false);
+    let (_, other_key) = ca.leaf(&["localhost"], "unrelated", false);
+    install(dir.path(), &(cert, other_key));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let tls = connect(&ca, &addr, "localhost", &[]).await.unwrap();
+    assert_eq!(served_cert(&tls), rotated, "a bad pair replaced a good one");
+    let (status, _) = get(tls, "/healthz").await;
+    assert_eq!(status, StatusCode::OK);
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_and_misnamed_certificates_are_refused_by_clients() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = Ca::new();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    for (case, pair) in [
+        ("expired", ca.leaf(&["127.0.0.1", "localhost"], "old", true)),
+        ("misnamed", ca.leaf(&["other.example"], "other", false)),
+    ] {
+        let data = dir.path().join(case);
+        std::fs::create_dir_all(&data).unwrap();
+        let mut config = test_config(&data);
+        config.tls = Some(install(&data, &pair));
+        let host = TestHost::start(config).await;
+        let addr = addr(&host);
+        let error = connect(&ca, &addr, "localhost", &[]).await.err();
+        assert!(error.is_some(), "{case}: the handshake succeeded");
+        let (ok, out) = cli_ls(&format!("https://{addr}"), Some(&ca_file));
+        assert!(!ok, "{case}: the CLI accepted it: {out}");
+        host.stop().await;
+    }
+}
