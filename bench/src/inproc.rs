@@ -46,6 +46,7 @@ pub fn prepare(name: &str, component: &[u8]) -> Result<Prepared> {
         on_instance: Arc::new(|_| {}),
         on_memory_peak: Arc::new(|_| {}),
         kv: None,
+        outbound: None,
     };
     Ok(Prepared {
         runtime,

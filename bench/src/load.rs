@@ -236,6 +236,22 @@ pub fn wait_for_200(url: &str, since: Instant, limit: Duration) -> Result<Durati
     }
 }
 
+/// TCP sockets in TIME_WAIT on this machine (IPv4 and IPv6), from
+/// `/proc/net/tcp*` (state `06`).
+pub fn time_wait_sockets() -> usize {
+    ["/proc/net/tcp", "/proc/net/tcp6"]
+        .iter()
+        .filter_map(|path| std::fs::read_to_string(path).ok())
+        .map(|table| {
+            table
+                .lines()
+                .skip(1)
+                .filter(|line| line.split_whitespace().nth(3) == Some("06"))
+                .count()
+        })
+        .sum()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,6 +13,7 @@
 //! lichen-bench map [--smoke]                only the map, one host vs three
 //! lichen-bench p3 [--smoke]                 only WASIp3 hello: reuse and fresh
 //! lichen-bench kv [--smoke]                 only key-value: local vs NATS
+//! lichen-bench outbound [--smoke]           only outbound HTTP: pooled vs a connection per request
 //! ```
 //!
 //! Inputs from the environment: `LICHEN_BIN` (default `target/release/lichen`),
@@ -131,6 +132,13 @@ fn main() -> Result<()> {
             println!("{}", report.markdown());
             Ok(())
         }
+        Some("outbound") => {
+            let settings = Settings::from_env(args.iter().any(|a| a == "--smoke"))?;
+            let mut report = Report::new(&settings)?;
+            outbound(&settings, &mut report)?;
+            println!("{}", report.markdown());
+            Ok(())
+        }
         Some("all") => {
             let smoke = args.iter().any(|a| a == "--smoke");
             let out = args
@@ -141,7 +149,7 @@ fn main() -> Result<()> {
             run_all(&Settings::from_env(smoke)?, &out)
         }
         _ => bail!(
-            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | compute [ROUNDS] | scale N | map [--smoke] | p3 [--smoke] | kv [--smoke] | native-hello ADDR"
+            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | compute [ROUNDS] | scale N | map [--smoke] | p3 [--smoke] | kv [--smoke] | outbound [--smoke] | native-hello ADDR"
         ),
     }
 }
@@ -218,6 +226,7 @@ fn run_all(settings: &Settings, out: &Path) -> Result<()> {
     scale(settings, &mut report)?;
     map(settings, &mut report)?;
     kv(settings, &mut report)?;
+    outbound(settings, &mut report)?;
     let markdown = report.markdown();
     println!("{markdown}");
     std::fs::write(out, &markdown).with_context(|| format!("writing {}", out.display()))?;
@@ -412,6 +421,53 @@ fn kv(settings: &Settings, report: &mut Report) -> Result<()> {
         }
     }
     report.kv(&runs);
+    Ok(())
+}
+
+/// A function calling a native upstream on loopback for every request:
+/// Lichen's pooled outbound connections against the same host making a new
+/// connection per request (`--outbound-no-keep-alive`, what every request
+/// did before the pool), alternating; TIME_WAIT sockets counted after each.
+fn outbound(settings: &Settings, report: &mut Report) -> Result<()> {
+    let mut runs: Vec<(&'static str, load::WrkResult, usize)> = Vec::new();
+    for round in 0..settings.rounds {
+        for kind in ["pooled", "connection per request"] {
+            let upstream = servers::native(&settings.self_exe)?;
+            let scratch = Scratch::new(&format!("outbound-{round}"))?;
+            std::fs::write(
+                scratch.policies().join("probe.toml"),
+                "[limits]\nconcurrency = 128\nqueue = 1024\n[outbound]\nallow = [\"http://127.0.0.1:*\"]\nmax_connections = 64\n",
+            )?;
+            let extra: Vec<String> = if kind == "pooled" {
+                Vec::new()
+            } else {
+                vec!["--outbound-no-keep-alive".into()]
+            };
+            let server = servers::lichen_with(
+                &settings.lichen,
+                &scratch.data(),
+                &scratch.policies(),
+                &extra,
+            )?;
+            servers::deploy(&server.url, "probe", &settings.component("probe")?)?;
+            let url = format!("{}/fn/probe/fetch?url={}/", server.url, upstream.url);
+            load::wrk(&url, settings.connections, 1)?;
+            // Let the warm-up's closed sockets age out of the count less
+            // than a run's do: count what the run itself leaves.
+            let before = load::time_wait_sockets();
+            let result = load::wrk(&url, settings.connections, settings.seconds)?;
+            let after = load::time_wait_sockets();
+            let time_wait = after.saturating_sub(before);
+            eprintln!(
+                "outbound round {round} {kind}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}, TIME_WAIT +{time_wait}",
+                result.requests_per_sec, result.p50_ms, result.p99_ms, result.errors
+            );
+            runs.push((kind, result, time_wait));
+            server.stop();
+            upstream.stop();
+        }
+    }
+    report.outbound(&runs);
     Ok(())
 }
 

@@ -384,6 +384,49 @@ impl Report {
         ));
     }
 
+    pub fn outbound(&mut self, runs: &[(&'static str, WrkResult, usize)]) {
+        let mut s = String::from(
+            "## Outbound HTTP: pooled connections (closed loop)\n\n`probe` fetching from a native hyper upstream on loopback for each request, wrk -t1 -c64, medians; *connection per request* is the same host with `--outbound-no-keep-alive` (what every outbound request did before the pool). TIME_WAIT: sockets in that state the run left behind (`/proc/net/tcp*`).\n\n| outbound | req/s | p50 | p99 | errors | TIME_WAIT |\n| --- | ---: | ---: | ---: | ---: | ---: |\n",
+        );
+        let mut medians = Vec::new();
+        for kind in ["pooled", "connection per request"] {
+            let of_kind: Vec<&(&str, WrkResult, usize)> =
+                runs.iter().filter(|(k, ..)| *k == kind).collect();
+            let (Some(rps), Some(p50), Some(p99)) = (
+                median_f64(of_kind.iter().map(|(_, r, _)| r.requests_per_sec)),
+                median_f64(of_kind.iter().map(|(_, r, _)| r.p50_ms)),
+                median_f64(of_kind.iter().map(|(_, r, _)| r.p99_ms)),
+            ) else {
+                continue;
+            };
+            let errors: u64 = of_kind.iter().map(|(_, r, _)| r.errors).sum();
+            let mut waits: Vec<usize> = of_kind.iter().map(|(.., w)| *w).collect();
+            waits.sort_unstable();
+            let time_wait = waits.get(waits.len() / 2).copied().unwrap_or(0);
+            let _ = writeln!(
+                s,
+                "| {kind} | {rps:.0} | {p50:.2} ms | {p99:.2} ms | {errors} | {time_wait} |"
+            );
+            medians.push((kind, rps, time_wait));
+        }
+        if let [(_, pooled, pooled_wait), (_, fresh, _)] = medians[..] {
+            let ratio = pooled / fresh;
+            let _ = writeln!(
+                s,
+                "\nPooled / connection per request: **{ratio:.2}x** req/s."
+            );
+            self.goals.push(format!(
+                "outbound req/s pooled >= 10x a connection per request: {ratio:.2}x, {}",
+                goal(ratio >= 10.0)
+            ));
+            self.goals.push(format!(
+                "no TIME_WAIT pile-up with the pool: {pooled_wait} sockets left, {}",
+                goal(pooled_wait < 100)
+            ));
+        }
+        self.sections.push(s);
+    }
+
     pub fn kv(&mut self, runs: &[(String, WrkResult)]) {
         let mut s = String::from(
             "## Key-value state through HTTP (closed loop)\n\nOne host, wrk -t1 -c64, each backend in turn per round, medians. *counter increment*: `counter` on 100 paths (an atomic increment each); *set 1 KiB* / *get 1 KiB*: `kv-draft` over 1,000 keys; *hello*: the same host's baseline. *local*: redb in the data directory (each write acknowledged after its group's fsync); *nats*: one `nats-server` with JetStream on loopback (file storage, one replica; reads through the stream leader, writes compare-and-swap).\n\n| workload | req/s | p50 | p99 | errors | vs hello |\n| --- | ---: | ---: | ---: | ---: | ---: |\n",

@@ -31,6 +31,7 @@ use crate::error::ApiError;
 use crate::kv::{Backend, Kv, KvAccess};
 use crate::metrics::Metrics;
 use crate::names::FunctionName;
+use crate::outbound::Outbound;
 use crate::policy::PolicyTable;
 use crate::scheduler::Scheduler;
 use crate::store::{FunctionRecord, ModuleStore, VersionInfo};
@@ -56,6 +57,14 @@ pub struct Functions {
     clock: AtomicU64,
     /// The key-value backend of every function's stores.
     pub kv: Arc<Kv>,
+    /// Outbound HTTP of every function: pools and the address fence.
+    pub outbound: Arc<Outbound>,
+}
+
+/// What invocations reach beyond their sandbox, shared by the host.
+pub struct Services {
+    pub kv: Arc<Kv>,
+    pub outbound: Arc<Outbound>,
 }
 
 impl Functions {
@@ -66,7 +75,7 @@ impl Functions {
         policies: Arc<PolicyTable>,
         scheduler: Scheduler,
         max_loaded: usize,
-        kv: Arc<Kv>,
+        services: Services,
     ) -> Self {
         Functions {
             runtime,
@@ -78,7 +87,8 @@ impl Functions {
             max_loaded,
             admin_lock: tokio::sync::Mutex::new(()),
             clock: AtomicU64::new(1),
-            kv,
+            kv: services.kv,
+            outbound: services.outbound,
         }
     }
 
@@ -185,6 +195,7 @@ impl Functions {
             .remove(name);
         self.scheduler.remove(name.as_str());
         self.metrics.forget_function(name.as_str());
+        self.outbound.forget_function(name.as_str());
         if let Err(error) = self.store.collect_garbage() {
             tracing::warn!(error = format!("{error:#}"), "collecting unused modules");
         }

@@ -12,6 +12,7 @@ pub mod functions;
 pub mod kv;
 pub mod metrics;
 pub mod names;
+pub mod outbound;
 pub mod policy;
 pub mod pool;
 pub mod sandbox;

@@ -107,6 +107,18 @@ struct ServeArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// Resolve NAME to IP for guests' outbound requests, instead of DNS
+    /// (as curl's --resolve); repeatable, several IPs per name allowed.
+    #[arg(long = "resolve", value_name = "NAME=IP")]
+    resolve: Vec<String>,
+    /// A CA certificate (PEM) guests' outbound HTTPS trusts beside the
+    /// public roots.
+    #[arg(long, value_name = "FILE")]
+    outbound_ca: Option<PathBuf>,
+    /// A new outbound connection per request, closed after it: the
+    /// benchmark's baseline for the pool.
+    #[arg(long, hide = true)]
+    outbound_no_keep_alive: bool,
 }
 
 /// Where functions' key-value stores live.
@@ -299,6 +311,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_loaded_functions = args.max_loaded_functions;
     config.cluster = args.cluster.config(args.listen)?;
     config.kv = args.kv.config()?;
+    for pin in &args.resolve {
+        let (name, ip) = pin
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--resolve {pin}: use NAME=IP"))?;
+        let ip: std::net::IpAddr = ip
+            .parse()
+            .map_err(|_| anyhow::anyhow!("--resolve {pin}: {ip:?} is not an IP address"))?;
+        config
+            .outbound
+            .pinned
+            .entry(name.to_ascii_lowercase())
+            .or_default()
+            .push(ip);
+    }
+    config.outbound.ca_cert = args.outbound_ca;
+    config.outbound.keep_alive = !args.outbound_no_keep_alive;
     if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
         config.tls = Some(lichen::tls::TlsFiles { cert, key });
     }

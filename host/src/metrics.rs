@@ -19,6 +19,7 @@ use prometheus::{
 
 use crate::engine::Outcome;
 use crate::kv::KvMetrics;
+use crate::outbound::OutboundMetrics;
 
 /// Buckets from 50 µs (an instantiate + call of a tiny function) to 30 s
 /// (a long deadline).
@@ -60,6 +61,8 @@ pub struct Metrics {
     pub instances: IntCounterVec,
     /// Key-value operations and stores.
     pub kv: KvMetrics,
+    /// Guests' outbound HTTP.
+    pub outbound: OutboundMetrics,
     /// Invocations of functions that do not exist (no label: unbounded names).
     pub unknown_function: IntCounter,
     /// Compilations from WebAssembly to machine code, with their durations.
@@ -228,8 +231,10 @@ impl Metrics {
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
         let kv = KvMetrics::register(&registry)?;
+        let outbound = OutboundMetrics::register(&registry)?;
         Ok(Metrics {
             kv,
+            outbound,
             registry,
             invocations,
             invocation_duration,

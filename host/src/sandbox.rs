@@ -41,6 +41,7 @@ use wasmtime_wasi_http::{
 
 use crate::kv::KvAccess;
 use crate::kv::wasi::{KvCtx, KvView};
+use crate::outbound::Outbound;
 use crate::policy::Policy;
 
 /// Instances, tables and memories one invocation may create: a component
@@ -89,6 +90,9 @@ pub struct Invocation {
     /// The host's key-value backend and its metrics (what the policy
     /// grants is checked on use).
     pub kv: Option<KvAccess>,
+    /// Where outbound requests go (pooled, fenced by address); `None`: a
+    /// connection per request, unfenced (in-process benchmarks only).
+    pub outbound: Option<Arc<Outbound>>,
 }
 
 /// Figures of one invocation, written from inside the sandbox.
@@ -335,12 +339,26 @@ impl WasiHttpHooks for OutboundGuard {
             (self.invocation.on_denied)();
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
+        let Some(outbound) = &self.invocation.outbound else {
+            return Box::new(async move {
+                let (response, io) =
+                    wasmtime_wasi_http::default_send_request(request, options).await?;
+                Ok((
+                    response.map(BodyExt::boxed_unsync),
+                    Box::new(io) as ErrorFuture,
+                ))
+            });
+        };
+        let sent = outbound.send(
+            &self.invocation.function,
+            &self.invocation.policy,
+            request,
+            options,
+        );
         Box::new(async move {
-            let (response, io) = wasmtime_wasi_http::default_send_request(request, options).await?;
-            Ok((
-                response.map(BodyExt::boxed_unsync),
-                Box::new(io) as ErrorFuture,
-            ))
+            let response = sent.await?;
+            // The pool drives the connection; nothing is left to await.
+            Ok((response, Box::new(async { Ok(()) }) as ErrorFuture))
         })
     }
 }

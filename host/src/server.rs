@@ -22,9 +22,10 @@ use crate::api::{self, ApiLimits, AppState};
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::engine::{EngineSettings, Runtime};
 use crate::error::{BUSY_HEADER, RETRY_AFTER_SECS};
-use crate::functions::Functions;
+use crate::functions::{Functions, Services};
 use crate::kv::{Kv, LocalBackend, NatsBackend};
 use crate::metrics::Metrics;
+use crate::outbound::{Outbound, OutboundConfig};
 use crate::policy::PolicyTable;
 use crate::scheduler::Scheduler;
 use crate::store::ModuleStore;
@@ -106,6 +107,8 @@ pub struct ServeConfig {
     pub kv: KvConfig,
     /// Serve HTTPS with this certificate and key (plain HTTP without).
     pub tls: Option<TlsFiles>,
+    /// How guests' outbound requests resolve names and trust servers.
+    pub outbound: OutboundConfig,
 }
 
 /// The key-value backend a host uses.
@@ -137,6 +140,7 @@ impl ServeConfig {
             cluster: None,
             kv: KvConfig::Local,
             tls: None,
+            outbound: OutboundConfig::default(),
         }
     }
 }
@@ -192,6 +196,10 @@ impl Server {
         };
         let runtime = Runtime::new(config.engine.clone())?;
         let metrics = Metrics::new()?;
+        let outbound = Arc::new(
+            Outbound::new(&config.outbound, metrics.outbound.clone())
+                .context("setting up outbound HTTP")?,
+        );
         let reload_errors = metrics.policy_reload_errors.clone();
         let policies = Arc::new(PolicyTable::load(
             &config.policies_dir,
@@ -205,7 +213,7 @@ impl Server {
             policies,
             Scheduler::new(config.max_in_flight),
             config.max_loaded_functions,
-            kv,
+            Services { kv, outbound },
         ));
         let loader = Arc::clone(&functions);
         let loaded = tokio::task::spawn_blocking(move || loader.load_stored())

@@ -260,6 +260,7 @@ async fn admit_and_run(
         on_instance: instance_events(functions, function, &policy),
         on_memory_peak: memory_peaks(functions, function, &policy),
         kv: Some(functions.kv_access()),
+        outbound: Some(Arc::clone(&functions.outbound)),
     };
     let (result, outcome) = functions
         .runtime

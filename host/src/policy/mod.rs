@@ -114,13 +114,39 @@ impl Default for Limits {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
 pub struct Outbound {
     /// `scheme://host[:port]` patterns; `*` stands for any host label(s) or
-    /// any port. Everything else is denied.
+    /// any port, `ADDRESS/PREFIX` for an address range. Everything else is
+    /// denied, and an internal address (loopback, private, link-local...)
+    /// only when a pattern names it.
     #[serde(default)]
     pub allow: Vec<HostPattern>,
+    /// Connections open at once (pooled, per function).
+    #[serde(default = "default_max_connections")]
+    pub max_connections: Concurrency,
+    /// Bounds connecting and waiting for the response head.
+    #[serde(default = "default_outbound_timeout")]
+    pub timeout: Timeout,
+}
+
+fn default_max_connections() -> Concurrency {
+    Concurrency(32)
+}
+
+fn default_outbound_timeout() -> Timeout {
+    Timeout(Duration::from_secs(10))
+}
+
+impl Default for Outbound {
+    fn default() -> Self {
+        Outbound {
+            allow: Vec::new(),
+            max_connections: default_max_connections(),
+            timeout: default_outbound_timeout(),
+        }
+    }
 }
 
 /// Instance reuse, off by default: a fresh instance per request is the
@@ -468,10 +494,13 @@ impl TryFrom<String> for GuestPath {
 #[serde(try_from = "String", into = "String")]
 pub struct HostPattern {
     scheme: String,
-    /// Lower case; `*` alone is any host, `*.example.com` any subdomain.
+    /// Lower case; `*` alone is any host, `*.example.com` any subdomain,
+    /// `10.0.0.0/8` an address range.
     host: String,
     /// `None` is any port.
     port: Option<u16>,
+    /// The range when `host` is one (`ADDRESS/PREFIX`).
+    cidr: Option<(std::net::IpAddr, u8)>,
 }
 
 impl TryFrom<String> for HostPattern {
@@ -488,7 +517,7 @@ impl TryFrom<String> for HostPattern {
         if scheme != "http" && scheme != "https" {
             return Err(bad("the scheme must be http or https"));
         }
-        if rest.contains('/') || rest.contains('@') || rest.contains('?') {
+        if rest.contains('@') || rest.contains('?') {
             return Err(bad("only scheme, host and port are allowed"));
         }
         let (host, port) = match rest.rsplit_once(':') {
@@ -503,13 +532,35 @@ impl TryFrom<String> for HostPattern {
             None => (rest, Some(if scheme == "https" { 443 } else { 80 })),
         };
         let host = host.to_ascii_lowercase();
+        let cidr = match host.split_once('/') {
+            None => None,
+            Some((address, prefix)) => {
+                let address: std::net::IpAddr = address
+                    .trim_start_matches('[')
+                    .trim_end_matches(']')
+                    .parse()
+                    .map_err(|_| bad("a range is ADDRESS/PREFIX, like 10.0.0.0/8"))?;
+                let max = if address.is_ipv4() { 32 } else { 128 };
+                let prefix = prefix
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|p| *p <= max)
+                    .ok_or_else(|| bad("the prefix length of a range is 0 to 32 (IPv6: 128)"))?;
+                Some((address, prefix))
+            }
+        };
         let wildcard_ok = host == "*"
             || !host.contains('*')
             || (host.starts_with("*.") && !host[2..].contains('*'));
         if host.is_empty() || !wildcard_ok {
             return Err(bad("'*' may only be the whole host or its first label"));
         }
-        Ok(HostPattern { scheme, host, port })
+        Ok(HostPattern {
+            scheme,
+            host,
+            port,
+            cidr,
+        })
     }
 }
 
@@ -534,6 +585,12 @@ impl HostPattern {
         if !self.scheme.eq_ignore_ascii_case(scheme) || self.port.is_some_and(|p| p != port) {
             return false;
         }
+        if self.cidr.is_some() {
+            let literal = host.trim_start_matches('[').trim_end_matches(']');
+            return literal
+                .parse()
+                .is_ok_and(|ip| self.allows_address(scheme, ip, port));
+        }
         let host = host.to_ascii_lowercase();
         if self.host == "*" {
             return true;
@@ -544,6 +601,41 @@ impl HostPattern {
                 .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.')),
             None => self.host == host,
         }
+    }
+}
+
+impl HostPattern {
+    /// Whether this pattern names `ip` itself: an address literal equal to
+    /// it, or a range holding it. (A name, or `*`, names no address: an
+    /// internal address is reached only when the policy says so.)
+    pub fn allows_address(&self, scheme: &str, ip: std::net::IpAddr, port: u16) -> bool {
+        if !self.scheme.eq_ignore_ascii_case(scheme) || self.port.is_some_and(|p| p != port) {
+            return false;
+        }
+        match self.cidr {
+            Some((range, prefix)) => in_range(ip, range, prefix),
+            None => self
+                .host
+                .trim_start_matches('[')
+                .trim_end_matches(']')
+                .parse::<std::net::IpAddr>()
+                .is_ok_and(|literal| literal == ip),
+        }
+    }
+}
+
+fn in_range(ip: std::net::IpAddr, range: std::net::IpAddr, prefix: u8) -> bool {
+    use std::net::IpAddr;
+    match (ip, range) {
+        (IpAddr::V4(ip), IpAddr::V4(range)) => {
+            let mask = u32::MAX.checked_shl(32 - u32::from(prefix)).unwrap_or(0);
+            u32::from(ip) & mask == u32::from(range) & mask
+        }
+        (IpAddr::V6(ip), IpAddr::V6(range)) => {
+            let mask = u128::MAX.checked_shl(128 - u32::from(prefix)).unwrap_or(0);
+            u128::from(ip) & mask == u128::from(range) & mask
+        }
+        _ => false,
     }
 }
 
@@ -559,6 +651,10 @@ pub struct Policy {
     pub env: Vec<(String, String)>,
     pub files: Vec<Preopen>,
     pub outbound: Vec<HostPattern>,
+    /// Outbound connections a function's pool may hold open.
+    pub outbound_connections: u32,
+    /// Bounds connecting and the response head of an outbound request.
+    pub outbound_timeout: Duration,
     pub public: bool,
     pub tokens: Vec<String>,
     /// Requests one instance may serve in its life (1: no reuse).
@@ -669,6 +765,8 @@ impl Policy {
                 .collect(),
             files,
             outbound: source.outbound.allow.clone(),
+            outbound_connections: source.outbound.max_connections.0,
+            outbound_timeout: source.outbound.timeout.0,
             public: source.access.public,
             tokens: source.access.tokens.clone(),
             reuse: source.instances.reuse.0,
@@ -695,6 +793,14 @@ impl Policy {
     /// Whether the guest may send a request to this destination.
     pub fn allows_outbound(&self, scheme: &str, host: &str, port: u16) -> bool {
         self.outbound.iter().any(|p| p.allows(scheme, host, port))
+    }
+
+    /// Whether a pattern names this internal address (see
+    /// [`HostPattern::allows_address`]).
+    pub fn allows_address(&self, scheme: &str, ip: std::net::IpAddr, port: u16) -> bool {
+        self.outbound
+            .iter()
+            .any(|p| p.allows_address(scheme, ip, port))
     }
 }
 
@@ -789,6 +895,28 @@ mod tests {
             "http://x:port",
             "http://u@x",
         ] {
+            assert!(HostPattern::try_from(bad.to_string()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn internal_addresses_are_named_by_literals_and_ranges_only() {
+        let p = |s: &str| HostPattern::try_from(s.to_string()).unwrap();
+        let ip = |s: &str| s.parse::<std::net::IpAddr>().unwrap();
+        assert!(p("http://127.0.0.1:*").allows_address("http", ip("127.0.0.1"), 80));
+        assert!(!p("http://127.0.0.1:*").allows_address("http", ip("127.0.0.2"), 80));
+        assert!(p("http://10.0.0.0/8:*").allows_address("http", ip("10.9.8.7"), 1));
+        assert!(!p("http://10.0.0.0/8:*").allows_address("http", ip("11.0.0.1"), 1));
+        assert!(!p("http://10.0.0.0/8:443").allows_address("http", ip("10.0.0.1"), 80));
+        assert!(p("http://10.0.0.0/8:*").allows("http", "10.1.1.1", 80));
+        assert!(!p("http://10.0.0.0/8:*").allows("http", "internal.example", 80));
+        assert!(p("http://[fd00::]/8:*").allows_address("http", ip("fd12::1"), 80));
+        assert!(p("http://[::1]:*").allows_address("http", ip("::1"), 80));
+        assert!(p("http://0.0.0.0/0:*").allows_address("http", ip("169.254.169.254"), 80));
+        // A name, or `*`, names no address.
+        assert!(!p("http://*:*").allows_address("http", ip("127.0.0.1"), 80));
+        assert!(!p("http://localhost:*").allows_address("http", ip("127.0.0.1"), 80));
+        for bad in ["http://10.0.0.0/33:*", "http://10.0.0.0/x:*", "http://foo/8:*"] {
             assert!(HostPattern::try_from(bad.to_string()).is_err(), "{bad}");
         }
     }
