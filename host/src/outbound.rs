@@ -167,14 +167,14 @@ impl Outbound {
         let client = self.pool(function, policy);
         let metrics = self.metrics.clone();
         let function = Arc::clone(function);
-        let timeout = [
-            Some(policy.outbound_timeout),
-            options.and_then(|o| o.connect_timeout),
-        ]
-        .into_iter()
-        .flatten()
-        .min()
-        .unwrap_or(policy.outbound_timeout);
+        // The policy's bound on connecting plus the response head, or the
+        // guest's own (its connect and first-byte timeouts) if less.
+        let guest = options.map_or(Duration::MAX, |o| {
+            o.connect_timeout
+                .unwrap_or(Duration::MAX)
+                .saturating_add(o.first_byte_timeout.unwrap_or(Duration::MAX))
+        });
+        let timeout = policy.outbound_timeout.min(guest);
         async move {
             let started = Instant::now();
             let sent = tokio::time::timeout(timeout, client.request(request)).await;

@@ -206,3 +206,30 @@ async fn internal_addresses_are_reached_only_when_the_policy_names_them() {
     );
     host.stop().await;
 }
+
+/// `[outbound] timeout` bounds connecting plus the response head.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upstream_meets_the_outbound_timeout() {
+    let (addr, _seen) = upstream().await;
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(
+        dir.path(),
+        "a",
+        &format!(
+            "[outbound]\nallow = [\"http://127.0.0.1:{}\"]\ntimeout = \"100ms\"\n",
+            addr.port()
+        ),
+    );
+    let host = common::host_with(dir.path(), &[("a", "probe")]).await;
+    let slow = fetch(&host, "a", &format!("http://{addr}/slow")).await;
+    assert_eq!(slow.status, StatusCode::BAD_GATEWAY, "{}", slow.text());
+    assert!(slow.text().contains("ConnectionTimeout"), "{}", slow.text());
+    let quick = fetch(&host, "a", &format!("http://{addr}/x")).await;
+    assert_eq!(quick.status, StatusCode::OK, "{}", quick.text());
+    let metrics = host.get("/metrics").await.text();
+    assert!(
+        metrics.contains("lichen_outbound_requests_total{function=\"a\",outcome=\"timeout\"} 1"),
+        "{metrics}"
+    );
+    host.stop().await;
+}

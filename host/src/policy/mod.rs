@@ -916,7 +916,11 @@ mod tests {
         // A name, or `*`, names no address.
         assert!(!p("http://*:*").allows_address("http", ip("127.0.0.1"), 80));
         assert!(!p("http://localhost:*").allows_address("http", ip("127.0.0.1"), 80));
-        for bad in ["http://10.0.0.0/33:*", "http://10.0.0.0/x:*", "http://foo/8:*"] {
+        for bad in [
+            "http://10.0.0.0/33:*",
+            "http://10.0.0.0/x:*",
+            "http://foo/8:*",
+        ] {
             assert!(HostPattern::try_from(bad.to_string()).is_err(), "{bad}");
         }
     }
