@@ -1,0 +1,70 @@
+//! Regression tests for wasmtime advisories that affect this build until
+//! the registry serves wasmtime 48.0.9 (`cargo info wasmtime@48.0.9`): each
+//! drives the advisory's path from a real guest against the real `lichen`
+//! binary and checks the host holds. (GHSA-xrvr-8678-5wp8 is `p3.rs`'s
+//! `cancel-p3` test.)
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use common::{component, send, spawn_lichen};
+use http::{Method, StatusCode};
+
+fn rss_bytes(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .unwrap()
+        .parse()
+        .unwrap();
+    kib * 1024
+}
+
+/// GHSA-5m8g-xhq4-4h93: empty writes to an output stream could grow host
+/// memory without bound. 900,000 empty writes to a response body and as
+/// many to stdout (each waiting its turn, as the interface asks) leave the
+/// host's memory where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_writes_do_not_pile_up_in_host_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut child, url, _log) = spawn_lichen(&data, &[]);
+    let token = std::fs::read_to_string(data.join("admin-token")).unwrap();
+    let deployed = send(
+        Method::PUT,
+        &format!("{url}/v1/functions/raw"),
+        &[("authorization", &format!("Bearer {}", token.trim()))],
+        component("raw-wasi"),
+    )
+    .await;
+    assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+    let call = |n: u64| {
+        let url = format!("{url}/fn/raw/empty-writes?n={n}");
+        async move { send(Method::GET, &url, &[], Vec::new()).await }
+    };
+    // Warm: the instance pool, the allocator's caches.
+    for _ in 0..3 {
+        call(1000).await;
+    }
+    let before = rss_bytes(child.id());
+    for _ in 0..3 {
+        let reply = call(300_000).await;
+        assert_eq!(reply.status, StatusCode::ACCEPTED, "{}", reply.text());
+        assert!(
+            reply.text().starts_with("raw wasi component saw"),
+            "{}",
+            reply.text()
+        );
+    }
+    let grown = rss_bytes(child.id()).saturating_sub(before);
+    eprintln!("RSS grew by {} KiB", grown >> 10);
+    assert!(
+        grown < 32 << 20,
+        "1.8 million empty writes grew the host by {} MiB",
+        grown >> 20
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
