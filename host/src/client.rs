@@ -12,8 +12,7 @@ use http::{HeaderValue, Method, Request, StatusCode, Uri, header};
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 
 use crate::server::ADMIN_TOKEN_FILE;
 
@@ -106,7 +105,8 @@ impl Target {
         if !https {
             return send_over(tcp, request).await;
         }
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(self.tls_config()?));
+        let config = crate::tls::client_config(self.ca_cert.as_deref())?;
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
         let name = ServerName::try_from(host.trim_matches(['[', ']']).to_string())
             .with_context(|| format!("{host} is not a name a certificate can carry"))?;
         let tls = connector
@@ -114,31 +114,6 @@ impl Target {
             .await
             .context("the TLS handshake failed (is the certificate valid for this name, and trusted? see --ca-cert)")?;
         send_over(tls, request).await
-    }
-
-    /// The public roots, and the `--ca-cert` one if given.
-    fn tls_config(&self) -> Result<rustls::ClientConfig> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-        if let Some(path) = &self.ca_cert {
-            let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-                .with_context(|| format!("reading {}", path.display()))?
-                .collect::<Result<_, _>>()
-                .with_context(|| format!("parsing {}", path.display()))?;
-            if certs.is_empty() {
-                bail!("{} holds no certificate", path.display());
-            }
-            for cert in certs {
-                roots
-                    .add(cert)
-                    .with_context(|| format!("a certificate in {}", path.display()))?;
-            }
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        Ok(rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()?
-            .with_root_certificates(roots)
-            .with_no_client_auth())
     }
 
     /// Like [`Target::send`], but a non-2xx answer is an error carrying the

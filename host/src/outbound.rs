@@ -24,21 +24,19 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::io;
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context as _, Result, bail};
+use anyhow::Result;
 use http::Uri;
 use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::{Connected, Connection};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use prometheus::{HistogramOpts, HistogramVec, IntCounterVec, IntGaugeVec, Opts, Registry};
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, ServerName};
+use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 use wasmtime_wasi_http::{Error, RequestOptions, WasiBody};
@@ -149,7 +147,7 @@ impl Outbound {
                 .map(|(name, addrs)| (name.to_ascii_lowercase(), addrs.clone()))
                 .collect(),
             keep_alive: config.keep_alive,
-            tls: Arc::new(client_tls(config.ca_cert.as_deref())?),
+            tls: Arc::new(crate::tls::client_config(config.ca_cert.as_deref())?),
             pools: Mutex::new(HashMap::new()),
             metrics,
         })
@@ -257,29 +255,6 @@ impl Outbound {
             .remove(function);
         self.metrics.forget_function(function);
     }
-}
-
-/// The public roots, and `ca` if given.
-fn client_tls(ca: Option<&Path>) -> Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
-    if let Some(path) = ca {
-        let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
-            .with_context(|| format!("reading {}", path.display()))?
-            .collect::<Result<_, _>>()
-            .with_context(|| format!("parsing {}", path.display()))?;
-        if certs.is_empty() {
-            bail!("{} holds no certificate", path.display());
-        }
-        for cert in certs {
-            roots.add(cert)?;
-        }
-    }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
 }
 
 /// Whether an address is one a guest reaches only when the policy names

@@ -1,5 +1,6 @@
 //! TLS for clients (`--tls-cert`, `--tls-key`): rustls with the ring
-//! provider, HTTP/2 and HTTP/1.1 offered over ALPN.
+//! provider, HTTP/2 and HTTP/1.1 offered over ALPN. Also the settings this
+//! host uses as a TLS client ([`client_config`]).
 //!
 //! The certificate and key are PEM files, read at start (a pair that does
 //! not load stops the host from starting) and again on SIGHUP or when either
@@ -130,15 +131,40 @@ fn parent(path: &Path) -> PathBuf {
     }
 }
 
+/// The certificates in a PEM file; none is an error.
+fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(path)
+        .with_context(|| format!("reading {}", path.display()))?
+        .collect::<Result<_, _>>()
+        .with_context(|| format!("parsing {}", path.display()))?;
+    if certs.is_empty() {
+        bail!("{} holds no certificate", path.display());
+    }
+    Ok(certs)
+}
+
+/// Settings for connecting to servers over TLS (the CLI client, guests'
+/// outbound HTTPS): the public roots, and the CA in `ca` (PEM) if given.
+pub fn client_config(ca: Option<&Path>) -> Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
+    if let Some(path) = ca {
+        for cert in read_certs(path)? {
+            roots
+                .add(cert)
+                .with_context(|| format!("a certificate in {}", path.display()))?;
+        }
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// The rustls settings for a certificate chain and key in PEM files.
 fn server_config(files: &TlsFiles) -> Result<ServerConfig> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(&files.cert)
-        .with_context(|| format!("reading {}", files.cert.display()))?
-        .collect::<Result<_, _>>()
-        .with_context(|| format!("parsing {}", files.cert.display()))?;
-    if certs.is_empty() {
-        bail!("{} holds no certificate", files.cert.display());
-    }
+    let certs = read_certs(&files.cert)?;
     let key = PrivateKeyDer::from_pem_file(&files.key)
         .with_context(|| format!("reading the private key in {}", files.key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
