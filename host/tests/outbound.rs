@@ -233,3 +233,85 @@ async fn a_slow_upstream_meets_the_outbound_timeout() {
     );
     host.stop().await;
 }
+
+/// A loopback HTTPS server with a certificate for `upstream.test` from `ca`.
+async fn tls_upstream(ca: &common::Ca) -> SocketAddr {
+    use rustls::pki_types::pem::PemObject;
+    use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+    let (cert, key) = ca.leaf(&["upstream.test"], "upstream", false);
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_slice_iter(cert.as_bytes())
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(certs, key)
+    .unwrap();
+    let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let acceptor = acceptor.clone();
+            tokio::spawn(async move {
+                let Ok(tls) = acceptor.accept(stream).await else {
+                    return;
+                };
+                let service = hyper::service::service_fn(|_req| async {
+                    Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::from_static(
+                        b"secure hello",
+                    ))))
+                });
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// Outbound HTTPS checks the server's certificate: against a private CA
+/// only with `--outbound-ca`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_https_trusts_a_private_ca_only_when_given() {
+    let ca = common::Ca::new();
+    let addr = tls_upstream(&ca).await;
+    let port = addr.port();
+    let dir = tempfile::tempdir().unwrap();
+    let ca_file = dir.path().join("ca.pem");
+    std::fs::write(&ca_file, ca.pem()).unwrap();
+    for (name, trusted) in [("with-ca", true), ("without", false)] {
+        let data = dir.path().join(name);
+        write_policy(
+            &data,
+            "a",
+            &format!(
+                "[outbound]\nallow = [\"https://upstream.test:{port}\", \"https://127.0.0.1:{port}\"]\n"
+            ),
+        );
+        let mut config = test_config(&data);
+        config
+            .outbound
+            .pinned
+            .insert("upstream.test".into(), vec!["127.0.0.1".parse().unwrap()]);
+        if trusted {
+            config.outbound.ca_cert = Some(ca_file.clone());
+        }
+        let host = TestHost::start(config).await;
+        let deployed = host.deploy("a", component("probe")).await;
+        assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+        let reply = fetch(&host, "a", &format!("https://upstream.test:{port}/x")).await;
+        if trusted {
+            assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+            assert_eq!(reply.json()["body"], "secure hello");
+        } else {
+            assert_eq!(reply.status, StatusCode::BAD_GATEWAY, "{}", reply.text());
+        }
+        host.stop().await;
+    }
+}
