@@ -495,7 +495,10 @@ where
 }
 
 /// The response body on its way to the client: cut off with an error past
-/// `limit` bytes, which makes hyper abort the connection.
+/// `limit` bytes, which makes hyper abort the connection. Empty data frames
+/// (a guest's empty writes) are dropped here: passed on, each would become
+/// an empty HTTP/2 DATA frame queued for the client (GHSA-f8mm-ggr3-89wh),
+/// and a client may take a stream of them as abuse and hang up.
 pub struct CappedResponseBody<B> {
     inner: B,
     remaining: u64,
@@ -526,24 +529,23 @@ where
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
         let this = &mut *self;
-        match Pin::new(&mut this.inner).poll_frame(cx) {
-            Poll::Ready(Some(Ok(frame))) => {
-                if let Some(data) = frame.data_ref() {
-                    let len = data.len() as u64;
-                    if len > this.remaining {
-                        this.remaining = 0;
-                        if let Some(on_cut) = this.on_cut.take() {
-                            on_cut();
-                        }
-                        return Poll::Ready(Some(Err(
-                            wasmtime_wasi_http::Error::HttpResponseBodySize(Some(this.limit)),
-                        )));
-                    }
-                    this.remaining -= len;
-                }
+        let mut skipped = 0;
+        loop {
+            return match Pin::new(&mut this.inner).poll_frame(cx) {
                 Poll::Ready(Some(Ok(frame)))
-            }
-            other => other,
+                    if frame.data_ref().is_some_and(|data| data.is_empty()) =>
+                {
+                    skipped += 1;
+                    if skipped == MAX_EMPTY_FRAMES_PER_POLL {
+                        // Let other tasks run; come back for the rest.
+                        cx.waker().wake_by_ref();
+                        return Poll::Pending;
+                    }
+                    continue;
+                }
+                Poll::Ready(Some(Ok(frame))) => this.pass(frame),
+                other => other,
+            };
         }
     }
 
@@ -553,6 +555,32 @@ where
 
     fn size_hint(&self) -> SizeHint {
         self.inner.size_hint()
+    }
+}
+
+/// Empty frames dropped in one poll before yielding to other tasks.
+const MAX_EMPTY_FRAMES_PER_POLL: u32 = 1024;
+
+impl<B> CappedResponseBody<B> {
+    /// Counts a frame against the limit: the frame, or the cut.
+    fn pass(
+        &mut self,
+        frame: Frame<Bytes>,
+    ) -> Poll<Option<Result<Frame<Bytes>, wasmtime_wasi_http::Error>>> {
+        if let Some(data) = frame.data_ref() {
+            let len = data.len() as u64;
+            if len > self.remaining {
+                self.remaining = 0;
+                if let Some(on_cut) = self.on_cut.take() {
+                    on_cut();
+                }
+                return Poll::Ready(Some(Err(wasmtime_wasi_http::Error::HttpResponseBodySize(
+                    Some(self.limit),
+                ))));
+            }
+            self.remaining -= len;
+        }
+        Poll::Ready(Some(Ok(frame)))
     }
 }
 

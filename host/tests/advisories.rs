@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{component, send, spawn_lichen};
+use common::{Ca, component, send, spawn_lichen, tls_connect, tls_get};
 use http::{Method, StatusCode};
 
 fn rss_bytes(pid: u32) -> u64 {
@@ -63,6 +63,71 @@ async fn empty_writes_do_not_pile_up_in_host_memory() {
     assert!(
         grown < 32 << 20,
         "1.8 million empty writes grew the host by {} MiB",
+        grown >> 20
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
+/// GHSA-f8mm-ggr3-89wh: under HTTP/2, empty body writes could grow the
+/// heap without bound. The same 900,000 empty writes to a response body,
+/// answered over HTTP/2 (TLS, ALPN h2), leave the host's memory where it
+/// was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_writes_over_http2_do_not_pile_up_in_host_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // Deployed over plain HTTP; the TLS host after it finds it stored.
+    let (mut plain, url, _log) = spawn_lichen(&data, &[]);
+    let token = std::fs::read_to_string(data.join("admin-token")).unwrap();
+    let deployed = send(
+        Method::PUT,
+        &format!("{url}/v1/functions/raw"),
+        &[("authorization", &format!("Bearer {}", token.trim()))],
+        component("raw-wasi"),
+    )
+    .await;
+    assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+    plain.kill().unwrap();
+    plain.wait().unwrap();
+
+    let ca = Ca::new();
+    let (cert, key) = ca.leaf(&["localhost"], "lichen", false);
+    let (cert_file, key_file) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+    std::fs::write(&cert_file, cert).unwrap();
+    std::fs::write(&key_file, key).unwrap();
+    let (mut child, url, _log) = spawn_lichen(
+        &data,
+        &[
+            "--tls-cert",
+            cert_file.to_str().unwrap(),
+            "--tls-key",
+            key_file.to_str().unwrap(),
+        ],
+    );
+    let addr = url.trim_start_matches("https://").to_string();
+    let call = |n: u64| {
+        let (ca, addr) = (&ca, addr.clone());
+        async move {
+            let tls = tls_connect(ca, &addr, "localhost", &[b"h2"]).await.unwrap();
+            assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
+            tls_get(tls, &format!("/fn/raw/empty-writes?n={n}")).await
+        }
+    };
+    for _ in 0..3 {
+        call(1000).await;
+    }
+    let before = rss_bytes(child.id());
+    for _ in 0..3 {
+        let (status, body) = call(300_000).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert!(body.starts_with(b"raw wasi component saw"), "{body:?}");
+    }
+    let grown = rss_bytes(child.id()).saturating_sub(before);
+    eprintln!("RSS grew by {} KiB", grown >> 10);
+    assert!(
+        grown < 32 << 20,
+        "1.8 million empty writes over HTTP/2 grew the host by {} MiB",
         grown >> 20
     );
     child.kill().unwrap();

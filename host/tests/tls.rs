@@ -7,16 +7,11 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
-use common::{Ca, TestHost, test_config, write_policy};
-use http::{Request, StatusCode};
-use http_body_util::{BodyExt, Full};
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use common::{Ca, TestHost, test_config, tls_connect as connect, tls_get as get, write_policy};
+use http::StatusCode;
 use lichen::tls::TlsFiles;
-use rustls::pki_types::ServerName;
 
 const LICHEN: &str = env!("CARGO_BIN_EXE_lichen");
 
@@ -35,67 +30,8 @@ fn install(dir: &Path, (cert, key): &(String, String)) -> TlsFiles {
     files
 }
 
-fn client_config(ca: &Ca, alpn: &[&[u8]]) -> rustls::ClientConfig {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.der()).unwrap();
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_root_certificates(roots)
-        .with_no_client_auth();
-    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-    config
-}
-
-/// A TLS connection to `addr` as `name`: the negotiated protocol and the
-/// server's certificate.
-async fn connect(
-    ca: &Ca,
-    addr: &str,
-    name: &str,
-    alpn: &[&[u8]],
-) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
-    let connector = tokio_rustls::TlsConnector::from(Arc::new(client_config(ca, alpn)));
-    let tcp = tokio::net::TcpStream::connect(addr).await?;
-    connector
-        .connect(ServerName::try_from(name.to_string()).unwrap(), tcp)
-        .await
-}
-
 fn served_cert(tls: &tokio_rustls::client::TlsStream<tokio::net::TcpStream>) -> Vec<u8> {
     tls.get_ref().1.peer_certificates().unwrap()[0].to_vec()
-}
-
-/// `GET path` over an HTTP/1.1 or HTTP/2 connection on `tls`.
-async fn get(
-    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
-    path: &str,
-) -> (StatusCode, Bytes) {
-    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
-    let request = Request::get(format!("https://localhost{path}"))
-        .header("host", "localhost")
-        .body(Full::new(Bytes::new()))
-        .unwrap();
-    let response = if h2 {
-        let (mut sender, connection) =
-            hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(tls))
-                .await
-                .unwrap();
-        tokio::spawn(connection);
-        sender.send_request(request).await.unwrap()
-    } else {
-        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(tls))
-            .await
-            .unwrap();
-        tokio::spawn(connection);
-        sender.send_request(request).await.unwrap()
-    };
-    let status = response.status();
-    (
-        status,
-        response.into_body().collect().await.unwrap().to_bytes(),
-    )
 }
 
 fn addr(host: &TestHost) -> String {

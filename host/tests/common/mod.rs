@@ -595,3 +595,68 @@ impl Ca {
         (cert.pem(), key.serialize_pem())
     }
 }
+
+fn tls_client_config(ca: &Ca, alpn: &[&[u8]]) -> rustls::ClientConfig {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der()).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    config
+}
+
+/// A TLS connection to `addr` as `name`, trusting `ca`, offering `alpn`.
+pub async fn tls_connect(
+    ca: &Ca,
+    addr: &str,
+    name: &str,
+    alpn: &[&[u8]],
+) -> std::io::Result<tokio_rustls::client::TlsStream<tokio::net::TcpStream>> {
+    let connector =
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls_client_config(ca, alpn)));
+    let tcp = tokio::net::TcpStream::connect(addr).await?;
+    connector
+        .connect(
+            rustls::pki_types::ServerName::try_from(name.to_string()).unwrap(),
+            tcp,
+        )
+        .await
+}
+
+/// `GET path` over an HTTP/1.1 or HTTP/2 connection on `tls`.
+pub async fn tls_get(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    path: &str,
+) -> (StatusCode, Bytes) {
+    let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+    let request = Request::get(format!("https://localhost{path}"))
+        .header("host", "localhost")
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = if h2 {
+        let (mut sender, connection) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tls),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(connection);
+        sender.send_request(request).await.unwrap()
+    } else {
+        let (mut sender, connection) =
+            hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+                .await
+                .unwrap();
+        tokio::spawn(connection);
+        sender.send_request(request).await.unwrap()
+    };
+    let status = response.status();
+    (
+        status,
+        response.into_body().collect().await.unwrap().to_bytes(),
+    )
+}
