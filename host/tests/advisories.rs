@@ -22,15 +22,10 @@ fn rss_bytes(pid: u32) -> u64 {
     kib * 1024
 }
 
-/// GHSA-5m8g-xhq4-4h93: empty writes to an output stream could grow host
-/// memory without bound. 900,000 empty writes to a response body and as
-/// many to stdout (each waiting its turn, as the interface asks) leave the
-/// host's memory where it was.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn empty_writes_do_not_pile_up_in_host_memory() {
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("data");
-    let (mut child, url, _log) = spawn_lichen(&data, &[]);
+/// Starts the real binary on `data`, deploys `raw-wasi` as `raw`, and
+/// returns the running host with its URL.
+async fn host_with_raw(data: &std::path::Path) -> (std::process::Child, String) {
+    let (child, url, _log) = spawn_lichen(data, &[]);
     let token = std::fs::read_to_string(data.join("admin-token")).unwrap();
     let deployed = send(
         Method::PUT,
@@ -40,6 +35,29 @@ async fn empty_writes_do_not_pile_up_in_host_memory() {
     )
     .await;
     assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+    (child, url)
+}
+
+/// Fails if the host grew by 32 MiB or more since `before`.
+fn assert_still_within(pid: u32, before: u64, what: &str) {
+    let grown = rss_bytes(pid).saturating_sub(before);
+    eprintln!("RSS grew by {} KiB", grown >> 10);
+    assert!(
+        grown < 32 << 20,
+        "{what} grew the host by {} MiB",
+        grown >> 20
+    );
+}
+
+/// GHSA-5m8g-xhq4-4h93: empty writes to an output stream could grow host
+/// memory without bound. 900,000 empty writes to a response body and as
+/// many to stdout (each waiting its turn, as the interface asks) leave the
+/// host's memory where it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_writes_do_not_pile_up_in_host_memory() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (mut child, url) = host_with_raw(&data).await;
     let call = |n: u64| {
         let url = format!("{url}/fn/raw/empty-writes?n={n}");
         async move { send(Method::GET, &url, &[], Vec::new()).await }
@@ -58,13 +76,7 @@ async fn empty_writes_do_not_pile_up_in_host_memory() {
             reply.text()
         );
     }
-    let grown = rss_bytes(child.id()).saturating_sub(before);
-    eprintln!("RSS grew by {} KiB", grown >> 10);
-    assert!(
-        grown < 32 << 20,
-        "1.8 million empty writes grew the host by {} MiB",
-        grown >> 20
-    );
+    assert_still_within(child.id(), before, "1.8 million empty writes");
     child.kill().unwrap();
     child.wait().unwrap();
 }
@@ -78,16 +90,7 @@ async fn empty_writes_over_http2_do_not_pile_up_in_host_memory() {
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("data");
     // Deployed over plain HTTP; the TLS host after it finds it stored.
-    let (mut plain, url, _log) = spawn_lichen(&data, &[]);
-    let token = std::fs::read_to_string(data.join("admin-token")).unwrap();
-    let deployed = send(
-        Method::PUT,
-        &format!("{url}/v1/functions/raw"),
-        &[("authorization", &format!("Bearer {}", token.trim()))],
-        component("raw-wasi"),
-    )
-    .await;
-    assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+    let (mut plain, _) = host_with_raw(&data).await;
     plain.kill().unwrap();
     plain.wait().unwrap();
 
@@ -123,13 +126,7 @@ async fn empty_writes_over_http2_do_not_pile_up_in_host_memory() {
         assert_eq!(status, StatusCode::ACCEPTED);
         assert!(body.starts_with(b"raw wasi component saw"), "{body:?}");
     }
-    let grown = rss_bytes(child.id()).saturating_sub(before);
-    eprintln!("RSS grew by {} KiB", grown >> 10);
-    assert!(
-        grown < 32 << 20,
-        "1.8 million empty writes over HTTP/2 grew the host by {} MiB",
-        grown >> 20
-    );
+    assert_still_within(child.id(), before, "1.8 million empty writes over HTTP/2");
     child.kill().unwrap();
     child.wait().unwrap();
 }
