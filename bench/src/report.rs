@@ -392,14 +392,15 @@ impl Report {
         for kind in ["pooled", "connection per request"] {
             let of_kind: Vec<&(&str, WrkResult, usize)> =
                 runs.iter().filter(|(k, ..)| *k == kind).collect();
-            let (Some(rps), Some(p50), Some(p99)) = (
-                median_f64(of_kind.iter().map(|(_, r, _)| r.requests_per_sec)),
-                median_f64(of_kind.iter().map(|(_, r, _)| r.p50_ms)),
-                median_f64(of_kind.iter().map(|(_, r, _)| r.p99_ms)),
-            ) else {
+            let Some(Medians {
+                rps,
+                p50,
+                p99,
+                errors,
+            }) = medians_of(of_kind.iter().map(|(_, r, _)| r))
+            else {
                 continue;
             };
-            let errors: u64 = of_kind.iter().map(|(_, r, _)| r.errors).sum();
             let mut waits: Vec<usize> = of_kind.iter().map(|(.., w)| *w).collect();
             waits.sort_unstable();
             let time_wait = waits.get(waits.len() / 2).copied().unwrap_or(0);
@@ -437,24 +438,20 @@ impl Report {
                 kinds.push(kind);
             }
         }
-        let median_of = |kind: &str| {
-            let of_kind: Vec<&WrkResult> = runs
-                .iter()
-                .filter(|(k, _)| k == kind)
-                .map(|(_, r)| r)
-                .collect();
-            let rps = median_f64(of_kind.iter().map(|r| r.requests_per_sec))?;
-            let p50 = median_f64(of_kind.iter().map(|r| r.p50_ms))?;
-            let p99 = median_f64(of_kind.iter().map(|r| r.p99_ms))?;
-            let errors: u64 = of_kind.iter().map(|r| r.errors).sum();
-            Some((rps, p50, p99, errors))
-        };
+        let median_of =
+            |kind: &str| medians_of(runs.iter().filter(|(k, _)| k == kind).map(|(_, r)| r));
         for kind in kinds {
-            let Some((rps, p50, p99, errors)) = median_of(kind) else {
+            let Some(Medians {
+                rps,
+                p50,
+                p99,
+                errors,
+            }) = median_of(kind)
+            else {
                 continue;
             };
             let backend = kind.rsplit_once(" (").map_or("", |(_, b)| b);
-            let baseline = median_of(&format!("hello ({backend}")).map(|(r, ..)| r);
+            let baseline = median_of(&format!("hello ({backend}")).map(|m| m.rps);
             let ratio = baseline.map_or(String::new(), |b| format!("{:.2}x", rps / b));
             let _ = writeln!(
                 s,
@@ -485,6 +482,23 @@ impl Report {
 
 /// One table row per kind of server with its median req/s, p50 and p99 over
 /// the rounds; returns (kind, req/s, p99) of each kind that ran.
+/// Medians of a set of wrk runs: req/s, p50, p99 (ms), and errors summed.
+struct Medians {
+    rps: f64,
+    p50: f64,
+    p99: f64,
+    errors: u64,
+}
+
+fn medians_of<'a>(runs: impl Iterator<Item = &'a WrkResult> + Clone) -> Option<Medians> {
+    Some(Medians {
+        rps: median_f64(runs.clone().map(|r| r.requests_per_sec))?,
+        p50: median_f64(runs.clone().map(|r| r.p50_ms))?,
+        p99: median_f64(runs.clone().map(|r| r.p99_ms))?,
+        errors: runs.map(|r| r.errors).sum(),
+    })
+}
+
 fn median_rows(
     s: &mut String,
     runs: &[(&'static str, WrkResult)],
@@ -492,19 +506,16 @@ fn median_rows(
 ) -> Vec<(&'static str, f64, f64)> {
     let mut medians = Vec::new();
     for &kind in kinds {
-        let of_kind: Vec<&WrkResult> = runs
-            .iter()
-            .filter(|(k, _)| *k == kind)
-            .map(|(_, r)| r)
-            .collect();
-        let (Some(rps), Some(p50), Some(p99)) = (
-            median_f64(of_kind.iter().map(|r| r.requests_per_sec)),
-            median_f64(of_kind.iter().map(|r| r.p50_ms)),
-            median_f64(of_kind.iter().map(|r| r.p99_ms)),
-        ) else {
+        let of_kind = runs.iter().filter(|(k, _)| *k == kind).map(|(_, r)| r);
+        let Some(Medians {
+            rps,
+            p50,
+            p99,
+            errors,
+        }) = medians_of(of_kind)
+        else {
             continue;
         };
-        let errors: u64 = of_kind.iter().map(|r| r.errors).sum();
         let _ = writeln!(
             s,
             "| {kind} | {rps:.0} | {p50:.2} ms | {p99:.2} ms | {errors} |"
