@@ -183,17 +183,15 @@ impl Outbound {
                     Ok(response.map(|body| body.map_err(Error::from).boxed_unsync())),
                 ),
                 Ok(Err(error)) => {
-                    let refused = fence_refusal(&error);
-                    if refused {
-                        ("refused", Err(Error::DestinationIpProhibited))
-                    } else {
+                    let (outcome, refusal) = classify(&error);
+                    if outcome != "refused" {
                         tracing::debug!(
                             function = &*function,
                             error = format!("{error:#}"),
                             "outbound request failed"
                         );
-                        ("error", Err(connect_error(&error)))
                     }
+                    (outcome, Err(refusal))
                 }
             };
             metrics
@@ -299,37 +297,34 @@ impl std::fmt::Display for Fenced {
 
 impl std::error::Error for Fenced {}
 
-fn fence_refusal(error: &hyper_util::client::legacy::Error) -> bool {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
-    while let Some(e) = source {
-        if e.is::<Fenced>() {
-            return true;
+/// What a failed request reports: the `outcome` label, and the error the
+/// guest gets, from the first cause in the chain that says (the fence, an
+/// I/O error, an HTTP error).
+fn classify(error: &hyper_util::client::legacy::Error) -> (&'static str, Error) {
+    let causes = std::iter::successors(std::error::Error::source(error), |e| e.source());
+    for cause in causes {
+        if cause.is::<Fenced>() {
+            return ("refused", Error::DestinationIpProhibited);
         }
-        source = e.source();
-    }
-    false
-}
-
-fn connect_error(error: &hyper_util::client::legacy::Error) -> Error {
-    let mut source: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(error);
-    while let Some(e) = source {
-        if let Some(io) = e.downcast_ref::<io::Error>() {
-            return match io.kind() {
-                io::ErrorKind::ConnectionRefused => Error::ConnectionRefused,
-                io::ErrorKind::TimedOut => Error::ConnectionTimeout,
-                io::ErrorKind::NotFound => Error::DestinationNotFound,
-                _ => Error::Connect(io::Error::new(io.kind(), io.to_string())),
-            };
+        if let Some(io) = cause.downcast_ref::<io::Error>() {
+            return (
+                "error",
+                match io.kind() {
+                    io::ErrorKind::ConnectionRefused => Error::ConnectionRefused,
+                    io::ErrorKind::TimedOut => Error::ConnectionTimeout,
+                    io::ErrorKind::NotFound => Error::DestinationNotFound,
+                    _ => Error::Connect(io::Error::new(io.kind(), io.to_string())),
+                },
+            );
         }
-        if let Some(hyper) = e.downcast_ref::<hyper::Error>() {
+        if let Some(hyper) = cause.downcast_ref::<hyper::Error>() {
             if hyper.is_incomplete_message() || hyper.is_closed() {
-                return Error::ConnectionTerminated;
+                return ("error", Error::ConnectionTerminated);
             }
-            return Error::HttpProtocolError;
+            return ("error", Error::HttpProtocolError);
         }
-        source = e.source();
     }
-    Error::DestinationUnavailable
+    ("error", Error::DestinationUnavailable)
 }
 
 #[derive(Clone)]
