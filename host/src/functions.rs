@@ -57,6 +57,9 @@ pub struct Functions {
     clock: AtomicU64,
     /// The key-value backend of every function's stores.
     pub kv: Arc<Kv>,
+    /// The backend with its metrics, as every invocation is handed it (one
+    /// `Arc` to clone per request).
+    kv_access: Arc<KvAccess>,
     /// Outbound HTTP of every function: pools and the address fence.
     pub outbound: Arc<Outbound>,
 }
@@ -77,6 +80,7 @@ impl Functions {
         max_loaded: usize,
         services: Services,
     ) -> Self {
+        let metrics_kv = metrics.kv.clone();
         Functions {
             runtime,
             store,
@@ -87,17 +91,18 @@ impl Functions {
             max_loaded,
             admin_lock: tokio::sync::Mutex::new(()),
             clock: AtomicU64::new(1),
+            kv_access: Arc::new(KvAccess {
+                backend: Arc::clone(&services.kv),
+                metrics: metrics_kv,
+            }),
             kv: services.kv,
             outbound: services.outbound,
         }
     }
 
     /// What an invocation is handed of the key-value backend.
-    pub fn kv_access(&self) -> KvAccess {
-        KvAccess {
-            backend: Arc::clone(&self.kv),
-            metrics: self.metrics.kv.clone(),
-        }
+    pub fn kv_access(&self) -> Arc<KvAccess> {
+        Arc::clone(&self.kv_access)
     }
 
     /// Deploys and deletes (local or from the cluster) take this first.

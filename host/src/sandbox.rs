@@ -89,7 +89,7 @@ pub struct Invocation {
     pub on_memory_peak: Arc<dyn Fn(usize) + Send + Sync>,
     /// The host's key-value backend and its metrics (what the policy
     /// grants is checked on use).
-    pub kv: Option<KvAccess>,
+    pub kv: Option<Arc<KvAccess>>,
     /// Where outbound requests go (pooled, fenced by address); `None`: a
     /// connection per request, unfenced (in-process benchmarks only).
     pub outbound: Option<Arc<Outbound>>,

@@ -108,13 +108,13 @@ pub struct KvCtx {
     function: Arc<str>,
     policy: Arc<Policy>,
     /// `None`: the host has no backend (an embedding without one).
-    access: Option<KvAccess>,
+    access: Option<Arc<KvAccess>>,
     /// Operations made so far.
     ops: u64,
 }
 
 impl KvCtx {
-    pub fn new(function: Arc<str>, policy: Arc<Policy>, access: Option<KvAccess>) -> Self {
+    pub fn new(function: Arc<str>, policy: Arc<Policy>, access: Option<Arc<KvAccess>>) -> Self {
         KvCtx {
             function,
             policy,
