@@ -11,7 +11,6 @@ pub mod error;
 pub mod functions;
 pub mod kv;
 pub mod metrics;
-pub mod names;
 pub mod outbound;
 pub mod policy;
 pub mod pool;
@@ -20,3 +19,7 @@ pub mod scheduler;
 pub mod server;
 pub mod store;
 pub mod tls;
+
+/// Function names: `lichen_core`'s, re-exported where the host's modules
+/// have always found them.
+pub use lichen_core::names;

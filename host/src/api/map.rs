@@ -24,9 +24,8 @@ use super::invoke::{self, Arrival};
 use crate::error::{ApiError, Body};
 use crate::names::FunctionName;
 use crate::policy::Policy;
+use lichen_core::map::{MapError, parse_items};
 
-/// Most items in one map.
-pub const MAX_ITEMS: usize = 100_000;
 /// Items in flight at once, at most.
 const MAX_IN_FLIGHT: usize = 256;
 /// Pause before a busy item tries again.
@@ -45,15 +44,10 @@ pub async fn map(
         state.limits().body_idle_timeout,
     )
     .await?;
-    let items: Vec<serde_json::Value> = serde_json::from_slice(&body).map_err(|e| {
-        ApiError::bad_request("invalid_map", format!("the body must be a JSON array: {e}"))
+    let items = parse_items(&body).map_err(|e| match e {
+        MapError::NotAnArray(_) => ApiError::bad_request("invalid_map", e.to_string()),
+        MapError::TooMany(_) => ApiError::too_large(e.to_string()),
     })?;
-    if items.len() > MAX_ITEMS {
-        return Err(ApiError::too_large(format!(
-            "{} items; a map takes at most {MAX_ITEMS}",
-            items.len()
-        )));
-    }
     let width = in_flight_bound(state, name, &policy);
     let started = Instant::now();
     let count = items.len();

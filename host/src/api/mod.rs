@@ -1,7 +1,8 @@
 //! The HTTP surface of a host: the route table, and the helpers every
 //! handler shares to answer.
 //!
-//! The routes are data ([`ROUTES`]): a method, a path pattern, who may call
+//! The routes are data ([`ROUTES`], kept in `lichen_core::routes` so they
+//! are fuzzed without a server): a method, a path pattern, who may call
 //! it, and the handler. One table is what the router matches, what `405`'s
 //! `Allow` lists, and what the test holding the OpenAPI document
 //! (`host/openapi.json`) to account compares against, so a route cannot be
@@ -30,13 +31,15 @@ pub mod state;
 use std::sync::Arc;
 
 use anyhow::Context;
-use http::{HeaderValue, Method, Response, StatusCode, header};
+use http::{HeaderValue, Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde::Serialize;
 
 use crate::error::{ApiError, Body, full_body};
 use crate::names::FunctionName;
 use body::RequestBody;
+use lichen_core::routes::{self, Lookup};
+pub use lichen_core::routes::{Access, Handler, Params, ROUTES, Route};
 pub use state::{ApiLimits, AppState};
 
 pub const REQUEST_ID_HEADER: &str = "x-lichen-request-id";
@@ -44,191 +47,6 @@ pub const REQUEST_ID_HEADER: &str = "x-lichen-request-id";
 /// The largest request head accepted (request line and headers), as common
 /// proxies allow; hyper's read buffer bounds it only loosely.
 pub const MAX_HEAD_BYTES: usize = 64 << 10;
-
-/// Who may call a route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Access {
-    /// Anyone.
-    Public,
-    /// The admin token.
-    Admin,
-    /// The cluster token: peers only.
-    Peer,
-    /// What the function's policy says: anyone for a public function, its
-    /// tokens or the admin token for a private one (checked by the handler,
-    /// which knows the function).
-    Function,
-    /// Anyone, or the admin token with `--metrics-require-token`.
-    Metrics,
-}
-
-/// What answers a route.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Handler {
-    Invoke,
-    ListFunctions,
-    Deploy,
-    Describe,
-    Delete,
-    GetPolicy,
-    PutPolicy,
-    KvUsage,
-    KvPurge,
-    Map,
-    Peers,
-    Module,
-    OpenApi,
-    Metrics,
-    Healthz,
-    Readyz,
-}
-
-/// One route: `method` (`None`: any method), a path whose `{x}` segments
-/// match one segment each and whose last `{x...}` matches the rest of the
-/// path, slashes included.
-#[derive(Debug)]
-pub struct Route {
-    pub method: Option<Method>,
-    pub path: &'static str,
-    pub access: Access,
-    pub handler: Handler,
-}
-
-const fn route(
-    method: Option<Method>,
-    path: &'static str,
-    access: Access,
-    handler: Handler,
-) -> Route {
-    Route {
-        method,
-        path,
-        access,
-        handler,
-    }
-}
-
-const ANY: Option<Method> = None;
-const GET: Option<Method> = Some(Method::GET);
-const PUT: Option<Method> = Some(Method::PUT);
-const POST: Option<Method> = Some(Method::POST);
-const DELETE: Option<Method> = Some(Method::DELETE);
-
-/// Every route of the host, invocations first (they are most requests).
-pub static ROUTES: &[Route] = &[
-    route(ANY, "/fn/{name}", Access::Function, Handler::Invoke),
-    route(
-        ANY,
-        "/fn/{name}/{path...}",
-        Access::Function,
-        Handler::Invoke,
-    ),
-    route(GET, "/v1/functions", Access::Admin, Handler::ListFunctions),
-    route(PUT, "/v1/functions/{name}", Access::Admin, Handler::Deploy),
-    route(
-        GET,
-        "/v1/functions/{name}",
-        Access::Admin,
-        Handler::Describe,
-    ),
-    route(
-        DELETE,
-        "/v1/functions/{name}",
-        Access::Admin,
-        Handler::Delete,
-    ),
-    route(
-        GET,
-        "/v1/functions/{name}/policy",
-        Access::Admin,
-        Handler::GetPolicy,
-    ),
-    route(
-        PUT,
-        "/v1/functions/{name}/policy",
-        Access::Admin,
-        Handler::PutPolicy,
-    ),
-    route(
-        GET,
-        "/v1/functions/{name}/kv",
-        Access::Admin,
-        Handler::KvUsage,
-    ),
-    route(
-        DELETE,
-        "/v1/functions/{name}/kv/{label}",
-        Access::Admin,
-        Handler::KvPurge,
-    ),
-    route(
-        POST,
-        "/v1/functions/{name}/map",
-        Access::Function,
-        Handler::Map,
-    ),
-    route(GET, "/v1/peers", Access::Admin, Handler::Peers),
-    route(
-        GET,
-        "/v1/internal/modules/{sha256}",
-        Access::Peer,
-        Handler::Module,
-    ),
-    route(GET, "/v1/openapi.json", Access::Public, Handler::OpenApi),
-    route(GET, "/metrics", Access::Metrics, Handler::Metrics),
-    route(GET, "/healthz", Access::Public, Handler::Healthz),
-    route(GET, "/readyz", Access::Public, Handler::Readyz),
-];
-
-/// The values of a route's `{x}` segments, in order.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct Params<'p> {
-    values: [&'p str; 2],
-    len: usize,
-}
-
-impl<'p> Params<'p> {
-    fn push(&mut self, value: &'p str) -> Option<()> {
-        *self.values.get_mut(self.len)? = value;
-        self.len += 1;
-        Some(())
-    }
-
-    /// The `i`th value (the table's patterns fix how many there are).
-    fn get(&self, i: usize) -> &'p str {
-        self.values[..self.len].get(i).copied().unwrap_or_default()
-    }
-}
-
-impl Route {
-    /// The path's parameters if `path` has this route's shape.
-    pub fn matches<'p>(&self, path: &'p str) -> Option<Params<'p>> {
-        let mut rest = path.strip_prefix('/')?;
-        let mut params = Params::default();
-        let mut pattern = self.path.strip_prefix('/')?.split('/').peekable();
-        while let Some(segment) = pattern.next() {
-            if segment.starts_with('{') && segment.ends_with("...}") {
-                params.push(rest)?;
-                return Some(params);
-            }
-            let (head, tail) = match rest.split_once('/') {
-                Some((head, tail)) => (head, Some(tail)),
-                None => (rest, None),
-            };
-            if segment.starts_with('{') {
-                params.push(head)?;
-            } else if segment != head {
-                return None;
-            }
-            match (tail, pattern.peek()) {
-                (Some(tail), Some(_)) => rest = tail,
-                (None, None) => return Some(params),
-                _ => return None,
-            }
-        }
-        None
-    }
-}
 
 /// Answers one request. Never fails: errors become JSON responses.
 pub async fn handle(state: Arc<AppState>, req: hyper::Request<Incoming>) -> Response<Body> {
@@ -269,16 +87,13 @@ async fn route_request(
     request_id: &str,
 ) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_owned();
-    let mut allowed: Vec<&Method> = Vec::new();
-    for route in ROUTES {
-        let Some(params) = route.matches(&path) else {
-            continue;
-        };
-        match &route.method {
-            Some(method) if method != req.method() => allowed.push(method),
-            _ => return dispatch(state, route, params, req, request_id).await,
+    let allowed = match routes::lookup(req.method(), &path) {
+        Lookup::Found(route, params) => {
+            return dispatch(state, route, params, req, request_id).await;
         }
-    }
+        Lookup::MethodNotAllowed(allowed) => allowed,
+        Lookup::NotFound => Vec::new(),
+    };
     if path == "/v1" || path.starts_with("/v1/") {
         auth::admin(state, &req)?;
     }
@@ -370,85 +185,4 @@ pub fn json<T: Serialize + ?Sized>(
         HeaderValue::from_static("application/json"),
     );
     Ok(response)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn find(method: Method, path: &str) -> Option<(Handler, Vec<&str>)> {
-        ROUTES.iter().find_map(|route| {
-            let params = route.matches(path)?;
-            if route.method.as_ref().is_some_and(|m| *m != method) {
-                return None;
-            }
-            let values = (0..params.len).map(|i| params.get(i)).collect();
-            Some((route.handler, values))
-        })
-    }
-
-    #[test]
-    fn paths_find_their_handler_and_parameters() {
-        type Case<'a> = (Method, &'a str, Option<(Handler, &'a [&'a str])>);
-        let cases: &[Case] = &[
-            (
-                Method::GET,
-                "/fn/hello",
-                Some((Handler::Invoke, &["hello"])),
-            ),
-            (
-                Method::POST,
-                "/fn/hello/",
-                Some((Handler::Invoke, &["hello", ""])),
-            ),
-            (
-                Method::PATCH,
-                "/fn/hello/a/b/",
-                Some((Handler::Invoke, &["hello", "a/b/"])),
-            ),
-            (Method::GET, "/fn/", Some((Handler::Invoke, &[""]))),
-            (Method::GET, "/fn", None),
-            (
-                Method::GET,
-                "/v1/functions",
-                Some((Handler::ListFunctions, &[])),
-            ),
-            (
-                Method::GET,
-                "/v1/functions/",
-                Some((Handler::Describe, &[""])),
-            ),
-            (
-                Method::PUT,
-                "/v1/functions/a",
-                Some((Handler::Deploy, &["a"])),
-            ),
-            (
-                Method::PUT,
-                "/v1/functions/a/policy",
-                Some((Handler::PutPolicy, &["a"])),
-            ),
-            (
-                Method::POST,
-                "/v1/functions/a/map",
-                Some((Handler::Map, &["a"])),
-            ),
-            (Method::GET, "/v1/functions/a/map", None),
-            (Method::GET, "/v1/functions/a/policy/x", None),
-            (
-                Method::GET,
-                "/v1/internal/modules/ab",
-                Some((Handler::Module, &["ab"])),
-            ),
-            (Method::GET, "/healthz", Some((Handler::Healthz, &[]))),
-            (Method::GET, "/healthz/", None),
-            (Method::GET, "//healthz", None),
-            (Method::GET, "", None),
-        ];
-        for (method, path, expected) in cases {
-            let found = find(method.clone(), path);
-            let expected = expected.map(|(h, p)| (h, p.to_vec()));
-            assert_eq!(found, expected, "{method} {path}");
-        }
-    }
 }

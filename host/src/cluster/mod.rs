@@ -3,11 +3,11 @@
 //!
 //! - Membership and failure detection are chitchat's (Scuttlebutt gossip
 //!   with a phi-accrual failure detector, as Quickwit runs it). Each host
-//!   publishes, sealed with the cluster secret ([`auth`]): `api` (its HTTP
+//!   publishes, sealed with the cluster secret (`lichen_core::seal`): `api` (its HTTP
 //!   address), `load` (free invocation slots and invocations in flight),
 //!   `mod:<sha256>` per module it holds, and `fn:<name>` per function it
 //!   serves: the registry entry it has applied.
-//! - The registry ([`registry`]) merges last-writer-wins by (timestamp, node
+//! - The registry (`lichen_core::registry`) merges last-writer-wins by (timestamp, node
 //!   id). A host applies a newer entry it sees at a peer (fetching the module
 //!   from a peer that holds it, checking its hash, compiling it itself), and
 //!   only then publishes it as its own: so every `fn:` key says "this host
@@ -15,10 +15,8 @@
 //! - Forwarding ([`forward`]) sends an invocation this host has no room for
 //!   to the function's rendezvous owners with room ([`placement`]).
 
-pub mod auth;
 pub mod forward;
 pub mod placement;
-pub mod registry;
 pub mod sync;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
@@ -35,8 +33,10 @@ use crate::kv::Kv;
 use crate::metrics::Metrics;
 use crate::names::FunctionName;
 use crate::store::ModuleStore;
-pub use auth::Secret;
-use registry::{Entry, Registry};
+use lichen_core::gossip::{self, KEY_API, KEY_KV, KEY_LOAD, PREFIX_FN, PREFIX_MOD};
+pub use lichen_core::registry;
+use lichen_core::registry::{Entry, Registry};
+pub use lichen_core::seal::Secret;
 
 /// Header of a forwarded request: the node that forwarded it. A request that
 /// carries it is never forwarded again.
@@ -45,13 +45,6 @@ pub const HOP_HEADER: &str = "x-lichen-forwarded-by";
 pub const SERVED_BY_HEADER: &str = "x-lichen-served-by";
 /// Header of internal requests: the cluster token.
 pub const CLUSTER_AUTH_HEADER: &str = "x-lichen-cluster-token";
-
-const KEY_API: &str = "api";
-const KEY_LOAD: &str = "load";
-/// Which key-value data the host sees (`local:<node>`, `nats:<cluster>`).
-const KEY_KV: &str = "kv";
-const PREFIX_FN: &str = "fn:";
-const PREFIX_MOD: &str = "mod:";
 
 /// How a host takes part in a cluster.
 #[derive(Debug, Clone)]
@@ -366,16 +359,15 @@ impl Cluster {
         };
         let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
         for (key, version, sealed) in values {
-            if let Some(name) = key.strip_prefix(PREFIX_FN) {
+            if key.starts_with(PREFIX_FN) {
                 let cache_key = (incarnation(id), key.clone());
                 let entry = match parsed.get(&cache_key) {
                     Some((v, entry)) if *v == version => entry.clone(),
                     _ => {
-                        let entry = self
-                            .secret
-                            .open(node, &key, &sealed)
-                            .and_then(|json| serde_json::from_str::<Entry>(json).ok())
-                            .filter(|e| e.name == name);
+                        let entry = match gossip::read(&self.secret, node, &key, &sealed) {
+                            Some(gossip::Value::Function(entry)) => Some(entry),
+                            _ => None,
+                        };
                         if entry.is_none() {
                             tracing::warn!(
                                 peer = node,
@@ -388,25 +380,21 @@ impl Cluster {
                     }
                 };
                 if let Some(entry) = entry {
-                    peer.functions.insert(name.to_string(), entry);
+                    peer.functions.insert(entry.name.clone(), entry);
                 }
                 continue;
             }
-            let Some(value) = self.secret.open(node, &key, &sealed) else {
-                continue;
-            };
-            if key == KEY_API {
-                peer.api = value.to_string();
-            } else if key == KEY_LOAD {
-                let mut parts = value.split(' ').map(str::parse::<u32>);
-                if let (Some(Ok(free)), Some(Ok(load))) = (parts.next(), parts.next()) {
+            match gossip::read(&self.secret, node, &key, &sealed) {
+                Some(gossip::Value::Api(api)) => peer.api = api.to_string(),
+                Some(gossip::Value::Load { free, load }) => {
                     peer.free_slots = free;
                     peer.load = load;
                 }
-            } else if key == KEY_KV {
-                peer.kv = value.to_string();
-            } else if let Some(sha) = key.strip_prefix(PREFIX_MOD) {
-                peer.modules.insert(sha.to_string());
+                Some(gossip::Value::Kv(kv)) => peer.kv = kv.to_string(),
+                Some(gossip::Value::Module(sha)) => {
+                    peer.modules.insert(sha.to_string());
+                }
+                Some(gossip::Value::Function(_)) | None => {}
             }
         }
         (!peer.api.is_empty()).then_some(peer)

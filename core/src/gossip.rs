@@ -1,0 +1,114 @@
+//! The values a host publishes in gossip, and reading them back from a peer.
+//!
+//! Every value is sealed with the cluster secret ([`crate::seal`]) over the
+//! publishing node, the key and the value, so a value is read only if its
+//! seal is right; its body is then parsed as the key says. Whatever a peer
+//! (or anyone who can send UDP to the gossip port) publishes, reading it
+//! never fails loudly: a value that does not check out is `None`.
+
+use crate::registry::Entry;
+use crate::seal::Secret;
+
+/// The host's HTTP address for peers.
+pub const KEY_API: &str = "api";
+/// Free invocation slots and invocations in flight: `"<free> <load>"`.
+pub const KEY_LOAD: &str = "load";
+/// Which key-value data the host sees (`local:<node>`, `nats:<cluster>`).
+pub const KEY_KV: &str = "kv";
+/// `fn:<name>`: the registry entry the host serves, as JSON.
+pub const PREFIX_FN: &str = "fn:";
+/// `mod:<sha256>`: a module the host holds (the value is empty).
+pub const PREFIX_MOD: &str = "mod:";
+
+/// One gossip value, read.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Value<'a> {
+    Api(&'a str),
+    Load {
+        free: u32,
+        load: u32,
+    },
+    Kv(&'a str),
+    /// The entry of the function the key names.
+    Function(Entry),
+    /// The module the key names, by its hash.
+    Module(&'a str),
+}
+
+/// The value `node` published under `key`, if its seal is right, its key
+/// known and its body what that key holds.
+pub fn read<'a>(secret: &Secret, node: &str, key: &'a str, sealed: &'a str) -> Option<Value<'a>> {
+    let value = secret.open(node, key, sealed)?;
+    if let Some(name) = key.strip_prefix(PREFIX_FN) {
+        let entry: Entry = serde_json::from_str(value).ok()?;
+        return (entry.name == name).then_some(Value::Function(entry));
+    }
+    if let Some(sha) = key.strip_prefix(PREFIX_MOD) {
+        return Some(Value::Module(sha));
+    }
+    match key {
+        KEY_API => Some(Value::Api(value)),
+        KEY_KV => Some(Value::Kv(value)),
+        KEY_LOAD => {
+            let (free, load) = value.split_once(' ')?;
+            Some(Value::Load {
+                free: free.parse().ok()?,
+                load: load.parse().ok()?,
+            })
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn secret() -> Secret {
+        Secret::new("correct horse battery staple").unwrap()
+    }
+
+    #[test]
+    fn values_read_back_as_their_key_says() {
+        let s = secret();
+        let read = |key: &'static str, value: &str| {
+            let sealed = Box::leak(s.seal("n1", key, value).into_boxed_str());
+            read(&s, "n1", key, sealed)
+        };
+        assert_eq!(
+            read(KEY_API, "http://127.0.0.1:1"),
+            Some(Value::Api("http://127.0.0.1:1"))
+        );
+        assert_eq!(
+            read(KEY_LOAD, "3 5"),
+            Some(Value::Load { free: 3, load: 5 })
+        );
+        assert_eq!(read(KEY_LOAD, "3"), None);
+        assert_eq!(read(KEY_LOAD, "3 -1"), None);
+        assert_eq!(read(KEY_KV, "local:n1"), Some(Value::Kv("local:n1")));
+        assert_eq!(read("mod:ab12", ""), Some(Value::Module("ab12")));
+        assert_eq!(read("other", "x"), None);
+        let entry = Entry {
+            name: "hello".into(),
+            sha256: Some("ab".into()),
+            version: 2,
+            policy: None,
+            timestamp_ms: 7,
+            origin: "n1".into(),
+        };
+        let json = serde_json::to_string(&entry).unwrap();
+        assert_eq!(read("fn:hello", &json), Some(Value::Function(entry)));
+        // An entry under another function's key is not that function's.
+        assert_eq!(read("fn:other", &json), None);
+        assert_eq!(read("fn:hello", "{not json"), None);
+    }
+
+    #[test]
+    fn a_value_sealed_by_another_node_or_secret_is_not_read() {
+        let s = secret();
+        let sealed = s.seal("n1", KEY_API, "http://127.0.0.1:1");
+        assert_eq!(read(&s, "n2", KEY_API, &sealed), None);
+        let other = Secret::new("another secret, as long").unwrap();
+        assert_eq!(read(&other, "n1", KEY_API, &sealed), None);
+    }
+}
