@@ -26,3 +26,5 @@ target/tools/cargo-deny/bin/cargo-deny --log-level error check licenses bans sou
 # stores are maps in memory there).
 cargo test --quiet --manifest-path functions/Cargo.toml -p counter -p notes
 LICHEN_FUNCTIONS_BUILT=1 cargo test --workspace
+# Fuzzing of what strangers reach (lichen-core's parsers), 20 s a target.
+scripts/fuzz.sh

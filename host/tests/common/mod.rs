@@ -40,7 +40,7 @@ pub const FUNCTIONS: &[&str] = &[
     "kv-draft-p3",
 ];
 
-fn repo_root() -> PathBuf {
+pub fn repo_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .expect("host/ has a parent")

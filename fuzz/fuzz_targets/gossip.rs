@@ -1,0 +1,38 @@
+//! Gossip values from peers: a node id, a key and a sealed value in, a
+//! value read or nothing. The input is read twice: as it came (what anyone
+//! who can reach the gossip port sends; its seal is almost never right), and
+//! sealed with the cluster's secret first (what a peer with the secret may
+//! publish), so the parsing behind the seal is fuzzed too.
+#![no_main]
+
+use std::sync::LazyLock;
+
+use libfuzzer_sys::fuzz_target;
+use lichen_core::gossip::{self, PREFIX_FN, PREFIX_MOD, Value};
+use lichen_core::seal::Secret;
+
+static SECRET: LazyLock<Secret> =
+    LazyLock::new(|| Secret::new("lichen fuzzing secret, 32 chars").expect("a long secret"));
+
+fuzz_target!(|data: &[u8]| {
+    let Ok(text) = std::str::from_utf8(data) else {
+        return;
+    };
+    let mut parts = text.splitn(3, '\n');
+    let (Some(node), Some(key), Some(value)) = (parts.next(), parts.next(), parts.next()) else {
+        return;
+    };
+    let _ = gossip::read(&SECRET, node, key, value);
+    let sealed = SECRET.seal(node, key, value);
+    match gossip::read(&SECRET, node, key, &sealed) {
+        Some(Value::Function(entry)) => {
+            assert_eq!(key.strip_prefix(PREFIX_FN), Some(entry.name.as_str()));
+        }
+        Some(Value::Module(sha)) => assert_eq!(key.strip_prefix(PREFIX_MOD), Some(sha)),
+        Some(Value::Api(v) | Value::Kv(v)) => assert_eq!(v, value),
+        Some(Value::Load { .. }) | None => {}
+    }
+    // Sealed by one node, it is not another's.
+    let other = format!("{node}x");
+    assert_eq!(gossip::read(&SECRET, &other, key, &sealed), None);
+});

@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Installs cargo-fuzz (built from crates.io, once) into the target directory:
+# target/tools/cargo-fuzz/bin/cargo-fuzz. scripts/fuzz.sh runs the fuzz
+# targets of fuzz/ with it.
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+dest="$root/target/tools/cargo-fuzz"
+version="0.13.2"
+bin="$dest/bin/cargo-fuzz"
+
+if [ -x "$bin" ] && "$bin" --version 2>/dev/null | grep -qx "cargo-fuzz $version"; then
+    exit 0
+fi
+echo "cargo-fuzz: building $version into $dest (about a minute)" >&2
+cargo install "cargo-fuzz@$version" --locked --quiet --root "$dest"
