@@ -16,12 +16,11 @@ scripts/install-schemathesis.sh
 scripts/install-wasmtime.sh
 # nats-server: the shared key-value backend's tests start real ones.
 scripts/install-nats-server.sh
-# cargo-deny: licenses, banned crates (one TLS stack: rustls with ring) and
-# sources, as deny.toml says.
-scripts/install-cargo-deny.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
-target/tools/cargo-deny/bin/cargo-deny --log-level error check licenses bans sources
+# cargo-deny: advisories (a local database), licenses, banned crates (one
+# TLS stack: rustls with ring) and sources, as deny.toml says.
+scripts/check-deps.sh
 # The example functions' own unit tests, natively (the SDK's key-value
 # stores are maps in memory there).
 cargo test --quiet --manifest-path functions/Cargo.toml -p counter -p notes
