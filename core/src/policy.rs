@@ -385,24 +385,7 @@ impl TryFrom<String> for Timeout {
     type Error = String;
 
     fn try_from(text: String) -> Result<Self, Self::Error> {
-        let trimmed = text.trim();
-        let split = trimmed
-            .find(|c: char| !c.is_ascii_digit())
-            .unwrap_or(trimmed.len());
-        let (digits, unit) = trimmed.split_at(split);
-        let n: u64 = digits.parse().map_err(|_| {
-            format!("invalid duration {text:?}: expected a whole number and a unit, like \"2s\"")
-        })?;
-        let duration = match unit.trim() {
-            "ms" => Duration::from_millis(n),
-            "s" => Duration::from_secs(n),
-            "m" => Duration::from_secs(n.saturating_mul(60)),
-            other => {
-                return Err(format!(
-                    "invalid duration {text:?}: unknown unit {other:?} (use ms, s or m)"
-                ));
-            }
-        };
+        let duration = parse_duration(&text)?;
         if duration.is_zero() || duration > MAX_TIMEOUT {
             return Err(format!(
                 "invalid duration {text:?}: must be above zero and at most 15m"
@@ -422,6 +405,27 @@ impl From<Timeout> for String {
         } else {
             format!("{ms}ms")
         }
+    }
+}
+
+/// A duration as policies and the host's settings write it: a whole number
+/// and `ms`, `s` or `m` (`"250ms"`, `"10s"`, `"2m"`).
+pub fn parse_duration(text: &str) -> Result<Duration, String> {
+    let trimmed = text.trim();
+    let split = trimmed
+        .find(|c: char| !c.is_ascii_digit())
+        .unwrap_or(trimmed.len());
+    let (digits, unit) = trimmed.split_at(split);
+    let n: u64 = digits.parse().map_err(|_| {
+        format!("invalid duration {text:?}: expected a whole number and a unit, like \"2s\"")
+    })?;
+    match unit.trim() {
+        "ms" => Ok(Duration::from_millis(n)),
+        "s" => Ok(Duration::from_secs(n)),
+        "m" => Ok(Duration::from_secs(n.saturating_mul(60))),
+        other => Err(format!(
+            "invalid duration {text:?}: unknown unit {other:?} (use ms, s or m)"
+        )),
     }
 }
 

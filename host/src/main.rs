@@ -94,6 +94,11 @@ struct ServeArgs {
     /// Require the admin token for GET /metrics.
     #[arg(long)]
     metrics_require_token: bool,
+    /// After SIGTERM, keep serving this long with /readyz answering 503, so
+    /// load balancers move traffic away; then stop accepting and let
+    /// requests in flight finish.
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    drain: std::time::Duration,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(flatten)]
@@ -294,6 +299,11 @@ async fn main() -> ExitCode {
     }
 }
 
+/// `250ms`, `5s`, `1m`, as policies write durations.
+fn duration(text: &str) -> Result<std::time::Duration, String> {
+    lichen::policy::parse_duration(text)
+}
+
 async fn print(run: impl Future<Output = anyhow::Result<String>>) -> anyhow::Result<()> {
     println!("{}", run.await?);
     Ok(())
@@ -306,6 +316,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.admin_token = args.admin_token;
     config.max_upload = args.max_upload_bytes;
     config.metrics_require_token = args.metrics_require_token;
+    config.drain = args.drain;
     config.max_connections = args.max_connections;
     config.max_in_flight = args.max_in_flight;
     config.max_loaded_functions = args.max_loaded_functions;

@@ -49,6 +49,10 @@ pub const DEFAULT_MAX_CONNECTIONS: u32 = 1024;
 /// Invocations in flight across all functions by default: a quarter of the
 /// pooling allocator's instance slots, so slots never run out first.
 pub const DEFAULT_MAX_IN_FLIGHT: u32 = 256;
+/// How long a host keeps serving after SIGTERM by default, answering
+/// `/readyz` with 503: long enough for a load balancer polling every second
+/// or two to take it out.
+pub const DEFAULT_DRAIN: Duration = Duration::from_secs(5);
 /// Functions whose compiled code stays loaded by default.
 pub const DEFAULT_MAX_LOADED_FUNCTIONS: usize = 256;
 
@@ -83,7 +87,11 @@ pub struct ServeConfig {
     pub admin_token: Option<String>,
     pub max_upload: u64,
     pub engine: EngineSettings,
-    /// How long in-flight requests may run on after a shutdown signal.
+    /// How long the host keeps serving after a shutdown signal, saying it
+    /// is not ready, so load balancers move traffic away first.
+    pub drain: Duration,
+    /// How long in-flight requests may run on after the drain, once the
+    /// host has stopped accepting.
     pub shutdown_grace: Duration,
     /// Open connections at once; past it new ones get a 503 and are closed.
     pub max_connections: u32,
@@ -130,6 +138,7 @@ impl ServeConfig {
             admin_token: None,
             max_upload: DEFAULT_MAX_UPLOAD,
             engine: EngineSettings::default(),
+            drain: DEFAULT_DRAIN,
             shutdown_grace: Duration::from_secs(30),
             max_connections: DEFAULT_MAX_CONNECTIONS,
             max_in_flight: DEFAULT_MAX_IN_FLIGHT,
@@ -151,6 +160,7 @@ pub struct Server {
     state: Arc<AppState>,
     local_addr: SocketAddr,
     admin_token: String,
+    drain: Duration,
     shutdown_grace: Duration,
     connections: Arc<tokio::sync::Semaphore>,
     header_read_timeout: Duration,
@@ -264,6 +274,7 @@ impl Server {
             state,
             local_addr,
             admin_token,
+            drain: config.drain,
             shutdown_grace: config.shutdown_grace,
             connections: Arc::new(tokio::sync::Semaphore::new(config.max_connections as usize)),
             header_read_timeout: config.header_read_timeout,
@@ -285,8 +296,10 @@ impl Server {
         Arc::clone(&self.state)
     }
 
-    /// Serves until `shutdown` completes, then stops accepting and waits for
-    /// open connections to finish their requests, at most the grace period.
+    /// Serves until `shutdown` completes; then drains: `/readyz` answers 503
+    /// while the host goes on serving for the drain period, then it stops
+    /// accepting, leaves the cluster, and waits for open connections to
+    /// finish their requests, at most the grace period.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<()> {
         match &self.tls {
             Some(_) => tracing::info!("{LISTENING_TLS_PREFIX}{}", self.local_addr),
@@ -294,6 +307,7 @@ impl Server {
         }
         let graceful = GracefulShutdown::new();
         tokio::pin!(shutdown);
+        let mut drained: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
             let (stream, peer) = tokio::select! {
                 accepted = self.listener.accept() => match accepted {
@@ -305,7 +319,16 @@ impl Server {
                         continue;
                     }
                 },
-                () = &mut shutdown => break,
+                () = &mut shutdown, if drained.is_none() => {
+                    self.state.start_draining();
+                    tracing::info!(
+                        drain_ms = self.drain.as_millis() as u64,
+                        "draining: /readyz answers 503, still serving"
+                    );
+                    drained = Some(Box::pin(tokio::time::sleep(self.drain)));
+                    continue;
+                }
+                () = until(&mut drained) => break,
             };
             let _ = stream.set_nodelay(true);
             let Ok(slot) = Arc::clone(&self.connections).try_acquire_owned() else {
@@ -446,6 +469,14 @@ fn load_or_create_token(data_dir: &Path) -> Result<String> {
     file.sync_all()?;
     tracing::info!(path = %path.display(), "generated an admin token");
     Ok(token)
+}
+
+/// Resolves when `sleep` is set and done; never while it is `None`.
+async fn until(sleep: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match sleep {
+        Some(sleep) => sleep.await,
+        None => std::future::pending().await,
+    }
 }
 
 /// Resolves when the process gets SIGINT or SIGTERM.

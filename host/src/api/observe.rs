@@ -33,16 +33,23 @@ pub async fn metrics(state: &AppState) -> Result<Response<Body>, ApiError> {
     Ok(response)
 }
 
-/// `GET /readyz`: ready unless the key-value backend is out of reach (the
-/// host still serves; functions with stores get the interface's error).
+/// `GET /readyz`: whether a load balancer should send this host traffic.
+/// Not while it drains before stopping, not before its first gossip round
+/// in a cluster (it does not know its peers' functions yet), and not while
+/// the key-value backend is out of reach (the host still serves; functions
+/// with stores get the interface's error). `/healthz` stays 200 throughout.
 pub fn readyz(state: &AppState) -> Response<Body> {
-    let kv = &state.functions.kv;
-    if kv.reachable() {
-        super::text(StatusCode::OK, "ready\n")
+    let why_not = if state.draining() {
+        Some("shutting down: draining\n")
+    } else if state.cluster().is_some_and(|c| !c.joined()) {
+        Some("not ready: the first gossip round has not finished\n")
+    } else if !state.functions.kv.reachable() {
+        Some("not ready: the key-value backend (NATS) is unreachable\n")
     } else {
-        super::text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: the key-value backend (NATS) is unreachable\n",
-        )
+        None
+    };
+    match why_not {
+        None => super::text(StatusCode::OK, "ready\n"),
+        Some(why) => super::text(StatusCode::SERVICE_UNAVAILABLE, why),
     }
 }

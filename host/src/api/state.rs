@@ -6,7 +6,7 @@
 //! `Arc`. The function table is an `Arc` of its own because the cluster's
 //! sync loop holds it too, without holding the API.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -32,6 +32,9 @@ pub struct AppState {
     pub(super) request_ids: RequestIds,
     /// Set once the host has joined a cluster.
     cluster: OnceLock<Arc<Cluster>>,
+    /// Set when a shutdown signal arrives: `/readyz` answers 503 from then
+    /// on while the host drains.
+    draining: AtomicBool,
 }
 
 impl AppState {
@@ -42,7 +45,17 @@ impl AppState {
             limits,
             request_ids: RequestIds::new(),
             cluster: OnceLock::new(),
+            draining: AtomicBool::new(false),
         }
+    }
+
+    /// From now on the host says it is not ready (it still serves).
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    pub fn draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     pub fn cluster(&self) -> Option<&Arc<Cluster>> {

@@ -21,6 +21,7 @@ pub mod sync;
 
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -45,6 +46,9 @@ pub const HOP_HEADER: &str = "x-lichen-forwarded-by";
 pub const SERVED_BY_HEADER: &str = "x-lichen-served-by";
 /// Header of internal requests: the cluster token.
 pub const CLUSTER_AUTH_HEADER: &str = "x-lichen-cluster-token";
+
+/// Gossip rounds after which a host that has seen no peer serves anyway.
+const JOIN_ROUNDS: u64 = 5;
 
 /// How a host takes part in a cluster.
 #[derive(Debug, Clone)]
@@ -116,6 +120,10 @@ pub struct Cluster {
     metrics: Metrics,
     /// The key-value backend, whose identity each round publishes.
     kv: Arc<Kv>,
+    /// Gossip rounds done since the start.
+    rounds: AtomicU64,
+    /// Whether this host has heard from the cluster (see [`Cluster::joined`]).
+    joined: AtomicBool,
 }
 
 impl Cluster {
@@ -185,7 +193,18 @@ impl Cluster {
             suspects: Mutex::new(HashMap::new()),
             metrics,
             kv,
+            rounds: AtomicU64::new(0),
+            joined: AtomicBool::new(false),
         }))
+    }
+
+    /// Whether the host has heard from the cluster: a round has seen a live
+    /// peer, or [`JOIN_ROUNDS`] rounds have passed without one (the first
+    /// host of a cluster, or seeds all down: it serves on its own). Until
+    /// then `/readyz` says not ready, since the host may not know the
+    /// cluster's functions yet.
+    pub fn joined(&self) -> bool {
+        self.joined.load(Ordering::Relaxed)
     }
 
     pub fn node_id(&self) -> &str {
@@ -340,6 +359,10 @@ impl Cluster {
             .filter_map(|(id, values)| self.read_peer(&id, values))
             .collect();
         self.metrics.peers_alive.set(peers.len() as i64);
+        let rounds = self.rounds.fetch_add(1, Ordering::Relaxed) + 1;
+        if !peers.is_empty() || rounds >= JOIN_ROUNDS {
+            self.joined.store(true, Ordering::Relaxed);
+        }
         *self.peers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(peers);
     }
 

@@ -99,6 +99,8 @@ pub fn test_config(data_dir: &Path) -> ServeConfig {
     config.admin_token = Some("test-token".to_string());
     config.engine = EngineSettings::default();
     config.shutdown_grace = Duration::from_secs(5);
+    // Stopping a test host should not wait for load balancers.
+    config.drain = Duration::ZERO;
     config
 }
 
