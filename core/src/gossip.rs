@@ -20,6 +20,50 @@ pub const PREFIX_FN: &str = "fn:";
 /// `mod:<sha256>`: a module the host holds (the value is empty).
 pub const PREFIX_MOD: &str = "mod:";
 
+/// The gossip port a `--peer` without one gets.
+pub const DEFAULT_GOSSIP_PORT: u16 = 7946;
+
+/// A `--peer` as gossip resolves it: `HOST:PORT` or `IP:PORT`, the port
+/// [`DEFAULT_GOSSIP_PORT`] when missing. Host names stay names: gossip
+/// resolves them again periodically (a Kubernetes headless service's
+/// addresses change as pods come and go).
+pub fn seed_address(peer: &str) -> Result<String, String> {
+    let peer = peer.trim();
+    let bad = |why: &str| Err(format!("--peer {peer:?}: {why}"));
+    if peer.is_empty() {
+        return bad("empty");
+    }
+    if peer.parse::<std::net::SocketAddr>().is_ok() {
+        return Ok(peer.to_string());
+    }
+    // An IP address alone: v4, v6 with or without brackets.
+    if let Ok(ip) = peer
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse::<std::net::IpAddr>()
+    {
+        return Ok(std::net::SocketAddr::new(ip, DEFAULT_GOSSIP_PORT).to_string());
+    }
+    let (host, port) = match peer.rsplit_once(':') {
+        Some((host, port)) => match port.parse::<u16>() {
+            Ok(port) => (host, port),
+            Err(_) => return bad("the port must be a number from 0 to 65535"),
+        },
+        None => (peer, DEFAULT_GOSSIP_PORT),
+    };
+    let label_ok = |label: &str| {
+        !label.is_empty()
+            && label.len() <= 63
+            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+            && !label.starts_with('-')
+            && !label.ends_with('-')
+    };
+    if host.len() > 253 || !host.trim_end_matches('.').split('.').all(label_ok) {
+        return bad("expected HOST[:PORT] or IP[:PORT]");
+    }
+    Ok(format!("{host}:{port}"))
+}
+
 /// One gossip value, read.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Value<'a> {
@@ -101,6 +145,36 @@ mod tests {
         // An entry under another function's key is not that function's.
         assert_eq!(read("fn:other", &json), None);
         assert_eq!(read("fn:hello", "{not json"), None);
+    }
+
+    #[test]
+    fn peers_are_names_or_addresses_with_the_gossip_port_by_default() {
+        let ok = |p: &str| seed_address(p).unwrap();
+        assert_eq!(ok("10.0.0.7:7000"), "10.0.0.7:7000");
+        assert_eq!(ok("10.0.0.7"), "10.0.0.7:7946");
+        assert_eq!(ok("[::1]:7000"), "[::1]:7000");
+        assert_eq!(ok("::1"), "[::1]:7946");
+        assert_eq!(ok("[::1]"), "[::1]:7946");
+        assert_eq!(ok("localhost:7000"), "localhost:7000");
+        assert_eq!(
+            ok("lichen-gossip.edge.svc.cluster.local"),
+            "lichen-gossip.edge.svc.cluster.local:7946"
+        );
+        assert_eq!(
+            ok("lichen-0.lichen-gossip."),
+            "lichen-0.lichen-gossip.:7946"
+        );
+        for bad in [
+            "",
+            "host:port",
+            "host:70000",
+            "a b:1",
+            "-x:1",
+            "x..y",
+            "http://x:1",
+        ] {
+            assert!(seed_address(bad).is_err(), "{bad:?} accepted");
+        }
     }
 
     #[test]

@@ -23,6 +23,13 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let _ = gossip::read(&SECRET, node, key, value);
+    // A `--peer` as an operator (or a config file) writes it.
+    if let Ok(seed) = gossip::seed_address(node) {
+        assert!(
+            seed.rsplit_once(':')
+                .is_some_and(|(_, port)| port.parse::<u16>().is_ok())
+        );
+    }
     let sealed = SECRET.seal(node, key, value);
     match gossip::read(&SECRET, node, key, &sealed) {
         Some(Value::Function(entry)) => {

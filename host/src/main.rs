@@ -175,8 +175,10 @@ impl KvArgs {
 #[derive(clap::Args)]
 #[command(next_help_heading = "Cluster")]
 struct ClusterArgs {
-    /// Gossip address (UDP) of a host to join through; repeatable.
-    #[arg(long = "peer", value_name = "ADDR")]
+    /// A host to join through: its gossip address (UDP) or a DNS name that
+    /// resolves to such hosts (resolved again every minute), port 7946 if
+    /// none is given; repeatable.
+    #[arg(long = "peer", value_name = "HOST[:PORT]")]
     peers: Vec<String>,
     /// Where this host gossips (UDP) [default: the listen IP, port 7946].
     #[arg(long, value_name = "ADDR")]
@@ -204,9 +206,9 @@ impl ClusterArgs {
         let Some(secret) = self.cluster_secret else {
             anyhow::bail!("joining a cluster needs --cluster-secret (or LICHEN_CLUSTER_SECRET)");
         };
-        let gossip_listen = self
-            .gossip
-            .unwrap_or_else(|| SocketAddr::new(listen.ip(), 7946));
+        let gossip_listen = self.gossip.unwrap_or_else(|| {
+            SocketAddr::new(listen.ip(), lichen_core::gossip::DEFAULT_GOSSIP_PORT)
+        });
         let node_id = match self.node_id {
             Some(id) => id,
             None => {
@@ -221,7 +223,12 @@ impl ClusterArgs {
             gossip_listen,
             gossip_advertise: None,
             api_advertise: self.advertise,
-            seeds: self.peers,
+            seeds: self
+                .peers
+                .iter()
+                .map(|peer| lichen_core::gossip::seed_address(peer))
+                .collect::<Result<_, _>>()
+                .map_err(anyhow::Error::msg)?,
             secret: lichen::cluster::Secret::new(&secret)?,
             gossip_interval: std::time::Duration::from_millis(self.gossip_interval_ms.max(10)),
         }))

@@ -946,3 +946,27 @@ async fn a_function_with_shared_stores_is_forwarded_within_its_nats_cluster() {
     );
     assert_eq!(three_slow_calls(&a, "stateful").await, ["a", "b", "c"]);
 }
+
+/// A host joins through a host name, as a Kubernetes headless service is
+/// given: `--peer localhost:PORT`, resolved by gossip, and a seed that
+/// does not resolve at start is only a warning.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_joins_through_a_host_name() {
+    let root = tempfile::tempdir().unwrap();
+    let a = Node::start(root.path(), "a", &[], SECRET);
+    let port = a.gossip.rsplit_once(':').unwrap().1;
+    let by_name = format!("localhost:{port}");
+    let b = Node::start_with(
+        root.path(),
+        "b",
+        &[],
+        SECRET,
+        &["--peer", &by_name, "--peer", "nowhere.invalid"],
+    );
+    for (node, other) in [(&a, "b"), (&b, "a")] {
+        eventually(&format!("{} sees {other}", node.id), || async {
+            node.peer_ids().await == [other]
+        })
+        .await;
+    }
+}

@@ -148,6 +148,14 @@ impl Cluster {
                 "gossip listens on {gossip_advertise}: peers need a reachable address, give --gossip with an IP"
             );
         }
+        for seed in &config.seeds {
+            if tokio::net::lookup_host(seed.as_str()).await.is_err() {
+                tracing::warn!(
+                    peer = %seed,
+                    "a peer does not resolve (yet); gossip tries it again every minute"
+                );
+            }
+        }
         let generation = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);
