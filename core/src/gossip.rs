@@ -29,7 +29,7 @@ pub const DEFAULT_GOSSIP_PORT: u16 = 7946;
 /// addresses change as pods come and go).
 pub fn seed_address(peer: &str) -> Result<String, String> {
     let peer = peer.trim();
-    let bad = |why: &str| Err(format!("--peer {peer:?}: {why}"));
+    let bad = |why: &str| Err(format!("{peer:?}: {why}"));
     if peer.is_empty() {
         return bad("empty");
     }

@@ -6,6 +6,7 @@
 pub mod api;
 pub mod client;
 pub mod cluster;
+pub mod config;
 pub mod engine;
 pub mod error;
 pub mod functions;

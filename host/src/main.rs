@@ -6,7 +6,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 
 /// mimalloc instead of the system allocator: a host makes and drops a store,
 /// its tables and its request state per request. Measured with wrk -t1 -c64
@@ -66,7 +66,15 @@ enum Command {
 }
 
 #[derive(clap::Args)]
+#[command(
+    after_help = "Every flag can also be set by the environment variable LICHEN_<FLAG> \
+(LICHEN_MAX_UPLOAD_BYTES) and by a key of the --config file (max_upload_bytes = ...); \
+a flag wins over the environment, the environment over the file."
+)]
 struct ServeArgs {
+    /// A TOML file of settings: each key a flag's name with `_` for `-`.
+    #[arg(long, value_name = "FILE", env = "LICHEN_CONFIG")]
+    config: Option<PathBuf>,
     /// Address to listen on; port 0 picks a free port.
     #[arg(long, default_value = "127.0.0.1:8080")]
     listen: SocketAddr,
@@ -79,6 +87,10 @@ struct ServeArgs {
     /// Admin token; if unset, one is generated into DATA_DIR/admin-token.
     #[arg(long, env = "LICHEN_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Read the admin token from this file (kept out of argv and the
+    /// environment).
+    #[arg(long, value_name = "FILE", conflicts_with = "admin_token")]
+    admin_token_file: Option<PathBuf>,
     /// Largest component upload, in bytes.
     #[arg(long, default_value_t = server::DEFAULT_MAX_UPLOAD)]
     max_upload_bytes: u64,
@@ -178,7 +190,7 @@ struct ClusterArgs {
     /// A host to join through: its gossip address (UDP) or a DNS name that
     /// resolves to such hosts (resolved again every minute), port 7946 if
     /// none is given; repeatable.
-    #[arg(long = "peer", value_name = "HOST[:PORT]")]
+    #[arg(long = "peer", value_name = "HOST[:PORT]", value_parser = peer_address)]
     peers: Vec<String>,
     /// Where this host gossips (UDP) [default: the listen IP, port 7946].
     #[arg(long, value_name = "ADDR")]
@@ -192,6 +204,9 @@ struct ClusterArgs {
     /// Shared by every host of the cluster (at least 16 characters).
     #[arg(long, env = "LICHEN_CLUSTER_SECRET", hide_env_values = true)]
     cluster_secret: Option<String>,
+    /// Read the cluster secret from this file.
+    #[arg(long, value_name = "FILE", conflicts_with = "cluster_secret")]
+    cluster_secret_file: Option<PathBuf>,
     /// Time between gossip rounds, in milliseconds; a dead peer is noticed
     /// after about ten.
     #[arg(long, default_value_t = 200)]
@@ -203,8 +218,12 @@ impl ClusterArgs {
         if self.peers.is_empty() && self.gossip.is_none() {
             return Ok(None);
         }
-        let Some(secret) = self.cluster_secret else {
-            anyhow::bail!("joining a cluster needs --cluster-secret (or LICHEN_CLUSTER_SECRET)");
+        let secret = match (self.cluster_secret, self.cluster_secret_file) {
+            (Some(secret), _) => secret,
+            (None, Some(file)) => secret_from(&file)?,
+            (None, None) => anyhow::bail!(
+                "joining a cluster needs --cluster-secret or --cluster-secret-file (or LICHEN_CLUSTER_SECRET)"
+            ),
         };
         let gossip_listen = self.gossip.unwrap_or_else(|| {
             SocketAddr::new(listen.ip(), lichen_core::gossip::DEFAULT_GOSSIP_PORT)
@@ -223,12 +242,7 @@ impl ClusterArgs {
             gossip_listen,
             gossip_advertise: None,
             api_advertise: self.advertise,
-            seeds: self
-                .peers
-                .iter()
-                .map(|peer| lichen_core::gossip::seed_address(peer))
-                .collect::<Result<_, _>>()
-                .map_err(anyhow::Error::msg)?,
+            seeds: self.peers,
             secret: lichen::cluster::Secret::new(&secret)?,
             gossip_interval: std::time::Duration::from_millis(self.gossip_interval_ms.max(10)),
         }))
@@ -279,9 +293,58 @@ fn init_logging(format: LogFormat) {
     }
 }
 
+/// A secret kept in a file: its text, without the trailing newline editors
+/// add.
+fn secret_from(file: &std::path::Path) -> anyhow::Result<String> {
+    let text = std::fs::read_to_string(file)
+        .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?;
+    let secret = text.trim_end_matches(['\n', '\r']).to_string();
+    if secret.is_empty() {
+        anyhow::bail!("{} is empty", file.display());
+    }
+    Ok(secret)
+}
+
+/// The command line, with `serve`'s flags given their `LICHEN_*` variables
+/// and the config file's values (see `lichen::config`).
+fn parse() -> anyhow::Result<Cli> {
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut command = Cli::command();
+    if args.get(1).is_some_and(|a| a == "serve") {
+        let file = lichen::config::config_path(&args);
+        let mut failed = None;
+        command = command.mut_subcommand("serve", |serve| {
+            // The file's values are checked before the variables exist, so
+            // a variable's bad value is never blamed on the file.
+            let serve = match file {
+                Some(file) => match lichen::config::with_file(serve.clone(), &file) {
+                    Ok(serve) => serve,
+                    Err(error) => {
+                        failed = Some(error);
+                        serve
+                    }
+                },
+                None => serve,
+            };
+            lichen::config::with_env(serve)
+        });
+        if let Some(error) = failed {
+            return Err(error);
+        }
+    }
+    let matches = command.get_matches_from(args);
+    Cli::from_arg_matches(&matches).map_err(|e| e.exit())
+}
+
 #[tokio::main]
 async fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match parse() {
+        Ok(cli) => cli,
+        Err(error) => {
+            eprintln!("lichen: {error:#}");
+            return ExitCode::FAILURE;
+        }
+    };
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
         Command::Deploy { name, file, target } => {
@@ -306,6 +369,11 @@ async fn main() -> ExitCode {
     }
 }
 
+/// A `--peer`, with the gossip port when it has none.
+fn peer_address(text: &str) -> Result<String, String> {
+    lichen_core::gossip::seed_address(text)
+}
+
 /// `250ms`, `5s`, `1m`, as policies write durations.
 fn duration(text: &str) -> Result<std::time::Duration, String> {
     lichen::policy::parse_duration(text)
@@ -320,7 +388,11 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     init_logging(args.log_format);
     let mut config = ServeConfig::new(args.listen, args.data_dir);
     config.policies_dir = args.policies;
-    config.admin_token = args.admin_token;
+    config.admin_token = match (args.admin_token, &args.admin_token_file) {
+        (Some(token), _) => Some(token),
+        (None, Some(file)) => Some(secret_from(file)?),
+        (None, None) => None,
+    };
     config.max_upload = args.max_upload_bytes;
     config.metrics_require_token = args.metrics_require_token;
     config.drain = args.drain;

@@ -372,6 +372,19 @@ pub fn spawn_lichen(
     String,
     std::thread::JoinHandle<Vec<String>>,
 ) {
+    spawn_lichen_with_env(data_dir, extra, &[])
+}
+
+/// [`spawn_lichen`] with these environment variables.
+pub fn spawn_lichen_with_env(
+    data_dir: &std::path::Path,
+    extra: &[&str],
+    env: &[(&str, &str)],
+) -> (
+    std::process::Child,
+    String,
+    std::thread::JoinHandle<Vec<String>>,
+) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lichen"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
@@ -379,6 +392,7 @@ pub fn spawn_lichen(
         .arg(data_dir.join("policies"))
         .args(extra)
         .env_remove("LICHEN_ADMIN_TOKEN")
+        .envs(env.iter().copied())
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
