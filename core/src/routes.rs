@@ -34,6 +34,7 @@ pub enum Handler {
     PutPolicy,
     KvUsage,
     KvPurge,
+    Rollback,
     Map,
     Peers,
     Module,
@@ -120,6 +121,12 @@ pub static ROUTES: &[Route] = &[
         "/v1/functions/{name}/kv/{label}",
         Access::Admin,
         Handler::KvPurge,
+    ),
+    route(
+        POST,
+        "/v1/functions/{name}/rollback",
+        Access::Admin,
+        Handler::Rollback,
     ),
     route(
         POST,

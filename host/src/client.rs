@@ -203,6 +203,28 @@ pub async fn remove(target: &Target, name: &str, purge_kv: bool) -> Result<Strin
     })
 }
 
+/// Makes an earlier version of `name` active again: `version`, or the one
+/// before the active version.
+pub async fn rollback(target: &Target, name: &str, version: Option<u64>) -> Result<String> {
+    let body = match version {
+        Some(version) => serde_json::to_vec(&serde_json::json!({ "version": version }))?,
+        None => Vec::new(),
+    };
+    let value = target
+        .call(
+            Method::POST,
+            &format!("/v1/functions/{name}/rollback"),
+            body,
+        )
+        .await?;
+    Ok(format!(
+        "{} is at version {} (sha256 {})",
+        value["name"].as_str().unwrap_or(name),
+        value["version"],
+        value["sha256"].as_str().unwrap_or("?"),
+    ))
+}
+
 pub async fn map(target: &Target, name: &str, file: &Path) -> Result<String> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
     let value = target

@@ -1,5 +1,5 @@
-//! The `lichen` command: `serve` runs a host; `deploy`, `ls`, `rm` and `map`
-//! talk to one.
+//! The `lichen` command: `serve` runs a host; `deploy`, `ls`, `rm`,
+//! `rollback` and `map` talk to one.
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -52,6 +52,14 @@ enum Command {
         /// default, for a redeploy to find).
         #[arg(long)]
         purge_kv: bool,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Make an earlier version of NAME active again (on every peer too):
+    /// VERSION, or the one before the active version.
+    Rollback {
+        name: String,
+        version: Option<u64>,
         #[command(flatten)]
         target: TargetArgs,
     },
@@ -356,6 +364,11 @@ async fn main() -> ExitCode {
             purge_kv,
             target,
         } => print(async { client::remove(&target.resolve()?, &name, purge_kv).await }).await,
+        Command::Rollback {
+            name,
+            version,
+            target,
+        } => print(async { client::rollback(&target.resolve()?, &name, version).await }).await,
         Command::Map { name, file, target } => {
             print(async { client::map(&target.resolve()?, &name, &file).await }).await
         }

@@ -48,7 +48,7 @@ const TMP: &str = "tmp";
 
 /// How many versions of a function are remembered; older ones are forgotten
 /// and their modules collected when nothing else refers to them.
-const KEEP_VERSIONS: usize = 10;
+pub const KEEP_VERSIONS: usize = 10;
 
 /// Which generation of `wasi:http` a component serves: detected by the
 /// engine when the version is deployed.

@@ -754,3 +754,78 @@ async fn a_map_on_one_host_answers_in_order_and_refuses_bad_input() {
     );
     host.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rollback_makes_an_earlier_version_active_again() {
+    let (host, _dir) = host().await;
+    let rollback = |body: &'static str| {
+        host.admin(
+            Method::POST,
+            "/v1/functions/app/rollback",
+            body.as_bytes().to_vec(),
+        )
+    };
+    host.deploy("app", component("hello")).await;
+    rollback("")
+        .await
+        .assert_error(StatusCode::CONFLICT, "no_previous_version");
+    let v2 = host.deploy("app", component("echo")).await;
+    assert_eq!(v2.json()["version"], 2);
+    let says = |path: &'static str| {
+        let url = format!("{}/fn/app{path}", host.url);
+        async move { send(Method::POST, &url, &[], b"ping".to_vec()).await.text() }
+    };
+    assert!(says("/").await.contains("ping"), "echo answers");
+
+    let back = rollback("").await;
+    assert_eq!(back.status, StatusCode::OK, "{}", back.text());
+    assert_eq!(back.json()["version"], 1);
+    assert!(says("/").await.contains("Hello"), "hello answers again");
+    let described = host
+        .admin(Method::GET, "/v1/functions/app", Vec::new())
+        .await;
+    assert_eq!(described.json()["version"], 1);
+    // Forward again by number; asking for the active one changes nothing.
+    let forward = rollback(r#"{"version": 2}"#).await;
+    assert_eq!(forward.json()["version"], 2);
+    assert_eq!(rollback(r#"{"version": 2}"#).await.status, StatusCode::OK);
+    assert!(says("/").await.contains("ping"));
+    // A new deploy is numbered after every version known.
+    let v3 = host.deploy("app", distinct(&component("hello"), "3")).await;
+    assert_eq!(v3.json()["version"], 3);
+
+    rollback(r#"{"version": 9}"#)
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+    rollback(r#"{"to": 1}"#)
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "invalid_rollback");
+    host.admin(Method::POST, "/v1/functions/nope/rollback", Vec::new())
+        .await
+        .assert_error(StatusCode::NOT_FOUND, "not_found");
+    host.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rolling_back_past_what_is_kept_is_a_conflict() {
+    let (host, _dir) = host().await;
+    // Twelve versions: the first two are forgotten, their modules collected.
+    for n in 1..=12 {
+        let reply = host
+            .deploy("app", distinct(&component("hello"), &n.to_string()))
+            .await;
+        assert_eq!(reply.json()["version"], n);
+    }
+    let rollback = |version: u64| {
+        host.admin(
+            Method::POST,
+            "/v1/functions/app/rollback",
+            format!(r#"{{"version": {version}}}"#).into_bytes(),
+        )
+    };
+    let gone = rollback(2).await;
+    gone.assert_error(StatusCode::CONFLICT, "version_collected");
+    assert!(gone.text().contains("no longer kept"), "{}", gone.text());
+    assert_eq!(rollback(3).await.json()["version"], 3);
+    host.stop().await;
+}

@@ -75,6 +75,25 @@ async fn serve_deploy_invoke_list_remove_and_stop() {
     assert!(ok);
     assert!(out.lines().any(|l| l.starts_with("greet ")), "{out}");
 
+    // A second version, rolled back by the CLI, then forward by number.
+    let echo_wasm = dir.path().join("echo.wasm");
+    std::fs::write(&echo_wasm, component("echo")).unwrap();
+    let (ok, out, err) = run_client(
+        &["deploy", "greet", echo_wasm.to_str().unwrap()],
+        &url,
+        &data_dir,
+    );
+    assert!(ok && out.contains("version 2"), "{out}{err}");
+    let (ok, out, err) = run_client(&["rollback", "greet"], &url, &data_dir);
+    assert!(ok, "{err}");
+    assert!(out.contains("greet is at version 1"), "{out}");
+    let reply = send(Method::GET, &format!("{url}/fn/greet"), &[], Vec::new()).await;
+    assert_eq!(reply.text(), "Hello from Lichen!\n");
+    let (ok, out, err) = run_client(&["rollback", "greet", "2"], &url, &data_dir);
+    assert!(ok && out.contains("greet is at version 2"), "{out}{err}");
+    let (ok, _, err) = run_client(&["rollback", "greet", "1"], &url, &data_dir);
+    assert!(ok, "{err}");
+
     // Errors print the server's message.
     let (ok, _, err) = run_client(
         &["deploy", "Bad_Name", wasm.to_str().unwrap()],

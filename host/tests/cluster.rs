@@ -970,3 +970,38 @@ async fn a_host_joins_through_a_host_name() {
         .await;
     }
 }
+
+/// A rollback is a registry change like a deploy: every peer makes the
+/// same earlier version active.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rollback_reaches_every_peer() {
+    let root = tempfile::tempdir().unwrap();
+    let a = Node::start(root.path(), "a", &[], SECRET);
+    let b = Node::start(root.path(), "b", &[&a], SECRET);
+    let says = |node: &Node| {
+        let url = format!("{}/fn/app", node.url);
+        async move { send(Method::POST, &url, &[], b"ping".to_vec()).await.text() }
+    };
+    a.admin(Method::PUT, "/v1/functions/app", component("hello"))
+        .await;
+    eventually("b serves hello", || async {
+        says(&b).await.contains("Hello")
+    })
+    .await;
+    a.admin(Method::PUT, "/v1/functions/app", component("echo"))
+        .await;
+    eventually("b serves echo", || async {
+        says(&b).await.contains("ping")
+    })
+    .await;
+    let back = a
+        .admin(Method::POST, "/v1/functions/app/rollback", Vec::new())
+        .await;
+    assert_eq!(back.status, StatusCode::OK, "{}", back.text());
+    eventually("b serves hello again", || async {
+        says(&b).await.contains("Hello")
+    })
+    .await;
+    let described = b.admin(Method::GET, "/v1/functions/app", Vec::new()).await;
+    assert_eq!(described.json()["version"], 1);
+}

@@ -23,7 +23,7 @@ use crate::error::{ApiError, Body, full_body};
 use crate::kv::{Backend, KvError, Scope};
 use crate::names::FunctionName;
 use crate::policy::{StoreLabel, WriteError};
-use crate::store::{Abi, VersionInfo, sha256_hex};
+use crate::store::{Abi, KEEP_VERSIONS, VersionInfo, sha256_hex};
 
 /// Largest policy file accepted by `PUT /v1/functions/{name}/policy`.
 const MAX_POLICY_BYTES: u64 = 64 << 10;
@@ -199,27 +199,116 @@ async fn deploy_inner(
     let version = functions
         .activate(&guard, record, version, Some(bytes))
         .await?;
-    // Published before the lock is let go, so an older registry entry being
-    // applied meanwhile sees this one and stands down.
-    if let Some(cluster) = state.cluster() {
-        let policy = functions.policy_source(&name);
-        cluster
-            .publish_local(
-                &functions.store,
-                name.as_str(),
-                Some(sha256),
-                version.version,
-                policy,
-            )
-            .await;
-    }
+    publish_active(state, &name, &version).await;
     drop(guard);
     tracing::info!(function = %name, version = version.version, sha256 = %version.sha256, size, "deployed");
     let body = FunctionSummary::new(&name, &version);
     json(StatusCode::CREATED, &body)
 }
 
-/// `DELETE /v1/functions/{name}`.
+/// Tells the cluster (if any) that `version` of `name` is active here.
+/// Callers hold the admin lock: published before it is let go, an older
+/// registry entry being applied meanwhile sees this one and stands down.
+async fn publish_active(state: &AppState, name: &FunctionName, version: &VersionInfo) {
+    if let Some(cluster) = state.cluster() {
+        let policy = state.functions.policy_source(name);
+        cluster
+            .publish_local(
+                &state.functions.store,
+                name.as_str(),
+                Some(version.sha256.clone()),
+                version.version,
+                policy,
+            )
+            .await;
+    }
+}
+
+/// The body of `POST /v1/functions/{name}/rollback` (empty: the version
+/// before the active one).
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RollbackTo {
+    version: u64,
+}
+
+/// `POST /v1/functions/{name}/rollback`: makes a remembered version active
+/// again, the one before the active version unless the body names one. A
+/// change like a deploy: peers apply it too.
+pub async fn rollback(
+    state: &Arc<AppState>,
+    name: &FunctionName,
+    req: hyper::Request<Incoming>,
+) -> Result<Response<Body>, ApiError> {
+    let bytes = body::read_capped(req, MAX_POLICY_BYTES, state.limits.body_idle_timeout).await?;
+    let wanted = if bytes.iter().all(u8::is_ascii_whitespace) {
+        None
+    } else {
+        let to: RollbackTo = serde_json::from_slice(&bytes).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_rollback",
+                format!("the body must be empty or {{\"version\": N}}: {e}"),
+            )
+        })?;
+        Some(to.version)
+    };
+    let functions = &state.functions;
+    let guard = functions.lock_admin().await;
+    let record = functions
+        .store
+        .read_record(name)?
+        .ok_or_else(|| ApiError::not_found(format!("no function named {name}")))?;
+    let remembered: Vec<u64> = record.versions.iter().map(|v| v.version).collect();
+    let gone = |n: u64| {
+        ApiError::new(
+            StatusCode::CONFLICT,
+            "version_collected",
+            format!(
+                "version {n} of {name} is no longer kept (a host keeps its last {KEEP_VERSIONS} versions and their modules); remembered: {remembered:?}"
+            ),
+        )
+    };
+    let target = match wanted {
+        Some(n) => match record.versions.iter().find(|v| v.version == n) {
+            Some(version) => version.clone(),
+            None if n >= 1 && remembered.iter().any(|&kept| kept > n) => return Err(gone(n)),
+            None => {
+                return Err(ApiError::not_found(format!(
+                    "{name} has no version {n}; remembered: {remembered:?}"
+                )));
+            }
+        },
+        None => record
+            .versions
+            .iter()
+            .filter(|v| v.version < record.active)
+            .max_by_key(|v| v.version)
+            .cloned()
+            .ok_or_else(|| {
+                ApiError::new(
+                    StatusCode::CONFLICT,
+                    "no_previous_version",
+                    format!(
+                        "{name} has no version before {} to roll back to; remembered: {remembered:?}",
+                        record.active
+                    ),
+                )
+            })?,
+    };
+    if target.version == record.active {
+        return json(StatusCode::OK, &FunctionSummary::new(name, &target));
+    }
+    if !functions.store.has_module(&target.sha256) {
+        return Err(gone(target.version));
+    }
+    let from = record.active;
+    let version = functions.activate(&guard, record, target, None).await?;
+    publish_active(state, name, &version).await;
+    drop(guard);
+    tracing::info!(function = %name, from, to = version.version, sha256 = %version.sha256, "rolled back");
+    json(StatusCode::OK, &FunctionSummary::new(name, &version))
+}
+
 /// `DELETE /v1/functions/{name}`. The function's key-value data stays
 /// (a redeploy finds it) unless the query says `purge_kv=true`.
 pub async fn delete(

@@ -147,6 +147,7 @@ async fn dispatch(
         Handler::PutPolicy => admin::put_policy(state, &name()?, req).await,
         Handler::KvUsage => admin::kv_usage(state, &name()?).await,
         Handler::KvPurge => admin::kv_purge(state, &name()?, params.get(1)).await,
+        Handler::Rollback => admin::rollback(state, &name()?, req).await,
         Handler::Map => map::map(state, &name()?, req, request_id).await,
         Handler::Peers => admin::peers(state),
         Handler::Module => admin::module(state, params.get(0)),
