@@ -8,8 +8,10 @@ cd "$root"
 
 functions/build.sh
 
-# promtool checks the /metrics output; Debian ships it in the prometheus package.
-scripts/apt-install.sh prometheus
+# promtool checks the /metrics output (Debian's prometheus package); the OCI
+# tests push to and deploy from real registries (docker-registry, the CNCF
+# distribution registry).
+scripts/apt-install.sh prometheus docker-registry
 # schemathesis fuzzes a live host against its OpenAPI document (tests/fuzz_api.rs).
 scripts/install-schemathesis.sh
 # The official wasmtime CLI: p3 answers are compared with `wasmtime serve`'s.

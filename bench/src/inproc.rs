@@ -35,6 +35,7 @@ pub fn prepare(name: &str, component: &[u8]) -> Result<Prepared> {
         created_unix: 0,
         timestamp_ms: None,
         abi: Default::default(),
+        oci: None,
     };
     let deployed = runtime.prepare(FunctionName::new(name)?, version, &compiled)?;
     let invocation = Invocation {

@@ -51,12 +51,14 @@ impl Target {
         })
     }
 
-    /// Sends one admin request; returns the status and the body.
+    /// Sends one admin request with a body of `content_type`; returns the
+    /// status and the body.
     pub async fn send(
         &self,
         method: Method,
         path: &str,
         body: Vec<u8>,
+        content_type: &'static str,
     ) -> Result<(StatusCode, Bytes)> {
         let uri: Uri = format!("{}{path}", self.url)
             .parse()
@@ -65,7 +67,7 @@ impl Target {
             .method(method)
             .uri(uri.path_and_query().map_or("/", |p| p.as_str()))
             .header(header::AUTHORIZATION, format!("Bearer {}", self.token))
-            .header(header::CONTENT_TYPE, "application/wasm")
+            .header(header::CONTENT_TYPE, content_type)
             .body(Full::new(Bytes::from(body)))
             .with_context(|| format!("building a request to {uri}"))?;
         if let Some(authority) = uri.authority() {
@@ -116,15 +118,35 @@ impl Target {
         send_over(tls, request).await
     }
 
-    /// Like [`Target::send`], but a non-2xx answer is an error carrying the
-    /// server's message.
+    /// Like [`Target::send`] with a component (or no body), but a non-2xx
+    /// answer is an error carrying the server's message.
     pub async fn call(
         &self,
         method: Method,
         path: &str,
         body: Vec<u8>,
     ) -> Result<serde_json::Value> {
-        let (status, body) = self.send(method, path, body).await?;
+        self.call_with(method, path, body, "application/wasm").await
+    }
+
+    /// [`Target::call`] with a JSON body.
+    pub async fn call_json(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Result<serde_json::Value> {
+        self.call_with(method, path, body, "application/json").await
+    }
+
+    async fn call_with(
+        &self,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+        content_type: &'static str,
+    ) -> Result<serde_json::Value> {
+        let (status, body) = self.send(method, path, body, content_type).await?;
         let value: serde_json::Value = serde_json::from_slice(&body).unwrap_or_else(|_| {
             serde_json::Value::String(String::from_utf8_lossy(&body).into_owned())
         });
@@ -162,6 +184,23 @@ pub async fn deploy(target: &Target, name: &str, file: &Path) -> Result<String> 
         value["name"].as_str().unwrap_or(name),
         value["version"],
         value["sha256"].as_str().unwrap_or("?"),
+        value["size"]
+    ))
+}
+
+/// Has the host pull `reference` from a registry and deploy it as `name`.
+pub async fn deploy_oci(target: &Target, name: &str, reference: &str) -> Result<String> {
+    let body = serde_json::to_vec(&serde_json::json!({ "oci": reference }))?;
+    let value = target
+        .call_json(Method::PUT, &format!("/v1/functions/{name}"), body)
+        .await?;
+    Ok(format!(
+        "deployed {} version {} from {} (sha256 {}, manifest {}, {} bytes)",
+        value["name"].as_str().unwrap_or(name),
+        value["version"],
+        reference,
+        value["sha256"].as_str().unwrap_or("?"),
+        value["oci"]["manifest_digest"].as_str().unwrap_or("?"),
         value["size"]
     ))
 }

@@ -747,6 +747,7 @@ mod tests {
             created_unix: 0,
             timestamp_ms: None,
             abi: Default::default(),
+            oci: None,
         };
         assert!(matches!(
             rt.prepare(name, version, &component),

@@ -12,6 +12,7 @@ pub mod error;
 pub mod functions;
 pub mod kv;
 pub mod metrics;
+pub mod oci;
 pub mod outbound;
 pub mod policy;
 pub mod pool;

@@ -33,10 +33,17 @@ struct Cli {
 enum Command {
     /// Run a host.
     Serve(Box<ServeArgs>),
-    /// Upload a component as function NAME (a new version if it exists).
+    /// Upload a component as function NAME (a new version if it exists),
+    /// or have the host pull it from an OCI registry (--oci).
     Deploy {
         name: String,
-        file: PathBuf,
+        #[arg(required_unless_present = "oci")]
+        file: Option<PathBuf>,
+        /// Pull the component from this reference instead
+        /// (REGISTRY/REPOSITORY[:TAG][@sha256:DIGEST]); the host must allow
+        /// the registry.
+        #[arg(long, value_name = "REF", conflicts_with = "file")]
+        oci: Option<String>,
         #[command(flatten)]
         target: TargetArgs,
     },
@@ -144,6 +151,32 @@ struct ServeArgs {
     /// benchmark's baseline for the pool.
     #[arg(long, hide = true)]
     outbound_no_keep_alive: bool,
+    #[command(flatten)]
+    registry: RegistryArgs,
+}
+
+/// Deploys from OCI registries (`PUT /v1/functions/NAME` with
+/// `{"oci": "REF"}`, `lichen deploy NAME --oci REF`).
+#[derive(clap::Args)]
+#[command(next_help_heading = "OCI registries")]
+struct RegistryArgs {
+    /// A registry (HOST[:PORT]) deploys may pull from; repeatable. None:
+    /// deploys from registries are refused.
+    #[arg(long = "allow-registry", value_name = "HOST[:PORT]")]
+    allow_registries: Vec<String>,
+    /// A registry (HOST:PORT) spoken to over plain HTTP; repeatable.
+    #[arg(long = "insecure-registry", value_name = "HOST:PORT")]
+    insecure_registries: Vec<String>,
+    /// Refuse references without a digest (REF@sha256:...).
+    #[arg(long)]
+    require_digest: bool,
+    /// Registry credentials: a Docker config.json (`auths`).
+    #[arg(long, value_name = "FILE")]
+    registry_auth: Option<PathBuf>,
+    /// A CA certificate (PEM) to trust for registries, beside the public
+    /// roots.
+    #[arg(long, value_name = "FILE")]
+    registry_ca: Option<PathBuf>,
 }
 
 /// Where functions' key-value stores live.
@@ -355,8 +388,21 @@ async fn main() -> ExitCode {
     };
     let result = match cli.command {
         Command::Serve(args) => serve(*args).await,
-        Command::Deploy { name, file, target } => {
-            print(async { client::deploy(&target.resolve()?, &name, &file).await }).await
+        Command::Deploy {
+            name,
+            file,
+            oci,
+            target,
+        } => {
+            print(async {
+                let target = target.resolve()?;
+                match (file, oci) {
+                    (_, Some(reference)) => client::deploy_oci(&target, &name, &reference).await,
+                    (Some(file), None) => client::deploy(&target, &name, &file).await,
+                    (None, None) => anyhow::bail!("give a FILE or --oci REF"),
+                }
+            })
+            .await
         }
         Command::Ls { target } => print(async { client::list(&target.resolve()?).await }).await,
         Command::Rm {
@@ -430,6 +476,13 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     }
     config.outbound.ca_cert = args.outbound_ca;
     config.outbound.keep_alive = !args.outbound_no_keep_alive;
+    config.registry = lichen::oci::RegistryConfig {
+        allowed: args.registry.allow_registries,
+        insecure: args.registry.insecure_registries,
+        require_digest: args.registry.require_digest,
+        auth_file: args.registry.registry_auth,
+        ca_cert: args.registry.registry_ca,
+    };
     if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
         config.tls = Some(lichen::tls::TlsFiles { cert, key });
     }

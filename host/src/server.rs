@@ -25,6 +25,7 @@ use crate::error::{BUSY_HEADER, RETRY_AFTER_SECS};
 use crate::functions::{Functions, Services};
 use crate::kv::{Kv, LocalBackend, NatsBackend};
 use crate::metrics::Metrics;
+use crate::oci::{Registries, RegistryConfig};
 use crate::outbound::{Outbound, OutboundConfig};
 use crate::policy::PolicyTable;
 use crate::scheduler::Scheduler;
@@ -117,6 +118,8 @@ pub struct ServeConfig {
     pub tls: Option<TlsFiles>,
     /// How guests' outbound requests resolve names and trust servers.
     pub outbound: OutboundConfig,
+    /// Which OCI registries deploys may pull from, and how.
+    pub registry: RegistryConfig,
 }
 
 /// The key-value backend a host uses.
@@ -150,6 +153,7 @@ impl ServeConfig {
             kv: KvConfig::Local,
             tls: None,
             outbound: OutboundConfig::default(),
+            registry: RegistryConfig::default(),
         }
     }
 }
@@ -257,8 +261,11 @@ impl Server {
             }
             None => None,
         };
+        let registries = Registries::new(config.registry.clone())
+            .context("setting up the OCI registry client")?;
         let state = Arc::new(AppState::new(
             functions,
+            registries,
             admin_token.clone(),
             ApiLimits {
                 max_upload: config.max_upload,

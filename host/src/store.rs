@@ -76,6 +76,9 @@ pub struct VersionInfo {
     pub timestamp_ms: Option<u64>,
     #[serde(default)]
     pub abi: Abi,
+    /// The registry reference it was pulled from, with the digests pulled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub oci: Option<crate::oci::OciSource>,
 }
 
 /// Everything the store knows about one function.
@@ -113,6 +116,7 @@ impl FunctionRecord {
             timestamp_ms: None,
             // Set from the component when it is prepared.
             abi: Abi::P2,
+            oci: None,
         }
     }
 

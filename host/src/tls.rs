@@ -176,3 +176,9 @@ fn server_config(files: &TlsFiles) -> Result<ServerConfig> {
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }
+
+/// Makes ring the process's rustls provider, for libraries that take the
+/// process default (the OCI client's reqwest). Idempotent.
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}

@@ -94,6 +94,7 @@ fn version() -> VersionInfo {
         created_unix: 0,
         timestamp_ms: None,
         abi: Default::default(),
+        oci: None,
     }
 }
 

@@ -22,6 +22,7 @@ use super::{AppState, json};
 use crate::error::{ApiError, Body, full_body};
 use crate::kv::{Backend, KvError, Scope};
 use crate::names::FunctionName;
+use crate::oci::OciSource;
 use crate::policy::{StoreLabel, WriteError};
 use crate::store::{Abi, KEEP_VERSIONS, VersionInfo, sha256_hex};
 
@@ -36,6 +37,8 @@ struct FunctionSummary<'a> {
     size: u64,
     created_unix: u64,
     abi: Abi,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    oci: Option<&'a OciSource>,
 }
 
 impl<'a> FunctionSummary<'a> {
@@ -47,6 +50,7 @@ impl<'a> FunctionSummary<'a> {
             size: version.size,
             created_unix: version.created_unix,
             abi: version.abi,
+            oci: version.oci.as_ref(),
         }
     }
 }
@@ -85,6 +89,7 @@ pub fn describe(state: &AppState, name: &FunctionName) -> Result<Response<Body>,
             "size": active.size,
             "created_unix": active.created_unix,
             "abi": active.abi,
+            "oci": active.oci,
             "loaded": loaded.is_some_and(|slot| slot.get().is_some()),
             "versions": record.versions,
             "policy": policy_json(state, name),
@@ -173,13 +178,43 @@ pub async fn deploy(
     result
 }
 
+/// A deploy's JSON body: where to pull the component from.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct DeployFrom {
+    oci: String,
+}
+
 async fn deploy_inner(
     state: &Arc<AppState>,
     name: FunctionName,
     req: hyper::Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let bytes =
-        body::read_capped(req, state.limits.max_upload, state.limits.body_idle_timeout).await?;
+    let is_json = req
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
+    let (bytes, oci) = if is_json {
+        let body = body::read_capped(req, MAX_POLICY_BYTES, state.limits.body_idle_timeout).await?;
+        let from: DeployFrom = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::bad_request(
+                "invalid_deploy",
+                format!("a JSON deploy body is {{\"oci\": \"REGISTRY/REPOSITORY[:TAG][@sha256:DIGEST]\"}}: {e}"),
+            )
+        })?;
+        let pulled = state
+            .registries
+            .pull(&from.oci, state.limits.max_upload)
+            .await?;
+        tracing::info!(function = %name, reference = %from.oci, manifest = %pulled.source.manifest_digest, "pulled from a registry");
+        (bytes::Bytes::from(pulled.bytes), Some(pulled.source))
+    } else {
+        let bytes =
+            body::read_capped(req, state.limits.max_upload, state.limits.body_idle_timeout).await?;
+        (bytes, None)
+    };
     let sha256 = sha256_hex(&bytes);
     let size = bytes.len() as u64;
 
@@ -195,7 +230,8 @@ async fn deploy_inner(
         return json(StatusCode::OK, &body);
     }
 
-    let version = record.next_version(&sha256, size);
+    let mut version = record.next_version(&sha256, size);
+    version.oci = oci;
     let version = functions
         .activate(&guard, record, version, Some(bytes))
         .await?;

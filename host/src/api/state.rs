@@ -12,6 +12,7 @@ use std::time::Duration;
 
 use crate::cluster::Cluster;
 use crate::functions::Functions;
+use crate::oci::Registries;
 
 /// Limits of the HTTP surface that are not per function.
 #[derive(Debug, Clone)]
@@ -27,6 +28,8 @@ pub struct ApiLimits {
 /// Everything a request handler needs; one per host.
 pub struct AppState {
     pub functions: Arc<Functions>,
+    /// Where `{"oci": ...}` deploys pull from.
+    pub(super) registries: Registries,
     pub(super) admin_token: String,
     pub(super) limits: ApiLimits,
     pub(super) request_ids: RequestIds,
@@ -38,9 +41,15 @@ pub struct AppState {
 }
 
 impl AppState {
-    pub fn new(functions: Arc<Functions>, admin_token: String, limits: ApiLimits) -> Self {
+    pub fn new(
+        functions: Arc<Functions>,
+        registries: Registries,
+        admin_token: String,
+        limits: ApiLimits,
+    ) -> Self {
         AppState {
             functions,
+            registries,
             admin_token,
             limits,
             request_ids: RequestIds::new(),

@@ -240,6 +240,7 @@ async fn apply_inner(
             timestamp_ms: Some(entry.timestamp_ms),
             // Set from the component when it is prepared.
             abi: Default::default(),
+            oci: None,
         };
         let guard = state.lock_admin().await;
         if superseded(cluster, entry) {

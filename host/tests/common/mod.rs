@@ -676,3 +676,128 @@ pub async fn tls_get(
         response.into_body().collect().await.unwrap().to_bytes(),
     )
 }
+
+/// A real OCI registry (Debian's `docker-registry`, the CNCF distribution
+/// registry) on a free loopback port, plain HTTP, with basic auth when
+/// `user` is given; killed when dropped. Installs the package when it is
+/// missing.
+pub struct OciRegistry {
+    child: std::process::Child,
+    /// `127.0.0.1:PORT`: the registry part of references.
+    pub address: String,
+    auth: oci_client::secrets::RegistryAuth,
+}
+
+impl OciRegistry {
+    pub fn start(dir: &Path, user: Option<(&str, &str)>) -> OciRegistry {
+        let bin = Path::new("/usr/bin/docker-registry");
+        if !bin.exists() {
+            let status = Command::new(repo_root().join("scripts/apt-install.sh"))
+                .arg("docker-registry")
+                .status()
+                .expect("running scripts/apt-install.sh");
+            assert!(status.success(), "installing docker-registry failed");
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        let port = free_port();
+        let address = format!("127.0.0.1:{port}");
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {address}\n  secret: lichen-test-registry\n",
+            dir.join("data").display()
+        );
+        let auth = match user {
+            Some((name, password)) => {
+                let hash = bcrypt::hash_with_result(password, 4)
+                    .unwrap()
+                    .format_for_version(bcrypt::Version::TwoY);
+                let htpasswd = dir.join("htpasswd");
+                std::fs::write(&htpasswd, format!("{name}:{hash}\n")).unwrap();
+                config.push_str(&format!(
+                    "auth:\n  htpasswd:\n    realm: lichen-test\n    path: {}\n",
+                    htpasswd.display()
+                ));
+                oci_client::secrets::RegistryAuth::Basic(name.to_string(), password.to_string())
+            }
+            None => oci_client::secrets::RegistryAuth::Anonymous,
+        };
+        let config_path = dir.join("config.yml");
+        std::fs::write(&config_path, config).unwrap();
+        let child = Command::new(bin)
+            .arg("serve")
+            .arg(&config_path)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("starting docker-registry");
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while std::net::TcpStream::connect(&address).is_err() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "docker-registry did not listen"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        OciRegistry {
+            child,
+            address,
+            auth,
+        }
+    }
+
+    /// Pushes an artifact of these layers and config as `repository:tag`;
+    /// returns the reference with the manifest's digest.
+    pub async fn push(
+        &self,
+        repository: &str,
+        tag: &str,
+        config: (&str, &[u8]),
+        layers: &[(&str, &[u8])],
+    ) -> String {
+        lichen::tls::install_crypto_provider();
+        let client = oci_client::Client::try_from(oci_client::client::ClientConfig {
+            protocol: oci_client::client::ClientProtocol::Http,
+            ..Default::default()
+        })
+        .unwrap();
+        let reference: oci_client::Reference = format!("{}/{repository}:{tag}", self.address)
+            .parse()
+            .unwrap();
+        let layers: Vec<oci_client::client::ImageLayer> = layers
+            .iter()
+            .map(|(media_type, data)| {
+                oci_client::client::ImageLayer::new(data.to_vec(), media_type.to_string(), None)
+            })
+            .collect();
+        let config = oci_client::client::Config::new(config.1.to_vec(), config.0.to_string(), None);
+        client
+            .push(&reference, &layers, config, &self.auth, None)
+            .await
+            .expect("pushing to the test registry");
+        let (_, digest) = client
+            .pull_manifest(&reference, &self.auth)
+            .await
+            .expect("reading back the pushed manifest");
+        format!("{}/{repository}:{tag}@{digest}", self.address)
+    }
+
+    /// Pushes `component` in the CNCF wasm artifact layout.
+    pub async fn push_component(&self, repository: &str, tag: &str, component: &[u8]) -> String {
+        self.push(
+            repository,
+            tag,
+            (
+                lichen::oci::WASM_CONFIG,
+                b"{\"architecture\":\"wasm\",\"os\":\"wasip2\"}",
+            ),
+            &[(lichen::oci::WASM_LAYER, component)],
+        )
+        .await
+    }
+}
+
+impl Drop for OciRegistry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
