@@ -27,5 +27,7 @@ scripts/check-deps.sh
 # stores are maps in memory there).
 cargo test --quiet --manifest-path functions/Cargo.toml -p counter -p notes
 LICHEN_FUNCTIONS_BUILT=1 cargo test --workspace
+# What ships the host: Dockerfile, Kubernetes manifests, systemd unit.
+scripts/check-deploy.sh
 # Fuzzing of what strangers reach (lichen-core's parsers), 20 s a target.
 scripts/fuzz.sh
