@@ -27,8 +27,9 @@ use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 use serde::{Deserialize, Serialize};
 
+use sha2::{Digest, Sha256};
+
 use crate::error::ApiError;
-use crate::store::sha256_hex;
 
 /// The config of a CNCF wasm artifact.
 pub const WASM_CONFIG: &str = "application/vnd.wasm.config.v0+json";
@@ -214,7 +215,9 @@ impl Registries {
                 ));
             }
         }
-        let actual = sha256_hex(&bytes);
+        // The store hashes modules the same way; computed here so the
+        // store (which records where a version came from) need not know us.
+        let actual = hex::encode(Sha256::digest(&bytes));
         if actual != expected {
             return Err(ApiError::unprocessable(
                 "digest_mismatch",
