@@ -48,6 +48,7 @@ pub fn prepare(name: &str, component: &[u8]) -> Result<Prepared> {
         on_memory_peak: Arc::new(|_| {}),
         kv: None,
         outbound: None,
+        recent: None,
     };
     Ok(Prepared {
         runtime,

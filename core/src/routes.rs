@@ -37,6 +37,7 @@ pub enum Handler {
     Rollback,
     Map,
     Peers,
+    Status,
     Module,
     OpenApi,
     Metrics,
@@ -135,6 +136,7 @@ pub static ROUTES: &[Route] = &[
         Handler::Map,
     ),
     route(GET, "/v1/peers", Access::Admin, Handler::Peers),
+    route(GET, "/v1/status", Access::Admin, Handler::Status),
     route(
         GET,
         "/v1/internal/modules/{sha256}",

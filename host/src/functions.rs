@@ -33,6 +33,7 @@ use crate::metrics::Metrics;
 use crate::names::FunctionName;
 use crate::outbound::Outbound;
 use crate::policy::PolicyTable;
+use crate::recent::Recent;
 use crate::scheduler::Scheduler;
 use crate::store::{FunctionRecord, ModuleStore, VersionInfo};
 
@@ -62,6 +63,8 @@ pub struct Functions {
     kv_access: Arc<KvAccess>,
     /// Outbound HTTP of every function: pools and the address fence.
     pub outbound: Arc<Outbound>,
+    /// Each function's last invocations, latencies and log lines.
+    pub recent: Arc<Recent>,
 }
 
 /// What invocations reach beyond their sandbox, shared by the host.
@@ -97,7 +100,13 @@ impl Functions {
             }),
             kv: services.kv,
             outbound: services.outbound,
+            recent: Arc::new(Recent::new()),
         }
+    }
+
+    /// How many functions may keep their compiled code loaded.
+    pub fn max_loaded(&self) -> usize {
+        self.max_loaded
     }
 
     /// What an invocation is handed of the key-value backend.
@@ -201,6 +210,7 @@ impl Functions {
         self.scheduler.remove(name.as_str());
         self.metrics.forget_function(name.as_str());
         self.outbound.forget_function(name.as_str());
+        self.recent.forget(name.as_str());
         if let Err(error) = self.store.collect_garbage() {
             tracing::warn!(error = format!("{error:#}"), "collecting unused modules");
         }

@@ -16,6 +16,7 @@ pub mod oci;
 pub mod outbound;
 pub mod policy;
 pub mod pool;
+pub mod recent;
 pub mod sandbox;
 pub mod scheduler;
 pub mod server;

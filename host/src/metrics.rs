@@ -313,6 +313,65 @@ impl Metrics {
     }
 
     /// The exposition text (format 0.0.4).
+    /// Invocations of `function` by outcome, read without creating series.
+    pub fn invocations_of(&self, function: &str) -> Vec<(String, u64)> {
+        let mut counts = Vec::new();
+        for family in prometheus::core::Collector::collect(&self.invocations) {
+            for metric in family.get_metric() {
+                let label = |name: &str| {
+                    metric
+                        .get_label()
+                        .iter()
+                        .find(|l| l.name() == name)
+                        .map(|l| l.value().to_string())
+                };
+                if label("function").as_deref() == Some(function)
+                    && let Some(outcome) = label("outcome")
+                {
+                    counts.push((outcome, metric.get_counter().get_value() as u64));
+                }
+            }
+        }
+        counts
+    }
+
+    /// Invocations forwarded to each peer, summed over functions.
+    pub fn forwarded_by_peer(&self) -> std::collections::HashMap<String, u64> {
+        let mut totals = std::collections::HashMap::new();
+        for family in prometheus::core::Collector::collect(&self.forwarded) {
+            for metric in family.get_metric() {
+                if let Some(peer) = metric.get_label().iter().find(|l| l.name() == "peer") {
+                    *totals.entry(peer.value().to_string()).or_default() +=
+                        metric.get_counter().get_value() as u64;
+                }
+            }
+        }
+        totals
+    }
+
+    /// The process's CPU seconds and resident memory, as the process
+    /// collector reads them.
+    pub fn process(&self) -> (f64, u64) {
+        let (mut cpu, mut rss) = (0.0, 0);
+        for family in self.registry.gather() {
+            let value = |family: &prometheus::proto::MetricFamily| {
+                family.get_metric().first().map(|m| {
+                    if family.get_field_type() == prometheus::proto::MetricType::COUNTER {
+                        m.get_counter().get_value()
+                    } else {
+                        m.get_gauge().get_value()
+                    }
+                })
+            };
+            match family.name() {
+                "process_cpu_seconds_total" => cpu = value(&family).unwrap_or(0.0),
+                "process_resident_memory_bytes" => rss = value(&family).unwrap_or(0.0) as u64,
+                _ => {}
+            }
+        }
+        (cpu, rss)
+    }
+
     pub fn render(&self) -> Result<(String, Vec<u8>)> {
         let encoder = TextEncoder::new();
         let mut out = Vec::new();

@@ -43,6 +43,7 @@ use crate::kv::KvAccess;
 use crate::kv::wasi::{KvCtx, KvView};
 use crate::outbound::Outbound;
 use crate::policy::Policy;
+use crate::recent::{LogLine, Recent};
 
 /// Instances, tables and memories one invocation may create: a component
 /// from a wasm32-wasip2 toolchain has a handful.
@@ -93,6 +94,8 @@ pub struct Invocation {
     /// Where outbound requests go (pooled, fenced by address); `None`: a
     /// connection per request, unfenced (in-process benchmarks only).
     pub outbound: Option<Arc<Outbound>>,
+    /// Where the guest's log lines are kept for the status page.
+    pub recent: Option<Arc<Recent>>,
 }
 
 /// Figures of one invocation, written from inside the sandbox.
@@ -194,6 +197,7 @@ impl HostState {
             request_id: invocation.request_id.clone(),
             stream,
             budget: log_budget.clone(),
+            recent: invocation.recent.clone(),
         };
         let mut wasi = WasiCtx::builder();
         wasi.stdout(output("stdout"))
@@ -592,6 +596,7 @@ struct GuestOutput {
     request_id: Arc<str>,
     stream: &'static str,
     budget: Arc<AtomicU32>,
+    recent: Option<Arc<Recent>>,
 }
 
 impl IsTerminal for GuestOutput {
@@ -630,13 +635,26 @@ impl LineLogger {
                 request_id = &*self.output.request_id,
                 "guest output limit of {MAX_LOG_LINES} lines reached; dropping the rest"
             ),
-            _ => tracing::info!(
-                target: "lichen::guest",
-                function = &*self.output.function,
-                request_id = &*self.output.request_id,
-                stream = self.output.stream,
-                "{text}"
-            ),
+            _ => {
+                tracing::info!(
+                    target: "lichen::guest",
+                    function = &*self.output.function,
+                    request_id = &*self.output.request_id,
+                    stream = self.output.stream,
+                    "{text}"
+                );
+                if let Some(recent) = &self.output.recent {
+                    recent.log_line(
+                        &self.output.function,
+                        LogLine {
+                            request_id: self.output.request_id.to_string(),
+                            stream: self.output.stream,
+                            line: text.to_string(),
+                            at_unix_ms: crate::recent::now_unix_ms(),
+                        },
+                    );
+                }
+            }
         }
     }
 

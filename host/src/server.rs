@@ -192,6 +192,7 @@ impl Server {
             }
             None => None,
         };
+        crate::api::status::mark_start();
         let store = ModuleStore::open(&config.data_dir)?;
         let kv = Arc::new(match &config.kv {
             KvConfig::Local => Kv::Local(

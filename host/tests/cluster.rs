@@ -969,6 +969,11 @@ async fn a_host_joins_through_a_host_name() {
         })
         .await;
     }
+    // The status page's numbers list the peer too.
+    let status = a.admin(Method::GET, "/v1/status", Vec::new()).await.json();
+    assert_eq!(status["cluster"]["node_id"], "a");
+    assert_eq!(status["cluster"]["peers"][0]["node_id"], "b");
+    assert_eq!(status["cluster"]["peers"][0]["alive"], true);
 }
 
 /// A rollback is a registry change like a deploy: every peer makes the

@@ -107,6 +107,17 @@ pub async fn invoke(
         (instantiate_ns > 0).then(|| Duration::from_nanos(instantiate_ns)),
         stats.memory_peak.load(std::sync::atomic::Ordering::Relaxed),
     );
+    functions.recent.invocation(
+        function.name.as_str(),
+        crate::recent::Invocation {
+            request_id: request_id.to_string(),
+            status: status.as_u16(),
+            outcome: outcome.as_str(),
+            duration_us: duration.as_micros() as u64,
+            at_unix_ms: crate::recent::now_unix_ms(),
+        },
+        duration,
+    );
     tracing::info!(
         request_id,
         function = %function.name,
@@ -261,6 +272,7 @@ async fn admit_and_run(
         on_memory_peak: memory_peaks(functions, function, &policy),
         kv: Some(functions.kv_access()),
         outbound: Some(Arc::clone(&functions.outbound)),
+        recent: Some(Arc::clone(&functions.recent)),
     };
     let (result, outcome) = functions
         .runtime

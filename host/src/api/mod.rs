@@ -27,6 +27,7 @@ pub mod invoke;
 pub mod map;
 pub mod observe;
 pub mod state;
+pub mod status;
 
 use std::sync::Arc;
 
@@ -151,6 +152,7 @@ async fn dispatch(
         Handler::Map => map::map(state, &name()?, req, request_id).await,
         Handler::Peers => admin::peers(state),
         Handler::Module => admin::module(state, params.get(0)),
+        Handler::Status => status::status(state, req.uri().query()).await,
         Handler::OpenApi => Ok(observe::openapi()),
         Handler::Metrics => observe::metrics(state).await,
         Handler::Healthz => Ok(text(StatusCode::OK, "ok\n")),

@@ -1,0 +1,146 @@
+//! `GET /v1/status`: what the status page shows, as JSON, from the host's
+//! own counters and its recent history (`recent.rs`), never from its
+//! `/metrics` text. `?function=NAME` adds that function's detail: its policy
+//! in force and the last load error, its versions, its last invocations and
+//! its guest's last log lines.
+
+use std::time::Instant;
+
+use http::{Response, StatusCode};
+use serde_json::{Value, json};
+
+use super::{AppState, json};
+use crate::error::{ApiError, Body};
+use crate::names::FunctionName;
+
+/// When this process started, for uptime.
+static STARTED: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+
+/// Marks the start of the process (called when the server binds).
+pub fn mark_start() {
+    STARTED.get_or_init(Instant::now);
+}
+
+pub async fn status(state: &AppState, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+    let detail = match query_value(query, "function") {
+        Some(name) => Some(
+            FunctionName::new(&name)
+                .map_err(|e| ApiError::bad_request("invalid_name", e.to_string()))?,
+        ),
+        None => None,
+    };
+    let functions = &state.functions;
+    let mut slots = functions.list();
+    slots.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut total_rate = 0.0;
+    let mut rows = Vec::with_capacity(slots.len());
+    for slot in &slots {
+        let name = slot.name.as_str();
+        let summary = functions.recent.summary(name);
+        total_rate += summary.requests_per_second;
+        let policy = functions.policies.status(&slot.name);
+        let (in_flight, queued) = functions.scheduler.load(name);
+        let outcomes: serde_json::Map<String, Value> = functions
+            .metrics
+            .invocations_of(name)
+            .into_iter()
+            .map(|(outcome, count)| (outcome, json!(count)))
+            .collect();
+        let memory_peak = functions
+            .metrics
+            .memory_peak
+            .get_metric_with_label_values(&[name])
+            .map_or(0, |g| g.get());
+        rows.push(json!({
+            "name": name,
+            "version": slot.version.version,
+            "abi": slot.version.abi,
+            "sha256": slot.version.sha256,
+            "size": slot.version.size,
+            "created_unix": slot.version.created_unix,
+            "public": policy.policy.as_ref().map(|p| p.public),
+            "policy_error": policy.error.as_ref().map(|e| e.to_string()),
+            "loaded": slot.get().is_some(),
+            "requests_per_second": summary.requests_per_second,
+            "p50_ms": summary.p50_ms,
+            "p99_ms": summary.p99_ms,
+            "history": summary.history,
+            "invocations": outcomes,
+            "in_flight": in_flight,
+            "queued": queued,
+            "memory_peak_bytes": memory_peak,
+        }));
+    }
+    let (cpu_seconds, rss_bytes) = functions.metrics.process();
+    let loaded = slots.iter().filter(|s| s.get().is_some()).count();
+    let cluster = state.cluster().map(|cluster| {
+        let forwarded = functions.metrics.forwarded_by_peer();
+        let peers: Vec<Value> = cluster
+            .peers()
+            .iter()
+            .map(|peer| {
+                json!({
+                    "node_id": peer.node_id,
+                    "api": peer.api,
+                    "alive": true,
+                    "load": peer.load,
+                    "free_slots": peer.free_slots,
+                    "functions": peer.functions.len(),
+                    "forwarded": forwarded.get(&peer.node_id).copied().unwrap_or(0),
+                })
+            })
+            .collect();
+        json!({ "node_id": cluster.node_id(), "peers": peers })
+    });
+    let mut body = json!({
+        "host": {
+            "version": env!("CARGO_PKG_VERSION"),
+            "uptime_seconds": STARTED.get().map_or(0, |t| t.elapsed().as_secs()),
+            "cpu_seconds": cpu_seconds,
+            "rss_bytes": rss_bytes,
+            "invocations_per_second": total_rate,
+            "functions": slots.len(),
+            "loaded_functions": loaded,
+            "max_loaded_functions": functions.max_loaded(),
+            "draining": state.draining(),
+        },
+        "functions": rows,
+        "cluster": cluster,
+    });
+    if let Some(name) = detail {
+        body["function"] = function_detail(state, &name)?;
+    }
+    json(StatusCode::OK, &body)
+}
+
+/// One function's policy, versions, recent invocations and log lines.
+fn function_detail(state: &AppState, name: &FunctionName) -> Result<Value, ApiError> {
+    let functions = &state.functions;
+    let record = functions
+        .store
+        .read_record(name)?
+        .ok_or_else(|| ApiError::not_found(format!("no function named {name}")))?;
+    let policy = functions.policies.status(name);
+    Ok(json!({
+        "name": name,
+        "active": record.active,
+        "versions": record.versions,
+        "policy": {
+            "in_force": policy.policy.as_ref().map(|p| &p.source),
+            "error": policy.error.as_ref().map(|e| e.to_string()),
+            "loaded_unix": policy.loaded_unix,
+        },
+        "invocations": functions.recent.invocations(name.as_str()),
+        "log": functions.recent.log(name.as_str()),
+    }))
+}
+
+/// The value of `key` in a query string (no percent-decoding: names are
+/// plain).
+fn query_value(query: Option<&str>, key: &str) -> Option<String> {
+    query?
+        .split('&')
+        .filter_map(|pair| pair.split_once('='))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v.to_string())
+}
