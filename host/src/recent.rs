@@ -124,6 +124,11 @@ impl Recent {
 
     fn with<R>(&self, function: &str, f: impl FnOnce(&mut FunctionRecent) -> R) -> R {
         let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        // Looked up before inserting: the name is copied once per function,
+        // not once per request.
+        if let Some(recent) = functions.get_mut(function) {
+            return f(recent);
+        }
         f(functions.entry(function.to_string()).or_default())
     }
 
