@@ -32,22 +32,23 @@ fn key_name(long: &str) -> String {
 /// Gives every setting of `serve` its `LICHEN_*` variable (those that
 /// declare one keep it).
 pub fn with_env(serve: Command) -> Command {
-    let longs: Vec<String> = settings(&serve).map(|(_, long)| long).collect();
-    longs.into_iter().fold(serve, |serve, long| {
-        let id = id_of(&serve, &long);
-        serve.mut_arg(id, |arg| {
-            // A repeatable flag's variable holds a comma-separated list.
-            let arg = match arg.get_action() {
-                ArgAction::Append => arg.value_delimiter(','),
-                _ => arg,
-            };
-            if arg.get_env().is_some() {
-                arg
-            } else {
-                arg.env(env_name(&long))
-            }
+    let settings: Vec<Setting> = settings(&serve).collect();
+    settings
+        .into_iter()
+        .fold(serve, |serve, Setting { id, long, .. }| {
+            serve.mut_arg(id, |arg| {
+                // A repeatable flag's variable holds a comma-separated list.
+                let arg = match arg.get_action() {
+                    ArgAction::Append => arg.value_delimiter(','),
+                    _ => arg,
+                };
+                if arg.get_env().is_some() {
+                    arg
+                } else {
+                    arg.env(env_name(&long))
+                }
+            })
         })
-    })
 }
 
 /// The config file named by the command line (`--config FILE`,
@@ -76,44 +77,45 @@ pub fn with_file(serve: Command, path: &Path) -> anyhow::Result<Command> {
     let text = std::fs::read_to_string(path).map_err(|e| fail(format!("cannot read: {e}")))?;
     let table: toml::Table =
         toml::from_str(&text).map_err(|e| fail(e.to_string().trim_end().to_string()))?;
-    let known: Vec<(String, String)> = settings(&serve)
-        .map(|(_, long)| (key_name(&long), long))
-        .collect();
-    let shown_keys: Vec<String> = serve
-        .get_arguments()
-        .filter(|arg| !arg.is_hide_set())
-        .filter_map(|arg| arg.get_long())
-        .filter(|long| !NOT_SETTINGS.contains(long))
-        .map(key_name)
-        .collect();
+    let known: Vec<Setting> = settings(&serve).collect();
     let mut serve = serve;
     for (key, value) in table {
-        let Some((_, long)) = known.iter().find(|(k, _)| *k == key) else {
+        let Some(setting) = known.iter().find(|s| key_name(&s.long) == key) else {
+            let shown: Vec<String> = known
+                .iter()
+                .filter(|s| !s.hidden)
+                .map(|s| key_name(&s.long))
+                .collect();
             return Err(fail(format!(
                 "unknown key `{key}`; the keys are the flags of `lichen serve`: {}",
-                shown_keys.join(", ")
+                shown.join(", ")
             )));
         };
-        let id = id_of(&serve, long);
-        let values = values_of(&serve, &id, &key, &value).map_err(fail)?;
-        serve = serve.mut_arg(id, |arg| arg.default_values(values));
+        let values = values_of(&serve, &setting.id, &key, &value).map_err(fail)?;
+        serve = serve.mut_arg(&setting.id, |arg| arg.default_values(values));
     }
     Ok(serve)
 }
 
-/// The settings of `serve`: (id, long name) of each flag that is one.
-fn settings(serve: &Command) -> impl Iterator<Item = (String, String)> + '_ {
-    serve.get_arguments().filter_map(|arg| {
-        let long = arg.get_long()?;
-        (!NOT_SETTINGS.contains(&long)).then(|| (arg.get_id().to_string(), long.to_string()))
-    })
+/// A flag of `serve` that is a setting.
+struct Setting {
+    /// clap's id of the argument (the field's name).
+    id: String,
+    long: String,
+    /// Left out of `--help`, and of the keys an error lists.
+    hidden: bool,
 }
 
-fn id_of(serve: &Command, long: &str) -> String {
-    settings(serve)
-        .find(|(_, l)| l == long)
-        .map(|(id, _)| id)
-        .unwrap_or_else(|| long.to_string())
+/// The settings of `serve`, in the order `--help` shows them.
+fn settings(serve: &Command) -> impl Iterator<Item = Setting> + '_ {
+    serve.get_arguments().filter_map(|arg| {
+        let long = arg.get_long()?;
+        (!NOT_SETTINGS.contains(&long)).then(|| Setting {
+            id: arg.get_id().to_string(),
+            long: long.to_string(),
+            hidden: arg.is_hide_set(),
+        })
+    })
 }
 
 /// The value(s) of `key` as the flag's default values, each checked by the

@@ -312,38 +312,30 @@ impl Metrics {
         self.kv.forget_function(function);
     }
 
-    /// The exposition text (format 0.0.4).
     /// Invocations of `function` by outcome, read without creating series.
     pub fn invocations_of(&self, function: &str) -> Vec<(String, u64)> {
-        let mut counts = Vec::new();
-        for family in prometheus::core::Collector::collect(&self.invocations) {
-            for metric in family.get_metric() {
-                let label = |name: &str| {
-                    metric
-                        .get_label()
-                        .iter()
-                        .find(|l| l.name() == name)
-                        .map(|l| l.value().to_string())
-                };
-                if label("function").as_deref() == Some(function)
-                    && let Some(outcome) = label("outcome")
-                {
-                    counts.push((outcome, metric.get_counter().get_value() as u64));
-                }
-            }
-        }
-        counts
+        series(&self.invocations)
+            .into_iter()
+            .filter(|s| s.label("function") == Some(function))
+            .filter_map(|s| Some((s.label("outcome")?.to_string(), s.value as u64)))
+            .collect()
+    }
+
+    /// The memory high-water mark of `function` (0 before any call), read
+    /// without creating its series.
+    pub fn memory_peak_of(&self, function: &str) -> u64 {
+        series(&self.memory_peak)
+            .into_iter()
+            .find(|s| s.label("function") == Some(function))
+            .map_or(0, |s| s.value as u64)
     }
 
     /// Invocations forwarded to each peer, summed over functions.
     pub fn forwarded_by_peer(&self) -> std::collections::HashMap<String, u64> {
         let mut totals = std::collections::HashMap::new();
-        for family in prometheus::core::Collector::collect(&self.forwarded) {
-            for metric in family.get_metric() {
-                if let Some(peer) = metric.get_label().iter().find(|l| l.name() == "peer") {
-                    *totals.entry(peer.value().to_string()).or_default() +=
-                        metric.get_counter().get_value() as u64;
-                }
+        for s in series(&self.forwarded) {
+            if let Some(peer) = s.label("peer") {
+                *totals.entry(peer.to_string()).or_default() += s.value as u64;
             }
         }
         totals
@@ -372,10 +364,49 @@ impl Metrics {
         (cpu, rss)
     }
 
+    /// The exposition text (format 0.0.4).
     pub fn render(&self) -> Result<(String, Vec<u8>)> {
         let encoder = TextEncoder::new();
         let mut out = Vec::new();
         encoder.encode(&self.registry.gather(), &mut out)?;
         Ok((encoder.format_type().to_string(), out))
     }
+}
+
+/// One series of a counter or gauge vector: its labels and value.
+struct Series {
+    labels: Vec<(String, String)>,
+    value: f64,
+}
+
+impl Series {
+    fn label(&self, name: &str) -> Option<&str> {
+        self.labels
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The series a vector holds now (collecting creates none).
+fn series(vector: &dyn prometheus::core::Collector) -> Vec<Series> {
+    let mut all = Vec::new();
+    for family in vector.collect() {
+        let counter = family.get_field_type() == prometheus::proto::MetricType::COUNTER;
+        for metric in family.get_metric() {
+            all.push(Series {
+                labels: metric
+                    .get_label()
+                    .iter()
+                    .map(|l| (l.name().to_string(), l.value().to_string()))
+                    .collect(),
+                value: if counter {
+                    metric.get_counter().get_value()
+                } else {
+                    metric.get_gauge().get_value()
+                },
+            });
+        }
+    }
+    all
 }

@@ -28,6 +28,8 @@ use crate::store::{Abi, KEEP_VERSIONS, VersionInfo, sha256_hex};
 
 /// Largest policy file accepted by `PUT /v1/functions/{name}/policy`.
 const MAX_POLICY_BYTES: u64 = 64 << 10;
+/// Largest JSON body of a deploy (`{"oci": ...}`) or a rollback.
+const MAX_JSON_BODY_BYTES: u64 = 64 << 10;
 
 #[derive(Serialize)]
 struct FunctionSummary<'a> {
@@ -197,7 +199,8 @@ async fn deploy_inner(
         .and_then(|v| v.split(';').next())
         .is_some_and(|v| v.trim().eq_ignore_ascii_case("application/json"));
     let (bytes, oci) = if is_json {
-        let body = body::read_capped(req, MAX_POLICY_BYTES, state.limits.body_idle_timeout).await?;
+        let body =
+            body::read_capped(req, MAX_JSON_BODY_BYTES, state.limits.body_idle_timeout).await?;
         let from: DeployFrom = serde_json::from_slice(&body).map_err(|e| {
             ApiError::bad_request(
                 "invalid_deploy",
@@ -276,7 +279,7 @@ pub async fn rollback(
     name: &FunctionName,
     req: hyper::Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let bytes = body::read_capped(req, MAX_POLICY_BYTES, state.limits.body_idle_timeout).await?;
+    let bytes = body::read_capped(req, MAX_JSON_BODY_BYTES, state.limits.body_idle_timeout).await?;
     let wanted = if bytes.iter().all(u8::is_ascii_whitespace) {
         None
     } else {

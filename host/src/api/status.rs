@@ -46,11 +46,7 @@ pub async fn status(state: &AppState, query: Option<&str>) -> Result<Response<Bo
             .into_iter()
             .map(|(outcome, count)| (outcome, json!(count)))
             .collect();
-        let memory_peak = functions
-            .metrics
-            .memory_peak
-            .get_metric_with_label_values(&[name])
-            .map_or(0, |g| g.get());
+        let memory_peak = functions.metrics.memory_peak_of(name);
         rows.push(json!({
             "name": name,
             "version": slot.version.version,
