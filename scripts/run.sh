@@ -43,6 +43,7 @@ Lichen is serving on $url. Try:
   curl '$url/fn/echo/any/path?x=1'
   curl $url/fn/counter/hello  (state: visits per path, kept in a key-value store)
   curl -X PUT -d '{"text":"hi"}' $url/fn/notes/todo; curl $url/fn/notes/todo
+Status page: $url/ui (it asks for the admin token).
 Admin token: $data_dir/admin-token. Ctrl-C stops the host.
 MSG
 wait $host_pid

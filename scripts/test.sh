@@ -18,6 +18,8 @@ scripts/install-schemathesis.sh
 scripts/install-wasmtime.sh
 # nats-server: the shared key-value backend's tests start real ones.
 scripts/install-nats-server.sh
+# Debian's Chromium and playwright-core: the status page's browser test.
+scripts/install-browser.sh
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --quiet -- -D warnings
 # cargo-deny: advisories (a local database), licenses, banned crates (one

@@ -38,6 +38,8 @@ pub enum Handler {
     Map,
     Peers,
     Status,
+    /// The status page and its assets.
+    Ui,
     Module,
     OpenApi,
     Metrics,
@@ -137,6 +139,8 @@ pub static ROUTES: &[Route] = &[
     ),
     route(GET, "/v1/peers", Access::Admin, Handler::Peers),
     route(GET, "/v1/status", Access::Admin, Handler::Status),
+    route(GET, "/ui", Access::Public, Handler::Ui),
+    route(GET, "/ui/{file}", Access::Public, Handler::Ui),
     route(
         GET,
         "/v1/internal/modules/{sha256}",
@@ -295,6 +299,10 @@ mod tests {
                 "/v1/internal/modules/ab",
                 Some((Handler::Module, &["ab"])),
             ),
+            (Method::GET, "/ui", Some((Handler::Ui, &[]))),
+            (Method::GET, "/ui/app.js", Some((Handler::Ui, &["app.js"]))),
+            (Method::GET, "/ui/", Some((Handler::Ui, &[""]))),
+            (Method::GET, "/ui/a/b", None),
             (Method::GET, "/healthz", Some((Handler::Healthz, &[]))),
             (Method::GET, "/healthz/", None),
             (Method::GET, "//healthz", None),

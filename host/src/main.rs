@@ -121,6 +121,9 @@ struct ServeArgs {
     /// Require the admin token for GET /metrics.
     #[arg(long)]
     metrics_require_token: bool,
+    /// Serve the status page at /ui (it asks for the admin token).
+    #[arg(long, default_value_t = true, action = clap::ArgAction::Set, value_name = "BOOL")]
+    ui: bool,
     /// After SIGTERM, keep serving this long with /readyz answering 503, so
     /// load balancers move traffic away; then stop accepting and let
     /// requests in flight finish.
@@ -454,6 +457,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     };
     config.max_upload = args.max_upload_bytes;
     config.metrics_require_token = args.metrics_require_token;
+    config.ui = args.ui;
     config.drain = args.drain;
     config.max_connections = args.max_connections;
     config.max_in_flight = args.max_in_flight;

@@ -105,6 +105,8 @@ pub struct ServeConfig {
     pub header_read_timeout: Duration,
     /// Whether `GET /metrics` needs the admin token.
     pub metrics_require_token: bool,
+    /// Whether `GET /ui` serves the status page.
+    pub ui: bool,
     /// How many functions keep their compiled code loaded. Each costs its
     /// mapped code and metadata (about 0.4 MB for hello); beyond this the
     /// least recently called are unloaded, and load again from the cache
@@ -148,6 +150,7 @@ impl ServeConfig {
             body_idle_timeout: Duration::from_secs(30),
             header_read_timeout: Duration::from_secs(10),
             metrics_require_token: false,
+            ui: true,
             max_loaded_functions: DEFAULT_MAX_LOADED_FUNCTIONS,
             cluster: None,
             kv: KvConfig::Local,
@@ -272,6 +275,7 @@ impl Server {
                 max_upload: config.max_upload,
                 body_idle_timeout: config.body_idle_timeout,
                 metrics_require_token: config.metrics_require_token,
+                ui: config.ui,
             },
         ));
         if let Some(cluster) = &cluster {

@@ -13,7 +13,8 @@
 //! from arrival to response), [`map`] (one invocation per element of an
 //! array), [`body`] (capped body reading, the invocation body type),
 //! [`auth`] (the three kinds of token), [`observe`] (metrics, health, the
-//! OpenAPI document), [`state`] (what handlers share).
+//! OpenAPI document), [`status`] (what the status page shows, as JSON),
+//! [`ui`] (the status page), [`state`] (what handlers share).
 //!
 //! Every response carries `x-lichen-request-id`; every error is JSON, made in
 //! one place (`ApiError::into_response`). Under `/v1`, a path that is not a
@@ -28,6 +29,7 @@ pub mod map;
 pub mod observe;
 pub mod state;
 pub mod status;
+pub mod ui;
 
 use std::sync::Arc;
 
@@ -153,6 +155,7 @@ async fn dispatch(
         Handler::Peers => admin::peers(state),
         Handler::Module => admin::module(state, params.get(0)),
         Handler::Status => status::status(state, req.uri().query()).await,
+        Handler::Ui => ui::serve(state, params.get(0)),
         Handler::OpenApi => Ok(observe::openapi()),
         Handler::Metrics => observe::metrics(state).await,
         Handler::Healthz => Ok(text(StatusCode::OK, "ok\n")),

@@ -23,6 +23,8 @@ pub struct ApiLimits {
     pub body_idle_timeout: Duration,
     /// Whether `GET /metrics` needs the admin token.
     pub metrics_require_token: bool,
+    /// Whether `GET /ui` serves the status page.
+    pub ui: bool,
 }
 
 /// Everything a request handler needs; one per host.

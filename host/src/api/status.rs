@@ -6,6 +6,8 @@
 
 use std::time::Instant;
 
+use anyhow::Context;
+
 use http::{Response, StatusCode};
 use serde_json::{Value, json};
 
@@ -71,7 +73,7 @@ pub async fn status(state: &AppState, query: Option<&str>) -> Result<Response<Bo
     let loaded = slots.iter().filter(|s| s.get().is_some()).count();
     let cluster = state.cluster().map(|cluster| {
         let forwarded = functions.metrics.forwarded_by_peer();
-        let peers: Vec<Value> = cluster
+        let mut peers: Vec<Value> = cluster
             .peers()
             .iter()
             .map(|peer| {
@@ -86,6 +88,17 @@ pub async fn status(state: &AppState, query: Option<&str>) -> Result<Response<Bo
                 })
             })
             .collect();
+        peers.extend(cluster.departed().iter().map(|peer| {
+            json!({
+                "node_id": peer.node_id,
+                "api": peer.api,
+                "alive": false,
+                "load": null,
+                "free_slots": null,
+                "functions": null,
+                "forwarded": forwarded.get(&peer.node_id).copied().unwrap_or(0),
+            })
+        }));
         json!({ "node_id": cluster.node_id(), "peers": peers })
     });
     let mut body = json!({
@@ -117,12 +130,20 @@ fn function_detail(state: &AppState, name: &FunctionName) -> Result<Value, ApiEr
         .read_record(name)?
         .ok_or_else(|| ApiError::not_found(format!("no function named {name}")))?;
     let policy = functions.policies.status(name);
+    // The policy as a person would write it, for the page.
+    let in_force_toml = policy
+        .policy
+        .as_ref()
+        .map(|p| toml::to_string(&p.source))
+        .transpose()
+        .context("writing a policy as TOML")?;
     Ok(json!({
         "name": name,
         "active": record.active,
         "versions": record.versions,
         "policy": {
             "in_force": policy.policy.as_ref().map(|p| &p.source),
+            "in_force_toml": in_force_toml,
             "error": policy.error.as_ref().map(|e| e.to_string()),
             "loaded_unix": policy.loaded_unix,
         },

@@ -93,6 +93,14 @@ impl Peer {
     }
 }
 
+/// A peer the failure detector holds dead.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Departed {
+    pub node_id: String,
+    /// The API address it last published, if this host saw one.
+    pub api: Option<String>,
+}
+
 /// A gossip value's place: (node incarnation, key).
 type GossipKey = (String, String);
 
@@ -105,6 +113,11 @@ pub struct Cluster {
     chitchat: ChitchatHandle,
     /// Live peers at the latest gossip round (this host excluded).
     peers: RwLock<Arc<Vec<Peer>>>,
+    /// Peers the failure detector holds dead (until chitchat forgets them,
+    /// an hour later), and the API address each was last seen with: the
+    /// status page lists them. Entries of nodes neither live nor dead go.
+    departed: RwLock<Arc<Vec<Departed>>>,
+    last_api: Mutex<HashMap<String, String>>,
     /// What this host serves: the entries it has applied and publishes.
     registry: Mutex<Registry>,
     /// Parsed gossip values by (node, key): re-read only when their version
@@ -195,6 +208,8 @@ impl Cluster {
             interval,
             chitchat,
             peers: RwLock::new(Arc::new(Vec::new())),
+            departed: RwLock::new(Arc::new(Vec::new())),
+            last_api: Mutex::new(HashMap::new()),
             registry: Mutex::new(Registry::default()),
             parsed: Mutex::new(HashMap::new()),
             forwarded_to: Mutex::new(HashMap::new()),
@@ -231,6 +246,12 @@ impl Cluster {
     /// Live peers as of the latest gossip round.
     pub fn peers(&self) -> Arc<Vec<Peer>> {
         Arc::clone(&self.peers.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Peers held dead as of the latest gossip round (a node id that is
+    /// live again under a new incarnation is not among them).
+    pub fn departed(&self) -> Arc<Vec<Departed>> {
+        Arc::clone(&self.departed.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// The entry this host serves for `name`, tombstones included.
@@ -332,19 +353,25 @@ impl Cluster {
             .secret
             .seal(&self.node_id, KEY_LOAD, &format!("{free_slots} {load}"));
         let kv_value = self.secret.seal(&self.node_id, KEY_KV, &self.kv_identity());
-        let snapshot = self
+        let (snapshot, dead) = self
             .chitchat
             .with_chitchat(|chitchat| {
                 let state = chitchat.self_node_state();
                 state.set(KEY_LOAD, load_value.as_str());
                 state.set(KEY_KV, kv_value.as_str());
                 let me = chitchat.self_chitchat_id().clone();
+                let dead: Vec<String> = chitchat
+                    .dead_nodes()
+                    .filter(|id| id.node_id != me.node_id)
+                    .map(|id| id.node_id.to_string())
+                    .collect();
                 let live: Vec<ChitchatId> = chitchat
                     .live_nodes()
                     .filter(|id| **id != me)
                     .cloned()
                     .collect();
-                live.into_iter()
+                let live = live
+                    .into_iter()
                     .filter_map(|id| {
                         let state = chitchat.node_state(&id)?;
                         let values: Vec<(String, u64, String)> = state
@@ -354,7 +381,8 @@ impl Cluster {
                             .collect();
                         Some((id, values))
                     })
-                    .collect::<Vec<_>>()
+                    .collect::<Vec<_>>();
+                (live, dead)
             })
             .await;
         let live: HashSet<String> = snapshot.iter().map(|(id, _)| incarnation(id)).collect();
@@ -367,11 +395,34 @@ impl Cluster {
             .filter_map(|(id, values)| self.read_peer(&id, values))
             .collect();
         self.metrics.peers_alive.set(peers.len() as i64);
+        self.note_departed(&peers, dead);
         let rounds = self.rounds.fetch_add(1, Ordering::Relaxed) + 1;
         if !peers.is_empty() || rounds >= JOIN_ROUNDS {
             self.joined.store(true, Ordering::Relaxed);
         }
         *self.peers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(peers);
+    }
+
+    /// Remembers live peers' API addresses and lists the dead ones.
+    fn note_departed(&self, live: &[Peer], dead: Vec<String>) {
+        let mut last_api = self.last_api.lock().unwrap_or_else(|e| e.into_inner());
+        for peer in live {
+            last_api.insert(peer.node_id.clone(), peer.api.clone());
+        }
+        let mut departed: Vec<Departed> = dead
+            .into_iter()
+            .filter(|node| !live.iter().any(|p| p.node_id == *node))
+            .map(|node_id| Departed {
+                api: last_api.get(&node_id).cloned(),
+                node_id,
+            })
+            .collect();
+        departed.sort_by(|a, b| a.node_id.cmp(&b.node_id));
+        departed.dedup_by(|a, b| a.node_id == b.node_id);
+        last_api.retain(|node, _| {
+            live.iter().any(|p| p.node_id == *node) || departed.iter().any(|d| d.node_id == *node)
+        });
+        *self.departed.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(departed);
     }
 
     /// A peer from its gossip values; `None` if it has not (validly)
