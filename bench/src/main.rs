@@ -8,6 +8,7 @@
 //! lichen-bench all [--smoke] [--out FILE]   every scenario (smoke: ~1 s each)
 //! lichen-bench native-hello ADDR            the native baseline server
 //! lichen-bench instantiate [N]              only the in-process loop (for profilers)
+//! lichen-bench history                      only the status page history's costs
 //! lichen-bench compute [ROUNDS]             only fib and SHA-256, wasm vs native
 //! lichen-bench scale [N]                    only the many-functions scenario
 //! lichen-bench map [--smoke]                only the map, one host vs three
@@ -27,6 +28,7 @@
 mod fib;
 #[path = "../../functions/hash/src/compute.rs"]
 mod hash;
+mod history;
 mod inproc;
 mod load;
 mod report;
@@ -74,6 +76,23 @@ fn main() -> Result<()> {
                 percentile(&times.total, 0.99),
                 percentile(&times.instantiate, 0.5)
             );
+            Ok(())
+        }
+        Some("history") => {
+            // Just the status page history's costs, beside instantiate + call.
+            let settings = Settings::from_env(args.iter().any(|a| a == "--smoke"))?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let times = runtime.block_on(inproc::instantiate_and_call(
+                &settings.component("hello")?,
+                20_000,
+            ))?;
+            let history = history::measure(200);
+            let mut report = Report::new(&settings)?;
+            report.history(&history, percentile(&times.total, 0.5));
+            println!("{}", report.markdown());
             Ok(())
         }
         Some("compute") => {
@@ -149,7 +168,7 @@ fn main() -> Result<()> {
             run_all(&Settings::from_env(smoke)?, &out)
         }
         _ => bail!(
-            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | compute [ROUNDS] | scale N | map [--smoke] | p3 [--smoke] | kv [--smoke] | outbound [--smoke] | native-hello ADDR"
+            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | history | compute [ROUNDS] | scale N | map [--smoke] | p3 [--smoke] | kv [--smoke] | outbound [--smoke] | native-hello ADDR"
         ),
     }
 }
@@ -534,6 +553,15 @@ fn in_process(settings: &Settings, report: &mut Report) -> Result<()> {
         percentile(&times.instantiate, 0.5)
     );
     report.instantiate(iterations, &times);
+
+    let history = history::measure(if settings.smoke { 20 } else { 200 });
+    eprintln!(
+        "status history: recording p50 {:?} (two threads {:?}), summary of a full minute p50 {:?}",
+        median(&history.record),
+        median(&history.record_two_threads),
+        median(&history.summary_full)
+    );
+    report.history(&history, percentile(&times.total, 0.5));
 
     let rounds = if settings.smoke { 3 } else { 7 };
     let workloads = if settings.smoke {

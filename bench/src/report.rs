@@ -45,6 +45,10 @@ fn us(d: Duration) -> String {
     format!("{:.1} µs", d.as_secs_f64() * 1e6)
 }
 
+fn ns(d: Duration) -> String {
+    format!("{} ns", d.as_nanos())
+}
+
 fn goal(ok: bool) -> &'static str {
     if ok { "met" } else { "**not met**" }
 }
@@ -289,6 +293,25 @@ impl Report {
             "instantiate + call p50 <= 20 µs: {}, {}",
             us(p50),
             goal(p50 <= Duration::from_micros(20))
+        ));
+    }
+
+    /// The status page history's costs beside the per-request work of
+    /// hello (`call`: instantiate + call p50 of the same run).
+    pub fn history(&mut self, times: &crate::history::HistoryTimes, call: Duration) {
+        let record = median(&times.record);
+        let two = median(&times.record_two_threads);
+        let summary = median(&times.summary_full);
+        let ratio = |d: Duration| 100.0 * d.as_secs_f64() / call.as_secs_f64().max(1e-12);
+        self.sections.push(format!(
+            "## status page history, in process\n\nWhat `GET /v1/status` reads is recorded on every invocation (`host/src/recent.rs`): the request id copied, one lock, the pushes into the function's rings. Timed in batches of 1,000 after the rings are full; the figure is the median batch's time per call. The summary is what the status endpoint computes per function, here with the minute's latency window full ({} samples); the copy is made under the lock and sorted outside it. The baseline is the instantiate + call p50 of hello from the same run.\n\n| | p50 | against instantiate + call ({}) |\n| --- | ---: | ---: |\n| recording one invocation | {} | {:.1}% |\n| recording, two threads at once | {} | {:.1}% |\n| one function's summary, full window | {} | |\n",
+            lichen::recent::MAX_SAMPLES,
+            us(call),
+            ns(record),
+            ratio(record),
+            ns(two),
+            ratio(two),
+            us(summary),
         ));
     }
 

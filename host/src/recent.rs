@@ -18,7 +18,7 @@ pub const KEEP_LOG_LINES: usize = 100;
 const LATENCY_WINDOW: Duration = Duration::from_secs(60);
 /// Latency samples kept per function within the window, at most: beyond
 /// it the oldest go first (quantiles then cover less than a minute).
-const MAX_SAMPLES: usize = 20_000;
+pub const MAX_SAMPLES: usize = 20_000;
 /// The width and count of the rate history's buckets: ten minutes.
 const BUCKET: Duration = Duration::from_secs(10);
 const BUCKETS: usize = 60;
@@ -177,7 +177,9 @@ impl Recent {
     }
 
     fn summary_at(&self, function: &str, now: Instant) -> Summary {
-        self.with(function, |recent| {
+        // Copied under the lock, sorted outside it: recording invocations
+        // waits on the lock, and a minute of samples takes a while to sort.
+        let (in_rate_window, mut latencies, buckets) = self.with(function, |recent| {
             recent.advance(now);
             recent.forget_old_samples(now);
             let in_rate_window = recent
@@ -186,24 +188,26 @@ impl Recent {
                 .rev()
                 .take_while(|(at, _)| now.duration_since(*at) <= RATE_WINDOW)
                 .count();
-            let mut latencies: Vec<Duration> = recent.samples.iter().map(|(_, d)| *d).collect();
-            latencies.sort_unstable();
-            let quantile = |q: f64| {
-                let last = latencies.len().checked_sub(1)?;
-                let index = ((last as f64) * q).round() as usize;
-                latencies
-                    .get(index.min(last))
-                    .map(|d| d.as_secs_f64() * 1000.0)
-            };
-            let mut history = vec![0; BUCKETS.saturating_sub(recent.buckets.len())];
-            history.extend(recent.buckets.iter().copied());
-            Summary {
-                requests_per_second: in_rate_window as f64 / RATE_WINDOW.as_secs_f64(),
-                p50_ms: quantile(0.5),
-                p99_ms: quantile(0.99),
-                history,
-            }
-        })
+            let latencies: Vec<Duration> = recent.samples.iter().map(|(_, d)| *d).collect();
+            let buckets: Vec<u32> = recent.buckets.iter().copied().collect();
+            (in_rate_window, latencies, buckets)
+        });
+        latencies.sort_unstable();
+        let quantile = |q: f64| {
+            let last = latencies.len().checked_sub(1)?;
+            let index = ((last as f64) * q).round() as usize;
+            latencies
+                .get(index.min(last))
+                .map(|d| d.as_secs_f64() * 1000.0)
+        };
+        let mut history = vec![0; BUCKETS.saturating_sub(buckets.len())];
+        history.extend(buckets);
+        Summary {
+            requests_per_second: in_rate_window as f64 / RATE_WINDOW.as_secs_f64(),
+            p50_ms: quantile(0.5),
+            p99_ms: quantile(0.99),
+            history,
+        }
     }
 
     /// The function's last invocations, newest first.
