@@ -2,7 +2,7 @@
 # Sets everything up and runs a host with the example functions deployed:
 # builds the guest components (installing the wasm toolchain if missing),
 # builds the host, starts it on 127.0.0.1:8080 (LICHEN_LISTEN to change),
-# deploys functions/{hello,echo,square,fib,hash,hello-p3,counter,notes} and keeps serving until
+# deploys functions/{hello,echo,square,fib,hash,hello-p3,counter,notes,linreg} and keeps serving until
 # Ctrl-C.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -30,7 +30,7 @@ for _ in $(seq 1 300); do
 done
 [ -n "$url" ] || { echo "host did not start listening" >&2; exit 1; }
 
-for fn in hello echo square fib hash hello-p3 counter notes; do
+for fn in hello echo square fib hash hello-p3 counter notes linreg; do
     "$lichen" deploy "$fn" "functions/target/wasm32-wasip2/release/${fn//-/_}.wasm" --url "$url" --data-dir "$data_dir"
 done
 "$lichen" ls --url "$url" --data-dir "$data_dir"
@@ -43,6 +43,7 @@ Lichen is serving on $url. Try:
   curl '$url/fn/echo/any/path?x=1'
   curl $url/fn/counter/hello  (state: visits per path, kept in a key-value store)
   curl -X PUT -d '{"text":"hi"}' $url/fn/notes/todo; curl $url/fn/notes/todo
+  $lichen train --url $url --data-dir $data_dir   (gradient descent over linreg's shards)
 Status page: $url/ui (it asks for the admin token).
 Admin token: $data_dir/admin-token. Ctrl-C stops the host.
 MSG

@@ -27,7 +27,7 @@ cargo clippy --workspace --all-targets --quiet -- -D warnings
 scripts/check-deps.sh
 # The example functions' own unit tests, natively (the SDK's key-value
 # stores are maps in memory there).
-cargo test --quiet --manifest-path functions/Cargo.toml -p counter -p notes
+cargo test --quiet --manifest-path functions/Cargo.toml -p counter -p notes -p linreg
 LICHEN_FUNCTIONS_BUILT=1 cargo test --workspace
 # What ships the host: Dockerfile, Kubernetes manifests, systemd unit.
 scripts/check-deploy.sh

@@ -264,10 +264,12 @@ pub async fn rollback(target: &Target, name: &str, version: Option<u64>) -> Resu
     ))
 }
 
-pub async fn map(target: &Target, name: &str, file: &Path) -> Result<String> {
+pub async fn map(target: &Target, name: &str, file: &Path, path: &str) -> Result<String> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
-    let value = target
-        .call(Method::POST, &format!("/v1/functions/{name}/map"), bytes)
-        .await?;
+    let route = match path {
+        "/" => format!("/v1/functions/{name}/map"),
+        path => format!("/v1/functions/{name}/map?path={path}"),
+    };
+    let value = target.call_json(Method::POST, &route, bytes).await?;
     Ok(serde_json::to_string_pretty(&value)?)
 }

@@ -22,6 +22,7 @@ pub mod scheduler;
 pub mod server;
 pub mod store;
 pub mod tls;
+pub mod train;
 
 /// Function names: `lichen_core`'s, re-exported where the host's modules
 /// have always found them.

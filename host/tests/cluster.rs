@@ -5,6 +5,7 @@
 
 mod common;
 
+use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -494,8 +495,13 @@ async fn a_map_spreads_over_hosts_and_survives_one_dying() {
         .unwrap();
     assert!(output.status.success(), "{output:?}");
     let printed: serde_json::Value = serde_json::from_slice(&output.stdout).unwrap();
-    assert_eq!(printed[0], serde_json::json!({"status": 200, "body": 4}));
-    assert_eq!(printed[1], serde_json::json!({"status": 200, "body": 9}));
+    for (i, squared) in [(0, 4), (1, 9)] {
+        assert_eq!(printed[i]["status"], 200, "{printed}");
+        assert_eq!(printed[i]["body"], squared, "{printed}");
+        // Who ran it: c (called) or a, the two hosts left.
+        let served_by = printed[i]["served_by"].as_str().unwrap();
+        assert!(["a", "c"].contains(&served_by), "{printed}");
+    }
     assert_eq!(printed[2]["status"], 400, "one bad item fails only itself");
 }
 
@@ -1009,4 +1015,95 @@ async fn a_rollback_reaches_every_peer() {
     .await;
     let described = b.admin(Method::GET, "/v1/functions/app", Vec::new()).await;
     assert_eq!(described.json()["version"], 1);
+}
+
+/// The gradient-descent example (`lichen train` over `functions/linreg`) on
+/// three hosts sharing a NATS key-value backend: each step's items spread
+/// over the hosts, and a host killed mid-training costs retries, not the
+/// result: the run ends on the same theta as one without the kill.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn training_spreads_over_hosts_and_survives_one_dying() {
+    use lichen::train::{Settings, train};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let root = tempfile::tempdir().unwrap();
+    let nats = common::NatsServer::start(&root.path().join("nats"));
+    let flags = [
+        "--kv-backend",
+        "nats",
+        "--kv-nats-url",
+        &nats.url,
+        "--kv-nats-replicas",
+        "1",
+    ];
+    let a = Node::start_with(root.path(), "a", &[], SECRET, &flags);
+    let b = Node::start_with(root.path(), "b", &[&a], SECRET, &flags);
+    let mut c = Node::start_with(root.path(), "c", &[&a], SECRET, &flags);
+    for node in [&a, &b, &c] {
+        eventually(&format!("{} sees two peers", node.id), || async {
+            node.peer_ids().await.len() == 2
+        })
+        .await;
+    }
+    let policy = std::fs::read_to_string(common::repo_root().join("policies/linreg.toml")).unwrap();
+    deploy_with_policy(&a, &[&b, &c], "linreg", &policy).await;
+    eventually("a sees b and c serve linreg", || {
+        a.sees_serving(2, "linreg")
+    })
+    .await;
+    let target = lichen::client::Target {
+        url: a.url.clone(),
+        token: TOKEN.to_string(),
+        ca_cert: None,
+    };
+    let settings = Settings {
+        shards: 8,
+        rows: 300,
+        steps: 40,
+        ..Settings::default()
+    };
+
+    let calm = train(&target, &settings, |_| {}).await.unwrap();
+    let hosts: BTreeSet<&String> = calm.steps.iter().flat_map(|s| s.served_by.keys()).collect();
+    assert!(hosts.len() >= 2, "items served only by {hosts:?}");
+    assert!(calm.distance < 0.05, "{calm:?}");
+
+    // Again on the data already in the shared store, killing c once the
+    // run is under way.
+    let step = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&step);
+    let again = Settings {
+        load: false,
+        ..settings
+    };
+    let run = tokio::spawn(async move {
+        train(&target, &again, |s| seen.store(s.step, Ordering::SeqCst)).await
+    });
+    let started = Instant::now();
+    while step.load(Ordering::SeqCst) < 5 {
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "training stalled"
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    c.kill();
+    let killed = run.await.unwrap().unwrap();
+    assert_eq!(killed.steps.len(), 40);
+    for (x, y) in killed.theta.iter().zip(&calm.theta) {
+        assert!(
+            (x - y).abs() <= 1e-12 * y.abs().max(1.0),
+            "{:?} against {:?}",
+            killed.theta,
+            calm.theta
+        );
+    }
+    for s in &killed.steps {
+        println!("{}", lichen::train::step_line(s));
+    }
+    // After the kill only a and b serve.
+    let last = &killed.steps[39];
+    assert!(!last.served_by.contains_key("c"), "{last:?}");
+    drop(b);
 }

@@ -395,20 +395,11 @@ pub async fn delete(
 
 /// A `true`/`false` query parameter (absent: false).
 fn query_flag(query: Option<&str>, name: &str) -> Result<bool, String> {
-    let Some(query) = query else {
-        return Ok(false);
-    };
-    for pair in query.split('&') {
-        let (key, value) = pair.split_once('=').unwrap_or((pair, ""));
-        if key == name {
-            return match value {
-                "true" | "1" => Ok(true),
-                "false" | "0" => Ok(false),
-                other => Err(format!("{name}={other:?}: use true or false")),
-            };
-        }
+    match super::query_param(query, name) {
+        None | Some("false" | "0") => Ok(false),
+        Some("true" | "1") => Ok(true),
+        Some(other) => Err(format!("{name}={other:?}: use true or false")),
     }
-    Ok(false)
 }
 
 /// `GET /v1/functions/{name}/kv`: each store the function is granted or

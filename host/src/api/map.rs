@@ -2,12 +2,13 @@
 //! array, run in parallel over this host's cores and its peers', answered
 //! as an array in input order of `{"status", "body"}`.
 //!
-//! Each item is an ordinary invocation (`POST /`, the element as its JSON
-//! body) going through the same admission as a client's: here if there is
+//! Each item is an ordinary invocation (`POST /`, or the path `?path=`
+//! names, the element as its JSON body) going through the same admission as
+//! a client's: here if there is
 //! room, else a peer with room, else this host's queue. An item refused as
 //! busy waits and tries again until the function's deadline; an item whose
 //! peer fails is sent once more elsewhere. One failed item fails only
-//! itself.
+//! itself. In a cluster each result says which host ran it (`served_by`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -21,6 +22,7 @@ use hyper::body::Incoming;
 use super::AppState;
 use super::body::{self, RequestBody};
 use super::invoke::{self, Arrival};
+use crate::cluster::SERVED_BY_HEADER;
 use crate::error::{ApiError, Body};
 use crate::names::FunctionName;
 use crate::policy::Policy;
@@ -28,6 +30,8 @@ use lichen_core::map::{MapError, parse_items};
 
 /// Items in flight at once, at most.
 const MAX_IN_FLIGHT: usize = 256;
+/// Longest `?path=`.
+const MAX_PATH: usize = 1024;
 /// Pause before a busy item tries again.
 const BUSY_PAUSE: Duration = Duration::from_millis(5);
 
@@ -38,6 +42,7 @@ pub async fn map(
     request_id: &str,
 ) -> Result<Response<Body>, ApiError> {
     let (authorization, policy) = invoke::check_access(state, name, &req)?;
+    let path = item_path(name, req.uri().query())?;
     let body = body::read_capped(
         req,
         state.limits().max_upload,
@@ -51,6 +56,7 @@ pub async fn map(
     let width = in_flight_bound(state, name, &policy);
     let started = Instant::now();
     let count = items.len();
+    let path = path.as_str();
     let results: Vec<serde_json::Value> = futures::stream::iter(items.into_iter().enumerate())
         .map(|(i, item)| {
             let authorization = authorization.clone();
@@ -58,7 +64,7 @@ pub async fn map(
             async move {
                 run_item(
                     state,
-                    name,
+                    (name, path),
                     item,
                     authorization,
                     &format!("{request_id}-{i}"),
@@ -103,9 +109,32 @@ fn in_flight_bound(state: &AppState, name: &FunctionName, policy: &Policy) -> us
     (local + peers).clamp(1, MAX_IN_FLIGHT)
 }
 
+/// Where each item is sent: `?path=/x` (a path the guest sees, without a
+/// query), `/` by default.
+fn item_path(name: &FunctionName, query: Option<&str>) -> Result<String, ApiError> {
+    let path = super::query_param(query, "path").unwrap_or("/");
+    let invalid = |why: &str| {
+        ApiError::bad_request(
+            "invalid_map",
+            format!("path={path:?}: {why}; e.g. ?path=/grad"),
+        )
+    };
+    if !path.starts_with('/') {
+        return Err(invalid("it must start with /"));
+    }
+    if path.len() > MAX_PATH {
+        return Err(invalid(&format!("longer than {MAX_PATH} bytes")));
+    }
+    let uri = format!("/fn/{name}{path}");
+    match uri.parse::<http::uri::PathAndQuery>() {
+        Ok(parsed) if parsed.query().is_none() && !uri.contains('#') => Ok(path.to_string()),
+        _ => Err(invalid("not a plain URI path")),
+    }
+}
+
 async fn run_item(
     state: &Arc<AppState>,
-    name: &FunctionName,
+    (name, path): (&FunctionName, &str),
     item: serde_json::Value,
     authorization: Option<HeaderValue>,
     request_id: &str,
@@ -116,7 +145,7 @@ async fn run_item(
     loop {
         let mut req = hyper::Request::new(RequestBody::from(bytes.clone()));
         *req.method_mut() = Method::POST;
-        if let Ok(uri) = format!("/fn/{name}").parse() {
+        if let Ok(uri) = format!("/fn/{name}{path}").parse() {
             *req.uri_mut() = uri;
         }
         let headers = req.headers_mut();
@@ -129,7 +158,8 @@ async fn run_item(
             headers.insert(header::AUTHORIZATION, value.clone());
         }
         let arrival = Arrival::MapItem(bytes.clone());
-        match invoke::invoke(state, req, (name.as_str(), ""), request_id, arrival).await {
+        let rest = path.trim_start_matches('/');
+        match invoke::invoke(state, req, (name.as_str(), rest), request_id, arrival).await {
             Err(error) if error.code == "busy" && Instant::now() < deadline => {
                 tokio::time::sleep(BUSY_PAUSE).await;
             }
@@ -139,7 +169,7 @@ async fn run_item(
                     "body": { "error": error.message, "code": error.code },
                 });
             }
-            Ok(response) => match collect(response).await {
+            Ok(response) => match collect(state, response).await {
                 Ok(result) => return result,
                 // The response broke off (a peer died mid-answer): once more.
                 Err(error) if !retried => {
@@ -157,14 +187,22 @@ async fn run_item(
     }
 }
 
-/// `{"status", "body"}`: the body as JSON when it is JSON, else as text.
-async fn collect(response: Response<Body>) -> Result<serde_json::Value, String> {
+/// `{"status", "body"}`: the body as JSON when it is JSON, else as text;
+/// in a cluster also `served_by`, the node that ran it.
+async fn collect(state: &AppState, response: Response<Body>) -> Result<serde_json::Value, String> {
     let status = response.status().as_u16();
     let is_json = response
         .headers()
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| v.contains("json"));
+    let served_by = state.cluster().map(|cluster| {
+        response
+            .headers()
+            .get(SERVED_BY_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .map_or_else(|| cluster.node_id().to_string(), str::to_string)
+    });
     let mut body = response.into_body();
     let mut bytes = BytesMut::new();
     while let Some(frame) = body.frame().await {
@@ -180,5 +218,9 @@ async fn collect(response: Response<Body>) -> Result<serde_json::Value, String> 
         Some(value) => value,
         None => serde_json::Value::String(String::from_utf8_lossy(&bytes).into_owned()),
     };
-    Ok(serde_json::json!({ "status": status, "body": body }))
+    let mut result = serde_json::json!({ "status": status, "body": body });
+    if let Some(node) = served_by {
+        result["served_by"] = serde_json::Value::String(node);
+    }
+    Ok(result)
 }

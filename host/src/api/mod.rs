@@ -163,6 +163,17 @@ async fn dispatch(
     }
 }
 
+/// The value of `key` in a query string: `Some("")` for a bare `key`,
+/// `None` without it. No percent-decoding: the values read this way (names,
+/// flags, paths) are plain.
+pub fn query_param<'q>(query: Option<&'q str>, key: &str) -> Option<&'q str> {
+    query?
+        .split('&')
+        .map(|pair| pair.split_once('=').unwrap_or((pair, "")))
+        .find(|(k, _)| *k == key)
+        .map(|(_, v)| v)
+}
+
 fn parse_name(name: &str) -> Result<FunctionName, ApiError> {
     FunctionName::new(name).map_err(|e| ApiError::bad_request("invalid_name", e.to_string()))
 }

@@ -24,9 +24,9 @@ pub fn mark_start() {
 }
 
 pub async fn status(state: &AppState, query: Option<&str>) -> Result<Response<Body>, ApiError> {
-    let detail = match query_value(query, "function") {
+    let detail = match super::query_param(query, "function") {
         Some(name) => Some(
-            FunctionName::new(&name)
+            FunctionName::new(name)
                 .map_err(|e| ApiError::bad_request("invalid_name", e.to_string()))?,
         ),
         None => None,
@@ -150,14 +150,4 @@ fn function_detail(state: &AppState, name: &FunctionName) -> Result<Value, ApiEr
         "invocations": functions.recent.invocations(name.as_str()),
         "log": functions.recent.log(name.as_str()),
     }))
-}
-
-/// The value of `key` in a query string (no percent-decoding: names are
-/// plain).
-fn query_value(query: Option<&str>, key: &str) -> Option<String> {
-    query?
-        .split('&')
-        .filter_map(|pair| pair.split_once('='))
-        .find(|(k, _)| *k == key)
-        .map(|(_, v)| v.to_string())
 }

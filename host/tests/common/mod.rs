@@ -38,6 +38,7 @@ pub const FUNCTIONS: &[&str] = &[
     "notes",
     "kv-draft",
     "kv-draft-p3",
+    "linreg",
 ];
 
 pub fn repo_root() -> PathBuf {
