@@ -88,6 +88,9 @@ pub struct Step {
     pub served_by: BTreeMap<String, usize>,
     /// Items sent again because a host failed them.
     pub retried: usize,
+    /// Bytes of the step's map requests and answers (theta out, gradients
+    /// back).
+    pub bytes: usize,
 }
 
 /// A whole run.
@@ -100,6 +103,9 @@ pub struct Outcome {
     pub final_loss: f64,
     /// Euclidean distance from the final theta to the true one.
     pub distance: f64,
+    /// Bytes of the load's map requests and answers (the rows, once; 0
+    /// without a load).
+    pub loaded_bytes: usize,
     pub steps: Vec<Step>,
 }
 
@@ -172,13 +178,16 @@ pub async fn train(
 ) -> Result<Outcome> {
     check(settings)?;
     let (true_theta, shards) = data(settings);
+    let mut loaded_bytes = 0;
     if settings.load {
         let items: Vec<Value> = shards
             .iter()
             .enumerate()
             .map(|(i, rows)| json!({ "shard": shard_id(i), "rows": rows }))
             .collect();
-        map_all(target, &settings.function, "/load", items).await?;
+        loaded_bytes = map_all(target, &settings.function, "/load", items)
+            .await?
+            .bytes;
     }
     let mut theta = vec![0.0; settings.features + 1];
     let mut steps = Vec::with_capacity(settings.steps);
@@ -205,6 +214,7 @@ pub async fn train(
         theta,
         final_loss: last.loss,
         distance,
+        loaded_bytes,
         steps,
     })
 }
@@ -228,13 +238,13 @@ async fn gradient(target: &Target, settings: &Settings, theta: &[f64]) -> Result
     let items: Vec<Value> = (0..settings.shards)
         .map(|i| json!({ "shard": shard_id(i), "theta": theta }))
         .collect();
-    let (results, served_by, retried) = map_all(target, &settings.function, "/grad", items).await?;
+    let mapped = map_all(target, &settings.function, "/grad", items).await?;
     // Weighted by rows, summed in shard order: the same inputs give the
     // same bits.
     let mut grad = vec![0.0; theta.len()];
     let mut loss = 0.0;
     let mut rows = 0.0;
-    for (i, body) in results.iter().enumerate() {
+    for (i, body) in mapped.results.iter().enumerate() {
         let shard = shard_id(i);
         let n = body["n"]
             .as_u64()
@@ -262,13 +272,23 @@ async fn gradient(target: &Target, settings: &Settings, theta: &[f64]) -> Result
         step: 0,
         loss: loss / rows,
         theta: Vec::new(),
-        served_by,
-        retried,
+        served_by: mapped.served_by,
+        retried: mapped.retried,
+        bytes: mapped.bytes,
     };
     Ok((grad, step))
 }
 
-type Mapped = (Vec<Value>, BTreeMap<String, usize>, usize);
+/// What a map of every item came to.
+struct Mapped {
+    /// Each item's `200` body, in order.
+    results: Vec<Value>,
+    served_by: BTreeMap<String, usize>,
+    /// Items sent again.
+    retried: usize,
+    /// Bytes of the map requests and answers.
+    bytes: usize,
+}
 
 /// Every item's `200` body, in order, sending again what failed with a
 /// `5xx` (or a whole map the host could not answer); with who served the
@@ -278,6 +298,7 @@ async fn map_all(target: &Target, function: &str, path: &str, items: Vec<Value>)
     let mut results: Vec<Option<Value>> = vec![None; items.len()];
     let mut served_by = BTreeMap::new();
     let mut retried = 0;
+    let mut bytes = 0;
     let mut last_error = String::new();
     for attempt in 0..ATTEMPTS {
         let pending: Vec<usize> = (0..items.len()).filter(|i| results[*i].is_none()).collect();
@@ -290,12 +311,13 @@ async fn map_all(target: &Target, function: &str, path: &str, items: Vec<Value>)
         }
         let body: Vec<&Value> = pending.iter().map(|i| &items[*i]).collect();
         let body = serde_json::to_vec(&body)?;
+        bytes += body.len();
         let answered = tokio::time::timeout(
             MAP_TIMEOUT,
             target.send(Method::POST, &route, body, "application/json"),
         )
         .await;
-        let (status, bytes) = match answered {
+        let (status, answer) = match answered {
             Ok(Ok(answer)) => answer,
             Ok(Err(error)) => {
                 last_error = format!("{error:#}");
@@ -306,8 +328,9 @@ async fn map_all(target: &Target, function: &str, path: &str, items: Vec<Value>)
                 continue;
             }
         };
-        let answer: Value = serde_json::from_slice(&bytes)
-            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&bytes).into_owned()));
+        bytes += answer.len();
+        let answer: Value = serde_json::from_slice(&answer)
+            .unwrap_or_else(|_| Value::String(String::from_utf8_lossy(&answer).into_owned()));
         if status.is_server_error() {
             last_error = format!("{status}: {}", message(&answer));
             continue;
@@ -355,7 +378,12 @@ async fn map_all(target: &Target, function: &str, path: &str, items: Vec<Value>)
             "{function} {path}: {failed} items still failing after {ATTEMPTS} attempts; last: {last_error}"
         );
     }
-    Ok((results.into_iter().flatten().collect(), served_by, retried))
+    Ok(Mapped {
+        results: results.into_iter().flatten().collect(),
+        served_by,
+        retried,
+        bytes,
+    })
 }
 
 /// The `error` of a JSON error body, or the body.
@@ -396,13 +424,16 @@ pub fn summary(outcome: &Outcome) -> String {
             .join(", ")
     };
     let rows = outcome.settings.shards * outcome.settings.rows;
+    let per_step =
+        outcome.steps.iter().map(|s| s.bytes).sum::<usize>() / outcome.steps.len().max(1);
     format!(
-        "final loss {:.6} over {rows} rows in {} shards\ntheta      [{}]\ntrue theta [{}]\ndistance to the true theta: {:.6}",
+        "final loss {:.6} over {rows} rows in {} shards\ntheta      [{}]\ntrue theta [{}]\ndistance to the true theta: {:.6}\nto and from the host: {} bytes of rows, once; then {per_step} bytes a step (theta out, gradients back)",
         outcome.final_loss,
         outcome.settings.shards,
         show(&outcome.theta),
         show(&outcome.true_theta),
-        outcome.distance
+        outcome.distance,
+        outcome.loaded_bytes,
     )
 }
 

@@ -70,6 +70,13 @@ async fn gradient_descent_converges_to_the_true_theta_and_repeats_exactly() {
         first.distance,
         first.true_theta
     );
+    // The rows crossed once; a step moves theta and gradients only.
+    let step_bytes = first.steps.iter().map(|s| s.bytes).max().unwrap();
+    assert!(
+        step_bytes * 100 < first.loaded_bytes,
+        "{step_bytes} bytes a step against {} loaded",
+        first.loaded_bytes
+    );
     // No cluster: nothing says who served the items.
     assert!(first.steps.iter().all(|s| s.served_by.is_empty()));
 
@@ -206,5 +213,6 @@ async fn the_cli_prints_each_step_and_the_distance() {
     assert_eq!(steps.len(), 5, "{stdout}");
     assert!(steps[4].starts_with("step   5  loss "), "{stdout}");
     assert!(stdout.contains("distance to the true theta: "), "{stdout}");
+    assert!(stdout.contains("bytes of rows, once"), "{stdout}");
     host.stop().await;
 }
