@@ -88,32 +88,8 @@ enum Command {
     /// travel. Prints each step's loss and theta, then the distance to the
     /// true theta.
     Train {
-        /// The deployed linreg function.
-        #[arg(long, default_value = "linreg")]
-        function: String,
-        #[arg(long, default_value_t = 8)]
-        shards: usize,
-        /// Rows per shard.
-        #[arg(long, default_value_t = 1000)]
-        rows: usize,
-        /// Features per row.
-        #[arg(long, default_value_t = 3)]
-        features: usize,
-        #[arg(long, default_value_t = 50)]
-        steps: usize,
-        /// The learning rate.
-        #[arg(long, default_value_t = 0.5)]
-        alpha: f64,
-        /// Makes the data (and so the run): the same seed, the same result.
-        #[arg(long, default_value_t = 1)]
-        seed: u64,
-        /// Standard deviation of the noise on each target.
-        #[arg(long, default_value_t = 0.1)]
-        noise: f64,
-        /// Train on the shards already loaded (by a run with the same seed
-        /// and sizes) instead of loading them again.
-        #[arg(long)]
-        no_load: bool,
+        #[command(flatten)]
+        settings: lichen::train::Settings,
         /// Print the whole run as JSON at the end instead of a line per step.
         #[arg(long)]
         json: bool,
@@ -467,29 +443,10 @@ async fn main() -> ExitCode {
             target,
         } => print(async { client::map(&target.resolve()?, &name, &file, &path).await }).await,
         Command::Train {
-            function,
-            shards,
-            rows,
-            features,
-            steps,
-            alpha,
-            seed,
-            noise,
-            no_load,
+            settings,
             json,
             target,
         } => {
-            let settings = lichen::train::Settings {
-                function,
-                shards,
-                rows,
-                features,
-                steps,
-                alpha,
-                seed,
-                noise,
-                load: !no_load,
-            };
             print(async {
                 let target = target.resolve()?;
                 let outcome = lichen::train::train(&target, &settings, |step| {

@@ -39,23 +39,34 @@ const RETRY_PAUSE: Duration = Duration::from_millis(500);
 /// Longest a map may take before it counts as failed and is tried again.
 const MAP_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// What to train and how.
-#[derive(Debug, Clone, Serialize)]
+/// What to train and how (the flags of `lichen train`).
+#[derive(Debug, Clone, Serialize, clap::Args)]
 pub struct Settings {
-    /// The deployed linreg function's name.
+    /// The deployed linreg function.
+    #[arg(long, default_value = "linreg")]
     pub function: String,
+    #[arg(long, default_value_t = 8)]
     pub shards: usize,
     /// Rows per shard.
+    #[arg(long, default_value_t = 1000)]
     pub rows: usize,
     /// Features per row (theta is the bias and one weight each).
+    #[arg(long, default_value_t = 3)]
     pub features: usize,
+    #[arg(long, default_value_t = 50)]
     pub steps: usize,
     /// The learning rate.
+    #[arg(long, default_value_t = 0.5)]
     pub alpha: f64,
+    /// Makes the data (and so the run): the same seed, the same result.
+    #[arg(long, default_value_t = 1)]
     pub seed: u64,
-    /// Standard deviation of the noise added to each target.
+    /// Standard deviation of the noise on each target.
+    #[arg(long, default_value_t = 0.1)]
     pub noise: f64,
-    /// Load the data before training (off: the shards are already loaded).
+    /// Train on the shards a run with the same seed and sizes already
+    /// loaded instead of loading them again.
+    #[arg(long = "no-load", action = clap::ArgAction::SetFalse)]
     pub load: bool,
 }
 

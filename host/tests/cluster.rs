@@ -193,6 +193,30 @@ async fn three(root: &Path) -> (Node, Node, Node) {
     (a, b, c)
 }
 
+/// Three hosts like [`three`], sharing the key-value backend of one
+/// `nats-server` (returned too: it stops when dropped).
+async fn three_on_nats(root: &Path) -> (common::NatsServer, Node, Node, Node) {
+    let nats = common::NatsServer::start(&root.join("nats"));
+    let flags = [
+        "--kv-backend",
+        "nats",
+        "--kv-nats-url",
+        &nats.url,
+        "--kv-nats-replicas",
+        "1",
+    ];
+    let a = Node::start_with(root, "a", &[], SECRET, &flags);
+    let b = Node::start_with(root, "b", &[&a], SECRET, &flags);
+    let c = Node::start_with(root, "c", &[&a], SECRET, &flags);
+    for node in [&a, &b, &c] {
+        eventually(&format!("{} sees two peers", node.id), || async {
+            node.peer_ids().await.len() == 2
+        })
+        .await;
+    }
+    (nats, a, b, c)
+}
+
 /// Who served each of `replies` (all 200), sorted: the peer named by
 /// `x-lichen-served-by`, or `a` (the host called) without it.
 fn served_by(replies: &[Reply]) -> Vec<String> {
@@ -918,24 +942,7 @@ async fn a_function_with_local_stores_is_never_forwarded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_function_with_shared_stores_is_forwarded_within_its_nats_cluster() {
     let root = tempfile::tempdir().unwrap();
-    let nats = common::NatsServer::start(&root.path().join("nats"));
-    let flags = [
-        "--kv-backend",
-        "nats",
-        "--kv-nats-url",
-        &nats.url,
-        "--kv-nats-replicas",
-        "1",
-    ];
-    let a = Node::start_with(root.path(), "a", &[], SECRET, &flags);
-    let b = Node::start_with(root.path(), "b", &[&a], SECRET, &flags);
-    let c = Node::start_with(root.path(), "c", &[&a], SECRET, &flags);
-    for node in [&a, &b, &c] {
-        eventually(&format!("{} sees two peers", node.id), || async {
-            node.peer_ids().await.len() == 2
-        })
-        .await;
-    }
+    let (_nats, a, b, c) = three_on_nats(root.path()).await;
     let with_stores = "[limits]\nconcurrency = 1\nqueue = 0\n[keyvalue]\nstores = [\"default\"]\n";
     deploy_fixture_with_policy(&a, &[&b, &c], "stateful", "probe", with_stores).await;
     eventually("a sees b and c serve it", || a.sees_serving(2, "stateful")).await;
@@ -1028,24 +1035,7 @@ async fn training_spreads_over_hosts_and_survives_one_dying() {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     let root = tempfile::tempdir().unwrap();
-    let nats = common::NatsServer::start(&root.path().join("nats"));
-    let flags = [
-        "--kv-backend",
-        "nats",
-        "--kv-nats-url",
-        &nats.url,
-        "--kv-nats-replicas",
-        "1",
-    ];
-    let a = Node::start_with(root.path(), "a", &[], SECRET, &flags);
-    let b = Node::start_with(root.path(), "b", &[&a], SECRET, &flags);
-    let mut c = Node::start_with(root.path(), "c", &[&a], SECRET, &flags);
-    for node in [&a, &b, &c] {
-        eventually(&format!("{} sees two peers", node.id), || async {
-            node.peer_ids().await.len() == 2
-        })
-        .await;
-    }
+    let (_nats, a, b, mut c) = three_on_nats(root.path()).await;
     let policy = std::fs::read_to_string(common::repo_root().join("policies/linreg.toml")).unwrap();
     deploy_with_policy(&a, &[&b, &c], "linreg", &policy).await;
     eventually("a sees b and c serve linreg", || {

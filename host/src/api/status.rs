@@ -7,7 +7,6 @@
 use std::time::Instant;
 
 use anyhow::Context;
-
 use http::{Response, StatusCode};
 use serde_json::{Value, json};
 

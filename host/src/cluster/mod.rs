@@ -94,7 +94,7 @@ impl Peer {
 }
 
 /// A peer the failure detector holds dead.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Departed {
     pub node_id: String,
     /// The API address it last published, if this host saw one.
