@@ -13,9 +13,10 @@
 //!
 //! Items a dead or busy host could not answer (`5xx`) are sent again in
 //! another map, and a map the host could not finish is tried again:
-//! computing a shard's gradient twice is harmless, so a host that dies
-//! mid-step costs a retry, not the run. A `4xx` item (bad input) ends the
-//! run with its message.
+//! computing a shard's gradient twice is harmless, so a peer that dies
+//! mid-step, or the host itself restarting, costs a retry, not the run.
+//! Pauses between attempts double from half a second (15.5 s in all). A
+//! `4xx` item (bad input) ends the run with its message.
 //!
 //! A CLI command rather than a script: it reuses the CLI's URL, token and
 //! TLS handling, and its arithmetic (the data, the averaging) is Rust's, so
@@ -33,9 +34,10 @@ use crate::client::Target;
 
 /// How many times a map, or an item in it, is tried.
 const ATTEMPTS: usize = 6;
-/// Pause between attempts (a dead host takes the failure detector a second
-/// or two to notice).
-const RETRY_PAUSE: Duration = Duration::from_millis(500);
+/// Pause before the second attempt, doubled before each one after (0.5 s
+/// up to 8 s, 15.5 s in all): long enough for the failure detector to
+/// notice a dead peer (a second or two) or for a host to restart.
+const FIRST_PAUSE: Duration = Duration::from_millis(500);
 /// Longest a map may take before it counts as failed and is tried again.
 const MAP_TIMEOUT: Duration = Duration::from_secs(60);
 
@@ -318,7 +320,7 @@ async fn map_all(target: &Target, function: &str, path: &str, items: Vec<Value>)
         }
         if attempt > 0 {
             retried += pending.len();
-            tokio::time::sleep(RETRY_PAUSE).await;
+            tokio::time::sleep(FIRST_PAUSE * (1 << (attempt - 1))).await;
         }
         let body: Vec<&Value> = pending.iter().map(|i| &items[*i]).collect();
         let body = serde_json::to_vec(&body)?;

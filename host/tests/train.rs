@@ -93,6 +93,71 @@ async fn gradient_descent_converges_to_the_true_theta_and_repeats_exactly() {
     host.stop().await;
 }
 
+/// The host the driver talks to stops mid-training and comes back on the
+/// same address and data directory: the step that was under way is tried
+/// again once it is back, and the run ends where an undisturbed one does,
+/// on the shards its key-value store kept on disk.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_restarting_mid_training_costs_a_retry_not_the_run() {
+    use std::time::Duration;
+
+    let dir = tempfile::tempdir().unwrap();
+    let host = host_with_linreg(dir.path()).await;
+    let target = target(&host);
+    let settings = Settings {
+        steps: 30,
+        ..settings(3)
+    };
+    let calm = train(&target, &settings, |_| {}).await.unwrap();
+    assert!(calm.steps.iter().all(|s| s.retried == 0));
+
+    // At step 5 the driver waits (its callback blocks) until the host has
+    // stopped, so the next step is sure to find it gone.
+    let (reached, at_five) = tokio::sync::oneshot::channel();
+    let mut reached = Some(reached);
+    let (stopped, resume) = std::sync::mpsc::channel::<()>();
+    let again = Settings {
+        load: false,
+        ..settings
+    };
+    let run = {
+        let target = target.clone();
+        tokio::spawn(async move {
+            train(&target, &again, move |s| {
+                if s.step == 5 {
+                    if let Some(reached) = reached.take() {
+                        let _ = reached.send(());
+                    }
+                    let _ = tokio::task::block_in_place(|| {
+                        resume.recv_timeout(Duration::from_secs(60))
+                    });
+                }
+            })
+            .await
+        })
+    };
+    tokio::time::timeout(Duration::from_secs(60), at_five)
+        .await
+        .expect("training reached step 5")
+        .unwrap();
+    let address = host.url.trim_start_matches("http://").parse().unwrap();
+    host.stop().await;
+    stopped.send(()).unwrap();
+    // Down long enough for at least one attempt to find nobody there.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let mut config = test_config(dir.path());
+    config.listen = address;
+    let host = TestHost::start(config).await;
+
+    let restarted = run.await.unwrap().unwrap();
+    assert_eq!(restarted.steps.len(), 30);
+    let retried: usize = restarted.steps.iter().map(|s| s.retried).sum();
+    assert!(retried > 0, "nothing was tried again: {restarted:?}");
+    assert_eq!(restarted.theta, calm.theta);
+    assert_eq!(restarted.final_loss, calm.final_loss);
+    host.stop().await;
+}
+
 /// The map's results for `items` sent to `path` of linreg.
 async fn map(host: &TestHost, path: &str, items: Value) -> Vec<Value> {
     let reply = send(
