@@ -755,6 +755,50 @@ async fn a_map_on_one_host_answers_in_order_and_refuses_bad_input() {
     host.stop().await;
 }
 
+/// `?path=` sends each item to that path of the function, which the guest
+/// sees exactly as it would on a direct `POST /fn/{name}{path}`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_map_sends_its_items_to_the_path_it_names() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = common::host_with(dir.path(), &[("echo", "echo")]).await;
+    let map = |query: &str| format!("{}/v1/functions/echo/map{query}", host.url);
+    for path in ["/", "/grad", "/a/b.c", "//twice", "/with%20space"] {
+        let direct = send(
+            Method::POST,
+            &format!("{}/fn/echo{path}", host.url),
+            &[],
+            b"1".to_vec(),
+        )
+        .await;
+        assert_eq!(direct.status, StatusCode::OK, "{path}: {}", direct.text());
+        let mapped = send(
+            Method::POST,
+            &map(&format!("?path={path}")),
+            &[],
+            b"[1]".to_vec(),
+        )
+        .await;
+        assert_eq!(mapped.status, StatusCode::OK, "{path}: {}", mapped.text());
+        assert_eq!(
+            mapped.json()[0]["body"]["path"],
+            direct.json()["path"],
+            "{path}"
+        );
+    }
+    let default = send(Method::POST, &map(""), &[], b"[1]".to_vec()).await;
+    assert_eq!(default.json()[0]["body"]["path"], "/");
+    for query in ["?path=grad", "?path=", "?path=/a%3Fb?c"] {
+        send(Method::POST, &map(query), &[], b"[1]".to_vec())
+            .await
+            .assert_error(StatusCode::BAD_REQUEST, "invalid_map");
+    }
+    let long = format!("?path=/{}", "a".repeat(1024));
+    send(Method::POST, &map(&long), &[], b"[1]".to_vec())
+        .await
+        .assert_error(StatusCode::BAD_REQUEST, "invalid_map");
+    host.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rollback_makes_an_earlier_version_active_again() {
     let (host, _dir) = host().await;

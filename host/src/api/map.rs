@@ -158,7 +158,8 @@ async fn run_item(
             headers.insert(header::AUTHORIZATION, value.clone());
         }
         let arrival = Arrival::MapItem(bytes.clone());
-        let rest = path.trim_start_matches('/');
+        // As the router splits `/fn/{name}/{rest...}`: `//x` stays `//x`.
+        let rest = path.strip_prefix('/').unwrap_or(path);
         match invoke::invoke(state, req, (name.as_str(), rest), request_id, arrival).await {
             Err(error) if error.code == "busy" && Instant::now() < deadline => {
                 tokio::time::sleep(BUSY_PAUSE).await;
