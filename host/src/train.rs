@@ -72,19 +72,15 @@ pub struct Settings {
     pub load: bool,
 }
 
+/// The flags' defaults: `lichen train` with no flags.
 impl Default for Settings {
     fn default() -> Self {
-        Settings {
-            function: "linreg".to_string(),
-            shards: 8,
-            rows: 1000,
-            features: 3,
-            steps: 50,
-            alpha: 0.5,
-            seed: 1,
-            noise: 0.1,
-            load: true,
-        }
+        use clap::{Args, FromArgMatches};
+        let flags = Settings::augment_args(clap::Command::new("train"));
+        flags
+            .try_get_matches_from(["train"])
+            .and_then(|matches| Settings::from_arg_matches(&matches))
+            .expect("every flag of lichen train has a default")
     }
 }
 
