@@ -181,9 +181,14 @@ impl Drop for Node {
 /// Three hosts: `a` first, `b` and `c` joining through it; returns once
 /// each sees the other two.
 async fn three(root: &Path) -> (Node, Node, Node) {
-    let a = Node::start(root, "a", &[], SECRET);
-    let b = Node::start(root, "b", &[&a], SECRET);
-    let c = Node::start(root, "c", &[&a], SECRET);
+    three_with(root, &[]).await
+}
+
+/// [`three`], each host started with `extra` flags.
+async fn three_with(root: &Path, extra: &[&str]) -> (Node, Node, Node) {
+    let a = Node::start_with(root, "a", &[], SECRET, extra);
+    let b = Node::start_with(root, "b", &[&a], SECRET, extra);
+    let c = Node::start_with(root, "c", &[&a], SECRET, extra);
     for node in [&a, &b, &c] {
         eventually(&format!("{} sees two peers", node.id), || async {
             node.peer_ids().await.len() == 2
@@ -205,15 +210,7 @@ async fn three_on_nats(root: &Path) -> (common::NatsServer, Node, Node, Node) {
         "--kv-nats-replicas",
         "1",
     ];
-    let a = Node::start_with(root, "a", &[], SECRET, &flags);
-    let b = Node::start_with(root, "b", &[&a], SECRET, &flags);
-    let c = Node::start_with(root, "c", &[&a], SECRET, &flags);
-    for node in [&a, &b, &c] {
-        eventually(&format!("{} sees two peers", node.id), || async {
-            node.peer_ids().await.len() == 2
-        })
-        .await;
-    }
+    let (a, b, c) = three_with(root, &flags).await;
     (nats, a, b, c)
 }
 
