@@ -9,12 +9,21 @@
 # Output: functions/target/wasm32-wasip2/release/<crate>.wasm (dashes become
 # underscores, as cargo names cdylibs), and functions/target/python/<app>_py.wasm
 # for the Python apps in functions/python/ (componentize-py, installed into
-# functions/target/tools when missing).
+# the tools folder of scripts/tools-dir.sh when missing).
 set -euo pipefail
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 cd "$here"
 
 debian_packages=(rustc-web cargo-web rust-web-src rust-web-llvm lld-22 wasi-libc)
+has_rustup_target() {
+    command -v rustup >/dev/null 2>&1 && rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2
+}
+# `--debian-packages`: prints the Debian packages this machine needs for
+# the build (none with rustup's target), for scripts/test.sh's one apt run.
+if [ "${1:-}" = --debian-packages ]; then
+    has_rustup_target || echo "${debian_packages[*]}"
+    exit 0
+fi
 
 # WASIp3 guests: the SDK with its `p3` feature. Built apart from the p2 ones,
 # since cargo unifies a dependency's features across one build.
@@ -31,7 +40,7 @@ build() {
     "$@" "${p3_packages[@]}"
 }
 
-if command -v rustup >/dev/null 2>&1 && rustup target list --installed 2>/dev/null | grep -qx wasm32-wasip2; then
+if has_rustup_target; then
     echo "functions: building with rustup's wasm32-wasip2 target" >&2
     build cargo build --release --target wasm32-wasip2 --quiet
 else
@@ -50,7 +59,7 @@ fi
 # (PyPI), against the WIT of the wasmtime-wasi-http crate the host links.
 # Output: functions/target/python/<name>_py.wasm.
 componentize_py_version="0.25.0"
-venv="$here/target/tools/componentize-py"
+venv="$("$here/../scripts/tools-dir.sh")/componentize-py"
 if ! [ -x "$venv/bin/componentize-py" ] || ! "$venv/bin/componentize-py" --version 2>/dev/null | grep -qx "componentize-py $componentize_py_version"; then
     echo "functions: installing componentize-py $componentize_py_version" >&2
     rm -rf "$venv"

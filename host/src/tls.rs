@@ -32,15 +32,19 @@ pub struct TlsFiles {
 pub struct Tls {
     files: TlsFiles,
     current: RwLock<Arc<ServerConfig>>,
+    /// `lichen_tls_reloads_total`, by outcome.
+    reloads: prometheus::IntCounterVec,
 }
 
 impl Tls {
-    /// Loads the pair; an error here stops the host from starting.
-    pub fn load(files: TlsFiles) -> Result<Arc<Tls>> {
+    /// Loads the pair; an error here stops the host from starting. Later
+    /// reloads are counted in `reloads` by outcome.
+    pub fn load(files: TlsFiles, reloads: prometheus::IntCounterVec) -> Result<Arc<Tls>> {
         let config = server_config(&files)?;
         Ok(Arc::new(Tls {
             files,
             current: RwLock::new(Arc::new(config)),
+            reloads,
         }))
     }
 
@@ -56,10 +60,12 @@ impl Tls {
         match server_config(&self.files) {
             Ok(config) => {
                 *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+                self.reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
                 true
             }
             Err(error) => {
+                self.reloads.with_label_values(&["error"]).inc();
                 tracing::error!(
                     cert = %self.files.cert.display(),
                     key = %self.files.key.display(),

@@ -7,7 +7,9 @@
 
 mod common;
 
-use common::{Ca, component, send, spawn_lichen, tls_connect, tls_get};
+use std::time::Duration;
+
+use common::{Ca, component, send, send_request_within, spawn_lichen, tls_connect, tls_get};
 use http::{Method, StatusCode};
 
 fn rss_bytes(pid: u32) -> u64 {
@@ -22,9 +24,16 @@ fn rss_bytes(pid: u32) -> u64 {
     kib * 1024
 }
 
-/// Starts the real binary on `data`, deploys `raw-wasi` as `raw`, and
-/// returns the running host with its URL.
-async fn host_with_raw(data: &std::path::Path) -> (std::process::Child, String) {
+/// How long one call of 300,000 empty writes may take: seconds on a quiet
+/// machine, many more in a debug build on a loaded one. The deadline of
+/// `raw`'s policy and the client's wait are both set to it, so the test
+/// measures memory, never the machine's speed.
+const LONG_CALL: Duration = Duration::from_secs(600);
+
+/// Starts the real binary on `data`, deploys `raw-wasi` as `raw` with a
+/// deadline of [`LONG_CALL`], and returns the running host with its URL.
+async fn host_with_raw(data: &std::path::Path) -> (common::Spawned, String) {
+    common::write_policy(data, "raw", "[limits]\ntimeout = \"10m\"\n");
     let (child, url, _log) = spawn_lichen(data, &[]);
     let token = std::fs::read_to_string(data.join("admin-token")).unwrap();
     let deployed = send(
@@ -59,8 +68,10 @@ async fn empty_writes_do_not_pile_up_in_host_memory() {
     let data = dir.path().join("data");
     let (mut child, url) = host_with_raw(&data).await;
     let call = |n: u64| {
-        let url = format!("{url}/fn/raw/empty-writes?n={n}");
-        async move { send(Method::GET, &url, &[], Vec::new()).await }
+        let request = http::Request::get(format!("{url}/fn/raw/empty-writes?n={n}"))
+            .body(http_body_util::Full::new(bytes::Bytes::new()))
+            .unwrap();
+        send_request_within(LONG_CALL, request)
     };
     // Warm: the instance pool, the allocator's caches.
     for _ in 0..3 {
@@ -114,7 +125,10 @@ async fn empty_writes_over_http2_do_not_pile_up_in_host_memory() {
         async move {
             let tls = tls_connect(ca, &addr, "localhost", &[b"h2"]).await.unwrap();
             assert_eq!(tls.get_ref().1.alpn_protocol(), Some(&b"h2"[..]));
-            tls_get(tls, &format!("/fn/raw/empty-writes?n={n}")).await
+            let path = format!("/fn/raw/empty-writes?n={n}");
+            tokio::time::timeout(LONG_CALL, tls_get(tls, &path))
+                .await
+                .expect("the host answers within LONG_CALL")
         }
     };
     for _ in 0..3 {

@@ -438,8 +438,9 @@ async fn a_guest_past_its_deadline_gets_504() {
         reply.text()
     );
     assert_eq!(reply.code(), "timeout");
+    // Stopped by the 1 s deadline, not by fib(60)'s own end (hours away).
     assert!(
-        started.elapsed() < Duration::from_secs(10),
+        started.elapsed() < Duration::from_secs(30),
         "took {:?}",
         started.elapsed()
     );

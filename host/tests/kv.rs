@@ -8,7 +8,6 @@
 mod common;
 
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use common::{TestHost, host_with, send, test_config, write_policy};
 use http::{Method, StatusCode};
@@ -319,16 +318,17 @@ async fn acknowledged_writes_survive_sigkill() {
     assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
 
     let acked = Arc::new(Mutex::new(Vec::new()));
+    let killed = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let writers: Vec<_> = (0..4)
         .map(|writer| {
-            let (url, acked) = (url.clone(), Arc::clone(&acked));
+            let (url, acked, killed) = (url.clone(), Arc::clone(&acked), Arc::clone(&killed));
             tokio::spawn(async move {
                 for n in 0.. {
                     let key = format!("w{writer}-{n}");
                     let doc =
                         serde_json::json!({ "writer": writer, "n": n, "pad": "x".repeat(200) });
                     let reply = tokio::time::timeout(
-                        Duration::from_secs(5),
+                        common::PATIENCE,
                         common::try_send(
                             Method::PUT,
                             &format!("{url}/fn/notes/{key}"),
@@ -340,16 +340,24 @@ async fn acknowledged_writes_survive_sigkill() {
                         Ok(Some(reply)) if reply.status == StatusCode::OK => {
                             acked.lock().unwrap().push((key, doc));
                         }
-                        _ => break,
+                        // Once the host is killed, each stops at its first
+                        // failed write; before, a failure is the test's.
+                        failed => {
+                            let killed = killed.load(std::sync::atomic::Ordering::SeqCst);
+                            assert!(killed, "{key} failed before the kill: {failed:?}");
+                            break;
+                        }
                     }
                 }
             })
         })
         .collect();
     // Let writes flow, then kill the host mid-stream.
-    while acked.lock().unwrap().len() < 100 {
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::eventually("100 writes are acknowledged", || async {
+        acked.lock().unwrap().len() >= 100
+    })
+    .await;
+    killed.store(true, std::sync::atomic::Ordering::SeqCst);
     child.kill().unwrap();
     child.wait().unwrap();
     for writer in writers {

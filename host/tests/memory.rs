@@ -1,11 +1,9 @@
 //! The memory limit, measured from outside: a guest that allocates without
-//! bound fails fast, and the host's resident memory comes back. Alone in its
+//! bound fails at its limit, and the host's resident memory comes back. Alone in its
 //! own test binary so no other test's allocations blur the measurement.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
 mod common;
-
-use std::time::{Duration, Instant};
 
 use common::{host_with, write_policy};
 use http::StatusCode;
@@ -28,15 +26,18 @@ async fn a_memory_bomb_fails_fast_and_its_memory_is_returned() {
 
 async fn memory_bomb(fixture: &str) {
     let dir = tempfile::tempdir().unwrap();
-    write_policy(dir.path(), "trap", "[limits]\nmemory = \"32MiB\"\n");
+    // The bomb fails at the memory limit; the deadline is out of its way.
+    write_policy(
+        dir.path(),
+        "trap",
+        "[limits]\nmemory = \"32MiB\"\ntimeout = \"5m\"\n",
+    );
     let host = host_with(dir.path(), &[("trap", fixture)]).await;
     assert_eq!(host.get("/fn/trap/").await.status, StatusCode::OK);
     let before = rss_bytes();
     for _ in 0..3 {
-        let started = Instant::now();
         let reply = host.get("/fn/trap/alloc").await;
         reply.assert_error(StatusCode::INTERNAL_SERVER_ERROR, "trap");
-        assert!(started.elapsed() < Duration::from_secs(5));
     }
     let after = rss_bytes();
     // Each bomb filled 32 MiB; three of them kept would be 96 MiB.

@@ -26,7 +26,8 @@ struct Seen {
     requests: AtomicUsize,
 }
 
-/// A loopback HTTP/1.1 server with keep-alive; `/slow` answers after 300 ms.
+/// A loopback HTTP/1.1 server with keep-alive; `/slow` answers after 300 ms,
+/// `/stall` only after [`common::PATIENCE`].
 async fn upstream() -> (SocketAddr, Arc<Seen>) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
@@ -44,8 +45,10 @@ async fn upstream() -> (SocketAddr, Arc<Seen>) {
                     move |req: hyper::Request<hyper::body::Incoming>| {
                         per_request.requests.fetch_add(1, Ordering::SeqCst);
                         async move {
-                            if req.uri().path() == "/slow" {
-                                tokio::time::sleep(Duration::from_millis(300)).await;
+                            match req.uri().path() {
+                                "/slow" => tokio::time::sleep(Duration::from_millis(300)).await,
+                                "/stall" => tokio::time::sleep(common::PATIENCE).await,
+                                _ => {}
                             }
                             Ok::<_, Infallible>(hyper::Response::new(Full::new(
                                 Bytes::from_static(b"upstream says hi"),
@@ -221,7 +224,7 @@ async fn a_slow_upstream_meets_the_outbound_timeout() {
         ),
     );
     let host = common::host_with(dir.path(), &[("a", "probe")]).await;
-    let slow = fetch(&host, "a", &format!("http://{addr}/slow")).await;
+    let slow = fetch(&host, "a", &format!("http://{addr}/stall")).await;
     assert_eq!(slow.status, StatusCode::BAD_GATEWAY, "{}", slow.text());
     assert!(slow.text().contains("ConnectionTimeout"), "{}", slow.text());
     let quick = fetch(&host, "a", &format!("http://{addr}/x")).await;

@@ -12,10 +12,18 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::{Reply, TestHost, component, host_with, send, test_config, write_policy};
+use common::{
+    PATIENCE, Reply, TestHost, component, eventually, host_with, send, test_config,
+    until_in_flight, write_policy,
+};
 use http::{Method, StatusCode};
 use http_body_util::Full;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// How long a "slow" call sleeps in its guest: long enough to still be
+/// running when the test's next request arrives, however loaded the
+/// machine, and within the default 10 s deadline.
+const SLOW_MS: u64 = 5000;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_endless_loop_and_a_blocked_host_call_end_at_the_deadline() {
@@ -41,8 +49,10 @@ async fn an_endless_loop_and_a_blocked_host_call_end_at_the_deadline_with(fixtur
             reply.text()
         );
         assert_eq!(reply.code(), "timeout");
+        // Stopped by the 1 s deadline, not by the guest's own end (a
+        // minute's sleep, or never): a bound far from both.
         let took = started.elapsed();
-        assert!(took < Duration::from_secs(2), "{path} took {took:?}");
+        assert!(took < Duration::from_secs(30), "{path} took {took:?}");
         assert_eq!(host.get("/fn/probe/").await.text(), "probe\n");
     }
     host.stop().await;
@@ -144,12 +154,12 @@ async fn past_concurrency_and_queue_requests_get_503_with_retry_after_with(fixtu
         "[limits]\nconcurrency = 2\nqueue = 0\n",
     );
     let host = host_with(dir.path(), &[("probe", fixture)]).await;
-    let url = format!("{}/fn/probe/sleep?ms=1500", host.url);
+    let url = format!("{}/fn/probe/sleep?ms={SLOW_MS}", host.url);
     let slow =
         |url: String| tokio::spawn(async move { send(Method::GET, &url, &[], Vec::new()).await });
     let first = slow(url.clone());
     let second = slow(url.clone());
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    until_in_flight(&host.url, "probe", 2.0).await;
     let third = send(Method::GET, &url, &[], Vec::new()).await;
     assert_eq!(
         third.status,
@@ -187,7 +197,7 @@ async fn a_queued_request_waits_for_a_slot_with(fixture: &str) {
         let url = url.clone();
         tokio::spawn(async move { send(Method::GET, &url, &[], Vec::new()).await })
     };
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    until_in_flight(&host.url, "probe", 1.0).await;
     let second = send(Method::GET, &url, &[], Vec::new()).await;
     assert_eq!(second.status, StatusCode::OK);
     assert_eq!(first.await.unwrap().status, StatusCode::OK);
@@ -420,10 +430,7 @@ async fn wait_for_policy(
         if check(&view) {
             return started.elapsed();
         }
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "policy never matched: {view}"
-        );
+        assert!(started.elapsed() < PATIENCE, "policy never matched: {view}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -436,13 +443,12 @@ async fn policies_reload_live_and_a_broken_edit_keeps_the_last_good_one() {
     let slow = "/fn/probe/sleep?ms=1500";
     assert_eq!(host.get(slow).await.status, StatusCode::GATEWAY_TIMEOUT);
 
-    // Raised by editing the file: in force within a second.
-    write_policy(dir.path(), "probe", "[limits]\ntimeout = \"5s\"\n");
-    let took = wait_for_policy(&host, "probe", |v| {
-        v["in_force"]["limits"]["timeout"] == "5s"
+    // Raised by editing the file: in force without a restart.
+    write_policy(dir.path(), "probe", "[limits]\ntimeout = \"1m\"\n");
+    wait_for_policy(&host, "probe", |v| {
+        v["in_force"]["limits"]["timeout"] == "1m"
     })
     .await;
-    assert!(took < Duration::from_secs(1), "reload took {took:?}");
     assert_eq!(host.get(slow).await.status, StatusCode::OK);
 
     // A broken edit: logged, visible, and the last good policy stays.
@@ -456,7 +462,7 @@ async fn policies_reload_live_and_a_broken_edit_keeps_the_last_good_one() {
         .admin(Method::GET, "/v1/functions/probe", Vec::new())
         .await
         .json();
-    assert_eq!(view["policy"]["in_force"]["limits"]["timeout"], "5s");
+    assert_eq!(view["policy"]["in_force"]["limits"]["timeout"], "1m");
     let error = view["policy"]["error"].as_str().unwrap();
     assert!(
         error.contains("probe.toml") && error.contains("timeout"),
@@ -485,16 +491,17 @@ async fn policies_reload_live_and_a_broken_edit_keeps_the_last_good_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn in_flight_invocations_keep_the_policy_they_started_with() {
     let dir = tempfile::tempdir().unwrap();
-    write_policy(dir.path(), "probe", "[limits]\ntimeout = \"5s\"\n");
+    write_policy(dir.path(), "probe", "[limits]\ntimeout = \"1m\"\n");
     let host = host_with(dir.path(), &[("probe", "probe")]).await;
-    let url = format!("{}/fn/probe/sleep?ms=1500", host.url);
+    let url = format!("{}/fn/probe/sleep?ms={SLOW_MS}", host.url);
     let running = tokio::spawn(async move { send(Method::GET, &url, &[], Vec::new()).await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    until_in_flight(&host.url, "probe", 1.0).await;
     write_policy(dir.path(), "probe", "[limits]\ntimeout = \"1s\"\n");
     wait_for_policy(&host, "probe", |v| {
         v["in_force"]["limits"]["timeout"] == "1s"
     })
     .await;
+    assert!(!running.is_finished(), "the call ended before the edit");
     assert_eq!(running.await.unwrap().status, StatusCode::OK);
     host.stop().await;
 }
@@ -629,13 +636,19 @@ async fn oversized_heads_get_431() {
     host.stop().await;
 }
 
-/// Sends raw bytes and reads until the server closes or 5 s pass.
+/// How long a test waits for the host to close a connection it must cut
+/// off: far above the sub-second limits the tests set, and below hyper's
+/// own 30 s header timeout, so only the limit under test can close it.
+const CUT_OFF_WITHIN: Duration = Duration::from_secs(15);
+
+/// Sends raw bytes and reads until the server closes or [`CUT_OFF_WITHIN`]
+/// passes.
 async fn raw_request(host: &TestHost, request: &str) -> String {
     let addr = host.url.trim_start_matches("http://");
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let _ = stream.write_all(request.as_bytes()).await;
     let mut out = Vec::new();
-    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut out)).await;
+    let _ = tokio::time::timeout(CUT_OFF_WITHIN, stream.read_to_end(&mut out)).await;
     String::from_utf8_lossy(&out).into_owned()
 }
 
@@ -654,15 +667,13 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
         .await
         .unwrap();
     let mut buf = Vec::new();
-    let started = Instant::now();
-    let read = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut buf)).await;
+    let read = tokio::time::timeout(CUT_OFF_WITHIN, slow.read_to_end(&mut buf)).await;
     assert!(read.is_ok(), "the stalled connection was not closed");
-    assert!(started.elapsed() < Duration::from_secs(3));
 
-    // Two idle connections take both slots; a third is refused with 503.
+    // Two idle connections take both slots; a third is refused with 503
+    // (the host accepts connections in the order they were made).
     let _a = tokio::net::TcpStream::connect(&addr).await.unwrap();
     let _b = tokio::net::TcpStream::connect(&addr).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
     let reply = raw_request(&host, "GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n").await;
     assert!(reply.starts_with("HTTP/1.1 503"), "{reply}");
     assert!(
@@ -670,9 +681,12 @@ async fn slow_clients_are_cut_off_and_connections_are_capped() {
         "{reply}"
     );
     drop((_a, _b));
-    tokio::time::sleep(Duration::from_millis(700)).await;
-    let ok: Reply = host.get("/healthz").await;
-    assert_eq!(ok.status, StatusCode::OK);
+    eventually("the closed connections free their slots", || async {
+        let url = format!("{}/healthz", host.url);
+        let ok: Option<Reply> = common::try_send(Method::GET, &url, Vec::new()).await;
+        ok.is_some_and(|ok| ok.status == StatusCode::OK)
+    })
+    .await;
     host.stop().await;
 }
 
@@ -685,9 +699,9 @@ async fn the_host_caps_invocations_in_flight() {
     for name in ["a", "b"] {
         host.deploy(name, component("probe")).await;
     }
-    let url = format!("{}/fn/a/sleep?ms=1000", host.url);
+    let url = format!("{}/fn/a/sleep?ms={SLOW_MS}", host.url);
     let first = tokio::spawn(async move { send(Method::GET, &url, &[], Vec::new()).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    until_in_flight(&host.url, "a", 1.0).await;
     let other = host.get("/fn/b/").await;
     assert_eq!(other.status, StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(other.headers["retry-after"], "1");
@@ -739,17 +753,14 @@ async fn a_stalled_request_body_is_cut_off() {
     host.deploy("echo", component("echo")).await;
 
     // An upload that stops halfway: 408, not a connection held forever.
-    let started = Instant::now();
     let upload = raw_request(
         &host,
         "PUT /v1/functions/slow HTTP/1.1\r\nhost: x\r\nauthorization: Bearer test-token\r\ncontent-length: 100\r\n\r\n0123456789",
     )
     .await;
     assert!(upload.starts_with("HTTP/1.1 408"), "{upload}");
-    assert!(started.elapsed() < Duration::from_secs(3));
 
     // An invocation whose body stalls: the guest's read fails and it answers.
-    let started = Instant::now();
     let invoke = raw_request(
         &host,
         "POST /fn/echo HTTP/1.1\r\nhost: x\r\ncontent-length: 100\r\n\r\n0123456789",
@@ -757,7 +768,6 @@ async fn a_stalled_request_body_is_cut_off() {
     .await;
     assert!(invoke.starts_with("HTTP/1.1 400"), "{invoke}");
     assert!(invoke.contains("reading the request body"), "{invoke}");
-    assert!(started.elapsed() < Duration::from_secs(3));
     host.stop().await;
 }
 

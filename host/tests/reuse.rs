@@ -27,8 +27,9 @@ async fn until_fresh(host: &TestHost) {
     let started = Instant::now();
     while host.get("/fn/probe/count").await.text() != "1" {
         assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "no fresh instance within 5 s"
+            started.elapsed() < common::PATIENCE,
+            "no fresh instance within {:?}",
+            common::PATIENCE
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -130,7 +131,8 @@ async fn a_reused_instance_is_stopped_at_its_deadline_and_retired() {
         host.get("/fn/probe/spin")
             .await
             .assert_error(StatusCode::GATEWAY_TIMEOUT, "timeout");
-        assert!(started.elapsed() < Duration::from_secs(5), "{fixture}");
+        // Stopped by the 1 s deadline, not by the guest (it spins for ever).
+        assert!(started.elapsed() < Duration::from_secs(30), "{fixture}");
         until_fresh(&host).await;
         host.stop().await;
     }
@@ -153,28 +155,29 @@ async fn a_p3_instance_serves_up_to_concurrency_requests_at_once() {
         let host = host_with(dir.path(), &[("slow", "slow-p3")]).await;
         assert_eq!(host.get("/fn/slow/wait?ms=0").await.status, StatusCode::OK);
 
+        // Each waits long enough that all are in flight together however
+        // slowly they arrive.
         let calls = (0..requests).map(|_| {
-            let url = format!("{}/fn/slow/wait?ms=1500", host.url);
+            let url = format!("{}/fn/slow/wait?ms=5000", host.url);
             tokio::spawn(async move { common::send(Method::GET, &url, &[], Vec::new()).await })
         });
-        let started = Instant::now();
         let mut most_at_once = Vec::new();
+        let mut instances = std::collections::BTreeSet::new();
         for reply in futures::future::join_all(calls).await {
             let reply = reply.unwrap();
             assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
             most_at_once.push(reply.json()["most_at_once"].as_u64().unwrap());
+            instances.insert(reply.json()["instance"].as_str().unwrap().to_string());
         }
-        // All at once (instances side by side): well under one wait after
-        // another.
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "{most_at_once:?}"
-        );
+        // Instances side by side: more requests at once than one instance
+        // may take went to several.
         let most = *most_at_once.iter().max().unwrap();
         if per_instance == 1 {
             assert_eq!(most, 1, "{most_at_once:?}");
+            assert_eq!(instances.len(), requests, "{instances:?}");
         } else {
             assert!((2..=per_instance).contains(&most), "{most_at_once:?}");
+            assert!(instances.len() >= 2, "{instances:?}");
         }
         host.stop().await;
     }

@@ -91,7 +91,7 @@ async fn ui_false_turns_the_page_off() {
 
 /// One `lichen serve` process of the test's cluster.
 struct Member {
-    child: std::process::Child,
+    child: common::Spawned,
     url: String,
     gossip: String,
     policies: PathBuf,
@@ -145,13 +145,6 @@ impl Member {
     }
 }
 
-impl Drop for Member {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 /// Installs Chromium and playwright-core when either is missing (as the
 /// test command's set-up does), and returns the browser script's folder.
 fn browser_tools() -> PathBuf {
@@ -182,6 +175,7 @@ fn run_browser(folder: &Path, env: &[(&str, String)]) -> (bool, String) {
         .stderr(output.reopen().unwrap())
         .stdin(Stdio::null())
         .spawn()
+        .map(|child| common::Spawned::terminated_within(child, Duration::from_secs(10)))
         .expect("running node (scripts/install-browser.sh installs it)");
     let started = Instant::now();
     let success = loop {
@@ -189,8 +183,8 @@ fn run_browser(folder: &Path, env: &[(&str, String)]) -> (bool, String) {
             break status.success();
         }
         if started.elapsed() > BROWSER_RUN {
-            let _ = child.kill();
-            let _ = child.wait();
+            // Dropping it lets Playwright close its Chromium first.
+            drop(child);
             break false;
         }
         std::thread::sleep(Duration::from_millis(100));

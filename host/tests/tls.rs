@@ -9,8 +9,12 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use common::{Ca, TestHost, test_config, tls_connect as connect, tls_get as get, write_policy};
+use bytes::Bytes;
+use common::{
+    Ca, PATIENCE, TestHost, test_config, tls_connect as connect, tls_get as get, write_policy,
+};
 use http::StatusCode;
+use http_body::Frame;
 use lichen::tls::TlsFiles;
 
 const LICHEN: &str = env!("CARGO_BIN_EXE_lichen");
@@ -111,14 +115,49 @@ async fn https_over_http1_and_http2_and_the_cli_trusts_a_private_ca() {
     host.stop().await;
 }
 
+/// A POST over `tls` whose body is whatever is sent on the returned
+/// channel until it is dropped; the task answers status and body.
+async fn streamed_post(
+    tls: tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    path: &str,
+) -> (
+    tokio::sync::mpsc::Sender<Bytes>,
+    tokio::task::JoinHandle<(StatusCode, Bytes)>,
+) {
+    use http_body_util::BodyExt;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let body = http_body_util::StreamBody::new(futures::stream::poll_fn(move |cx| {
+        rx.poll_recv(cx)
+            .map(|chunk| chunk.map(|c| Ok::<_, std::convert::Infallible>(Frame::data(c))))
+    }));
+    let request = http::Request::post(format!("https://localhost{path}"))
+        .header("host", "localhost")
+        .body(body)
+        .unwrap();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let task = tokio::spawn(async move {
+        let response = sender.send_request(request).await.unwrap();
+        let status = response.status();
+        (
+            status,
+            response.into_body().collect().await.unwrap().to_bytes(),
+        )
+    });
+    (tx, task)
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rotated_certificate_is_picked_up_and_a_bad_one_is_not() {
     let dir = tempfile::tempdir().unwrap();
     let ca = Ca::new();
-    write_policy(dir.path(), "slow", "[limits]\ntimeout = \"10s\"\n");
+    write_policy(dir.path(), "echo", "[limits]\ntimeout = \"5m\"\n");
     // Deployed over plain HTTP first; the TLS host finds it in the store.
     let plain = TestHost::start(test_config(dir.path())).await;
-    let deployed = plain.deploy("slow", common::component("probe")).await;
+    let deployed = plain.deploy("echo", common::component("echo")).await;
     assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
     plain.stop().await;
     let mut config = test_config(dir.path());
@@ -126,6 +165,8 @@ async fn a_rotated_certificate_is_picked_up_and_a_bad_one_is_not() {
         dir.path(),
         &ca.leaf(&["localhost"], "first", false),
     ));
+    // The request in flight below waits on its client as long as it takes.
+    config.body_idle_timeout = PATIENCE;
     let host = TestHost::start(config).await;
     let addr = addr(&host);
 
@@ -133,28 +174,51 @@ async fn a_rotated_certificate_is_picked_up_and_a_bad_one_is_not() {
         .await
         .unwrap();
     let first_cert = served_cert(&first);
-    // A request in flight across the rotation.
-    let in_flight = tokio::spawn(async move { get(first, "/fn/slow/sleep?ms=1500").await });
-    tokio::time::sleep(Duration::from_millis(200)).await;
-    install(dir.path(), &ca.leaf(&["localhost"], "second", false));
-    let mut rotated = None;
-    for _ in 0..100 {
-        let tls = connect(&ca, &addr, "localhost", &[]).await.unwrap();
-        if served_cert(&tls) != first_cert {
-            rotated = Some(served_cert(&tls));
-            break;
+    // A request in flight across the rotation: its body comes in two
+    // parts, the second only once the new certificate is served.
+    let (body, in_flight) = streamed_post(first, "/fn/echo").await;
+    body.send(Bytes::from_static(b"before ")).await.unwrap();
+    let metric = |series: &'static str| {
+        let (ca, addr) = (&ca, &addr);
+        async move {
+            let tls = connect(ca, addr, "localhost", &[]).await.unwrap();
+            let (_, metrics) = get(tls, "/metrics").await;
+            common::series_sum(&String::from_utf8_lossy(&metrics), series)
         }
+    };
+    common::eventually("the echo call is in flight", || async {
+        metric("lichen_inflight{function=\"echo\"}").await >= 1.0
+    })
+    .await;
+    install(dir.path(), &ca.leaf(&["localhost"], "second", false));
+    let started = std::time::Instant::now();
+    let rotated = loop {
+        let tls = connect(&ca, &addr, "localhost", &[]).await.unwrap();
+        let served = served_cert(&tls);
+        if served != first_cert {
+            break served;
+        }
+        assert!(
+            started.elapsed() < PATIENCE,
+            "the new certificate is not served within {PATIENCE:?}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let rotated = rotated.expect("the new certificate is served within 5 s");
-    let (status, _) = in_flight.await.unwrap();
+    };
+    body.send(Bytes::from_static(b"after")).await.unwrap();
+    drop(body);
+    let (status, echoed) = in_flight.await.unwrap();
     assert_eq!(status, StatusCode::OK, "the request in flight finished");
+    let echoed: serde_json::Value = serde_json::from_slice(&echoed).unwrap();
+    assert_eq!(echoed["body"], "before after");
 
     // A key that does not go with its certificate: the previous pair stays.
     let (cert, _) = ca.leaf(&["localhost"], "third", false);
     let (_, other_key) = ca.leaf(&["localhost"], "unrelated", false);
     install(dir.path(), &(cert, other_key));
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    common::eventually("the bad pair is read and refused", || async {
+        metric("lichen_tls_reloads_total{outcome=\"error\"}").await >= 1.0
+    })
+    .await;
     let tls = connect(&ca, &addr, "localhost", &[]).await.unwrap();
     assert_eq!(served_cert(&tls), rotated, "a bad pair replaced a good one");
     let (status, _) = get(tls, "/healthz").await;

@@ -142,9 +142,15 @@ async fn a_host_restarting_mid_training_costs_a_retry_not_the_run() {
         .unwrap();
     let address = host.url.trim_start_matches("http://").parse().unwrap();
     host.stop().await;
+    // Down until an attempt has found no host there: the test holds the
+    // address and hangs up on the driver's first connection.
+    let stand_in = tokio::net::TcpListener::bind(address).await.unwrap();
     stopped.send(()).unwrap();
-    // Down long enough for at least one attempt to find nobody there.
-    tokio::time::sleep(Duration::from_millis(700)).await;
+    let attempt = tokio::time::timeout(common::PATIENCE, stand_in.accept())
+        .await
+        .expect("the driver tries the host again")
+        .unwrap();
+    drop((attempt, stand_in));
     let mut config = test_config(dir.path());
     config.listen = address;
     let host = TestHost::start(config).await;

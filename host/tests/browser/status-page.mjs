@@ -27,8 +27,9 @@ const peer = env('LICHEN_PEER');
 const peerPid = Number(env('LICHEN_PEER_PID'));
 const screenshot = env('LICHEN_SCREENSHOT');
 
-// How long the page may take to show a change: a refresh is every 2 s.
-const SHOWN_WITHIN_MS = 10_000;
+// How long the page may take to show a change: a refresh is every 2 s; the
+// rest is margin for a loaded machine (the test waits, it does not time).
+const SHOWN_WITHIN_MS = 60_000;
 
 function step(what) {
   console.log(`status page: ${what}`);

@@ -254,9 +254,15 @@ pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: Vec
 }
 
 pub async fn send_request(request: Request<Full<Bytes>>) -> Reply {
-    tokio::time::timeout(Duration::from_secs(60), try_send_request(request))
+    send_request_within(PATIENCE, request).await
+}
+
+/// [`send_request`] for a request that may take longer than [`PATIENCE`]
+/// on a loaded machine (a guest told to do a lot of work).
+pub async fn send_request_within(limit: Duration, request: Request<Full<Bytes>>) -> Reply {
+    tokio::time::timeout(limit, try_send_request(request))
         .await
-        .expect("the host answers within 60 s")
+        .unwrap_or_else(|_| panic!("the host answers within {limit:?}"))
         .expect("the host answers")
 }
 
@@ -296,6 +302,52 @@ pub fn metric_value(text: &str, name: &str) -> f64 {
         .sum()
 }
 
+/// How long a test waits for something that must happen, however slow or
+/// loaded the machine: a bound only a broken host reaches, never one that a
+/// test's result depends on.
+pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// Polls `check` until it holds, failing after [`PATIENCE`].
+pub async fn eventually<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < PATIENCE,
+            "not within {PATIENCE:?}: {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// The sum of the series whose text starts with `prefix` (a family name, or
+/// a name and the start of its labels) in Prometheus text.
+pub fn series_sum(metrics: &str, prefix: &str) -> f64 {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(prefix))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
+
+/// Waits until the host at `url` counts `function`'s invocations running
+/// now (`lichen_inflight`) at `at_least`: the event a test waits for
+/// before it acts on requests in flight, instead of a guessed sleep.
+pub async fn until_in_flight(url: &str, function: &str, at_least: f64) {
+    let series = format!("lichen_inflight{{function=\"{function}\"}}");
+    eventually(
+        &format!("{at_least} of {function} in flight at {url}"),
+        || async {
+            let metrics = send(Method::GET, &format!("{url}/metrics"), &[], Vec::new()).await;
+            series_sum(&metrics.text(), &series) >= at_least
+        },
+    )
+    .await;
+}
+
 /// `component` with a custom section appended: other bytes and hash, same
 /// behaviour.
 pub fn distinct(component: &[u8], tag: &str) -> Vec<u8> {
@@ -315,7 +367,7 @@ pub fn distinct(component: &[u8], tag: &str) -> Vec<u8> {
 /// killed when dropped. Installs wasmtime (scripts/install-wasmtime.sh)
 /// when it is missing.
 pub struct WasmtimeServe {
-    child: std::process::Child,
+    _child: Spawned,
     pub url: String,
 }
 
@@ -335,9 +387,10 @@ impl WasmtimeServe {
             .args(["serve", "-S", "cli", "--addr", "127.0.0.1:0"])
             .args(extra)
             .arg(component)
-            .stdout(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::piped())
             .spawn()
+            .map(Spawned::new)
             .expect("starting wasmtime serve");
         let stderr = child.stderr.take().unwrap();
         let mut lines = BufReader::new(stderr).lines();
@@ -351,12 +404,63 @@ impl WasmtimeServe {
             }
         };
         std::thread::spawn(move || lines.for_each(drop));
-        WasmtimeServe { child, url }
+        WasmtimeServe { _child: child, url }
     }
 }
 
-impl Drop for WasmtimeServe {
+/// A process a test started: stopped and reaped when dropped, so a test that
+/// fails half-way leaves nothing running. It derefs to the
+/// [`std::process::Child`] for `id`, `kill`, `wait` and `try_wait`.
+pub struct Spawned {
+    child: std::process::Child,
+    /// How long a SIGTERM may take before SIGKILL; `None`: SIGKILL at once.
+    grace: Option<Duration>,
+}
+
+impl Spawned {
+    /// Killed with SIGKILL when dropped.
+    pub fn new(child: std::process::Child) -> Spawned {
+        Spawned { child, grace: None }
+    }
+
+    /// Asked to stop with SIGTERM when dropped, killed if still running
+    /// after `grace`: for a process that has children of its own to stop
+    /// (node stops the Chromium that Playwright started).
+    pub fn terminated_within(child: std::process::Child, grace: Duration) -> Spawned {
+        Spawned {
+            child,
+            grace: Some(grace),
+        }
+    }
+}
+
+impl std::ops::Deref for Spawned {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.child
+    }
+}
+
+impl std::ops::DerefMut for Spawned {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.child
+    }
+}
+
+impl Drop for Spawned {
     fn drop(&mut self) {
+        if let (Some(grace), Ok(None)) = (self.grace, self.child.try_wait()) {
+            let _ = Command::new("kill")
+                .args(["-TERM", &self.child.id().to_string()])
+                .status();
+            let deadline = std::time::Instant::now() + grace;
+            while std::time::Instant::now() < deadline {
+                if !matches!(self.child.try_wait(), Ok(None)) {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -368,11 +472,7 @@ impl Drop for WasmtimeServe {
 pub fn spawn_lichen(
     data_dir: &std::path::Path,
     extra: &[&str],
-) -> (
-    std::process::Child,
-    String,
-    std::thread::JoinHandle<Vec<String>>,
-) {
+) -> (Spawned, String, std::thread::JoinHandle<Vec<String>>) {
     spawn_lichen_with_env(data_dir, extra, &[])
 }
 
@@ -381,11 +481,7 @@ pub fn spawn_lichen_with_env(
     data_dir: &std::path::Path,
     extra: &[&str],
     env: &[(&str, &str)],
-) -> (
-    std::process::Child,
-    String,
-    std::thread::JoinHandle<Vec<String>>,
-) {
+) -> (Spawned, String, std::thread::JoinHandle<Vec<String>>) {
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lichen"))
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(data_dir)
@@ -397,6 +493,7 @@ pub fn spawn_lichen_with_env(
         .stderr(std::process::Stdio::piped())
         .stdout(std::process::Stdio::null())
         .spawn()
+        .map(Spawned::new)
         .expect("starting lichen serve");
     let stderr = child.stderr.take().expect("stderr is piped");
     let (tx, rx) = std::sync::mpsc::channel();
@@ -421,7 +518,7 @@ pub fn spawn_lichen_with_env(
 /// `dir`; killed when dropped. Installs nats-server
 /// (scripts/install-nats-server.sh) when it is missing.
 pub struct NatsServer {
-    child: Option<std::process::Child>,
+    child: Option<Spawned>,
     pub url: String,
     args: Vec<String>,
     monitor: u16,
@@ -487,6 +584,41 @@ impl NatsServer {
         servers
     }
 
+    /// Waits until a cluster of `servers` can place a stream with a
+    /// replica on each: `/healthz` answers before every server has heard
+    /// of the others' JetStream, and a bucket made then fails with "no
+    /// suitable peers for placement".
+    pub async fn until_replicated(servers: &[NatsServer]) {
+        let addrs: Vec<async_nats::ServerAddr> =
+            servers.iter().map(|s| s.url.parse().unwrap()).collect();
+        let client = async_nats::connect(addrs)
+            .await
+            .expect("connecting to the test NATS cluster");
+        let jetstream = async_nats::jetstream::new(client);
+        let config = async_nats::jetstream::stream::Config {
+            name: "lichen-test-placement".to_string(),
+            subjects: vec!["lichen-test-placement".to_string()],
+            num_replicas: servers.len(),
+            ..Default::default()
+        };
+        let started = std::time::Instant::now();
+        loop {
+            match jetstream.create_stream(config.clone()).await {
+                Ok(_) => break,
+                Err(error) => assert!(
+                    started.elapsed() < PATIENCE,
+                    "the NATS cluster cannot place a stream on {} servers: {error}",
+                    servers.len()
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        jetstream
+            .delete_stream(&config.name)
+            .await
+            .expect("deleting the placement probe");
+    }
+
     fn configured(dir: &Path, name: &str, port: u16, extra: Vec<String>) -> NatsServer {
         let monitor = free_port();
         let store = dir.join(name);
@@ -518,6 +650,7 @@ impl NatsServer {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
+            .map(Spawned::new)
             .expect("starting nats-server");
         self.child = Some(child);
     }
@@ -556,16 +689,7 @@ impl NatsServer {
 
     /// Kills the server (SIGKILL), as a crash would.
     pub fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-}
-
-impl Drop for NatsServer {
-    fn drop(&mut self) {
-        self.kill();
+        drop(self.child.take());
     }
 }
 
@@ -683,7 +807,7 @@ pub async fn tls_get(
 /// `user` is given; killed when dropped. Installs the package when it is
 /// missing.
 pub struct OciRegistry {
-    child: std::process::Child,
+    _child: Spawned,
     /// `127.0.0.1:PORT`: the registry part of references.
     pub address: String,
     auth: oci_client::secrets::RegistryAuth,
@@ -729,6 +853,7 @@ impl OciRegistry {
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::null())
             .spawn()
+            .map(Spawned::new)
             .expect("starting docker-registry");
         let deadline = std::time::Instant::now() + Duration::from_secs(20);
         while std::net::TcpStream::connect(&address).is_err() {
@@ -739,7 +864,7 @@ impl OciRegistry {
             std::thread::sleep(Duration::from_millis(50));
         }
         OciRegistry {
-            child,
+            _child: child,
             address,
             auth,
         }
@@ -793,12 +918,5 @@ impl OciRegistry {
             &[(lichen::oci::WASM_LAYER, component)],
         )
         .await
-    }
-}
-
-impl Drop for OciRegistry {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
     }
 }
