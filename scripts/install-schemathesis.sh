@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Installs schemathesis (PyPI), the API fuzzer of host/tests/fuzz_api.rs, into
+# Installs schemathesis (PyPI), the API fuzzer of host/tests/it/fuzz_api.rs, into
 # a virtualenv in the tools folder (scripts/tools-dir.sh), once:
 # target/tools/schemathesis.
 # Python 3 with venv and pip is all it needs.

@@ -79,7 +79,7 @@ mkdir -p "$root/target"
 install_tools() {
     local begun="$EPOCHREALTIME"
     # schemathesis fuzzes a live host against its OpenAPI document
-    # (tests/fuzz_api.rs); `wasmtime serve` answers p3 requests to compare
+    # (tests/it/fuzz_api.rs); `wasmtime serve` answers p3 requests to compare
     # with ours; nats-server for the shared key-value backend's tests;
     # playwright-core drives Chromium; hadolint, yamllint and
     # kubernetes-validate check what ships the host.

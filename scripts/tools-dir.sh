@@ -14,6 +14,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cache="${LICHEN_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/lichen/tools}"
 link="$root/target/tools"
 mkdir -p "$cache" "$root/target"
+if [ -L "$link" ] && [ "$(readlink "$link")" != "$cache" ]; then
+    rm "$link"
+fi
 if [ ! -e "$link" ] && [ ! -L "$link" ]; then
     ln -s "$cache" "$link"
 fi

@@ -3,6 +3,7 @@
 //! own test binary so no other test's allocations blur the measurement.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
+#[path = "it/common/mod.rs"]
 mod common;
 
 use common::{host_with, write_policy};

@@ -81,6 +81,11 @@ pub fn decode_key(key: &str) -> Option<String> {
     }
 }
 
+/// How long opening a bucket waits for its stream's leader to be elected
+/// (well under a second in a healthy cluster); past it the operation goes
+/// ahead and fails with NATS's own error if there is still none.
+const LEADER_ELECTION: Duration = Duration::from_secs(10);
+
 fn bucket_name(scope: &Scope) -> String {
     format!("{BUCKET_PREFIX}{}_{}", scope.function, scope.label)
 }
@@ -194,8 +199,8 @@ impl NatsBackend {
         }
         let name = bucket_name(scope);
         let stream = format!("KV_{name}");
-        match self.js.get_stream(&stream).await {
-            Ok(_) => {}
+        let mut stream = match self.js.get_stream(&stream).await {
+            Ok(stream) => stream,
             Err(e) if is_not_found(&e) && !create => return Ok(None),
             Err(e) if is_not_found(&e) => {
                 // The stream a key-value bucket is, as async-nats makes it,
@@ -213,22 +218,26 @@ impl NatsBackend {
                     discard: jetstream::stream::DiscardPolicy::New,
                     ..Default::default()
                 };
-                let mut stream = self
-                    .js
+                self.js
                     .get_or_create_stream(config)
                     .await
-                    .map_err(unavailable)?;
-                // A new replicated stream elects its leader first; reads
-                // before that wait out the request timeout.
-                for _ in 0..50 {
-                    let info = stream.info().await.map_err(unavailable)?;
-                    if info.cluster.as_ref().is_none_or(|c| c.leader.is_some()) {
-                        break;
-                    }
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
+                    .map_err(unavailable)?
             }
             Err(e) => return Err(unavailable(e)),
+        };
+        // A new replicated stream elects its leader first; until it has
+        // one, operations on it fail ("stream not found") or wait out the
+        // request timeout. That holds for a host that finds the stream
+        // another host has just made as much as for the one that made it.
+        let elected = tokio::time::Instant::now() + LEADER_ELECTION;
+        loop {
+            let info = stream.info().await.map_err(unavailable)?;
+            if info.cluster.as_ref().is_none_or(|c| c.leader.is_some())
+                || tokio::time::Instant::now() >= elected
+            {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
         let store = self.js.get_key_value(&name).await.map_err(unavailable)?;
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());

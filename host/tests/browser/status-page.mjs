@@ -1,5 +1,5 @@
 // The status page in a real browser: Debian's Chromium, headless, driven by
-// Playwright, against real `lichen serve` hosts that host/tests/status_page.rs
+// Playwright, against real `lichen serve` hosts that host/tests/it/status_page.rs
 // started. Each step says what it checks; the first failure ends the run
 // with a non-zero exit and the page's text at that moment.
 //

@@ -1,5 +1,5 @@
 """Schemathesis hooks and checks of our own, loaded with
-SCHEMATHESIS_HOOKS=lichen_checks by host/tests/fuzz_api.rs.
+SCHEMATHESIS_HOOKS=lichen_checks by host/tests/it/fuzz_api.rs.
 
 Schemathesis' `not_a_server_error` fails on every 5xx. A function's own answer
 may be a 5xx, and a trap is that request's 500 by design, so that check is

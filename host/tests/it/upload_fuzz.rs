@@ -13,7 +13,7 @@
 //! `target/upload-fuzz/` for a regression test.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::panic::AssertUnwindSafe;
 use std::time::{Duration, Instant};

@@ -5,7 +5,7 @@
 //! by a trap, a redeploy or a policy edit.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::{Duration, Instant};
 

@@ -3,7 +3,7 @@
 //! new connections, requests in flight finished, exit 0.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::process::Command;
 use std::sync::Arc;

@@ -3,7 +3,7 @@
 //! three-host run, with a host killed mid-training, is in `cluster.rs`.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::{TestHost, component, repo_root, send, test_config, write_policy};
 use http::{Method, StatusCode};

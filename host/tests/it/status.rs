@@ -2,7 +2,7 @@
 //! with real components.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::{TestHost, component, test_config, write_policy};
 use http::{Method, StatusCode};

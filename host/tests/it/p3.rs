@@ -3,7 +3,7 @@
 //! own sources built with the SDK's `p3` feature.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::{host_with, send};
 use http::{Method, StatusCode};

@@ -4,7 +4,7 @@
 //! acknowledged write through the loss of a server.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -3,7 +3,7 @@
 //! without credentials; and every refusal with its status, nothing stored.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use common::{OciRegistry, Reply, TestHost, component, send, test_config};
 use http::{Method, StatusCode};

@@ -4,7 +4,7 @@
 //! controls what they resolve to.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! go with their function.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
-mod common;
+use crate::common;
 
 use common::{TestHost, component, metric_value, send, test_config, write_policy};
 use http::{Method, StatusCode};

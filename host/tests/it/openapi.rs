@@ -5,7 +5,7 @@
 //! the document, and the host serves the document as written.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

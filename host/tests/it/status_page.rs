@@ -4,7 +4,7 @@
 //! `lichen serve` processes in one cluster.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};

@@ -5,7 +5,7 @@
 //! `cancel-p3` test.)
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

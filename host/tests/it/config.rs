@@ -2,7 +2,7 @@
 //! wins over what, secrets from files, and the message each bad file gets.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::Path;
 use std::process::Command;

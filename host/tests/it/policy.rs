@@ -4,7 +4,7 @@
 //! with the WASIp3 build of the same source.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
-mod common;
+use crate::common;
 
 use std::convert::Infallible;
 use std::net::SocketAddr;

@@ -3,7 +3,7 @@
 //! CA, a certificate rotated under load, and what a client refuses.
 #![allow(clippy::unwrap_used)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

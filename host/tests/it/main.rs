@@ -1,0 +1,31 @@
+//! The host's integration tests, in one test binary: real hosts on
+//! loopback, real processes, real components built from `functions/`. One
+//! binary rather than one per file, so the test build compiles and links
+//! the shared code once (`memory.rs` keeps a binary of its own: it reads
+//! its process's resident memory). `cargo nextest` runs each test in a
+//! process of its own all the same.
+#![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
+
+mod advisories;
+mod api;
+mod cli;
+mod cluster;
+mod common;
+mod config;
+mod fuzz_api;
+mod kv;
+mod kv_nats;
+mod layout;
+mod lifecycle;
+mod metrics;
+mod oci;
+mod openapi;
+mod outbound;
+mod p3;
+mod policy;
+mod reuse;
+mod status;
+mod status_page;
+mod tls;
+mod train;
+mod upload_fuzz;
