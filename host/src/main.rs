@@ -214,6 +214,10 @@ struct KvArgs {
     /// Copies NATS keeps of each store (3 survives the loss of one server).
     #[arg(long, default_value_t = 3)]
     kv_nats_replicas: usize,
+    /// How long one JetStream request may take before the key-value
+    /// operation fails (the guest gets the interface's error).
+    #[arg(long, default_value = "5s", value_parser = duration)]
+    kv_nats_timeout: std::time::Duration,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -238,6 +242,7 @@ impl KvArgs {
                 Ok(KvConfig::Nats {
                     urls: self.kv_nats_urls,
                     replicas: self.kv_nats_replicas,
+                    timeout: self.kv_nats_timeout,
                 })
             }
         }

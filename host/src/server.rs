@@ -130,8 +130,13 @@ pub enum KvConfig {
     /// redb in the data directory: this host's own data.
     #[default]
     Local,
-    /// NATS JetStream: shared by every host on the same NATS cluster.
-    Nats { urls: Vec<String>, replicas: usize },
+    /// NATS JetStream: shared by every host on the same NATS cluster;
+    /// `timeout` bounds each JetStream request.
+    Nats {
+        urls: Vec<String>,
+        replicas: usize,
+        timeout: Duration,
+    },
 }
 
 impl ServeConfig {
@@ -204,8 +209,12 @@ impl Server {
                 LocalBackend::open(store.open_database(KV_FILE)?)
                     .with_context(|| format!("opening the key-value store {KV_FILE}"))?,
             ),
-            KvConfig::Nats { urls, replicas } => Kv::Nats(Box::new(
-                NatsBackend::connect(urls, *replicas)
+            KvConfig::Nats {
+                urls,
+                replicas,
+                timeout,
+            } => Kv::Nats(Box::new(
+                NatsBackend::connect(urls, *replicas, *timeout)
                     .await
                     .context("setting up the NATS key-value backend")?,
             )),

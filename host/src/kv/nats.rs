@@ -134,8 +134,13 @@ enum Change<T> {
 
 impl NatsBackend {
     /// Connects to `urls` (one NATS cluster); the host starts even if none
-    /// answers yet, and the client keeps reconnecting.
-    pub async fn connect(urls: &[String], replicas: usize) -> anyhow::Result<Self> {
+    /// answers yet, and the client keeps reconnecting. `timeout` bounds
+    /// each JetStream request.
+    pub async fn connect(
+        urls: &[String],
+        replicas: usize,
+        timeout: Duration,
+    ) -> anyhow::Result<Self> {
         let options = async_nats::ConnectOptions::new()
             .name("lichen")
             .retry_on_initial_connect()
@@ -158,7 +163,7 @@ impl NatsBackend {
             .map_err(|e| anyhow::anyhow!("--kv-nats-url: {e}"))?;
         let client = options.connect(addrs).await?;
         let mut js = jetstream::new(client.clone());
-        js.set_timeout(Duration::from_secs(5));
+        js.set_timeout(timeout);
         Ok(NatsBackend {
             client,
             js,

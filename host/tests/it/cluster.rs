@@ -208,6 +208,9 @@ async fn three_on_nats(root: &Path) -> (common::NatsServer, Node, Node, Node) {
         &nats.url,
         "--kv-nats-replicas",
         "1",
+        // A loaded machine slows NATS down; a late answer is an answer.
+        "--kv-nats-timeout",
+        "60s",
     ];
     let (a, b, c) = three_with(root, &flags).await;
     (nats, a, b, c)

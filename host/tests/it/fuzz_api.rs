@@ -122,11 +122,12 @@ async fn the_live_host_holds_to_its_openapi_document() {
     let host = host_with(dir.path(), EXAMPLES).await;
     let token = format!("Authorization: Bearer {}", host.token);
 
-    // About two minutes in all: most time where the token opens every route.
-    fuzz(&host.url, "admin token", "60", &["-H", &token]).await;
-    fuzz(&host.url, "no token", "25", &[]).await;
+    // A minute and a half in all (the test command runs the others beside
+    // it): most time where the token opens every route.
+    fuzz(&host.url, "admin token", "50", &["-H", &token]).await;
+    fuzz(&host.url, "no token", "20", &[]).await;
     let wrong = ["-H", "Authorization: Bearer not-the-token"];
-    fuzz(&host.url, "wrong token", "25", &wrong).await;
+    fuzz(&host.url, "wrong token", "20", &wrong).await;
 
     // Still up, still serving, and every example still deployed.
     let hello = host.get("/fn/hello").await;

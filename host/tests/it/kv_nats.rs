@@ -19,7 +19,7 @@ async fn nats_passes_the_conformance_suite() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(dir.path());
     let backend = Arc::new(
-        NatsBackend::connect(std::slice::from_ref(&nats.url), 1)
+        NatsBackend::connect(std::slice::from_ref(&nats.url), 1, PATIENCE)
             .await
             .unwrap(),
     );
@@ -42,6 +42,9 @@ async fn a_site_shares_its_stores_and_survives_losing_a_nats_server() {
         config.kv = KvConfig::Nats {
             urls: urls.clone(),
             replicas: 3,
+            // A loaded machine slows the cluster down; an answer that
+            // comes late is still an answer.
+            timeout: PATIENCE,
         };
         config
     };
@@ -152,6 +155,8 @@ async fn an_unreachable_nats_is_an_error_for_the_guest_and_not_ready() {
     config.kv = KvConfig::Nats {
         urls: vec![nats.url.clone()],
         replicas: 1,
+        // Requests wait this long for NATS to come back before failing.
+        timeout: Duration::from_secs(10),
     };
     let host = TestHost::start(config).await;
     let reply = host.deploy("kv", common::component("kv-draft")).await;
