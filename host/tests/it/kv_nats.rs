@@ -150,7 +150,13 @@ async fn an_unreachable_nats_is_an_error_for_the_guest_and_not_ready() {
     let dir = tempfile::tempdir().unwrap();
     let mut nats = NatsServer::start(&dir.path().join("nats"));
     let data = dir.path().join("host");
-    write_policy(&data, "kv", "[keyvalue]\nstores = [\"default\"]\n");
+    // The guest's deadline is far past the backend's request timeout, so
+    // what it meets is the backend's error, however slow the machine.
+    write_policy(
+        &data,
+        "kv",
+        "[keyvalue]\nstores = [\"default\"]\n[limits]\ntimeout = \"2m\"\n",
+    );
     let mut config = test_config(&data);
     config.kv = KvConfig::Nats {
         urls: vec![nats.url.clone()],
