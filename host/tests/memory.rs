@@ -1,6 +1,7 @@
 //! The memory limit, measured from outside: a guest that allocates without
-//! bound fails at its limit, and the host's resident memory comes back. Alone in its
-//! own test binary so no other test's allocations blur the measurement.
+//! bound fails at its limit, and the host's resident memory comes back.
+//! Alone in its own test binary so no other test's allocations blur the
+//! measurement.
 #![allow(clippy::unwrap_used)] // tests unwrap: a panic is the failure report
 
 #[path = "it/common/mod.rs"]

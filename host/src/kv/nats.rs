@@ -234,6 +234,9 @@ impl NatsBackend {
         // one, operations on it fail ("stream not found") or wait out the
         // request timeout. That holds for a host that finds the stream
         // another host has just made as much as for the one that made it.
+        // (Known gap: two hosts opening a new store at the same moment on
+        // a loaded three-server cluster have been seen to get "stream not
+        // found" once after this wait; that call fails, the next succeeds.)
         let elected = tokio::time::Instant::now() + LEADER_ELECTION;
         loop {
             let info = stream.info().await.map_err(unavailable)?;

@@ -80,6 +80,13 @@ async fn a_site_shares_its_stores_and_survives_losing_a_nats_server() {
         assert_eq!(reply.status, StatusCode::OK, "k{n}: {}", reply.text());
         assert_eq!(reply.json()["n"], n);
     }
+    // The counter's store exists and each host has opened it (the first
+    // use of a new replicated store by two hosts at once can still fail
+    // one call while the servers agree on it; see the note in kv/nats.rs).
+    for h in [&a, &b] {
+        let reply = h.get("/fn/counter/shared").await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
     // 24 increments of one counter at once, through both hosts: exact.
     let increments: Vec<_> = (0..24)
         .map(|i| {
@@ -94,7 +101,7 @@ async fn a_site_shares_its_stores_and_survives_losing_a_nats_server() {
         let reply = increment.await.unwrap();
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     }
-    assert_eq!(b.get("/fn/counter/shared").await.json()["visits"], 25);
+    assert_eq!(b.get("/fn/counter/shared").await.json()["visits"], 27);
 
     // One NATS server dies: writes and reads go on, nothing is lost.
     nats[0].kill();
