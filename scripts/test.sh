@@ -75,7 +75,7 @@ phase "apt installs" scripts/apt-install.sh "${packages[@]}"
 # scripts/tools-dir.sh) run at a lower priority, so they take the cores
 # only when the work in front leaves them idle.
 tools_log="$root/target/tools-install.log"
-mkdir -p "$root/target"
+scripts/tools-dir.sh >/dev/null
 install_tools() {
     local begun="$EPOCHREALTIME"
     # schemathesis fuzzes a live host against its OpenAPI document

@@ -15,10 +15,11 @@ cache="${LICHEN_TOOLS:-${XDG_CACHE_HOME:-$HOME/.cache}/lichen/tools}"
 link="$root/target/tools"
 mkdir -p "$cache" "$root/target"
 if [ -L "$link" ] && [ "$(readlink "$link")" != "$cache" ]; then
-    rm "$link"
+    rm -f "$link"
 fi
 if [ ! -e "$link" ] && [ ! -L "$link" ]; then
-    ln -s "$cache" "$link"
+    # Another install script may make the same link at the same moment.
+    ln -s "$cache" "$link" 2>/dev/null || [ -L "$link" ]
 fi
 # The physical path: virtualenvs record the path they are made at.
 cd -P "$link" && pwd
