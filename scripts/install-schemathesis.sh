@@ -8,7 +8,9 @@ root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 venv="$("$root/scripts/tools-dir.sh")/schemathesis"
 version="4.32.5"
 
-if [ -x "$venv/bin/st" ] && "$venv/bin/python" -c "import schemathesis, sys; sys.exit(schemathesis.__version__ != '$version')" 2>/dev/null; then
+# `st --version` runs the entry point itself: a virtualenv moved from where
+# it was made has scripts that no longer start.
+if "$venv/bin/st" --version >/dev/null 2>&1 && "$venv/bin/python" -c "import schemathesis, sys; sys.exit(schemathesis.__version__ != '$version')" 2>/dev/null; then
     exit 0
 fi
 echo "schemathesis: installing $version into $venv" >&2
