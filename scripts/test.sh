@@ -109,6 +109,9 @@ wait_for_tools() {
 
 phase "guest build" functions/build.sh
 phase "fmt" cargo fmt --all -- --check
+# The test runner: the machine's cargo-nextest, or one built once per machine.
+export PATH="$PATH:$root/target/tools/cargo-nextest/bin"
+phase "nextest install" scripts/install-cargo-nextest.sh
 
 # One build for clippy and the tests: clippy-driver compiles the
 # workspace's own crates (their tests, benches and binaries too, as `cargo
@@ -131,6 +134,7 @@ phase "tests" "${linted[@]}" cargo nextest run --workspace --all-targets --cargo
 phase "doc tests" "${linted[@]}" cargo test --workspace --doc --quiet
 # What ships the host: Dockerfile, Kubernetes manifests, systemd unit.
 phase "deploy checks" scripts/check-deploy.sh
-# Fuzzing of what strangers reach (lichen-core's parsers), each target for
-# the time its coverage takes to level off (scripts/fuzz.sh).
+# Fuzzing of what strangers reach (lichen-core's parsers), from what longer
+# runs found, each target for a budget read off its coverage curve
+# (scripts/fuzz.sh, fuzz/README.md).
 phase "fuzzing" scripts/fuzz.sh
