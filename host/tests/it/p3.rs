@@ -253,7 +253,7 @@ async fn a_stream_cancelled_from_the_wrong_end_fails_only_its_request() {
         let (tx, rx) = tokio::sync::mpsc::channel::<
             Result<http_body::Frame<Bytes>, std::convert::Infallible>,
         >(1);
-        let body = http_body_util::StreamBody::new(tokio_stream_of(rx));
+        let body = http_body_util::StreamBody::new(common::stream_of(rx));
         let request = http::Request::post(format!("{}/fn/cancel/wrong-end", host.url))
             .body(body)
             .unwrap();
@@ -273,10 +273,4 @@ async fn a_stream_cancelled_from_the_wrong_end_fails_only_its_request() {
     }
     assert_eq!(host.get("/healthz").await.status, StatusCode::OK);
     host.stop().await;
-}
-
-fn tokio_stream_of<T: Send + 'static>(
-    mut rx: tokio::sync::mpsc::Receiver<T>,
-) -> impl futures::Stream<Item = T> {
-    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
 }

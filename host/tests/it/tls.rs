@@ -124,12 +124,12 @@ async fn streamed_post(
     tokio::sync::mpsc::Sender<Bytes>,
     tokio::task::JoinHandle<(StatusCode, Bytes)>,
 ) {
+    use futures::StreamExt;
     use http_body_util::BodyExt;
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(4);
-    let body = http_body_util::StreamBody::new(futures::stream::poll_fn(move |cx| {
-        rx.poll_recv(cx)
-            .map(|chunk| chunk.map(|c| Ok::<_, std::convert::Infallible>(Frame::data(c))))
-    }));
+    let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(4);
+    let frames =
+        common::stream_of(rx).map(|chunk| Ok::<_, std::convert::Infallible>(Frame::data(chunk)));
+    let body = http_body_util::StreamBody::new(frames);
     let request = http::Request::post(format!("https://localhost{path}"))
         .header("host", "localhost")
         .body(body)

@@ -348,6 +348,14 @@ pub async fn until_in_flight(url: &str, function: &str, at_least: f64) {
     .await;
 }
 
+/// What arrives on `rx`, as a stream that ends when every sender is gone:
+/// a request body a test sends piece by piece, when it chooses.
+pub fn stream_of<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::Receiver<T>,
+) -> impl futures::Stream<Item = T> {
+    futures::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
 /// `component` with a custom section appended: other bytes and hash, same
 /// behaviour.
 pub fn distinct(component: &[u8], tag: &str) -> Vec<u8> {
