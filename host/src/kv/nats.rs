@@ -237,15 +237,16 @@ impl NatsBackend {
         // (Known gap: two hosts opening a new store at the same moment on
         // a loaded three-server cluster have been seen to get "stream not
         // found" once after this wait; that call fails, the next succeeds.)
+        // The info that came with the stream says so first; only a stream
+        // without a leader yet is asked again.
+        let led = |info: &jetstream::stream::Info| {
+            info.cluster.as_ref().is_none_or(|c| c.leader.is_some())
+        };
         let elected = tokio::time::Instant::now() + LEADER_ELECTION;
-        loop {
-            let info = stream.info().await.map_err(unavailable)?;
-            if info.cluster.as_ref().is_none_or(|c| c.leader.is_some())
-                || tokio::time::Instant::now() >= elected
-            {
-                break;
-            }
+        let mut has_leader = led(stream.cached_info());
+        while !has_leader && tokio::time::Instant::now() < elected {
             tokio::time::sleep(Duration::from_millis(100)).await;
+            has_leader = led(stream.info().await.map_err(unavailable)?);
         }
         let store = self.js.get_key_value(&name).await.map_err(unavailable)?;
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
