@@ -33,7 +33,6 @@ pub fn prepare(name: &str, component: &[u8]) -> Result<Prepared> {
         sha256: sha256_hex(component),
         size: component.len() as u64,
         created_unix: 0,
-        timestamp_ms: None,
         abi: Default::default(),
         oci: None,
     };

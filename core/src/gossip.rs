@@ -6,16 +6,30 @@
 //! (or anyone who can send UDP to the gossip port) publishes, reading it
 //! never fails loudly: a value that does not check out is `None`.
 
+use serde::{Deserialize, Serialize};
+
 use crate::registry::Entry;
 use crate::seal::Secret;
 
+/// A `fn:` value: what the host knows of a function, and which version it
+/// serves (`None`: none yet, or the function is deleted).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FunctionState {
+    pub entry: Entry,
+    #[serde(default)]
+    pub serving: Option<u64>,
+}
+
 /// The host's HTTP address for peers.
 pub const KEY_API: &str = "api";
-/// Free invocation slots and invocations in flight: `"<free> <load>"`.
+/// Free invocation slots, invocations in flight and the host's wall clock
+/// when it wrote them: `"<free> <load> <unix ms>"` (hosts before the clock
+/// was published wrote the first two only).
 pub const KEY_LOAD: &str = "load";
 /// Which key-value data the host sees (`local:<node>`, `nats:<cluster>`).
 pub const KEY_KV: &str = "kv";
-/// `fn:<name>`: the registry entry the host serves, as JSON.
+/// `fn:<name>`: the host's registry entry of the function and the version
+/// it serves, as JSON ([`FunctionState`]).
 pub const PREFIX_FN: &str = "fn:";
 /// `mod:<sha256>`: a module the host holds (the value is empty).
 pub const PREFIX_MOD: &str = "mod:";
@@ -71,10 +85,12 @@ pub enum Value<'a> {
     Load {
         free: u32,
         load: u32,
+        /// The peer's wall clock when it wrote the value (Unix ms).
+        clock_ms: Option<u64>,
     },
     Kv(&'a str),
-    /// The entry of the function the key names.
-    Function(Entry),
+    /// The state of the function the key names.
+    Function(FunctionState),
     /// The module the key names, by its hash.
     Module(&'a str),
 }
@@ -84,8 +100,8 @@ pub enum Value<'a> {
 pub fn read<'a>(secret: &Secret, node: &str, key: &'a str, sealed: &'a str) -> Option<Value<'a>> {
     let value = secret.open(node, key, sealed)?;
     if let Some(name) = key.strip_prefix(PREFIX_FN) {
-        let entry: Entry = serde_json::from_str(value).ok()?;
-        return (entry.name == name).then_some(Value::Function(entry));
+        let state: FunctionState = serde_json::from_str(value).ok()?;
+        return (state.entry.name == name).then_some(Value::Function(state));
     }
     if let Some(sha) = key.strip_prefix(PREFIX_MOD) {
         return Some(Value::Module(sha));
@@ -94,10 +110,20 @@ pub fn read<'a>(secret: &Secret, node: &str, key: &'a str, sealed: &'a str) -> O
         KEY_API => Some(Value::Api(value)),
         KEY_KV => Some(Value::Kv(value)),
         KEY_LOAD => {
-            let (free, load) = value.split_once(' ')?;
+            let mut fields = value.split(' ');
+            let free = fields.next()?.parse().ok()?;
+            let load = fields.next()?.parse().ok()?;
+            let clock_ms = match fields.next() {
+                Some(clock) => Some(clock.parse().ok()?),
+                None => None,
+            };
+            if fields.next().is_some() {
+                return None;
+            }
             Some(Value::Load {
-                free: free.parse().ok()?,
-                load: load.parse().ok()?,
+                free,
+                load,
+                clock_ms,
             })
         }
         _ => None,
@@ -125,23 +151,42 @@ mod tests {
         );
         assert_eq!(
             read(KEY_LOAD, "3 5"),
-            Some(Value::Load { free: 3, load: 5 })
+            Some(Value::Load {
+                free: 3,
+                load: 5,
+                clock_ms: None
+            })
+        );
+        assert_eq!(
+            read(KEY_LOAD, "3 5 1700000000000"),
+            Some(Value::Load {
+                free: 3,
+                load: 5,
+                clock_ms: Some(1_700_000_000_000)
+            })
         );
         assert_eq!(read(KEY_LOAD, "3"), None);
+        assert_eq!(read(KEY_LOAD, "3 5 6 7"), None);
+        assert_eq!(read(KEY_LOAD, "3 5 x"), None);
         assert_eq!(read(KEY_LOAD, "3 -1"), None);
         assert_eq!(read(KEY_KV, "local:n1"), Some(Value::Kv("local:n1")));
         assert_eq!(read("mod:ab12", ""), Some(Value::Module("ab12")));
         assert_eq!(read("other", "x"), None);
-        let entry = Entry {
-            name: "hello".into(),
-            sha256: Some("ab".into()),
-            version: 2,
-            policy: None,
-            timestamp_ms: 7,
+        let mut entry = Entry::new("hello");
+        entry.deploy(crate::registry::Version {
+            id: 2,
+            sha256: "ab".into(),
+            size: 1,
+            stamp: 7,
             origin: "n1".into(),
+            parent: None,
+        });
+        let state = FunctionState {
+            entry,
+            serving: Some(2),
         };
-        let json = serde_json::to_string(&entry).unwrap();
-        assert_eq!(read("fn:hello", &json), Some(Value::Function(entry)));
+        let json = serde_json::to_string(&state).unwrap();
+        assert_eq!(read("fn:hello", &json), Some(Value::Function(state)));
         // An entry under another function's key is not that function's.
         assert_eq!(read("fn:other", &json), None);
         assert_eq!(read("fn:hello", "{not json"), None);

@@ -9,6 +9,7 @@ use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
 use lichen_core::gossip::{self, PREFIX_FN, PREFIX_MOD, Value};
+use lichen_core::registry::{Entry, Version};
 use lichen_core::seal::Secret;
 
 static SECRET: LazyLock<Secret> =
@@ -32,8 +33,30 @@ fuzz_target!(|data: &[u8]| {
     }
     let sealed = SECRET.seal(node, key, value);
     match gossip::read(&SECRET, node, key, &sealed) {
-        Some(Value::Function(entry)) => {
+        Some(Value::Function(state)) => {
+            let entry = &state.entry;
             assert_eq!(key.strip_prefix(PREFIX_FN), Some(entry.name.as_str()));
+            // Merging is a join: idempotent, and commutative with an entry
+            // of the same function made here.
+            let mut twice = entry.clone();
+            twice.merge(entry);
+            assert!(!twice.merge(entry).changed);
+            let mut local = Entry::new(&entry.name);
+            local.deploy(Version {
+                id: 1,
+                sha256: "00".into(),
+                size: 1,
+                stamp: 1 << 40,
+                origin: "here".into(),
+                parent: None,
+            });
+            let (mut left, mut right) = (local.clone(), entry.clone());
+            left.merge(entry);
+            right.merge(&local);
+            let (mut left2, mut right2) = (left.clone(), right.clone());
+            left2.merge(&right);
+            right2.merge(&left);
+            assert_eq!(left2, right2);
         }
         Some(Value::Module(sha)) => assert_eq!(key.strip_prefix(PREFIX_MOD), Some(sha)),
         Some(Value::Api(v) | Value::Kv(v)) => assert_eq!(v, value),

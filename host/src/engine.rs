@@ -745,7 +745,6 @@ mod tests {
             sha256: String::new(),
             size: 0,
             created_unix: 0,
-            timestamp_ms: None,
             abi: Default::default(),
             oci: None,
         };

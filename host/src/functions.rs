@@ -10,18 +10,21 @@
 //!   recently called are unloaded; an invocation running keeps its own `Arc`
 //!   of the code, so unloading never disturbs it, and the next call loads it
 //!   again.
-//! - **One change at a time.** Deploys and deletes, whether they come from
-//!   the admin API or from the cluster's registry, change the store and the
-//!   table together under one admin lock; invocations never take it.
+//! - **One path for every change.** Deploys, rollbacks, deletes, policy
+//!   edits and entries merged from peers all change a function's record
+//!   (its registry entry, `lichen_core::registry`) under one admin lock,
+//!   stamped by the host's hybrid logical clock, and the record is on disk
+//!   before anyone is told: a change acknowledged is a change that survives
+//!   a crash. Invocations never take the lock.
 //!
 //! The table also holds what every function shares (the engine, the store,
 //! policies, the scheduler, metrics), so the API and the cluster's sync loop
 //! reach them through one value without depending on each other.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
-use std::time::Instant;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -35,7 +38,8 @@ use crate::outbound::Outbound;
 use crate::policy::PolicyTable;
 use crate::recent::Recent;
 use crate::scheduler::Scheduler;
-use crate::store::{FunctionRecord, ModuleStore, VersionInfo};
+use crate::store::{FunctionRecord, KEEP_VERSIONS, ModuleStore, VersionInfo};
+use lichen_core::registry::{Clock, Entry, Merged, Stamp, Version};
 
 /// The admin lock, held while a deploy or delete changes the store and the
 /// table together.
@@ -55,7 +59,14 @@ pub struct Functions {
     /// time keeps them in step. Invocations never take it.
     admin_lock: tokio::sync::Mutex<()>,
     /// Counts calls, to order functions by how recently they were called.
-    clock: AtomicU64,
+    calls: AtomicU64,
+    /// Every function's record, as on disk (tombstones included); changed
+    /// only under the admin lock, after the disk.
+    records: RwLock<BTreeMap<FunctionName, FunctionRecord>>,
+    /// The hybrid logical clock that stamps changes made here.
+    hlc: Mutex<Clock>,
+    /// This host's name in the registry (its node id in a cluster).
+    origin: String,
     /// The key-value backend of every function's stores.
     pub kv: Arc<Kv>,
     /// The backend with its metrics, as every invocation is handed it (one
@@ -93,7 +104,10 @@ impl Functions {
             table: RwLock::new(HashMap::new()),
             max_loaded,
             admin_lock: tokio::sync::Mutex::new(()),
-            clock: AtomicU64::new(1),
+            calls: AtomicU64::new(1),
+            records: RwLock::new(BTreeMap::new()),
+            hlc: Mutex::new(Clock::default()),
+            origin: "local".to_string(),
             kv_access: Arc::new(KvAccess {
                 backend: Arc::clone(&services.kv),
                 metrics: metrics_kv,
@@ -142,92 +156,332 @@ impl Functions {
 
     /// The text of the policy in force for `name`, if it has a file.
     pub fn policy_source(&self, name: &FunctionName) -> Option<String> {
-        self.policies.status(name).policy.map(|p| p.text.clone())
+        self.policies.file_text(name)
     }
 
-    /// The stored record of `name`, or an empty one for a new function.
-    pub fn record_or_new(&self, name: &FunctionName) -> Result<FunctionRecord, ApiError> {
-        Ok(self
-            .store
-            .read_record(name)?
-            .unwrap_or_else(|| FunctionRecord::new(name.clone())))
+    /// Names this host in the registry (its node id in a cluster; `local`
+    /// until then).
+    pub fn with_origin(mut self, origin: String) -> Self {
+        self.origin = origin;
+        self
     }
 
-    /// Makes `version` the active version of the function of `record` (as
-    /// read under the admin lock, which callers hold): compiles it (or loads
-    /// its cached code), stores the module if `bytes` are given, records it,
-    /// and swaps it in. Returns the version as recorded (with its ABI, which
-    /// only compiling the component tells).
-    pub async fn activate(
+    /// This host's name in the registry.
+    pub fn origin(&self) -> &str {
+        &self.origin
+    }
+
+    /// The record of `name` (a tombstone, or an entry not applied here yet,
+    /// included).
+    pub fn record(&self, name: &FunctionName) -> Option<FunctionRecord> {
+        let records = self.records.read().unwrap_or_else(|e| e.into_inner());
+        records.get(name).cloned()
+    }
+
+    /// Every record, by name.
+    pub fn records(&self) -> Vec<FunctionRecord> {
+        let records = self.records.read().unwrap_or_else(|e| e.into_inner());
+        records.values().cloned().collect()
+    }
+
+    /// A stamp for a change made here now.
+    fn tick(&self) -> Stamp {
+        let now_ms = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        self.hlc
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .tick(now_ms)
+    }
+
+    /// Notes a stamp seen at a peer: changes made here later are after it.
+    pub fn observe(&self, stamp: Stamp) {
+        self.hlc
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .observe(stamp);
+    }
+
+    /// Writes `record` to disk, then to the table of records. Callers hold
+    /// the admin lock.
+    fn commit(&self, record: FunctionRecord) -> Result<(), ApiError> {
+        self.store.write_record(&record)?;
+        self.records
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(record.name.clone(), record);
+        Ok(())
+    }
+
+    /// Deploys `bytes` as a new version of `name` made here, active at
+    /// once. `None`: those bytes are the active version already (nothing
+    /// changes).
+    pub async fn deploy(
         self: &Arc<Self>,
         _admin: &AdminGuard<'_>,
-        record: FunctionRecord,
-        version: VersionInfo,
-        bytes: Option<Bytes>,
-    ) -> Result<VersionInfo, ApiError> {
-        let name = &record.name;
-        // Compiling takes milliseconds to seconds of CPU: off the async workers.
-        let deployed = {
-            let functions = Arc::clone(self);
-            let name = name.clone();
-            tokio::task::spawn_blocking(move || -> Result<Deployed, ApiError> {
-                let sha256 = version.sha256.clone();
-                let deployed = functions.load_version(&name, version, bytes.as_deref())?;
-                if let Some(bytes) = bytes {
-                    functions.store.write_module(&sha256, &bytes)?;
-                }
-                Ok(deployed)
-            })
-            .await
-            .map_err(|e| ApiError::internal(anyhow::anyhow!("compile task failed: {e}")))??
-        };
-        // The version as prepared: it knows the component's ABI now.
-        let mut next = record.clone();
-        let installed = deployed.version.clone();
-        next.install(installed.clone());
-        self.store.write_record(&next)?;
-        self.insert(deployed);
-        if !record.versions.is_empty() && next.versions.len() <= record.versions.len() {
-            // A version was forgotten or replaced: its module may be unused.
-            if let Err(error) = self.store.collect_garbage() {
-                tracing::warn!(error = format!("{error:#}"), "collecting unused modules");
-            }
+        name: &FunctionName,
+        bytes: Bytes,
+        oci: Option<crate::oci::OciSource>,
+    ) -> Result<Option<VersionInfo>, ApiError> {
+        let sha256 = crate::store::sha256_hex(&bytes);
+        let mut record = self
+            .record(name)
+            .unwrap_or_else(|| FunctionRecord::new(name.clone()));
+        let active = record.entry.active().map(|v| (v.id, v.sha256.clone()));
+        if let (Some((id, sha)), Some(serving)) = (&active, &record.serving)
+            && *sha == sha256
+            && serving.version == *id
+        {
+            return Ok(None);
         }
+        let mut random = [0u8; 8];
+        getrandom::fill(&mut random)
+            .map_err(|e| ApiError::internal(anyhow::anyhow!("no randomness: {e}")))?;
+        let version = Version {
+            id: record.entry.fresh_id(u64::from_le_bytes(random)),
+            sha256,
+            size: bytes.len() as u64,
+            stamp: self.tick(),
+            origin: self.origin.clone(),
+            parent: active.map(|(id, _)| id),
+        };
+        if let Some(oci) = oci {
+            record.oci.insert(version.id, oci);
+        }
+        let info = record.info(&version);
+        let deployed = self.prepare(name, info, Some(bytes)).await?;
+        record.entry.deploy(version);
+        record.serving = Some(deployed.version.clone());
+        let installed = deployed.version.clone();
+        self.install(record, deployed)?;
+        Ok(Some(installed))
+    }
+
+    /// Makes a kept version active again, as a change made here: `wanted`,
+    /// or the version deployed before the active one.
+    pub async fn rollback(
+        self: &Arc<Self>,
+        _admin: &AdminGuard<'_>,
+        name: &FunctionName,
+        wanted: Option<u64>,
+    ) -> Result<VersionInfo, ApiError> {
+        let mut record = self
+            .record(name)
+            .filter(|r| r.entry.active().is_some())
+            .ok_or_else(|| ApiError::not_found(format!("no function named {name}")))?;
+        let entry = &record.entry;
+        let remembered: Vec<u64> = entry.versions.iter().map(|v| v.id).collect();
+        let active = entry.active().map_or(0, |v| v.id);
+        let target = match wanted {
+            Some(id) => entry.version(id).cloned().ok_or_else(|| {
+                ApiError::new(
+                    http::StatusCode::NOT_FOUND,
+                    "no_such_version",
+                    format!(
+                        "{name} has no version {id} (the cluster keeps its last {KEEP_VERSIONS} versions and their modules); kept: {remembered:?}"
+                    ),
+                )
+            })?,
+            None => {
+                let at = entry.versions.iter().position(|v| v.id == active);
+                at.and_then(|at| at.checked_sub(1))
+                    .and_then(|before| entry.versions.get(before))
+                    .cloned()
+                    .ok_or_else(|| {
+                        ApiError::new(
+                            http::StatusCode::CONFLICT,
+                            "no_previous_version",
+                            format!(
+                                "{name} has no version before {active} to roll back to; kept: {remembered:?}"
+                            ),
+                        )
+                    })?
+            }
+        };
+        if target.id == active
+            && let Some(serving) = record.serving.clone().filter(|s| s.version == active)
+        {
+            return Ok(serving);
+        }
+        if !self.store.has_module(&target.sha256) {
+            return Err(ApiError::new(
+                http::StatusCode::CONFLICT,
+                "module_unavailable",
+                format!(
+                    "the module of version {} of {name} is not on this host yet (it is fetched from the peer that holds it); try again, or on a host that has it",
+                    target.id
+                ),
+            ));
+        }
+        let info = record.info(&target);
+        let deployed = self.prepare(name, info, None).await?;
+        let stamp = self.tick();
+        let origin = self.origin.clone();
+        record.entry.point_head(Some(target.id), stamp, &origin);
+        record.serving = Some(deployed.version.clone());
+        let installed = deployed.version.clone();
+        self.install(record, deployed)?;
         Ok(installed)
     }
 
-    /// Deletes `name` from this host; `false` if it was not here. Callers
-    /// hold the admin lock.
+    /// Deletes `name`, as a change made here; `false` if it was not
+    /// deployed. The tombstone is on disk before the function goes.
     pub fn delete(&self, _admin: &AdminGuard<'_>, name: &FunctionName) -> Result<bool, ApiError> {
-        if self.store.read_record(name)?.is_none() {
+        let Some(mut record) = self.record(name).filter(|r| r.entry.active().is_some()) else {
             return Ok(false);
+        };
+        let stamp = self.tick();
+        record.entry.point_head(None, stamp, &self.origin);
+        self.stop_serving(record)?;
+        Ok(true)
+    }
+
+    /// Records a policy text for `name` as a change made here (the file is
+    /// the caller's). `false` if the registry has no entry of `name`.
+    pub fn set_policy(
+        &self,
+        _admin: &AdminGuard<'_>,
+        name: &FunctionName,
+        text: String,
+    ) -> Result<bool, ApiError> {
+        let Some(mut record) = self.record(name) else {
+            return Ok(false);
+        };
+        if record.entry.policy.as_ref().is_some_and(|p| p.text == text) {
+            return Ok(true);
         }
-        self.store.remove_record(name)?;
+        let stamp = self.tick();
+        record.entry.set_policy(text, stamp, &self.origin);
+        self.commit(record)?;
+        Ok(true)
+    }
+
+    /// Joins an entry a peer publishes into this host's record of the
+    /// function (creating it). What this host serves does not change here:
+    /// see [`Functions::serve_active`].
+    pub fn merge(
+        &self,
+        _admin: &AdminGuard<'_>,
+        name: &FunctionName,
+        entry: &Entry,
+    ) -> Result<Merged, ApiError> {
+        self.observe(entry.max_stamp());
+        let mut record = self
+            .record(name)
+            .unwrap_or_else(|| FunctionRecord::new(name.clone()));
+        let merged = record.entry.merge(entry);
+        if merged.changed {
+            let kept: Vec<u64> = record.entry.versions.iter().map(|v| v.id).collect();
+            record.oci.retain(|id, _| kept.contains(id));
+            self.commit(record)?;
+            self.collect_garbage();
+        }
+        Ok(merged)
+    }
+
+    /// Makes what this host serves of `name` the registry's active version
+    /// (compiling it: its module must be on disk, or given as `bytes`), or
+    /// removes the function if the registry says it is deleted.
+    pub async fn serve_active(
+        self: &Arc<Self>,
+        _admin: &AdminGuard<'_>,
+        name: &FunctionName,
+        bytes: Option<Bytes>,
+    ) -> Result<(), ApiError> {
+        let Some(mut record) = self.record(name) else {
+            return Ok(());
+        };
+        let Some(active) = record.entry.active().cloned() else {
+            if record.entry.is_deleted() && record.serving.is_some() {
+                self.stop_serving(record)?;
+            }
+            return Ok(());
+        };
+        if record
+            .serving
+            .as_ref()
+            .is_some_and(|s| s.version == active.id)
+        {
+            return Ok(());
+        }
+        let info = record.info(&active);
+        let deployed = self.prepare(name, info, bytes).await?;
+        record.serving = Some(deployed.version.clone());
+        self.install(record, deployed)
+    }
+
+    /// Records that `record` is what this host serves now and swaps its
+    /// code in.
+    fn install(&self, record: FunctionRecord, deployed: Deployed) -> Result<(), ApiError> {
+        self.commit(record)?;
+        self.insert(deployed);
+        self.collect_garbage();
+        Ok(())
+    }
+
+    /// Records that this host serves nothing of `record`'s function and
+    /// takes it out of the table.
+    fn stop_serving(&self, mut record: FunctionRecord) -> Result<(), ApiError> {
+        let name = record.name.clone();
+        record.serving = None;
+        record.oci.clear();
+        self.commit(record)?;
         self.table
             .write()
             .unwrap_or_else(|e| e.into_inner())
-            .remove(name);
+            .remove(&name);
         self.scheduler.remove(name.as_str());
         self.metrics.forget_function(name.as_str());
         self.outbound.forget_function(name.as_str());
         self.recent.forget(name.as_str());
+        self.collect_garbage();
+        Ok(())
+    }
+
+    fn collect_garbage(&self) {
         if let Err(error) = self.store.collect_garbage() {
             tracing::warn!(error = format!("{error:#}"), "collecting unused modules");
         }
-        Ok(true)
     }
 
-    /// Puts every stored function's active version in the table, unloaded.
-    /// A record without an active version is left out; it stays on disk, so
-    /// a later deploy can bring the function back.
+    /// Compiles `version` (or loads its cached code) and stores its module
+    /// if `bytes` are given: a function ready to swap in, with its ABI.
+    async fn prepare(
+        self: &Arc<Self>,
+        name: &FunctionName,
+        version: VersionInfo,
+        bytes: Option<Bytes>,
+    ) -> Result<Deployed, ApiError> {
+        // Compiling takes milliseconds to seconds of CPU: off the async workers.
+        let functions = Arc::clone(self);
+        let name = name.clone();
+        tokio::task::spawn_blocking(move || -> Result<Deployed, ApiError> {
+            let sha256 = version.sha256.clone();
+            let deployed = functions.load_version(&name, version, bytes.as_deref())?;
+            if let Some(bytes) = bytes {
+                functions.store.write_module(&sha256, &bytes)?;
+            }
+            Ok(deployed)
+        })
+        .await
+        .map_err(|e| ApiError::internal(anyhow::anyhow!("compile task failed: {e}")))?
+    }
+
+    /// Reads every record, and puts every served version in the table,
+    /// unloaded. Returns how many functions are served.
     pub fn load_stored(&self) -> anyhow::Result<usize> {
         let records = self.store.load_records()?;
+        let mut hlc = self.hlc.lock().unwrap_or_else(|e| e.into_inner());
         let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
+        let mut all = self.records.write().unwrap_or_else(|e| e.into_inner());
         for record in records {
-            if let Some(version) = record.active_version().cloned() {
+            hlc.observe(record.entry.max_stamp());
+            if let Some(version) = record.serving.clone() {
                 let slot = Slot::new(record.name.clone(), version, None);
-                table.insert(record.name, Arc::new(slot));
+                table.insert(record.name.clone(), Arc::new(slot));
             }
+            all.insert(record.name.clone(), record);
         }
         Ok(table.len())
     }
@@ -236,7 +490,7 @@ impl Functions {
     /// cache, or compiling if the cache cannot be used). Loading one more
     /// function than `max_loaded` unloads the one called least recently.
     pub async fn load(self: &Arc<Self>, slot: &Arc<Slot>) -> Result<Arc<Deployed>, ApiError> {
-        slot.touch(&self.clock);
+        slot.touch(&self.calls);
         if let Some(deployed) = slot.get() {
             return Ok(deployed);
         }
@@ -332,7 +586,7 @@ impl Functions {
             deployed.version.clone(),
             Some(Arc::new(deployed)),
         );
-        slot.touch(&self.clock);
+        slot.touch(&self.calls);
         {
             let mut table = self.table.write().unwrap_or_else(|e| e.into_inner());
             table.insert(slot.name.clone(), Arc::new(slot));

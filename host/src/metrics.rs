@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use anyhow::Result;
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
     IntGaugeVec, Opts, Registry, TextEncoder,
 };
 
@@ -84,6 +84,12 @@ pub struct Metrics {
     pub forward_failures: IntCounter,
     /// Modules fetched from peers, by outcome.
     pub module_fetches: IntCounterVec,
+    /// Changes to one function made on two hosts without seeing each other.
+    pub registry_conflicts: IntCounter,
+    /// Registry entries that failed to apply here, by function.
+    pub registry_apply_failures: IntCounterVec,
+    /// Each live peer's wall clock minus this host's, in seconds.
+    pub peer_clock_offset: GaugeVec,
 }
 
 impl Metrics {
@@ -216,6 +222,24 @@ impl Metrics {
             ),
             &["outcome"],
         )?;
+        let registry_conflicts = IntCounter::with_opts(Opts::new(
+            "lichen_registry_conflicts_total",
+            "Changes to one function made on two hosts without seeing each other (both versions are kept; one is active).",
+        ))?;
+        let registry_apply_failures = IntCounterVec::new(
+            Opts::new(
+                "lichen_registry_apply_failures_total",
+                "Registry entries that failed to apply on this host (module unavailable, compile error, disk full), by function.",
+            ),
+            &["function"],
+        )?;
+        let peer_clock_offset = GaugeVec::new(
+            Opts::new(
+                "lichen_peer_clock_offset_seconds",
+                "Each live peer's wall clock minus this host's, as gossip last measured it.",
+            ),
+            &["peer"],
+        )?;
 
         registry.register(Box::new(invocations.clone()))?;
         registry.register(Box::new(invocation_duration.clone()))?;
@@ -238,6 +262,9 @@ impl Metrics {
         registry.register(Box::new(forwarded.clone()))?;
         registry.register(Box::new(forward_failures.clone()))?;
         registry.register(Box::new(module_fetches.clone()))?;
+        registry.register(Box::new(registry_conflicts.clone()))?;
+        registry.register(Box::new(registry_apply_failures.clone()))?;
+        registry.register(Box::new(peer_clock_offset.clone()))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -267,6 +294,9 @@ impl Metrics {
             forwarded,
             forward_failures,
             module_fetches,
+            registry_conflicts,
+            registry_apply_failures,
+            peer_clock_offset,
         })
     }
 
@@ -321,6 +351,9 @@ impl Metrics {
         for event in INSTANCE_EVENTS {
             let _ = self.instances.remove_label_values(&[function, event]);
         }
+        let _ = self
+            .registry_apply_failures
+            .remove_label_values(&[function]);
         self.kv.forget_function(function);
     }
 

@@ -234,15 +234,23 @@ impl Server {
             Box::new(move || reload_errors.inc()),
         )?);
         let policy_watcher = policies.watch()?;
-        let functions = Arc::new(Functions::new(
-            runtime,
-            store,
-            metrics,
-            policies,
-            Scheduler::new(config.max_in_flight),
-            config.max_loaded_functions,
-            Services { kv, outbound },
-        ));
+        let functions = Arc::new(
+            Functions::new(
+                runtime,
+                store,
+                metrics,
+                policies,
+                Scheduler::new(config.max_in_flight),
+                config.max_loaded_functions,
+                Services { kv, outbound },
+            )
+            .with_origin(
+                config
+                    .cluster
+                    .as_ref()
+                    .map_or_else(|| "local".to_string(), |c| c.node_id.clone()),
+            ),
+        );
         let loader = Arc::clone(&functions);
         let loaded = tokio::task::spawn_blocking(move || loader.load_stored())
             .await

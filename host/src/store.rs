@@ -25,10 +25,9 @@
 //! host writes this cache; compiled code from anywhere else is never loaded,
 //! since deserialising it amounts to running it.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use cap_std::ambient_authority;
@@ -37,18 +36,16 @@ use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::names::FunctionName;
+use lichen_core::registry::{Entry, Version, stamp_ms, stamp_of_ms};
 
 const MODULES: &str = "modules";
 const COMPILED: &str = "compiled";
 const FUNCTIONS: &str = "functions";
-/// Deletes this host took part in, as the cluster's registry entries
-/// (tombstones), so a restart of every host cannot bring a function back.
+/// Where hosts kept deletes before records kept them; read once to migrate.
 const DELETED: &str = "deleted";
 const TMP: &str = "tmp";
 
-/// How many versions of a function are remembered; older ones are forgotten
-/// and their modules collected when nothing else refers to them.
-pub const KEEP_VERSIONS: usize = 10;
+pub use lichen_core::registry::KEEP_VERSIONS;
 
 /// Which generation of `wasi:http` a component serves: detected by the
 /// engine when the version is deployed.
@@ -63,17 +60,15 @@ pub enum Abi {
     P3,
 }
 
-/// One uploaded version of a function.
+/// One version as this host serves it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VersionInfo {
+    /// The version's id in the registry (unique among the function's
+    /// versions, cluster-wide).
     pub version: u64,
     pub sha256: String,
     pub size: u64,
     pub created_unix: u64,
-    /// When the cluster registry entry of this version was written
-    /// (milliseconds since the epoch), if it came through one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub timestamp_ms: Option<u64>,
     #[serde(default)]
     pub abi: Abi,
     /// The registry reference it was pulled from, with the digests pulled.
@@ -81,64 +76,131 @@ pub struct VersionInfo {
     pub oci: Option<crate::oci::OciSource>,
 }
 
-/// Everything the store knows about one function.
+/// Everything this host keeps about one function name, in
+/// `functions/<name>.json`: the registry entry (its versions, which one is
+/// active or that it is deleted, its policy) and the version served here.
+/// A deleted function keeps its record (the tombstone), so no host can
+/// bring it back with an older copy, even after every host restarts.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FunctionRecord {
     pub name: FunctionName,
-    pub active: u64,
-    pub versions: Vec<VersionInfo>,
+    pub entry: Entry,
+    /// What this host serves: the registry's active version once applied
+    /// here; `None` while deleted or not yet applied.
+    #[serde(default)]
+    pub serving: Option<VersionInfo>,
+    /// Where versions pulled from an OCI registry on this host came from.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub oci: BTreeMap<u64, crate::oci::OciSource>,
 }
 
 impl FunctionRecord {
     /// The record of a function with no version yet.
     pub fn new(name: FunctionName) -> Self {
         FunctionRecord {
+            entry: Entry::new(name.as_str()),
             name,
-            active: 0,
-            versions: Vec::new(),
+            serving: None,
+            oci: BTreeMap::new(),
         }
     }
 
-    pub fn active_version(&self) -> Option<&VersionInfo> {
-        self.versions.iter().find(|v| v.version == self.active)
-    }
-
-    /// A new version for `sha256`, numbered after every version known.
-    pub fn next_version(&self, sha256: &str, size: u64) -> VersionInfo {
+    /// The version to serve for the registry's active version.
+    pub fn info(&self, version: &Version) -> VersionInfo {
         VersionInfo {
-            version: self.versions.iter().map(|v| v.version).max().unwrap_or(0) + 1,
-            sha256: sha256.to_string(),
-            size,
-            created_unix: SystemTime::now()
-                .duration_since(UNIX_EPOCH)
-                .map_or(0, |d| d.as_secs()),
-            timestamp_ms: None,
+            version: version.id,
+            sha256: version.sha256.clone(),
+            size: version.size,
+            created_unix: stamp_ms(version.stamp) / 1000,
             // Set from the component when it is prepared.
             abi: Abi::P2,
-            oci: None,
+            oci: self.oci.get(&version.id).cloned(),
         }
     }
 
-    /// Adds a version for `sha256` and makes it active. Returns it.
-    pub fn push_version(&mut self, sha256: &str, size: u64) -> VersionInfo {
-        let info = self.next_version(sha256, size);
-        self.install(info.clone());
-        info
+    /// Every module the record refers to.
+    fn modules(&self) -> impl Iterator<Item = &str> {
+        self.entry
+            .versions
+            .iter()
+            .map(|v| v.sha256.as_str())
+            .chain(self.serving.iter().map(|v| v.sha256.as_str()))
     }
+}
 
-    /// Makes `info` the active version, replacing a version of the same
-    /// number (a cluster's registry decides numbers across hosts), and
-    /// forgets the oldest beyond what is kept.
-    pub fn install(&mut self, info: VersionInfo) {
-        self.versions.retain(|v| v.version != info.version);
-        self.active = info.version;
-        self.versions.push(info);
-        self.versions.sort_by_key(|v| v.version);
-        if self.versions.len() > KEEP_VERSIONS {
-            let excess = self.versions.len() - KEEP_VERSIONS;
-            self.versions.drain(..excess);
+/// A record as hosts wrote it before the registry kept versions by id: the
+/// numbered versions, the active one. Read once and written in the new form.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LegacyRecord {
+    name: FunctionName,
+    active: u64,
+    versions: Vec<LegacyVersion>,
+}
+
+#[derive(Deserialize)]
+struct LegacyVersion {
+    version: u64,
+    sha256: String,
+    size: u64,
+    created_unix: u64,
+    #[serde(default)]
+    timestamp_ms: Option<u64>,
+    #[serde(default)]
+    abi: Abi,
+    #[serde(default)]
+    oci: Option<crate::oci::OciSource>,
+}
+
+/// A remembered delete as hosts wrote it under `deleted/`.
+#[derive(Deserialize)]
+struct LegacyDelete {
+    name: String,
+    timestamp_ms: u64,
+    origin: String,
+}
+
+impl LegacyRecord {
+    fn upgrade(self) -> FunctionRecord {
+        let mut record = FunctionRecord::new(self.name);
+        let mut parent = None;
+        for old in self.versions {
+            let ms = old
+                .timestamp_ms
+                .unwrap_or(old.created_unix.saturating_mul(1000));
+            let version = Version {
+                id: old.version,
+                sha256: old.sha256.clone(),
+                size: old.size,
+                stamp: stamp_of_ms(ms),
+                origin: String::new(),
+                parent,
+            };
+            parent = Some(old.version);
+            if old.version == self.active {
+                record.serving = Some(VersionInfo {
+                    version: old.version,
+                    sha256: old.sha256,
+                    size: old.size,
+                    created_unix: old.created_unix,
+                    abi: old.abi,
+                    oci: old.oci.clone(),
+                });
+            }
+            if let Some(oci) = old.oci {
+                record.oci.insert(old.version, oci);
+            }
+            record.entry.versions.push(version);
         }
+        let head = record
+            .entry
+            .version(self.active)
+            .map(|v| (v.stamp, v.origin.clone()));
+        if let Some((stamp, origin)) = head {
+            record.entry.point_head(Some(self.active), stamp, &origin);
+        }
+        record
     }
 }
 
@@ -160,7 +222,7 @@ impl ModuleStore {
             .with_context(|| format!("creating data directory {}", path.display()))?;
         let dir = Dir::open_ambient_dir(path, ambient_authority())
             .with_context(|| format!("opening data directory {}", path.display()))?;
-        for sub in [MODULES, COMPILED, FUNCTIONS, DELETED, TMP] {
+        for sub in [MODULES, COMPILED, FUNCTIONS, TMP] {
             dir.create_dir_all(sub)
                 .with_context(|| format!("creating {}/{sub}", path.display()))?;
         }
@@ -170,10 +232,47 @@ impl ModuleStore {
                 let _ = tmp.remove_file(entry.file_name());
             }
         }
-        Ok(ModuleStore {
+        let store = ModuleStore {
             dir,
             path: path.to_path_buf(),
-        })
+        };
+        store.migrate_deletes()?;
+        Ok(store)
+    }
+
+    /// Turns deletes remembered the old way (`deleted/<name>.json`) into
+    /// tombstone records, unless the name has a record already.
+    fn migrate_deletes(&self) -> Result<()> {
+        let Ok(entries) = self.dir.read_dir(DELETED) else {
+            return Ok(());
+        };
+        for entry in entries.flatten() {
+            let file = format!("{DELETED}/{}", entry.file_name().to_string_lossy());
+            let old: Option<LegacyDelete> = self
+                .dir
+                .read(&file)
+                .ok()
+                .and_then(|bytes| serde_json::from_slice(&bytes).ok());
+            if let Some(old) = old
+                && let Ok(name) = FunctionName::new(&old.name)
+            {
+                let mut record = self
+                    .read_record(&name)?
+                    .unwrap_or_else(|| FunctionRecord::new(name));
+                let mut tombstone = Entry::new(record.name.as_str());
+                tombstone.point_head(None, stamp_of_ms(old.timestamp_ms), &old.origin);
+                record.entry.merge(&tombstone);
+                if record.entry.is_deleted() {
+                    record.serving = None;
+                }
+                self.write_record(&record)?;
+            }
+            self.dir
+                .remove_file(&file)
+                .with_context(|| format!("removing {file} (migrated)"))?;
+        }
+        self.dir.remove_dir(DELETED).ok();
+        Ok(())
     }
 
     pub fn path(&self) -> &Path {
@@ -278,13 +377,26 @@ impl ModuleStore {
             .dir
             .read(&file)
             .with_context(|| format!("reading {file}"))?;
-        let record: FunctionRecord =
-            serde_json::from_slice(&bytes).with_context(|| format!("parsing {file}"))?;
+        let record = match serde_json::from_slice::<FunctionRecord>(&bytes) {
+            Ok(record) => record,
+            Err(error) => match serde_json::from_slice::<LegacyRecord>(&bytes) {
+                Ok(legacy) => {
+                    let record = legacy.upgrade();
+                    self.write_record(&record)?;
+                    tracing::info!(function = %record.name, "record migrated to the registry's form");
+                    record
+                }
+                Err(_) => return Err(error).with_context(|| format!("parsing {file}")),
+            },
+        };
         if record.name != name {
             bail!("{file} names another function, {}", record.name);
         }
-        if record.active_version().is_none() {
-            bail!("{file} has no version {}", record.active);
+        if record.entry.name != record.name.as_str() {
+            bail!(
+                "{file} holds the entry of another function, {}",
+                record.entry.name
+            );
         }
         Ok(Some(record))
     }
@@ -295,56 +407,12 @@ impl ModuleStore {
             .with_context(|| format!("writing the record of {}", record.name))
     }
 
-    pub fn remove_record(&self, name: &FunctionName) -> Result<()> {
-        self.dir
-            .remove_file(record_file(name))
-            .with_context(|| format!("removing the record of {name}"))?;
-        self.sync_dir(FUNCTIONS)
-    }
-
-    /// Remembers that `name` was deleted: `entry` is the cluster's tombstone,
-    /// opaque to the store.
-    pub fn write_deletion(&self, name: &FunctionName, entry: &[u8]) -> Result<()> {
-        self.write_atomic(&deletion_file(name), entry)
-            .with_context(|| format!("writing the deletion of {name}"))
-    }
-
-    /// Forgets the deletion of `name` (it was deployed again), if any.
-    pub fn remove_deletion(&self, name: &FunctionName) -> Result<()> {
-        let file = deletion_file(name);
-        if !self.dir.exists(&file) {
-            return Ok(());
-        }
-        self.dir
-            .remove_file(&file)
-            .with_context(|| format!("removing {file}"))?;
-        self.sync_dir(DELETED)
-    }
-
-    /// Every remembered deletion, as written. A file that cannot be read is
-    /// logged and skipped.
-    pub fn load_deletions(&self) -> Result<Vec<Vec<u8>>> {
-        let mut deletions = Vec::new();
-        for entry in self.dir.read_dir(DELETED)? {
-            let file_name = entry?.file_name().to_string_lossy().into_owned();
-            if !file_name.ends_with(".json") {
-                continue;
-            }
-            let file = format!("{DELETED}/{file_name}");
-            match self.dir.read(&file) {
-                Ok(bytes) => deletions.push(bytes),
-                Err(error) => tracing::error!(%file, %error, "skipping a remembered delete"),
-            }
-        }
-        Ok(deletions)
-    }
-
     /// Removes modules and compiled code that no record refers to any more.
     pub fn collect_garbage(&self) -> Result<()> {
         let referenced: HashSet<String> = self
             .load_records()?
-            .into_iter()
-            .flat_map(|r| r.versions.into_iter().map(|v| v.sha256))
+            .iter()
+            .flat_map(|r| r.modules().map(str::to_string).collect::<Vec<_>>())
             .collect();
         let unreferenced = |file_name: &str, suffix: &str| {
             file_name
@@ -432,10 +500,6 @@ fn record_file(name: &FunctionName) -> String {
     format!("{FUNCTIONS}/{name}.json")
 }
 
-fn deletion_file(name: &FunctionName) -> String {
-    format!("{DELETED}/{name}.json")
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -444,31 +508,81 @@ mod tests {
         FunctionName::new(s).unwrap()
     }
 
+    fn deploy(record: &mut FunctionRecord, store: &ModuleStore, i: u64) {
+        let sha = sha256_hex(&[i as u8]);
+        store.write_module(&sha, &[i as u8]).unwrap();
+        let version = Version {
+            id: i,
+            sha256: sha,
+            size: 1,
+            stamp: i,
+            origin: "a".into(),
+            parent: None,
+        };
+        record.serving = Some(record.info(&version));
+        record.entry.deploy(version);
+    }
+
     #[test]
     fn records_round_trip_and_keep_a_bounded_history() {
         let dir = tempfile::tempdir().unwrap();
         let store = ModuleStore::open(dir.path()).unwrap();
-        let mut record = FunctionRecord {
-            name: name("hello"),
-            active: 0,
-            versions: Vec::new(),
-        };
-        for i in 0..(KEEP_VERSIONS + 3) {
-            let sha = sha256_hex(&[i as u8]);
-            store.write_module(&sha, &[i as u8]).unwrap();
-            record.push_version(&sha, 1);
+        let mut record = FunctionRecord::new(name("hello"));
+        for i in 1..=(KEEP_VERSIONS as u64 + 3) {
+            deploy(&mut record, &store, i);
         }
         store.write_record(&record).unwrap();
-        assert_eq!(record.versions.len(), KEEP_VERSIONS);
-        assert_eq!(record.active, (KEEP_VERSIONS + 3) as u64);
+        assert_eq!(record.entry.versions.len(), KEEP_VERSIONS);
         let reopened = ModuleStore::open(dir.path()).unwrap();
         assert_eq!(reopened.load_records().unwrap(), vec![record.clone()]);
 
         // Modules of forgotten versions go; the ones still listed stay.
         reopened.collect_garbage().unwrap();
-        assert!(!reopened.has_module(&sha256_hex(&[0])));
-        let active = record.active_version().unwrap();
+        assert!(!reopened.has_module(&sha256_hex(&[1])));
+        let active = record.entry.active().unwrap();
         assert_eq!(reopened.read_module(&active.sha256).unwrap().len(), 1);
+    }
+
+    #[test]
+    fn records_and_deletes_of_earlier_hosts_are_migrated() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("functions")).unwrap();
+        std::fs::create_dir_all(dir.path().join("deleted")).unwrap();
+        let sha = |b: u8| sha256_hex(&[b]);
+        std::fs::write(
+            dir.path().join("functions/hello.json"),
+            serde_json::json!({
+                "name": "hello", "active": 2,
+                "versions": [
+                    {"version": 1, "sha256": sha(1), "size": 1, "created_unix": 10},
+                    {"version": 2, "sha256": sha(2), "size": 1, "created_unix": 20,
+                     "timestamp_ms": 20_500, "abi": "p3"},
+                ],
+            })
+            .to_string(),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.path().join("deleted/gone.json"),
+            r#"{"name":"gone","sha256":null,"version":3,"policy":null,"timestamp_ms":99,"origin":"b"}"#,
+        )
+        .unwrap();
+        let store = ModuleStore::open(dir.path()).unwrap();
+        let records = store.load_records().unwrap();
+        assert_eq!(records.len(), 2);
+        let gone = &records[0];
+        assert!(gone.entry.is_deleted() && gone.serving.is_none());
+        assert_eq!(stamp_ms(gone.entry.cleared), 99);
+        let hello = &records[1];
+        let serving = hello.serving.as_ref().unwrap();
+        assert_eq!((serving.version, serving.abi), (2, Abi::P3));
+        assert_eq!(hello.entry.active().map(|v| v.id), Some(2));
+        assert_eq!(stamp_ms(hello.entry.active().unwrap().stamp), 20_500);
+        assert_eq!(hello.entry.superseded_by(1), Some(2));
+        // Written back in the new form.
+        let text = std::fs::read_to_string(dir.path().join("functions/hello.json")).unwrap();
+        assert!(text.contains("\"entry\""), "{text}");
+        assert!(!dir.path().join("deleted").exists());
     }
 
     #[test]

@@ -24,7 +24,8 @@ use crate::kv::{Backend, KvError, Scope};
 use crate::names::FunctionName;
 use crate::oci::OciSource;
 use crate::policy::{StoreLabel, WriteError};
-use crate::store::{Abi, KEEP_VERSIONS, VersionInfo, sha256_hex};
+use crate::store::{Abi, VersionInfo};
+use lichen_core::registry::stamp_ms;
 
 /// Largest policy file accepted by `PUT /v1/functions/{name}/policy`.
 const MAX_POLICY_BYTES: u64 = 64 << 10;
@@ -70,33 +71,73 @@ pub fn list(state: &AppState) -> Result<Response<Body>, ApiError> {
     )
 }
 
-/// `GET /v1/functions/{name}`: the active version, the remembered ones,
-/// and the policy in force.
+/// `GET /v1/functions/{name}`: the version served here, the versions the
+/// registry keeps (each with what superseded it), and the policy in force.
 pub fn describe(state: &AppState, name: &FunctionName) -> Result<Response<Body>, ApiError> {
-    let record = state
-        .functions
-        .store
-        .read_record(name)?
+    let functions = &state.functions;
+    let record = functions
+        .record(name)
+        .filter(|r| r.serving.is_some() || r.entry.active().is_some())
         .ok_or_else(|| ApiError::not_found(format!("no function named {name}")))?;
-    let loaded = state.functions.lookup(name.as_str());
-    let active = record.active_version().ok_or_else(|| {
-        ApiError::internal(anyhow::anyhow!("record of {name} has no active version"))
-    })?;
+    let loaded = functions.lookup(name.as_str());
+    let entry = &record.entry;
+    let active = entry.active().map(|v| v.id);
+    let versions = versions_json(functions, &record);
+    let serving = record.serving.as_ref();
+    let head = entry.head.as_ref();
     json(
         StatusCode::OK,
         &serde_json::json!({
             "name": name,
-            "version": active.version,
-            "sha256": active.sha256,
-            "size": active.size,
-            "created_unix": active.created_unix,
-            "abi": active.abi,
-            "oci": active.oci,
+            "version": serving.map(|v| v.version),
+            "sha256": serving.map(|v| &v.sha256),
+            "size": serving.map(|v| v.size),
+            "created_unix": serving.map(|v| v.created_unix),
+            "abi": serving.map(|v| v.abi),
+            "oci": serving.and_then(|v| v.oci.as_ref()),
             "loaded": loaded.is_some_and(|slot| slot.get().is_some()),
-            "versions": record.versions,
+            "active": active,
+            "converged": serving.map(|v| v.version) == active,
+            "changed_by": head.map(|h| &h.origin),
+            "changed_ms": head.map(|h| stamp_ms(h.stamp)),
+            "versions": versions,
+            "apply_error": state.cluster().and_then(|c| c.apply_error(name.as_str())),
             "policy": policy_json(state, name),
         }),
     )
+}
+
+/// The versions the registry keeps of a function, oldest first, each with
+/// where and when it was deployed and what superseded it.
+pub(super) fn versions_json(
+    functions: &crate::functions::Functions,
+    record: &crate::store::FunctionRecord,
+) -> Vec<serde_json::Value> {
+    let entry = &record.entry;
+    let active = entry.active().map(|v| v.id);
+    let serving = record.serving.as_ref();
+    entry
+        .versions
+        .iter()
+        .map(|v| {
+            serde_json::json!({
+                "version": v.id,
+                "sha256": v.sha256,
+                "size": v.size,
+                "created_unix": stamp_ms(v.stamp) / 1000,
+                "deployed_ms": stamp_ms(v.stamp),
+                "stamp": v.stamp,
+                "origin": v.origin,
+                "parent": v.parent,
+                "active": Some(v.id) == active,
+                "superseded_by": entry.superseded_by(v.id),
+                "module_here": functions.store.has_module(&v.sha256),
+                "oci": record.oci.get(&v.id),
+                // Known once compiled here: for the version served.
+                "abi": serving.filter(|s| s.version == v.id).map(|s| s.abi),
+            })
+        })
+        .collect()
 }
 
 /// The policy in force (as written in its file) and the last load error.
@@ -136,19 +177,12 @@ pub async fn put_policy(
     match written {
         Ok(_) => {
             tracing::info!(function = %name, "policy written through the admin API");
-            if let Some(cluster) = state.cluster()
-                && let Some(slot) = state.functions.lookup(name.as_str())
-            {
-                cluster
-                    .publish_local(
-                        &state.functions.store,
-                        name.as_str(),
-                        Some(slot.version.sha256.clone()),
-                        slot.version.version,
-                        Some(text_for_cluster),
-                    )
-                    .await;
+            let functions = &state.functions;
+            let guard = functions.lock_admin().await;
+            if functions.set_policy(&guard, name, text_for_cluster)? {
+                publish(state, name).await;
             }
+            drop(guard);
             json(StatusCode::OK, &policy_json(state, name))
         }
         Err(WriteError::Invalid(error)) => {
@@ -218,48 +252,32 @@ async fn deploy_inner(
             body::read_capped(req, state.limits.max_upload, state.limits.body_idle_timeout).await?;
         (bytes, None)
     };
-    let sha256 = sha256_hex(&bytes);
     let size = bytes.len() as u64;
-
     let functions = &state.functions;
     let guard = functions.lock_admin().await;
-    let record = functions.record_or_new(&name)?;
-    if let Some(active) = record.active_version()
-        && active.sha256 == sha256
-        && functions.lookup(name.as_str()).is_some()
-    {
+    let Some(version) = functions.deploy(&guard, &name, bytes, oci).await? else {
         // The same bytes again: nothing changes, and the answer says so.
-        let body = FunctionSummary::new(&name, active);
-        return json(StatusCode::OK, &body);
-    }
-
-    let mut version = record.next_version(&sha256, size);
-    version.oci = oci;
-    let version = functions
-        .activate(&guard, record, version, Some(bytes))
-        .await?;
-    publish_active(state, &name, &version).await;
+        let active = functions.lookup(name.as_str()).ok_or_else(|| {
+            ApiError::internal(anyhow::anyhow!("{name} is active but not in the table"))
+        })?;
+        return json(
+            StatusCode::OK,
+            &FunctionSummary::new(&name, &active.version),
+        );
+    };
+    publish(state, &name).await;
     drop(guard);
     tracing::info!(function = %name, version = version.version, sha256 = %version.sha256, size, "deployed");
     let body = FunctionSummary::new(&name, &version);
     json(StatusCode::CREATED, &body)
 }
 
-/// Tells the cluster (if any) that `version` of `name` is active here.
-/// Callers hold the admin lock: published before it is let go, an older
-/// registry entry being applied meanwhile sees this one and stands down.
-async fn publish_active(state: &AppState, name: &FunctionName, version: &VersionInfo) {
+/// Gossips this host's record of `name` to the cluster, if any. Callers
+/// hold the admin lock: published before it is let go, so no entry being
+/// applied meanwhile is published after it.
+async fn publish(state: &AppState, name: &FunctionName) {
     if let Some(cluster) = state.cluster() {
-        let policy = state.functions.policy_source(name);
-        cluster
-            .publish_local(
-                &state.functions.store,
-                name.as_str(),
-                Some(version.sha256.clone()),
-                version.version,
-                policy,
-            )
-            .await;
+        cluster.publish(&state.functions, name).await;
     }
 }
 
@@ -293,58 +311,13 @@ pub async fn rollback(
     };
     let functions = &state.functions;
     let guard = functions.lock_admin().await;
-    let record = functions
-        .store
-        .read_record(name)?
-        .ok_or_else(|| ApiError::not_found(format!("no function named {name}")))?;
-    let remembered: Vec<u64> = record.versions.iter().map(|v| v.version).collect();
-    let gone = |n: u64| {
-        ApiError::new(
-            StatusCode::CONFLICT,
-            "version_collected",
-            format!(
-                "version {n} of {name} is no longer kept (a host keeps its last {KEEP_VERSIONS} versions and their modules); remembered: {remembered:?}"
-            ),
-        )
-    };
-    let target = match wanted {
-        Some(n) => match record.versions.iter().find(|v| v.version == n) {
-            Some(version) => version.clone(),
-            None if n >= 1 && remembered.iter().any(|&kept| kept > n) => return Err(gone(n)),
-            None => {
-                return Err(ApiError::not_found(format!(
-                    "{name} has no version {n}; remembered: {remembered:?}"
-                )));
-            }
-        },
-        None => record
-            .versions
-            .iter()
-            .filter(|v| v.version < record.active)
-            .max_by_key(|v| v.version)
-            .cloned()
-            .ok_or_else(|| {
-                ApiError::new(
-                    StatusCode::CONFLICT,
-                    "no_previous_version",
-                    format!(
-                        "{name} has no version before {} to roll back to; remembered: {remembered:?}",
-                        record.active
-                    ),
-                )
-            })?,
-    };
-    if target.version == record.active {
-        return json(StatusCode::OK, &FunctionSummary::new(name, &target));
+    let from = functions.lookup(name.as_str()).map(|f| f.version.version);
+    let version = functions.rollback(&guard, name, wanted).await?;
+    if from != Some(version.version) {
+        publish(state, name).await;
+        tracing::info!(function = %name, from, to = version.version, sha256 = %version.sha256, "rolled back");
     }
-    if !functions.store.has_module(&target.sha256) {
-        return Err(gone(target.version));
-    }
-    let from = record.active;
-    let version = functions.activate(&guard, record, target, None).await?;
-    publish_active(state, name, &version).await;
     drop(guard);
-    tracing::info!(function = %name, from, to = version.version, sha256 = %version.sha256, "rolled back");
     json(StatusCode::OK, &FunctionSummary::new(name, &version))
 }
 
@@ -380,11 +353,8 @@ pub async fn delete(
     }
     if let Some(cluster) = state.cluster() {
         cluster.forget_function(name.as_str());
-        let version = cluster.entry(name.as_str()).map_or(0, |e| e.version);
-        cluster
-            .publish_local(&functions.store, name.as_str(), None, version, None)
-            .await;
     }
+    publish(state, name).await;
     drop(guard);
     tracing::info!(function = %name, purge_kv, "deleted");
     json(
@@ -522,9 +492,11 @@ pub fn peers(state: &AppState) -> Result<Response<Body>, ApiError> {
         .map(|peer| {
             let mut functions: Vec<_> = peer
                 .functions
-                .values()
-                .filter(|e| !e.is_tombstone())
-                .map(|e| serde_json::json!({ "name": e.name, "version": e.version, "sha256": e.sha256 }))
+                .keys()
+                .filter_map(|name| {
+                    let (version, sha256) = peer.serving(name)?;
+                    Some(serde_json::json!({ "name": name, "version": version, "sha256": sha256 }))
+                })
                 .collect();
             functions.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
             serde_json::json!({
@@ -535,6 +507,7 @@ pub fn peers(state: &AppState) -> Result<Response<Body>, ApiError> {
                 "load": peer.load,
                 "kv": peer.kv,
                 "modules": peer.modules,
+                "clock_offset_ms": peer.clock_offset_ms,
                 "functions": functions,
             })
         })

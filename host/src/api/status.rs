@@ -82,8 +82,12 @@ pub async fn status(state: &AppState, query: Option<&str>) -> Result<Response<Bo
                     "alive": true,
                     "load": peer.load,
                     "free_slots": peer.free_slots,
-                    "functions": peer.functions.len(),
+                    "functions": peer.functions.keys().filter(|f| peer.serving(f).is_some()).count(),
                     "forwarded": forwarded.get(&peer.node_id).copied().unwrap_or(0),
+                    "clock_offset_ms": peer.clock_offset_ms,
+                    "clock_off": peer.clock_offset_ms.is_some_and(|o| {
+                        o.unsigned_abs() > crate::cluster::MAX_CLOCK_OFFSET.as_millis() as u64
+                    }),
                 })
             })
             .collect();
@@ -96,9 +100,16 @@ pub async fn status(state: &AppState, query: Option<&str>) -> Result<Response<Bo
                 "free_slots": null,
                 "functions": null,
                 "forwarded": forwarded.get(&peer.node_id).copied().unwrap_or(0),
+                "clock_offset_ms": null,
+                "clock_off": false,
             })
         }));
-        json!({ "node_id": cluster.node_id(), "peers": peers })
+        json!({
+            "node_id": cluster.node_id(),
+            "peers": peers,
+            "conflicts": cluster.conflicts(),
+            "apply_errors": cluster.apply_errors(),
+        })
     });
     let mut body = json!({
         "host": {
@@ -125,8 +136,8 @@ pub async fn status(state: &AppState, query: Option<&str>) -> Result<Response<Bo
 fn function_detail(state: &AppState, name: &FunctionName) -> Result<Value, ApiError> {
     let functions = &state.functions;
     let record = functions
-        .store
-        .read_record(name)?
+        .record(name)
+        .filter(|r| r.serving.is_some())
         .ok_or_else(|| ApiError::not_found(format!("no function named {name}")))?;
     let policy = functions.policies.status(name);
     // The policy as a person would write it, for the page.
@@ -138,8 +149,9 @@ fn function_detail(state: &AppState, name: &FunctionName) -> Result<Value, ApiEr
         .context("writing a policy as TOML")?;
     Ok(json!({
         "name": name,
-        "active": record.active,
-        "versions": record.versions,
+        "active": record.serving.as_ref().map(|s| s.version),
+        "versions": super::admin::versions_json(functions, &record),
+        "apply_error": state.cluster().and_then(|c| c.apply_error(name.as_str())),
         "policy": {
             "in_force": policy.policy.as_ref().map(|p| &p.source),
             "in_force_toml": in_force_toml,

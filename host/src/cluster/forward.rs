@@ -334,20 +334,26 @@ mod tests {
     use std::collections::{BTreeSet, HashMap};
 
     use super::*;
-    use crate::cluster::registry::Entry;
+    use crate::cluster::registry::{Entry, Version};
+    use lichen_core::gossip::FunctionState;
 
     fn peer(id: &str, free: u32, load: u32, sha: Option<&str>) -> Peer {
         let mut functions = HashMap::new();
         if let Some(sha) = sha {
+            let mut entry = Entry::new("f");
+            entry.deploy(Version {
+                id: 1,
+                sha256: sha.to_string(),
+                size: 1,
+                stamp: 1,
+                origin: "x".to_string(),
+                parent: None,
+            });
             functions.insert(
                 "f".to_string(),
-                Entry {
-                    name: "f".to_string(),
-                    sha256: Some(sha.to_string()),
-                    version: 1,
-                    policy: None,
-                    timestamp_ms: 1,
-                    origin: "x".to_string(),
+                FunctionState {
+                    entry,
+                    serving: Some(1),
                 },
             );
         }
@@ -360,6 +366,7 @@ mod tests {
             kv: String::new(),
             functions,
             modules: BTreeSet::new(),
+            clock_offset_ms: None,
         }
     }
 

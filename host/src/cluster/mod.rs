@@ -6,12 +6,12 @@
 //!   publishes, sealed with the cluster secret (`lichen_core::seal`): `api` (its HTTP
 //!   address), `load` (free invocation slots and invocations in flight),
 //!   `mod:<sha256>` per module it holds, and `fn:<name>` per function it
-//!   serves: the registry entry it has applied.
-//! - The registry (`lichen_core::registry`) merges last-writer-wins by (timestamp, node
-//!   id). A host applies a newer entry it sees at a peer (fetching the module
-//!   from a peer that holds it, checking its hash, compiling it itself), and
-//!   only then publishes it as its own: so every `fn:` key says "this host
-//!   serves that version", and an entry outlives the host that wrote it.
+//!   knows: its registry entry (`lichen_core::registry`) and the version it
+//!   serves.
+//! - A host joins every peer's entry into its own record ([`sync`]), so an
+//!   entry outlives the host that wrote it; then it fetches the modules of
+//!   the versions kept (from a peer that holds them, checking the hash) and
+//!   serves the active one, compiling it itself.
 //! - Forwarding ([`forward`]) sends an invocation this host has no room for
 //!   to the function's rendezvous owners with room ([`placement`]).
 
@@ -19,7 +19,7 @@ pub mod forward;
 pub mod placement;
 pub mod sync;
 
-use std::collections::{BTreeSet, HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
@@ -30,13 +30,12 @@ use chitchat::transport::UdpTransport;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
 use serde::Serialize;
 
+use crate::functions::Functions;
 use crate::kv::Kv;
 use crate::metrics::Metrics;
 use crate::names::FunctionName;
-use crate::store::ModuleStore;
-use lichen_core::gossip::{self, KEY_API, KEY_KV, KEY_LOAD, PREFIX_FN, PREFIX_MOD};
+use lichen_core::gossip::{self, FunctionState, KEY_API, KEY_KV, KEY_LOAD, PREFIX_FN, PREFIX_MOD};
 pub use lichen_core::registry;
-use lichen_core::registry::{Entry, Registry};
 pub use lichen_core::seal::Secret;
 
 /// Header of a forwarded request: the node that forwarded it. A request that
@@ -46,6 +45,9 @@ pub const HOP_HEADER: &str = "x-lichen-forwarded-by";
 pub const SERVED_BY_HEADER: &str = "x-lichen-served-by";
 /// Header of internal requests: the cluster token.
 pub const CLUSTER_AUTH_HEADER: &str = "x-lichen-cluster-token";
+
+/// A peer clock further off than this is reported (log, status page).
+pub const MAX_CLOCK_OFFSET: Duration = Duration::from_secs(10);
 
 /// Gossip rounds after which a host that has seen no peer serves anyway.
 const JOIN_ROUNDS: u64 = 5;
@@ -77,20 +79,41 @@ pub struct Peer {
     /// Which key-value data it sees: a function with stores is only sent
     /// to peers that see the same as this host.
     pub kv: String,
-    /// The registry entries it serves, by function name.
+    /// What it knows of each function and which version it serves.
     #[serde(skip)]
-    pub functions: HashMap<String, Entry>,
+    pub functions: HashMap<String, FunctionState>,
     pub modules: BTreeSet<String>,
+    /// Its wall clock minus this host's, as its latest load value read
+    /// (late by up to the gossip delay, so a little low).
+    pub clock_offset_ms: Option<i64>,
 }
 
 impl Peer {
     /// Whether it serves exactly this version of `function`.
     pub fn serves(&self, function: &str, sha256: &str) -> bool {
-        self.functions
-            .get(function)
-            .and_then(|e| e.sha256.as_deref())
-            .is_some_and(|sha| sha == sha256)
+        self.serving(function).is_some_and(|(_, sha)| sha == sha256)
     }
+
+    /// The version of `function` it serves: id and module.
+    pub fn serving(&self, function: &str) -> Option<(u64, &str)> {
+        let state = self.functions.get(function)?;
+        let id = state.serving?;
+        let version = state.entry.version(id)?;
+        Some((id, version.sha256.as_str()))
+    }
+}
+
+/// How many conflicts a host remembers for its status page.
+const CONFLICTS_KEPT: usize = 20;
+
+/// Two changes to one function made without seeing each other, as seen here.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConflictNote {
+    pub function: String,
+    /// When this host saw it (Unix ms).
+    pub seen_ms: u64,
+    pub winner: registry::Head,
+    pub loser: registry::Head,
 }
 
 /// A peer the failure detector holds dead.
@@ -118,11 +141,17 @@ pub struct Cluster {
     /// status page lists them. Entries of nodes neither live nor dead go.
     departed: RwLock<Arc<Vec<Departed>>>,
     last_api: Mutex<HashMap<String, String>>,
-    /// What this host serves: the entries it has applied and publishes.
-    registry: Mutex<Registry>,
     /// Parsed gossip values by (node, key): re-read only when their version
     /// changes, as a round sees every key of every peer.
-    parsed: Mutex<HashMap<GossipKey, (u64, Option<Entry>)>>,
+    parsed: Mutex<HashMap<GossipKey, (u64, Option<FunctionState>)>>,
+    /// Each peer incarnation's clock offset, with the version of the load
+    /// value it was measured from.
+    offsets: Mutex<HashMap<String, (u64, i64)>>,
+    /// The latest conflicts this host saw, newest last.
+    conflicts: Mutex<VecDeque<ConflictNote>>,
+    /// Why each function's registry entry does not apply here, while it
+    /// does not.
+    apply_errors: Mutex<HashMap<String, String>>,
     /// Peers this host has forwarded to, per function, to drop their series
     /// when the function is deleted.
     forwarded_to: Mutex<HashMap<String, HashSet<String>>>,
@@ -210,8 +239,10 @@ impl Cluster {
             peers: RwLock::new(Arc::new(Vec::new())),
             departed: RwLock::new(Arc::new(Vec::new())),
             last_api: Mutex::new(HashMap::new()),
-            registry: Mutex::new(Registry::default()),
             parsed: Mutex::new(HashMap::new()),
+            offsets: Mutex::new(HashMap::new()),
+            conflicts: Mutex::new(VecDeque::new()),
+            apply_errors: Mutex::new(HashMap::new()),
             forwarded_to: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
             metrics,
@@ -254,104 +285,127 @@ impl Cluster {
         Arc::clone(&self.departed.read().unwrap_or_else(|e| e.into_inner()))
     }
 
-    /// The entry this host serves for `name`, tombstones included.
-    pub fn entry(&self, name: &str) -> Option<Entry> {
-        let registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-        registry.get(name).cloned()
-    }
-
-    /// Records a change made on this host (deploy, delete, policy) and
-    /// publishes it. Its timestamp is later than any entry seen for the name,
-    /// so it wins over everything it was made on top of.
-    pub async fn publish_local(
-        &self,
-        store: &ModuleStore,
-        name: &str,
-        sha256: Option<String>,
-        version: u64,
-        policy: Option<String>,
-    ) {
-        let seen = self
-            .peers()
-            .iter()
-            .filter_map(|p| p.functions.get(name).map(|e| e.timestamp_ms))
-            .chain(self.entry(name).map(|e| e.timestamp_ms))
-            .max()
-            .unwrap_or(0);
-        let entry = Entry {
-            name: name.to_string(),
-            sha256,
-            version,
-            policy,
-            timestamp_ms: now_ms().max(seen + 1),
-            origin: self.node_id.clone(),
+    /// Gossips this host's record of `name`: its registry entry and the
+    /// version it serves, and the modules it holds. Callers hold the admin
+    /// lock, so records are published in the order they were written.
+    pub async fn publish(&self, functions: &Functions, name: &FunctionName) {
+        let Some(record) = functions.record(name) else {
+            return;
         };
-        self.publish(store, entry).await;
-    }
-
-    /// Makes `entry` this host's own and gossips it (with its module),
-    /// unless an entry as new is already this host's. A delete is kept on
-    /// disk (and forgotten when the function comes back), so hosts that all
-    /// restart still know it and one that missed it cannot revive the
-    /// function.
-    async fn publish(&self, store: &ModuleStore, entry: Entry) {
-        let key = format!("{PREFIX_FN}{}", entry.name);
-        let Ok(json) = serde_json::to_string(&entry) else {
+        let key = format!("{PREFIX_FN}{name}");
+        let state = FunctionState {
+            entry: record.entry,
+            serving: record.serving.map(|s| s.version),
+        };
+        let Ok(json) = serde_json::to_string(&state) else {
             return;
         };
         let sealed = self.secret.seal(&self.node_id, &key, &json);
-        let name = FunctionName::new(&entry.name);
-        let deleted = entry.is_tombstone();
-        let modules: BTreeSet<String> = {
-            let mut registry = self.registry.lock().unwrap_or_else(|e| e.into_inner());
-            if registry.merge(entry) == registry::Change::None {
-                return;
-            }
-            registry
-                .entries()
-                .filter_map(|e| e.sha256.clone())
-                .collect()
-        };
-        if let Ok(name) = name {
-            let kept = if deleted {
-                store.write_deletion(&name, json.as_bytes())
-            } else {
-                store.remove_deletion(&name)
-            };
-            if let Err(error) = kept {
-                tracing::warn!(function = %name, error = format!("{error:#}"), "cannot keep the function's delete on disk");
-            }
-        }
+        let modules = held_modules(functions);
         self.chitchat
             .with_chitchat(|chitchat| {
                 let state = chitchat.self_node_state();
                 state.set(key.as_str(), sealed.as_str());
-                let held: Vec<String> = state
-                    .key_values()
-                    .filter_map(|(k, _)| k.strip_prefix(PREFIX_MOD).map(str::to_string))
-                    .collect();
-                for sha in &held {
-                    if !modules.contains(sha) {
-                        state.delete(&format!("{PREFIX_MOD}{sha}"));
-                    }
-                }
-                for sha in &modules {
-                    let key = format!("{PREFIX_MOD}{sha}");
-                    if !state.contains_key(&key) {
-                        let sealed = self.secret.seal(&self.node_id, &key, "");
-                        state.set(key, sealed);
-                    }
-                }
+                self.set_modules(state, &modules);
             })
             .await;
     }
 
+    /// Gossips every record (at start: what this host stored before it
+    /// joined, stamps and origins as they were).
+    pub async fn publish_all(&self, functions: &Functions) {
+        for record in functions.records() {
+            self.publish(functions, &record.name).await;
+        }
+    }
+
+    /// Counts, logs and remembers a conflict.
+    pub fn note_conflict(&self, conflict: registry::Conflict) {
+        self.metrics.registry_conflicts.inc();
+        tracing::warn!(
+            function = %conflict.name,
+            winner = ?conflict.winner,
+            loser = ?conflict.loser,
+            "two changes made without seeing each other: the later stamp is in force, both versions are kept"
+        );
+        let mut conflicts = self.conflicts.lock().unwrap_or_else(|e| e.into_inner());
+        if conflicts.len() == CONFLICTS_KEPT {
+            conflicts.pop_front();
+        }
+        conflicts.push_back(ConflictNote {
+            function: conflict.name,
+            seen_ms: now_ms(),
+            winner: conflict.winner,
+            loser: conflict.loser,
+        });
+    }
+
+    /// The latest conflicts, oldest first.
+    pub fn conflicts(&self) -> Vec<ConflictNote> {
+        let conflicts = self.conflicts.lock().unwrap_or_else(|e| e.into_inner());
+        conflicts.iter().cloned().collect()
+    }
+
+    /// Why `function`'s registry entry does not apply here, if it does not.
+    pub fn apply_error(&self, function: &str) -> Option<String> {
+        let errors = self.apply_errors.lock().unwrap_or_else(|e| e.into_inner());
+        errors.get(function).cloned()
+    }
+
+    /// Every function whose registry entry does not apply here, and why.
+    pub fn apply_errors(&self) -> HashMap<String, String> {
+        self.apply_errors
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    fn set_apply_error(&self, function: &str, error: Option<String>) {
+        let mut errors = self.apply_errors.lock().unwrap_or_else(|e| e.into_inner());
+        match error {
+            Some(error) => errors.insert(function.to_string(), error),
+            None => errors.remove(function),
+        };
+    }
+
+    /// Forgets every parsed value, so the next round reads all of them as
+    /// new (after entries failed to merge).
+    fn reread(&self) {
+        self.parsed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
+    /// Makes the `mod:` keys say exactly which modules this host holds.
+    fn set_modules(&self, state: &mut chitchat::NodeState, modules: &BTreeSet<String>) {
+        let held: Vec<String> = state
+            .key_values()
+            .filter_map(|(k, _)| k.strip_prefix(PREFIX_MOD).map(str::to_string))
+            .collect();
+        for sha in &held {
+            if !modules.contains(sha) {
+                state.delete(&format!("{PREFIX_MOD}{sha}"));
+            }
+        }
+        for sha in modules {
+            let key = format!("{PREFIX_MOD}{sha}");
+            if !state.contains_key(&key) {
+                let sealed = self.secret.seal(&self.node_id, &key, "");
+                state.set(key, sealed);
+            }
+        }
+    }
+
     /// Publishes this host's free slots and load, and reads every live
-    /// peer's state into [`Cluster::peers`].
-    async fn gossip_round(&self, free_slots: u32, load: u32) {
-        let load_value = self
-            .secret
-            .seal(&self.node_id, KEY_LOAD, &format!("{free_slots} {load}"));
+    /// peer's state into [`Cluster::peers`]. Returns the function states
+    /// peers published since the last round.
+    async fn gossip_round(&self, free_slots: u32, load: u32) -> Vec<FunctionState> {
+        let load_value = self.secret.seal(
+            &self.node_id,
+            KEY_LOAD,
+            &format!("{free_slots} {load} {}", now_ms()),
+        );
         let kv_value = self.secret.seal(&self.node_id, KEY_KV, &self.kv_identity());
         let (snapshot, dead) = self
             .chitchat
@@ -390,17 +444,35 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(node, _), _| live.contains(node));
+        self.offsets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|node, _| live.contains(node));
+        let mut fresh = Vec::new();
         let peers: Vec<Peer> = snapshot
             .into_iter()
-            .filter_map(|(id, values)| self.read_peer(&id, values))
+            .filter_map(|(id, values)| self.read_peer(&id, values, &mut fresh))
             .collect();
         self.metrics.peers_alive.set(peers.len() as i64);
+        self.metrics.peer_clock_offset.reset();
+        for peer in &peers {
+            if let Some(offset) = peer.clock_offset_ms {
+                self.metrics
+                    .peer_clock_offset
+                    .with_label_values(&[peer.node_id.as_str()])
+                    .set(offset as f64 / 1000.0);
+                if offset.unsigned_abs() > MAX_CLOCK_OFFSET.as_millis() as u64 {
+                    tracing::warn!(peer = %peer.node_id, offset_ms = offset, "a peer's clock is off by more than {} s: changes made apart are ordered by the clocks", MAX_CLOCK_OFFSET.as_secs());
+                }
+            }
+        }
         self.note_departed(&peers, dead);
         let rounds = self.rounds.fetch_add(1, Ordering::Relaxed) + 1;
         if !peers.is_empty() || rounds >= JOIN_ROUNDS {
             self.joined.store(true, Ordering::Relaxed);
         }
         *self.peers.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(peers);
+        fresh
     }
 
     /// Remembers live peers' API addresses and lists the dead ones.
@@ -427,7 +499,12 @@ impl Cluster {
 
     /// A peer from its gossip values; `None` if it has not (validly)
     /// published an API address. Values with a wrong MAC are ignored.
-    fn read_peer(&self, id: &ChitchatId, values: Vec<(String, u64, String)>) -> Option<Peer> {
+    fn read_peer(
+        &self,
+        id: &ChitchatId,
+        values: Vec<(String, u64, String)>,
+        fresh: &mut Vec<FunctionState>,
+    ) -> Option<Peer> {
         let node = &*id.node_id;
         let mut peer = Peer {
             node_id: node.to_string(),
@@ -438,6 +515,7 @@ impl Cluster {
             kv: String::new(),
             functions: HashMap::new(),
             modules: BTreeSet::new(),
+            clock_offset_ms: None,
         };
         let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
         for (key, version, sealed) in values {
@@ -450,27 +528,43 @@ impl Cluster {
                             Some(gossip::Value::Function(entry)) => Some(entry),
                             _ => None,
                         };
-                        if entry.is_none() {
-                            tracing::warn!(
+                        match &entry {
+                            Some(state) => fresh.push(state.clone()),
+                            None => tracing::warn!(
                                 peer = node,
                                 key,
                                 "ignoring a gossip value with a bad seal or body"
-                            );
+                            ),
                         }
                         parsed.insert(cache_key, (version, entry.clone()));
                         entry
                     }
                 };
-                if let Some(entry) = entry {
-                    peer.functions.insert(entry.name.clone(), entry);
+                if let Some(state) = entry {
+                    peer.functions.insert(state.entry.name.clone(), state);
                 }
                 continue;
             }
             match gossip::read(&self.secret, node, &key, &sealed) {
                 Some(gossip::Value::Api(api)) => peer.api = api.to_string(),
-                Some(gossip::Value::Load { free, load }) => {
+                Some(gossip::Value::Load {
+                    free,
+                    load,
+                    clock_ms,
+                }) => {
                     peer.free_slots = free;
                     peer.load = load;
+                    peer.clock_offset_ms = clock_ms.map(|clock| {
+                        let mut offsets = self.offsets.lock().unwrap_or_else(|e| e.into_inner());
+                        match offsets.get(&incarnation(id)) {
+                            Some((seen, offset)) if *seen == version => *offset,
+                            _ => {
+                                let offset = clock as i64 - now_ms() as i64;
+                                offsets.insert(incarnation(id), (version, offset));
+                                offset
+                            }
+                        }
+                    });
                 }
                 Some(gossip::Value::Kv(kv)) => peer.kv = kv.to_string(),
                 Some(gossip::Value::Module(sha)) => {
@@ -523,6 +617,23 @@ impl Cluster {
     pub fn api_url(&self) -> &str {
         &self.api_url
     }
+}
+
+/// The modules on this host's disk that its records refer to.
+fn held_modules(functions: &Functions) -> BTreeSet<String> {
+    functions
+        .records()
+        .iter()
+        .flat_map(|r| {
+            r.entry
+                .versions
+                .iter()
+                .map(|v| v.sha256.clone())
+                .chain(r.serving.iter().map(|s| s.sha256.clone()))
+                .collect::<Vec<_>>()
+        })
+        .filter(|sha| functions.store.has_module(sha))
+        .collect()
 }
 
 /// A node's id and generation: a restarted node numbers its values afresh,

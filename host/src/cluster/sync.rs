@@ -1,7 +1,8 @@
-//! The gossip round of a host: publish its load, read its peers, and apply
-//! registry entries newer than its own (fetching modules by hash).
+//! The gossip round of a host: publish its load, join its peers' registry
+//! entries into its own records, and make what it serves follow them
+//! (fetching modules by hash, compiling them itself).
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
@@ -9,23 +10,42 @@ use bytes::{Bytes, BytesMut};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 
-use super::registry::Entry;
 use super::{CLUSTER_AUTH_HEADER, Cluster, Peer};
 use crate::functions::Functions;
 use crate::names::FunctionName;
-use crate::store::{VersionInfo, sha256_hex};
+use crate::store::sha256_hex;
+use lichen_core::gossip::FunctionState;
+use lichen_core::registry::Stamp;
 
-/// How long an entry that failed to apply waits before the next try.
-const RETRY_APPLY: Duration = Duration::from_secs(1);
+/// The first wait after an entry failed to apply; it doubles with each
+/// failure in a row, up to [`RETRY_MAX`].
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(60);
+
+/// What the round loop keeps between rounds.
+#[derive(Default)]
+struct Progress {
+    /// Names being applied by a task now.
+    applying: HashSet<FunctionName>,
+    /// Names whose entry failed to apply: failures in a row, next try.
+    failed: HashMap<FunctionName, (u32, Instant)>,
+    /// Names whose entry applied completely (every kept module here), at
+    /// the entry's latest stamp: nothing to do until it changes.
+    settled: HashMap<FunctionName, Stamp>,
+    /// The policy text this host last wrote to a function's file or
+    /// published from it: a file that says something else was edited here.
+    policies: BTreeMap<FunctionName, String>,
+    /// Registry policy texts this host failed to write (invalid here): not
+    /// tried again until the registry says something else.
+    unwritable: HashMap<FunctionName, String>,
+}
 
 /// Runs the host's rounds until its function table is dropped. Modules
 /// fetched from peers are capped at `max_upload` bytes, like uploads.
 pub async fn run(cluster: Arc<Cluster>, state: Weak<Functions>, max_upload: u64) {
-    let applying: Arc<Mutex<HashSet<String>>> = Arc::default();
-    // Entries that failed to apply, by name: retried after a pause.
-    let failed: Arc<Mutex<HashMap<String, Instant>>> = Arc::default();
+    let progress: Arc<Mutex<Progress>> = Arc::default();
     if let Some(state) = state.upgrade() {
-        publish_stored(&cluster, &state).await;
+        cluster.publish_all(&state).await;
     }
     let mut tick = tokio::time::interval(cluster.interval);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -33,245 +53,234 @@ pub async fn run(cluster: Arc<Cluster>, state: Weak<Functions>, max_upload: u64)
         tick.tick().await;
         let Some(state) = state.upgrade() else { return };
         let (free, load) = state.scheduler.host_load();
-        cluster.gossip_round(free, load).await;
-        failed
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .retain(|_, at| at.elapsed() < RETRY_APPLY);
-        for entry in newest_entries(&cluster.peers()) {
-            if cluster
-                .entry(&entry.name)
-                .is_some_and(|ours| !entry.newer_than(&ours))
-                || failed
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .contains_key(&entry.name)
-                || !applying
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .insert(entry.name.clone())
-            {
-                continue;
-            }
-            let (cluster, state) = (Arc::clone(&cluster), Arc::clone(&state));
-            let (applying, failed) = (Arc::clone(&applying), Arc::clone(&failed));
+        let fresh = cluster.gossip_round(free, load).await;
+        merge(&cluster, &state, fresh).await;
+        for name in unsettled(&state, &progress) {
+            let (cluster, state, progress) = (
+                Arc::clone(&cluster),
+                Arc::clone(&state),
+                Arc::clone(&progress),
+            );
             tokio::spawn(async move {
-                let name = entry.name.clone();
-                if apply(&cluster, &state, entry, max_upload).await.is_err() {
-                    failed
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .insert(name.clone(), Instant::now());
+                let result = apply(&cluster, &state, &name, max_upload).await;
+                let mut progress = progress.lock().unwrap_or_else(|e| e.into_inner());
+                progress.applying.remove(&name);
+                match result {
+                    Ok(stamp) => {
+                        progress.failed.remove(&name);
+                        progress.settled.insert(name.clone(), stamp);
+                        cluster.set_apply_error(name.as_str(), None);
+                    }
+                    Err(error) => {
+                        let failures = progress.failed.get(&name).map_or(0, |(n, _)| *n) + 1;
+                        let wait = RETRY_FIRST
+                            .saturating_mul(1 << (failures - 1).min(6))
+                            .min(RETRY_MAX);
+                        progress
+                            .failed
+                            .insert(name.clone(), (failures, Instant::now() + wait));
+                        let error = format!("{error:#}");
+                        tracing::warn!(function = %name, failures, retry_in = ?wait, error, "cannot apply the registry's entry yet");
+                        state
+                            .metrics
+                            .registry_apply_failures
+                            .with_label_values(&[name.as_str()])
+                            .inc();
+                        cluster.set_apply_error(name.as_str(), Some(error));
+                    }
                 }
-                applying
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&name);
             });
         }
-        publish_policy_edits(&cluster, &state, &applying).await;
+        sync_policies(&cluster, &state, &progress).await;
     }
 }
 
-/// For each function, the newest entry any peer serves.
-fn newest_entries(peers: &[Peer]) -> Vec<Entry> {
-    let mut newest: HashMap<&str, &Entry> = HashMap::new();
-    for entry in peers.iter().flat_map(|p| p.functions.values()) {
-        match newest.get(entry.name.as_str()) {
-            Some(known) if !entry.newer_than(known) => {}
-            _ => {
-                newest.insert(&entry.name, entry);
-            }
-        }
+/// Joins the entries peers published since the last round into this
+/// host's records, and publishes the records that changed.
+async fn merge(cluster: &Cluster, state: &Functions, fresh: Vec<FunctionState>) {
+    let fresh: Vec<(FunctionName, FunctionState)> = fresh
+        .into_iter()
+        .filter_map(|s| Some((FunctionName::new(&s.entry.name).ok()?, s)))
+        .filter(|(name, s)| state.record(name).is_none_or(|r| r.entry != s.entry))
+        .collect();
+    if fresh.is_empty() {
+        return;
     }
-    newest.into_values().cloned().collect()
-}
-
-/// Publishes what this host stored before it joined: the deletes it
-/// remembers, then its functions, with the timestamp of the entry each came
-/// from (or its upload time). A stored function older than a remembered
-/// delete of it (a data directory put back from a backup, say) is deleted.
-async fn publish_stored(cluster: &Cluster, state: &Functions) {
-    match state.store.load_deletions() {
-        Ok(deletions) => {
-            for bytes in deletions {
-                match serde_json::from_slice::<Entry>(&bytes) {
-                    Ok(entry) if entry.is_tombstone() => cluster.publish(&state.store, entry).await,
-                    Ok(entry) => {
-                        tracing::warn!(function = %entry.name, "a remembered delete that is not one; ignored")
-                    }
-                    Err(error) => tracing::warn!(%error, "skipping a remembered delete"),
+    let guard = state.lock_admin().await;
+    let mut changed = Vec::new();
+    for (name, peer_state) in fresh {
+        match state.merge(&guard, &name, &peer_state.entry) {
+            Ok(merged) => {
+                for conflict in merged.conflicts {
+                    cluster.note_conflict(conflict);
+                }
+                if merged.changed {
+                    changed.push(name);
                 }
             }
-        }
-        Err(error) => tracing::warn!(error = format!("{error:#}"), "reading remembered deletes"),
-    }
-    let records = match state.store.load_records() {
-        Ok(records) => records,
-        Err(error) => {
-            tracing::warn!(error = format!("{error:#}"), "reading stored functions");
-            return;
-        }
-    };
-    for record in records {
-        let Some(active) = record.active_version() else {
-            continue;
-        };
-        let entry = Entry {
-            name: record.name.to_string(),
-            sha256: Some(active.sha256.clone()),
-            version: active.version,
-            policy: state.policy_source(&record.name),
-            timestamp_ms: active
-                .timestamp_ms
-                .unwrap_or(active.created_unix.saturating_mul(1000)),
-            origin: cluster.node_id.clone(),
-        };
-        if cluster
-            .entry(&entry.name)
-            .is_some_and(|known| known.newer_than(&entry))
-        {
-            let guard = state.lock_admin().await;
-            if let Err(error) = state.delete(&guard, &record.name) {
-                tracing::warn!(function = %record.name, error = %error.message, "cannot delete a function deleted after it was stored");
+            Err(error) => {
+                tracing::warn!(function = %name, error = %error.message, "cannot keep a peer's registry entry; reading it again next round");
+                cluster.reread();
             }
-            continue;
         }
-        cluster.publish(&state.store, entry).await;
+    }
+    changed.dedup();
+    for name in changed {
+        cluster.publish(state, &name).await;
     }
 }
 
-/// Policy files edited on this host's disk become registry changes.
-async fn publish_policy_edits(
-    cluster: &Cluster,
-    state: &Functions,
-    applying: &Mutex<HashSet<String>>,
-) {
-    // Only entries whose policy file now says something else are copied.
-    let edited: Vec<(String, Option<String>, u64, String)> = {
-        let registry = cluster.registry.lock().unwrap_or_else(|e| e.into_inner());
-        registry
-            .entries()
-            .filter(|e| !e.is_tombstone())
-            .filter_map(|e| {
-                let name = FunctionName::new(&e.name).ok()?;
-                let policy = state.policies.status(&name).policy?;
-                (e.policy.as_deref() != Some(policy.text.as_str())).then(|| {
-                    (
-                        e.name.clone(),
-                        e.sha256.clone(),
-                        e.version,
-                        policy.text.clone(),
-                    )
-                })
-            })
-            .collect()
-    };
-    for (name, sha256, version, source) in edited {
-        if applying
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .contains(&name)
+/// Names whose record needs work here (a version to serve or delete, a
+/// module to fetch) and that no task works on or waits to retry.
+fn unsettled(state: &Functions, progress: &Mutex<Progress>) -> Vec<FunctionName> {
+    let mut progress = progress.lock().unwrap_or_else(|e| e.into_inner());
+    let now = Instant::now();
+    let mut names = Vec::new();
+    for record in state.records() {
+        let name = &record.name;
+        let stamp = record.entry.max_stamp();
+        if progress.settled.get(name) == Some(&stamp)
+            || progress.applying.contains(name)
+            || progress.failed.get(name).is_some_and(|(_, at)| *at > now)
         {
             continue;
         }
-        tracing::info!(function = %name, "policy edited here; publishing it to the cluster");
-        cluster
-            .publish_local(&state.store, &name, sha256, version, Some(source))
-            .await;
+        let serving = record.serving.as_ref().map(|s| s.version);
+        let active = record.entry.active().map(|v| v.id);
+        let missing = record
+            .entry
+            .versions
+            .iter()
+            .any(|v| !state.store.has_module(&v.sha256));
+        if serving == active && !missing {
+            progress.settled.insert(name.clone(), stamp);
+            continue;
+        }
+        progress.applying.insert(name.clone());
+        names.push(name.clone());
     }
+    names
 }
 
-/// Makes this host serve `entry` (or delete the function), then publishes it.
+/// Makes this host serve the registry's active version of `name` (or
+/// delete it), then fetches the modules of the other versions kept, so any
+/// host can roll back to them and they outlive the host that took them.
+/// Returns the entry's latest stamp, applied.
 async fn apply(
     cluster: &Cluster,
     state: &Arc<Functions>,
-    entry: Entry,
-    max_upload: u64,
-) -> anyhow::Result<()> {
-    let name = FunctionName::new(&entry.name)
-        .map_err(|e| anyhow::anyhow!("registry entry for an invalid name: {e}"))?;
-    let result = apply_inner(cluster, state, &name, &entry, max_upload).await;
-    match &result {
-        Ok(()) => {
-            tracing::info!(function = %name, version = entry.version, origin = %entry.origin, deleted = entry.is_tombstone(), "registry entry applied");
-            cluster.publish(&state.store, entry).await;
-        }
-        Err(error) => {
-            tracing::warn!(function = %name, origin = %entry.origin, error = format!("{error:#}"), "cannot apply a registry entry yet");
-        }
-    }
-    result
-}
-
-async fn apply_inner(
-    cluster: &Cluster,
-    state: &Arc<Functions>,
     name: &FunctionName,
-    entry: &Entry,
     max_upload: u64,
-) -> anyhow::Result<()> {
-    let Some(sha256) = entry.sha256.clone() else {
-        let guard = state.lock_admin().await;
-        if superseded(cluster, entry) {
-            return Ok(());
-        }
-        state
-            .delete(&guard, name)
-            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
-        cluster.forget_function(name.as_str());
-        return Ok(());
-    };
-    if state.active_sha(name).as_deref() != Some(sha256.as_str()) {
-        let bytes = if state.store.has_module(&sha256) {
-            None
-        } else {
-            Some(fetch_module(cluster, &sha256, max_upload).await?)
-        };
-        let size = match &bytes {
-            Some(bytes) => bytes.len() as u64,
-            None => state.store.read_module(&sha256)?.len() as u64,
-        };
-        let version = VersionInfo {
-            version: entry.version,
-            sha256: sha256.clone(),
-            size,
-            created_unix: super::now_ms() / 1000,
-            timestamp_ms: Some(entry.timestamp_ms),
-            // Set from the component when it is prepared.
-            abi: Default::default(),
-            oci: None,
+) -> anyhow::Result<Stamp> {
+    let record = state
+        .record(name)
+        .ok_or_else(|| anyhow::anyhow!("no record of {name}"))?;
+    let active = record.entry.active().cloned();
+    let serving = record.serving.as_ref().map(|s| s.version);
+    if serving != active.as_ref().map(|v| v.id) {
+        let bytes = match &active {
+            Some(v) if !state.store.has_module(&v.sha256) => {
+                Some(fetch_module(cluster, &v.sha256, max_upload).await?)
+            }
+            _ => None,
         };
         let guard = state.lock_admin().await;
-        if superseded(cluster, entry) {
-            return Ok(());
-        }
-        let record = state
-            .record_or_new(name)
-            .map_err(|e| anyhow::anyhow!("{}", e.message))?;
         state
-            .activate(&guard, record, version, bytes)
+            .serve_active(&guard, name, bytes)
             .await
             .map_err(|e| anyhow::anyhow!("{}", e.message))?;
+        cluster.publish(state, name).await;
+        drop(guard);
+        let now = state
+            .record(name)
+            .and_then(|r| r.serving.map(|s| s.version));
+        tracing::info!(function = %name, version = ?now, deleted = active.is_none(), "registry entry applied");
     }
-    if let Some(policy) = &entry.policy
-        && state.policy_source(name).as_ref() != Some(policy)
-    {
-        let policies = Arc::clone(&state.policies);
-        let (name, policy) = (name.clone(), policy.clone());
-        tokio::task::spawn_blocking(move || policies.write(&name, &policy))
-            .await?
-            .map_err(|e| anyhow::anyhow!("the registry's policy: {e}"))?;
+    for version in &record.entry.versions {
+        if state.store.has_module(&version.sha256) {
+            continue;
+        }
+        let bytes = fetch_module(cluster, &version.sha256, max_upload).await?;
+        state.store.write_module(&version.sha256, &bytes)?;
+        let guard = state.lock_admin().await;
+        cluster.publish(state, name).await;
+        drop(guard);
     }
-    Ok(())
+    Ok(record.entry.max_stamp())
 }
 
-/// Whether this host has meanwhile taken a change at least as new as
-/// `entry` (a deploy or delete made here while it was being fetched).
-fn superseded(cluster: &Cluster, entry: &Entry) -> bool {
-    cluster
-        .entry(&entry.name)
-        .is_some_and(|ours| !entry.newer_than(&ours))
+/// Keeps policy files and the registry's policy texts in step. No file
+/// and an empty text are the same (the defaults). A text the registry has
+/// that this host's file does not is written to the file; a file edited
+/// here (it says something this host neither wrote nor published; removed,
+/// it says the defaults) becomes a change of the registry's text.
+async fn sync_policies(cluster: &Cluster, state: &Functions, progress: &Mutex<Progress>) {
+    for record in state.records() {
+        let name = &record.name;
+        let file = state.policy_source(name);
+        let registry = record.entry.policy.as_ref().map(|p| p.text.clone());
+        let (file_text, registry_text) = (
+            file.clone().unwrap_or_default(),
+            registry.clone().unwrap_or_default(),
+        );
+        // Before this host wrote or published anything of the function: a
+        // file is an edit made here (while it was down, say); no file is a
+        // host that has yet to write the registry's text.
+        let (edited_here, unwritable) = {
+            let mut guard = progress.lock().unwrap_or_else(|e| e.into_inner());
+            if file_text == registry_text {
+                guard.policies.insert(name.clone(), file_text);
+                continue;
+            }
+            let edited_here = match guard.policies.get(name) {
+                Some(last) => file_text != *last,
+                None => file.is_some(),
+            };
+            (
+                edited_here,
+                guard.unwritable.get(name) == Some(&registry_text),
+            )
+        };
+        if edited_here {
+            tracing::info!(function = %name, "policy edited here; publishing it to the cluster");
+            let admin = state.lock_admin().await;
+            match state.set_policy(&admin, name, file_text.clone()) {
+                Ok(_) => cluster.publish(state, name).await,
+                Err(error) => {
+                    tracing::warn!(function = %name, error = %error.message, "cannot record the policy edit");
+                    continue;
+                }
+            }
+            drop(admin);
+            progress
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .policies
+                .insert(name.clone(), file_text);
+            continue;
+        }
+        if unwritable {
+            continue;
+        }
+        let policies = Arc::clone(&state.policies);
+        let (owned, to_write) = (name.clone(), registry_text.clone());
+        let written =
+            tokio::task::spawn_blocking(move || policies.write(&owned, &to_write).map(|_| ()))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+        let mut guard = progress.lock().unwrap_or_else(|e| e.into_inner());
+        match written {
+            Ok(()) => {
+                guard.unwritable.remove(name);
+                guard.policies.insert(name.clone(), registry_text);
+            }
+            Err(error) => {
+                tracing::warn!(function = %name, error, "cannot write the registry's policy here; keeping the file as it is");
+                guard.unwritable.insert(name.clone(), registry_text);
+            }
+        }
+    }
 }
 
 /// Gets a module from a peer that holds it, checking its hash: a peer is
@@ -353,50 +362,4 @@ async fn fetch_from(
         }
     }
     Ok(bytes.freeze())
-}
-
-#[cfg(test)]
-mod tests {
-    use std::collections::{BTreeSet, HashMap};
-
-    use super::*;
-
-    fn entry(name: &str, ts: u64, origin: &str) -> Entry {
-        Entry {
-            name: name.to_string(),
-            sha256: Some(format!("{name}-{ts}")),
-            version: ts,
-            policy: None,
-            timestamp_ms: ts,
-            origin: origin.to_string(),
-        }
-    }
-
-    fn peer(id: &str, entries: &[Entry]) -> Peer {
-        Peer {
-            node_id: id.to_string(),
-            api: String::new(),
-            gossip: ([127, 0, 0, 1], 1).into(),
-            free_slots: 1,
-            load: 0,
-            kv: String::new(),
-            functions: entries
-                .iter()
-                .map(|e| (e.name.clone(), e.clone()))
-                .collect::<HashMap<_, _>>(),
-            modules: BTreeSet::new(),
-        }
-    }
-
-    #[test]
-    fn the_newest_entry_of_each_function_across_peers_is_the_one_to_apply() {
-        let peers = [
-            peer("a", &[entry("f", 10, "a"), entry("g", 5, "a")]),
-            peer("b", &[entry("f", 20, "b"), entry("g", 5, "c")]),
-            peer("c", &[entry("f", 20, "a")]),
-        ];
-        let mut newest = newest_entries(&peers);
-        newest.sort_by(|x, y| x.name.cmp(&y.name));
-        assert_eq!(newest, [entry("f", 20, "b"), entry("g", 5, "c")]);
-    }
 }

@@ -90,6 +90,13 @@ impl PolicyTable {
     }
 
     /// The policy in force and the last load error, for the admin API.
+    /// The text of `name`'s policy file as loaded, if it has a file that
+    /// loaded (not the defaults).
+    pub fn file_text(&self, name: &FunctionName) -> Option<String> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        entries.get(name)?.policy.as_ref().map(|p| p.text.clone())
+    }
+
     pub fn status(&self, name: &FunctionName) -> PolicyStatus {
         let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
         entries.get(name).cloned().unwrap_or_else(|| PolicyStatus {

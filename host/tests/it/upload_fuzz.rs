@@ -92,7 +92,6 @@ fn version() -> VersionInfo {
         sha256: String::new(),
         size: 0,
         created_unix: 0,
-        timestamp_ms: None,
         abi: Default::default(),
         oci: None,
     }
