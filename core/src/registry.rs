@@ -33,6 +33,12 @@ use serde::{Deserialize, Serialize};
 /// kept beyond them); older ones are forgotten and their modules collected.
 pub const KEEP_VERSIONS: usize = 10;
 
+/// The largest entry, as JSON, a host writes: it travels in one gossip
+/// value, and a UDP datagram (65,507 bytes) also carries chitchat's headers,
+/// the digest of every node and the value's seal. A change that would make
+/// an entry larger is refused (a policy's text is most of it).
+pub const MAX_ENTRY_BYTES: usize = 48 << 10;
+
 /// Bits of a stamp below the milliseconds: the counter of changes within one
 /// millisecond (or beyond the wall clock, after seeing a stamp ahead of it).
 const LOGICAL_BITS: u32 = 16;
@@ -206,6 +212,11 @@ impl Entry {
 
     pub fn version(&self, id: u64) -> Option<&Version> {
         self.versions.iter().find(|v| v.id == id)
+    }
+
+    /// The entry's size as JSON, as gossip carries it.
+    pub fn encoded_len(&self) -> usize {
+        serde_json::to_vec(self).map_or(usize::MAX, |json| json.len())
     }
 
     /// The highest stamp anywhere in the entry.

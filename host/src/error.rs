@@ -12,6 +12,10 @@ use wasmtime_wasi_http::p2::body::HyperOutgoingBody;
 /// Seconds a client refused as busy is told to wait before retrying.
 pub const RETRY_AFTER_SECS: u32 = 1;
 
+/// On a `409 module_mismatch`: the host serves another module of the
+/// function than a forwarded request named, and did not run it.
+pub const MODULE_MISMATCH_HEADER: &str = "x-lichen-module-mismatch";
+
 /// Header on a "busy" `503`: the host refused before running anything, so a
 /// peer that forwarded the request may send it elsewhere.
 pub const BUSY_HEADER: &str = "x-lichen-busy";
@@ -101,6 +105,11 @@ impl ApiError {
             response
                 .headers_mut()
                 .insert(BUSY_HEADER, HeaderValue::from_static("1"));
+        }
+        if self.code == "module_mismatch" {
+            response
+                .headers_mut()
+                .insert(MODULE_MISMATCH_HEADER, HeaderValue::from_static("1"));
         }
         if let Some(secs) = self.retry_after_secs {
             response

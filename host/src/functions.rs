@@ -39,7 +39,7 @@ use crate::policy::PolicyTable;
 use crate::recent::Recent;
 use crate::scheduler::Scheduler;
 use crate::store::{FunctionRecord, KEEP_VERSIONS, ModuleStore, VersionInfo};
-use lichen_core::registry::{Clock, Entry, Merged, Stamp, Version};
+use lichen_core::registry::{Clock, Entry, MAX_ENTRY_BYTES, Merged, Stamp, Version};
 
 /// The admin lock, held while a deploy or delete changes the store and the
 /// table together.
@@ -337,6 +337,35 @@ impl Functions {
         Ok(true)
     }
 
+    /// Refuses a policy text that would make `name`'s registry entry too
+    /// large to gossip (`413`, naming the limit).
+    pub fn check_policy_size(&self, name: &FunctionName, text: &str) -> Result<(), ApiError> {
+        let mut entry = self
+            .record(name)
+            .map_or_else(|| Entry::new(name.as_str()), |r| r.entry);
+        entry.set_policy(text.to_string(), Stamp::MAX, &self.origin);
+        // As large as the entry can grow: versions up to the window and
+        // the active one, each as long as a version gets.
+        let widest = Version {
+            id: (1 << 53) - 1,
+            sha256: "f".repeat(64),
+            size: u64::MAX,
+            stamp: Stamp::MAX,
+            origin: self.origin.clone(),
+            parent: Some((1 << 53) - 1),
+        };
+        while entry.versions.len() <= KEEP_VERSIONS {
+            entry.versions.push(widest.clone());
+        }
+        let size = entry.encoded_len();
+        if size > MAX_ENTRY_BYTES {
+            return Err(ApiError::too_large(format!(
+                "this policy would make {name}'s registry entry {size} bytes, over the {MAX_ENTRY_BYTES} bytes an entry may take (it travels in one gossip datagram); shorten the policy (comments count)"
+            )));
+        }
+        Ok(())
+    }
+
     /// Records a policy text for `name` as a change made here (the file is
     /// the caller's). `false` if the registry has no entry of `name`.
     pub fn set_policy(
@@ -351,6 +380,7 @@ impl Functions {
         if record.entry.policy.as_ref().is_some_and(|p| p.text == text) {
             return Ok(true);
         }
+        self.check_policy_size(name, &text)?;
         let stamp = self.tick();
         record.entry.set_policy(text, stamp, &self.origin);
         self.commit(record)?;

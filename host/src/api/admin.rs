@@ -167,6 +167,7 @@ pub async fn put_policy(
     let bytes = body::read_capped(req, MAX_POLICY_BYTES, state.limits.body_idle_timeout).await?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::bad_request("invalid_policy", "the policy is not UTF-8 text"))?;
+    state.functions.check_policy_size(name, text)?;
     let policies = Arc::clone(&state.functions.policies);
     let name_owned = name.clone();
     let text = text.to_string();

@@ -29,7 +29,7 @@ use super::AppState;
 use super::auth;
 use super::body::{RequestBody, declared_length};
 use crate::cluster::forward::{Forward, Replay};
-use crate::cluster::{CLUSTER_AUTH_HEADER, HOP_HEADER};
+use crate::cluster::{CLUSTER_AUTH_HEADER, HOP_HEADER, MODULE_HEADER};
 use crate::engine::{Deployed, Outcome};
 use crate::error::{ApiError, Body};
 use crate::functions::Functions;
@@ -146,6 +146,23 @@ async fn admit_and_run(
     arrival: Arrival,
 ) -> (Result<Response<Body>, ApiError>, Outcome) {
     let refused = |error: ApiError| (Err(error), Outcome::Rejected);
+    // A forward names the module the forwarding host runs: a host serving
+    // another (the registry's change has yet to reach one of them) says so
+    // rather than answer with another version.
+    if matches!(arrival, Arrival::Forwarded)
+        && let Some(expected) = req.headers().get(MODULE_HEADER)
+        && expected.as_bytes() != function.version.sha256.as_bytes()
+    {
+        return refused(ApiError::new(
+            StatusCode::CONFLICT,
+            "module_mismatch",
+            format!(
+                "this host serves another module of {} ({}) than the forwarding host expects",
+                function.name, function.version.sha256
+            ),
+        ));
+    }
+    req.headers_mut().remove(MODULE_HEADER);
     if !policy.public {
         // A forwarded request was checked by the host it came through.
         if !matches!(arrival, Arrival::Forwarded)

@@ -179,7 +179,7 @@ fn parse_name(name: &str) -> Result<FunctionName, ApiError> {
 }
 
 /// A plain-text response.
-pub fn text(status: StatusCode, body: &'static str) -> Response<Body> {
+pub fn text(status: StatusCode, body: impl Into<bytes::Bytes>) -> Response<Body> {
     let mut response = Response::new(full_body(body));
     *response.status_mut() = status;
     response.headers_mut().insert(

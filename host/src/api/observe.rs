@@ -39,6 +39,12 @@ pub async fn metrics(state: &AppState) -> Result<Response<Body>, ApiError> {
 /// the key-value backend is out of reach (the host still serves; functions
 /// with stores get the interface's error). `/healthz` stays 200 throughout.
 pub fn readyz(state: &AppState) -> Response<Body> {
+    if let Some(why) = state.cluster().and_then(|c| c.refused()) {
+        return super::text(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready: {why}\n"),
+        );
+    }
     let why_not = if state.draining() {
         Some("shutting down: draining\n")
     } else if state.cluster().is_some_and(|c| !c.joined()) {

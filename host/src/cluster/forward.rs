@@ -27,8 +27,8 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use super::placement::{self, Candidate};
-use super::{CLUSTER_AUTH_HEADER, Cluster, HOP_HEADER, Peer, SERVED_BY_HEADER};
-use crate::error::{ApiError, BUSY_HEADER, Body};
+use super::{CLUSTER_AUTH_HEADER, Cluster, HOP_HEADER, MODULE_HEADER, Peer, SERVED_BY_HEADER};
+use crate::error::{ApiError, BUSY_HEADER, Body, MODULE_MISMATCH_HEADER};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ForwardBody = UnsyncBoxBody<Bytes, BoxError>;
@@ -103,7 +103,7 @@ impl Cluster {
                     Replay::Never => break,
                 },
             };
-            let request = match self.peer_request(&parts, peer, outgoing) {
+            let request = match self.peer_request(&parts, peer, sha256, outgoing) {
                 Ok(request) => request,
                 Err(error) => return Forward::Failed(error),
             };
@@ -125,6 +125,19 @@ impl Cluster {
                     body = slot.and_then(|s| s.reclaim());
                     if body.is_none() && matches!(replay, Replay::Never) {
                         return Forward::Done(self.relay(function, peer, response));
+                    }
+                }
+                Ok(Ok(response))
+                    if response.status() == StatusCode::CONFLICT
+                        && response.headers().contains_key(MODULE_MISMATCH_HEADER) =>
+                {
+                    // It serves another version: not run there.
+                    tracing::info!(peer = %peer.node_id, function, expected = sha256, "a peer serves another module of the function; not forwarding there");
+                    body = slot.and_then(|s| s.reclaim());
+                    if body.is_none() && matches!(replay, Replay::Never) {
+                        return Forward::Failed(ApiError::busy(
+                            "the peer with room serves another version of this function",
+                        ));
                     }
                 }
                 Ok(Ok(response)) => return Forward::Done(self.relay(function, peer, response)),
@@ -162,6 +175,7 @@ impl Cluster {
         &self,
         parts: &http::request::Parts,
         peer: &Peer,
+        sha256: &str,
         body: ForwardBody,
     ) -> Result<Request<ForwardBody>, ApiError> {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
@@ -180,6 +194,9 @@ impl Cluster {
         let hop = HeaderValue::from_str(&self.node_id)
             .map_err(|e| ApiError::internal(anyhow::anyhow!("node id as a header: {e}")))?;
         headers.insert(HOP_HEADER, hop);
+        let module = HeaderValue::from_str(sha256)
+            .map_err(|e| ApiError::internal(anyhow::anyhow!("module hash as a header: {e}")))?;
+        headers.insert(MODULE_HEADER, module);
         let token = HeaderValue::from_str(self.secret.token())
             .map_err(|e| ApiError::internal(anyhow::anyhow!("cluster token as a header: {e}")))?;
         headers.insert(CLUSTER_AUTH_HEADER, token);

@@ -43,6 +43,10 @@ pub use lichen_core::seal::Secret;
 pub const HOP_HEADER: &str = "x-lichen-forwarded-by";
 /// Header naming the host that ran a forwarded invocation.
 pub const SERVED_BY_HEADER: &str = "x-lichen-served-by";
+/// Header of a forwarded request: the SHA-256 of the module the forwarding
+/// host runs for the function. A peer serving another answers `409`
+/// `module_mismatch` with its own in the same header, without running it.
+pub const MODULE_HEADER: &str = "x-lichen-module";
 /// Header of internal requests: the cluster token.
 pub const CLUSTER_AUTH_HEADER: &str = "x-lichen-cluster-token";
 
@@ -152,6 +156,9 @@ pub struct Cluster {
     /// Why each function's registry entry does not apply here, while it
     /// does not.
     apply_errors: Mutex<HashMap<String, String>>,
+    /// Why this host left the cluster at once: another host already runs
+    /// under its node id.
+    refused: Mutex<Option<String>>,
     /// Peers this host has forwarded to, per function, to drop their series
     /// when the function is deleted.
     forwarded_to: Mutex<HashMap<String, HashSet<String>>>,
@@ -243,6 +250,7 @@ impl Cluster {
             offsets: Mutex::new(HashMap::new()),
             conflicts: Mutex::new(VecDeque::new()),
             apply_errors: Mutex::new(HashMap::new()),
+            refused: Mutex::new(None),
             forwarded_to: Mutex::new(HashMap::new()),
             suspects: Mutex::new(HashMap::new()),
             metrics,
@@ -316,6 +324,37 @@ impl Cluster {
     pub async fn publish_all(&self, functions: &Functions) {
         for record in functions.records() {
             self.publish(functions, &record.name).await;
+        }
+    }
+
+    /// Why this host does not take part in the cluster, if it does not:
+    /// another host was there first under its node id.
+    pub fn refused(&self) -> Option<String> {
+        self.refused
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// Leaves the cluster if another host runs under this host's node id
+    /// and was there first (an earlier generation; the same: the lower
+    /// gossip address). The one there first carries on.
+    fn check_twins(&self, me: &ChitchatId, twins: &[ChitchatId]) {
+        for twin in twins {
+            let first = (twin.generation_id, twin.gossip_advertise_addr)
+                < (me.generation_id, me.gossip_advertise_addr);
+            if !first {
+                tracing::warn!(node_id = %self.node_id, other = %twin.gossip_advertise_addr, "another host started under this host's node id; it leaves the cluster");
+                continue;
+            }
+            let why = format!(
+                "another host already runs as node id {:?} (gossip {}); this host left the cluster: give it another --node-id",
+                self.node_id, twin.gossip_advertise_addr
+            );
+            tracing::error!("{why}");
+            *self.refused.lock().unwrap_or_else(|e| e.into_inner()) = Some(why);
+            self.shutdown();
+            return;
         }
     }
 
@@ -407,7 +446,7 @@ impl Cluster {
             &format!("{free_slots} {load} {}", now_ms()),
         );
         let kv_value = self.secret.seal(&self.node_id, KEY_KV, &self.kv_identity());
-        let (snapshot, dead) = self
+        let (snapshot, dead, me, twins) = self
             .chitchat
             .with_chitchat(|chitchat| {
                 let state = chitchat.self_node_state();
@@ -419,9 +458,14 @@ impl Cluster {
                     .filter(|id| id.node_id != me.node_id)
                     .map(|id| id.node_id.to_string())
                     .collect();
+                let twins: Vec<ChitchatId> = chitchat
+                    .live_nodes()
+                    .filter(|id| id.node_id == me.node_id && **id != me)
+                    .cloned()
+                    .collect();
                 let live: Vec<ChitchatId> = chitchat
                     .live_nodes()
-                    .filter(|id| **id != me)
+                    .filter(|id| id.node_id != me.node_id)
                     .cloned()
                     .collect();
                 let live = live
@@ -436,9 +480,10 @@ impl Cluster {
                         Some((id, values))
                     })
                     .collect::<Vec<_>>();
-                (live, dead)
+                (live, dead, me, twins)
             })
             .await;
+        self.check_twins(&me, &twins);
         let live: HashSet<String> = snapshot.iter().map(|(id, _)| incarnation(id)).collect();
         self.parsed
             .lock()

@@ -54,6 +54,9 @@ pub async fn run(cluster: Arc<Cluster>, state: Weak<Functions>, max_upload: u64)
         let Some(state) = state.upgrade() else { return };
         let (free, load) = state.scheduler.host_load();
         let fresh = cluster.gossip_round(free, load).await;
+        if cluster.refused().is_some() {
+            return;
+        }
         merge(&cluster, &state, fresh).await;
         for name in unsettled(&state, &progress) {
             let (cluster, state, progress) = (

@@ -5,6 +5,8 @@
 
 use crate::common;
 
+mod registry;
+
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};

@@ -544,6 +544,18 @@ fn nats_server_bin() -> PathBuf {
     bin
 }
 
+/// A nats-server configuration file enabling JetStream in `store`, with
+/// `sync_interval: always`.
+fn jetstream_config(dir: &Path, name: &str, store: &Path) -> PathBuf {
+    let path = dir.join(format!("{name}.conf"));
+    let config = format!(
+        "jetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\n",
+        store.display().to_string()
+    );
+    std::fs::write(&path, config).unwrap();
+    path
+}
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -628,6 +640,7 @@ impl NatsServer {
     }
 
     fn configured(dir: &Path, name: &str, port: u16, extra: Vec<String>) -> NatsServer {
+        std::fs::create_dir_all(dir).unwrap();
         let monitor = free_port();
         let store = dir.join(name);
         let mut args = vec![
@@ -639,9 +652,10 @@ impl NatsServer {
             monitor.to_string(),
             "--server_name".to_string(),
             name.to_string(),
-            "--jetstream".to_string(),
-            "--store_dir".to_string(),
-            store.display().to_string(),
+            // JetStream as production runs it (the README): every write
+            // fsynced before it is acknowledged.
+            "--config".to_string(),
+            jetstream_config(dir, name, &store).display().to_string(),
         ];
         args.extend(extra);
         NatsServer {
