@@ -64,8 +64,10 @@ phase() {
 # Debian's packages, in one apt run: the guest toolchain (without rustup's
 # wasm32-wasip2 target; see functions/build.sh), promtool (checks the
 # /metrics output), docker-registry (the OCI tests' registry), Chromium
-# (the status page's browser test), and Node.js where the machine has none.
-packages=(prometheus docker-registry chromium)
+# (the status page's browser test), iproute2, nftables and faketime (the
+# fault campaign's namespaces, partitions and skewed clock), and Node.js
+# where the machine has none.
+packages=(prometheus docker-registry chromium iproute2 nftables faketime)
 packages+=($(functions/build.sh --debian-packages))
 command -v npm >/dev/null || packages+=(nodejs npm)
 phase "apt installs" scripts/apt-install.sh "${packages[@]}"

@@ -125,6 +125,8 @@ impl From<UploadError> for ApiError {
 pub struct Deployed {
     pub name: FunctionName,
     pub version: VersionInfo,
+    /// The module's SHA-256 as a response header value, made once.
+    pub module_header: http::HeaderValue,
     pre: Pre,
     /// Instances kept for reuse, when the policy in force asks for it.
     pool: Mutex<Option<Arc<Pool>>>,
@@ -293,9 +295,13 @@ impl Runtime {
             Pre::P2(_) => Abi::P2,
             Pre::P3(_) => Abi::P3,
         };
+        // Lower-case hex: always a valid header value.
+        let module_header = http::HeaderValue::from_str(&version.sha256)
+            .unwrap_or_else(|_| http::HeaderValue::from_static(""));
         Ok(Deployed {
             name,
             version,
+            module_header,
             pre,
             pool: Mutex::new(None),
         })

@@ -6,15 +6,17 @@
 //! ```text
 //! modules/<sha256>.wasm                 uploaded components, as uploaded
 //! compiled/<engine-key>/<sha256>.cwasm  wasmtime's serialised code for them
-//! functions/<name>.json                 versions of one function and which is active
+//! functions/<name>.json                 one function's registry entry and the version served here
 //! tmp/                                  writes in progress
 //! ```
 //!
 //! Every write goes to `tmp/`, is fsynced, then renamed over its target, and
 //! the directory is fsynced: a crash or a full disk leaves either the old file
 //! or the new one, never a torn one. A deploy writes the module first and the
-//! function record last, so the record never points at a module that is not
-//! on disk, and a failed deploy leaves the previous version active.
+//! function record last, so the record never serves a module that is not on
+//! disk, and a failed deploy leaves the previous version active. (The
+//! registry entry in a record may list versions whose modules are still
+//! being fetched from peers.)
 //!
 //! The data directory is opened once as a cap-std `Dir`; every file is reached
 //! through it, so no name or hash can address a path outside it (names and

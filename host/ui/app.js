@@ -286,12 +286,18 @@ function renderDetail(detail) {
   $('policy-error').textContent = error;
   show('policy-error', Boolean(error));
 
-  $('versions').tBodies[0].replaceChildren(...[...detail.versions].reverse().map((v) => el('tr', { class: v.version === detail.active ? 'selected' : null },
-    el('td', {}, v.version === detail.active ? `${v.version} (active)` : v.version),
-    el('td', {}, v.abi),
+  const applyError = detail.apply_error ? `The cluster's active version does not apply here yet; this host serves what it had.\n${detail.apply_error}` : '';
+  $('apply-error').textContent = applyError;
+  show('apply-error', Boolean(applyError));
+
+  $('versions').tBodies[0].replaceChildren(...[...detail.versions].reverse().map((v) => el('tr', { class: v.active ? 'selected' : null },
+    el('td', { class: 'mono' }, v.active ? `${v.version} (active)` : v.version),
+    el('td', {}, v.abi ?? '–'),
     el('td', { class: 'mono', title: v.sha256 }, fmt.short(v.sha256)),
     el('td', { class: 'num' }, fmt.bytes(v.size)),
     el('td', { title: fmt.iso(v.created_unix) }, fmt.ago(v.created_unix)),
+    el('td', {}, v.origin),
+    el('td', { class: 'mono' }, v.superseded_by ?? '–'),
     el('td', {}, v.oci ? v.oci.reference : 'upload'),
   )));
 
@@ -324,11 +330,29 @@ function renderCluster(cluster) {
       cell('free_slots', p.free_slots ?? '–', 'num'),
       cell('functions', p.functions ?? '–', 'num'),
       el('td', { class: 'num', title: `${p.forwarded} forwarded in all`, data: { col: 'forwards' } }, fmt.rate(rate)),
+      el('td', { class: p.clock_off ? 'num error-cell' : 'num', title: p.clock_off ? 'more than 10 s off: changes made apart are ordered by the clocks' : null, data: { col: 'clock' } },
+        p.clock_offset_ms === null ? '–' : `${p.clock_offset_ms} ms`),
     );
   });
   state.forwards = { at: now, counts: new Map(cluster.peers.map((p) => [p.node_id, p.forwarded])) };
   $('peers').tBodies[0].replaceChildren(...rows);
   show('no-peers', cluster.peers.length === 0);
+
+  const errors = Object.entries(cluster.apply_errors).sort(([a], [b]) => a.localeCompare(b));
+  $('apply-errors-table').tBodies[0].replaceChildren(...errors.map(([name, why]) => el('tr', {},
+    el('td', {}, name),
+    el('td', { class: 'error-cell' }, why),
+  )));
+  show('apply-errors', errors.length > 0);
+
+  const head = (h) => (h.target === null ? `delete by ${h.origin}` : `${h.target} by ${h.origin}`);
+  $('conflicts-table').tBodies[0].replaceChildren(...[...cluster.conflicts].reverse().map((c) => el('tr', {},
+    el('td', {}, fmt.clock(c.seen_ms)),
+    el('td', {}, c.function),
+    el('td', { class: 'mono' }, head(c.winner)),
+    el('td', { class: 'mono' }, head(c.loser)),
+  )));
+  show('conflicts', cluster.conflicts.length > 0);
 }
 
 // Start.

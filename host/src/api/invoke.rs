@@ -128,7 +128,15 @@ pub async fn invoke(
         outcome = outcome.as_str(),
         "invocation"
     );
-    result
+    // Which module answered (a peer's answer carries its own).
+    result.map(|mut response| {
+        if !response.headers().contains_key(MODULE_HEADER) {
+            response
+                .headers_mut()
+                .insert(MODULE_HEADER, function.module_header.clone());
+        }
+        response
+    })
 }
 
 /// Everything between finding the function and logging the outcome: access,

@@ -44,8 +44,9 @@ pub const HOP_HEADER: &str = "x-lichen-forwarded-by";
 /// Header naming the host that ran a forwarded invocation.
 pub const SERVED_BY_HEADER: &str = "x-lichen-served-by";
 /// Header of a forwarded request: the SHA-256 of the module the forwarding
-/// host runs for the function. A peer serving another answers `409`
-/// `module_mismatch` with its own in the same header, without running it.
+/// host runs for the function; a peer serving another answers `409`
+/// `module_mismatch` without running it. On a function's response: the
+/// module that answered.
 pub const MODULE_HEADER: &str = "x-lichen-module";
 /// Header of internal requests: the cluster token.
 pub const CLUSTER_AUTH_HEADER: &str = "x-lichen-cluster-token";

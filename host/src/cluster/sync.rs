@@ -35,9 +35,10 @@ struct Progress {
     /// The policy text this host last wrote to a function's file or
     /// published from it: a file that says something else was edited here.
     policies: BTreeMap<FunctionName, String>,
-    /// Registry policy texts this host failed to write (invalid here): not
-    /// tried again until the registry says something else.
-    unwritable: HashMap<FunctionName, String>,
+    /// Registry policy texts this host failed to write (invalid here, a
+    /// full disk), and when: tried again after [`RETRY_MAX`], or at once when
+    /// the registry says something else.
+    unwritable: HashMap<FunctionName, (String, Instant)>,
 }
 
 /// Runs the host's rounds until its function table is dropped. Modules
@@ -241,7 +242,10 @@ async fn sync_policies(cluster: &Cluster, state: &Functions, progress: &Mutex<Pr
             };
             (
                 edited_here,
-                guard.unwritable.get(name) == Some(&registry_text),
+                guard
+                    .unwritable
+                    .get(name)
+                    .is_some_and(|(text, at)| *text == registry_text && at.elapsed() < RETRY_MAX),
             )
         };
         if edited_here {
@@ -280,7 +284,9 @@ async fn sync_policies(cluster: &Cluster, state: &Functions, progress: &Mutex<Pr
             }
             Err(error) => {
                 tracing::warn!(function = %name, error, "cannot write the registry's policy here; keeping the file as it is");
-                guard.unwritable.insert(name.clone(), registry_text);
+                guard
+                    .unwritable
+                    .insert(name.clone(), (registry_text, Instant::now()));
             }
         }
     }

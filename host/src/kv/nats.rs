@@ -17,10 +17,11 @@
 //!   increment is a bounded loop of read, add, write-if-unchanged.
 //! - **Usage** (`=usage` in the bucket, JSON) is kept by compare-and-swap
 //!   too. A write that grows the store reserves its growth before it writes
-//!   (refused past the quota) and gives it back if the write loses a race;
-//!   a write that shrinks it records that after. A host that dies between
-//!   the two leaves the usage counted high, never low: quotas err towards
-//!   refusing.
+//!   (refused past the quota) and gives it back only if the write lost a
+//!   race (it certainly did not happen); a write that shrinks it records
+//!   that after. A host that dies between the two, or a write whose outcome
+//!   is unknown (a timeout, a lost connection), leaves the usage counted
+//!   high, never low: quotas err towards refusing.
 //!
 //! A host whose NATS servers are unreachable keeps serving: key-value
 //! operations fail with the interface's error (`unavailable`), `/readyz`
@@ -362,11 +363,14 @@ impl NatsBackend {
                             return Ok(answer);
                         }
                         Err(e) => {
-                            if grow_keys > 0 || grow_bytes > 0 {
-                                Self::adjust_usage(&store, -grow_keys, -grow_bytes, None).await?;
-                            }
+                            // Only a lost race says the write did not happen;
+                            // after any other failure it may have, so the
+                            // reservation stays (usage high, never low).
                             if !lost_race(e.kind() == kv::UpdateErrorKind::WrongLastRevision, &e) {
                                 return Err(unavailable(e));
+                            }
+                            if grow_keys > 0 || grow_bytes > 0 {
+                                Self::adjust_usage(&store, -grow_keys, -grow_bytes, None).await?;
                             }
                         }
                     }

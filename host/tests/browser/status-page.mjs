@@ -139,6 +139,9 @@ try {
   await eventually('the peer', () => peerRow.count(), (n) => n === 1);
   assert.equal(await text(peerRow.locator('td[data-col="alive"]')), 'alive');
   assert.match(await text(peerRow.locator('td[data-col="api"]')), /^http:\/\/127\.0\.0\.1:\d+$/);
+  // Its clock, as gossip measured it: the same machine's, so near zero.
+  const offset = await eventually('the clock offset', () => text(peerRow.locator('td[data-col="clock"]')), (t) => /ms$/.test(t));
+  assert.ok(Math.abs(parseInt(offset, 10)) < 10000, offset);
 
   step(`screenshot to ${screenshot}`);
   await page.screenshot({ path: screenshot, fullPage: true });

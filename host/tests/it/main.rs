@@ -12,6 +12,7 @@ mod cli;
 mod cluster;
 mod common;
 mod config;
+mod faults;
 mod fuzz_api;
 mod kv;
 mod kv_nats;

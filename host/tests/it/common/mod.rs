@@ -277,6 +277,46 @@ pub async fn try_send(method: Method, url: &str, body: Vec<u8>) -> Option<Reply>
     try_send_request(request).await.ok()
 }
 
+/// How a request without an answer ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum NoAnswer {
+    /// No connection: the request never reached the host.
+    Refused,
+    /// Sent, then no answer (a timeout, a connection cut): it may have
+    /// taken effect or not.
+    Unknown,
+}
+
+/// One request to a host that may be down, partitioned or paused: the
+/// answer, or how it ended without one within `limit`.
+pub async fn call(
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+    limit: Duration,
+) -> Result<Reply, NoAnswer> {
+    let mut request = Request::builder().method(method).uri(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    let request = request.body(Full::new(Bytes::from(body))).expect("request");
+    match tokio::time::timeout(limit, try_send_request(request)).await {
+        Err(_) => Err(NoAnswer::Unknown),
+        Ok(Ok(reply)) => Ok(reply),
+        Ok(Err(error)) => {
+            let refused = error
+                .downcast_ref::<hyper_util::client::legacy::Error>()
+                .is_some_and(|e| e.is_connect());
+            Err(if refused {
+                NoAnswer::Refused
+            } else {
+                NoAnswer::Unknown
+            })
+        }
+    }
+}
+
 async fn try_send_request(request: Request<Full<Bytes>>) -> anyhow::Result<Reply> {
     let response = client().request(request).await?;
     let status = response.status();

@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# The whole fault campaign (host/tests/it/faults/): three hosts in network
+# namespaces of their own under each fault in turn (a partition, a one-way
+# partition, 30 % packet loss, SIGSTOP, kill -9, a clock 30 s ahead, a full
+# disk) while a workload of deploys, rollbacks, deletes, policy edits and
+# invocations runs from every host; after each heal a checker holds the
+# hosts and the history to docs/CLUSTER.md. Prints the table that
+# docs/RELIABILITY.md keeps, and fails on any violation.
+#
+# Needs root (namespaces, nftables, a tmpfs), iproute2, nftables and
+# faketime (scripts/test.sh installs them). LICHEN_FAULTS_SECONDS sets each
+# scenario's length (default 180: about 25 minutes in all).
+set -euo pipefail
+root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$root"
+scripts/apt-install.sh nftables faketime iproute2
+functions/build.sh
+export LICHEN_FUNCTIONS_BUILT=1
+exec cargo nextest run -p lichen-host --test it --run-ignored only --no-capture \
+    -E 'test(faults::campaign)'
