@@ -178,10 +178,11 @@ impl Functions {
         records.get(name).cloned()
     }
 
-    /// Every record, by name.
-    pub fn records(&self) -> Vec<FunctionRecord> {
+    /// What `pick` takes from each record, by name, without copying the
+    /// records (the gossip round looks at every one of them).
+    pub fn scan_records<T>(&self, mut pick: impl FnMut(&FunctionRecord) -> Option<T>) -> Vec<T> {
         let records = self.records.read().unwrap_or_else(|e| e.into_inner());
-        records.values().cloned().collect()
+        records.values().filter_map(&mut pick).collect()
     }
 
     /// A stamp for a change made here now.
@@ -435,6 +436,9 @@ impl Functions {
         {
             return Ok(());
         }
+        // Bytes fetched for what was active when the fetch began: only
+        // what they are the module of.
+        let bytes = bytes.filter(|b| crate::store::sha256_hex(b) == active.sha256);
         let info = record.info(&active);
         let deployed = self.prepare(name, info, bytes).await?;
         record.serving = Some(deployed.version.clone());

@@ -323,8 +323,8 @@ impl Cluster {
     /// Gossips every record (at start: what this host stored before it
     /// joined, stamps and origins as they were).
     pub async fn publish_all(&self, functions: &Functions) {
-        for record in functions.records() {
-            self.publish(functions, &record.name).await;
+        for name in functions.scan_records(|r| Some(r.name.clone())) {
+            self.publish(functions, &name).await;
         }
     }
 
@@ -668,17 +668,20 @@ impl Cluster {
 /// The modules on this host's disk that its records refer to.
 fn held_modules(functions: &Functions) -> BTreeSet<String> {
     functions
-        .records()
-        .iter()
-        .flat_map(|r| {
-            r.entry
+        .scan_records(|r| {
+            let shas: Vec<String> = r
+                .entry
                 .versions
                 .iter()
-                .map(|v| v.sha256.clone())
-                .chain(r.serving.iter().map(|s| s.sha256.clone()))
-                .collect::<Vec<_>>()
+                .map(|v| &v.sha256)
+                .chain(r.serving.iter().map(|s| &s.sha256))
+                .filter(|sha| functions.store.has_module(sha))
+                .cloned()
+                .collect();
+            Some(shas)
         })
-        .filter(|sha| functions.store.has_module(sha))
+        .into_iter()
+        .flatten()
         .collect()
 }
 

@@ -33,8 +33,12 @@ struct Progress {
     /// the entry's latest stamp: nothing to do until it changes.
     settled: HashMap<FunctionName, Stamp>,
     /// The policy text this host last wrote to a function's file or
-    /// published from it: a file that says something else was edited here.
-    policies: BTreeMap<FunctionName, String>,
+    /// published from it (its hash): a file that says something else was
+    /// edited here.
+    policies: BTreeMap<FunctionName, u64>,
+    /// Edits made here that the registry refused (too large to gossip), by
+    /// the file's hash: not tried again until the file changes.
+    refused: HashMap<FunctionName, u64>,
     /// Registry policy texts this host failed to write (invalid here, a
     /// full disk), and when: tried again after [`RETRY_MAX`], or at once when
     /// the registry says something else.
@@ -139,15 +143,14 @@ async fn merge(cluster: &Cluster, state: &Functions, fresh: Vec<FunctionState>) 
 fn unsettled(state: &Functions, progress: &Mutex<Progress>) -> Vec<FunctionName> {
     let mut progress = progress.lock().unwrap_or_else(|e| e.into_inner());
     let now = Instant::now();
-    let mut names = Vec::new();
-    for record in state.records() {
+    let candidates = state.scan_records(|record| {
         let name = &record.name;
         let stamp = record.entry.max_stamp();
         if progress.settled.get(name) == Some(&stamp)
             || progress.applying.contains(name)
             || progress.failed.get(name).is_some_and(|(_, at)| *at > now)
         {
-            continue;
+            return None;
         }
         let serving = record.serving.as_ref().map(|s| s.version);
         let active = record.entry.active().map(|v| v.id);
@@ -156,12 +159,16 @@ fn unsettled(state: &Functions, progress: &Mutex<Progress>) -> Vec<FunctionName>
             .versions
             .iter()
             .any(|v| !state.store.has_module(&v.sha256));
-        if serving == active && !missing {
-            progress.settled.insert(name.clone(), stamp);
-            continue;
+        Some((name.clone(), stamp, serving == active && !missing))
+    });
+    let mut names = Vec::new();
+    for (name, stamp, settled) in candidates {
+        if settled {
+            progress.settled.insert(name, stamp);
+        } else {
+            progress.applying.insert(name.clone());
+            names.push(name);
         }
-        progress.applying.insert(name.clone());
-        names.push(name.clone());
     }
     names
 }
@@ -219,54 +226,69 @@ async fn apply(
 /// here (it says something this host neither wrote nor published; removed,
 /// it says the defaults) becomes a change of the registry's text.
 async fn sync_policies(cluster: &Cluster, state: &Functions, progress: &Mutex<Progress>) {
-    for record in state.records() {
-        let name = &record.name;
-        let file = state.policy_source(name);
-        let registry = record.entry.policy.as_ref().map(|p| p.text.clone());
-        let (file_text, registry_text) = (
-            file.clone().unwrap_or_default(),
-            registry.clone().unwrap_or_default(),
-        );
+    let seen = state.scan_records(|record| {
+        let file = state.policy_source(&record.name);
+        let registry = record.entry.policy.as_ref().map_or("", |p| p.text.as_str());
+        Some(if file.as_deref().unwrap_or_default() == registry {
+            Policy::Same(record.name.clone(), text_hash(registry))
+        } else {
+            Policy::Differ(record.name.clone(), file, registry.to_string())
+        })
+    });
+    for seen in seen {
+        let (name, file, registry_text) = match seen {
+            Policy::Same(name, hash) => {
+                let mut guard = progress.lock().unwrap_or_else(|e| e.into_inner());
+                guard.policies.insert(name, hash);
+                continue;
+            }
+            Policy::Differ(name, file, registry) => (name, file, registry),
+        };
+        let name = &name;
+        let file_text = file.clone().unwrap_or_default();
+        let file_hash = text_hash(&file_text);
         // Before this host wrote or published anything of the function: a
         // file is an edit made here (while it was down, say); no file is a
         // host that has yet to write the registry's text.
-        let (edited_here, unwritable) = {
-            let mut guard = progress.lock().unwrap_or_else(|e| e.into_inner());
-            if file_text == registry_text {
-                guard.policies.insert(name.clone(), file_text);
-                continue;
-            }
+        let (edited_here, skip) = {
+            let guard = progress.lock().unwrap_or_else(|e| e.into_inner());
             let edited_here = match guard.policies.get(name) {
-                Some(last) => file_text != *last,
+                Some(last) => file_hash != *last,
                 None => file.is_some(),
             };
-            (
-                edited_here,
+            let skip = if edited_here {
+                guard.refused.get(name) == Some(&file_hash)
+            } else {
                 guard
                     .unwritable
                     .get(name)
-                    .is_some_and(|(text, at)| *text == registry_text && at.elapsed() < RETRY_MAX),
-            )
+                    .is_some_and(|(text, at)| *text == registry_text && at.elapsed() < RETRY_MAX)
+            };
+            (edited_here, skip)
         };
+        if skip {
+            continue;
+        }
         if edited_here {
             tracing::info!(function = %name, "policy edited here; publishing it to the cluster");
             let admin = state.lock_admin().await;
-            match state.set_policy(&admin, name, file_text.clone()) {
-                Ok(_) => cluster.publish(state, name).await,
-                Err(error) => {
-                    tracing::warn!(function = %name, error = %error.message, "cannot record the policy edit");
-                    continue;
-                }
+            let recorded = state.set_policy(&admin, name, file_text);
+            if recorded.is_ok() {
+                cluster.publish(state, name).await;
             }
             drop(admin);
-            progress
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .policies
-                .insert(name.clone(), file_text);
-            continue;
-        }
-        if unwritable {
+            let mut guard = progress.lock().unwrap_or_else(|e| e.into_inner());
+            match recorded {
+                Ok(_) => {
+                    guard.refused.remove(name);
+                    guard.policies.insert(name.clone(), file_hash);
+                }
+                Err(error) => {
+                    // Once per edit: in force here, not in the cluster.
+                    tracing::warn!(function = %name, error = %error.message, "a policy edited here cannot go to the cluster; it is in force on this host only");
+                    guard.refused.insert(name.clone(), file_hash);
+                }
+            }
             continue;
         }
         let policies = Arc::clone(&state.policies);
@@ -280,7 +302,9 @@ async fn sync_policies(cluster: &Cluster, state: &Functions, progress: &Mutex<Pr
         match written {
             Ok(()) => {
                 guard.unwritable.remove(name);
-                guard.policies.insert(name.clone(), registry_text);
+                guard
+                    .policies
+                    .insert(name.clone(), text_hash(&registry_text));
             }
             Err(error) => {
                 tracing::warn!(function = %name, error, "cannot write the registry's policy here; keeping the file as it is");
@@ -290,6 +314,23 @@ async fn sync_policies(cluster: &Cluster, state: &Functions, progress: &Mutex<Pr
             }
         }
     }
+}
+
+/// A function's policy file against the registry's text.
+enum Policy {
+    /// They say the same; its hash.
+    Same(FunctionName, u64),
+    /// The file's text (`None`: no file) and the registry's.
+    Differ(FunctionName, Option<String>, String),
+}
+
+/// A policy text's hash: what the round remembers of texts it wrote or
+/// published.
+fn text_hash(text: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::collections::hash_map::DefaultHasher::new();
+    text.hash(&mut hasher);
+    hasher.finish()
 }
 
 /// Gets a module from a peer that holds it, checking its hash: a peer is
