@@ -187,10 +187,13 @@ impl Net {
         let mut command = Command::new("ip");
         command.args(["netns", "exec", &host.ns]);
         if let Some(shift) = &host.clock_shift {
+            // libfaketime preloaded, not through the `faketime` command,
+            // which forks: the host must be the process this test kills.
             // The wall clock only: timers (monotonic) keep real time.
             command
-                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1")
-                .args(["faketime", "-f", shift]);
+                .env("LD_PRELOAD", libfaketime())
+                .env("FAKETIME", shift)
+                .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
         command
             .arg(env!("CARGO_BIN_EXE_lichen"))
@@ -376,6 +379,17 @@ impl Host {
         }
         text
     }
+}
+
+/// Debian's libfaketime (package `faketime`).
+fn libfaketime() -> PathBuf {
+    let lib = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|arch| arch.path().join("faketime/libfaketime.so.1"))
+        .find(|path| path.exists());
+    lib.expect("libfaketime (Debian's faketime package; scripts/test.sh installs it)")
 }
 
 fn nft(ns: &str, rule: &str) {
