@@ -572,7 +572,7 @@ pub struct NatsServer {
     monitor: u16,
 }
 
-fn nats_server_bin() -> PathBuf {
+pub fn nats_server_bin() -> PathBuf {
     let root = repo_root();
     let bin = root.join("target/tools/nats-server/bin/nats-server");
     if !bin.exists() {

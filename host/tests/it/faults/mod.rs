@@ -74,7 +74,16 @@ pub struct Report {
     pub operations: usize,
     pub acknowledged: usize,
     pub unknown: usize,
+    /// Counter increments: acknowledged, unknown, and the final count.
+    pub increments: Option<(u64, u64, u64)>,
     pub violations: Vec<String>,
+}
+
+/// The key-value workload's tally: increments of one counter on NATS.
+#[derive(Default)]
+struct Tally {
+    acked: u64,
+    unknown: u64,
 }
 
 /// A fault, applied for a while, then healed.
@@ -97,13 +106,18 @@ pub enum Fault {
 }
 
 /// Runs the workload for `seconds` with `fault` applied over its middle,
-/// heals, waits for convergence and checks.
-pub async fn scenario(fault: Fault, seconds: u64) -> Report {
+/// heals, waits for convergence and checks. With `kv`, the hosts keep
+/// their stores in a NATS cluster in their namespaces (three replicas) and
+/// a worker increments a counter there.
+pub async fn scenario(fault: Fault, seconds: u64, kv: bool) -> Report {
     let mut net = Net::new(3);
     match fault {
         Fault::ClockAhead => net.hosts[2].clock_shift = Some("+30s".to_string()),
         Fault::FullDisk => net.hosts[1].small_disk = Some("24m"),
         _ => {}
+    }
+    if kv {
+        net.start_nats().await;
     }
     net.start_all().await;
     let urls: Vec<String> = net.hosts.iter().map(|h| h.url.clone()).collect();
@@ -118,14 +132,24 @@ pub async fn scenario(fault: Fault, seconds: u64) -> Report {
         })
         .await;
     }
+    if kv {
+        deploy_counter(&urls).await;
+    }
     let history = Arc::new(Mutex::new(History::default()));
+    let tally = Arc::new(Mutex::new(Tally::default()));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let workers: Vec<_> = (0..3)
+    let mut workers: Vec<_> = (0..3)
         .map(|worker| {
             let (urls, history, stop) = (urls.clone(), Arc::clone(&history), Arc::clone(&stop));
             tokio::spawn(async move { work(worker, &urls, &history, &stop).await })
         })
         .collect();
+    if kv {
+        let (urls, tally, stop) = (urls.clone(), Arc::clone(&tally), Arc::clone(&stop));
+        workers.push(tokio::spawn(
+            async move { count(&urls, &tally, &stop).await },
+        ));
+    }
     let third = Duration::from_secs(seconds.max(6) / 3);
     tokio::time::sleep(third).await;
     let filler = inject(&mut net, fault);
@@ -138,7 +162,118 @@ pub async fn scenario(fault: Fault, seconds: u64) -> Report {
         worker.await.expect("a workload worker");
     }
     let history = std::mem::take(&mut history.lock().unwrap().ops);
-    check(&net, history).await
+    let mut report = check(&net, history).await;
+    if kv && report.violations.is_empty() {
+        let tally = std::mem::take(&mut *tally.lock().unwrap());
+        check_counter(&net, tally, &mut report).await;
+    }
+    report
+}
+
+/// Deploys the counter with its policy (a store, `default`) and waits
+/// until every host answers it.
+async fn deploy_counter(urls: &[String]) {
+    let deployed = admin(
+        &urls[0],
+        Method::PUT,
+        "/v1/functions/counter",
+        component("counter"),
+    )
+    .await;
+    assert!(deployed.is_ok_and(|r| r.status == StatusCode::CREATED));
+    let policy = std::fs::read(common::repo_root().join("policies/counter.toml")).unwrap();
+    let put = admin(
+        &urls[0],
+        Method::PUT,
+        "/v1/functions/counter/policy",
+        policy,
+    )
+    .await;
+    assert!(put.is_ok_and(|r| r.status == StatusCode::OK));
+    for url in urls {
+        common::eventually("every host counts", || async {
+            common::call(
+                Method::GET,
+                &format!("{url}/fn/counter/warm-up"),
+                &[],
+                Vec::new(),
+                OP_LIMIT,
+            )
+            .await
+            .is_ok_and(|r| r.status == StatusCode::OK)
+        })
+        .await;
+    }
+}
+
+/// The key-value worker: increments one counter through random hosts.
+async fn count(urls: &[String], tally: &Mutex<Tally>, stop: &std::sync::atomic::AtomicBool) {
+    let mut turn = 0usize;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        turn += 1;
+        let url = &urls[turn % urls.len()];
+        let answer = common::call(
+            Method::POST,
+            &format!("{url}/fn/counter/c"),
+            &[],
+            Vec::new(),
+            OP_LIMIT,
+        )
+        .await;
+        let outcome = op(Kind::Invoke, 0, "counter", &answer).outcome;
+        {
+            let mut tally = tally.lock().unwrap();
+            match outcome {
+                Outcome::Ok => tally.acked += 1,
+                Outcome::Unknown => tally.unknown += 1,
+                Outcome::Fail => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+}
+
+/// acknowledged <= final <= acknowledged + unknown: one more increment
+/// reads the final count.
+async fn check_counter(net: &Net, mut tally: Tally, report: &mut Report) {
+    let url = &net.hosts[net.live()[0]].url;
+    let started = Instant::now();
+    let visits = loop {
+        let answer = common::call(
+            Method::POST,
+            &format!("{url}/fn/counter/c"),
+            &[],
+            Vec::new(),
+            OP_LIMIT,
+        )
+        .await;
+        match answer {
+            Ok(reply) if reply.status == StatusCode::OK => {
+                break reply.json()["visits"].as_u64().unwrap_or(0);
+            }
+            answer => {
+                if op(Kind::Invoke, 0, "counter", &answer).outcome == Outcome::Unknown {
+                    tally.unknown += 1;
+                }
+            }
+        }
+        if started.elapsed() > CONVERGE_WITHIN {
+            report
+                .violations
+                .push("the counter could not be read after the heal".to_string());
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    };
+    // The read itself added one.
+    let last = visits.saturating_sub(1);
+    report.increments = Some((tally.acked, tally.unknown, last));
+    if last < tally.acked || last > tally.acked + tally.unknown {
+        report.violations.push(format!(
+            "the counter is {last}: {} increments acknowledged, {} unknown",
+            tally.acked, tally.unknown
+        ));
+    }
 }
 
 fn inject(net: &mut Net, fault: Fault) -> Option<std::path::PathBuf> {
@@ -429,6 +564,7 @@ async fn check(net: &Net, history: Vec<Op>) -> Report {
             .iter()
             .filter(|o| o.outcome == Outcome::Unknown)
             .count(),
+        increments: None,
         violations: Vec::new(),
     };
     let live = net.live();
@@ -579,8 +715,8 @@ async fn check(net: &Net, history: Vec<Op>) -> Report {
 }
 
 /// Runs `fault` and fails on any violation.
-async fn quick(fault: Fault) {
-    let report = scenario(fault, 18).await;
+async fn quick(fault: Fault, kv: bool) {
+    let report = scenario(fault, 18, kv).await;
     eprintln!("{fault:?}: {report:?}");
     assert!(
         report.acknowledged > 10,
@@ -595,19 +731,19 @@ async fn quick(fault: Fault) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_loses_no_acknowledged_change() {
-    quick(Fault::Partition).await;
+    quick(Fault::Partition, true).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_and_a_pause_lose_no_acknowledged_change() {
-    quick(Fault::Crash).await;
-    quick(Fault::Pause).await;
+    quick(Fault::Crash, true).await;
+    quick(Fault::Pause, false).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_skewed_clock_and_a_full_disk_lose_no_acknowledged_change() {
-    quick(Fault::ClockAhead).await;
-    quick(Fault::FullDisk).await;
+    quick(Fault::ClockAhead, false).await;
+    quick(Fault::FullDisk, false).await;
 }
 
 /// The whole campaign: every fault, `LICHEN_FAULTS_SECONDS` each (default
@@ -632,9 +768,14 @@ async fn campaign() {
         Fault::ClockAhead,
         Fault::FullDisk,
     ] {
-        let report = scenario(fault, seconds).await;
+        let report = scenario(fault, seconds, true).await;
+        let increments = report
+            .increments
+            .map_or("–".to_string(), |(acked, unknown, last)| {
+                format!("{acked} acked, {unknown} unknown, final {last}")
+            });
         table.push_str(&format!(
-            "| {fault:?} | {} | {} | {} | {} | {} |\n",
+            "| {fault:?} | {} | {} | {} | {} | {increments} | {} |\n",
             describe(fault),
             report.operations,
             report.acknowledged,

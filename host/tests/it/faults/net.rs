@@ -56,6 +56,9 @@ pub struct Net {
     subnet: u8,
     pub hosts: Vec<Host>,
     root: tempfile::TempDir,
+    /// The hosts use the NATS cluster in their namespaces for key-value
+    /// stores (three replicas).
+    nats: bool,
 }
 
 /// One host: its namespace, address, data directory and process.
@@ -71,6 +74,8 @@ pub struct Host {
     /// Its data directory is a tmpfs of this size.
     pub small_disk: Option<&'static str>,
     paused: bool,
+    /// A nats-server beside it in its namespace, when the net has NATS.
+    nats: Option<Spawned>,
 }
 
 impl Net {
@@ -91,6 +96,7 @@ impl Net {
             subnet,
             hosts: Vec::new(),
             root,
+            nats: false,
         };
         run(
             "ip",
@@ -152,6 +158,7 @@ impl Net {
                 clock_shift: None,
                 small_disk: None,
                 paused: false,
+                nats: None,
             });
         }
         net
@@ -162,8 +169,73 @@ impl Net {
         format!("10.77.{}.254", self.subnet)
     }
 
+    /// Starts a nats-server in each host's namespace, clustered, JetStream
+    /// fsyncing every write; the hosts started after use it.
+    pub async fn start_nats(&mut self) {
+        let routes: Vec<String> = self
+            .hosts
+            .iter()
+            .map(|h| format!("nats://{}:6222", h.ip))
+            .collect();
+        for host in &mut self.hosts {
+            let store = host.dir.join("nats");
+            let config = host.dir.join("nats.conf");
+            std::fs::write(
+                &config,
+                format!(
+                    "jetstream {{\n  store_dir: {:?}\n  sync_interval: always\n}}\n",
+                    store.display().to_string()
+                ),
+            )
+            .unwrap();
+            let child = Command::new("ip")
+                .args(["netns", "exec", &host.ns])
+                .arg(common::nats_server_bin())
+                .args(["--config", config.to_str().unwrap()])
+                .args(["--addr", &host.ip, "--port", "4222", "--http_port", "8222"])
+                .args(["--server_name", &format!("n{}", host.index)])
+                .args([
+                    "--cluster_name",
+                    "faults",
+                    "--cluster",
+                    &format!("nats://{}:6222", host.ip),
+                ])
+                .args(["--routes", &routes.join(",")])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map(Spawned::new)
+                .expect("starting nats-server in its namespace");
+            host.nats = Some(child);
+        }
+        for host in &self.hosts {
+            let url = format!("http://{}:8222/healthz?js-enabled-only=true", host.ip);
+            common::eventually(&format!("n{} is healthy", host.index), || async {
+                common::call(
+                    http::Method::GET,
+                    &url,
+                    &[],
+                    Vec::new(),
+                    Duration::from_secs(2),
+                )
+                .await
+                .is_ok_and(|r| r.status == http::StatusCode::OK)
+            })
+            .await;
+        }
+        self.nats = true;
+    }
+
     /// Starts host `i` (0-based), joining through host 0.
     pub fn start(&mut self, i: usize) {
+        let nats_urls: Vec<String> = if self.nats {
+            self.hosts
+                .iter()
+                .map(|h| format!("nats://{}:4222", h.ip))
+                .collect()
+        } else {
+            Vec::new()
+        };
         let seed = format!("{}:7946", self.hosts[0].ip);
         let host = &mut self.hosts[i];
         let data = host.dir.join("data");
@@ -215,6 +287,13 @@ impl Net {
             );
         if i > 0 {
             command.args(["--peer", &seed]);
+        }
+        if !nats_urls.is_empty() {
+            command.args(["--kv-backend", "nats", "--kv-nats-replicas", "3"]);
+            command.args(["--kv-nats-timeout", "5s"]);
+            for url in &nats_urls {
+                command.args(["--kv-nats-url", url]);
+            }
         }
         let child = command
             .spawn()
@@ -329,6 +408,10 @@ impl Drop for Net {
                 self.pause(i, false);
             }
             self.kill(i);
+            if let Some(mut nats) = self.hosts[i].nats.take() {
+                let _ = nats.kill();
+                let _ = nats.wait();
+            }
         }
         for host in &self.hosts {
             let data = host.dir.join("data");
