@@ -36,12 +36,30 @@ for dir in /proc/[0-9]*; do
     } 2>/dev/null || true
     [ -n "$found" ] && left+=("$pid")
 done
-[ ${#left[@]} -eq 0 ] && exit 0
-echo "leftovers: ${#left[@]} process(es) outlived the tests that started them:" >&2
-for pid in "${left[@]}"; do
-    args=()
-    { mapfile -d '' args <"/proc/$pid/cmdline"; } 2>/dev/null || true
-    echo "  $pid ${args[*]}" >&2
-done
-kill -KILL "${left[@]}" 2>/dev/null || true
-exit 1
+status=0
+if [ ${#left[@]} -gt 0 ]; then
+    echo "leftovers: ${#left[@]} process(es) outlived the tests that started them:" >&2
+    for pid in "${left[@]}"; do
+        args=()
+        { mapfile -d '' args <"/proc/$pid/cmdline"; } 2>/dev/null || true
+        echo "  $pid ${args[*]}" >&2
+    done
+    kill -KILL "${left[@]}" 2>/dev/null || true
+    status=1
+fi
+# The fault campaign's network namespaces (lf<pid><n>sw, lf<pid><n>h<i>),
+# deleted by its tests when they end: any left is one a test lost.
+if command -v ip >/dev/null; then
+    namespaces=$(ip netns list 2>/dev/null | while read -r name _; do
+        [[ "$name" =~ ^lf[0-9]+(sw|h[0-9]+)$ ]] && echo "$name"
+    done)
+    if [ -n "$namespaces" ]; then
+        echo "leftovers: network namespaces outlived the tests that made them:" $namespaces >&2
+        for name in $namespaces; do
+            ip netns pids "$name" 2>/dev/null | while read -r pid; do kill -KILL "$pid" 2>/dev/null || true; done
+            ip netns del "$name" 2>/dev/null || true
+        done
+        status=1
+    fi
+fi
+exit $status

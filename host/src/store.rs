@@ -121,6 +121,23 @@ impl FunctionRecord {
         }
     }
 
+    /// What the gossip round must act on, hashed: which version is active
+    /// (or deleted), the versions kept, and the version served here. Any
+    /// change to these changes it; stamps alone do not say, since a merge
+    /// can bring in a head stamped below the entry's latest stamp.
+    pub fn fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        if let Some(head) = &self.entry.head {
+            (head.target, head.stamp, &head.origin).hash(&mut hasher);
+        }
+        for version in &self.entry.versions {
+            (version.id, &version.sha256).hash(&mut hasher);
+        }
+        self.serving.as_ref().map(|s| s.version).hash(&mut hasher);
+        hasher.finish()
+    }
+
     /// Every module the record refers to.
     fn modules(&self) -> impl Iterator<Item = &str> {
         self.entry

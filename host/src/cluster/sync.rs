@@ -15,7 +15,6 @@ use crate::functions::Functions;
 use crate::names::FunctionName;
 use crate::store::sha256_hex;
 use lichen_core::gossip::FunctionState;
-use lichen_core::registry::Stamp;
 
 /// The first wait after an entry failed to apply; it doubles with each
 /// failure in a row, up to [`RETRY_MAX`].
@@ -29,9 +28,9 @@ struct Progress {
     applying: HashSet<FunctionName>,
     /// Names whose entry failed to apply: failures in a row, next try.
     failed: HashMap<FunctionName, (u32, Instant)>,
-    /// Names whose entry applied completely (every kept module here), at
-    /// the entry's latest stamp: nothing to do until it changes.
-    settled: HashMap<FunctionName, Stamp>,
+    /// Names whose entry applied completely (every kept module here), by
+    /// the record's fingerprint: nothing to do until it changes.
+    settled: HashMap<FunctionName, u64>,
     /// The policy text this host last wrote to a function's file or
     /// published from it (its hash): a file that says something else was
     /// edited here.
@@ -145,7 +144,7 @@ fn unsettled(state: &Functions, progress: &Mutex<Progress>) -> Vec<FunctionName>
     let now = Instant::now();
     let candidates = state.scan_records(|record| {
         let name = &record.name;
-        let stamp = record.entry.max_stamp();
+        let stamp = record.fingerprint();
         if progress.settled.get(name) == Some(&stamp)
             || progress.applying.contains(name)
             || progress.failed.get(name).is_some_and(|(_, at)| *at > now)
@@ -176,13 +175,13 @@ fn unsettled(state: &Functions, progress: &Mutex<Progress>) -> Vec<FunctionName>
 /// Makes this host serve the registry's active version of `name` (or
 /// delete it), then fetches the modules of the other versions kept, so any
 /// host can roll back to them and they outlive the host that took them.
-/// Returns the entry's latest stamp, applied.
+/// Returns the fingerprint of the record it started from.
 async fn apply(
     cluster: &Cluster,
     state: &Arc<Functions>,
     name: &FunctionName,
     max_upload: u64,
-) -> anyhow::Result<Stamp> {
+) -> anyhow::Result<u64> {
     let record = state
         .record(name)
         .ok_or_else(|| anyhow::anyhow!("no record of {name}"))?;
@@ -217,7 +216,7 @@ async fn apply(
         cluster.publish(state, name).await;
         drop(guard);
     }
-    Ok(record.entry.max_stamp())
+    Ok(record.fingerprint())
 }
 
 /// Keeps policy files and the registry's policy texts in step. No file

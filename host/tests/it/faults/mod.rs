@@ -595,6 +595,7 @@ async fn check(net: &Net, history: Vec<Op>) -> Report {
             report.violations.push(format!(
                 "hosts did not converge within {CONVERGE_WITHIN:?}: {views:?}"
             ));
+            print_logs(net);
             return report;
         }
         tokio::time::sleep(Duration::from_millis(500)).await;
@@ -702,16 +703,21 @@ async fn check(net: &Net, history: Vec<Op>) -> Report {
         }
     }
     if !report.violations.is_empty() {
-        for host in &net.hosts {
-            eprintln!("--- h{} log tail ---", host.index);
-            let log = host.log();
-            let tail: Vec<&str> = log.lines().rev().take(40).collect();
-            for line in tail.into_iter().rev() {
-                eprintln!("{line}");
-            }
-        }
+        print_logs(net);
     }
     report
+}
+
+/// The end of each host's log, for a violation's report.
+fn print_logs(net: &Net) {
+    for host in &net.hosts {
+        eprintln!("--- h{} log tail ---", host.index);
+        let log = host.log();
+        let tail: Vec<&str> = log.lines().rev().take(40).collect();
+        for line in tail.into_iter().rev() {
+            eprintln!("{line}");
+        }
+    }
 }
 
 /// Runs `fault` and fails on any violation.
