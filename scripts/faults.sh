@@ -14,7 +14,7 @@ set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
 scripts/apt-install.sh nftables faketime iproute2
-functions/build.sh
+env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS functions/build.sh
 # Built as scripts/test.sh builds the tests (linted by clippy-driver as they
 # compile), so the one build serves both.
 export RUSTC_WORKSPACE_WRAPPER="$(rustup which clippy-driver 2>/dev/null || command -v clippy-driver)"

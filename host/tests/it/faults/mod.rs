@@ -807,3 +807,55 @@ fn describe(fault: Fault) -> &'static str {
         Fault::FullDisk => "h2's data on a 24 MiB tmpfs, filled, then freed",
     }
 }
+
+/// A head stamped below the entry's latest stamp (a deploy made apart from
+/// a later-stamped policy edit) is applied like any other change: the round
+/// once took "nothing new" from the latest stamp and never applied it (the
+/// campaign's Crash and ClockAhead scenarios found it).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deploy_stamped_below_a_policy_edit_is_applied_everywhere() {
+    let mut net = Net::new(3);
+    net.hosts[1].clock_shift = Some("+60s".to_string());
+    net.start_all().await;
+    let urls: Vec<String> = net.hosts.iter().map(|h| h.url.clone()).collect();
+    let hello = component("hello");
+    let v1 = deploy_on(&urls[0], distinct(&hello, "v1")).await;
+    for url in &urls {
+        common::eventually("every host serves v1", || async {
+            view(url, "app")
+                .await
+                .is_some_and(|v| v.serving == Some(v1))
+        })
+        .await;
+    }
+    // h3 apart; h2, its clock a minute ahead, edits the policy; h1 takes it.
+    net.partition(&[&[0, 1], &[2]]);
+    let policy = b"[limits]\nconcurrency = 3\n".to_vec();
+    let put = admin(&urls[1], Method::PUT, "/v1/functions/app/policy", policy).await;
+    assert!(put.is_ok_and(|r| r.status == StatusCode::OK));
+    common::eventually("h1 has h2's policy", || async {
+        view(&urls[0], "app")
+            .await
+            .is_some_and(|v| v.policy.as_deref().is_some_and(|p| p.contains("Number(3)")))
+    })
+    .await;
+    // h3, which has not seen it, deploys: stamped after v1, before the edit.
+    let v2 = deploy_on(&urls[2], distinct(&hello, "v2")).await;
+    net.heal();
+    for url in &urls {
+        common::eventually("every host serves v2", || async {
+            view(url, "app")
+                .await
+                .is_some_and(|v| v.serving == Some(v2) && v.active == Some(v2))
+        })
+        .await;
+    }
+}
+
+async fn deploy_on(url: &str, bytes: Vec<u8>) -> u64 {
+    let reply = admin(url, Method::PUT, "/v1/functions/app", bytes)
+        .await
+        .expect("the host answers");
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    reply.json()["version"].as_u64().unwrap()
+}
