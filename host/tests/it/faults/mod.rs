@@ -762,7 +762,7 @@ async fn campaign() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(180);
     let mut table = String::from(
-        "| scenario | faults | operations | acknowledged | unknown | violations |\n| --- | --- | --- | --- | --- | --- |\n",
+        "| scenario | faults | registry operations | acknowledged | unknown | counter increments (NATS, 3 replicas) | violations |\n| --- | --- | --- | --- | --- | --- | --- |\n",
     );
     let mut failed = Vec::new();
     for fault in [
@@ -798,7 +798,7 @@ async fn campaign() {
 
 fn describe(fault: Fault) -> &'static str {
     match fault {
-        Fault::Partition => "nftables: {h1,h2} | {h3}, a third of the run",
+        Fault::Partition => "nftables: {h1,h2} apart from {h3}",
         Fault::OneWay => "nftables: h1 hears nothing from h2",
         Fault::Loss => "nftables numgen: 30 % of packets between hosts dropped",
         Fault::Pause => "SIGSTOP h2, then SIGCONT",
