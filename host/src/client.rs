@@ -209,14 +209,15 @@ pub async fn list(target: &Target) -> Result<String> {
     let value = target
         .call(Method::GET, "/v1/functions", Vec::new())
         .await?;
+    // Version ids are up to 16 digits (below 2^53).
     let mut out = format!(
-        "{:<24} {:>7} {:>10}  {}\n",
+        "{:<24} {:>16} {:>10}  {}\n",
         "NAME", "VERSION", "SIZE", "SHA256"
     );
     for f in value["functions"].as_array().into_iter().flatten() {
         // serde_json's Display ignores width; format the numbers themselves.
         out.push_str(&format!(
-            "{:<24} {:>7} {:>10}  {}\n",
+            "{:<24} {:>16} {:>10}  {}\n",
             f["name"].as_str().unwrap_or("?"),
             f["version"].as_u64().unwrap_or(0),
             f["size"].as_u64().unwrap_or(0),
