@@ -139,7 +139,7 @@ impl FunctionRecord {
     }
 
     /// Every module the record refers to.
-    fn modules(&self) -> impl Iterator<Item = &str> {
+    pub fn modules(&self) -> impl Iterator<Item = &str> {
         self.entry
             .versions
             .iter()

@@ -669,16 +669,12 @@ impl Cluster {
 fn held_modules(functions: &Functions) -> BTreeSet<String> {
     functions
         .scan_records(|r| {
-            let shas: Vec<String> = r
-                .entry
-                .versions
-                .iter()
-                .map(|v| &v.sha256)
-                .chain(r.serving.iter().map(|s| &s.sha256))
+            let held: Vec<String> = r
+                .modules()
                 .filter(|sha| functions.store.has_module(sha))
-                .cloned()
+                .map(str::to_string)
                 .collect();
-            Some(shas)
+            Some(held)
         })
         .into_iter()
         .flatten()

@@ -210,18 +210,7 @@ impl Net {
         }
         for host in &self.hosts {
             let url = format!("http://{}:8222/healthz?js-enabled-only=true", host.ip);
-            common::eventually(&format!("n{} is healthy", host.index), || async {
-                common::call(
-                    http::Method::GET,
-                    &url,
-                    &[],
-                    Vec::new(),
-                    Duration::from_secs(2),
-                )
-                .await
-                .is_ok_and(|r| r.status == http::StatusCode::OK)
-            })
-            .await;
+            until_ok(&format!("n{} is healthy", host.index), &url).await;
         }
         self.nats = true;
     }
@@ -434,18 +423,7 @@ impl Host {
     /// Waits until the host answers `/healthz`.
     pub async fn until_up(&self) {
         let url = format!("{}/healthz", self.url);
-        common::eventually(&format!("h{} answers", self.index), || async {
-            common::call(
-                http::Method::GET,
-                &url,
-                &[],
-                Vec::new(),
-                Duration::from_secs(2),
-            )
-            .await
-            .is_ok_and(|r| r.status == http::StatusCode::OK)
-        })
-        .await;
+        until_ok(&format!("h{} answers", self.index), &url).await;
     }
 
     pub fn log(&self) -> String {
@@ -462,6 +440,22 @@ impl Host {
         }
         text
     }
+}
+
+/// Waits until `GET url` answers `200`: `what` names it if it never does.
+async fn until_ok(what: &str, url: &str) {
+    common::eventually(what, || async {
+        common::call(
+            http::Method::GET,
+            url,
+            &[],
+            Vec::new(),
+            Duration::from_secs(2),
+        )
+        .await
+        .is_ok_and(|r| r.status == http::StatusCode::OK)
+    })
+    .await;
 }
 
 /// Debian's libfaketime (package `faketime`).
