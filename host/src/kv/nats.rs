@@ -39,9 +39,11 @@ use super::{Backend, KvError, Page, Quota, Scope, Usage, add_to_counter, entry_s
 
 const BUCKET_PREFIX: &str = "lichen_";
 const USAGE_KEY: &str = "=usage";
-/// Compare-and-swap rounds before a write gives up on a key that keeps
-/// changing under it.
-const MAX_ROUNDS: usize = 64;
+/// How long a write goes on with compare-and-swap rounds on a key that
+/// keeps changing under it. Time, not a count of rounds: every lost round
+/// is another writer's success, so a writer among many waits its turn for
+/// as long as the others take, and a slow machine takes longer.
+const CAS_PATIENCE: Duration = Duration::from_secs(10);
 
 pub struct NatsBackend {
     client: async_nats::Client,
@@ -115,15 +117,39 @@ fn lost_race(recognised: bool, error: &impl std::fmt::Display) -> bool {
     }
 }
 
-/// A pause before another compare-and-swap round on a contended key:
-/// random, growing with the round up to about 10 ms, so writers that lost
-/// to each other do not collide again in step.
-async fn backoff(round: usize) {
-    let mut byte = [0u8; 1];
-    let _ = getrandom::fill(&mut byte);
-    let ceiling_us = 250 * round.min(40) as u64;
-    let pause = u64::from(byte[0]) * ceiling_us / 255;
-    tokio::time::sleep(Duration::from_micros(pause)).await;
+/// Compare-and-swap rounds of one write: the first at once, each later one
+/// after a random pause growing with the round up to about 10 ms (so
+/// writers that lost to each other do not collide again in step), until
+/// the key has kept changing for [`CAS_PATIENCE`].
+struct Rounds {
+    round: u64,
+    until: tokio::time::Instant,
+}
+
+impl Rounds {
+    fn new() -> Self {
+        Rounds {
+            round: 0,
+            until: tokio::time::Instant::now() + CAS_PATIENCE,
+        }
+    }
+
+    /// Whether to try (again), after the pause.
+    async fn next(&mut self) -> bool {
+        self.round += 1;
+        if self.round == 1 {
+            return true;
+        }
+        if tokio::time::Instant::now() >= self.until {
+            return false;
+        }
+        let mut byte = [0u8; 1];
+        let _ = getrandom::fill(&mut byte);
+        let ceiling_us = 250 * self.round.min(40);
+        let pause = u64::from(byte[0]) * ceiling_us / 255;
+        tokio::time::sleep(Duration::from_micros(pause)).await;
+        true
+    }
 }
 
 /// What a write decided, given the value it found.
@@ -297,10 +323,8 @@ impl NatsBackend {
         bytes: i64,
         quota: Option<Quota>,
     ) -> Result<(), KvError> {
-        for round in 0..MAX_ROUNDS {
-            if round > 0 {
-                backoff(round).await;
-            }
+        let mut rounds = Rounds::new();
+        while rounds.next().await {
             let (usage, revision) = Self::read_usage(store).await?;
             let next = Usage {
                 keys: usage.keys.saturating_add_signed(keys),
@@ -340,10 +364,8 @@ impl NatsBackend {
             };
         };
         let nats_key = encode_key(key);
-        for round in 0..MAX_ROUNDS {
-            if round > 0 {
-                backoff(round).await;
-            }
+        let mut rounds = Rounds::new();
+        while rounds.next().await {
             let (old, revision) = Self::entry(&store, &nats_key).await?;
             let old_size = old.as_deref().map(|v| entry_size(key, v) as i64);
             match decide(old.as_deref())? {
@@ -401,7 +423,8 @@ impl NatsBackend {
             }
         }
         Err(unavailable(format!(
-            "{key:?} kept changing under {MAX_ROUNDS} attempts to write it"
+            "{key:?} kept changing for {} s of attempts to write it",
+            CAS_PATIENCE.as_secs()
         )))
     }
 
