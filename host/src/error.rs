@@ -39,6 +39,9 @@ pub struct ApiError {
     pub code: &'static str,
     pub message: String,
     pub retry_after_secs: Option<u32>,
+    /// On a `409 registry_contended`: the registry revision the change
+    /// lost to (in the body as `revision`).
+    pub revision: Option<u64>,
 }
 
 impl ApiError {
@@ -48,7 +51,20 @@ impl ApiError {
             code,
             message: message.into(),
             retry_after_secs: None,
+            revision: None,
         }
+    }
+
+    /// Tells the client to wait `secs` before trying again.
+    pub fn retry_after(mut self, secs: u32) -> Self {
+        self.retry_after_secs = Some(secs);
+        self
+    }
+
+    /// Names the registry revision a change lost to.
+    pub fn with_revision(mut self, revision: u64) -> Self {
+        self.revision = Some(revision);
+        self
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
@@ -94,7 +110,10 @@ impl ApiError {
     }
 
     pub fn into_response(self) -> Response<Body> {
-        let body = serde_json::json!({ "error": self.message, "code": self.code });
+        let mut body = serde_json::json!({ "error": self.message, "code": self.code });
+        if let Some(revision) = self.revision {
+            body["revision"] = revision.into();
+        }
         let mut response = Response::new(full_body(body.to_string()));
         *response.status_mut() = self.status;
         response.headers_mut().insert(

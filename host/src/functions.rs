@@ -31,13 +31,15 @@ use bytes::Bytes;
 
 use crate::engine::{Deployed, Runtime};
 use crate::error::ApiError;
-use crate::kv::{Backend, Kv, KvAccess};
+use crate::kv::nats::{CAS_PATIENCE, Rounds};
+use crate::kv::{Backend, Kv, KvAccess, KvError};
 use crate::metrics::Metrics;
 use crate::names::FunctionName;
 use crate::outbound::Outbound;
 use crate::policy::PolicyTable;
 use crate::recent::Recent;
 use crate::scheduler::Scheduler;
+use crate::shared_registry::{SharedRegistry, Written};
 use crate::store::{FunctionRecord, KEEP_VERSIONS, ModuleStore, VersionInfo};
 use lichen_core::registry::{Clock, Entry, MAX_ENTRY_BYTES, Merged, Stamp, Version};
 
@@ -67,6 +69,9 @@ pub struct Functions {
     hlc: Mutex<Clock>,
     /// This host's name in the registry (its node id in a cluster).
     origin: String,
+    /// The cluster's registry on NATS, where changes are written first
+    /// (`--cluster-registry nats`); `None`: gossip only.
+    shared: Option<Arc<SharedRegistry>>,
     /// The key-value backend of every function's stores.
     pub kv: Arc<Kv>,
     /// The backend with its metrics, as every invocation is handed it (one
@@ -108,6 +113,7 @@ impl Functions {
             records: RwLock::new(BTreeMap::new()),
             hlc: Mutex::new(Clock::default()),
             origin: "local".to_string(),
+            shared: None,
             kv_access: Arc::new(KvAccess {
                 backend: Arc::clone(&services.kv),
                 metrics: metrics_kv,
@@ -166,6 +172,18 @@ impl Functions {
         self
     }
 
+    /// Writes every change to `shared` first (the cluster's registry on
+    /// NATS).
+    pub fn with_shared_registry(mut self, shared: Arc<SharedRegistry>) -> Self {
+        self.shared = Some(shared);
+        self
+    }
+
+    /// The cluster's registry on NATS, if changes go there.
+    pub fn shared_registry(&self) -> Option<&Arc<SharedRegistry>> {
+        self.shared.as_ref()
+    }
+
     /// This host's name in the registry.
     pub fn origin(&self) -> &str {
         &self.origin
@@ -215,6 +233,76 @@ impl Functions {
         Ok(())
     }
 
+    /// With the registry on NATS: joins its latest entry of `name` into the
+    /// record here first, so a change is decided on what the cluster has
+    /// (the no-op deploy, the version rolled back to). Callers hold the
+    /// admin lock.
+    async fn refresh(&self, admin: &AdminGuard<'_>, name: &FunctionName) -> Result<(), ApiError> {
+        let Some(shared) = &self.shared else {
+            return Ok(());
+        };
+        let (latest, _) = shared.read(name).await.map_err(registry_unavailable)?;
+        if let Some(latest) = latest {
+            self.merge(admin, name, &latest)?;
+        }
+        Ok(())
+    }
+
+    /// Makes `change` on `record`'s entry. With the registry on NATS, on
+    /// its latest entry of the name (joined into the record's) and written
+    /// there before anything else: if someone wrote the name in between,
+    /// the change is made again on the newer entry, for up to
+    /// [`CAS_PATIENCE`]; past it, `409 registry_contended` with the
+    /// revision it lost to.
+    async fn make_change(
+        &self,
+        record: &mut FunctionRecord,
+        mut change: impl FnMut(&Self, &mut Entry) -> Result<(), ApiError>,
+    ) -> Result<(), ApiError> {
+        let Some(shared) = &self.shared else {
+            return change(self, &mut record.entry);
+        };
+        let name = record.name.clone();
+        let mut rounds = Rounds::new();
+        while rounds.next().await {
+            let (latest, revision) = shared.read(&name).await.map_err(registry_unavailable)?;
+            let mut entry = record.entry.clone();
+            if let Some(latest) = latest {
+                self.observe(latest.max_stamp());
+                entry.merge(&latest);
+            }
+            change(self, &mut entry)?;
+            match shared.write(&name, &entry, revision).await {
+                Ok(Written::At(_)) => {
+                    record.entry = entry;
+                    return Ok(());
+                }
+                Ok(Written::Lost) => {}
+                Err(
+                    KvError::Unavailable(error) | KvError::Invalid(error) | KvError::Limit(error),
+                ) => {
+                    return Err(ApiError::new(
+                        http::StatusCode::SERVICE_UNAVAILABLE,
+                        "registry_unavailable",
+                        format!(
+                            "writing {name} to the cluster's registry (NATS) failed, so the change may or may not have been made (GET the function to see): {error}"
+                        ),
+                    ));
+                }
+            }
+        }
+        let (_, revision) = shared.read(&name).await.map_err(registry_unavailable)?;
+        Err(ApiError::new(
+            http::StatusCode::CONFLICT,
+            "registry_contended",
+            format!(
+                "{name} kept changing in the cluster's registry for {} s; this change was not made (it lost to revision {revision}); try again",
+                CAS_PATIENCE.as_secs()
+            ),
+        )
+        .with_revision(revision))
+    }
+
     /// Deploys `bytes` as a new version of `name` made here, active at
     /// once. `None`: those bytes are the active version already (nothing
     /// changes).
@@ -226,6 +314,7 @@ impl Functions {
         oci: Option<crate::oci::OciSource>,
     ) -> Result<Option<VersionInfo>, ApiError> {
         let sha256 = crate::store::sha256_hex(&bytes);
+        self.refresh(_admin, name).await?;
         let mut record = self
             .record(name)
             .unwrap_or_else(|| FunctionRecord::new(name.clone()));
@@ -252,7 +341,22 @@ impl Functions {
         }
         let info = record.info(&version);
         let deployed = self.prepare(name, info, Some(bytes)).await?;
-        record.entry.deploy(version);
+        // Made on the latest entry: after whatever was deployed meanwhile.
+        self.make_change(&mut record, |functions, entry| {
+            if entry.version(version.id).is_some() {
+                return Err(ApiError::new(
+                    http::StatusCode::CONFLICT,
+                    "registry_contended",
+                    format!("{name} has a version {} already; deploy again", version.id),
+                ));
+            }
+            let mut version = version.clone();
+            version.parent = entry.active().map(|v| v.id);
+            version.stamp = functions.tick();
+            entry.deploy(version);
+            Ok(())
+        })
+        .await?;
         record.serving = Some(deployed.version.clone());
         let installed = deployed.version.clone();
         self.install(record, deployed)?;
@@ -267,6 +371,7 @@ impl Functions {
         name: &FunctionName,
         wanted: Option<u64>,
     ) -> Result<VersionInfo, ApiError> {
+        self.refresh(_admin, name).await?;
         let mut record = self
             .record(name)
             .filter(|r| r.entry.active().is_some())
@@ -317,9 +422,21 @@ impl Functions {
         }
         let info = record.info(&target);
         let deployed = self.prepare(name, info, None).await?;
-        let stamp = self.tick();
-        let origin = self.origin.clone();
-        record.entry.point_head(Some(target.id), stamp, &origin);
+        self.make_change(&mut record, |functions, entry| {
+            if entry.version(target.id).is_none() {
+                return Err(ApiError::new(
+                    http::StatusCode::CONFLICT,
+                    "registry_contended",
+                    format!(
+                        "version {} of {name} left the kept versions while rolling back to it",
+                        target.id
+                    ),
+                ));
+            }
+            entry.point_head(Some(target.id), functions.tick(), &functions.origin);
+            Ok(())
+        })
+        .await?;
         record.serving = Some(deployed.version.clone());
         let installed = deployed.version.clone();
         self.install(record, deployed)?;
@@ -328,12 +445,20 @@ impl Functions {
 
     /// Deletes `name`, as a change made here; `false` if it was not
     /// deployed. The tombstone is on disk before the function goes.
-    pub fn delete(&self, _admin: &AdminGuard<'_>, name: &FunctionName) -> Result<bool, ApiError> {
+    pub async fn delete(
+        &self,
+        _admin: &AdminGuard<'_>,
+        name: &FunctionName,
+    ) -> Result<bool, ApiError> {
+        self.refresh(_admin, name).await?;
         let Some(mut record) = self.record(name).filter(|r| r.entry.active().is_some()) else {
             return Ok(false);
         };
-        let stamp = self.tick();
-        record.entry.point_head(None, stamp, &self.origin);
+        self.make_change(&mut record, |functions, entry| {
+            entry.point_head(None, functions.tick(), &functions.origin);
+            Ok(())
+        })
+        .await?;
         self.stop_serving(record)?;
         Ok(true)
     }
@@ -369,12 +494,13 @@ impl Functions {
 
     /// Records a policy text for `name` as a change made here (the file is
     /// the caller's). `false` if the registry has no entry of `name`.
-    pub fn set_policy(
+    pub async fn set_policy(
         &self,
         _admin: &AdminGuard<'_>,
         name: &FunctionName,
         text: String,
     ) -> Result<bool, ApiError> {
+        self.refresh(_admin, name).await?;
         let Some(mut record) = self.record(name) else {
             return Ok(false);
         };
@@ -382,8 +508,11 @@ impl Functions {
             return Ok(true);
         }
         self.check_policy_size(name, &text)?;
-        let stamp = self.tick();
-        record.entry.set_policy(text, stamp, &self.origin);
+        self.make_change(&mut record, |functions, entry| {
+            entry.set_policy(text.clone(), functions.tick(), &functions.origin);
+            Ok(())
+        })
+        .await?;
         self.commit(record)?;
         Ok(true)
     }
@@ -698,4 +827,15 @@ impl Slot {
         let now = clock.fetch_add(1, Ordering::Relaxed);
         self.last_used.store(now, Ordering::Relaxed);
     }
+}
+
+/// The cluster's registry on NATS could not be read: nothing changed.
+fn registry_unavailable(error: KvError) -> ApiError {
+    let (KvError::Unavailable(error) | KvError::Invalid(error) | KvError::Limit(error)) = error;
+    ApiError::new(
+        http::StatusCode::SERVICE_UNAVAILABLE,
+        "registry_unavailable",
+        format!("the cluster's registry (NATS) cannot be read, so nothing changed: {error}"),
+    )
+    .retry_after(crate::error::RETRY_AFTER_SECS)
 }

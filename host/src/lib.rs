@@ -20,6 +20,7 @@ pub mod recent;
 pub mod sandbox;
 pub mod scheduler;
 pub mod server;
+pub mod shared_registry;
 pub mod store;
 pub mod tls;
 pub mod train;

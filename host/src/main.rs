@@ -278,13 +278,41 @@ struct ClusterArgs {
     /// after about ten.
     #[arg(long, default_value_t = 200)]
     gossip_interval_ms: u64,
+    /// Where the registry of functions lives: `gossip`, on the hosts only;
+    /// `nats`, in the NATS cluster of `--kv-backend nats` (changes of one
+    /// function totally ordered by its log) [default: nats with
+    /// `--kv-backend nats`, else gossip].
+    #[arg(long, value_enum, value_name = "WHERE")]
+    cluster_registry: Option<RegistryArg>,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RegistryArg {
+    Gossip,
+    Nats,
 }
 
 impl ClusterArgs {
-    fn config(self, listen: SocketAddr) -> anyhow::Result<Option<lichen::cluster::ClusterConfig>> {
+    fn config(
+        self,
+        listen: SocketAddr,
+        kv: &KvConfig,
+    ) -> anyhow::Result<Option<lichen::cluster::ClusterConfig>> {
+        let kv_on_nats = matches!(kv, KvConfig::Nats { .. });
         if self.peers.is_empty() && self.gossip.is_none() {
+            if self.cluster_registry.is_some() {
+                anyhow::bail!("--cluster-registry needs a cluster (--peer or --gossip)");
+            }
             return Ok(None);
         }
+        let shared_registry = match self.cluster_registry {
+            None => kv_on_nats,
+            Some(RegistryArg::Gossip) => false,
+            Some(RegistryArg::Nats) if kv_on_nats => true,
+            Some(RegistryArg::Nats) => anyhow::bail!(
+                "--cluster-registry nats needs --kv-backend nats (the registry lives in the same NATS cluster)"
+            ),
+        };
         let secret = match (self.cluster_secret, self.cluster_secret_file) {
             (Some(secret), _) => secret,
             (None, Some(file)) => secret_from(&file)?,
@@ -312,6 +340,7 @@ impl ClusterArgs {
             seeds: self.peers,
             secret: lichen::cluster::Secret::new(&secret)?,
             gossip_interval: std::time::Duration::from_millis(self.gossip_interval_ms.max(10)),
+            shared_registry,
         }))
     }
 }
@@ -509,8 +538,8 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_connections = args.max_connections;
     config.max_in_flight = args.max_in_flight;
     config.max_loaded_functions = args.max_loaded_functions;
-    config.cluster = args.cluster.config(args.listen)?;
     config.kv = args.kv.config()?;
+    config.cluster = args.cluster.config(args.listen, &config.kv)?;
     for pin in &args.resolve {
         let (name, ip) = pin
             .split_once('=')

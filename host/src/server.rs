@@ -29,6 +29,7 @@ use crate::oci::{Registries, RegistryConfig};
 use crate::outbound::{Outbound, OutboundConfig};
 use crate::policy::PolicyTable;
 use crate::scheduler::Scheduler;
+use crate::shared_registry::SharedRegistry;
 use crate::store::ModuleStore;
 use crate::tls::{Tls, TlsFiles};
 
@@ -234,23 +235,34 @@ impl Server {
             Box::new(move || reload_errors.inc()),
         )?);
         let policy_watcher = policies.watch()?;
-        let functions = Arc::new(
-            Functions::new(
-                runtime,
-                store,
-                metrics,
-                policies,
-                Scheduler::new(config.max_in_flight),
-                config.max_loaded_functions,
-                Services { kv, outbound },
-            )
-            .with_origin(
-                config
-                    .cluster
-                    .as_ref()
-                    .map_or_else(|| "local".to_string(), |c| c.node_id.clone()),
-            ),
+        let shared_registry = match (&config.cluster, kv.nats_context()) {
+            (Some(cluster), Some((js, replicas))) if cluster.shared_registry => {
+                Some(Arc::new(SharedRegistry::new(js, replicas)))
+            }
+            (Some(cluster), None) if cluster.shared_registry => {
+                anyhow::bail!("the cluster's registry on NATS needs the NATS key-value backend")
+            }
+            _ => None,
+        };
+        let functions = Functions::new(
+            runtime,
+            store,
+            metrics,
+            policies,
+            Scheduler::new(config.max_in_flight),
+            config.max_loaded_functions,
+            Services { kv, outbound },
+        )
+        .with_origin(
+            config
+                .cluster
+                .as_ref()
+                .map_or_else(|| "local".to_string(), |c| c.node_id.clone()),
         );
+        let functions = Arc::new(match &shared_registry {
+            Some(shared) => functions.with_shared_registry(Arc::clone(shared)),
+            None => functions,
+        });
         let loader = Arc::clone(&functions);
         let loaded = tokio::task::spawn_blocking(move || loader.load_stored())
             .await
@@ -279,6 +291,13 @@ impl Server {
                     Arc::downgrade(&functions),
                     config.max_upload,
                 ));
+                if let Some(shared) = shared_registry {
+                    tokio::spawn(crate::cluster::sync::follow_shared(
+                        Arc::clone(&cluster),
+                        Arc::downgrade(&functions),
+                        shared,
+                    ));
+                }
                 Some(cluster)
             }
             None => None,

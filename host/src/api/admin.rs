@@ -180,7 +180,7 @@ pub async fn put_policy(
             tracing::info!(function = %name, "policy written through the admin API");
             let functions = &state.functions;
             let guard = functions.lock_admin().await;
-            if functions.set_policy(&guard, name, text_for_cluster)? {
+            if functions.set_policy(&guard, name, text_for_cluster).await? {
                 publish(state, name).await;
             }
             drop(guard);
@@ -335,7 +335,7 @@ pub async fn delete(
     };
     let functions = &state.functions;
     let guard = functions.lock_admin().await;
-    if !functions.delete(&guard, name)? {
+    if !functions.delete(&guard, name).await? {
         return Err(ApiError::not_found(format!("no function named {name}")));
     }
     if purge_kv {

@@ -71,6 +71,9 @@ pub struct ClusterConfig {
     pub seeds: Vec<String>,
     pub secret: Secret,
     pub gossip_interval: Duration,
+    /// The registry lives in the NATS cluster of the key-value backend
+    /// (`crate::shared_registry`); gossip carries it too.
+    pub shared_registry: bool,
 }
 
 /// A live peer as its gossip state says.

@@ -13,8 +13,10 @@ use http_body_util::{BodyExt, Empty};
 use super::{CLUSTER_AUTH_HEADER, Cluster, Peer};
 use crate::functions::Functions;
 use crate::names::FunctionName;
+use crate::shared_registry::SharedRegistry;
 use crate::store::sha256_hex;
 use lichen_core::gossip::FunctionState;
+use lichen_core::registry::Entry;
 
 /// The first wait after an entry failed to apply; it doubles with each
 /// failure in a row, up to [`RETRY_MAX`].
@@ -105,18 +107,24 @@ pub async fn run(cluster: Arc<Cluster>, state: Weak<Functions>, max_upload: u64)
 /// Joins the entries peers published since the last round into this
 /// host's records, and publishes the records that changed.
 async fn merge(cluster: &Cluster, state: &Functions, fresh: Vec<FunctionState>) {
-    let fresh: Vec<(FunctionName, FunctionState)> = fresh
+    join(cluster, state, fresh.into_iter().map(|s| s.entry).collect()).await;
+}
+
+/// Joins `fresh` entries (from peers, or from the registry on NATS) into
+/// this host's records, and publishes the records that changed.
+async fn join(cluster: &Cluster, state: &Functions, fresh: Vec<Entry>) {
+    let fresh: Vec<(FunctionName, Entry)> = fresh
         .into_iter()
-        .filter_map(|s| Some((FunctionName::new(&s.entry.name).ok()?, s)))
-        .filter(|(name, s)| state.record(name).is_none_or(|r| r.entry != s.entry))
+        .filter_map(|entry| Some((FunctionName::new(&entry.name).ok()?, entry)))
+        .filter(|(name, entry)| state.record(name).is_none_or(|r| r.entry != *entry))
         .collect();
     if fresh.is_empty() {
         return;
     }
     let guard = state.lock_admin().await;
     let mut changed = Vec::new();
-    for (name, peer_state) in fresh {
-        match state.merge(&guard, &name, &peer_state.entry) {
+    for (name, entry) in fresh {
+        match state.merge(&guard, &name, &entry) {
             Ok(merged) => {
                 for conflict in merged.conflicts {
                     cluster.note_conflict(conflict);
@@ -135,6 +143,28 @@ async fn merge(cluster: &Cluster, state: &Functions, fresh: Vec<FunctionState>) 
     for name in changed {
         cluster.publish(state, &name).await;
     }
+}
+
+/// With the registry on NATS: joins every entry it holds, and each one
+/// written after, into this host's records (the rounds then serve them),
+/// until the function table is dropped.
+pub async fn follow_shared(
+    cluster: Arc<Cluster>,
+    state: Weak<Functions>,
+    shared: Arc<SharedRegistry>,
+) {
+    shared
+        .follow(|entry| {
+            let (cluster, state) = (Arc::clone(&cluster), state.upgrade());
+            async move {
+                let Some(state) = state else {
+                    return false;
+                };
+                join(&cluster, &state, vec![entry]).await;
+                true
+            }
+        })
+        .await;
 }
 
 /// Names whose record needs work here (a version to serve or delete, a
@@ -271,7 +301,7 @@ async fn sync_policies(cluster: &Cluster, state: &Functions, progress: &Mutex<Pr
         if edited_here {
             tracing::info!(function = %name, "policy edited here; publishing it to the cluster");
             let admin = state.lock_admin().await;
-            let recorded = state.set_policy(&admin, name, file_text);
+            let recorded = state.set_policy(&admin, name, file_text).await;
             if recorded.is_ok() {
                 cluster.publish(state, name).await;
             }
@@ -281,6 +311,12 @@ async fn sync_policies(cluster: &Cluster, state: &Functions, progress: &Mutex<Pr
                 Ok(_) => {
                     guard.refused.remove(name);
                     guard.policies.insert(name.clone(), file_hash);
+                }
+                Err(error)
+                    if matches!(error.code, "registry_unavailable" | "registry_contended") =>
+                {
+                    // The registry on NATS will take it later: next round.
+                    tracing::warn!(function = %name, error = %error.message, "a policy edited here cannot go to the cluster's registry yet");
                 }
                 Err(error) => {
                     // Once per edit: in force here, not in the cluster.

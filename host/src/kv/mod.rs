@@ -223,6 +223,15 @@ pub enum Kv {
 }
 
 impl Kv {
+    /// The JetStream context and replica count of the NATS backend, for
+    /// the cluster's registry when it lives there too.
+    pub fn nats_context(&self) -> Option<(async_nats::jetstream::Context, usize)> {
+        match self {
+            Kv::Local(_) => None,
+            Kv::Nats(nats) => Some(nats.jetstream()),
+        }
+    }
+
     /// How the cluster sees this backend: hosts that say the same see the
     /// same data (`local:<node>` is this host's alone).
     pub fn kind(&self) -> &'static str {

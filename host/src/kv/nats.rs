@@ -43,7 +43,7 @@ const USAGE_KEY: &str = "=usage";
 /// keeps changing under it. Time, not a count of rounds: every lost round
 /// is another writer's success, so a writer among many waits its turn for
 /// as long as the others take, and a slow machine takes longer.
-const CAS_PATIENCE: Duration = Duration::from_secs(10);
+pub(crate) const CAS_PATIENCE: Duration = Duration::from_secs(10);
 
 pub struct NatsBackend {
     client: async_nats::Client,
@@ -99,6 +99,58 @@ fn parse_bucket(name: &str) -> Option<(String, String)> {
     Some((function.to_string(), label.to_string()))
 }
 
+/// The key-value bucket `name` (replicated `replicas` times), read through
+/// its stream's leader; `create`: made if missing (else `None`).
+pub async fn open_bucket(
+    js: &jetstream::Context,
+    name: &str,
+    replicas: usize,
+    create: bool,
+) -> Result<Option<kv::Store>, KvError> {
+    let stream = format!("KV_{name}");
+    let mut stream = match js.get_stream(&stream).await {
+        Ok(stream) => stream,
+        Err(e) if is_not_found(&e) && !create => return Ok(None),
+        Err(e) if is_not_found(&e) => {
+            // The stream a key-value bucket is, as async-nats makes it,
+            // except that reads go through the stream leader: a direct
+            // get may be answered by a replica that has not seen the
+            // latest write.
+            let config = jetstream::stream::Config {
+                name: stream,
+                subjects: vec![format!("$KV.{name}.>")],
+                max_messages_per_subject: 1,
+                allow_rollup: true,
+                deny_delete: true,
+                allow_direct: false,
+                num_replicas: replicas,
+                discard: jetstream::stream::DiscardPolicy::New,
+                ..Default::default()
+            };
+            js.get_or_create_stream(config).await.map_err(unavailable)?
+        }
+        Err(e) => return Err(unavailable(e)),
+    };
+    // A new replicated stream elects its leader first; until it has
+    // one, operations on it fail ("stream not found") or wait out the
+    // request timeout. That holds for a host that finds the stream
+    // another host has just made as much as for the one that made it.
+    // (Known gap: two hosts opening a new store at the same moment on
+    // a loaded three-server cluster have been seen to get "stream not
+    // found" once after this wait; that call fails, the next succeeds.)
+    // The info that came with the stream says so first; only a stream
+    // without a leader yet is asked again.
+    let led =
+        |info: &jetstream::stream::Info| info.cluster.as_ref().is_none_or(|c| c.leader.is_some());
+    let elected = tokio::time::Instant::now() + LEADER_ELECTION;
+    let mut has_leader = led(stream.cached_info());
+    while !has_leader && tokio::time::Instant::now() < elected {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        has_leader = led(stream.info().await.map_err(unavailable)?);
+    }
+    js.get_key_value(name).await.map(Some).map_err(unavailable)
+}
+
 fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {
     matches!(
         error.kind(),
@@ -110,7 +162,7 @@ fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {
 /// Whether a conditional write failed because the key changed since it
 /// was read. Servers since 2.12 answer that with error code 10164 as well
 /// as 10071, and async-nats 0.51 only recognises the older one.
-fn lost_race(recognised: bool, error: &impl std::fmt::Display) -> bool {
+pub(crate) fn lost_race(recognised: bool, error: &impl std::fmt::Display) -> bool {
     recognised || {
         let text = error.to_string();
         text.contains("error code 10164") || text.contains("wrong last sequence")
@@ -121,13 +173,13 @@ fn lost_race(recognised: bool, error: &impl std::fmt::Display) -> bool {
 /// after a random pause growing with the round up to about 10 ms (so
 /// writers that lost to each other do not collide again in step), until
 /// the key has kept changing for [`CAS_PATIENCE`].
-struct Rounds {
+pub(crate) struct Rounds {
     round: u64,
     until: tokio::time::Instant,
 }
 
 impl Rounds {
-    fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Rounds {
             round: 0,
             until: tokio::time::Instant::now() + CAS_PATIENCE,
@@ -135,7 +187,7 @@ impl Rounds {
     }
 
     /// Whether to try (again), after the pause.
-    async fn next(&mut self) -> bool {
+    pub(crate) async fn next(&mut self) -> bool {
         self.round += 1;
         if self.round == 1 {
             return true;
@@ -229,56 +281,19 @@ impl NatsBackend {
         if let Some(store) = self.cached(scope) {
             return Ok(Some(store));
         }
-        let name = bucket_name(scope);
-        let stream = format!("KV_{name}");
-        let mut stream = match self.js.get_stream(&stream).await {
-            Ok(stream) => stream,
-            Err(e) if is_not_found(&e) && !create => return Ok(None),
-            Err(e) if is_not_found(&e) => {
-                // The stream a key-value bucket is, as async-nats makes it,
-                // except that reads go through the stream leader: a direct
-                // get may be answered by a replica that has not seen the
-                // latest write.
-                let config = jetstream::stream::Config {
-                    name: stream,
-                    subjects: vec![format!("$KV.{name}.>")],
-                    max_messages_per_subject: 1,
-                    allow_rollup: true,
-                    deny_delete: true,
-                    allow_direct: false,
-                    num_replicas: self.replicas,
-                    discard: jetstream::stream::DiscardPolicy::New,
-                    ..Default::default()
-                };
-                self.js
-                    .get_or_create_stream(config)
-                    .await
-                    .map_err(unavailable)?
-            }
-            Err(e) => return Err(unavailable(e)),
+        let Some(store) = open_bucket(&self.js, &bucket_name(scope), self.replicas, create).await?
+        else {
+            return Ok(None);
         };
-        // A new replicated stream elects its leader first; until it has
-        // one, operations on it fail ("stream not found") or wait out the
-        // request timeout. That holds for a host that finds the stream
-        // another host has just made as much as for the one that made it.
-        // (Known gap: two hosts opening a new store at the same moment on
-        // a loaded three-server cluster have been seen to get "stream not
-        // found" once after this wait; that call fails, the next succeeds.)
-        // The info that came with the stream says so first; only a stream
-        // without a leader yet is asked again.
-        let led = |info: &jetstream::stream::Info| {
-            info.cluster.as_ref().is_none_or(|c| c.leader.is_some())
-        };
-        let elected = tokio::time::Instant::now() + LEADER_ELECTION;
-        let mut has_leader = led(stream.cached_info());
-        while !has_leader && tokio::time::Instant::now() < elected {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            has_leader = led(stream.info().await.map_err(unavailable)?);
-        }
-        let store = self.js.get_key_value(&name).await.map_err(unavailable)?;
         let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
         buckets.insert(scope.clone(), store.clone());
         Ok(Some(store))
+    }
+
+    /// The JetStream context and the replica count of every bucket, for
+    /// the cluster's registry when it lives here too.
+    pub fn jetstream(&self) -> (jetstream::Context, usize) {
+        (self.js.clone(), self.replicas)
     }
 
     fn cached(&self, scope: &Scope) -> Option<kv::Store> {

@@ -753,6 +753,12 @@ impl NatsServer {
     pub fn kill(&mut self) {
         drop(self.child.take());
     }
+
+    /// Starts a killed server again, on its port and data.
+    pub fn restart(&mut self) {
+        self.spawn();
+        self.wait_ready();
+    }
 }
 
 /// A test CA.

@@ -1,0 +1,174 @@
+//! The cluster's registry on NATS JetStream (`--cluster-registry nats`),
+//! for a site that runs NATS: each function's registry entry
+//! ([`lichen_core::registry::Entry`], as JSON) is the value of its name in
+//! the replicated key-value bucket `lichen-registry`, written by
+//! compare-and-swap on the key's revision. Changes of one name are totally
+//! ordered by the replicated log: a host makes its change on the latest
+//! entry and writes it only if nobody wrote in between, else makes it again
+//! on the newer one (see `Functions::make_change`).
+//!
+//! Hosts watch the bucket and join what they see into their records; from
+//! there the cluster's sync serves it as it does gossiped entries, fetching
+//! modules from peers by hash (modules never go through NATS). Gossip still
+//! carries entries too: every entry a host has came from the bucket, so
+//! joining them changes nothing the bucket did not say.
+
+use std::time::Duration;
+
+use async_nats::jetstream::{self, kv};
+use futures::StreamExt;
+use tokio::sync::OnceCell;
+
+use crate::kv::KvError;
+use crate::kv::nats::{lost_race, open_bucket};
+use crate::names::FunctionName;
+use lichen_core::registry::Entry;
+
+/// The bucket (its stream is `KV_lichen-registry`). Function names have
+/// no `_`, and stores' buckets are `lichen_<function>_<label>`, so no
+/// store's bucket can be this one.
+const BUCKET: &str = "lichen-registry";
+
+/// How often a host reads the whole bucket again, beside watching it (a
+/// watch that stalls while NATS moves its consumer misses nothing for
+/// longer than this).
+const RESCAN: Duration = Duration::from_secs(30);
+
+pub struct SharedRegistry {
+    js: jetstream::Context,
+    replicas: usize,
+    store: OnceCell<kv::Store>,
+}
+
+/// The outcome of a conditional write.
+pub enum Written {
+    /// Written: the entry's new revision.
+    At(u64),
+    /// Somebody wrote the name after the revision the change was made on.
+    Lost,
+}
+
+impl SharedRegistry {
+    pub fn new(js: jetstream::Context, replicas: usize) -> Self {
+        SharedRegistry {
+            js,
+            replicas,
+            store: OnceCell::new(),
+        }
+    }
+
+    /// The bucket, made on first use (NATS may be unreachable when the host
+    /// starts; until it answers, changes fail and nothing is cached).
+    async fn store(&self) -> Result<&kv::Store, KvError> {
+        self.store
+            .get_or_try_init(|| async {
+                open_bucket(&self.js, BUCKET, self.replicas, true)
+                    .await?
+                    .ok_or_else(|| KvError::Unavailable(format!("the bucket {BUCKET} is missing")))
+            })
+            .await
+    }
+
+    /// The latest entry of `name` and its revision (0: never written).
+    pub async fn read(&self, name: &FunctionName) -> Result<(Option<Entry>, u64), KvError> {
+        let store = self.store().await?;
+        let found = store
+            .entry(name.as_str())
+            .await
+            .map_err(|e| KvError::Unavailable(e.to_string()))?;
+        let Some(found) = found else {
+            return Ok((None, 0));
+        };
+        if found.operation != kv::Operation::Put {
+            return Ok((None, found.revision));
+        }
+        let entry = decode(name.as_str(), &found.value)?;
+        Ok((Some(entry), found.revision))
+    }
+
+    /// Writes `entry` as `name`'s, if `revision` is still its latest (0:
+    /// if nobody has written it).
+    pub async fn write(
+        &self,
+        name: &FunctionName,
+        entry: &Entry,
+        revision: u64,
+    ) -> Result<Written, KvError> {
+        let store = self.store().await?;
+        let value = serde_json::to_vec(entry).map_err(|e| KvError::Invalid(e.to_string()))?;
+        match store.update(name.as_str(), value.into(), revision).await {
+            Ok(revision) => Ok(Written::At(revision)),
+            Err(e) if lost_race(e.kind() == kv::UpdateErrorKind::WrongLastRevision, &e) => {
+                Ok(Written::Lost)
+            }
+            Err(e) => Err(KvError::Unavailable(e.to_string())),
+        }
+    }
+
+    /// Hands every entry in the bucket to `seen`, then every entry written
+    /// after, until `seen` returns `false`. Reads the whole bucket again
+    /// every [`RESCAN`] and after any failure (a second later).
+    pub async fn follow<F>(&self, mut seen: impl FnMut(Entry) -> F)
+    where
+        F: Future<Output = bool>,
+    {
+        loop {
+            match self.follow_once(&mut seen).await {
+                Ok(false) => return,
+                Ok(true) => {}
+                Err(error) => {
+                    tracing::warn!(%error, "the cluster's registry (NATS) cannot be watched; trying again");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+            }
+        }
+    }
+
+    /// One watch, from the latest entry of every name, for [`RESCAN`].
+    /// `Ok(false)`: `seen` asked to stop.
+    async fn follow_once<F>(&self, seen: &mut impl FnMut(Entry) -> F) -> Result<bool, KvError>
+    where
+        F: Future<Output = bool>,
+    {
+        let unavailable = |e: &dyn std::fmt::Display| KvError::Unavailable(e.to_string());
+        let store = self.store().await?;
+        let mut watch = store
+            .watch_with_history(">")
+            .await
+            .map_err(|e| unavailable(&e))?;
+        let until = tokio::time::Instant::now() + RESCAN;
+        loop {
+            let next = match tokio::time::timeout_at(until, watch.next()).await {
+                Err(_) => return Ok(true),
+                Ok(None) => return Err(unavailable(&"the watch ended")),
+                Ok(Some(next)) => next.map_err(|e| unavailable(&e))?,
+            };
+            if next.operation != kv::Operation::Put {
+                continue;
+            }
+            match decode(&next.key, &next.value) {
+                Ok(entry) => {
+                    if !seen(entry).await {
+                        return Ok(false);
+                    }
+                }
+                Err(error) => {
+                    tracing::warn!(key = %next.key, %error, "skipping an entry of the cluster's registry (NATS)");
+                }
+            }
+        }
+    }
+}
+
+/// The entry stored under `key`: JSON of an entry of that name.
+fn decode(key: &str, value: &[u8]) -> Result<Entry, KvError> {
+    let entry: Entry = serde_json::from_slice(value)
+        .map_err(|e| KvError::Invalid(format!("the registry's entry of {key}: {e}")))?;
+    if entry.name != key {
+        return Err(KvError::Invalid(format!(
+            "the registry's entry under {key} names {}",
+            entry.name
+        )));
+    }
+    Ok(entry)
+}
