@@ -3,13 +3,14 @@
 # namespaces of their own under each fault in turn (a partition, a one-way
 # partition, 30 % packet loss, SIGSTOP, kill -9, a clock 30 s ahead, a full
 # disk) while a workload of deploys, rollbacks, deletes, policy edits and
-# invocations runs from every host; after each heal a checker holds the
-# hosts and the history to docs/CLUSTER.md. Prints the table that
+# invocations runs from every host, once with the registry on gossip and
+# once with it on NATS; after each heal a checker holds the hosts and the
+# history to docs/CLUSTER.md. Prints the table that
 # docs/RELIABILITY.md keeps, and fails on any violation.
 #
 # Needs root (namespaces, nftables, a tmpfs), iproute2, nftables and
 # faketime (scripts/test.sh installs them). LICHEN_FAULTS_SECONDS sets each
-# scenario's length (default 180: about 25 minutes in all).
+# scenario's length (default 180: about 50 minutes for the 14 scenarios).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"

@@ -21,7 +21,7 @@
 //! policies, the scheduler, metrics), so the API and the cluster's sync loop
 //! reach them through one value without depending on each other.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
@@ -42,6 +42,9 @@ use crate::scheduler::Scheduler;
 use crate::shared_registry::{SharedRegistry, Written};
 use crate::store::{FunctionRecord, KEEP_VERSIONS, ModuleStore, VersionInfo};
 use lichen_core::registry::{Clock, Entry, MAX_ENTRY_BYTES, Merged, Stamp, Version};
+
+/// How long the module of a deploy whose outcome is unknown is kept.
+const IN_DOUBT_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 
 /// The admin lock, held while a deploy or delete changes the store and the
 /// table together.
@@ -72,6 +75,11 @@ pub struct Functions {
     /// The cluster's registry on NATS, where changes are written first
     /// (`--cluster-registry nats`); `None`: gossip only.
     shared: Option<Arc<SharedRegistry>>,
+    /// Modules of deploys whose write to the registry on NATS may or may
+    /// not have happened, and since when: kept from garbage collection for
+    /// [`IN_DOUBT_FOR`], so a write that did land names a module that is
+    /// here to fetch.
+    in_doubt: Mutex<HashMap<String, Instant>>,
     /// The key-value backend of every function's stores.
     pub kv: Arc<Kv>,
     /// The backend with its metrics, as every invocation is handed it (one
@@ -114,6 +122,7 @@ impl Functions {
             hlc: Mutex::new(Clock::default()),
             origin: "local".to_string(),
             shared: None,
+            in_doubt: Mutex::new(HashMap::new()),
             kv_access: Arc::new(KvAccess {
                 backend: Arc::clone(&services.kv),
                 metrics: metrics_kv,
@@ -281,11 +290,17 @@ impl Functions {
                 Err(
                     KvError::Unavailable(error) | KvError::Invalid(error) | KvError::Limit(error),
                 ) => {
+                    // The write may have landed: its modules stay here to
+                    // be fetched if it did.
+                    let mut in_doubt = self.in_doubt.lock().unwrap_or_else(|e| e.into_inner());
+                    for version in &entry.versions {
+                        in_doubt.insert(version.sha256.clone(), Instant::now());
+                    }
                     return Err(ApiError::new(
-                        http::StatusCode::SERVICE_UNAVAILABLE,
-                        "registry_unavailable",
+                        http::StatusCode::GATEWAY_TIMEOUT,
+                        "registry_in_doubt",
                         format!(
-                            "writing {name} to the cluster's registry (NATS) failed, so the change may or may not have been made (GET the function to see): {error}"
+                            "the cluster's registry (NATS) did not confirm the write of {name}, so the change may or may not have been made (GET the function to see): {error}"
                         ),
                     ));
                 }
@@ -603,7 +618,12 @@ impl Functions {
     }
 
     fn collect_garbage(&self) {
-        if let Err(error) = self.store.collect_garbage() {
+        let keep: HashSet<String> = {
+            let mut in_doubt = self.in_doubt.lock().unwrap_or_else(|e| e.into_inner());
+            in_doubt.retain(|_, since| since.elapsed() < IN_DOUBT_FOR);
+            in_doubt.keys().cloned().collect()
+        };
+        if let Err(error) = self.store.collect_garbage_keeping(&keep) {
             tracing::warn!(error = format!("{error:#}"), "collecting unused modules");
         }
     }

@@ -428,11 +428,17 @@ impl ModuleStore {
 
     /// Removes modules and compiled code that no record refers to any more.
     pub fn collect_garbage(&self) -> Result<()> {
-        let referenced: HashSet<String> = self
+        self.collect_garbage_keeping(&HashSet::new())
+    }
+
+    /// [`ModuleStore::collect_garbage`], keeping the modules in `keep` too.
+    pub fn collect_garbage_keeping(&self, keep: &HashSet<String>) -> Result<()> {
+        let mut referenced: HashSet<String> = self
             .load_records()?
             .iter()
             .flat_map(|r| r.modules().map(str::to_string).collect::<Vec<_>>())
             .collect();
+        referenced.extend(keep.iter().cloned());
         let unreferenced = |file_name: &str, suffix: &str| {
             file_name
                 .strip_suffix(suffix)

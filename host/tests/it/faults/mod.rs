@@ -86,6 +86,14 @@ struct Tally {
     unknown: u64,
 }
 
+/// Where the hosts keep the registry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Registry {
+    Gossip,
+    /// In the NATS cluster beside them (`--cluster-registry nats`).
+    Nats,
+}
+
 /// A fault, applied for a while, then healed.
 #[derive(Debug, Clone, Copy)]
 pub enum Fault {
@@ -108,17 +116,19 @@ pub enum Fault {
 /// Runs the workload for `seconds` with `fault` applied over its middle,
 /// heals, waits for convergence and checks. With `kv`, the hosts keep
 /// their stores in a NATS cluster in their namespaces (three replicas) and
-/// a worker increments a counter there.
-pub async fn scenario(fault: Fault, seconds: u64, kv: bool) -> Report {
+/// a worker increments a counter there; `registry` says where the hosts
+/// keep the registry (on NATS: the NATS cluster runs whatever `kv` says).
+pub async fn scenario(fault: Fault, seconds: u64, kv: bool, registry: Registry) -> Report {
     let mut net = Net::new(3);
     match fault {
         Fault::ClockAhead => net.hosts[2].clock_shift = Some("+30s".to_string()),
         Fault::FullDisk => net.hosts[1].small_disk = Some("24m"),
         _ => {}
     }
-    if kv {
+    if kv || registry == Registry::Nats {
         net.start_nats().await;
     }
+    net.registry_on_nats = registry == Registry::Nats;
     net.start_all().await;
     let urls: Vec<String> = net.hosts.iter().map(|h| h.url.clone()).collect();
     // Everyone sees everyone before the workload starts.
@@ -162,7 +172,7 @@ pub async fn scenario(fault: Fault, seconds: u64, kv: bool) -> Report {
         worker.await.expect("a workload worker");
     }
     let history = std::mem::take(&mut history.lock().unwrap().ops);
-    let mut report = check(&net, history).await;
+    let mut report = check(&net, history, registry).await;
     if kv && report.violations.is_empty() {
         let tally = std::mem::take(&mut *tally.lock().unwrap());
         check_counter(&net, tally, &mut report).await;
@@ -173,23 +183,30 @@ pub async fn scenario(fault: Fault, seconds: u64, kv: bool) -> Report {
 /// Deploys the counter with its policy (a store, `default`) and waits
 /// until every host answers it.
 async fn deploy_counter(urls: &[String]) {
-    let deployed = admin(
-        &urls[0],
-        Method::PUT,
-        "/v1/functions/counter",
-        component("counter"),
-    )
+    // The first change may wait for NATS to place the registry's bucket.
+    common::eventually("the counter is deployed", || async {
+        admin(
+            &urls[0],
+            Method::PUT,
+            "/v1/functions/counter",
+            component("counter"),
+        )
+        .await
+        .is_ok_and(|r| r.status.is_success())
+    })
     .await;
-    assert!(deployed.is_ok_and(|r| r.status == StatusCode::CREATED));
     let policy = std::fs::read(common::repo_root().join("policies/counter.toml")).unwrap();
-    let put = admin(
-        &urls[0],
-        Method::PUT,
-        "/v1/functions/counter/policy",
-        policy,
-    )
+    common::eventually("the counter's policy is written", || async {
+        admin(
+            &urls[0],
+            Method::PUT,
+            "/v1/functions/counter/policy",
+            policy.clone(),
+        )
+        .await
+        .is_ok_and(|r| r.status == StatusCode::OK)
+    })
     .await;
-    assert!(put.is_ok_and(|r| r.status == StatusCode::OK));
     for url in urls {
         common::eventually("every host counts", || async {
             common::call(
@@ -556,7 +573,7 @@ async fn view(url: &str, function: &str) -> Option<View> {
 
 /// The checker: waits for every live host to agree, then holds the hosts
 /// and the history to the promises.
-async fn check(net: &Net, history: Vec<Op>) -> Report {
+async fn check(net: &Net, history: Vec<Op>, registry: Registry) -> Report {
     let mut report = Report {
         operations: history.len(),
         acknowledged: history.iter().filter(|o| o.outcome == Outcome::Ok).count(),
@@ -702,6 +719,34 @@ async fn check(net: &Net, history: Vec<Op>) -> Report {
             ));
         }
     }
+    // On NATS the log orders every change of a name: no host ever met two
+    // changes made over the same one.
+    if registry == Registry::Nats {
+        for url in &urls {
+            let metrics = common::call(
+                Method::GET,
+                &format!("{url}/metrics"),
+                &[],
+                Vec::new(),
+                OP_LIMIT,
+            )
+            .await;
+            match metrics {
+                Ok(reply) if reply.status == StatusCode::OK => {
+                    let conflicts =
+                        common::series_sum(&reply.text(), "lichen_registry_conflicts_total");
+                    if conflicts != 0.0 {
+                        report.violations.push(format!(
+                            "{url}: {conflicts} concurrent changes with the registry on NATS"
+                        ));
+                    }
+                }
+                other => report
+                    .violations
+                    .push(format!("{url}: no metrics: {:?}", other.map(|r| r.status))),
+            }
+        }
+    }
     if !report.violations.is_empty() {
         print_logs(net);
     }
@@ -721,9 +766,9 @@ fn print_logs(net: &Net) {
 }
 
 /// Runs `fault` and fails on any violation.
-async fn quick(fault: Fault, kv: bool) {
-    let report = scenario(fault, 18, kv).await;
-    eprintln!("{fault:?}: {report:?}");
+async fn quick(fault: Fault, kv: bool, registry: Registry) {
+    let report = scenario(fault, 18, kv, registry).await;
+    eprintln!("{fault:?} ({registry:?}): {report:?}");
     assert!(
         report.acknowledged > 10,
         "{fault:?}: too little got through: {report:?}"
@@ -737,35 +782,36 @@ async fn quick(fault: Fault, kv: bool) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partition_loses_no_acknowledged_change() {
-    quick(Fault::Partition, true).await;
+    quick(Fault::Partition, true, Registry::Gossip).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_crash_and_a_pause_lose_no_acknowledged_change() {
-    quick(Fault::Crash, true).await;
-    quick(Fault::Pause, false).await;
+    quick(Fault::Crash, true, Registry::Nats).await;
+    quick(Fault::Pause, false, Registry::Gossip).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_skewed_clock_and_a_full_disk_lose_no_acknowledged_change() {
-    quick(Fault::ClockAhead, false).await;
-    quick(Fault::FullDisk, false).await;
+    quick(Fault::ClockAhead, false, Registry::Gossip).await;
+    quick(Fault::FullDisk, false, Registry::Gossip).await;
 }
 
-/// The whole campaign: every fault, `LICHEN_FAULTS_SECONDS` each (default
-/// 180), with a table for `docs/RELIABILITY.md` on stdout.
+/// The whole campaign: every fault with each registry,
+/// `LICHEN_FAULTS_SECONDS` each (default 180), with a table for
+/// `docs/RELIABILITY.md` on stdout.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore = "the whole campaign takes about 25 minutes: scripts/faults.sh"]
+#[ignore = "the whole campaign takes about 50 minutes: scripts/faults.sh"]
 async fn campaign() {
     let seconds: u64 = std::env::var("LICHEN_FAULTS_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(180);
     let mut table = String::from(
-        "| scenario | faults | registry operations | acknowledged | unknown | counter increments (NATS, 3 replicas) | violations |\n| --- | --- | --- | --- | --- | --- | --- |\n",
+        "| scenario | registry | faults | registry operations | acknowledged | unknown | counter increments (NATS, 3 replicas) | violations |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     let mut failed = Vec::new();
-    for fault in [
+    let faults = [
         Fault::Partition,
         Fault::OneWay,
         Fault::Loss,
@@ -773,15 +819,19 @@ async fn campaign() {
         Fault::Crash,
         Fault::ClockAhead,
         Fault::FullDisk,
-    ] {
-        let report = scenario(fault, seconds, true).await;
+    ];
+    let runs = [Registry::Gossip, Registry::Nats]
+        .into_iter()
+        .flat_map(|registry| faults.map(|fault| (registry, fault)));
+    for (registry, fault) in runs {
+        let report = scenario(fault, seconds, true, registry).await;
         let increments = report
             .increments
             .map_or("–".to_string(), |(acked, unknown, last)| {
                 format!("{acked} acked, {unknown} unknown, final {last}")
             });
         table.push_str(&format!(
-            "| {fault:?} | {} | {} | {} | {} | {increments} | {} |\n",
+            "| {fault:?} | {registry:?} | {} | {} | {} | {} | {increments} | {} |\n",
             describe(fault),
             report.operations,
             report.acknowledged,
@@ -789,7 +839,7 @@ async fn campaign() {
             report.violations.len()
         ));
         if !report.violations.is_empty() {
-            failed.push((fault, report.violations));
+            failed.push((fault, registry, report.violations));
         }
     }
     println!("{table}");

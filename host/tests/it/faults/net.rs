@@ -59,6 +59,9 @@ pub struct Net {
     /// The hosts use the NATS cluster in their namespaces for key-value
     /// stores (three replicas).
     nats: bool,
+    /// The hosts keep the registry in that NATS cluster
+    /// (`--cluster-registry nats`), not on gossip alone.
+    pub registry_on_nats: bool,
 }
 
 /// One host: its namespace, address, data directory and process.
@@ -97,6 +100,7 @@ impl Net {
             hosts: Vec::new(),
             root,
             nats: false,
+            registry_on_nats: false,
         };
         run(
             "ip",
@@ -280,6 +284,12 @@ impl Net {
         if !nats_urls.is_empty() {
             command.args(["--kv-backend", "nats", "--kv-nats-replicas", "3"]);
             command.args(["--kv-nats-timeout", "5s"]);
+            let registry = if self.registry_on_nats {
+                "nats"
+            } else {
+                "gossip"
+            };
+            command.args(["--cluster-registry", registry]);
             for url in &nats_urls {
                 command.args(["--kv-nats-url", url]);
             }
