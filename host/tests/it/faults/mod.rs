@@ -9,6 +9,7 @@
 //! `scripts/faults.sh` (`LICHEN_FAULTS_SECONDS` per scenario), which writes
 //! its table to `docs/RELIABILITY.md`.
 
+mod linear;
 mod net;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -76,6 +77,9 @@ pub struct Report {
     pub unknown: usize,
     /// Counter increments: acknowledged, unknown, and the final count.
     pub increments: Option<(u64, u64, u64)>,
+    /// Register operations checked for linearizability (answered, and
+    /// writes without an answer).
+    pub register_ops: Option<(usize, usize)>,
     pub violations: Vec<String>,
 }
 
@@ -116,9 +120,17 @@ pub enum Fault {
 /// Runs the workload for `seconds` with `fault` applied over its middle,
 /// heals, waits for convergence and checks. With `kv`, the hosts keep
 /// their stores in a NATS cluster in their namespaces (three replicas) and
-/// a worker increments a counter there; `registry` says where the hosts
-/// keep the registry (on NATS: the NATS cluster runs whatever `kv` says).
-pub async fn scenario(fault: Fault, seconds: u64, kv: bool, registry: Registry) -> Report {
+/// a worker increments a counter there (and, with `registers`, clients
+/// read and write a few keys, checked for linearizability); `registry`
+/// says where the hosts keep the registry (on NATS: the NATS cluster runs
+/// whatever `kv` says).
+pub async fn scenario(
+    fault: Fault,
+    seconds: u64,
+    kv: bool,
+    registers: bool,
+    registry: Registry,
+) -> Report {
     let mut net = Net::new(3);
     match fault {
         Fault::ClockAhead => net.hosts[2].clock_shift = Some("+30s".to_string()),
@@ -142,8 +154,12 @@ pub async fn scenario(fault: Fault, seconds: u64, kv: bool, registry: Registry) 
         })
         .await;
     }
+    let registers = kv && registers;
     if kv {
         deploy_counter(&urls).await;
+    }
+    if registers {
+        deploy_notes(&urls).await;
     }
     let history = Arc::new(Mutex::new(History::default()));
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -154,11 +170,18 @@ pub async fn scenario(fault: Fault, seconds: u64, kv: bool, registry: Registry) 
             tokio::spawn(async move { work(worker, &urls, &history, &stop).await })
         })
         .collect();
+    let register_log = Arc::new(Mutex::new(Vec::new()));
     if kv {
-        let (urls, tally, stop) = (urls.clone(), Arc::clone(&tally), Arc::clone(&stop));
+        let (to, tally, stopping) = (urls.clone(), Arc::clone(&tally), Arc::clone(&stop));
         workers.push(tokio::spawn(
-            async move { count(&urls, &tally, &stop).await },
+            async move { count(&to, &tally, &stopping).await },
         ));
+    }
+    for client in 0..if registers { 3 } else { 0 } {
+        let (to, log, stopping) = (urls.clone(), Arc::clone(&register_log), Arc::clone(&stop));
+        workers.push(tokio::spawn(async move {
+            use_registers(client, &to, &log, &stopping).await
+        }));
     }
     let third = Duration::from_secs(seconds.max(6) / 3);
     tokio::time::sleep(third).await;
@@ -177,7 +200,145 @@ pub async fn scenario(fault: Fault, seconds: u64, kv: bool, registry: Registry) 
         let tally = std::mem::take(&mut *tally.lock().unwrap());
         check_counter(&net, tally, &mut report).await;
     }
+    if registers && report.violations.is_empty() {
+        let log = std::mem::take(&mut *register_log.lock().unwrap());
+        check_registers(log, &mut report);
+    }
     report
+}
+
+/// Deploys `notes` (JSON documents by key, on NATS) with its policy.
+async fn deploy_notes(urls: &[String]) {
+    common::eventually("notes is deployed", || async {
+        admin(
+            &urls[0],
+            Method::PUT,
+            "/v1/functions/notes",
+            component("notes"),
+        )
+        .await
+        .is_ok_and(|r| r.status.is_success())
+    })
+    .await;
+    let policy = std::fs::read(common::repo_root().join("policies/notes.toml")).unwrap();
+    common::eventually("notes' policy is written", || async {
+        admin(
+            &urls[0],
+            Method::PUT,
+            "/v1/functions/notes/policy",
+            policy.clone(),
+        )
+        .await
+        .is_ok_and(|r| r.status == StatusCode::OK)
+    })
+    .await;
+    for url in urls {
+        common::eventually("every host reads notes", || async {
+            common::call(
+                Method::GET,
+                &format!("{url}/fn/notes/"),
+                &[],
+                Vec::new(),
+                OP_LIMIT,
+            )
+            .await
+            .is_ok_and(|r| r.status == StatusCode::OK)
+        })
+        .await;
+    }
+}
+
+/// Keys of the register workload.
+const REGISTERS: [&str; 2] = ["r0", "r1"];
+
+/// A register client: reads and writes (unique values) of a few keys of
+/// `notes`, through random hosts, each with its call and answer times.
+async fn use_registers(
+    client: u64,
+    urls: &[String],
+    log: &Mutex<Vec<(&'static str, linear::RegisterOp)>>,
+    stop: &std::sync::atomic::AtomicBool,
+) {
+    let mut seed = 0x2545_f491_4f6c_dd1d_u64 ^ ((client + 1) * 0x9e37_79b9);
+    let mut next = move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
+    };
+    let mut count = 0;
+    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+        count += 1;
+        let host = next(urls.len() as u64) as usize;
+        let url = &urls[host];
+        let key = REGISTERS[next(REGISTERS.len() as u64) as usize];
+        let write = next(2) == 0;
+        let value = format!("c{client}-{count}");
+        let call = Instant::now();
+        let answer = if write {
+            common::call(
+                Method::PUT,
+                &format!("{url}/fn/notes/{key}"),
+                &[],
+                serde_json::json!({ "v": value }).to_string().into_bytes(),
+                OP_LIMIT,
+            )
+            .await
+        } else {
+            common::call(
+                Method::GET,
+                &format!("{url}/fn/notes/{key}"),
+                &[],
+                Vec::new(),
+                OP_LIMIT,
+            )
+            .await
+        };
+        let end = Instant::now();
+        let outcome = op(Kind::Invoke, 0, "notes", &answer).outcome;
+        let read = match &answer {
+            Ok(reply) if !write && reply.status == StatusCode::NOT_FOUND => Some(None),
+            Ok(reply) if !write && outcome == Outcome::Ok => {
+                Some(reply.json()["v"].as_str().map(str::to_string))
+            }
+            _ => None,
+        };
+        let recorded = match (write, outcome, read) {
+            (true, Outcome::Ok, _) => Some((Some(value), Some(end))),
+            (true, Outcome::Unknown, _) => Some((Some(value), None)),
+            (false, _, Some(seen)) => Some((seen, Some(end))),
+            _ => None,
+        };
+        if let Some((value, end)) = recorded {
+            log.lock().unwrap().push((
+                key,
+                linear::RegisterOp {
+                    write,
+                    value,
+                    call,
+                    end,
+                    by: format!("c{client}@h{host}"),
+                },
+            ));
+        }
+        tokio::time::sleep(Duration::from_millis(10 + next(40))).await;
+    }
+}
+
+/// Each key's history is linearizable.
+fn check_registers(log: Vec<(&'static str, linear::RegisterOp)>, report: &mut Report) {
+    let answered = log.iter().filter(|(_, o)| o.end.is_some()).count();
+    report.register_ops = Some((answered, log.len() - answered));
+    for key in REGISTERS {
+        let ops: Vec<linear::RegisterOp> = log
+            .iter()
+            .filter(|(k, _)| *k == key)
+            .map(|(_, o)| o.clone())
+            .collect();
+        if let Err(why) = linear::check(&ops) {
+            report.violations.push(format!("register {key}: {why}"));
+        }
+    }
 }
 
 /// Deploys the counter with its policy (a store, `default`) and waits
@@ -582,6 +743,7 @@ async fn check(net: &Net, history: Vec<Op>, registry: Registry) -> Report {
             .filter(|o| o.outcome == Outcome::Unknown)
             .count(),
         increments: None,
+        register_ops: None,
         violations: Vec::new(),
     };
     let live = net.live();
@@ -767,7 +929,7 @@ fn print_logs(net: &Net) {
 
 /// Runs `fault` and fails on any violation.
 async fn quick(fault: Fault, kv: bool, registry: Registry) {
-    let report = scenario(fault, 18, kv, registry).await;
+    let report = scenario(fault, 18, kv, false, registry).await;
     eprintln!("{fault:?} ({registry:?}): {report:?}");
     assert!(
         report.acknowledged > 10,
@@ -808,7 +970,7 @@ async fn campaign() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(180);
     let mut table = String::from(
-        "| scenario | registry | faults | registry operations | acknowledged | unknown | counter increments (NATS, 3 replicas) | violations |\n| --- | --- | --- | --- | --- | --- | --- | --- |\n",
+        "| scenario | registry | faults | registry operations | acknowledged | unknown | counter increments (NATS, 3 replicas) | register operations (linearizable) | violations |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n",
     );
     let mut failed = Vec::new();
     let faults = [
@@ -824,14 +986,19 @@ async fn campaign() {
         .into_iter()
         .flat_map(|registry| faults.map(|fault| (registry, fault)));
     for (registry, fault) in runs {
-        let report = scenario(fault, seconds, true, registry).await;
+        let report = scenario(fault, seconds, true, true, registry).await;
         let increments = report
             .increments
             .map_or("–".to_string(), |(acked, unknown, last)| {
                 format!("{acked} acked, {unknown} unknown, final {last}")
             });
+        let registers = report
+            .register_ops
+            .map_or("–".to_string(), |(answered, unanswered)| {
+                format!("{answered} answered, {unanswered} writes unanswered")
+            });
         table.push_str(&format!(
-            "| {fault:?} | {registry:?} | {} | {} | {} | {} | {increments} | {} |\n",
+            "| {fault:?} | {registry:?} | {} | {} | {} | {} | {increments} | {registers} | {} |\n",
             describe(fault),
             report.operations,
             report.acknowledged,
