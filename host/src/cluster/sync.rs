@@ -40,6 +40,9 @@ struct Progress {
     /// Edits made here that the registry refused (too large to gossip), by
     /// the file's hash: not tried again until the file changes.
     refused: HashMap<FunctionName, u64>,
+    /// Edits made here the registry could not take yet (a full disk, the
+    /// registry on NATS unreachable): tried again after this.
+    retry_edit: HashMap<FunctionName, Instant>,
     /// Registry policy texts this host failed to write (invalid here, a
     /// full disk), and when: tried again after [`RETRY_MAX`], or at once when
     /// the registry says something else.
@@ -287,6 +290,10 @@ async fn sync_policies(cluster: &Cluster, state: &Functions, progress: &Mutex<Pr
             };
             let skip = if edited_here {
                 guard.refused.get(name) == Some(&file_hash)
+                    || guard
+                        .retry_edit
+                        .get(name)
+                        .is_some_and(|at| Instant::now() < *at)
             } else {
                 guard
                     .unwritable
@@ -310,16 +317,20 @@ async fn sync_policies(cluster: &Cluster, state: &Functions, progress: &Mutex<Pr
             match recorded {
                 Ok(_) => {
                     guard.refused.remove(name);
+                    guard.retry_edit.remove(name);
                     guard.policies.insert(name.clone(), file_hash);
                 }
-                Err(error)
-                    if matches!(error.code, "registry_unavailable" | "registry_contended") =>
-                {
-                    // The registry on NATS will take it later: next round.
-                    tracing::warn!(function = %name, error = %error.message, "a policy edited here cannot go to the cluster's registry yet");
+                Err(error) if error.status != StatusCode::PAYLOAD_TOO_LARGE => {
+                    // Not taken yet (a full disk, the registry on NATS
+                    // unreachable): again in a while, until it is.
+                    tracing::warn!(function = %name, error = %error.message, "a policy edited here cannot go to the cluster yet; trying again");
+                    guard
+                        .retry_edit
+                        .insert(name.clone(), Instant::now() + RETRY_FIRST);
                 }
                 Err(error) => {
-                    // Once per edit: in force here, not in the cluster.
+                    // Too large to gossip: once per edit, in force here
+                    // and not in the cluster.
                     tracing::warn!(function = %name, error = %error.message, "a policy edited here cannot go to the cluster; it is in force on this host only");
                     guard.refused.insert(name.clone(), file_hash);
                 }
