@@ -188,11 +188,6 @@ impl Functions {
         self
     }
 
-    /// The cluster's registry on NATS, if changes go there.
-    pub fn shared_registry(&self) -> Option<&Arc<SharedRegistry>> {
-        self.shared.as_ref()
-    }
-
     /// This host's name in the registry.
     pub fn origin(&self) -> &str {
         &self.origin

@@ -155,6 +155,9 @@ pub struct Cluster {
     /// Each peer incarnation's clock offset, with the version of the load
     /// value it was measured from.
     offsets: Mutex<HashMap<String, (u64, i64)>>,
+    /// Peers whose clock is off by more than [`MAX_CLOCK_OFFSET`] now (said
+    /// once when they go past it, and once when they are back).
+    skewed: Mutex<HashSet<String>>,
     /// The latest conflicts this host saw, newest last.
     conflicts: Mutex<VecDeque<ConflictNote>>,
     /// Why each function's registry entry does not apply here, while it
@@ -252,6 +255,7 @@ impl Cluster {
             last_api: Mutex::new(HashMap::new()),
             parsed: Mutex::new(HashMap::new()),
             offsets: Mutex::new(HashMap::new()),
+            skewed: Mutex::new(HashSet::new()),
             conflicts: Mutex::new(VecDeque::new()),
             apply_errors: Mutex::new(HashMap::new()),
             refused: Mutex::new(None),
@@ -504,17 +508,22 @@ impl Cluster {
             .collect();
         self.metrics.peers_alive.set(peers.len() as i64);
         self.metrics.peer_clock_offset.reset();
+        let mut skewed = self.skewed.lock().unwrap_or_else(|e| e.into_inner());
         for peer in &peers {
             if let Some(offset) = peer.clock_offset_ms {
                 self.metrics
                     .peer_clock_offset
                     .with_label_values(&[peer.node_id.as_str()])
                     .set(offset as f64 / 1000.0);
-                if offset.unsigned_abs() > MAX_CLOCK_OFFSET.as_millis() as u64 {
+                let past = offset.unsigned_abs() > MAX_CLOCK_OFFSET.as_millis() as u64;
+                if past && skewed.insert(peer.node_id.clone()) {
                     tracing::warn!(peer = %peer.node_id, offset_ms = offset, "a peer's clock is off by more than {} s: changes made apart are ordered by the clocks", MAX_CLOCK_OFFSET.as_secs());
+                } else if !past && skewed.remove(&peer.node_id) {
+                    tracing::info!(peer = %peer.node_id, offset_ms = offset, "a peer's clock is back within {} s", MAX_CLOCK_OFFSET.as_secs());
                 }
             }
         }
+        drop(skewed);
         self.note_departed(&peers, dead);
         let rounds = self.rounds.fetch_add(1, Ordering::Relaxed) + 1;
         if !peers.is_empty() || rounds >= JOIN_ROUNDS {

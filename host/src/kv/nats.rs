@@ -8,7 +8,15 @@
 //!   `--kv-nats-replicas` replicas and one revision per key.
 //! - **Reads see the latest write**: a bucket's reads go through the stream
 //!   leader (JetStream's message get), never a direct get, which a replica
-//!   may answer before it has caught up.
+//!   may answer before it has caught up. A leader cut off from the others
+//!   goes on answering reads until it notices (seconds), while the others
+//!   elect a new one and take writes; so a read is confirmed through the
+//!   replicated log before it is answered: a marker (`=read`) is written
+//!   only if the key's last sequence is still the one read
+//!   (`Nats-Expected-Last-Subject-Sequence` checked on the key's subject).
+//!   A read costs a replicated write; it is never older than a write
+//!   acknowledged before it began (the fault campaign checks reads and
+//!   writes for linearizability). Listing keys is not confirmed.
 //! - **Keys**: NATS keys are subject tokens. A key of `A-Z a-z 0-9 _ -` is
 //!   stored as itself; any other (dots, spaces, unicode, empty) as `=` and
 //!   its bytes in hex, which no plain key can look like.
@@ -39,6 +47,9 @@ use super::{Backend, KvError, Page, Quota, Scope, Usage, add_to_counter, entry_s
 
 const BUCKET_PREFIX: &str = "lichen_";
 const USAGE_KEY: &str = "=usage";
+/// The key a read's confirmation is written to (never a store key: `=`
+/// and not hex).
+const READ_MARK: &str = "=read";
 /// How long a write goes on with compare-and-swap rounds on a key that
 /// keeps changing under it. Time, not a count of rounds: every lost round
 /// is another writer's success, so a writer among many waits its turn for
@@ -317,6 +328,47 @@ impl NatsBackend {
         }
     }
 
+    /// The value at `key` (encoded), as of a point the stream's log
+    /// confirms: read from the leader, then a marker written only if the
+    /// key's last sequence is still the one read (a leader that has lost
+    /// its quorum cannot write it). Read again if the key changed between.
+    async fn confirmed(&self, store: &kv::Store, key: &str) -> Result<Option<Bytes>, KvError> {
+        // Subjects as async-nats writes them (this host sets no JetStream
+        // domain or API prefix).
+        let prefix = store.put_prefix.as_ref().unwrap_or(&store.prefix);
+        let mut rounds = Rounds::new();
+        while rounds.next().await {
+            let (value, revision) = Self::entry(store, key).await?;
+            let mut headers = async_nats::HeaderMap::new();
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence",
+                revision.to_string().as_str(),
+            );
+            headers.insert(
+                "Nats-Expected-Last-Subject-Sequence-Subject",
+                format!("{prefix}{key}").as_str(),
+            );
+            let sent = self
+                .js
+                .publish_with_headers(format!("{prefix}{READ_MARK}"), headers, Bytes::new())
+                .await
+                .map_err(unavailable)?;
+            match sent.await {
+                Ok(_) => return Ok(value),
+                Err(e)
+                    if lost_race(
+                        e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence,
+                        &e,
+                    ) => {}
+                Err(e) => return Err(unavailable(e)),
+            }
+        }
+        Err(unavailable(format!(
+            "{key:?} kept changing for {} s of attempts to read it",
+            CAS_PATIENCE.as_secs()
+        )))
+    }
+
     async fn read_usage(store: &kv::Store) -> Result<(Usage, u64), KvError> {
         let (value, revision) = Self::entry(store, USAGE_KEY).await?;
         let usage = match value {
@@ -464,7 +516,7 @@ impl Backend for NatsBackend {
         let Some(store) = self.bucket(scope, false).await? else {
             return Ok(None);
         };
-        let (value, _) = Self::entry(&store, &encode_key(key)).await?;
+        let value = self.confirmed(&store, &encode_key(key)).await?;
         Ok(value.map(|v| v.to_vec()))
     }
 
@@ -628,6 +680,7 @@ mod tests {
         assert_eq!(encode_key("plain-key_1"), "plain-key_1");
         assert_ne!(encode_key("=usage"), USAGE_KEY);
         assert_eq!(decode_key(USAGE_KEY), None);
+        assert_eq!(decode_key(READ_MARK), None);
         assert_eq!(
             parse_bucket("lichen_my-fn_sessions_v2"),
             Some(("my-fn".into(), "sessions_v2".into()))
