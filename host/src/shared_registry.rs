@@ -112,12 +112,19 @@ impl SharedRegistry {
     where
         F: Future<Output = bool>,
     {
+        // Said once when watching starts failing, not every second after
+        // (a watch that then runs its whole round resets it).
+        let mut failing = false;
         loop {
             match self.follow_once(&mut seen).await {
                 Ok(false) => return,
-                Ok(true) => {}
+                Ok(true) => failing = false,
                 Err(error) => {
-                    tracing::warn!(%error, "the cluster's registry (NATS) cannot be watched; trying again");
+                    if !std::mem::replace(&mut failing, true) {
+                        tracing::warn!(%error, "the cluster's registry (NATS) cannot be watched; trying again every second");
+                    } else {
+                        tracing::debug!(%error, "the cluster's registry (NATS) still cannot be watched");
+                    }
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
             }
