@@ -156,10 +156,10 @@ pub async fn scenario(
     }
     let registers = kv && registers;
     if kv {
-        deploy_counter(&urls).await;
+        deploy_with_policy(&urls, "counter", "/warm-up").await;
     }
     if registers {
-        deploy_notes(&urls).await;
+        deploy_with_policy(&urls, "notes", "/").await;
     }
     let history = Arc::new(Mutex::new(History::default()));
     let tally = Arc::new(Mutex::new(Tally::default()));
@@ -209,47 +209,6 @@ pub async fn scenario(
     report
 }
 
-/// Deploys `notes` (JSON documents by key, on NATS) with its policy.
-async fn deploy_notes(urls: &[String]) {
-    common::eventually("notes is deployed", || async {
-        admin(
-            &urls[0],
-            Method::PUT,
-            "/v1/functions/notes",
-            component("notes"),
-        )
-        .await
-        .is_ok_and(|r| r.status.is_success())
-    })
-    .await;
-    let policy = std::fs::read(common::repo_root().join("policies/notes.toml")).unwrap();
-    common::eventually("notes' policy is written", || async {
-        admin(
-            &urls[0],
-            Method::PUT,
-            "/v1/functions/notes/policy",
-            policy.clone(),
-        )
-        .await
-        .is_ok_and(|r| r.status == StatusCode::OK)
-    })
-    .await;
-    for url in urls {
-        common::eventually("every host reads notes", || async {
-            common::call(
-                Method::GET,
-                &format!("{url}/fn/notes/"),
-                &[],
-                Vec::new(),
-                OP_LIMIT,
-            )
-            .await
-            .is_ok_and(|r| r.status == StatusCode::OK)
-        })
-        .await;
-    }
-}
-
 /// Keys of the register workload.
 const REGISTERS: [&str; 2] = ["r0", "r1"];
 
@@ -261,13 +220,7 @@ async fn use_registers(
     log: &Mutex<Vec<(&'static str, linear::RegisterOp)>>,
     stop: &std::sync::atomic::AtomicBool,
 ) {
-    let mut seed = 0x2545_f491_4f6c_dd1d_u64 ^ ((client + 1) * 0x9e37_79b9);
-    let mut next = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut next = picker(0x2545_f491_4f6c_dd1d_u64 ^ ((client + 1) * 0x9e37_79b9));
     let mut count = 0;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         count += 1;
@@ -343,38 +296,32 @@ fn check_registers(log: Vec<(&'static str, linear::RegisterOp)>, report: &mut Re
     }
 }
 
-/// Deploys the counter with its policy (a store, `default`) and waits
-/// until every host answers it.
-async fn deploy_counter(urls: &[String]) {
-    // The first change may wait for NATS to place the registry's bucket.
-    common::eventually("the counter is deployed", || async {
-        admin(
-            &urls[0],
-            Method::PUT,
-            "/v1/functions/counter",
-            component("counter"),
-        )
-        .await
-        .is_ok_and(|r| r.status.is_success())
+/// Deploys `function` (from `functions/`) with its policy from
+/// `policies/` (its stores, on NATS), and waits until every host answers
+/// `GET /fn/{function}{probe}`. The first change may wait for NATS to place
+/// the registry's bucket.
+async fn deploy_with_policy(urls: &[String], function: &str, probe: &str) {
+    let path = format!("/v1/functions/{function}");
+    common::eventually(&format!("{function} is deployed"), || async {
+        admin(&urls[0], Method::PUT, &path, component(function))
+            .await
+            .is_ok_and(|r| r.status.is_success())
     })
     .await;
-    let policy = std::fs::read(common::repo_root().join("policies/counter.toml")).unwrap();
-    common::eventually("the counter's policy is written", || async {
-        admin(
-            &urls[0],
-            Method::PUT,
-            "/v1/functions/counter/policy",
-            policy.clone(),
-        )
-        .await
-        .is_ok_and(|r| r.status == StatusCode::OK)
+    let policy =
+        std::fs::read(common::repo_root().join(format!("policies/{function}.toml"))).unwrap();
+    let policy_path = format!("{path}/policy");
+    common::eventually(&format!("{function}'s policy is written"), || async {
+        admin(&urls[0], Method::PUT, &policy_path, policy.clone())
+            .await
+            .is_ok_and(|r| r.status == StatusCode::OK)
     })
     .await;
     for url in urls {
-        common::eventually("every host counts", || async {
+        common::eventually(&format!("every host answers {function}"), || async {
             common::call(
                 Method::GET,
-                &format!("{url}/fn/counter/warm-up"),
+                &format!("{url}/fn/{function}{probe}"),
                 &[],
                 Vec::new(),
                 OP_LIMIT,
@@ -383,6 +330,17 @@ async fn deploy_counter(urls: &[String]) {
             .is_ok_and(|r| r.status == StatusCode::OK)
         })
         .await;
+    }
+}
+
+/// A xorshift generator from `seed`: each call, a number below `n` (the
+/// same sequence for the same seed, so a run's choices can be replayed).
+fn picker(mut seed: u64) -> impl FnMut(u64) -> u64 {
+    move |n: u64| {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        seed % n
     }
 }
 
@@ -544,13 +502,7 @@ async fn work(
     stop: &std::sync::atomic::AtomicBool,
 ) {
     let hello = component("hello");
-    let mut seed = 0x9e37_79b9_7f4a_7c15_u64 ^ ((worker as u64 + 1) * 0x1234_5678);
-    let mut next = move |n: u64| {
-        seed ^= seed << 13;
-        seed ^= seed >> 7;
-        seed ^= seed << 17;
-        seed % n
-    };
+    let mut next = picker(0x9e37_79b9_7f4a_7c15_u64 ^ ((worker as u64 + 1) * 0x1234_5678));
     let mut count = 0u64;
     while !stop.load(std::sync::atomic::Ordering::Relaxed) {
         count += 1;
