@@ -282,9 +282,7 @@ impl Functions {
                     return Ok(());
                 }
                 Ok(Written::Lost) => {}
-                Err(
-                    KvError::Unavailable(error) | KvError::Invalid(error) | KvError::Limit(error),
-                ) => {
+                Err(error) => {
                     // The write may have landed: its modules stay here to
                     // be fetched if it did.
                     let mut in_doubt = self.in_doubt.lock().unwrap_or_else(|e| e.into_inner());
@@ -295,7 +293,8 @@ impl Functions {
                         http::StatusCode::GATEWAY_TIMEOUT,
                         "registry_in_doubt",
                         format!(
-                            "the cluster's registry (NATS) did not confirm the write of {name}, so the change may or may not have been made (GET the function to see): {error}"
+                            "the cluster's registry (NATS) did not confirm the write of {name}, so the change may or may not have been made (GET the function to see): {}",
+                            error.detail()
                         ),
                     ));
                 }
@@ -612,13 +611,21 @@ impl Functions {
         Ok(())
     }
 
+    /// Removes the modules no record refers to (from the records in
+    /// memory, which are the disk's), but those of deploys in doubt.
     fn collect_garbage(&self) {
-        let keep: HashSet<String> = {
+        let mut referenced: HashSet<String> = {
             let mut in_doubt = self.in_doubt.lock().unwrap_or_else(|e| e.into_inner());
             in_doubt.retain(|_, since| since.elapsed() < IN_DOUBT_FOR);
             in_doubt.keys().cloned().collect()
         };
-        if let Err(error) = self.store.collect_garbage_keeping(&keep) {
+        {
+            let records = self.records.read().unwrap_or_else(|e| e.into_inner());
+            for record in records.values() {
+                referenced.extend(record.modules().map(str::to_string));
+            }
+        }
+        if let Err(error) = self.store.collect_garbage_except(&referenced) {
             tracing::warn!(error = format!("{error:#}"), "collecting unused modules");
         }
     }
@@ -846,11 +853,13 @@ impl Slot {
 
 /// The cluster's registry on NATS could not be read: nothing changed.
 fn registry_unavailable(error: KvError) -> ApiError {
-    let (KvError::Unavailable(error) | KvError::Invalid(error) | KvError::Limit(error)) = error;
     ApiError::new(
         http::StatusCode::SERVICE_UNAVAILABLE,
         "registry_unavailable",
-        format!("the cluster's registry (NATS) cannot be read, so nothing changed: {error}"),
+        format!(
+            "the cluster's registry (NATS) cannot be read, so nothing changed: {}",
+            error.detail()
+        ),
     )
     .retry_after(crate::error::RETRY_AFTER_SECS)
 }

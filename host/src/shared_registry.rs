@@ -20,7 +20,7 @@ use futures::StreamExt;
 use tokio::sync::OnceCell;
 
 use crate::kv::KvError;
-use crate::kv::nats::{lost_race, open_bucket};
+use crate::kv::nats::{lost_race, open_bucket, unavailable};
 use crate::names::FunctionName;
 use lichen_core::registry::Entry;
 
@@ -64,7 +64,7 @@ impl SharedRegistry {
             .get_or_try_init(|| async {
                 open_bucket(&self.js, BUCKET, self.replicas, true)
                     .await?
-                    .ok_or_else(|| KvError::Unavailable(format!("the bucket {BUCKET} is missing")))
+                    .ok_or_else(|| unavailable(format!("the bucket {BUCKET} is missing")))
             })
             .await
     }
@@ -72,10 +72,7 @@ impl SharedRegistry {
     /// The latest entry of `name` and its revision (0: never written).
     pub async fn read(&self, name: &FunctionName) -> Result<(Option<Entry>, u64), KvError> {
         let store = self.store().await?;
-        let found = store
-            .entry(name.as_str())
-            .await
-            .map_err(|e| KvError::Unavailable(e.to_string()))?;
+        let found = store.entry(name.as_str()).await.map_err(unavailable)?;
         let Some(found) = found else {
             return Ok((None, 0));
         };
@@ -101,7 +98,7 @@ impl SharedRegistry {
             Err(e) if lost_race(e.kind() == kv::UpdateErrorKind::WrongLastRevision, &e) => {
                 Ok(Written::Lost)
             }
-            Err(e) => Err(KvError::Unavailable(e.to_string())),
+            Err(e) => Err(unavailable(e)),
         }
     }
 
@@ -137,18 +134,14 @@ impl SharedRegistry {
     where
         F: Future<Output = bool>,
     {
-        let unavailable = |e: &dyn std::fmt::Display| KvError::Unavailable(e.to_string());
         let store = self.store().await?;
-        let mut watch = store
-            .watch_with_history(">")
-            .await
-            .map_err(|e| unavailable(&e))?;
+        let mut watch = store.watch_with_history(">").await.map_err(unavailable)?;
         let until = tokio::time::Instant::now() + RESCAN;
         loop {
             let next = match tokio::time::timeout_at(until, watch.next()).await {
                 Err(_) => return Ok(true),
-                Ok(None) => return Err(unavailable(&"the watch ended")),
-                Ok(Some(next)) => next.map_err(|e| unavailable(&e))?,
+                Ok(None) => return Err(unavailable("the watch ended")),
+                Ok(Some(next)) => next.map_err(unavailable)?,
             };
             if next.operation != kv::Operation::Put {
                 continue;

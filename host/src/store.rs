@@ -428,17 +428,17 @@ impl ModuleStore {
 
     /// Removes modules and compiled code that no record refers to any more.
     pub fn collect_garbage(&self) -> Result<()> {
-        self.collect_garbage_keeping(&HashSet::new())
-    }
-
-    /// [`ModuleStore::collect_garbage`], keeping the modules in `keep` too.
-    pub fn collect_garbage_keeping(&self, keep: &HashSet<String>) -> Result<()> {
-        let mut referenced: HashSet<String> = self
+        let referenced: HashSet<String> = self
             .load_records()?
             .iter()
             .flat_map(|r| r.modules().map(str::to_string).collect::<Vec<_>>())
             .collect();
-        referenced.extend(keep.iter().cloned());
+        self.collect_garbage_except(&referenced)
+    }
+
+    /// Removes every module, and its compiled code, not in `referenced`
+    /// (SHA-256s): for a caller that holds every record in memory.
+    pub fn collect_garbage_except(&self, referenced: &HashSet<String>) -> Result<()> {
         let unreferenced = |file_name: &str, suffix: &str| {
             file_name
                 .strip_suffix(suffix)

@@ -144,6 +144,17 @@ pub enum KvError {
     Invalid(String),
 }
 
+impl KvError {
+    /// What went wrong, without the kind's prefix.
+    pub fn detail(&self) -> &str {
+        match self {
+            KvError::Limit(detail) | KvError::Unavailable(detail) | KvError::Invalid(detail) => {
+                detail
+            }
+        }
+    }
+}
+
 /// What a key-value store must do. Every method acts on one function's
 /// store; a write is acknowledged only once it is durable by the backend's
 /// own standard, and a read sees every write acknowledged before it.

@@ -68,7 +68,7 @@ pub struct NatsBackend {
     opening: tokio::sync::Mutex<()>,
 }
 
-fn unavailable(error: impl std::fmt::Display) -> KvError {
+pub(crate) fn unavailable(error: impl std::fmt::Display) -> KvError {
     KvError::Unavailable(error.to_string())
 }
 
