@@ -305,6 +305,18 @@ impl Cluster {
     /// version it serves, and the modules it holds. Callers hold the admin
     /// lock, so records are published in the order they were written.
     pub async fn publish(&self, functions: &Functions, name: &FunctionName) {
+        self.publish_holding(functions, name, &held_modules(functions))
+            .await;
+    }
+
+    /// [`Cluster::publish`], with the modules this host holds already
+    /// known.
+    async fn publish_holding(
+        &self,
+        functions: &Functions,
+        name: &FunctionName,
+        modules: &BTreeSet<String>,
+    ) {
         let Some(record) = functions.record(name) else {
             return;
         };
@@ -317,12 +329,11 @@ impl Cluster {
             return;
         };
         let sealed = self.secret.seal(&self.node_id, &key, &json);
-        let modules = held_modules(functions);
         self.chitchat
             .with_chitchat(|chitchat| {
                 let state = chitchat.self_node_state();
                 state.set(key.as_str(), sealed.as_str());
-                self.set_modules(state, &modules);
+                self.set_modules(state, modules);
             })
             .await;
     }
@@ -330,8 +341,16 @@ impl Cluster {
     /// Gossips every record (at start: what this host stored before it
     /// joined, stamps and origins as they were).
     pub async fn publish_all(&self, functions: &Functions) {
-        for name in functions.scan_records(|r| Some(r.name.clone())) {
-            self.publish(functions, &name).await;
+        let names = functions.scan_records(|r| Some(r.name.clone()));
+        self.publish_each(functions, &names).await;
+    }
+
+    /// [`Cluster::publish`] of each of `names`, looking up the modules
+    /// this host holds once.
+    pub async fn publish_each(&self, functions: &Functions, names: &[FunctionName]) {
+        let modules = held_modules(functions);
+        for name in names {
+            self.publish_holding(functions, name, &modules).await;
         }
     }
 

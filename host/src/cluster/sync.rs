@@ -143,9 +143,7 @@ async fn join(cluster: &Cluster, state: &Functions, fresh: Vec<Entry>) {
         }
     }
     changed.dedup();
-    for name in changed {
-        cluster.publish(state, &name).await;
-    }
+    cluster.publish_each(state, &changed).await;
 }
 
 /// With the registry on NATS: joins every entry it holds, and each one
