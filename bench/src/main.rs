@@ -9,6 +9,7 @@
 //! lichen-bench native-hello ADDR            the native baseline server
 //! lichen-bench instantiate [N]              only the in-process loop (for profilers)
 //! lichen-bench history                      only the status page history's costs
+//! lichen-bench seal                         only sealed gossip and signed peer requests
 //! lichen-bench compute [ROUNDS]             only fib and SHA-256, wasm vs native
 //! lichen-bench scale [N]                    only the many-functions scenario
 //! lichen-bench map [--smoke]                only the map, one host vs three
@@ -32,6 +33,7 @@ mod history;
 mod inproc;
 mod load;
 mod report;
+mod seal;
 mod servers;
 
 use std::path::{Path, PathBuf};
@@ -92,6 +94,23 @@ fn main() -> Result<()> {
             let history = history::measure(200);
             let mut report = Report::new(&settings)?;
             report.history(&history, percentile(&times.total, 0.5));
+            println!("{}", report.markdown());
+            Ok(())
+        }
+        Some("seal") => {
+            // Just the cluster plane's sealing and signing, beside instantiate + call.
+            let settings = Settings::from_env(args.iter().any(|a| a == "--smoke"))?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            let times = runtime.block_on(inproc::instantiate_and_call(
+                &settings.component("hello")?,
+                20_000,
+            ))?;
+            let rows = seal::measure(if settings.smoke { 5 } else { 100 })?;
+            let mut report = Report::new(&settings)?;
+            report.seal(&rows, percentile(&times.total, 0.5));
             println!("{}", report.markdown());
             Ok(())
         }
@@ -168,7 +187,7 @@ fn main() -> Result<()> {
             run_all(&Settings::from_env(smoke)?, &out)
         }
         _ => bail!(
-            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | history | compute [ROUNDS] | scale N | map [--smoke] | p3 [--smoke] | kv [--smoke] | outbound [--smoke] | native-hello ADDR"
+            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | history | seal | compute [ROUNDS] | scale N | map [--smoke] | p3 [--smoke] | kv [--smoke] | outbound [--smoke] | native-hello ADDR"
         ),
     }
 }
@@ -562,6 +581,10 @@ fn in_process(settings: &Settings, report: &mut Report) -> Result<()> {
         median(&history.summary_full)
     );
     report.history(&history, percentile(&times.total, 0.5));
+    report.seal(
+        &seal::measure(if settings.smoke { 5 } else { 100 })?,
+        percentile(&times.total, 0.5),
+    );
 
     let rounds = if settings.smoke { 3 } else { 7 };
     let workloads = if settings.smoke {

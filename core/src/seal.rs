@@ -1,35 +1,78 @@
 //! The cluster secret and what is derived from it.
 //!
-//! One shared secret authenticates everything between hosts:
-//! - the gossip cluster id is derived from it, so a host with another secret
-//!   is answered `BadCluster` and never receives the cluster's state;
-//! - every value a host publishes in gossip carries a MAC over (node id, key,
-//!   value), so a process that learned the cluster id by listening still
-//!   cannot forge registry entries or advertise an API address;
-//! - internal HTTP (module fetches, forwarded invocations) carries a token
-//!   derived from it.
+//! Everything between hosts is authenticated with keys derived from one
+//! shared secret (HKDF-SHA256):
+//! - the **gossip key** seals every gossip datagram (ChaCha20-Poly1305): a
+//!   process without the secret can neither read a datagram nor make one a
+//!   host accepts; each carries its sender's session and counter, and a host
+//!   takes each (session, counter) once ([`ReplayGuard`]);
+//! - the **request key** signs every internal HTTP request (HMAC-SHA256
+//!   over method, path and query, a timestamp, a nonce and, when known
+//!   before sending, the body's SHA-256); a host takes a signature within
+//!   [`REQUEST_WINDOW`] of its clock, once ([`NonceCache`]);
+//! - the **key id** (4 bytes) names which secret sealed or signed, so a host
+//!   holding two during a rotation ([`Keyring`]) knows which to check with.
 //!
-//! Gossip itself is not encrypted: it expects a private network (see the
-//! README's trust model).
+//! Gossip values themselves carry no MAC: every byte of every value travels
+//! inside a sealed datagram, and a MAC keyed by the same secret would prove
+//! nothing more (any holder of the secret could make it for any node).
 
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use ring::{aead, hkdf, hmac, rand};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
-type HmacSha256 = Hmac<Sha256>;
+/// The first bytes of every sealed datagram.
+const MAGIC: &[u8; 4] = b"LCG1";
+/// Magic, key id, session, counter, sending time.
+pub const HEADER_LEN: usize = 4 + 4 + 8 + 4 + 8;
+/// Header and tag: what sealing adds to a datagram.
+pub const OVERHEAD: usize = HEADER_LEN + 16;
 
-/// Hex characters of a value's MAC (128 bits).
-const MAC_HEX: usize = 32;
+/// How far a datagram's sending time may be from the receiver's clock.
+/// Wide, so hosts whose clocks disagree by minutes still gossip (the
+/// (session, counter) check is what refuses a replay); it bounds how long a
+/// captured datagram could be replayed into a host that restarted since.
+pub const GOSSIP_WINDOW: Duration = Duration::from_secs(300);
+/// How far a signed request's timestamp may be from the receiver's clock
+/// (the sender writes it in the receiver's time, by the clock offset gossip
+/// measures).
+pub const REQUEST_WINDOW: Duration = Duration::from_secs(30);
+/// Sessions a host remembers (one per sending process; only datagrams that
+/// authenticate make one).
+const MAX_SESSIONS: usize = 4096;
+/// Counters below a session's highest that are still told apart.
+const WINDOW_BITS: u32 = 128;
 
-#[derive(Clone)]
+/// Which of a host's secrets: the one it sends under, or the one it still
+/// accepts during a rotation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Which {
+    Current,
+    Previous,
+}
+
+/// One cluster secret's keys.
 pub struct Secret {
-    key: Vec<u8>,
-    token: String,
+    id: [u8; 4],
+    gossip: aead::LessSafeKey,
+    request: hmac::Key,
 }
 
 impl std::fmt::Debug for Secret {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("Secret(..)")
+        write!(f, "Secret({})", hex::encode(self.id))
+    }
+}
+
+/// HKDF output lengths that are not a ring algorithm.
+struct Len(usize);
+
+impl hkdf::KeyType for Len {
+    fn len(&self) -> usize {
+        self.0
     }
 }
 
@@ -39,80 +82,652 @@ impl Secret {
         if secret.len() < 16 {
             anyhow::bail!("the cluster secret must be at least 16 characters");
         }
-        let key = secret.as_bytes().to_vec();
-        let token = hex::encode(mac(&key, &[b"lichen internal http v1"]));
-        Ok(Secret { key, token })
+        let prk = hkdf::Salt::new(hkdf::HKDF_SHA256, b"lichen cluster secret v2")
+            .extract(secret.as_bytes());
+        let expand = |info: &[u8], len: usize| -> anyhow::Result<Vec<u8>> {
+            let mut out = vec![0; len];
+            let info = [info];
+            prk.expand(&info, Len(len))
+                .and_then(|okm| okm.fill(&mut out))
+                .map_err(|_| anyhow::anyhow!("deriving a cluster key"))?;
+            Ok(out)
+        };
+        let id: [u8; 4] = expand(b"key id", 4)?
+            .try_into()
+            .map_err(|_| anyhow::anyhow!("deriving the key id"))?;
+        let gossip = aead::UnboundKey::new(&aead::CHACHA20_POLY1305, &expand(b"gossip", 32)?)
+            .map_err(|_| anyhow::anyhow!("deriving the gossip key"))?;
+        let request = hmac::Key::new(hmac::HMAC_SHA256, &expand(b"peer requests", 32)?);
+        Ok(Secret {
+            id,
+            gossip: aead::LessSafeKey::new(gossip),
+            request,
+        })
     }
 
-    /// The gossip cluster id: hosts with different secrets are different
-    /// clusters to chitchat.
-    pub fn cluster_id(&self) -> String {
-        let tag = mac(&self.key, &[b"lichen cluster id v1"]);
-        format!("lichen-{}", hex::encode(&tag[..8]))
-    }
-
-    /// The bearer token of internal HTTP requests.
-    pub fn token(&self) -> &str {
-        &self.token
-    }
-
-    /// Whether `presented` is this cluster's token (constant time).
-    pub fn accepts(&self, presented: &[u8]) -> bool {
-        bool::from(presented.ct_eq(self.token.as_bytes()))
-    }
-
-    /// `value` as published by `node` under `key`: `<mac>.<value>`.
-    pub fn seal(&self, node: &str, key: &str, value: &str) -> String {
-        let tag = mac(
-            &self.key,
-            &[
-                node.as_bytes(),
-                b"\0",
-                key.as_bytes(),
-                b"\0",
-                value.as_bytes(),
-            ],
-        );
-        format!("{}.{value}", &hex::encode(tag)[..MAC_HEX])
-    }
-
-    /// The value sealed by `node` under `key`, if its MAC is right.
-    pub fn open<'a>(&self, node: &str, key: &str, sealed: &'a str) -> Option<&'a str> {
-        let (tag, value) = sealed.split_at_checked(MAC_HEX)?;
-        let value = value.strip_prefix('.')?;
-        let expected = self.seal(node, key, value);
-        bool::from(expected.as_bytes()[..MAC_HEX].ct_eq(tag.as_bytes())).then_some(value)
+    /// The key id, as hex.
+    pub fn id(&self) -> String {
+        hex::encode(self.id)
     }
 }
 
-fn mac(key: &[u8], parts: &[&[u8]]) -> [u8; 32] {
-    // HMAC accepts keys of any length.
-    let mut mac = <HmacSha256 as Mac>::new_from_slice(key).unwrap_or_else(|_| unreachable!());
-    for part in parts {
-        mac.update(part);
+/// The secrets a host holds: it sends under the current one and accepts
+/// both (`--cluster-secret` and `--cluster-secret-previous`).
+#[derive(Debug)]
+pub struct Keyring {
+    current: Secret,
+    previous: Option<Secret>,
+}
+
+impl Keyring {
+    pub fn new(current: Secret, previous: Option<Secret>) -> Self {
+        let previous = previous.filter(|p| p.id != current.id);
+        Keyring { current, previous }
     }
-    mac.finalize().into_bytes().into()
+
+    pub fn get(&self, which: Which) -> &Secret {
+        match (which, &self.previous) {
+            (Which::Previous, Some(previous)) => previous,
+            _ => &self.current,
+        }
+    }
+
+    pub fn has_previous(&self) -> bool {
+        self.previous.is_some()
+    }
+
+    fn find(&self, id: &[u8]) -> Option<(Which, &Secret)> {
+        if bool::from(id.ct_eq(&self.current.id)) {
+            return Some((Which::Current, &self.current));
+        }
+        let previous = self.previous.as_ref()?;
+        bool::from(id.ct_eq(&previous.id)).then_some((Which::Previous, previous))
+    }
+}
+
+/// Why a datagram was dropped (the `reason` label of
+/// `lichen_gossip_rejected_total`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Rejected {
+    /// Too short, or not a sealed datagram at all.
+    Malformed,
+    /// Sealed under a secret this host does not hold.
+    UnknownKey,
+    /// Its tag does not check: altered, or made without the secret.
+    Forged,
+    /// Its (session, counter) was taken already.
+    Replayed,
+    /// Sent further from this host's clock than [`GOSSIP_WINDOW`].
+    Stale,
+}
+
+impl Rejected {
+    pub fn reason(self) -> &'static str {
+        match self {
+            Rejected::Malformed => "malformed",
+            Rejected::UnknownKey => "unknown_key",
+            Rejected::Forged => "forged",
+            Rejected::Replayed => "replayed",
+            Rejected::Stale => "stale",
+        }
+    }
+}
+
+/// A sending socket's session: a random id and a counter, which together
+/// are each datagram's nonce (never the same twice under one key).
+pub struct Session {
+    id: [u8; 8],
+    counter: u32,
+    rng: rand::SystemRandom,
+}
+
+impl Session {
+    pub fn new() -> anyhow::Result<Self> {
+        let rng = rand::SystemRandom::new();
+        Ok(Session {
+            id: random(&rng)?,
+            counter: 0,
+            rng,
+        })
+    }
+
+    /// The next nonce's (session, counter); a new session when the
+    /// counter would wrap.
+    fn next(&mut self) -> anyhow::Result<([u8; 8], u32)> {
+        if self.counter == u32::MAX {
+            self.id = random(&self.rng)?;
+            self.counter = 0;
+        }
+        self.counter += 1;
+        Ok((self.id, self.counter))
+    }
+}
+
+fn random<const N: usize>(rng: &rand::SystemRandom) -> anyhow::Result<[u8; N]> {
+    let mut out = [0; N];
+    rand::SecureRandom::fill(rng, &mut out).map_err(|_| anyhow::anyhow!("no randomness"))?;
+    Ok(out)
+}
+
+/// Seals `plaintext` (a chitchat message) under `secret` into `out`.
+pub fn seal_datagram(
+    secret: &Secret,
+    session: &mut Session,
+    now_ms: u64,
+    plaintext: &[u8],
+    out: &mut Vec<u8>,
+) -> anyhow::Result<()> {
+    let (id, counter) = session.next()?;
+    out.clear();
+    out.extend_from_slice(MAGIC);
+    out.extend_from_slice(&secret.id);
+    out.extend_from_slice(&id);
+    out.extend_from_slice(&counter.to_be_bytes());
+    out.extend_from_slice(&now_ms.to_be_bytes());
+    out.extend_from_slice(plaintext);
+    let (header, body) = out.split_at_mut(HEADER_LEN);
+    let tag = secret
+        .gossip
+        .seal_in_place_separate_tag(
+            nonce(&id, counter),
+            aead::Aad::from(&header[..]),
+            &mut body[..],
+        )
+        .map_err(|_| anyhow::anyhow!("sealing a datagram"))?;
+    out.extend_from_slice(tag.as_ref());
+    Ok(())
+}
+
+fn nonce(session: &[u8; 8], counter: u32) -> aead::Nonce {
+    let mut bytes = [0; 12];
+    bytes[..8].copy_from_slice(session);
+    bytes[8..].copy_from_slice(&counter.to_be_bytes());
+    aead::Nonce::assume_unique_for_key(bytes)
+}
+
+/// An opened datagram: its message, and which secret sealed it.
+pub struct Opened<'a> {
+    pub plaintext: &'a [u8],
+    pub which: Which,
+}
+
+/// Opens a datagram in place: authenticated, within [`GOSSIP_WINDOW`] of
+/// `now_ms`, and not taken before (then it is taken).
+pub fn open_datagram<'a>(
+    keyring: &Keyring,
+    guard: &mut ReplayGuard,
+    now_ms: u64,
+    datagram: &'a mut [u8],
+) -> Result<Opened<'a>, Rejected> {
+    if datagram.len() < OVERHEAD || &datagram[..4] != MAGIC {
+        return Err(Rejected::Malformed);
+    }
+    let (which, secret) = keyring.find(&datagram[4..8]).ok_or(Rejected::UnknownKey)?;
+    let (header, body) = datagram.split_at_mut(HEADER_LEN);
+    let session: [u8; 8] = header[8..16].try_into().map_err(|_| Rejected::Malformed)?;
+    let counter = u32::from_be_bytes(header[16..20].try_into().map_err(|_| Rejected::Malformed)?);
+    let sent_ms = u64::from_be_bytes(header[20..28].try_into().map_err(|_| Rejected::Malformed)?);
+    let plaintext = secret
+        .gossip
+        .open_in_place(nonce(&session, counter), aead::Aad::from(&header[..]), body)
+        .map_err(|_| Rejected::Forged)?;
+    if now_ms.abs_diff(sent_ms) > GOSSIP_WINDOW.as_millis() as u64 {
+        return Err(Rejected::Stale);
+    }
+    guard.take(u64::from_be_bytes(session), counter, now_ms)?;
+    Ok(Opened { plaintext, which })
+}
+
+/// Which (session, counter) pairs a host has taken: per session, the
+/// highest counter and which of the [`WINDOW_BITS`] below it. A counter
+/// further below is refused too (gossip is not reordered that much).
+#[derive(Default)]
+pub struct ReplayGuard {
+    sessions: HashMap<u64, Window>,
+}
+
+struct Window {
+    highest: u32,
+    /// Bit `i`: counter `highest - i` taken.
+    seen: u128,
+    last_ms: u64,
+}
+
+impl ReplayGuard {
+    fn take(&mut self, session: u64, counter: u32, now_ms: u64) -> Result<(), Rejected> {
+        if !self.sessions.contains_key(&session) && self.sessions.len() >= MAX_SESSIONS {
+            self.forget_idle(now_ms);
+        }
+        let window = self.sessions.entry(session).or_insert(Window {
+            highest: 0,
+            seen: 0,
+            last_ms: now_ms,
+        });
+        window.last_ms = now_ms;
+        if counter > window.highest {
+            let shift = counter - window.highest;
+            window.seen = if shift >= WINDOW_BITS {
+                0
+            } else {
+                window.seen << shift
+            };
+            window.seen |= 1;
+            window.highest = counter;
+            return Ok(());
+        }
+        let back = window.highest - counter;
+        if back >= WINDOW_BITS || window.seen & (1 << back) != 0 {
+            return Err(Rejected::Replayed);
+        }
+        window.seen |= 1 << back;
+        Ok(())
+    }
+
+    /// Drops sessions not heard from for twice the window: any datagram of
+    /// theirs is stale by now. If none is that old, the longest idle goes.
+    fn forget_idle(&mut self, now_ms: u64) {
+        let horizon = 2 * GOSSIP_WINDOW.as_millis() as u64;
+        self.sessions
+            .retain(|_, w| now_ms.saturating_sub(w.last_ms) < horizon);
+        if self.sessions.len() >= MAX_SESSIONS
+            && let Some(oldest) = self
+                .sessions
+                .iter()
+                .min_by_key(|(_, w)| w.last_ms)
+                .map(|(id, _)| *id)
+        {
+            self.sessions.remove(&oldest);
+        }
+    }
+}
+
+/// The header of a signed internal request.
+pub const SIGNATURE_HEADER: &str = "x-lichen-peer-signature";
+
+/// Why a peer request was refused (each is its own `401` code).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Refused {
+    /// No signature header.
+    Missing,
+    /// Malformed, under an unknown secret, or not matching the request.
+    Invalid,
+    /// Its timestamp is outside [`REQUEST_WINDOW`].
+    Expired,
+    /// Its nonce was taken already.
+    Replayed,
+    /// The body is not the one signed.
+    BodyMismatch,
+    /// More signatures within the window than the host keeps (`503`, not
+    /// `401`: the request may be good).
+    Busy,
+}
+
+impl Refused {
+    pub fn code(self) -> &'static str {
+        match self {
+            Refused::Missing => "peer_signature_missing",
+            Refused::Invalid => "peer_signature_invalid",
+            Refused::Expired => "peer_request_expired",
+            Refused::Replayed => "peer_request_replayed",
+            Refused::BodyMismatch => "peer_body_mismatch",
+            Refused::Busy => "busy",
+        }
+    }
+
+    pub fn message(self) -> String {
+        match self {
+            Refused::Missing => {
+                format!("internal requests need an `{SIGNATURE_HEADER}` header")
+            }
+            Refused::Invalid => "the peer signature does not check out here".to_string(),
+            Refused::Expired => format!(
+                "the peer signature is more than {} s from this host's clock",
+                REQUEST_WINDOW.as_secs()
+            ),
+            Refused::Replayed => "this peer request was received before".to_string(),
+            Refused::BodyMismatch => "the request body is not the one signed".to_string(),
+            Refused::Busy => {
+                "this host holds as many peer signatures as it keeps; try another".to_string()
+            }
+        }
+    }
+}
+
+/// A signature that checked out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signed {
+    /// The SHA-256 of the body the sender signed, if it knew it.
+    pub body: Option<[u8; 32]>,
+    nonce: [u8; 16],
+    ts_ms: u64,
+}
+
+/// The SHA-256 of a body, as signatures name it.
+pub fn body_digest(body: &[u8]) -> [u8; 32] {
+    Sha256::digest(body).into()
+}
+
+/// The signature header of a request: `key=<id> ts=<unix ms> nonce=<hex>
+/// body=<sha256 hex, or - for a streamed body> sig=<hex>`. `ts_ms` is the
+/// receiver's time.
+pub fn sign_request(
+    secret: &Secret,
+    method: &str,
+    target: &str,
+    body: Option<&[u8; 32]>,
+    ts_ms: u64,
+) -> anyhow::Result<String> {
+    let nonce: [u8; 16] = random(&rand::SystemRandom::new())?;
+    let body = body.map_or_else(|| "-".to_string(), hex::encode);
+    let nonce = hex::encode(nonce);
+    let sig = hmac::sign(
+        &secret.request,
+        signed_text(method, target, ts_ms, &nonce, &body).as_bytes(),
+    );
+    Ok(format!(
+        "key={} ts={ts_ms} nonce={nonce} body={body} sig={}",
+        secret.id(),
+        hex::encode(sig.as_ref())
+    ))
+}
+
+fn signed_text(method: &str, target: &str, ts_ms: u64, nonce: &str, body: &str) -> String {
+    format!("lichen peer request v1\n{method}\n{target}\n{ts_ms}\n{nonce}\n{body}")
+}
+
+/// Checks a signature header against the request's method and target (path
+/// and query) and the time. The nonce is not taken here: see
+/// [`NonceCache::take`].
+pub fn verify_request(
+    keyring: &Keyring,
+    method: &str,
+    target: &str,
+    header: Option<&str>,
+    now_ms: u64,
+) -> Result<Signed, Refused> {
+    let header = header.ok_or(Refused::Missing)?;
+    let mut fields: HashMap<&str, &str> = HashMap::new();
+    for field in header.split(' ') {
+        let (name, value) = field.split_once('=').ok_or(Refused::Invalid)?;
+        fields.insert(name, value);
+    }
+    let field = |name: &str| fields.get(name).copied().ok_or(Refused::Invalid);
+    let id = hex::decode(field("key")?).map_err(|_| Refused::Invalid)?;
+    let (_, secret) = keyring.find(&id).ok_or(Refused::Invalid)?;
+    let ts_text = field("ts")?;
+    let ts_ms: u64 = ts_text.parse().map_err(|_| Refused::Invalid)?;
+    let nonce_text = field("nonce")?;
+    let nonce: [u8; 16] = hex::decode(nonce_text)
+        .ok()
+        .and_then(|n| n.try_into().ok())
+        .ok_or(Refused::Invalid)?;
+    let body_text = field("body")?;
+    let body = match body_text {
+        "-" => None,
+        digest => Some(
+            hex::decode(digest)
+                .ok()
+                .and_then(|d| <[u8; 32]>::try_from(d).ok())
+                .ok_or(Refused::Invalid)?,
+        ),
+    };
+    let sig = hex::decode(field("sig")?).map_err(|_| Refused::Invalid)?;
+    // The text as signed: the fields as sent, so a canonical form is not
+    // needed (any change to one fails the check).
+    let text = signed_text(method, target, ts_ms, nonce_text, body_text);
+    if ts_text != ts_ms.to_string() {
+        return Err(Refused::Invalid);
+    }
+    hmac::verify(&secret.request, text.as_bytes(), &sig).map_err(|_| Refused::Invalid)?;
+    if now_ms.abs_diff(ts_ms) > REQUEST_WINDOW.as_millis() as u64 {
+        return Err(Refused::Expired);
+    }
+    Ok(Signed { body, nonce, ts_ms })
+}
+
+/// Whether `body` is the one a signature names (a signature without a
+/// digest names none, and any body goes).
+pub fn check_body(signed: &Signed, body: &[u8]) -> Result<(), Refused> {
+    match &signed.body {
+        Some(digest) if !bool::from(digest.ct_eq(&body_digest(body))) => Err(Refused::BodyMismatch),
+        _ => Ok(()),
+    }
+}
+
+/// Nonces of signatures taken, each kept until its timestamp leaves the
+/// window (then the timestamp refuses it).
+pub struct NonceCache {
+    seen: HashMap<[u8; 16], u64>,
+    expiries: VecDeque<(u64, [u8; 16])>,
+    capacity: usize,
+}
+
+/// Taking a nonce failed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Take {
+    Replayed,
+    /// More signatures within the window than the cache holds: refused
+    /// rather than forgetting one that could then be replayed.
+    Full,
+}
+
+impl NonceCache {
+    pub fn new(capacity: usize) -> Self {
+        NonceCache {
+            seen: HashMap::new(),
+            expiries: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    pub fn take(&mut self, signed: &Signed, now_ms: u64) -> Result<(), Take> {
+        while let Some((expiry, nonce)) = self.expiries.front().copied() {
+            if expiry > now_ms {
+                break;
+            }
+            self.expiries.pop_front();
+            if self.seen.get(&nonce) == Some(&expiry) {
+                self.seen.remove(&nonce);
+            }
+        }
+        if self.seen.contains_key(&signed.nonce) {
+            return Err(Take::Replayed);
+        }
+        if self.seen.len() >= self.capacity {
+            return Err(Take::Full);
+        }
+        // Kept past the latest time its timestamp is accepted; expiries
+        // are pushed in arrival order, so the queue is swept by time with
+        // a margin of one window.
+        let expiry = signed.ts_ms.max(now_ms) + REQUEST_WINDOW.as_millis() as u64;
+        self.seen.insert(signed.nonce, expiry);
+        self.expiries.push_back((expiry, signed.nonce));
+        Ok(())
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
+    fn secret(text: &str) -> Secret {
+        Secret::new(text).unwrap()
+    }
+
+    fn ring(current: &str, previous: Option<&str>) -> Keyring {
+        Keyring::new(secret(current), previous.map(secret))
+    }
+
+    const NOW: u64 = 1_800_000_000_000;
+
+    fn sealed(secret: &Secret, session: &mut Session, message: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        seal_datagram(secret, session, NOW, message, &mut out).unwrap();
+        out
+    }
+
     #[test]
-    fn sealed_values_open_only_with_the_same_secret_node_and_key() {
-        let a = Secret::new("correct horse battery staple").unwrap();
-        let b = Secret::new("another secret, as long").unwrap();
-        let sealed = a.seal("node-1", "api", "http://127.0.0.1:1");
-        assert_eq!(a.open("node-1", "api", &sealed), Some("http://127.0.0.1:1"));
-        assert_eq!(b.open("node-1", "api", &sealed), None);
-        assert_eq!(a.open("node-2", "api", &sealed), None);
-        assert_eq!(a.open("node-1", "load", &sealed), None);
-        let tampered = sealed.replace("127.0.0.1", "127.0.0.2");
-        assert_eq!(a.open("node-1", "api", &tampered), None);
-        assert_eq!(a.open("node-1", "api", "short"), None);
-        assert_ne!(a.cluster_id(), b.cluster_id());
-        assert!(a.accepts(a.token().as_bytes()));
-        assert!(!a.accepts(b.token().as_bytes()));
-        assert!(Secret::new("short").is_err());
+    fn a_sealed_datagram_opens_once_under_the_same_secret() {
+        let keyring = ring("correct horse battery staple", None);
+        let mut session = Session::new().unwrap();
+        let datagram = sealed(keyring.get(Which::Current), &mut session, b"syn");
+        assert_eq!(datagram.len(), 3 + OVERHEAD);
+        assert!(!datagram.windows(3).any(|w| w == b"syn"), "encrypted");
+        let mut guard = ReplayGuard::default();
+        let mut copy = datagram.clone();
+        let opened = open_datagram(&keyring, &mut guard, NOW, &mut copy).unwrap();
+        assert_eq!(opened.plaintext, b"syn");
+        assert_eq!(opened.which, Which::Current);
+        let mut again = datagram.clone();
+        assert_eq!(
+            open_datagram(&keyring, &mut guard, NOW + 1, &mut again).err(),
+            Some(Rejected::Replayed)
+        );
+        let other = ring("another secret, as long", None);
+        let mut copy = datagram.clone();
+        assert_eq!(
+            open_datagram(&other, &mut ReplayGuard::default(), NOW, &mut copy).err(),
+            Some(Rejected::UnknownKey)
+        );
+    }
+
+    #[test]
+    fn any_flipped_bit_or_a_stale_time_is_refused() {
+        let keyring = ring("correct horse battery staple", None);
+        let mut session = Session::new().unwrap();
+        let datagram = sealed(keyring.get(Which::Current), &mut session, b"a message");
+        for bit in 0..datagram.len() * 8 {
+            let mut flipped = datagram.clone();
+            flipped[bit / 8] ^= 1 << (bit % 8);
+            let refused = open_datagram(&keyring, &mut ReplayGuard::default(), NOW, &mut flipped);
+            assert!(refused.is_err(), "bit {bit}");
+        }
+        let late = NOW + GOSSIP_WINDOW.as_millis() as u64 + 1;
+        let mut copy = datagram.clone();
+        assert_eq!(
+            open_datagram(&keyring, &mut ReplayGuard::default(), late, &mut copy).err(),
+            Some(Rejected::Stale)
+        );
+        let mut short = datagram[..OVERHEAD - 1].to_vec();
+        assert_eq!(
+            open_datagram(&keyring, &mut ReplayGuard::default(), NOW, &mut short).err(),
+            Some(Rejected::Malformed)
+        );
+    }
+
+    #[test]
+    fn counters_out_of_order_are_taken_once_within_the_window() {
+        let mut guard = ReplayGuard::default();
+        assert_eq!(guard.take(7, 5, NOW), Ok(()));
+        assert_eq!(guard.take(7, 3, NOW), Ok(()));
+        assert_eq!(guard.take(7, 3, NOW), Err(Rejected::Replayed));
+        assert_eq!(guard.take(7, 5, NOW), Err(Rejected::Replayed));
+        assert_eq!(guard.take(7, 300, NOW), Ok(()));
+        assert_eq!(
+            guard.take(7, 300 - WINDOW_BITS, NOW),
+            Err(Rejected::Replayed)
+        );
+        assert_eq!(guard.take(7, 299, NOW), Ok(()));
+        assert_eq!(guard.take(8, 5, NOW), Ok(()), "another session");
+    }
+
+    #[test]
+    fn a_host_accepts_its_previous_secret_and_names_which() {
+        let old = ring("the old secret, long enough", None);
+        let rotating = ring(
+            "the new secret, long enough",
+            Some("the old secret, long enough"),
+        );
+        let mut session = Session::new().unwrap();
+        let mut datagram = sealed(old.get(Which::Current), &mut session, b"x");
+        let opened =
+            open_datagram(&rotating, &mut ReplayGuard::default(), NOW, &mut datagram).unwrap();
+        assert_eq!(opened.which, Which::Previous);
+        let header = sign_request(old.get(Which::Current), "GET", "/a", None, NOW).unwrap();
+        assert!(verify_request(&rotating, "GET", "/a", Some(&header), NOW).is_ok());
+        let new_only = ring("the new secret, long enough", None);
+        assert_eq!(
+            verify_request(&new_only, "GET", "/a", Some(&header), NOW),
+            Err(Refused::Invalid)
+        );
+    }
+
+    #[test]
+    fn a_signature_covers_method_target_time_and_body() {
+        let keyring = ring("correct horse battery staple", None);
+        let digest = body_digest(b"[1,2]");
+        let header = sign_request(
+            keyring.get(Which::Current),
+            "POST",
+            "/fn/f/x?y=1",
+            Some(&digest),
+            NOW,
+        )
+        .unwrap();
+        let signed = verify_request(&keyring, "POST", "/fn/f/x?y=1", Some(&header), NOW).unwrap();
+        assert_eq!(check_body(&signed, b"[1,2]"), Ok(()));
+        assert_eq!(check_body(&signed, b"[1,3]"), Err(Refused::BodyMismatch));
+        for (method, target) in [
+            ("PUT", "/fn/f/x?y=1"),
+            ("POST", "/fn/g/x?y=1"),
+            ("POST", "/fn/f/x"),
+        ] {
+            assert_eq!(
+                verify_request(&keyring, method, target, Some(&header), NOW),
+                Err(Refused::Invalid)
+            );
+        }
+        let window = REQUEST_WINDOW.as_millis() as u64;
+        assert!(
+            verify_request(&keyring, "POST", "/fn/f/x?y=1", Some(&header), NOW + window).is_ok()
+        );
+        assert_eq!(
+            verify_request(
+                &keyring,
+                "POST",
+                "/fn/f/x?y=1",
+                Some(&header),
+                NOW + window + 1
+            ),
+            Err(Refused::Expired)
+        );
+        let forged = header.replace(&format!("ts={NOW}"), &format!("ts={}", NOW + 1));
+        assert_eq!(
+            verify_request(&keyring, "POST", "/fn/f/x?y=1", Some(&forged), NOW),
+            Err(Refused::Invalid)
+        );
+        assert_eq!(
+            verify_request(&keyring, "POST", "/fn/f/x?y=1", None, NOW),
+            Err(Refused::Missing)
+        );
+        assert_eq!(
+            verify_request(&keyring, "POST", "/fn/f/x?y=1", Some("junk"), NOW),
+            Err(Refused::Invalid)
+        );
+    }
+
+    #[test]
+    fn a_nonce_is_taken_once_and_forgotten_after_the_window() {
+        let keyring = ring("correct horse battery staple", None);
+        let header = sign_request(keyring.get(Which::Current), "GET", "/", None, NOW).unwrap();
+        let signed = verify_request(&keyring, "GET", "/", Some(&header), NOW).unwrap();
+        let mut cache = NonceCache::new(2);
+        assert_eq!(cache.take(&signed, NOW), Ok(()));
+        assert_eq!(cache.take(&signed, NOW + 1000), Err(Take::Replayed));
+        let later = NOW + 2 * REQUEST_WINDOW.as_millis() as u64;
+        assert_eq!(
+            cache.take(&signed, later),
+            Ok(()),
+            "only the window refuses it now"
+        );
+        for _ in 0..2 {
+            let header =
+                sign_request(keyring.get(Which::Current), "GET", "/", None, later).unwrap();
+            let signed = verify_request(&keyring, "GET", "/", Some(&header), later).unwrap();
+            let _ = cache.take(&signed, later);
+        }
+        let header = sign_request(keyring.get(Which::Current), "GET", "/", None, later).unwrap();
+        let signed = verify_request(&keyring, "GET", "/", Some(&header), later).unwrap();
+        assert_eq!(cache.take(&signed, later), Err(Take::Full));
     }
 }

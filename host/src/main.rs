@@ -274,6 +274,19 @@ struct ClusterArgs {
     /// Read the cluster secret from this file.
     #[arg(long, value_name = "FILE", conflicts_with = "cluster_secret")]
     cluster_secret_file: Option<PathBuf>,
+    /// During a rotation, the secret being replaced: gossip and peer
+    /// requests under it are accepted too (this host sends under
+    /// --cluster-secret). Drop it once every host has the new secret.
+    #[arg(long, env = "LICHEN_CLUSTER_SECRET_PREVIOUS", hide_env_values = true)]
+    cluster_secret_previous: Option<String>,
+    /// Read the previous cluster secret from this file.
+    #[arg(long, value_name = "FILE", conflicts_with = "cluster_secret_previous")]
+    cluster_secret_previous_file: Option<PathBuf>,
+    /// CA certificates (PEM) that sign peers' HTTPS certificates (default:
+    /// the chain of this host's --tls-cert). Peers talk HTTPS to a host
+    /// that serves TLS.
+    #[arg(long, value_name = "FILE")]
+    peer_ca: Option<PathBuf>,
     /// Time between gossip rounds, in milliseconds; a dead peer is noticed
     /// after about ten.
     #[arg(long, default_value_t = 200)]
@@ -320,6 +333,22 @@ impl ClusterArgs {
                 "joining a cluster needs --cluster-secret or --cluster-secret-file (or LICHEN_CLUSTER_SECRET)"
             ),
         };
+        let previous = match (
+            self.cluster_secret_previous,
+            self.cluster_secret_previous_file,
+        ) {
+            (Some(secret), _) => Some(secret),
+            (None, Some(file)) => Some(secret_from(&file)?),
+            (None, None) => None,
+        };
+        let keyring = lichen::cluster::Keyring::new(
+            lichen::cluster::Secret::new(&secret)?,
+            previous
+                .as_deref()
+                .map(lichen::cluster::Secret::new)
+                .transpose()
+                .map_err(|e| e.context("--cluster-secret-previous"))?,
+        );
         let gossip_listen = self.gossip.unwrap_or_else(|| {
             SocketAddr::new(listen.ip(), lichen_core::gossip::DEFAULT_GOSSIP_PORT)
         });
@@ -338,7 +367,8 @@ impl ClusterArgs {
             gossip_advertise: None,
             api_advertise: self.advertise,
             seeds: self.peers,
-            secret: lichen::cluster::Secret::new(&secret)?,
+            keyring: std::sync::Arc::new(keyring),
+            peer_ca: self.peer_ca,
             gossip_interval: std::time::Duration::from_millis(self.gossip_interval_ms.max(10)),
             shared_registry,
         }))

@@ -90,6 +90,10 @@ pub struct Metrics {
     pub registry_apply_failures: IntCounterVec,
     /// Each live peer's wall clock minus this host's, in seconds.
     pub peer_clock_offset: GaugeVec,
+    /// Gossip datagrams dropped unread, by reason (`lichen_core::seal`).
+    pub gossip_rejected: IntCounterVec,
+    /// Internal requests refused, by code (their `401` codes).
+    pub peer_requests_refused: IntCounterVec,
 }
 
 impl Metrics {
@@ -240,6 +244,30 @@ impl Metrics {
             ),
             &["peer"],
         )?;
+        let gossip_rejected = IntCounterVec::new(
+            Opts::new(
+                "lichen_gossip_rejected_total",
+                "Gossip datagrams dropped unread, by reason (malformed, unknown_key, forged, replayed, stale, undecodable).",
+            ),
+            &["reason"],
+        )?;
+        for reason in [
+            "malformed",
+            "unknown_key",
+            "forged",
+            "replayed",
+            "stale",
+            "undecodable",
+        ] {
+            gossip_rejected.with_label_values(&[reason]);
+        }
+        let peer_requests_refused = IntCounterVec::new(
+            Opts::new(
+                "lichen_peer_requests_refused_total",
+                "Internal requests (module fetches, forwarded invocations) refused, by code.",
+            ),
+            &["code"],
+        )?;
 
         registry.register(Box::new(invocations.clone()))?;
         registry.register(Box::new(invocation_duration.clone()))?;
@@ -265,6 +293,8 @@ impl Metrics {
         registry.register(Box::new(registry_conflicts.clone()))?;
         registry.register(Box::new(registry_apply_failures.clone()))?;
         registry.register(Box::new(peer_clock_offset.clone()))?;
+        registry.register(Box::new(gossip_rejected.clone()))?;
+        registry.register(Box::new(peer_requests_refused.clone()))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -297,6 +327,8 @@ impl Metrics {
             registry_conflicts,
             registry_apply_failures,
             peer_clock_offset,
+            gossip_rejected,
+            peer_requests_refused,
         })
     }
 

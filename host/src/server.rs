@@ -282,6 +282,7 @@ impl Server {
                 let cluster = Cluster::start(
                     cluster_config,
                     local_addr,
+                    config.tls.as_ref(),
                     functions.metrics.clone(),
                     Arc::clone(&functions.kv),
                 )

@@ -168,6 +168,44 @@ pub fn client_config(ca: Option<&Path>) -> Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
+/// Settings for talking to peers over HTTPS: their certificates are
+/// checked against the CA certificates in `peer_ca`, else against the chain
+/// of this host's own certificate (the certificates after its first, or the
+/// first alone when it is self-signed), so hosts whose certificates one CA
+/// signed trust each other without another flag. Without either, the public
+/// roots (a peer that serves TLS then needs a publicly trusted certificate).
+pub fn peer_client_config(
+    peer_ca: Option<&Path>,
+    own: Option<&TlsFiles>,
+) -> Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    let trusted = match (peer_ca, own) {
+        (Some(ca), _) => read_certs(ca)?,
+        (None, Some(own)) => {
+            let mut chain = read_certs(&own.cert)?;
+            if chain.len() > 1 {
+                chain.remove(0);
+            }
+            chain
+        }
+        (None, None) => return client_config(None),
+    };
+    let source = peer_ca.or(own.map(|o| o.cert.as_path()));
+    for cert in trusted {
+        roots.add(cert).with_context(|| {
+            format!(
+                "a certificate in {} as a peer CA",
+                source.map_or_else(String::new, |p| p.display().to_string())
+            )
+        })?;
+    }
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_no_client_auth())
+}
+
 /// The rustls settings for a certificate chain and key in PEM files.
 fn server_config(files: &TlsFiles) -> Result<ServerConfig> {
     let certs = read_certs(&files.cert)?;

@@ -2,20 +2,22 @@
 //! else:
 //! - the admin token (`Authorization: Bearer`), for `/v1` admin routes and,
 //!   with `--metrics-require-token`, for `/metrics`;
-//! - the cluster token (`x-lichen-cluster-token`), derived from the cluster
-//!   secret, for module fetches and forwarded invocations from peers;
+//! - a peer's signature (`x-lichen-peer-signature`, keyed from the cluster
+//!   secret, once per request: `lichen_core::seal`), for module fetches and
+//!   forwarded invocations from peers;
 //! - a private function's own tokens (its policy's `[access] tokens`, or the
 //!   admin token), for invoking it and mapping over it.
 //!
-//! A missing credential is `401`, a wrong one `403`. Tokens are compared in
+//! A missing token is `401`, a wrong one `403`; a peer signature that does
+//! not check out is `401` with a code saying why. Tokens are compared in
 //! constant time, so the time an answer takes says nothing about how much
 //! of a guess was right.
 
 use http::{StatusCode, header};
+use lichen_core::seal::{Refused, Signed};
 use subtle::ConstantTimeEq;
 
 use super::AppState;
-use crate::cluster::CLUSTER_AUTH_HEADER;
 use crate::error::ApiError;
 use crate::policy::Policy;
 
@@ -24,8 +26,9 @@ pub fn admin<B>(state: &AppState, req: &hyper::Request<B>) -> Result<(), ApiErro
     check_bearer(req, [state.admin_token.as_str()], "admin routes")
 }
 
-/// Internal routes need the cluster token.
-pub fn peer<B>(state: &AppState, req: &hyper::Request<B>) -> Result<(), ApiError> {
+/// Internal routes need a peer's signature. Returns it, for the body check
+/// of a forwarded invocation.
+pub fn peer<B>(state: &AppState, req: &hyper::Request<B>) -> Result<Signed, ApiError> {
     let Some(cluster) = state.cluster() else {
         return Err(ApiError::new(
             StatusCode::FORBIDDEN,
@@ -33,21 +36,14 @@ pub fn peer<B>(state: &AppState, req: &hyper::Request<B>) -> Result<(), ApiError
             "this host is not in a cluster",
         ));
     };
-    let Some(presented) = req.headers().get(CLUSTER_AUTH_HEADER) else {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            format!("internal requests need an `{CLUSTER_AUTH_HEADER}` header"),
-        ));
-    };
-    if cluster.secret().accepts(presented.as_bytes()) {
-        Ok(())
-    } else {
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "the cluster token is not valid here",
-        ))
+    cluster.verify(req).map_err(refused)
+}
+
+/// The answer to a refused peer request.
+pub fn refused(refused: Refused) -> ApiError {
+    match refused {
+        Refused::Busy => ApiError::busy(refused.message()),
+        _ => ApiError::new(StatusCode::UNAUTHORIZED, refused.code(), refused.message()),
     }
 }
 

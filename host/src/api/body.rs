@@ -21,11 +21,15 @@ use crate::sandbox::drain_in_background;
 
 /// Reads a request body, refusing it with `413` as soon as it passes `limit`
 /// (by its declared length, or while it streams), never buffering more.
-pub async fn read_capped(
-    req: hyper::Request<Incoming>,
+pub async fn read_capped<B>(
+    req: hyper::Request<B>,
     limit: u64,
     idle: Duration,
-) -> Result<Bytes, ApiError> {
+) -> Result<Bytes, ApiError>
+where
+    B: http_body::Body<Data = Bytes> + Send + Unpin + 'static,
+    B::Error: std::fmt::Display,
+{
     let too_large = || {
         ApiError::too_large(format!(
             "the body is larger than the limit of {limit} bytes"

@@ -27,9 +27,9 @@ use http_body_util::BodyExt;
 
 use super::AppState;
 use super::auth;
-use super::body::{RequestBody, declared_length};
+use super::body::{RequestBody, declared_length, read_capped};
 use crate::cluster::forward::{Forward, Replay};
-use crate::cluster::{CLUSTER_AUTH_HEADER, HOP_HEADER, MODULE_HEADER};
+use crate::cluster::{HOP_HEADER, MODULE_HEADER, SIGNATURE_HEADER};
 use crate::engine::{Deployed, Outcome};
 use crate::error::{ApiError, Body};
 use crate::functions::Functions;
@@ -39,6 +39,7 @@ use crate::sandbox::{
     CappedResponseBody, GuardedRequestBody, InstanceEvent, Invocation, InvocationStats,
 };
 use crate::scheduler::Refusal;
+use lichen_core::seal::{self, Signed};
 
 /// How an invocation reached this host.
 #[derive(Clone)]
@@ -48,9 +49,10 @@ pub enum Arrival {
     /// An item of a map: like a client's, and its body can be sent again
     /// if a peer fails after receiving it.
     MapItem(Bytes),
-    /// Forwarded by a peer (authenticated): run here at once or refuse as
+    /// Forwarded by a peer (its signature checked; with the digest of the
+    /// body it signed, if it knew the body): run here at once or refuse as
     /// busy, never forwarded again. The peer checked access.
-    Forwarded,
+    Forwarded(Signed),
 }
 
 /// `/fn/{name}` and `/fn/{name}/{rest...}`: the guest sees `/{rest...}` and
@@ -157,7 +159,7 @@ async fn admit_and_run(
     // A forward names the module the forwarding host runs: a host serving
     // another (the registry's change has yet to reach one of them) says so
     // rather than answer with another version.
-    if matches!(arrival, Arrival::Forwarded)
+    if matches!(arrival, Arrival::Forwarded(_))
         && let Some(expected) = req.headers().get(MODULE_HEADER)
         && expected.as_bytes() != function.version.sha256.as_bytes()
     {
@@ -173,7 +175,7 @@ async fn admit_and_run(
     req.headers_mut().remove(MODULE_HEADER);
     if !policy.public {
         // A forwarded request was checked by the host it came through.
-        if !matches!(arrival, Arrival::Forwarded)
+        if !matches!(arrival, Arrival::Forwarded(_))
             && let Err(error) = auth::invoke(state, &policy, &req)
         {
             return (Err(error), Outcome::Denied);
@@ -187,6 +189,26 @@ async fn admit_and_run(
             "the request body is larger than {}'s limit of {} bytes",
             function.name, policy.request_body
         )));
+    }
+    // A forward whose body its peer signed: the body read whole and checked
+    // before anything runs (the peer held it whole too).
+    if let Arrival::Forwarded(signed) = &arrival
+        && signed.body.is_some()
+    {
+        let (parts, body) = req.into_parts();
+        let limit = policy.request_body;
+        let idle = state.limits.body_idle_timeout;
+        let bytes = match read_capped(hyper::Request::new(body), limit, idle).await {
+            Ok(bytes) => bytes,
+            Err(error) => return refused(error),
+        };
+        if let Err(refusal) = seal::check_body(signed, &bytes) {
+            if let Some(cluster) = state.cluster() {
+                cluster.note_refused(refusal);
+            }
+            return refused(auth::refused(refusal));
+        }
+        req = hyper::Request::from_parts(parts, RequestBody::from(bytes));
     }
 
     // The URI stays the original `/fn/...` until admission: a forward
@@ -226,7 +248,7 @@ async fn admit_and_run(
     // peer has room either, this host's queue.
     let _admission = match functions.scheduler.try_admit(&gate) {
         Ok(admission) => admission,
-        Err(refusal) if matches!(arrival, Arrival::Forwarded) => return refused(busy(refusal)),
+        Err(refusal) if matches!(arrival, Arrival::Forwarded(_)) => return refused(busy(refusal)),
         Err(_) => {
             if let Some(cluster) = state.cluster() {
                 let replay = match &arrival {
@@ -275,7 +297,7 @@ async fn admit_and_run(
     }
     // Between hosts only.
     req.headers_mut().remove(HOP_HEADER);
-    req.headers_mut().remove(CLUSTER_AUTH_HEADER);
+    req.headers_mut().remove(SIGNATURE_HEADER);
 
     let (parts, body) = req.into_parts();
     let body = GuardedRequestBody::new(body, policy.request_body, state.limits.body_idle_timeout);
@@ -393,8 +415,7 @@ fn is_idempotent(method: &Method) -> bool {
 /// (which must prove it is one).
 pub fn arrival<B>(state: &AppState, req: &hyper::Request<B>) -> Result<Arrival, ApiError> {
     if req.headers().contains_key(HOP_HEADER) {
-        auth::peer(state, req)?;
-        Ok(Arrival::Forwarded)
+        Ok(Arrival::Forwarded(auth::peer(state, req)?))
     } else {
         Ok(Arrival::Client)
     }

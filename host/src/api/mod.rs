@@ -130,7 +130,9 @@ async fn dispatch(
     match route.access {
         Access::Public | Access::Function => {}
         Access::Admin => auth::admin(state, &req)?,
-        Access::Peer => auth::peer(state, &req)?,
+        Access::Peer => {
+            auth::peer(state, &req)?;
+        }
         Access::Metrics if state.limits.metrics_require_token => auth::admin(state, &req)?,
         Access::Metrics => {}
     }

@@ -27,22 +27,31 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use super::placement::{self, Candidate};
-use super::{CLUSTER_AUTH_HEADER, Cluster, HOP_HEADER, MODULE_HEADER, Peer, SERVED_BY_HEADER};
+use super::{Cluster, HOP_HEADER, MODULE_HEADER, Peer, SERVED_BY_HEADER, SIGNATURE_HEADER};
 use crate::error::{ApiError, BUSY_HEADER, Body, MODULE_MISMATCH_HEADER};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
 pub type ForwardBody = UnsyncBoxBody<Bytes, BoxError>;
-pub type Client = hyper_util::client::legacy::Client<HttpConnector, ForwardBody>;
+pub type Client =
+    hyper_util::client::legacy::Client<hyper_rustls::HttpsConnector<HttpConnector>, ForwardBody>;
 
 /// Owners among which the power of two choices picks.
 const OWNERS: usize = 3;
 /// Peers tried for one invocation.
 const MAX_ATTEMPTS: usize = 3;
 
-pub fn client() -> Client {
+/// The client of internal requests: HTTP, or HTTPS verified with `tls`
+/// for a peer that publishes an `https://` address.
+pub fn client(tls: rustls::ClientConfig) -> Client {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(1)));
+    connector.enforce_http(false);
+    let connector = hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(connector);
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build(connector)
@@ -103,7 +112,11 @@ impl Cluster {
                     Replay::Never => break,
                 },
             };
-            let request = match self.peer_request(&parts, peer, sha256, outgoing) {
+            let known = match &replay {
+                Replay::Body(bytes) => Some(&bytes[..]),
+                Replay::Never => None,
+            };
+            let request = match self.peer_request(&parts, peer, sha256, outgoing, known) {
                 Ok(request) => request,
                 Err(error) => return Forward::Failed(error),
             };
@@ -171,12 +184,15 @@ impl Cluster {
         }
     }
 
+    /// The request to `peer`, signed; over `known`, the body when the
+    /// caller holds it whole (it is `body`).
     fn peer_request(
         &self,
         parts: &http::request::Parts,
         peer: &Peer,
         sha256: &str,
         body: ForwardBody,
+        known: Option<&[u8]>,
     ) -> Result<Request<ForwardBody>, ApiError> {
         let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
         let uri: http::Uri = format!("{}{path}", peer.api).parse().map_err(|e| {
@@ -197,9 +213,10 @@ impl Cluster {
         let module = HeaderValue::from_str(sha256)
             .map_err(|e| ApiError::internal(anyhow::anyhow!("module hash as a header: {e}")))?;
         headers.insert(MODULE_HEADER, module);
-        let token = HeaderValue::from_str(self.secret.token())
-            .map_err(|e| ApiError::internal(anyhow::anyhow!("cluster token as a header: {e}")))?;
-        headers.insert(CLUSTER_AUTH_HEADER, token);
+        let signature = self
+            .sign(peer, &parts.method, path, known)
+            .map_err(|e| ApiError::internal(e.context("signing a forward")))?;
+        headers.insert(SIGNATURE_HEADER, signature);
         Ok(request)
     }
 
@@ -266,7 +283,7 @@ fn is_hop_by_hop(name: &header::HeaderName) -> bool {
             | "upgrade"
             | "host"
             | HOP_HEADER
-            | CLUSTER_AUTH_HEADER
+            | SIGNATURE_HEADER
     )
 }
 

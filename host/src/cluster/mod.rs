@@ -2,8 +2,9 @@
 //! moved by content hash, and forwarding when this host is full.
 //!
 //! - Membership and failure detection are chitchat's (Scuttlebutt gossip
-//!   with a phi-accrual failure detector, as Quickwit runs it). Each host
-//!   publishes, sealed with the cluster secret (`lichen_core::seal`): `api` (its HTTP
+//!   with a phi-accrual failure detector, as Quickwit runs it), over UDP
+//!   datagrams sealed with the cluster secret ([`transport`]). Each host
+//!   publishes `api` (its HTTP
 //!   address), `load` (free invocation slots and invocations in flight),
 //!   `mod:<sha256>` per module it holds, and `fn:<name>` per function it
 //!   knows: its registry entry (`lichen_core::registry`) and the version it
@@ -14,10 +15,14 @@
 //!   serves the active one, compiling it itself.
 //! - Forwarding ([`forward`]) sends an invocation this host has no room for
 //!   to the function's rendezvous owners with room ([`placement`]).
+//! - Every internal HTTP request (module fetches, forwards) is signed
+//!   ([`Cluster::sign`]) and checked ([`Cluster::verify`]) with keys from
+//!   the same secret; over HTTPS when the host serves TLS.
 
 pub mod forward;
 pub mod placement;
 pub mod sync;
+pub mod transport;
 
 use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::net::SocketAddr;
@@ -26,7 +31,6 @@ use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
-use chitchat::transport::UdpTransport;
 use chitchat::{ChitchatConfig, ChitchatHandle, ChitchatId, FailureDetectorConfig};
 use serde::Serialize;
 
@@ -36,7 +40,9 @@ use crate::metrics::Metrics;
 use crate::names::FunctionName;
 use lichen_core::gossip::{self, FunctionState, KEY_API, KEY_KV, KEY_LOAD, PREFIX_FN, PREFIX_MOD};
 pub use lichen_core::registry;
-pub use lichen_core::seal::Secret;
+use lichen_core::seal::{self, NonceCache, Signed};
+pub use lichen_core::seal::{Keyring, SIGNATURE_HEADER, Secret};
+use transport::{PeerKeys, SealedTransport};
 
 /// Header of a forwarded request: the node that forwarded it. A request that
 /// carries it is never forwarded again.
@@ -48,8 +54,13 @@ pub const SERVED_BY_HEADER: &str = "x-lichen-served-by";
 /// `module_mismatch` without running it. On a function's response: the
 /// module that answered.
 pub const MODULE_HEADER: &str = "x-lichen-module";
-/// Header of internal requests: the cluster token.
-pub const CLUSTER_AUTH_HEADER: &str = "x-lichen-cluster-token";
+/// The gossip cluster id. Not secret and the same for every cluster: the
+/// sealing of each datagram is what keeps clusters apart.
+const CLUSTER_ID: &str = "lichen";
+/// Signatures a host remembers at once (each for twice the request window);
+/// past this, internal requests are refused as busy rather than a nonce
+/// forgotten early.
+const NONCES_KEPT: usize = 1_000_000;
 
 /// A peer clock further off than this is reported (log, status page).
 pub const MAX_CLOCK_OFFSET: Duration = Duration::from_secs(10);
@@ -69,7 +80,11 @@ pub struct ClusterConfig {
     pub api_advertise: Option<SocketAddr>,
     /// Gossip addresses of hosts to join through.
     pub seeds: Vec<String>,
-    pub secret: Secret,
+    /// The cluster secret, and the previous one during a rotation.
+    pub keyring: Arc<Keyring>,
+    /// CA certificates (PEM) that sign peers' HTTPS certificates; `None`:
+    /// the chain of this host's own certificate.
+    pub peer_ca: Option<std::path::PathBuf>,
     pub gossip_interval: Duration,
     /// The registry lives in the NATS cluster of the key-value backend
     /// (`crate::shared_registry`); gossip carries it too.
@@ -138,7 +153,11 @@ type GossipKey = (String, String);
 /// This host's membership in a cluster.
 pub struct Cluster {
     node_id: String,
-    secret: Secret,
+    keyring: Arc<Keyring>,
+    /// Which secret each peer speaks (see [`transport`]).
+    peer_keys: Arc<PeerKeys>,
+    /// Nonces of the peer requests taken in the window.
+    nonces: Mutex<NonceCache>,
     api_url: String,
     interval: Duration,
     chitchat: ChitchatHandle,
@@ -188,6 +207,7 @@ impl Cluster {
     pub async fn start(
         config: ClusterConfig,
         api_addr: SocketAddr,
+        tls: Option<&crate::tls::TlsFiles>,
         metrics: Metrics,
         kv: Arc<Kv>,
     ) -> anyhow::Result<Arc<Cluster>> {
@@ -197,7 +217,12 @@ impl Cluster {
                 "the API listens on {api}: peers need a reachable address, give --advertise"
             );
         }
-        let api_url = format!("http://{api}");
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let api_url = format!("{scheme}://{api}");
+        let client = forward::client(crate::tls::peer_client_config(
+            config.peer_ca.as_deref(),
+            tls,
+        )?);
         let gossip_advertise = config.gossip_advertise.unwrap_or(config.gossip_listen);
         if gossip_advertise.ip().is_unspecified() {
             anyhow::bail!(
@@ -219,7 +244,7 @@ impl Cluster {
         let interval = config.gossip_interval;
         let chitchat_config = ChitchatConfig {
             chitchat_id,
-            cluster_id: config.secret.cluster_id(),
+            cluster_id: CLUSTER_ID.to_string(),
             gossip_interval: interval,
             listen_addr: config.gossip_listen,
             seed_nodes: config.seeds.clone(),
@@ -235,18 +260,23 @@ impl Cluster {
             extra_liveness_predicate: None,
             protocol_version: chitchat::ProtocolVersion::V0,
         };
-        let initial = vec![(
-            KEY_API.to_string(),
-            config.secret.seal(&config.node_id, KEY_API, &api_url),
-        )];
-        let chitchat = chitchat::spawn_chitchat(chitchat_config, initial, &UdpTransport)
+        let initial = vec![(KEY_API.to_string(), api_url.clone())];
+        let peer_keys = Arc::new(PeerKeys::default());
+        let transport = SealedTransport {
+            keyring: Arc::clone(&config.keyring),
+            peer_keys: Arc::clone(&peer_keys),
+            rejected: metrics.gossip_rejected.clone(),
+        };
+        let chitchat = chitchat::spawn_chitchat(chitchat_config, initial, &transport)
             .await
             .with_context(|| format!("starting gossip on {}", config.gossip_listen))?;
         tracing::info!(node_id = %config.node_id, gossip = %gossip_advertise, api = %api_url, seeds = ?config.seeds, "joined the cluster");
         Ok(Arc::new(Cluster {
             node_id: config.node_id,
-            client: forward::client(),
-            secret: config.secret,
+            client,
+            keyring: config.keyring,
+            peer_keys,
+            nonces: Mutex::new(NonceCache::new(NONCES_KEPT)),
             api_url,
             interval,
             chitchat,
@@ -281,8 +311,58 @@ impl Cluster {
         &self.node_id
     }
 
-    pub fn secret(&self) -> &Secret {
-        &self.secret
+    /// The signature header of a request to `peer`: under the secret the
+    /// peer speaks, its timestamp in the peer's time (this host's clock
+    /// plus the offset gossip measured), over the body when it is known.
+    pub fn sign(
+        &self,
+        peer: &Peer,
+        method: &http::Method,
+        target: &str,
+        body: Option<&[u8]>,
+    ) -> anyhow::Result<http::HeaderValue> {
+        let secret = self.keyring.get(self.peer_keys.for_peer(peer.gossip));
+        let ts = now_ms().saturating_add_signed(peer.clock_offset_ms.unwrap_or(0));
+        let digest = body.map(seal::body_digest);
+        let header = seal::sign_request(secret, method.as_str(), target, digest.as_ref(), ts)?;
+        Ok(http::HeaderValue::from_str(&header)?)
+    }
+
+    /// Checks an internal request's signature and takes its nonce; what is
+    /// refused is counted by its code.
+    pub fn verify<B>(&self, req: &http::Request<B>) -> Result<Signed, seal::Refused> {
+        let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
+        let header = req
+            .headers()
+            .get(SIGNATURE_HEADER)
+            .map(|h| h.to_str().unwrap_or_default());
+        let now = now_ms();
+        let verified =
+            seal::verify_request(&self.keyring, req.method().as_str(), target, header, now)
+                .and_then(|signed| {
+                    let taken = self
+                        .nonces
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .take(&signed, now);
+                    match taken {
+                        Ok(()) => Ok(signed),
+                        Err(seal::Take::Replayed) => Err(seal::Refused::Replayed),
+                        Err(seal::Take::Full) => Err(seal::Refused::Busy),
+                    }
+                });
+        if let Err(refused) = &verified {
+            self.note_refused(*refused);
+        }
+        verified
+    }
+
+    /// Counts a refused internal request.
+    pub fn note_refused(&self, refused: seal::Refused) {
+        self.metrics
+            .peer_requests_refused
+            .with_label_values(&[refused.code()])
+            .inc();
     }
 
     /// Which key-value data this host sees, as it gossips it.
@@ -328,11 +408,10 @@ impl Cluster {
         let Ok(json) = serde_json::to_string(&state) else {
             return;
         };
-        let sealed = self.secret.seal(&self.node_id, &key, &json);
         self.chitchat
             .with_chitchat(|chitchat| {
                 let state = chitchat.self_node_state();
-                state.set(key.as_str(), sealed.as_str());
+                state.set(key.as_str(), json.as_str());
                 self.set_modules(state, modules);
             })
             .await;
@@ -457,8 +536,7 @@ impl Cluster {
         for sha in modules {
             let key = format!("{PREFIX_MOD}{sha}");
             if !state.contains_key(&key) {
-                let sealed = self.secret.seal(&self.node_id, &key, "");
-                state.set(key, sealed);
+                state.set(key, "");
             }
         }
     }
@@ -467,12 +545,8 @@ impl Cluster {
     /// peer's state into [`Cluster::peers`]. Returns the function states
     /// peers published since the last round.
     async fn gossip_round(&self, free_slots: u32, load: u32) -> Vec<FunctionState> {
-        let load_value = self.secret.seal(
-            &self.node_id,
-            KEY_LOAD,
-            &format!("{free_slots} {load} {}", now_ms()),
-        );
-        let kv_value = self.secret.seal(&self.node_id, KEY_KV, &self.kv_identity());
+        let load_value = format!("{free_slots} {load} {}", now_ms());
+        let kv_value = self.kv_identity();
         let (snapshot, dead, me, twins) = self
             .chitchat
             .with_chitchat(|chitchat| {
@@ -575,7 +649,7 @@ impl Cluster {
     }
 
     /// A peer from its gossip values; `None` if it has not (validly)
-    /// published an API address. Values with a wrong MAC are ignored.
+    /// published an API address. Values that do not parse are ignored.
     fn read_peer(
         &self,
         id: &ChitchatId,
@@ -595,13 +669,13 @@ impl Cluster {
             clock_offset_ms: None,
         };
         let mut parsed = self.parsed.lock().unwrap_or_else(|e| e.into_inner());
-        for (key, version, sealed) in values {
+        for (key, version, value) in values {
             if key.starts_with(PREFIX_FN) {
                 let cache_key = (incarnation(id), key.clone());
                 let entry = match parsed.get(&cache_key) {
                     Some((v, entry)) if *v == version => entry.clone(),
                     _ => {
-                        let entry = match gossip::read(&self.secret, node, &key, &sealed) {
+                        let entry = match gossip::read(&key, &value) {
                             Some(gossip::Value::Function(entry)) => Some(entry),
                             _ => None,
                         };
@@ -610,7 +684,7 @@ impl Cluster {
                             None => tracing::warn!(
                                 peer = node,
                                 key,
-                                "ignoring a gossip value with a bad seal or body"
+                                "ignoring a gossip value that does not parse"
                             ),
                         }
                         parsed.insert(cache_key, (version, entry.clone()));
@@ -622,7 +696,7 @@ impl Cluster {
                 }
                 continue;
             }
-            match gossip::read(&self.secret, node, &key, &sealed) {
+            match gossip::read(&key, &value) {
                 Some(gossip::Value::Api(api)) => peer.api = api.to_string(),
                 Some(gossip::Value::Load {
                     free,

@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 
-use super::{CLUSTER_AUTH_HEADER, Cluster, Peer};
+use super::{Cluster, Peer, SIGNATURE_HEADER};
 use crate::functions::Functions;
 use crate::names::FunctionName;
 use crate::shared_registry::SharedRegistry;
@@ -436,8 +436,10 @@ async fn fetch_from(
     sha256: &str,
     limit: u64,
 ) -> anyhow::Result<Bytes> {
-    let request = Request::get(format!("{}/v1/internal/modules/{sha256}", peer.api))
-        .header(CLUSTER_AUTH_HEADER, cluster.secret.token())
+    let target = format!("/v1/internal/modules/{sha256}");
+    let signature = cluster.sign(peer, &http::Method::GET, &target, Some(b""))?;
+    let request = Request::get(format!("{}{target}", peer.api))
+        .header(SIGNATURE_HEADER, signature)
         .body(Empty::new().map_err(|never| match never {}).boxed_unsync())?;
     let response = tokio::time::timeout(Duration::from_secs(30), cluster.client.request(request))
         .await

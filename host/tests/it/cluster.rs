@@ -6,6 +6,7 @@
 use crate::common;
 
 mod registry;
+mod security;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
@@ -40,14 +41,28 @@ impl Node {
     }
 
     fn start_with(root: &Path, id: &str, seeds: &[&Node], secret: &str, extra: &[&str]) -> Node {
-        let dir = root.join(id);
-        std::fs::create_dir_all(dir.join("policies")).unwrap();
         // A free UDP port for gossip (chitchat advertises what it binds).
         let gossip = std::net::UdpSocket::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
             .unwrap()
             .to_string();
+        Node::launch(root, id, &gossip, seeds, secret, extra)
+    }
+
+    /// Starts the host `id` gossiping on `gossip` (its directory kept from
+    /// an earlier run, if any).
+    fn launch(
+        root: &Path,
+        id: &str,
+        gossip: &str,
+        seeds: &[&Node],
+        secret: &str,
+        extra: &[&str],
+    ) -> Node {
+        let gossip = gossip.to_string();
+        let dir = root.join(id);
+        std::fs::create_dir_all(dir.join("policies")).unwrap();
         let mut command = Command::new(LICHEN);
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
@@ -163,11 +178,12 @@ impl Node {
 
     /// A module fetch from this host, as a peer holding `secret` makes it.
     async fn fetch_module(&self, sha256: &str, secret: &str) -> Reply {
-        let token = lichen::cluster::Secret::new(secret).unwrap();
+        let target = format!("/v1/internal/modules/{sha256}");
+        let signature = common::peer_signature(secret, "GET", &target, Some(b""));
         send(
             Method::GET,
-            &format!("{}/v1/internal/modules/{sha256}", self.url),
-            &[("x-lichen-cluster-token", token.token())],
+            &format!("{}{target}", self.url),
+            &[("x-lichen-peer-signature", &signature)],
             Vec::new(),
         )
         .await
@@ -393,7 +409,7 @@ async fn a_full_host_forwards_to_peers_with_room() {
         Vec::new(),
     )
     .await;
-    posing.assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+    posing.assert_error(StatusCode::UNAUTHORIZED, "peer_signature_missing");
 }
 
 /// A WASIp3 function moves between hosts as a p2 one does: its module by
@@ -528,11 +544,11 @@ async fn without_the_secret_a_host_cannot_join_or_fetch() {
 
     a.fetch_module(&sha, "some-other-secret-entirely")
         .await
-        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+        .assert_error(StatusCode::UNAUTHORIZED, "peer_signature_invalid");
     let module = format!("{}/v1/internal/modules/{sha}", a.url);
     send(Method::GET, &module, &[], Vec::new())
         .await
-        .assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+        .assert_error(StatusCode::UNAUTHORIZED, "peer_signature_missing");
     let fetched = a.fetch_module(&sha, SECRET).await;
     assert_eq!(fetched.status, StatusCode::OK);
     assert_eq!(fetched.body.as_ref(), component("hello").as_slice());

@@ -62,7 +62,7 @@ fn the_document_lists_exactly_the_routes_the_table_serves() {
             let expected = match route.access {
                 Access::Public => json!([{}]),
                 Access::Admin => json!([{ "adminToken": [] }]),
-                Access::Peer => json!([{ "clusterToken": [] }]),
+                Access::Peer => json!([{ "peerSignature": [] }]),
                 Access::Function => json!([{}, { "functionToken": [] }]),
                 Access::Metrics => json!([{}, { "adminToken": [] }]),
             };

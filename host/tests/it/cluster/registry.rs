@@ -392,20 +392,18 @@ async fn a_forward_names_its_module_and_another_one_is_not_run() {
         .as_str()
         .unwrap()
         .to_string();
-    // As a peer forwards: the hop header, the cluster token, the module.
-    let token = lichen::cluster::Secret::new(SECRET)
-        .unwrap()
-        .token()
-        .to_string();
+    // As a peer forwards: the hop header, a signature, the module.
     let forwarded = |module: String| {
-        let (url, token) = (format!("{}/fn/app", b.url), token.clone());
+        let url = format!("{}/fn/app", b.url);
         async move {
+            let signature =
+                common::peer_signature(SECRET, "POST", "/fn/app", Some(b"ping".as_slice()));
             send(
                 Method::POST,
                 &url,
                 &[
                     ("x-lichen-forwarded-by", "a"),
-                    ("x-lichen-cluster-token", &token),
+                    ("x-lichen-peer-signature", &signature),
                     ("x-lichen-module", &module),
                 ],
                 b"ping".to_vec(),

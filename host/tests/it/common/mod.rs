@@ -988,3 +988,15 @@ impl OciRegistry {
         .await
     }
 }
+
+/// The signature header of an internal request, as a peer holding `secret`
+/// makes it (`lichen_core::seal`), timed now; over `body` if given.
+pub fn peer_signature(secret: &str, method: &str, target: &str, body: Option<&[u8]>) -> String {
+    let secret = lichen_core::seal::Secret::new(secret).unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64;
+    let digest = body.map(lichen_core::seal::body_digest);
+    lichen_core::seal::sign_request(&secret, method, target, digest.as_ref(), now).unwrap()
+}
