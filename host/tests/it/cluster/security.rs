@@ -522,13 +522,13 @@ async fn a_captured_peer_request_is_good_once_for_its_own_path_and_body() {
     );
     assert!(!first.headers.iter().any(|(n, _)| n == "authorization"));
 
-    // Another path, another body: refused.
+    // Another path, another body (no input of the map is 999): refused.
     first
         .send_to(&b.url, Some("/fn/square/other"), None)
         .await
         .assert_error(StatusCode::UNAUTHORIZED, "peer_signature_invalid");
     first
-        .send_to(&b.url, None, Some(b"12"))
+        .send_to(&b.url, None, Some(b"999"))
         .await
         .assert_error(StatusCode::UNAUTHORIZED, "peer_body_mismatch");
     // As it was: good once, never again.
