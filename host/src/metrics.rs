@@ -20,6 +20,7 @@ use prometheus::{
 use crate::engine::Outcome;
 use crate::kv::KvMetrics;
 use crate::outbound::OutboundMetrics;
+use lichen_core::seal::{Refused, Rejected};
 
 /// Buckets from 50 µs (an instantiate + call of a tiny function) to 30 s
 /// (a long deadline).
@@ -90,11 +91,16 @@ pub struct Metrics {
     pub registry_apply_failures: IntCounterVec,
     /// Each live peer's wall clock minus this host's, in seconds.
     pub peer_clock_offset: GaugeVec,
-    /// Gossip datagrams dropped unread, by reason (`lichen_core::seal`).
+    /// Gossip datagrams dropped unread, by reason (`lichen_core::seal`, or
+    /// [`UNDECODABLE`]).
     pub gossip_rejected: IntCounterVec,
     /// Internal requests refused, by code (their `401` codes).
     pub peer_requests_refused: IntCounterVec,
 }
+
+/// Why a gossip datagram that opened was dropped all the same: it is not a
+/// chitchat message (sealed by a holder of the secret: another version).
+pub const UNDECODABLE: &str = "undecodable";
 
 impl Metrics {
     pub fn new() -> Result<Self> {
@@ -251,14 +257,18 @@ impl Metrics {
             ),
             &["reason"],
         )?;
-        for reason in [
-            "malformed",
-            "unknown_key",
-            "forged",
-            "replayed",
-            "stale",
-            "undecodable",
-        ] {
+        let reasons = [
+            Rejected::Malformed,
+            Rejected::UnknownKey,
+            Rejected::Forged,
+            Rejected::Replayed,
+            Rejected::Stale,
+        ];
+        for reason in reasons
+            .map(Rejected::reason)
+            .into_iter()
+            .chain([UNDECODABLE])
+        {
             gossip_rejected.with_label_values(&[reason]);
         }
         let peer_requests_refused = IntCounterVec::new(
@@ -268,6 +278,15 @@ impl Metrics {
             ),
             &["code"],
         )?;
+        for refused in [
+            Refused::Missing,
+            Refused::Invalid,
+            Refused::Expired,
+            Refused::Replayed,
+            Refused::BodyMismatch,
+        ] {
+            peer_requests_refused.with_label_values(&[refused.code()]);
+        }
 
         registry.register(Box::new(invocations.clone()))?;
         registry.register(Box::new(invocation_duration.clone()))?;

@@ -150,9 +150,7 @@ impl Socket for SealedSocket {
                                 num_bytes_received: len,
                             });
                         }
-                        // Sealed by a holder of the secret, yet not a
-                        // chitchat message: another version, or a bug.
-                        Err(_) => "undecodable",
+                        Err(_) => crate::metrics::UNDECODABLE,
                     }
                 }
                 Err(rejected) => rejected.reason(),

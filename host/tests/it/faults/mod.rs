@@ -88,6 +88,10 @@ pub struct Report {
 struct Tally {
     acked: u64,
     unknown: u64,
+    /// The answers taken as "not applied", by status and code: if the
+    /// counter ends above what was acknowledged and unknown, one of them
+    /// was applied after all.
+    failed: std::collections::BTreeMap<String, u64>,
 }
 
 /// Where the hosts keep the registry.
@@ -364,7 +368,19 @@ async fn count(urls: &[String], tally: &Mutex<Tally>, stop: &std::sync::atomic::
             match outcome {
                 Outcome::Ok => tally.acked += 1,
                 Outcome::Unknown => tally.unknown += 1,
-                Outcome::Fail => {}
+                Outcome::Fail => {
+                    let answer = match &answer {
+                        Ok(reply) => {
+                            let code = serde_json::from_slice::<serde_json::Value>(&reply.body)
+                                .ok()
+                                .and_then(|v| v["code"].as_str().map(str::to_string))
+                                .unwrap_or_default();
+                            format!("{} {code}", reply.status.as_u16())
+                        }
+                        Err(no_answer) => format!("{no_answer:?}"),
+                    };
+                    *tally.failed.entry(answer).or_default() += 1;
+                }
             }
         }
         tokio::time::sleep(Duration::from_millis(30)).await;
@@ -408,9 +424,10 @@ async fn check_counter(net: &Net, mut tally: Tally, report: &mut Report) {
     report.increments = Some((tally.acked, tally.unknown, last));
     if last < tally.acked || last > tally.acked + tally.unknown {
         report.violations.push(format!(
-            "the counter is {last}: {} increments acknowledged, {} unknown",
-            tally.acked, tally.unknown
+            "the counter is {last}: {} increments acknowledged, {} unknown; answers taken as not applied: {:?}",
+            tally.acked, tally.unknown, tally.failed
         ));
+        print_logs(net);
     }
 }
 
