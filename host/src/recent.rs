@@ -5,7 +5,7 @@
 //! `GET /v1/status` reads it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -104,9 +104,12 @@ impl FunctionRecent {
     }
 }
 
-/// The recent history of every function of a host.
+/// The recent history of every function of a host: a lock per function,
+/// so invocations of different functions never wait on each other; the
+/// map's own lock is taken for writing only when a function is first seen
+/// or forgotten.
 pub struct Recent {
-    functions: Mutex<HashMap<String, FunctionRecent>>,
+    functions: RwLock<HashMap<String, Mutex<FunctionRecent>>>,
 }
 
 impl Default for Recent {
@@ -118,18 +121,21 @@ impl Default for Recent {
 impl Recent {
     pub fn new() -> Recent {
         Recent {
-            functions: Mutex::new(HashMap::new()),
+            functions: RwLock::new(HashMap::new()),
         }
     }
 
     fn with<R>(&self, function: &str, f: impl FnOnce(&mut FunctionRecent) -> R) -> R {
-        let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        // Looked up before inserting: the name is copied once per function,
-        // not once per request.
-        if let Some(recent) = functions.get_mut(function) {
-            return f(recent);
+        {
+            let functions = self.functions.read().unwrap_or_else(|e| e.into_inner());
+            if let Some(recent) = functions.get(function) {
+                return f(&mut recent.lock().unwrap_or_else(|e| e.into_inner()));
+            }
         }
-        f(functions.entry(function.to_string()).or_default())
+        // First seen: the name is copied once per function, not per request.
+        let mut functions = self.functions.write().unwrap_or_else(|e| e.into_inner());
+        let recent = functions.entry(function.to_string()).or_default();
+        f(recent.get_mut().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Records a finished invocation.
@@ -225,7 +231,7 @@ impl Recent {
     /// Forgets a deleted function.
     pub fn forget(&self, function: &str) {
         self.functions
-            .lock()
+            .write()
             .unwrap_or_else(|e| e.into_inner())
             .remove(function);
     }
