@@ -83,34 +83,20 @@ fn main() -> Result<()> {
         Some("history") => {
             // Just the status page history's costs, beside instantiate + call.
             let settings = Settings::from_env(args.iter().any(|a| a == "--smoke"))?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            let times = runtime.block_on(inproc::instantiate_and_call(
-                &settings.component("hello")?,
-                20_000,
-            ))?;
+            let call = call_p50(&settings)?;
             let history = history::measure(200);
             let mut report = Report::new(&settings)?;
-            report.history(&history, percentile(&times.total, 0.5));
+            report.history(&history, call);
             println!("{}", report.markdown());
             Ok(())
         }
         Some("seal") => {
             // Just the cluster plane's sealing and signing, beside instantiate + call.
             let settings = Settings::from_env(args.iter().any(|a| a == "--smoke"))?;
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
-            let times = runtime.block_on(inproc::instantiate_and_call(
-                &settings.component("hello")?,
-                20_000,
-            ))?;
+            let call = call_p50(&settings)?;
             let rows = seal::measure(if settings.smoke { 5 } else { 100 })?;
             let mut report = Report::new(&settings)?;
-            report.seal(&rows, percentile(&times.total, 0.5));
+            report.seal(&rows, call);
             println!("{}", report.markdown());
             Ok(())
         }
@@ -190,6 +176,20 @@ fn main() -> Result<()> {
             "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | history | seal | compute [ROUNDS] | scale N | map [--smoke] | p3 [--smoke] | kv [--smoke] | outbound [--smoke] | native-hello ADDR"
         ),
     }
+}
+
+/// hello's instantiate + call p50 in process over 20,000 calls: the
+/// baseline the history's and the cluster plane's figures are set against.
+fn call_p50(settings: &Settings) -> Result<Duration> {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let times = runtime.block_on(inproc::instantiate_and_call(
+        &settings.component("hello")?,
+        20_000,
+    ))?;
+    Ok(percentile(&times.total, 0.5))
 }
 
 /// How long and how often: the full run, or a smoke run that only checks the

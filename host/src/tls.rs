@@ -155,17 +155,9 @@ pub fn client_config(ca: Option<&Path>) -> Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca {
-        for cert in read_certs(path)? {
-            roots
-                .add(cert)
-                .with_context(|| format!("a certificate in {}", path.display()))?;
-        }
+        add_roots(&mut roots, read_certs(path)?, path)?;
     }
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_no_client_auth())
+    client_with(roots)
 }
 
 /// Settings for talking to peers over HTTPS: their certificates are
@@ -178,27 +170,36 @@ pub fn peer_client_config(
     peer_ca: Option<&Path>,
     own: Option<&TlsFiles>,
 ) -> Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    let trusted = match (peer_ca, own) {
-        (Some(ca), _) => read_certs(ca)?,
-        (None, Some(own)) => {
-            let mut chain = read_certs(&own.cert)?;
-            if chain.len() > 1 {
-                chain.remove(0);
-            }
-            chain
-        }
+    let path = match (peer_ca, own) {
+        (Some(ca), _) => ca,
+        (None, Some(own)) => own.cert.as_path(),
         (None, None) => return client_config(None),
     };
-    let source = peer_ca.or(own.map(|o| o.cert.as_path()));
-    for cert in trusted {
-        roots.add(cert).with_context(|| {
-            format!(
-                "a certificate in {} as a peer CA",
-                source.map_or_else(String::new, |p| p.display().to_string())
-            )
-        })?;
+    let mut trusted = read_certs(path)?;
+    if peer_ca.is_none() && trusted.len() > 1 {
+        trusted.remove(0);
     }
+    let mut roots = rustls::RootCertStore::empty();
+    add_roots(&mut roots, trusted, path)?;
+    client_with(roots)
+}
+
+/// Adds the certificates read from `path` to `roots`.
+fn add_roots(
+    roots: &mut rustls::RootCertStore,
+    certs: Vec<CertificateDer<'static>>,
+    path: &Path,
+) -> Result<()> {
+    for cert in certs {
+        roots
+            .add(cert)
+            .with_context(|| format!("a certificate in {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Client settings (ring, the safe protocol versions) trusting `roots`.
+fn client_with(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?

@@ -8,7 +8,6 @@ use crate::common;
 
 use std::os::unix::fs::PermissionsExt;
 use std::process::{Child, Command};
-use std::time::{Duration, Instant};
 
 use common::{Spawned, component, send};
 use http::{Method, StatusCode};
@@ -224,25 +223,11 @@ async fn sigterm_lets_in_flight_requests_finish() {
 }
 
 fn stop(child: &mut Child) {
-    let _ = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status();
-    let deadline = Instant::now() + common::PATIENCE;
-    loop {
-        if let Some(status) = child.try_wait().unwrap() {
-            assert!(
-                status.success(),
-                "the host exits 0 on SIGTERM, got {status}"
-            );
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the host did not stop within {:?}",
-            common::PATIENCE
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let status = common::stop_gracefully(child);
+    assert!(
+        status.success(),
+        "the host exits 0 on SIGTERM, got {status}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,16 +17,9 @@ use lichen_core::gossip::FunctionState;
 use lichen_core::registry::{Entry, Version};
 
 use super::{Node, SECRET, deploy_with_policy, three};
-use crate::common::{self, Reply, eventually, send, series_sum};
+use crate::common::{self, Reply, eventually, send, series_sum, unix_ms};
 
 const NEW_SECRET: &str = "the-next-test-cluster-secret-of-some-length";
-
-fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64
-}
 
 /// Datagrams a host dropped for `reason`.
 async fn rejected(node: &Node, reason: &str) -> f64 {
@@ -688,14 +681,7 @@ struct TlsClient {
 
 impl TlsClient {
     fn new(ca: &common::Ca) -> TlsClient {
-        let mut roots = rustls::RootCertStore::empty();
-        roots.add(ca.der()).unwrap();
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let config = rustls::ClientConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .unwrap()
-            .with_root_certificates(roots)
-            .with_no_client_auth();
+        let config = common::tls_client_config(ca, &[]);
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(config)
             .https_only()
@@ -823,23 +809,6 @@ impl Traffic {
     }
 }
 
-/// Stops a host the way an operator does (SIGTERM), and waits for it.
-fn stop(node: &mut Node) {
-    std::process::Command::new("kill")
-        .args(["-TERM", &node.child.id().to_string()])
-        .status()
-        .unwrap();
-    let started = std::time::Instant::now();
-    while node.child.try_wait().unwrap().is_none() {
-        assert!(
-            started.elapsed() < common::PATIENCE,
-            "{} did not stop",
-            node.id
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_cluster_rotates_its_secret_one_host_at_a_time_without_a_failed_invocation() {
     let root = tempfile::tempdir().unwrap();
@@ -881,7 +850,7 @@ async fn a_cluster_rotates_its_secret_one_host_at_a_time_without_a_failed_invoca
                 nodes[i].url.clone(),
             );
             traffic.take_out(&url).await;
-            stop(&mut nodes[i]);
+            common::stop_gracefully(&mut nodes[i].child);
             let others: Vec<&Node> = nodes
                 .iter()
                 .enumerate()

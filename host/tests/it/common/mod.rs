@@ -805,7 +805,8 @@ impl Ca {
     }
 }
 
-fn tls_client_config(ca: &Ca, alpn: &[&[u8]]) -> rustls::ClientConfig {
+/// Client settings trusting `ca` alone, offering `alpn`.
+pub fn tls_client_config(ca: &Ca, alpn: &[&[u8]]) -> rustls::ClientConfig {
     let mut roots = rustls::RootCertStore::empty();
     roots.add(ca.der()).unwrap();
     let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
@@ -989,14 +990,37 @@ impl OciRegistry {
     }
 }
 
+/// Milliseconds since the Unix epoch, now.
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
 /// The signature header of an internal request, as a peer holding `secret`
 /// makes it (`lichen_core::seal`), timed now; over `body` if given.
 pub fn peer_signature(secret: &str, method: &str, target: &str, body: Option<&[u8]>) -> String {
     let secret = lichen_core::seal::Secret::new(secret).unwrap();
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis() as u64;
     let digest = body.map(lichen_core::seal::body_digest);
-    lichen_core::seal::sign_request(&secret, method, target, digest.as_ref(), now).unwrap()
+    lichen_core::seal::sign_request(&secret, method, target, digest.as_ref(), unix_ms()).unwrap()
+}
+
+/// Stops a host the way an operator does (SIGTERM) and waits for it to
+/// exit, at most [`PATIENCE`]; returns how it exited.
+pub fn stop_gracefully(child: &mut std::process::Child) -> std::process::ExitStatus {
+    let _ = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status();
+    let deadline = std::time::Instant::now() + PATIENCE;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the host did not stop within {PATIENCE:?}"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
