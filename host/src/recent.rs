@@ -5,7 +5,7 @@
 //! `GET /v1/status` reads it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Mutex, RwLock};
+use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -104,12 +104,9 @@ impl FunctionRecent {
     }
 }
 
-/// The recent history of every function of a host: a lock per function,
-/// so invocations of different functions never wait on each other; the
-/// map's own lock is taken for writing only when a function is first seen
-/// or forgotten.
+/// The recent history of every function of a host.
 pub struct Recent {
-    functions: RwLock<HashMap<String, Mutex<FunctionRecent>>>,
+    functions: Mutex<HashMap<String, FunctionRecent>>,
 }
 
 impl Default for Recent {
@@ -121,21 +118,18 @@ impl Default for Recent {
 impl Recent {
     pub fn new() -> Recent {
         Recent {
-            functions: RwLock::new(HashMap::new()),
+            functions: Mutex::new(HashMap::new()),
         }
     }
 
     fn with<R>(&self, function: &str, f: impl FnOnce(&mut FunctionRecent) -> R) -> R {
-        {
-            let functions = self.functions.read().unwrap_or_else(|e| e.into_inner());
-            if let Some(recent) = functions.get(function) {
-                return f(&mut recent.lock().unwrap_or_else(|e| e.into_inner()));
-            }
+        let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
+        // Looked up before inserting: the name is copied once per function,
+        // not once per request.
+        if let Some(recent) = functions.get_mut(function) {
+            return f(recent);
         }
-        // First seen: the name is copied once per function, not per request.
-        let mut functions = self.functions.write().unwrap_or_else(|e| e.into_inner());
-        let recent = functions.entry(function.to_string()).or_default();
-        f(recent.get_mut().unwrap_or_else(|e| e.into_inner()))
+        f(functions.entry(function.to_string()).or_default())
     }
 
     /// Records a finished invocation.
@@ -231,7 +225,7 @@ impl Recent {
     /// Forgets a deleted function.
     pub fn forget(&self, function: &str) {
         self.functions
-            .write()
+            .lock()
             .unwrap_or_else(|e| e.into_inner())
             .remove(function);
     }
