@@ -164,6 +164,11 @@ pub struct Instances {
     /// An instance idle this long is dropped.
     #[serde(default = "default_idle")]
     pub idle: Timeout,
+    /// Instances alive at once (default: enough for `[limits] concurrency`
+    /// requests, `concurrency` to an instance). Requests beyond what they
+    /// take wait for one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max: Option<Reuse>,
 }
 
 fn one() -> Reuse {
@@ -180,6 +185,7 @@ impl Default for Instances {
             reuse: one(),
             concurrency: one(),
             idle: default_idle(),
+            max: None,
         }
     }
 }
@@ -664,6 +670,8 @@ pub struct Policy {
     pub instance_concurrency: u32,
     /// How long an idle reused instance is kept.
     pub idle: Duration,
+    /// Instances alive at once, if the policy caps them.
+    pub max_instances: Option<u32>,
     /// Key-value stores granted, with their limits in bytes.
     pub keyvalue: KeyValueGrant,
     /// The file as parsed, shown by the admin API.
@@ -773,6 +781,7 @@ impl Policy {
             reuse: source.instances.reuse.0,
             instance_concurrency: source.instances.concurrency.0,
             idle: source.instances.idle.0,
+            max_instances: source.instances.max.map(|max| max.0),
             keyvalue: KeyValueGrant {
                 stores: kv.stores.iter().map(|s| s.0.clone()).collect(),
                 max_key_bytes: kv.max_key_bytes.0,
@@ -789,6 +798,15 @@ impl Policy {
     /// Whether this policy opts in to reusing instances.
     pub fn reuses_instances(&self) -> bool {
         self.reuse > 1 || self.instance_concurrency > 1
+    }
+
+    /// Instances a reusing function keeps alive at once, each taking
+    /// `per_instance` requests: the policy's `max`, or as many as its
+    /// concurrency needs.
+    pub fn max_instances(&self, per_instance: u32) -> u32 {
+        self.max_instances
+            .unwrap_or_else(|| self.concurrency.div_ceil(per_instance.max(1)))
+            .max(1)
     }
 
     /// Whether the guest may send a request to this destination.

@@ -24,12 +24,12 @@
 //!   feature is for tests), never precompiled code, which is only ever read
 //!   back from the host's own cache.
 
+use std::any::Any;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use futures::FutureExt;
 use http::{Response, StatusCode};
 use sha2::{Digest, Sha256};
 use wasmtime::component::{Component, Linker};
@@ -43,7 +43,7 @@ use wasmtime_wasi_http::p3::bindings::ServicePre;
 use crate::error::{ApiError, Body};
 use crate::names::FunctionName;
 use crate::policy::MAX_MEMORY;
-use crate::pool::Pool;
+use crate::pool::{Head, Pool, Ran, Run, run_until_head};
 use crate::sandbox::{HostState, Invocation, InvocationStats, new_store};
 use crate::store::{Abi, VersionInfo};
 
@@ -128,8 +128,9 @@ pub struct Deployed {
     /// The module's SHA-256 as a response header value, made once.
     pub module_header: http::HeaderValue,
     pre: Pre,
-    /// Instances kept for reuse, when the policy in force asks for it.
-    pool: Mutex<Option<Arc<Pool>>>,
+    /// What its caller keeps for serving it under the policy in force (the
+    /// host's `serving::Serving`), made once per policy.
+    attached: Mutex<Option<Arc<dyn Any + Send + Sync>>>,
 }
 
 /// A pre-instantiated component of either `wasi:http` generation.
@@ -303,7 +304,7 @@ impl Runtime {
             version,
             module_header,
             pre,
-            pool: Mutex::new(None),
+            attached: Mutex::new(None),
         })
     }
 
@@ -321,9 +322,6 @@ impl Runtime {
     where
         B: http_body::Body<Data = bytes::Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static,
     {
-        if invocation.policy.reuses_instances() {
-            return self.invoke_reusing(function, request, invocation).await;
-        }
         let started = Instant::now();
         let deadline = invocation.policy.timeout;
         let request_id = &*invocation.request_id;
@@ -353,13 +351,13 @@ impl Runtime {
                     }
                 };
                 let pre = pre.clone();
-                let guest = tokio::time::timeout(deadline, async move {
+                let guest = ran(tokio::time::timeout(deadline, async move {
                     let proxy = instantiate(&stats, pre.instantiate_async(&mut store)).await?;
                     proxy
                         .wasi_http_incoming_handler()
                         .call_handle(&mut store, req, out)
                         .await
-                });
+                }));
                 let (head, task) = run_until_head(guest, receiver).await;
                 let head = head.map(|answer| answer.map_err(|code| format!("{code:?}")));
                 (head, task)
@@ -367,7 +365,7 @@ impl Runtime {
             Pre::P3(pre) => {
                 let (sender, receiver) = tokio::sync::oneshot::channel();
                 let pre = pre.clone();
-                let guest = tokio::time::timeout(deadline, async move {
+                let guest = ran(tokio::time::timeout(deadline, async move {
                     let service = instantiate(&stats, pre.instantiate_async(&mut store)).await?;
                     let (req, io) = {
                         let hooks = store.data_mut().http().hooks;
@@ -392,107 +390,107 @@ impl Runtime {
                             wasmtime::Result::<()>::Ok(())
                         })
                         .await?
-                });
+                }));
                 let (head, task) = run_until_head(guest, receiver).await;
                 let head = head.map(|answer| answer.map_err(|code| format!("{code:?}")));
                 (head, task)
             }
         };
-        match head {
-            Ok(Ok(response)) => answered(response),
-            Ok(Err(code)) => (
-                Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    "guest_error",
-                    format!("{} answered with a wasi:http error: {code}", function.name),
-                )),
-                Outcome::GuestError,
-            ),
-            // The guest dropped the response outparam: it returned without
-            // answering, trapped, or ran out of time.
-            Err(_) => match task.result().await {
-                Ok(Err(_elapsed)) => (
-                    Err(timed_out(&function.name, deadline, started)),
-                    Outcome::Timeout,
-                ),
-                Ok(Ok(Err(error))) if pool_full(&error) => no_slot(&function.name, &error),
-                Ok(Ok(Err(trap))) => trapped(&function.name, request_id, &trap),
-                Ok(Ok(Ok(()))) => (
-                    Err(ApiError::new(
-                        StatusCode::INTERNAL_SERVER_ERROR,
-                        "no_response",
-                        format!("{} returned without setting a response", function.name),
-                    )),
-                    Outcome::GuestError,
-                ),
-                Err(failure) => (
-                    Err(ApiError::internal(anyhow::anyhow!(
-                        "running {} failed in the host (contained; the host keeps serving): {failure}",
-                        function.name
-                    ))),
-                    Outcome::Trap,
-                ),
-            },
-        }
+        settle(
+            &function.name,
+            request_id,
+            deadline,
+            started,
+            head.ok(),
+            task,
+        )
+        .await
     }
 }
 
 impl Runtime {
-    /// Runs one invocation in an instance of the function's pool, made for
-    /// the policy in force (a new policy gets a new pool; the old one's
-    /// instances finish what they hold and go when idle).
-    async fn invoke_reusing<B>(
+    /// A pool of reused instances of `function`, for invocations like
+    /// `invocation`.
+    pub fn pool(&self, function: &Deployed, invocation: &Invocation) -> Arc<Pool> {
+        let pre = match &function.pre {
+            Pre::P2(pre) => handler::ProxyPre::P2(pre.clone()),
+            Pre::P3(pre) => handler::ProxyPre::P3(pre.clone()),
+        };
+        Pool::new(&self.engine, pre, invocation)
+    }
+
+    /// Runs one invocation of `name` in an instance of `pool`.
+    pub async fn invoke_pooled<B>(
         &self,
-        function: &Deployed,
+        name: &FunctionName,
+        pool: &Pool,
         request: hyper::Request<B>,
-        invocation: &Invocation,
+        stats: &InvocationStats,
+        request_id: &str,
     ) -> (Result<Response<Body>, ApiError>, Outcome)
     where
         B: http_body::Body<Data = bytes::Bytes, Error = wasmtime_wasi_http::Error> + Send + 'static,
     {
         let started = Instant::now();
-        let deadline = invocation.policy.timeout;
-        let pool = {
-            let mut pool = function.pool.lock().unwrap_or_else(|e| e.into_inner());
-            match &*pool {
-                Some(current) if Arc::ptr_eq(&current.policy, &invocation.policy) => {
-                    Arc::clone(current)
-                }
-                _ => {
-                    let pre = match &function.pre {
-                        Pre::P2(pre) => handler::ProxyPre::P2(pre.clone()),
-                        Pre::P3(pre) => handler::ProxyPre::P3(pre.clone()),
-                    };
-                    let fresh = Arc::new(Pool::new(&self.engine, pre, invocation));
-                    *pool = Some(Arc::clone(&fresh));
-                    fresh
-                }
-            }
-        };
         let request = request.map(http_body_util::BodyExt::boxed_unsync);
-        // The pool's workers enforce the deadline; this bounds the wait for
-        // one to take the request as well.
-        let handled = tokio::time::timeout(deadline + EPOCH_TICK, pool.handler.handle((), request));
-        match handled.await {
-            Ok(Ok(response)) => answered(response),
-            // Past the deadline the pool drops the instance, whatever the
-            // error it then reports for the request (expired, or no answer).
-            Ok(Err(error))
-                if error.is::<handler::ExpirationError>() || started.elapsed() >= deadline =>
-            {
-                (
-                    Err(timed_out(&function.name, deadline, started)),
-                    Outcome::Timeout,
-                )
-            }
-            Err(_) => (
-                Err(timed_out(&function.name, deadline, started)),
-                Outcome::Timeout,
+        let (head, run) = pool.invoke(request, stats).await;
+        let deadline = pool.policy.timeout;
+        settle(name, request_id, deadline, started, head, run).await
+    }
+}
+
+/// The outcome of a guest's run: its answer, or why there is none.
+async fn settle(
+    name: &FunctionName,
+    request_id: &str,
+    deadline: Duration,
+    started: Instant,
+    head: Option<Head>,
+    run: Run,
+) -> (Result<Response<Body>, ApiError>, Outcome) {
+    match head {
+        Some(Ok(response)) => answered(response),
+        Some(Err(code)) => (
+            Err(ApiError::new(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "guest_error",
+                format!("{name} answered with a wasi:http error: {code}"),
+            )),
+            Outcome::GuestError,
+        ),
+        // The guest dropped the response outparam: it returned without
+        // answering, trapped, or ran out of time.
+        None => match run.result().await {
+            Ok(Ran::TimedOut) => (Err(timed_out(name, deadline, started)), Outcome::Timeout),
+            Ok(Ran::Failed(error)) if pool_full(&error) => no_slot(name, &error),
+            Ok(Ran::Failed(trap)) => trapped(name, request_id, &trap),
+            Ok(Ran::Done) => (
+                Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    "no_response",
+                    format!("{name} returned without setting a response"),
+                )),
+                Outcome::GuestError,
             ),
-            Ok(Err(error)) if pool_full(&error) => no_slot(&function.name, &error),
-            // A trap retires its instance (the pool's worker ends with it).
-            Ok(Err(trap)) => trapped(&function.name, &invocation.request_id, &trap),
-        }
+            Err(failure) => (
+                Err(ApiError::internal(anyhow::anyhow!(
+                    "running {name} failed in the host (contained; the host keeps serving): {failure}"
+                ))),
+                Outcome::Trap,
+            ),
+        },
+    }
+}
+
+/// A guest's run under its deadline, as a `Ran`.
+async fn ran<F>(guest: tokio::time::Timeout<F>) -> Ran
+where
+    F: Future<Output = wasmtime::Result<()>>,
+{
+    match guest.await {
+        Ok(Ok(())) => Ran::Done,
+        Ok(Err(error)) => Ran::Failed(error),
+        Err(_elapsed) => Ran::TimedOut,
     }
 }
 
@@ -566,78 +564,29 @@ async fn instantiate<T>(
     Ok(instance)
 }
 
-/// Runs `guest` in this task until it has either finished (most functions
-/// answer and return at once: no task to spawn and wake) or sent its
-/// response head while still writing the body, in which case the rest of it
-/// moves to a task of its own. The deadline (inside `guest`) covers all of it.
-async fn run_until_head<G, H>(
-    guest: G,
-    mut receiver: tokio::sync::oneshot::Receiver<H>,
-) -> (
-    Result<H, tokio::sync::oneshot::error::RecvError>,
-    GuestRun<G::Output>,
-)
-where
-    G: Future + Send + 'static,
-    G::Output: Send + 'static,
-{
-    // A panic inside wasmtime while it runs a guest (a bug it may have, such
-    // as GHSA-xrvr-8678-5wp8 in stream and future copies, until the upgrade
-    // that fixes it) fails that invocation with a 500; the host keeps
-    // serving.
-    let mut guest = Box::pin(std::panic::AssertUnwindSafe(guest).catch_unwind());
-    let first = tokio::select! {
-        biased;
-        result = &mut guest => First::Finished(result),
-        head = &mut receiver => First::Head(head),
-    };
-    match first {
-        // Finished: the head was sent, or never will be once the store that
-        // holds the sender is gone.
-        First::Finished(result) => {
-            // A guest stopped at its deadline still holds its store (and the
-            // sender) until dropped.
-            drop(guest);
-            (receiver.await, GuestRun::Finished(result))
-        }
-        First::Head(head) => (head, GuestRun::Running(tokio::spawn(guest))),
-    }
-}
-
-/// What happened first: the guest finished, or it sent its response head.
-enum First<R, H> {
-    Finished(R),
-    Head(H),
-}
-
-/// Where a guest is after its response head: done, or still running in a
-/// task of its own (writing its body). Either way its panics were caught.
-enum GuestRun<T> {
-    Finished(std::thread::Result<T>),
-    Running(tokio::task::JoinHandle<std::thread::Result<T>>),
-}
-
-impl<T> GuestRun<T> {
-    /// The guest's result, or what went wrong in the host while it ran.
-    async fn result(self) -> Result<T, String> {
-        let caught = match self {
-            GuestRun::Finished(caught) => caught,
-            GuestRun::Running(task) => task.await.map_err(|join| join.to_string())?,
-        };
-        caught.map_err(|panic| {
-            let message = panic
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| panic.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "a panic".to_string());
-            format!("the host caught a panic: {message}")
-        })
-    }
-}
-
 impl Deployed {
     pub fn sha256(&self) -> &str {
         &self.version.sha256
+    }
+
+    /// What the caller keeps for this version: the `T` it attached, while
+    /// `current` holds for it, else a new one made by `build`.
+    pub fn attached<T: Any + Send + Sync>(
+        &self,
+        current: impl Fn(&T) -> bool,
+        build: impl FnOnce() -> T,
+    ) -> Arc<T> {
+        let mut attached = self.attached.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(kept) = attached
+            .as_ref()
+            .and_then(|kept| Arc::clone(kept).downcast::<T>().ok())
+            .filter(|kept| current(kept))
+        {
+            return kept;
+        }
+        let fresh = Arc::new(build());
+        *attached = Some(Arc::clone(&fresh) as Arc<dyn Any + Send + Sync>);
+        fresh
     }
 }
 

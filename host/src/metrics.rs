@@ -9,6 +9,7 @@
 //! state (in flight, queued, function count) are set when scraped, so the
 //! invocation path does not pay for them.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use anyhow::Result;
@@ -60,6 +61,10 @@ pub struct Metrics {
     /// Instances of functions that reuse them: created, reused (a request
     /// served by an instance that had served one before) and retired.
     pub instances: IntCounterVec,
+    /// Invocations whose guest ran on another task than its request's: it
+    /// was still writing its body after the head, or it joined an instance
+    /// another request was driving.
+    pub handoffs: IntCounterVec,
     /// Key-value operations and stores.
     pub kv: KvMetrics,
     /// Guests' outbound HTTP.
@@ -96,6 +101,102 @@ pub struct Metrics {
     pub gossip_rejected: IntCounterVec,
     /// Internal requests refused, by code (their `401` codes).
     pub peer_requests_refused: IntCounterVec,
+}
+
+/// One function's series, each looked up the first time it is used (so
+/// `/metrics` lists what happened, as with lookups per request) and held
+/// from then on.
+pub struct FunctionMetrics {
+    metrics: Metrics,
+    name: Arc<str>,
+    invocations: [OnceLock<IntCounter>; OUTCOMES.len()],
+    duration: OnceLock<Histogram>,
+    instantiate: OnceLock<Histogram>,
+    memory_peak: OnceLock<IntGauge>,
+    responses_cut: OnceLock<IntCounter>,
+    outbound_denied: OnceLock<IntCounter>,
+    handoffs: OnceLock<IntCounter>,
+    instances: [OnceLock<IntCounter>; INSTANCE_EVENTS.len()],
+}
+
+impl FunctionMetrics {
+    /// The function's name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn child<'a, T: Clone>(
+        &self,
+        cell: &'a OnceLock<T>,
+        vec: &prometheus::core::MetricVec<impl prometheus::core::MetricVecBuilder<M = T>>,
+        extra: Option<&str>,
+    ) -> &'a T {
+        cell.get_or_init(|| match extra {
+            Some(extra) => vec.with_label_values(&[&*self.name, extra]),
+            None => vec.with_label_values(&[&*self.name]),
+        })
+    }
+
+    /// Records one invocation, as [`Metrics::record_invocation`] does.
+    pub fn record_invocation(
+        &self,
+        outcome: Outcome,
+        duration: Duration,
+        instantiate: Option<Duration>,
+        memory_peak: usize,
+    ) {
+        let m = &self.metrics;
+        let index = OUTCOMES.iter().position(|o| *o == outcome).unwrap_or(0);
+        self.child(
+            &self.invocations[index],
+            &m.invocations,
+            Some(outcome.as_str()),
+        )
+        .inc();
+        self.child(&self.duration, &m.invocation_duration, None)
+            .observe(duration.as_secs_f64());
+        if let Some(instantiate) = instantiate {
+            self.child(&self.instantiate, &m.instantiate_duration, None)
+                .observe(instantiate.as_secs_f64());
+        }
+        self.record_memory_peak(memory_peak);
+    }
+
+    /// Raises the memory high-water mark to `peak` if above.
+    pub fn record_memory_peak(&self, peak: usize) {
+        if peak > 0 {
+            let gauge = self.child(&self.memory_peak, &self.metrics.memory_peak, None);
+            let peak = i64::try_from(peak).unwrap_or(i64::MAX);
+            if peak > gauge.get() {
+                gauge.set(peak);
+            }
+        }
+    }
+
+    pub fn response_cut(&self) {
+        self.child(&self.responses_cut, &self.metrics.responses_cut, None)
+            .inc();
+    }
+
+    pub fn outbound_denied(&self) {
+        self.child(&self.outbound_denied, &self.metrics.outbound_denied, None)
+            .inc();
+    }
+
+    pub fn handed_off(&self) {
+        self.child(&self.handoffs, &self.metrics.handoffs, None)
+            .inc();
+    }
+
+    /// Counts an instance event (`created`, `reused`, `retired`).
+    pub fn instance(&self, event: &'static str) {
+        let index = INSTANCE_EVENTS
+            .iter()
+            .position(|e| *e == event)
+            .unwrap_or(0);
+        self.child(&self.instances[index], &self.metrics.instances, Some(event))
+            .inc();
+    }
 }
 
 /// Why a gossip datagram that opened was dropped all the same: it is not a
@@ -167,6 +268,13 @@ impl Metrics {
                 "Instances of functions whose policy reuses them, by event (created, reused, retired).",
             ),
             &["function", "event"],
+        )?;
+        let handoffs = IntCounterVec::new(
+            Opts::new(
+                "lichen_guest_handoffs_total",
+                "Invocations whose guest ran on another task than its request's (its body outlived the head, or it joined a busy instance).",
+            ),
+            function,
         )?;
         let unknown_function = IntCounter::with_opts(Opts::new(
             "lichen_unknown_function_requests_total",
@@ -297,6 +405,7 @@ impl Metrics {
         registry.register(Box::new(outbound_denied.clone()))?;
         registry.register(Box::new(responses_cut.clone()))?;
         registry.register(Box::new(instances.clone()))?;
+        registry.register(Box::new(handoffs.clone()))?;
         registry.register(Box::new(unknown_function.clone()))?;
         registry.register(Box::new(compile_duration.clone()))?;
         registry.register(Box::new(cache_loads.clone()))?;
@@ -332,6 +441,7 @@ impl Metrics {
             outbound_denied,
             responses_cut,
             instances,
+            handoffs,
             unknown_function,
             compile_duration,
             cache_loads,
@@ -374,6 +484,22 @@ impl Metrics {
         self.record_memory_peak(function, memory_peak);
     }
 
+    /// `function`'s series, to record into without a lookup per request.
+    pub fn function(&self, function: &str) -> FunctionMetrics {
+        FunctionMetrics {
+            metrics: self.clone(),
+            name: Arc::from(function),
+            invocations: Default::default(),
+            duration: OnceLock::new(),
+            instantiate: OnceLock::new(),
+            memory_peak: OnceLock::new(),
+            responses_cut: OnceLock::new(),
+            outbound_denied: OnceLock::new(),
+            handoffs: OnceLock::new(),
+            instances: Default::default(),
+        }
+    }
+
     /// Raises the function's memory high-water mark to `peak` if above.
     pub fn record_memory_peak(&self, function: &str, peak: usize) {
         if peak > 0 {
@@ -399,6 +525,7 @@ impl Metrics {
         let _ = self.memory_peak.remove_label_values(&[function]);
         let _ = self.outbound_denied.remove_label_values(&[function]);
         let _ = self.responses_cut.remove_label_values(&[function]);
+        let _ = self.handoffs.remove_label_values(&[function]);
         for event in INSTANCE_EVENTS {
             let _ = self.instances.remove_label_values(&[function, event]);
         }

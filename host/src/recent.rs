@@ -5,7 +5,7 @@
 //! `GET /v1/status` reads it.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use serde::Serialize;
@@ -104,9 +104,45 @@ impl FunctionRecent {
     }
 }
 
-/// The recent history of every function of a host.
+/// The recent history of every function of a host: a lock per function,
+/// so invocations of different functions never wait on each other, and the
+/// invocation path holds its function's history (see [`Recent::history`])
+/// instead of looking it up.
 pub struct Recent {
-    functions: Mutex<HashMap<String, FunctionRecent>>,
+    functions: Mutex<HashMap<String, History>>,
+}
+
+/// One function's recent history.
+#[derive(Clone, Default)]
+pub struct History(Arc<Mutex<FunctionRecent>>);
+
+impl History {
+    fn with<R>(&self, f: impl FnOnce(&mut FunctionRecent) -> R) -> R {
+        f(&mut self.0.lock().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Records a finished invocation.
+    pub fn invocation(&self, invocation: Invocation, duration: Duration) {
+        self.invocation_at(invocation, duration, Instant::now());
+    }
+
+    fn invocation_at(&self, invocation: Invocation, duration: Duration, now: Instant) {
+        self.with(|recent| {
+            recent.advance(now);
+            if let Some(last) = recent.buckets.back_mut() {
+                *last = last.saturating_add(1);
+            }
+            recent.samples.push_back((now, duration));
+            if recent.samples.len() > MAX_SAMPLES {
+                recent.samples.pop_front();
+            }
+            recent.forget_old_samples(now);
+            recent.invocations.push_back(invocation);
+            if recent.invocations.len() > KEEP_INVOCATIONS {
+                recent.invocations.pop_front();
+            }
+        });
+    }
 }
 
 impl Default for Recent {
@@ -122,43 +158,23 @@ impl Recent {
         }
     }
 
-    fn with<R>(&self, function: &str, f: impl FnOnce(&mut FunctionRecent) -> R) -> R {
+    /// `function`'s history, to record into without a lookup each time.
+    pub fn history(&self, function: &str) -> History {
         let mut functions = self.functions.lock().unwrap_or_else(|e| e.into_inner());
-        // Looked up before inserting: the name is copied once per function,
-        // not once per request.
-        if let Some(recent) = functions.get_mut(function) {
-            return f(recent);
+        // Looked up before inserting: the name is copied once per function.
+        if let Some(history) = functions.get(function) {
+            return history.clone();
         }
-        f(functions.entry(function.to_string()).or_default())
+        functions.entry(function.to_string()).or_default().clone()
+    }
+
+    fn with<R>(&self, function: &str, f: impl FnOnce(&mut FunctionRecent) -> R) -> R {
+        self.history(function).with(f)
     }
 
     /// Records a finished invocation.
     pub fn invocation(&self, function: &str, invocation: Invocation, duration: Duration) {
-        self.invocation_at(function, invocation, duration, Instant::now());
-    }
-
-    fn invocation_at(
-        &self,
-        function: &str,
-        invocation: Invocation,
-        duration: Duration,
-        now: Instant,
-    ) {
-        self.with(function, |recent| {
-            recent.advance(now);
-            if let Some(last) = recent.buckets.back_mut() {
-                *last = last.saturating_add(1);
-            }
-            recent.samples.push_back((now, duration));
-            if recent.samples.len() > MAX_SAMPLES {
-                recent.samples.pop_front();
-            }
-            recent.forget_old_samples(now);
-            recent.invocations.push_back(invocation);
-            if recent.invocations.len() > KEEP_INVOCATIONS {
-                recent.invocations.pop_front();
-            }
-        });
+        self.history(function).invocation(invocation, duration);
     }
 
     /// Records a line the guest wrote.
@@ -255,11 +271,12 @@ mod tests {
     #[test]
     fn quantiles_rates_and_history_come_from_what_was_recorded() {
         let recent = Recent::new();
+        let history = recent.history("f");
         let start = Instant::now();
         // 100 calls of 1..=100 ms over five seconds.
         for i in 1..=100u64 {
             let at = start + Duration::from_millis(i * 50);
-            recent.invocation_at("f", call(i as usize), Duration::from_millis(i), at);
+            history.invocation_at(call(i as usize), Duration::from_millis(i), at);
         }
         let now = start + Duration::from_secs(5);
         let summary = recent.summary_at("f", now);

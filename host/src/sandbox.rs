@@ -105,6 +105,8 @@ pub struct InvocationStats {
     pub instantiate_ns: AtomicU64,
     /// Largest total linear memory the instance reached, in bytes.
     pub memory_peak: AtomicUsize,
+    /// Whether the guest ran on another task than the request's.
+    pub handed_off: AtomicBool,
 }
 
 /// What happened to an instance, for metrics (`pool` reports them).
@@ -507,11 +509,12 @@ pub struct CappedResponseBody<B> {
     inner: B,
     remaining: u64,
     limit: u64,
-    on_cut: Option<Box<dyn FnOnce() + Send>>,
+    on_cut: Option<Arc<dyn Fn() + Send + Sync>>,
 }
 
 impl<B> CappedResponseBody<B> {
-    pub fn new(inner: B, limit: u64, on_cut: Box<dyn FnOnce() + Send>) -> Self {
+    /// `on_cut` is called once, if the body is cut.
+    pub fn new(inner: B, limit: u64, on_cut: Arc<dyn Fn() + Send + Sync>) -> Self {
         CappedResponseBody {
             inner,
             remaining: limit,

@@ -15,11 +15,11 @@ use anyhow::{Context, Result};
 use hyper::server::conn::{http1, http2};
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 
 use crate::api::{self, ApiLimits, AppState};
 use crate::cluster::{Cluster, ClusterConfig};
+use crate::connections::{Drain, HeadTimer};
 use crate::engine::{EngineSettings, Runtime};
 use crate::error::{BUSY_HEADER, RETRY_AFTER_SECS};
 use crate::functions::{Functions, Services};
@@ -355,7 +355,7 @@ impl Server {
             Some(_) => tracing::info!("{LISTENING_TLS_PREFIX}{}", self.local_addr),
             None => tracing::info!("{LISTENING_PREFIX}{}", self.local_addr),
         }
-        let graceful = GracefulShutdown::new();
+        let drain = Arc::new(Drain::default());
         tokio::pin!(shutdown);
         let mut drained: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
@@ -394,13 +394,13 @@ impl Server {
                 let state = Arc::clone(&state);
                 async move { Ok::<_, std::convert::Infallible>(api::handle(state, req).await) }
             });
-            let watcher = graceful.watcher();
+            let drain = Arc::clone(&drain);
             let head_timeout = self.header_read_timeout;
             let acceptor = self.tls.as_ref().map(|(tls, _)| tls.acceptor());
             tokio::spawn(async move {
                 let served = match acceptor {
                     None => {
-                        watcher
+                        drain
                             .watch(http1_connection(stream, service, head_timeout))
                             .await
                     }
@@ -413,10 +413,10 @@ impl Server {
                                     .timer(TokioTimer::new())
                                     .max_header_list_size(api::MAX_HEAD_BYTES as u32)
                                     .serve_connection(TokioIo::new(tls), service);
-                                watcher.watch(connection).await
+                                drain.watch(connection).await
                             }
                             Ok(Ok(tls)) => {
-                                watcher
+                                drain
                                     .watch(http1_connection(tls, service, head_timeout))
                                     .await
                             }
@@ -442,7 +442,8 @@ impl Server {
             cluster.shutdown();
         }
         tracing::info!("shutting down: waiting for in-flight requests");
-        match tokio::time::timeout(self.shutdown_grace, graceful.shutdown()).await {
+        drain.start();
+        match tokio::time::timeout(self.shutdown_grace, drain.finished()).await {
             Ok(()) => tracing::info!("all connections closed"),
             Err(_) => tracing::warn!(
                 "requests still running after {:?}; stopping anyway",
@@ -466,7 +467,7 @@ where
     S: hyper::service::HttpService<hyper::body::Incoming, ResBody = crate::error::Body>,
 {
     http1::Builder::new()
-        .timer(TokioTimer::new())
+        .timer(HeadTimer::default())
         .header_read_timeout(head_timeout)
         .max_headers(MAX_HEADERS)
         .max_buf_size(READ_BUFFER_BYTES)

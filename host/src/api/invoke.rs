@@ -17,7 +17,8 @@
 //! - Body limits are checked on the declared length before anything runs
 //!   and again while the body streams; the response is cut at its limit.
 
-use std::sync::{Arc, LazyLock};
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -32,13 +33,11 @@ use crate::cluster::forward::{Forward, Replay};
 use crate::cluster::{HOP_HEADER, MODULE_HEADER, SIGNATURE_HEADER};
 use crate::engine::{Deployed, Outcome};
 use crate::error::{ApiError, Body};
-use crate::functions::Functions;
 use crate::names::FunctionName;
 use crate::policy::Policy;
-use crate::sandbox::{
-    CappedResponseBody, GuardedRequestBody, InstanceEvent, Invocation, InvocationStats,
-};
+use crate::sandbox::{CappedResponseBody, GuardedRequestBody, InvocationStats};
 use crate::scheduler::Refusal;
+use crate::serving::Serving;
 use lichen_core::seal::{self, Signed};
 
 /// How an invocation reached this host.
@@ -80,13 +79,14 @@ pub async fn invoke(
             return Err(policy_invalid(&function.name, error));
         }
     };
+    let serving = Serving::of(functions, &function, &policy);
     let method = req.method().clone();
     let started = Instant::now();
     let stats = Arc::new(InvocationStats::default());
     let (result, outcome) = admit_and_run(
         state,
         &function,
-        policy,
+        &serving,
         req,
         rest,
         request_id,
@@ -95,22 +95,21 @@ pub async fn invoke(
     )
     .await;
     let duration = started.elapsed();
+    if stats.handed_off.load(Ordering::Relaxed) {
+        serving.metrics.handed_off();
+    }
     let status = match &result {
         Ok(response) => response.status(),
         Err(error) => error.status,
     };
-    let instantiate_ns = stats
-        .instantiate_ns
-        .load(std::sync::atomic::Ordering::Relaxed);
-    functions.metrics.record_invocation(
-        function.name.as_str(),
+    let instantiate_ns = stats.instantiate_ns.load(Ordering::Relaxed);
+    serving.metrics.record_invocation(
         outcome,
         duration,
         (instantiate_ns > 0).then(|| Duration::from_nanos(instantiate_ns)),
-        stats.memory_peak.load(std::sync::atomic::Ordering::Relaxed),
+        stats.memory_peak.load(Ordering::Relaxed),
     );
-    functions.recent.invocation(
-        function.name.as_str(),
+    serving.history.invocation(
         crate::recent::Invocation {
             request_id: request_id.to_string(),
             status: status.as_u16(),
@@ -148,7 +147,7 @@ pub async fn invoke(
 async fn admit_and_run(
     state: &Arc<AppState>,
     function: &Arc<Deployed>,
-    policy: Arc<Policy>,
+    serving: &Serving,
     mut req: hyper::Request<RequestBody>,
     rest: &str,
     request_id: &str,
@@ -156,6 +155,7 @@ async fn admit_and_run(
     arrival: Arrival,
 ) -> (Result<Response<Body>, ApiError>, Outcome) {
     let refused = |error: ApiError| (Err(error), Outcome::Rejected);
+    let policy = &serving.policy;
     // A forward names the module the forwarding host runs: a host serving
     // another (the registry's change has yet to reach one of them) says so
     // rather than answer with another version.
@@ -176,7 +176,7 @@ async fn admit_and_run(
     if !policy.public {
         // A forwarded request was checked by the host it came through.
         if !matches!(arrival, Arrival::Forwarded(_))
-            && let Err(error) = auth::invoke(state, &policy, &req)
+            && let Err(error) = auth::invoke(state, policy, &req)
         {
             return (Err(error), Outcome::Denied);
         }
@@ -228,9 +228,7 @@ async fn admit_and_run(
     };
 
     let functions = &state.functions;
-    let gate = functions
-        .scheduler
-        .gate(function.name.as_str(), policy.concurrency, policy.queue);
+    let gate = &serving.gate;
     let busy = |refusal: Refusal| {
         ApiError::busy(match refusal {
             Refusal::FunctionBusy => format!(
@@ -246,7 +244,7 @@ async fn admit_and_run(
     };
     // Local cores first; when they are taken, a peer with room; when no
     // peer has room either, this host's queue.
-    let _admission = match functions.scheduler.try_admit(&gate) {
+    let _admission = match functions.scheduler.try_admit(gate) {
         Ok(admission) => admission,
         Err(refusal) if matches!(arrival, Arrival::Forwarded(_)) => return refused(busy(refusal)),
         Err(_) => {
@@ -284,7 +282,7 @@ async fn admit_and_run(
                     },
                 };
             }
-            match functions.scheduler.admit(&gate, policy.timeout).await {
+            match functions.scheduler.admit(gate, policy.timeout).await {
                 Ok(admission) => admission,
                 Err(refusal) => return refused(busy(refusal)),
             }
@@ -303,29 +301,20 @@ async fn admit_and_run(
     let body = GuardedRequestBody::new(body, policy.request_body, state.limits.body_idle_timeout);
     let exceeded = Arc::clone(&body.exceeded);
     let request = hyper::Request::from_parts(parts, body);
-    let invocation = Invocation {
-        function: Arc::from(function.name.as_str()),
-        request_id: Arc::from(request_id),
-        policy: Arc::clone(&policy),
-        on_denied: {
-            let denied = functions
-                .metrics
-                .outbound_denied
-                .with_label_values(&[function.name.as_str()]);
-            Arc::new(move || denied.inc())
-        },
-        stats,
-        on_instance: instance_events(functions, function, &policy),
-        on_memory_peak: memory_peaks(functions, function, &policy),
-        kv: Some(functions.kv_access()),
-        outbound: Some(Arc::clone(&functions.outbound)),
-        recent: Some(Arc::clone(&functions.recent)),
+    let runtime = &functions.runtime;
+    let (result, outcome) = match &serving.pool {
+        Some(pool) => {
+            let name = &function.name;
+            runtime
+                .invoke_pooled(name, pool, request, &stats, request_id)
+                .await
+        }
+        None => {
+            let invocation = serving.invocation(request_id, stats);
+            runtime.invoke(function, request, &invocation).await
+        }
     };
-    let (result, outcome) = functions
-        .runtime
-        .invoke(function, request, &invocation)
-        .await;
-    if exceeded.load(std::sync::atomic::Ordering::Relaxed) {
+    if exceeded.load(Ordering::Relaxed) {
         return refused(ApiError::too_large(format!(
             "the request body is longer than {}'s limit of {} bytes",
             function.name, policy.request_body
@@ -347,56 +336,11 @@ async fn admit_and_run(
         );
         return (Err(error), Outcome::GuestError);
     }
-    let name = function.name.clone();
     let limit = policy.response_body;
-    let cut = functions
-        .metrics
-        .responses_cut
-        .with_label_values(&[function.name.as_str()]);
-    let response = response.map(move |body| {
-        let on_cut = Box::new(move || {
-            cut.inc();
-            tracing::warn!(function = %name, limit, "response body cut off at the policy limit");
-        });
-        CappedResponseBody::new(body, limit, on_cut).boxed_unsync()
-    });
+    let on_cut = Arc::clone(&serving.on_cut);
+    let response =
+        response.map(move |body| CappedResponseBody::new(body, limit, on_cut).boxed_unsync());
     (Ok(response), outcome)
-}
-
-/// Counts a reused function's instance events; a function that does not
-/// reuse instances gets a shared no-op (no allocation per request).
-fn instance_events(
-    functions: &Functions,
-    function: &Deployed,
-    policy: &Policy,
-) -> Arc<dyn Fn(InstanceEvent) + Send + Sync> {
-    static NONE: LazyLock<Arc<dyn Fn(InstanceEvent) + Send + Sync>> =
-        LazyLock::new(|| Arc::new(|_| {}));
-    if !policy.reuses_instances() {
-        return Arc::clone(&NONE);
-    }
-    let counters = functions.metrics.instances.clone();
-    let name: Arc<str> = Arc::from(function.name.as_str());
-    Arc::new(move |event: InstanceEvent| {
-        counters.with_label_values(&[&*name, event.as_str()]).inc();
-    })
-}
-
-/// Records a reused instance's memory high-water mark when it retires.
-fn memory_peaks(
-    functions: &Functions,
-    function: &Deployed,
-    policy: &Policy,
-) -> Arc<dyn Fn(usize) + Send + Sync> {
-    static NONE: LazyLock<Arc<dyn Fn(usize) + Send + Sync>> = LazyLock::new(|| Arc::new(|_| {}));
-    if !policy.reuses_instances() {
-        return Arc::clone(&NONE);
-    }
-    let metrics = functions.metrics.clone();
-    let name: Arc<str> = Arc::from(function.name.as_str());
-    Arc::new(move |peak: usize| {
-        metrics.record_memory_peak(&name, peak);
-    })
 }
 
 /// A forward may take this much longer than the function's deadline (the

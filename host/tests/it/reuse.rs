@@ -186,3 +186,102 @@ async fn a_p3_instance_serves_up_to_concurrency_requests_at_once() {
         host.stop().await;
     }
 }
+
+/// The sum of a per-function series of `/metrics` for `function`.
+async fn series(host: &TestHost, name: &str, labels: &str) -> f64 {
+    let metrics = host.get("/metrics").await.text();
+    let prefix = format!("{name}{{{labels}}}");
+    metrics
+        .lines()
+        .filter_map(|line| line.strip_prefix(&prefix)?.trim().parse::<f64>().ok())
+        .sum()
+}
+
+/// With an idle instance at hand, a request drives it on its own task:
+/// nothing is handed to another task (no worker to wake, no answer to send
+/// back). A request that joins a busy WASIp3 instance (the pool at its cap)
+/// is one that is handed off, and is counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_instance_is_driven_on_the_requests_own_task() {
+    for fixture in ["probe", "probe-p3"] {
+        let dir = tempfile::tempdir().unwrap();
+        write_policy(
+            dir.path(),
+            "probe",
+            "[instances]\nreuse = 1000\nidle = \"60s\"\n",
+        );
+        let host = host_with(dir.path(), &[("probe", fixture)]).await;
+        let seen = counts(&host, 20).await;
+        let expected: Vec<String> = (1..=20).map(|n| n.to_string()).collect();
+        assert_eq!(seen, expected, "{fixture}: one instance served them all");
+        let reused = series(
+            &host,
+            "lichen_instances_total",
+            "event=\"reused\",function=\"probe\"",
+        )
+        .await;
+        assert_eq!(reused, 19.0, "{fixture}");
+        let handoffs = series(&host, "lichen_guest_handoffs_total", "function=\"probe\"").await;
+        assert_eq!(handoffs, 0.0, "{fixture}: no request left its own task");
+        host.stop().await;
+    }
+
+    // One instance of four requests at once, at its cap: three join it.
+    let dir = tempfile::tempdir().unwrap();
+    write_policy(
+        dir.path(),
+        "slow",
+        "[limits]\nconcurrency = 8\ntimeout = \"60s\"\n[instances]\nreuse = 100\nconcurrency = 4\nmax = 1\nidle = \"60s\"\n",
+    );
+    let host = host_with(dir.path(), &[("slow", "slow-p3")]).await;
+    let calls = (0..4).map(|_| {
+        let url = format!("{}/fn/slow/wait?ms=2000", host.url);
+        tokio::spawn(async move { common::send(Method::GET, &url, &[], Vec::new()).await })
+    });
+    for reply in futures::future::join_all(calls).await {
+        let reply = reply.unwrap();
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    let handoffs = series(&host, "lichen_guest_handoffs_total", "function=\"slow\"").await;
+    assert!(
+        handoffs >= 1.0,
+        "joining a busy instance is counted: {handoffs}"
+    );
+    host.stop().await;
+}
+
+/// A pool never holds more instances than its cap: 64 requests at once
+/// against a cap of 4 are all answered, by 4 instances at most (none is
+/// retired here, so every one created was alive at once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sixty_four_requests_at_once_share_a_pool_capped_at_four() {
+    for (fixture, name, path) in [
+        ("probe", "probe", "/fn/probe/sleep?ms=20"),
+        ("slow-p3", "slow", "/fn/slow/wait?ms=20"),
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        write_policy(
+            dir.path(),
+            name,
+            "[limits]\nconcurrency = 64\nqueue = 64\ntimeout = \"120s\"\n[instances]\nreuse = 10000\nconcurrency = 4\nmax = 4\nidle = \"120s\"\n",
+        );
+        let host = host_with(dir.path(), &[(name, fixture)]).await;
+        let calls = (0..64).map(|_| {
+            let url = format!("{}{path}", host.url);
+            tokio::spawn(async move { common::send(Method::GET, &url, &[], Vec::new()).await })
+        });
+        for reply in futures::future::join_all(calls).await {
+            let reply = reply.unwrap();
+            assert_eq!(reply.status, StatusCode::OK, "{fixture}: {}", reply.text());
+        }
+        let labels = |event: &str| format!("event=\"{event}\",function=\"{name}\"");
+        let created = series(&host, "lichen_instances_total", &labels("created")).await;
+        let retired = series(&host, "lichen_instances_total", &labels("retired")).await;
+        assert!(
+            (1.0..=4.0).contains(&created),
+            "{fixture}: {created} created"
+        );
+        assert_eq!(retired, 0.0, "{fixture}");
+        host.stop().await;
+    }
+}
