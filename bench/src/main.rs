@@ -201,6 +201,9 @@ pub struct Settings {
     pub connections: u32,
     pub functions: usize,
     pub lichen: PathBuf,
+    /// Another build of Lichen to run beside it (`LICHEN_BASELINE_BIN`),
+    /// for before and after in one command (`p3` only).
+    pub baseline: Option<PathBuf>,
     pub wasmtime: Option<PathBuf>,
     pub nats_server: Option<PathBuf>,
     pub components: PathBuf,
@@ -212,6 +215,7 @@ impl Settings {
         let lichen = std::env::var_os("LICHEN_BIN")
             .map_or_else(|| PathBuf::from("target/release/lichen"), PathBuf::from);
         let wasmtime = std::env::var_os("WASMTIME_BIN").map(PathBuf::from);
+        let baseline = std::env::var_os("LICHEN_BASELINE_BIN").map(PathBuf::from);
         let nats_server = std::env::var_os("NATS_SERVER_BIN").map(PathBuf::from);
         let components = std::env::var_os("FUNCTIONS_DIR").map_or_else(
             || PathBuf::from("functions/target/wasm32-wasip2/release"),
@@ -224,6 +228,7 @@ impl Settings {
             connections: 64,
             functions: if smoke { 20 } else { 1000 },
             lichen,
+            baseline,
             wasmtime,
             nats_server,
             components,
@@ -311,31 +316,40 @@ fn throughput(settings: &Settings, report: &mut Report) -> Result<()> {
 const P3_REUSE: &str = "[limits]\nconcurrency = 128\nqueue = 1024\n[instances]\nreuse = 128\nconcurrency = 16\nidle = \"1s\"\n";
 const P3_FRESH: &str = "[limits]\nconcurrency = 128\nqueue = 1024\n";
 
+/// The baseline build's run of `lichen p3 reuse`.
+pub const BASELINE_P3_REUSE: &str = "lichen (baseline) p3 reuse";
+
 /// WASIp3 hello (the same component everywhere), closed loop, alternating:
 /// Lichen reusing instances as `wasmtime serve` does by default, both with
 /// a fresh instance per request, and native hyper.
 fn p3_throughput(settings: &Settings, report: &mut Report) -> Result<()> {
     let hello = settings.component_path("hello_p3");
-    let kinds = [
+    let mut kinds = vec![
         "lichen p3 reuse",
         "wasmtime serve p3 reuse",
         "lichen p3 fresh",
         "wasmtime serve p3 fresh",
         "native hyper",
     ];
+    if settings.baseline.is_some() {
+        kinds.insert(1, BASELINE_P3_REUSE);
+    }
     let mut runs: Vec<(&'static str, load::WrkResult)> = Vec::new();
     for round in 0..settings.rounds {
-        for kind in kinds {
+        for &kind in &kinds {
             let scratch = Scratch::new(&format!("p3-{round}"))?;
             let lichen = |policy: &str| -> Result<Server> {
                 std::fs::write(scratch.policies().join("hello.toml"), policy)?;
-                let server =
-                    servers::lichen(&settings.lichen, &scratch.data(), &scratch.policies())?;
+                let bin = match (&settings.baseline, kind) {
+                    (Some(baseline), BASELINE_P3_REUSE) => baseline,
+                    _ => &settings.lichen,
+                };
+                let server = servers::lichen(bin, &scratch.data(), &scratch.policies())?;
                 servers::deploy(&server.url, "hello", &settings.component("hello_p3")?)?;
                 Ok(server)
             };
             let server = match kind {
-                "lichen p3 reuse" => lichen(P3_REUSE)?,
+                "lichen p3 reuse" | BASELINE_P3_REUSE => lichen(P3_REUSE)?,
                 "lichen p3 fresh" => lichen(P3_FRESH)?,
                 "native hyper" => servers::native(&settings.self_exe)?,
                 _ => {

@@ -194,6 +194,7 @@ impl Report {
             runs,
             &[
                 "lichen p3 reuse",
+                crate::BASELINE_P3_REUSE,
                 "wasmtime serve p3 reuse",
                 "lichen p3 fresh",
                 "wasmtime serve p3 fresh",
@@ -207,6 +208,15 @@ impl Report {
                 .map(|(_, r, p)| (*r, *p))
         };
         let native = get("native hyper").map(|(r, _)| r);
+        if let (Some((ours, ours_p99)), Some((before, before_p99))) =
+            (get("lichen p3 reuse"), get(crate::BASELINE_P3_REUSE))
+        {
+            let _ = writeln!(
+                s,
+                "\nReuse, this build / the baseline build (`LICHEN_BASELINE_BIN`): **{:.2}x** req/s, p99 {ours_p99:.2} ms vs {before_p99:.2} ms.",
+                ours / before
+            );
+        }
         if let (Some((ours, ours_p99)), Some((theirs, theirs_p99))) =
             (get("lichen p3 reuse"), get("wasmtime serve p3 reuse"))
         {

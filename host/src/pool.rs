@@ -118,6 +118,9 @@ struct Instance {
     on_instance: Arc<dyn Fn(InstanceEvent) + Send + Sync>,
     on_memory_peak: Arc<dyn Fn(usize) + Send + Sync>,
     pool: Weak<Pool>,
+    /// Where others' requests join it while it is busy (WASIp3 with
+    /// `concurrency` above 1).
+    inbox: Option<Arc<Inbox>>,
 }
 
 impl Drop for Instance {
@@ -130,10 +133,12 @@ impl Drop for Instance {
     }
 }
 
-/// Where requests joining a busy WASIp3 instance wait for its driver.
+/// Where requests joining a busy WASIp3 instance wait for its driver; one
+/// per instance, opened each time a request starts driving it.
 struct Inbox {
-    /// `None` once the driver has stopped taking requests.
-    jobs: Mutex<Option<Vec<Job>>>,
+    jobs: Mutex<Jobs>,
+    /// Requests waiting in `jobs`, read without the lock.
+    queued: AtomicUsize,
     /// Requests in the instance now, its own included.
     load: AtomicUsize,
     /// Requests it may still take before its `reuse` is spent.
@@ -146,6 +151,13 @@ struct Inbox {
     base: Instant,
 }
 
+#[derive(Default)]
+struct Jobs {
+    /// Whether the driver takes requests.
+    open: bool,
+    waiting: Vec<Job>,
+}
+
 /// A request that joined a busy instance.
 struct Job {
     request: hyper::Request<GuestBody>,
@@ -154,8 +166,9 @@ struct Job {
 
 /// What a request got from the pool.
 enum Taken {
-    Idle(Instance, Option<Arc<Inbox>>),
-    /// Room for one more instance (counted as live already).
+    Idle(Instance),
+    /// Room for one more instance (counted as live already), with the
+    /// inbox it opens with, if it takes others' requests.
     Create(Option<Arc<Inbox>>),
     Join(Arc<Inbox>),
     Wait,
@@ -215,48 +228,59 @@ impl Pool {
         request: hyper::Request<GuestBody>,
         stats: &InvocationStats,
     ) -> (Option<Head>, Run) {
-        let deadline = self.policy.timeout;
         let started = Instant::now();
+        let taken = match self.take() {
+            Taken::Wait => self.wait(started).await,
+            taken => taken,
+        };
+        let instance = match taken {
+            Taken::Idle(instance) => instance,
+            Taken::Create(inbox) => {
+                let instantiated = Instant::now();
+                match self.instantiate(inbox).await {
+                    Ok(instance) => {
+                        let nanos = instantiated.elapsed().as_nanos();
+                        stats
+                            .instantiate_ns
+                            .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
+                        instance
+                    }
+                    Err(error) => {
+                        self.retired();
+                        return (None, Run::Finished(Ok(Ran::Failed(error))));
+                    }
+                }
+            }
+            Taken::Join(inbox) => {
+                stats.handed_off.store(true, Ordering::Relaxed);
+                return self.join(inbox, request, started, stats).await;
+            }
+            Taken::Wait => return (None, Run::Finished(Ok(Ran::TimedOut))),
+        };
+        let (head, run) = self.drive(instance, request, started).await;
+        if run.handed_off() {
+            stats.handed_off.store(true, Ordering::Relaxed);
+        }
+        (head, run)
+    }
+
+    /// Waits for an instance, or room for one, to free up; `Wait` if none
+    /// did within the deadline.
+    async fn wait(&self, started: Instant) -> Taken {
         loop {
-            // Registered before looking, so a slot freed in between wakes it.
+            // Registered before looking again, so a slot freed in between
+            // wakes it.
             let freed = self.freed.notified();
             tokio::pin!(freed);
             freed.as_mut().enable();
-            let (instance, inbox) = match self.take() {
-                Taken::Idle(instance, inbox) => (instance, inbox),
-                Taken::Create(inbox) => {
-                    let instantiated = Instant::now();
-                    match self.instantiate().await {
-                        Ok(instance) => {
-                            let nanos = instantiated.elapsed().as_nanos();
-                            stats
-                                .instantiate_ns
-                                .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
-                            (instance, inbox)
-                        }
-                        Err(error) => {
-                            self.retired();
-                            return (None, Run::Finished(Ok(Ran::Failed(error))));
-                        }
-                    }
-                }
-                Taken::Join(inbox) => {
-                    stats.handed_off.store(true, Ordering::Relaxed);
-                    return self.join(inbox, request, started, stats).await;
-                }
-                Taken::Wait => {
-                    let left = deadline.saturating_sub(started.elapsed());
-                    if tokio::time::timeout(left, freed).await.is_err() {
-                        return (None, Run::Finished(Ok(Ran::TimedOut)));
-                    }
-                    continue;
-                }
-            };
-            let (head, run) = self.drive(instance, inbox, request, started).await;
-            if run.handed_off() {
-                stats.handed_off.store(true, Ordering::Relaxed);
+            match self.take() {
+                Taken::Wait => {}
+                taken => return taken,
             }
-            return (head, run);
+            let left = self.policy.timeout.saturating_sub(started.elapsed());
+            if tokio::time::timeout(left, freed).await.is_err() {
+                return Taken::Wait;
+            }
         }
     }
 
@@ -266,23 +290,22 @@ impl Pool {
         let mut slots = self.lock();
         // An instance that may take others' requests while it serves this
         // one: as many as it has room and `reuse` left for.
-        let reuse = self.policy.reuse as usize;
-        let inbox = |served: usize| {
-            (self.per_instance > 1).then(|| Arc::new(Inbox::new(reuse.saturating_sub(served + 1))))
-        };
+        let left = |served: usize| (self.policy.reuse as usize).saturating_sub(served + 1);
         if let Some(instance) = slots.idle.pop() {
-            let inbox = inbox(instance.served);
-            if let Some(inbox) = &inbox {
+            if let Some(inbox) = &instance.inbox {
+                inbox.open(left(instance.served));
                 slots.shared.push(Arc::clone(inbox));
             }
-            return Taken::Idle(instance, inbox);
+            return Taken::Idle(instance);
         }
         if slots.live < self.cap {
             slots.live += 1;
-            let inbox = inbox(0);
-            if let Some(inbox) = &inbox {
-                slots.shared.push(Arc::clone(inbox));
-            }
+            let inbox = (self.per_instance > 1).then(|| {
+                let inbox = Arc::new(Inbox::default());
+                inbox.open(left(0));
+                slots.shared.push(Arc::clone(&inbox));
+                inbox
+            });
             return Taken::Create(inbox);
         }
         let per_instance = self.per_instance;
@@ -307,7 +330,7 @@ impl Pool {
     }
 
     /// A new instance (its slot already counted as live).
-    async fn instantiate(&self) -> wasmtime::Result<Instance> {
+    async fn instantiate(&self, inbox: Option<Arc<Inbox>>) -> wasmtime::Result<Instance> {
         let stats = Arc::new(InvocationStats::default());
         // An instance serves many requests, so its output cannot carry one
         // request's id: its log lines say which instance wrote them.
@@ -334,6 +357,7 @@ impl Pool {
             on_instance: Arc::clone(&invocation.on_instance),
             on_memory_peak: Arc::clone(&invocation.on_memory_peak),
             pool: self.this.clone(),
+            inbox,
         })
     }
 
@@ -343,11 +367,11 @@ impl Pool {
     async fn drive(
         &self,
         mut instance: Instance,
-        inbox: Option<Arc<Inbox>>,
         request: hyper::Request<GuestBody>,
         started: Instant,
     ) -> (Option<Head>, Run) {
         let pool = self.this.clone();
+        let inbox = instance.inbox.clone();
         let deadline = self.policy.timeout;
         if let Some(inbox) = &inbox {
             inbox.extend(started + deadline);
@@ -370,7 +394,7 @@ impl Pool {
                 None => Ran::TimedOut,
             };
             match (&ran, pool.upgrade()) {
-                (Ran::Done, Some(pool)) => pool.give_back(instance, inbox.as_ref()),
+                (Ran::Done, Some(pool)) => pool.give_back(instance),
                 _ => {
                     if let (Some(pool), Some(inbox)) = (pool.upgrade(), &inbox) {
                         pool.unshare(inbox);
@@ -417,11 +441,11 @@ impl Pool {
 
     /// An instance whose request went well: back on the stack, unless it
     /// has served its `reuse` or the pool was closed.
-    fn give_back(&self, mut instance: Instance, inbox: Option<&Arc<Inbox>>) {
+    fn give_back(&self, mut instance: Instance) {
         let keep =
             instance.served < self.policy.reuse as usize && !self.closed.load(Ordering::Acquire);
         let mut slots = self.lock();
-        if let Some(inbox) = inbox {
+        if let Some(inbox) = &instance.inbox {
             slots.shared.retain(|shared| !Arc::ptr_eq(shared, inbox));
         }
         if !keep {
@@ -616,53 +640,78 @@ async fn serve_p3(
     Ok(())
 }
 
-impl Inbox {
-    fn new(remaining: usize) -> Self {
+impl Default for Inbox {
+    fn default() -> Self {
         Inbox {
-            jobs: Mutex::new(Some(Vec::new())),
-            load: AtomicUsize::new(1),
-            remaining: AtomicUsize::new(remaining),
+            jobs: Mutex::new(Jobs::default()),
+            queued: AtomicUsize::new(0),
+            load: AtomicUsize::new(0),
+            remaining: AtomicUsize::new(0),
             driver: AtomicWaker::new(),
             deadline_ns: AtomicU64::new(0),
             base: Instant::now(),
         }
     }
+}
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Option<Vec<Job>>> {
+impl Inbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Jobs> {
         self.jobs.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// A request starts driving the instance: others may join, up to
+    /// `remaining` of them over this run.
+    fn open(&self, remaining: usize) {
+        let mut jobs = self.lock();
+        jobs.open = true;
+        self.load.store(1, Ordering::Release);
+        self.remaining.store(remaining, Ordering::Release);
+        self.deadline_ns.store(0, Ordering::Release);
     }
 
     /// Hands `job` to the driver, or back if it stopped taking requests.
     fn push(&self, job: Job, deadline: Instant) -> Result<(), Box<Job>> {
         let mut jobs = self.lock();
-        let Some(jobs) = jobs.as_mut() else {
+        if !jobs.open {
             return Err(Box::new(job));
-        };
+        }
         self.extend(deadline);
-        jobs.push(job);
+        jobs.waiting.push(job);
+        self.queued.fetch_add(1, Ordering::Release);
+        drop(jobs);
         self.driver.wake();
         Ok(())
     }
 
-    /// The requests that joined since the last look.
+    /// The requests that joined since the last look (no lock when none).
     fn take(&self) -> Vec<Job> {
-        self.lock().as_mut().map(std::mem::take).unwrap_or_default()
+        if self.queued.load(Ordering::Acquire) == 0 {
+            return Vec::new();
+        }
+        let mut jobs = self.lock();
+        self.queued.store(0, Ordering::Release);
+        std::mem::take(&mut jobs.waiting)
     }
 
     /// Stops taking requests, unless some arrived: whether it stopped.
     fn close(&self) -> bool {
         let mut jobs = self.lock();
-        if jobs.as_ref().is_some_and(|jobs| !jobs.is_empty()) {
+        if !jobs.waiting.is_empty() {
             return false;
         }
-        *jobs = None;
+        jobs.open = false;
         true
     }
 
     /// Stops taking requests; any not started get no answer.
     fn shut(&self) {
-        let jobs = self.lock().take();
-        drop(jobs);
+        let waiting = {
+            let mut jobs = self.lock();
+            jobs.open = false;
+            self.queued.store(0, Ordering::Release);
+            std::mem::take(&mut jobs.waiting)
+        };
+        drop(waiting);
     }
 
     /// Moves the instance's deadline to `at` if that is later.
