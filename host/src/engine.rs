@@ -44,7 +44,7 @@ use crate::error::{ApiError, Body};
 use crate::names::FunctionName;
 use crate::policy::MAX_MEMORY;
 use crate::pool::{Head, Pool, Ran, Run, run_until_head};
-use crate::sandbox::{HostState, Invocation, InvocationStats, new_store};
+use crate::sandbox::{Handoff, HostState, Invocation, InvocationStats, new_store};
 use crate::store::{Abi, VersionInfo};
 
 /// How often the epoch advances: the granularity of deadlines, and how long a
@@ -396,6 +396,9 @@ impl Runtime {
                 (head, task)
             }
         };
+        if task.handed_off() {
+            Handoff::Body.record(&invocation.stats);
+        }
         settle(
             &function.name,
             request_id,

@@ -21,6 +21,7 @@ use prometheus::{
 use crate::engine::Outcome;
 use crate::kv::KvMetrics;
 use crate::outbound::OutboundMetrics;
+use crate::sandbox::Handoff;
 use lichen_core::seal::{Refused, Rejected};
 
 /// Buckets from 50 µs (an instantiate + call of a tiny function) to 30 s
@@ -115,7 +116,7 @@ pub struct FunctionMetrics {
     memory_peak: OnceLock<IntGauge>,
     responses_cut: OnceLock<IntCounter>,
     outbound_denied: OnceLock<IntCounter>,
-    handoffs: OnceLock<IntCounter>,
+    handoffs: [OnceLock<IntCounter>; 2],
     instances: [OnceLock<IntCounter>; INSTANCE_EVENTS.len()],
 }
 
@@ -183,8 +184,11 @@ impl FunctionMetrics {
             .inc();
     }
 
-    pub fn handed_off(&self) {
-        self.child(&self.handoffs, &self.metrics.handoffs, None)
+    /// Counts a guest that ran on another task than its request's.
+    pub fn handed_off(&self, handoff: Handoff) {
+        let index = handoff as usize - 1;
+        let vec = &self.metrics.handoffs;
+        self.child(&self.handoffs[index], vec, Some(handoff.as_str()))
             .inc();
     }
 
@@ -272,9 +276,9 @@ impl Metrics {
         let handoffs = IntCounterVec::new(
             Opts::new(
                 "lichen_guest_handoffs_total",
-                "Invocations whose guest ran on another task than its request's (its body outlived the head, or it joined a busy instance).",
+                "Invocations whose guest ran on another task than its request's, by reason: body (it was still writing its body after the head), joined (it joined a busy WASIp3 instance).",
             ),
-            function,
+            &["function", "reason"],
         )?;
         let unknown_function = IntCounter::with_opts(Opts::new(
             "lichen_unknown_function_requests_total",
@@ -495,7 +499,7 @@ impl Metrics {
             memory_peak: OnceLock::new(),
             responses_cut: OnceLock::new(),
             outbound_denied: OnceLock::new(),
-            handoffs: OnceLock::new(),
+            handoffs: Default::default(),
             instances: Default::default(),
         }
     }
@@ -525,7 +529,11 @@ impl Metrics {
         let _ = self.memory_peak.remove_label_values(&[function]);
         let _ = self.outbound_denied.remove_label_values(&[function]);
         let _ = self.responses_cut.remove_label_values(&[function]);
-        let _ = self.handoffs.remove_label_values(&[function]);
+        for reason in [Handoff::Body, Handoff::Joined] {
+            let _ = self
+                .handoffs
+                .remove_label_values(&[function, reason.as_str()]);
+        }
         for event in INSTANCE_EVENTS {
             let _ = self.instances.remove_label_values(&[function, event]);
         }

@@ -52,7 +52,7 @@ use wasmtime_wasi_http::p2::bindings::http::types::Scheme;
 
 use crate::error::Body;
 use crate::policy::Policy;
-use crate::sandbox::{HostState, InstanceEvent, Invocation, InvocationStats, new_store};
+use crate::sandbox::{Handoff, HostState, InstanceEvent, Invocation, InvocationStats, new_store};
 
 /// What a guest answered: its response, or the `wasi:http` error code it
 /// returned instead (as text).
@@ -252,14 +252,14 @@ impl Pool {
                 }
             }
             Taken::Join(inbox) => {
-                stats.handed_off.store(true, Ordering::Relaxed);
+                Handoff::Joined.record(stats);
                 return self.join(inbox, request, started, stats).await;
             }
             Taken::Wait => return (None, Run::Finished(Ok(Ran::TimedOut))),
         };
         let (head, run) = self.drive(instance, request, started).await;
         if run.handed_off() {
-            stats.handed_off.store(true, Ordering::Relaxed);
+            Handoff::Body.record(stats);
         }
         (head, run)
     }

@@ -23,7 +23,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -105,8 +105,42 @@ pub struct InvocationStats {
     pub instantiate_ns: AtomicU64,
     /// Largest total linear memory the instance reached, in bytes.
     pub memory_peak: AtomicUsize,
-    /// Whether the guest ran on another task than the request's.
-    pub handed_off: AtomicBool,
+    /// Why the guest ran on another task than the request's, if it did
+    /// (a [`Handoff`] as its number; 0: it did not).
+    pub handoff: AtomicU8,
+}
+
+/// Why a guest ran on another task than its request's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Handoff {
+    /// It was still writing its body after the head.
+    Body = 1,
+    /// It joined an instance another request was driving.
+    Joined = 2,
+}
+
+impl Handoff {
+    /// The `reason` label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Handoff::Body => "body",
+            Handoff::Joined => "joined",
+        }
+    }
+
+    /// Records it in `stats`.
+    pub fn record(self, stats: &InvocationStats) {
+        stats.handoff.store(self as u8, Ordering::Relaxed);
+    }
+
+    /// What `stats` recorded.
+    pub fn of(stats: &InvocationStats) -> Option<Handoff> {
+        match stats.handoff.load(Ordering::Relaxed) {
+            1 => Some(Handoff::Body),
+            2 => Some(Handoff::Joined),
+            _ => None,
+        }
+    }
 }
 
 /// What happened to an instance, for metrics (`pool` reports them).

@@ -35,7 +35,7 @@ use crate::engine::{Deployed, Outcome};
 use crate::error::{ApiError, Body};
 use crate::names::FunctionName;
 use crate::policy::Policy;
-use crate::sandbox::{CappedResponseBody, GuardedRequestBody, InvocationStats};
+use crate::sandbox::{CappedResponseBody, GuardedRequestBody, Handoff, InvocationStats};
 use crate::scheduler::Refusal;
 use crate::serving::Serving;
 use lichen_core::seal::{self, Signed};
@@ -95,8 +95,8 @@ pub async fn invoke(
     )
     .await;
     let duration = started.elapsed();
-    if stats.handed_off.load(Ordering::Relaxed) {
-        serving.metrics.handed_off();
+    if let Some(handoff) = Handoff::of(&stats) {
+        serving.metrics.handed_off(handoff);
     }
     let status = match &result {
         Ok(response) => response.status(),

@@ -221,8 +221,11 @@ async fn an_idle_instance_is_driven_on_the_requests_own_task() {
         )
         .await;
         assert_eq!(reused, 19.0, "{fixture}");
-        let handoffs = series(&host, "lichen_guest_handoffs_total", "function=\"probe\"").await;
-        assert_eq!(handoffs, 0.0, "{fixture}: no request left its own task");
+        for reason in ["body", "joined"] {
+            let labels = format!("function=\"probe\",reason=\"{reason}\"");
+            let handoffs = series(&host, "lichen_guest_handoffs_total", &labels).await;
+            assert_eq!(handoffs, 0.0, "{fixture}: no request left its own task");
+        }
         host.stop().await;
     }
 
@@ -242,7 +245,8 @@ async fn an_idle_instance_is_driven_on_the_requests_own_task() {
         let reply = reply.unwrap();
         assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
     }
-    let handoffs = series(&host, "lichen_guest_handoffs_total", "function=\"slow\"").await;
+    let labels = "function=\"slow\",reason=\"joined\"";
+    let handoffs = series(&host, "lichen_guest_handoffs_total", labels).await;
     assert!(
         handoffs >= 1.0,
         "joining a busy instance is counted: {handoffs}"
