@@ -148,6 +148,15 @@ fn main() -> Result<()> {
             println!("{}", report.markdown());
             Ok(())
         }
+        Some("throughput") => {
+            // Just WASIp2 hello (fresh instances) against wasmtime serve and
+            // native hyper.
+            let settings = Settings::from_env(args.iter().any(|a| a == "--smoke"))?;
+            let mut report = Report::new(&settings)?;
+            throughput(&settings, &mut report)?;
+            println!("{}", report.markdown());
+            Ok(())
+        }
         Some("kv") => {
             // Just the key-value scenario: local vs NATS beside hello.
             let settings = Settings::from_env(args.iter().any(|a| a == "--smoke"))?;
@@ -173,7 +182,7 @@ fn main() -> Result<()> {
             run_all(&Settings::from_env(smoke)?, &out)
         }
         _ => bail!(
-            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | history | seal | compute [ROUNDS] | scale N | map [--smoke] | p3 [--smoke] | kv [--smoke] | outbound [--smoke] | native-hello ADDR"
+            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | history | seal | compute [ROUNDS] | scale N | map [--smoke] | throughput [--smoke] | p3 [--smoke] | kv [--smoke] | outbound [--smoke] | native-hello ADDR"
         ),
     }
 }
