@@ -35,16 +35,12 @@ pub struct Drain {
 }
 
 impl Drain {
-    /// `connection`, shut down gracefully (its request in flight finished,
-    /// then closed) once [`Drain::start`] is called.
-    pub fn watch<C: GracefulConnection>(self: &Arc<Self>, connection: C) -> Watched<C> {
+    /// Counts a connection from when it is accepted (a TLS handshake
+    /// included) until its [`Ticket`], or what it watches, is dropped.
+    pub fn ticket(self: &Arc<Self>) -> Ticket {
         self.open.fetch_add(1, Ordering::AcqRel);
-        Watched {
-            connection: Box::pin(connection),
+        Ticket {
             drain: Arc::clone(self),
-            id: self.next_id.fetch_add(1, Ordering::Relaxed),
-            registered: false,
-            shutting_down: false,
         }
     }
 
@@ -75,10 +71,38 @@ impl Drain {
     }
 }
 
+/// An accepted connection, counted until it is dropped.
+pub struct Ticket {
+    drain: Arc<Drain>,
+}
+
+impl Ticket {
+    /// `connection`, shut down gracefully (its request in flight finished,
+    /// then closed) once [`Drain::start`] is called.
+    pub fn watch<C: GracefulConnection>(self, connection: C) -> Watched<C> {
+        Watched {
+            connection: Box::pin(connection),
+            id: self.drain.next_id.fetch_add(1, Ordering::Relaxed),
+            ticket: self,
+            registered: false,
+            shutting_down: false,
+        }
+    }
+}
+
+impl Drop for Ticket {
+    fn drop(&mut self) {
+        if self.drain.open.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.drain.closed.notify_waiters();
+        }
+    }
+}
+
 /// A connection watching the shutdown signal.
 pub struct Watched<C> {
     connection: Pin<Box<C>>,
-    drain: Arc<Drain>,
+    /// Dropped after the connection (declared after it).
+    ticket: Ticket,
     id: u64,
     registered: bool,
     shutting_down: bool,
@@ -89,13 +113,14 @@ impl<C: GracefulConnection> Future for Watched<C> {
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = &mut *self;
+        let drain = &this.ticket.drain;
         if !this.registered {
             // A connection is polled by its own task only: that task's
             // waker stays good for the connection's life.
-            this.drain.lock().insert(this.id, cx.waker().clone());
+            drain.lock().insert(this.id, cx.waker().clone());
             this.registered = true;
         }
-        if !this.shutting_down && this.drain.started.load(Ordering::SeqCst) {
+        if !this.shutting_down && drain.started.load(Ordering::SeqCst) {
             this.shutting_down = true;
             this.connection.as_mut().graceful_shutdown();
         }
@@ -106,10 +131,7 @@ impl<C: GracefulConnection> Future for Watched<C> {
 impl<C> Drop for Watched<C> {
     fn drop(&mut self) {
         if self.registered {
-            self.drain.lock().remove(&self.id);
-        }
-        if self.drain.open.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.drain.closed.notify_waiters();
+            self.ticket.drain.lock().remove(&self.id);
         }
     }
 }

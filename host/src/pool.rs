@@ -24,15 +24,16 @@
 //!   deadline (the instance is dropped with the future that drove it) and a
 //!   panic in the host while the guest ran;
 //! - an instance never outlives the policy or the version it was created
-//!   under: a pool belongs to one `Deployed` and one `Arc<Policy>`; a new
-//!   policy closes the old pool, whose idle instances go at once and whose
-//!   busy ones go when they finish;
+//!   under: a pool belongs to one `Deployed` and one `Arc<Policy>` (its
+//!   `Serving`); a new policy or version gets a new pool, and the old one is
+//!   dropped with the last request that held it: its idle instances go
+//!   with it, and its busy ones when they finish (they hold it weakly);
 //! - the memory limit is the store's, so it holds over an instance's whole
 //!   life, not per request; `max_ops` for key-value is counted per request.
 
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -86,12 +87,8 @@ pub struct Pool {
     slots: Mutex<Slots>,
     /// Signalled when an instance comes back, retires or has room again.
     freed: Notify,
-    /// Set when a newer policy or version replaced this pool.
-    closed: AtomicBool,
     /// Instances created so far (they are named by it in the log).
     created: AtomicUsize,
-    /// Requests run in an instance another request was driving.
-    joined: AtomicU64,
     this: Weak<Pool>,
 }
 
@@ -128,7 +125,23 @@ impl Drop for Instance {
         (self.on_memory_peak)(self.stats.memory_peak.load(Ordering::Relaxed));
         (self.on_instance)(InstanceEvent::Retired);
         if let Some(pool) = self.pool.upgrade() {
-            pool.retired();
+            pool.retired(self.inbox.as_ref());
+        }
+    }
+}
+
+/// A place in the pool taken for an instance being created: given back if
+/// the creation fails or its request goes away first.
+struct Reserved<'a> {
+    pool: &'a Pool,
+    inbox: Option<Arc<Inbox>>,
+    kept: bool,
+}
+
+impl Drop for Reserved<'_> {
+    fn drop(&mut self) {
+        if !self.kept {
+            self.pool.retired(self.inbox.as_ref());
         }
     }
 }
@@ -192,28 +205,9 @@ impl Pool {
             per_instance,
             slots: Mutex::new(Slots::default()),
             freed: Notify::new(),
-            closed: AtomicBool::new(false),
             created: AtomicUsize::new(0),
-            joined: AtomicU64::new(0),
             this: this.clone(),
         })
-    }
-
-    /// Stops reusing: the idle instances go now, the busy ones when done.
-    pub fn close(&self) {
-        self.closed.store(true, Ordering::Release);
-        let idle = std::mem::take(&mut self.lock().idle);
-        drop(idle);
-    }
-
-    /// Instances alive now, idle or busy.
-    pub fn live(&self) -> usize {
-        self.lock().live
-    }
-
-    /// Requests so far that ran in an instance another request drove.
-    pub fn joined(&self) -> u64 {
-        self.joined.load(Ordering::Relaxed)
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Slots> {
@@ -236,19 +230,22 @@ impl Pool {
         let instance = match taken {
             Taken::Idle(instance) => instance,
             Taken::Create(inbox) => {
+                let mut reserved = Reserved {
+                    pool: self,
+                    inbox,
+                    kept: false,
+                };
                 let instantiated = Instant::now();
-                match self.instantiate(inbox).await {
+                match self.instantiate(reserved.inbox.clone()).await {
                     Ok(instance) => {
+                        reserved.kept = true;
                         let nanos = instantiated.elapsed().as_nanos();
                         stats
                             .instantiate_ns
                             .store(u64::try_from(nanos).unwrap_or(u64::MAX), Ordering::Relaxed);
                         instance
                     }
-                    Err(error) => {
-                        self.retired();
-                        return (None, Run::Finished(Ok(Ran::Failed(error))));
-                    }
+                    Err(error) => return (None, Run::Finished(Ok(Ran::Failed(error)))),
                 }
             }
             Taken::Join(inbox) => {
@@ -395,12 +392,8 @@ impl Pool {
             };
             match (&ran, pool.upgrade()) {
                 (Ran::Done, Some(pool)) => pool.give_back(instance),
-                _ => {
-                    if let (Some(pool), Some(inbox)) = (pool.upgrade(), &inbox) {
-                        pool.unshare(inbox);
-                    }
-                    drop(instance)
-                }
+                // Retired: its drop frees its place in the pool.
+                _ => drop(instance),
             }
             ran
         };
@@ -424,7 +417,6 @@ impl Pool {
             self.unshare(&inbox);
             return Box::pin(self.invoke(job.request, stats)).await;
         }
-        self.joined.fetch_add(1, Ordering::Relaxed);
         let left = deadline.saturating_sub(started.elapsed());
         match tokio::time::timeout(left, receiver).await {
             Ok(Ok(head)) => (Some(head), Run::Finished(Ok(Ran::Done))),
@@ -440,10 +432,9 @@ impl Pool {
     }
 
     /// An instance whose request went well: back on the stack, unless it
-    /// has served its `reuse` or the pool was closed.
+    /// has served its `reuse`.
     fn give_back(&self, mut instance: Instance) {
-        let keep =
-            instance.served < self.policy.reuse as usize && !self.closed.load(Ordering::Acquire);
+        let keep = instance.served < self.policy.reuse as usize;
         let mut slots = self.lock();
         if let Some(inbox) = &instance.inbox {
             slots.shared.retain(|shared| !Arc::ptr_eq(shared, inbox));
@@ -470,9 +461,18 @@ impl Pool {
             .retain(|shared| !Arc::ptr_eq(shared, inbox));
     }
 
-    /// An instance went (or was never made).
-    fn retired(&self) {
-        self.lock().live -= 1;
+    /// An instance went (or was never made): its place is free, and
+    /// requests waiting to join it are told it failed.
+    fn retired(&self, inbox: Option<&Arc<Inbox>>) {
+        if let Some(inbox) = inbox {
+            inbox.shut();
+        }
+        let mut slots = self.lock();
+        slots.live = slots.live.saturating_sub(1);
+        if let Some(inbox) = inbox {
+            slots.shared.retain(|shared| !Arc::ptr_eq(shared, inbox));
+        }
+        drop(slots);
         self.freed.notify_one();
     }
 }

@@ -355,7 +355,7 @@ impl Server {
             Some(_) => tracing::info!("{LISTENING_TLS_PREFIX}{}", self.local_addr),
             None => tracing::info!("{LISTENING_PREFIX}{}", self.local_addr),
         }
-        let drain = Arc::new(Drain::default());
+        let connections = Arc::new(Drain::default());
         tokio::pin!(shutdown);
         let mut drained: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
         loop {
@@ -394,13 +394,14 @@ impl Server {
                 let state = Arc::clone(&state);
                 async move { Ok::<_, std::convert::Infallible>(api::handle(state, req).await) }
             });
-            let drain = Arc::clone(&drain);
+            // Counted from here: a shutdown waits for its TLS handshake too.
+            let ticket = connections.ticket();
             let head_timeout = self.header_read_timeout;
             let acceptor = self.tls.as_ref().map(|(tls, _)| tls.acceptor());
             tokio::spawn(async move {
                 let served = match acceptor {
                     None => {
-                        drain
+                        ticket
                             .watch(http1_connection(stream, service, head_timeout))
                             .await
                     }
@@ -413,10 +414,10 @@ impl Server {
                                     .timer(TokioTimer::new())
                                     .max_header_list_size(api::MAX_HEAD_BYTES as u32)
                                     .serve_connection(TokioIo::new(tls), service);
-                                drain.watch(connection).await
+                                ticket.watch(connection).await
                             }
                             Ok(Ok(tls)) => {
-                                drain
+                                ticket
                                     .watch(http1_connection(tls, service, head_timeout))
                                     .await
                             }
@@ -442,8 +443,8 @@ impl Server {
             cluster.shutdown();
         }
         tracing::info!("shutting down: waiting for in-flight requests");
-        drain.start();
-        match tokio::time::timeout(self.shutdown_grace, drain.finished()).await {
+        connections.start();
+        match tokio::time::timeout(self.shutdown_grace, connections.finished()).await {
             Ok(()) => tracing::info!("all connections closed"),
             Err(_) => tracing::warn!(
                 "requests still running after {:?}; stopping anyway",
