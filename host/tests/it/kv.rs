@@ -510,7 +510,7 @@ async fn a_python_component_keeps_count() {
     write_policy(dir.path(), "pycount", GRANT_DEFAULT);
     let host = TestHost::start(test_config(dir.path())).await;
     let deployed = host
-        .deploy("pycount", common::python_component("counter"))
+        .deploy_large("pycount", common::python_component("counter"))
         .await;
     assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
     assert_eq!(deployed.json()["abi"], "p3");

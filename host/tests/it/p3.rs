@@ -166,7 +166,9 @@ async fn a_p3_function_is_counted_logged_and_mapped() {
 async fn a_python_p3_component_runs_unmodified() {
     let dir = tempfile::tempdir().unwrap();
     let host = host_with(dir.path(), &[]).await;
-    let deployed = host.deploy("py", common::python_component("echo")).await;
+    let deployed = host
+        .deploy_large("py", common::python_component("echo"))
+        .await;
     assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
     assert_eq!(deployed.json()["abi"], "p3");
     let reply = send(

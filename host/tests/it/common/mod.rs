@@ -156,6 +156,19 @@ impl TestHost {
             .await
     }
 
+    /// [`TestHost::deploy`] of a component with a language runtime in it
+    /// (tens of MB), whose compilation in the test build may take longer
+    /// than [`PATIENCE`] on a loaded machine.
+    pub async fn deploy_large(&self, name: &str, bytes: Vec<u8>) -> Reply {
+        let request = Request::builder()
+            .method(Method::PUT)
+            .uri(format!("{}/v1/functions/{name}", self.url))
+            .header("authorization", format!("Bearer {}", self.token))
+            .body(Full::new(Bytes::from(bytes)))
+            .expect("request");
+        send_request_within(COMPILE_PATIENCE, request).await
+    }
+
     pub async fn admin(&self, method: Method, path: &str, body: Vec<u8>) -> Reply {
         send(
             method,
@@ -346,6 +359,10 @@ pub fn metric_value(text: &str, name: &str) -> f64 {
 /// loaded the machine: a bound only a broken host reaches, never one that a
 /// test's result depends on.
 pub const PATIENCE: Duration = Duration::from_secs(60);
+
+/// How long compiling a large component may take in the test build on a
+/// loaded machine: a bound only a broken host reaches.
+pub const COMPILE_PATIENCE: Duration = Duration::from_secs(600);
 
 /// Polls `check` until it holds, failing after [`PATIENCE`].
 pub async fn eventually<F, Fut>(what: &str, mut check: F)
