@@ -138,7 +138,7 @@ impl FunctionMetrics {
         })
     }
 
-    /// Records one invocation, as [`Metrics::record_invocation`] does.
+    /// Records one finished invocation.
     pub fn record_invocation(
         &self,
         outcome: Outcome,
@@ -465,7 +465,8 @@ impl Metrics {
         })
     }
 
-    /// Records one finished invocation of a deployed function.
+    /// Records one finished invocation of a deployed function, looking its
+    /// series up (the invocation path holds them in `Serving` instead).
     pub fn record_invocation(
         &self,
         function: &str,
@@ -474,18 +475,8 @@ impl Metrics {
         instantiate: Option<Duration>,
         memory_peak: usize,
     ) {
-        self.invocations
-            .with_label_values(&[function, outcome.as_str()])
-            .inc();
-        self.invocation_duration
-            .with_label_values(&[function])
-            .observe(duration.as_secs_f64());
-        if let Some(instantiate) = instantiate {
-            self.instantiate_duration
-                .with_label_values(&[function])
-                .observe(instantiate.as_secs_f64());
-        }
-        self.record_memory_peak(function, memory_peak);
+        self.function(function)
+            .record_invocation(outcome, duration, instantiate, memory_peak);
     }
 
     /// `function`'s series, to record into without a lookup per request.
@@ -501,17 +492,6 @@ impl Metrics {
             outbound_denied: OnceLock::new(),
             handoffs: Default::default(),
             instances: Default::default(),
-        }
-    }
-
-    /// Raises the function's memory high-water mark to `peak` if above.
-    pub fn record_memory_peak(&self, function: &str, peak: usize) {
-        if peak > 0 {
-            let gauge = self.memory_peak.with_label_values(&[function]);
-            let peak = i64::try_from(peak).unwrap_or(i64::MAX);
-            if peak > gauge.get() {
-                gauge.set(peak);
-            }
         }
     }
 
