@@ -852,15 +852,14 @@ async fn a_policy_file_edited_on_one_host_reaches_the_others() {
     .await;
     let policy = "[limits]\nconcurrency = 5\n";
     std::fs::write(b.dir.join("policies/hello.toml"), policy).unwrap();
-    eventually("a has the policy written on b's disk", || async {
-        std::fs::read_to_string(a.dir.join("policies/hello.toml")).is_ok_and(|t| t == policy)
+    // a writes the file, then puts it in force: both, in a while.
+    eventually("a has the policy written on b's disk, in force", || async {
+        let path = "/v1/functions/hello/policy";
+        let in_force = a.admin(Method::GET, path, Vec::new()).await.json();
+        in_force["in_force"]["limits"]["concurrency"] == 5
+            && std::fs::read_to_string(a.dir.join("policies/hello.toml")).is_ok_and(|t| t == policy)
     })
     .await;
-    let in_force = a
-        .admin(Method::GET, "/v1/functions/hello/policy", Vec::new())
-        .await
-        .json();
-    assert_eq!(in_force["in_force"]["limits"]["concurrency"], 5);
 
     // The file removed on b: a falls back to the defaults too (its file
     // says nothing), as b, without a file, does.
