@@ -289,3 +289,31 @@ async fn sixty_four_requests_at_once_share_a_pool_capped_at_four() {
         host.stop().await;
     }
 }
+
+/// An instance that cannot be created gives its place in the pool back:
+/// with a cap of one and a memory limit below what the guest starts with,
+/// every request fails at once with the reason, none waits for a place a
+/// failed instance still holds (that would be a 504 after the deadline).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_that_cannot_be_created_gives_its_place_back() {
+    for fixture in ["probe", "probe-p3"] {
+        let dir = tempfile::tempdir().unwrap();
+        write_policy(
+            dir.path(),
+            "probe",
+            "[limits]\nmemory = \"64KiB\"\ntimeout = \"120s\"\n[instances]\nreuse = 8\nmax = 1\n",
+        );
+        let host = host_with(dir.path(), &[("probe", fixture)]).await;
+        for _ in 0..3 {
+            let reply = host.get("/fn/probe/count").await;
+            assert_eq!(
+                reply.status,
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "{fixture}: {}",
+                reply.text()
+            );
+            assert!(reply.text().contains("memory"), "{fixture}: {}", reply.text());
+        }
+        host.stop().await;
+    }
+}
