@@ -312,7 +312,11 @@ async fn an_instance_that_cannot_be_created_gives_its_place_back() {
                 "{fixture}: {}",
                 reply.text()
             );
-            assert!(reply.text().contains("memory"), "{fixture}: {}", reply.text());
+            assert!(
+                reply.text().contains("memory"),
+                "{fixture}: {}",
+                reply.text()
+            );
         }
         host.stop().await;
     }
