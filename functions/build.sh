@@ -27,7 +27,7 @@ fi
 
 # WASIp3 guests: the SDK with its `p3` feature. Built apart from the p2 ones,
 # since cargo unifies a dependency's features across one build.
-p3_guests=(hello-p3 echo-p3 probe-p3 trap-p3 slow-p3 cancel-p3 kv-draft-p3)
+p3_guests=(hello-p3 hello-p3-raw echo-p3 probe-p3 trap-p3 slow-p3 cancel-p3 kv-draft-p3)
 p2_excludes=()
 p3_packages=()
 for guest in "${p3_guests[@]}"; do
