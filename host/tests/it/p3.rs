@@ -41,6 +41,31 @@ async fn a_p3_component_deploys_answers_and_says_its_abi() {
     host.stop().await;
 }
 
+/// The benchmark's `hello-p3-raw` stands in for hello-p3 (bench/NOTES.md):
+/// it must answer the same, with a request body it never reads too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_raw_hello_answers_as_the_sdks_hello_does() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = host_with(dir.path(), &[("sdk", "hello-p3"), ("raw", "hello-p3-raw")]).await;
+    for (method, body) in [(Method::GET, ""), (Method::POST, "unread")] {
+        let [sdk, raw] = ["sdk", "raw"].map(|name| {
+            let url = format!("{}/fn/{name}/any?x=1", host.url);
+            let method = method.clone();
+            async move { send(method, &url, &[], body.as_bytes().to_vec()).await }
+        });
+        let (sdk, raw) = (sdk.await, raw.await);
+        assert_eq!(sdk.status, StatusCode::OK, "{}", sdk.text());
+        assert_eq!(raw.status, sdk.status, "{}", raw.text());
+        assert_eq!(
+            raw.headers.get("content-type"),
+            sdk.headers.get("content-type")
+        );
+        assert_eq!(raw.text(), sdk.text());
+        assert_eq!(raw.text(), "Hello from Lichen!\n");
+    }
+    host.stop().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_p3_component_sees_the_request_as_a_p2_one_does() {
     let dir = tempfile::tempdir().unwrap();

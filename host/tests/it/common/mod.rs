@@ -29,6 +29,7 @@ pub const FUNCTIONS: &[&str] = &[
     "raw-wasi",
     "probe",
     "hello-p3",
+    "hello-p3-raw",
     "echo-p3",
     "probe-p3",
     "trap-p3",
