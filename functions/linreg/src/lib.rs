@@ -64,20 +64,14 @@ fn shard_id(id: &str) -> Result<&str> {
 /// A JSON array of finite numbers, or a 400 naming what it is.
 fn numbers(value: &Value, what: &str) -> Result<Vec<f64>> {
     let Value::Array(items) = value else {
-        return Err(Error::new(
-            400,
-            format!("{what} is not an array of numbers: {value}"),
-        ));
+        return Err(Error::new(400, format!("{what} is not an array of numbers: {value}")));
     };
     items
         .iter()
         .enumerate()
         .map(|(i, item)| match item.as_f64() {
             Some(x) if x.is_finite() => Ok(x),
-            _ => Err(Error::new(
-                400,
-                format!("{what}[{i}] is not a number: {item}"),
-            )),
+            _ => Err(Error::new(400, format!("{what}[{i}] is not a number: {item}"))),
         })
         .collect()
 }
@@ -95,10 +89,7 @@ fn load(req: &Request) -> Result<Response> {
     }
     let columns = rows[0].len();
     if columns < 2 {
-        return Err(Error::new(
-            400,
-            "a row is at least one feature and the target",
-        ));
+        return Err(Error::new(400, "a row is at least one feature and the target"));
     }
     if let Some(i) = rows.iter().position(|r| r.len() != columns) {
         return Err(Error::new(
@@ -106,10 +97,7 @@ fn load(req: &Request) -> Result<Response> {
             format!("row {i} has {} values; row 0 has {columns}", rows[i].len()),
         ));
     }
-    let shard = Shard {
-        features: columns - 1,
-        rows,
-    };
+    let shard = Shard { features: columns - 1, rows };
     Store::open(STORE)?.set_json(id, &shard)?;
     Response::json(&json!({ "shard": id, "rows": shard.rows.len(), "features": shard.features }))
 }
@@ -139,12 +127,9 @@ fn grad(req: &Request) -> Result<Response> {
     let grad: Grad = req.json()?;
     let id = shard_id(&grad.shard)?;
     let theta = numbers(&Value::Array(grad.theta), "theta")?;
-    let shard: Shard = Store::open(STORE)?.get_json(id)?.ok_or_else(|| {
-        Error::new(
-            400,
-            format!("no shard {id:?} is loaded; POST /load it first"),
-        )
-    })?;
+    let shard: Shard = Store::open(STORE)?
+        .get_json(id)?
+        .ok_or_else(|| Error::new(400, format!("no shard {id:?} is loaded; POST /load it first")))?;
     if theta.len() != shard.features + 1 {
         return Err(Error::new(
             400,
@@ -179,11 +164,7 @@ mod tests {
     use super::*;
 
     fn post(path: &str, body: Value) -> Result<Value> {
-        let request = Request::builder()
-            .method("POST")
-            .uri(path)
-            .body(body.to_string())
-            .build();
+        let request = Request::builder().method("POST").uri(path).body(body.to_string()).build();
         let response = handle(request)?;
         Ok(serde_json::from_slice(response.body()).expect("JSON"))
     }
@@ -195,11 +176,8 @@ mod tests {
     #[test]
     fn the_gradient_of_a_known_shard() {
         // y = 1 + 2x exactly: zero loss and gradient at the truth.
-        post(
-            "/load",
-            json!({ "shard": "a", "rows": [[0.0, 1.0], [1.0, 3.0], [2.0, 5.0]] }),
-        )
-        .expect("load");
+        post("/load", json!({ "shard": "a", "rows": [[0.0, 1.0], [1.0, 3.0], [2.0, 5.0]] }))
+            .expect("load");
         let at_truth = post("/grad", json!({ "shard": "a", "theta": [1.0, 2.0] })).expect("grad");
         assert_eq!(at_truth["loss"], 0.0);
         assert_eq!(at_truth["grad"], json!([0.0, 0.0]));

@@ -25,10 +25,7 @@ fn handle(req: Request) -> Result<Response> {
             store.delete(key)?;
             Response::json(&json!({ "key": key, "deleted": true }))
         }
-        (method, _) => Err(Error::new(
-            405,
-            format!("{method} is not one of GET, PUT, DELETE"),
-        )),
+        (method, _) => Err(Error::new(405, format!("{method} is not one of GET, PUT, DELETE"))),
     }
 }
 
@@ -39,31 +36,16 @@ mod tests {
     use super::*;
 
     fn call(method: &str, uri: &str, body: &str) -> Result<Response> {
-        handle(
-            Request::builder()
-                .method(method)
-                .uri(uri)
-                .body(body)
-                .build(),
-        )
+        handle(Request::builder().method(method).uri(uri).body(body).build())
     }
 
     #[test]
     fn put_get_list_delete() {
         call("PUT", "/a", r#"{"text":"hi"}"#).expect("put");
-        assert_eq!(
-            call("GET", "/a", "").expect("get").body(),
-            br#"{"text":"hi"}"#
-        );
-        assert_eq!(
-            call("GET", "/", "").expect("list").body(),
-            br#"{"keys":["a"]}"#
-        );
+        assert_eq!(call("GET", "/a", "").expect("get").body(), br#"{"text":"hi"}"#);
+        assert_eq!(call("GET", "/", "").expect("list").body(), br#"{"keys":["a"]}"#);
         call("DELETE", "/a", "").expect("delete");
         assert_eq!(call("GET", "/a", "").err().map(|e| e.status()), Some(404));
-        assert_eq!(
-            call("PUT", "/b", "not json").err().map(|e| e.status()),
-            Some(400)
-        );
+        assert_eq!(call("PUT", "/b", "not json").err().map(|e| e.status()), Some(400));
     }
 }

@@ -5,12 +5,10 @@ use serde_json::Value;
 fn square(value: &Value) -> Result<Value> {
     match value {
         Value::Number(n) if n.is_i64() || n.is_u64() => {
-            let n = n
-                .as_i64()
-                .ok_or_else(|| Error::new(400, "number out of range"))?;
-            let squared = n.checked_mul(n).ok_or_else(|| {
-                Error::new(400, format!("{n} squared overflows a 64-bit integer"))
-            })?;
+            let n = n.as_i64().ok_or_else(|| Error::new(400, "number out of range"))?;
+            let squared = n
+                .checked_mul(n)
+                .ok_or_else(|| Error::new(400, format!("{n} squared overflows a 64-bit integer")))?;
             Ok(Value::from(squared))
         }
         Value::Number(n) => {
