@@ -104,6 +104,13 @@ struct Slots {
     sweeping: bool,
 }
 
+impl Slots {
+    /// A busy instance no longer takes other requests.
+    fn unshare(&mut self, inbox: &Arc<Inbox>) {
+        self.shared.retain(|shared| !Arc::ptr_eq(shared, inbox));
+    }
+}
+
 /// One store and instance, with what its life has been.
 struct Instance {
     store: Store<HostState>,
@@ -414,7 +421,7 @@ impl Pool {
         if let Err(job) = inbox.push(Job { request, head }, started + deadline) {
             // The driver stopped taking requests just now: try again.
             inbox.load.fetch_sub(1, Ordering::AcqRel);
-            self.unshare(&inbox);
+            self.lock().unshare(&inbox);
             return Box::pin(self.invoke(job.request, stats)).await;
         }
         let left = deadline.saturating_sub(started.elapsed());
@@ -437,7 +444,7 @@ impl Pool {
         let keep = instance.served < self.policy.reuse as usize;
         let mut slots = self.lock();
         if let Some(inbox) = &instance.inbox {
-            slots.shared.retain(|shared| !Arc::ptr_eq(shared, inbox));
+            slots.unshare(inbox);
         }
         if !keep {
             drop(slots);
@@ -454,13 +461,6 @@ impl Pool {
         }
     }
 
-    /// A busy instance no longer takes other requests.
-    fn unshare(&self, inbox: &Arc<Inbox>) {
-        self.lock()
-            .shared
-            .retain(|shared| !Arc::ptr_eq(shared, inbox));
-    }
-
     /// An instance went (or was never made): its place is free, and
     /// requests waiting to join it are told it failed.
     fn retired(&self, inbox: Option<&Arc<Inbox>>) {
@@ -470,7 +470,7 @@ impl Pool {
         let mut slots = self.lock();
         slots.live = slots.live.saturating_sub(1);
         if let Some(inbox) = inbox {
-            slots.shared.retain(|shared| !Arc::ptr_eq(shared, inbox));
+            slots.unshare(inbox);
         }
         drop(slots);
         self.freed.notify_one();
