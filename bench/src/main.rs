@@ -46,6 +46,7 @@ use servers::{Scratch, Server};
 
 fn main() -> Result<()> {
     let args: Vec<String> = std::env::args().skip(1).collect();
+    let smoke = args.iter().any(|a| a == "--smoke");
     match args.first().map(String::as_str) {
         Some("native-hello") => {
             let addr = args.get(1).map_or("127.0.0.1:0", String::as_str);
@@ -82,7 +83,7 @@ fn main() -> Result<()> {
         }
         Some("history") => {
             // Just the status page history's costs, beside instantiate + call.
-            let settings = Settings::from_env(args.iter().any(|a| a == "--smoke"))?;
+            let settings = Settings::from_env(smoke)?;
             let call = call_p50(&settings)?;
             let history = history::measure(200);
             let mut report = Report::new(&settings)?;
@@ -92,7 +93,7 @@ fn main() -> Result<()> {
         }
         Some("seal") => {
             // Just the cluster plane's sealing and signing, beside instantiate + call.
-            let settings = Settings::from_env(args.iter().any(|a| a == "--smoke"))?;
+            let settings = Settings::from_env(smoke)?;
             let call = call_p50(&settings)?;
             let rows = seal::measure(if settings.smoke { 5 } else { 100 })?;
             let mut report = Report::new(&settings)?;
@@ -126,54 +127,29 @@ fn main() -> Result<()> {
             let mut settings = Settings::from_env(false)?;
             settings.functions = args.get(1).map_or(Ok(1000), |n| n.parse())?;
             settings.rounds = 1;
-            let mut report = Report::new(&settings)?;
-            scale(&settings, &mut report)?;
-            println!("{}", report.markdown());
-            Ok(())
+            alone(&settings, scale)
         }
         Some("map") => {
             // Just the map scenario: 1 host vs 3.
-            let mut settings = Settings::from_env(args.iter().any(|a| a == "--smoke"))?;
+            let mut settings = Settings::from_env(smoke)?;
             settings.rounds = settings.rounds.min(2);
-            let mut report = Report::new(&settings)?;
-            map(&settings, &mut report)?;
-            println!("{}", report.markdown());
-            Ok(())
+            alone(&settings, map)
         }
         Some("p3") => {
             // Just WASIp3 hello against wasmtime serve and native hyper.
-            let settings = Settings::from_env(args.iter().any(|a| a == "--smoke"))?;
-            let mut report = Report::new(&settings)?;
-            p3_throughput(&settings, &mut report)?;
-            println!("{}", report.markdown());
-            Ok(())
+            alone(&Settings::from_env(smoke)?, p3_throughput)
         }
         Some("throughput") => {
             // Just WASIp2 hello (fresh instances) against wasmtime serve and
             // native hyper.
-            let settings = Settings::from_env(args.iter().any(|a| a == "--smoke"))?;
-            let mut report = Report::new(&settings)?;
-            throughput(&settings, &mut report)?;
-            println!("{}", report.markdown());
-            Ok(())
+            alone(&Settings::from_env(smoke)?, throughput)
         }
         Some("kv") => {
             // Just the key-value scenario: local vs NATS beside hello.
-            let settings = Settings::from_env(args.iter().any(|a| a == "--smoke"))?;
-            let mut report = Report::new(&settings)?;
-            kv(&settings, &mut report)?;
-            println!("{}", report.markdown());
-            Ok(())
+            alone(&Settings::from_env(smoke)?, kv)
         }
-        Some("outbound") => {
-            let settings = Settings::from_env(args.iter().any(|a| a == "--smoke"))?;
-            let mut report = Report::new(&settings)?;
-            outbound(&settings, &mut report)?;
-            println!("{}", report.markdown());
-            Ok(())
-        }
+        Some("outbound") => alone(&Settings::from_env(smoke)?, outbound),
         Some("all") => {
-            let smoke = args.iter().any(|a| a == "--smoke");
             let out = args
                 .iter()
                 .position(|a| a == "--out")
@@ -185,6 +161,14 @@ fn main() -> Result<()> {
             "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | history | seal | compute [ROUNDS] | scale N | map [--smoke] | throughput [--smoke] | p3 [--smoke] | kv [--smoke] | outbound [--smoke] | native-hello ADDR"
         ),
     }
+}
+
+/// One scenario alone, its report printed.
+fn alone(settings: &Settings, scenario: fn(&Settings, &mut Report) -> Result<()>) -> Result<()> {
+    let mut report = Report::new(settings)?;
+    scenario(settings, &mut report)?;
+    println!("{}", report.markdown());
+    Ok(())
 }
 
 /// hello's instantiate + call p50 in process over 20,000 calls: the
