@@ -48,12 +48,9 @@ async fn the_raw_hello_answers_as_the_sdks_hello_does() {
     let dir = tempfile::tempdir().unwrap();
     let host = host_with(dir.path(), &[("sdk", "hello-p3"), ("raw", "hello-p3-raw")]).await;
     for (method, body) in [(Method::GET, ""), (Method::POST, "unread")] {
-        let [sdk, raw] = ["sdk", "raw"].map(|name| {
-            let url = format!("{}/fn/{name}/any?x=1", host.url);
-            let method = method.clone();
-            async move { send(method, &url, &[], body.as_bytes().to_vec()).await }
-        });
-        let (sdk, raw) = (sdk.await, raw.await);
+        let url = |name: &str| format!("{}/fn/{name}/any?x=1", host.url);
+        let sdk = send(method.clone(), &url("sdk"), &[], body.into()).await;
+        let raw = send(method, &url("raw"), &[], body.into()).await;
         assert_eq!(sdk.status, StatusCode::OK, "{}", sdk.text());
         assert_eq!(raw.status, sdk.status, "{}", raw.text());
         assert_eq!(

@@ -161,17 +161,25 @@ impl TestHost {
     /// (tens of MB), whose compilation in the test build may take longer
     /// than [`PATIENCE`] on a loaded machine.
     pub async fn deploy_large(&self, name: &str, bytes: Vec<u8>) -> Reply {
-        let request = Request::builder()
-            .method(Method::PUT)
-            .uri(format!("{}/v1/functions/{name}", self.url))
-            .header("authorization", format!("Bearer {}", self.token))
-            .body(Full::new(Bytes::from(bytes)))
-            .expect("request");
-        send_request_within(COMPILE_PATIENCE, request).await
+        let path = format!("/v1/functions/{name}");
+        self.admin_within(COMPILE_PATIENCE, Method::PUT, &path, bytes)
+            .await
     }
 
     pub async fn admin(&self, method: Method, path: &str, body: Vec<u8>) -> Reply {
-        send(
+        self.admin_within(PATIENCE, method, path, body).await
+    }
+
+    /// [`TestHost::admin`], answered within `limit`.
+    async fn admin_within(
+        &self,
+        limit: Duration,
+        method: Method,
+        path: &str,
+        body: Vec<u8>,
+    ) -> Reply {
+        send_within(
+            limit,
             method,
             &format!("{}{path}", self.url),
             &[("authorization", &format!("Bearer {}", self.token))],
@@ -259,12 +267,23 @@ fn client() -> Client<HttpConnector, Full<Bytes>> {
 }
 
 pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
+    send_within(PATIENCE, method, url, headers, body).await
+}
+
+/// [`send`], answered within `limit`.
+pub async fn send_within(
+    limit: Duration,
+    method: Method,
+    url: &str,
+    headers: &[(&str, &str)],
+    body: Vec<u8>,
+) -> Reply {
     let mut request = Request::builder().method(method).uri(url);
     for (name, value) in headers {
         request = request.header(*name, *value);
     }
     let request = request.body(Full::new(Bytes::from(body))).expect("request");
-    send_request(request).await
+    send_request_within(limit, request).await
 }
 
 pub async fn send_request(request: Request<Full<Bytes>>) -> Reply {
