@@ -28,12 +28,16 @@
 //! response (`500` unless made with [`Error::new`] and another status), and a
 //! panic traps the instance, which the host answers with `500`.
 //!
-//! The handler reads the whole request body before it runs and the response
-//! is written in one piece: functions are small request/response programs, and
-//! buffering keeps the handler a plain function. Streaming needs the raw
-//! `wasi::http` bindings, which are re-exported as [`wasi`].
+//! The request's headers and body are read from the host when the handler
+//! first asks for them, whole (a handler that never looks at them costs
+//! nothing for them), and the response is written in one piece: functions are
+//! small request/response programs, and buffering keeps the handler a plain
+//! function. Streaming needs the raw `wasi::http` bindings, which are
+//! re-exported as [`wasi`].
 
+use std::cell::OnceCell;
 use std::fmt;
+use std::rc::Rc;
 
 use serde::Serialize;
 use serde::de::DeserializeOwned;
@@ -48,23 +52,82 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// An HTTP request as the function sees it: the path is relative to where the
 /// function is mounted (`/fn/hello/a?x=1` arrives as `/a?x=1`).
+///
+/// Headers and body are fetched from the host on first use and kept; a clone
+/// shares what its original fetched.
 #[derive(Debug, Clone, Default)]
 pub struct Request {
     method: String,
     uri: String,
-    headers: Vec<(String, Vec<u8>)>,
-    body: Vec<u8>,
+    rest: Rc<Rest>,
+}
+
+/// A request's headers and body: given when built by hand, fetched from the
+/// host on first use when the request came in.
+#[derive(Default)]
+struct Rest {
+    headers: OnceCell<Vec<(String, Vec<u8>)>>,
+    body: OnceCell<Result<Vec<u8>>>,
+    /// Where they come from; `None` for a request built by hand.
+    wire: Option<__private::Wire>,
+}
+
+impl Rest {
+    fn headers(&self) -> &[(String, Vec<u8>)] {
+        self.headers.get_or_init(|| {
+            self.wire
+                .as_ref()
+                .map(__private::Wire::headers)
+                .unwrap_or_default()
+        })
+    }
+
+    fn body(&self) -> &Result<Vec<u8>> {
+        self.body.get_or_init(|| match &self.wire {
+            Some(wire) => wire.body(),
+            None => Ok(Vec::new()),
+        })
+    }
+
+    /// Why the body could not be read, if the handler asked for it and it
+    /// could not.
+    fn failure(&self) -> Option<&Error> {
+        self.body.get().and_then(|body| body.as_ref().err())
+    }
+}
+
+impl fmt::Debug for Rest {
+    /// What has been fetched so far; printing never reads from the host.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Rest")
+            .field("headers", &self.headers.get())
+            .field("body", &self.body.get())
+            .finish_non_exhaustive()
+    }
 }
 
 impl Request {
     /// Starts a request by hand, for unit tests of a handler.
     pub fn builder() -> RequestBuilder {
         RequestBuilder {
-            req: Request {
-                method: "GET".to_string(),
-                uri: "/".to_string(),
-                ..Request::default()
-            },
+            method: "GET".to_string(),
+            uri: "/".to_string(),
+            headers: Vec::new(),
+            body: Vec::new(),
+        }
+    }
+
+    /// A request that came in: headers and body stay with the host until
+    /// the handler asks.
+    fn incoming(method: String, uri: String, wire: __private::Wire) -> Self {
+        let rest = Rest {
+            wire: Some(wire),
+            ..Rest::default()
+        };
+        Request {
+            method,
+            uri,
+            rest: Rc::new(rest),
         }
     }
 
@@ -102,7 +165,8 @@ impl Request {
     /// The first value of a header (names compare case-insensitively), if it
     /// is valid UTF-8.
     pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers
+        self.rest
+            .headers()
             .iter()
             .find(|(key, _)| key.eq_ignore_ascii_case(name))
             .and_then(|(_, value)| std::str::from_utf8(value).ok())
@@ -110,25 +174,37 @@ impl Request {
 
     /// All headers in the order they arrived; a name may repeat.
     pub fn headers(&self) -> impl Iterator<Item = (&str, &[u8])> {
-        self.headers
+        self.rest
+            .headers()
             .iter()
             .map(|(key, value)| (key.as_str(), value.as_slice()))
     }
 
-    /// The body bytes.
+    /// The body bytes, read whole on the first call.
+    ///
+    /// If reading fails (the client stopped sending), this is empty and the
+    /// handler's response is replaced by a `400` naming the failure; [`text`]
+    /// and [`json`] return that error instead. With the feature `p3` the first
+    /// call waits for the body without letting other requests the instance
+    /// serves run meanwhile.
+    ///
+    /// [`text`]: Request::text
+    /// [`json`]: Request::json
     pub fn body(&self) -> &[u8] {
-        &self.body
+        self.rest.body().as_deref().unwrap_or_default()
     }
 
     /// The body as UTF-8 text; `400` if it is not.
     pub fn text(&self) -> Result<&str> {
-        std::str::from_utf8(&self.body)
+        let body = self.rest.body().as_deref().map_err(Error::clone)?;
+        std::str::from_utf8(body)
             .map_err(|e| Error::new(400, format!("request body is not UTF-8: {e}")))
     }
 
     /// The body parsed as JSON; `400` with serde's message if it does not fit `T`.
     pub fn json<T: DeserializeOwned>(&self) -> Result<T> {
-        serde_json::from_slice(&self.body)
+        let body = self.rest.body().as_deref().map_err(Error::clone)?;
+        serde_json::from_slice(body)
             .map_err(|e| Error::new(400, format!("request body is not the JSON expected: {e}")))
     }
 }
@@ -136,32 +212,44 @@ impl Request {
 /// Builds a [`Request`] by hand, for unit tests of a handler.
 #[derive(Debug)]
 pub struct RequestBuilder {
-    req: Request,
+    method: String,
+    uri: String,
+    headers: Vec<(String, Vec<u8>)>,
+    body: Vec<u8>,
 }
 
 impl RequestBuilder {
     pub fn method(mut self, method: &str) -> Self {
-        self.req.method = method.to_ascii_uppercase();
+        self.method = method.to_ascii_uppercase();
         self
     }
 
     pub fn uri(mut self, uri: &str) -> Self {
-        self.req.uri = uri.to_string();
+        self.uri = uri.to_string();
         self
     }
 
     pub fn header(mut self, name: &str, value: impl Into<Vec<u8>>) -> Self {
-        self.req.headers.push((name.to_string(), value.into()));
+        self.headers.push((name.to_string(), value.into()));
         self
     }
 
     pub fn body(mut self, body: impl Into<Vec<u8>>) -> Self {
-        self.req.body = body.into();
+        self.body = body.into();
         self
     }
 
     pub fn build(self) -> Request {
-        self.req
+        let rest = Rest {
+            headers: OnceCell::from(self.headers),
+            body: OnceCell::from(Ok(self.body)),
+            wire: None,
+        };
+        Request {
+            method: self.method,
+            uri: self.uri,
+            rest: Rc::new(rest),
+        }
     }
 }
 
@@ -382,60 +470,23 @@ pub mod p3 {
 
 #[doc(hidden)]
 pub mod __private {
+    #[cfg(not(feature = "p3"))]
+    mod p2;
     #[cfg(feature = "p3")]
     pub mod p3;
 
-    use std::io::{Read, Write};
+    #[cfg(not(feature = "p3"))]
+    pub(crate) use p2::Wire;
+    #[cfg(not(feature = "p3"))]
+    pub use p2::serve;
+    #[cfg(feature = "p3")]
+    pub(crate) use p3::Wire;
 
-    use wasi::http::types::{
-        Fields, IncomingBody, IncomingRequest, Method, OutgoingBody, OutgoingResponse,
-        ResponseOutparam,
-    };
+    use std::io::Read;
 
-    use super::{Error, Request, Response, Result};
+    use wasi::http::types::IncomingBody;
 
-    /// Runs one invocation: reads the request, calls the handler, writes the
-    /// response. Failures of the plumbing itself are answered with a 500 too,
-    /// so the caller always gets a response it can read.
-    pub fn serve(
-        request: IncomingRequest,
-        response_out: ResponseOutparam,
-        handler: impl FnOnce(Request) -> Result<Response>,
-    ) {
-        let response = match read_request(&request) {
-            Ok(req) => handler(req).unwrap_or_else(Error::into_response),
-            Err(error) => error.into_response(),
-        };
-        drop(request);
-        write_response(response, response_out);
-    }
-
-    fn read_request(request: &IncomingRequest) -> Result<Request> {
-        let method = match request.method() {
-            Method::Get => "GET".to_string(),
-            Method::Head => "HEAD".to_string(),
-            Method::Post => "POST".to_string(),
-            Method::Put => "PUT".to_string(),
-            Method::Delete => "DELETE".to_string(),
-            Method::Connect => "CONNECT".to_string(),
-            Method::Options => "OPTIONS".to_string(),
-            Method::Trace => "TRACE".to_string(),
-            Method::Patch => "PATCH".to_string(),
-            Method::Other(other) => other,
-        };
-        let uri = request.path_with_query().unwrap_or_else(|| "/".to_string());
-        let headers = request.headers().entries();
-        let incoming = request
-            .consume()
-            .map_err(|()| Error::new(500, "request body already consumed"))?;
-        let body = read_all(incoming, 400, "request")?;
-        Ok(Request {
-            method,
-            uri,
-            headers,
-            body,
-        })
-    }
+    use super::{Error, Result};
 
     /// Reads a body to its end; a failure is answered with `status`.
     pub(crate) fn read_all(incoming: IncomingBody, status: u16, what: &str) -> Result<Vec<u8>> {
@@ -451,47 +502,7 @@ pub mod __private {
         drop(incoming);
         Ok(body)
     }
-
-    fn write_response(response: Response, response_out: ResponseOutparam) {
-        let response = match build_response(response) {
-            Ok(parts) => parts,
-            Err(error) => match build_response(error.into_response()) {
-                Ok(parts) => parts,
-                // An error response has only our own valid headers; if even
-                // that fails the host will report that no response was set.
-                Err(_) => return,
-            },
-        };
-        let (outgoing, body) = response;
-        let Ok(out_body) = outgoing.body() else {
-            return;
-        };
-        ResponseOutparam::set(response_out, Ok(outgoing));
-        if let Ok(mut stream) = out_body.write() {
-            // The client hung up if this fails; nothing is left to tell.
-            let _ = stream
-                .write_all(&body)
-                .and_then(|()| Write::flush(&mut stream));
-        }
-        let _ = OutgoingBody::finish(out_body, None);
-    }
-
-    fn build_response(response: Response) -> Result<(OutgoingResponse, Vec<u8>)> {
-        let Response {
-            status,
-            headers,
-            body,
-        } = response;
-        let fields = Fields::from_list(&headers)
-            .map_err(|e| Error::new(500, format!("invalid response header: {e:?}")))?;
-        let outgoing = OutgoingResponse::new(fields);
-        outgoing
-            .set_status_code(status)
-            .map_err(|()| Error::new(500, format!("invalid response status {status}")))?;
-        Ok((outgoing, body))
-    }
 }
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,8 +5,12 @@
 
 use crate::common;
 
+use std::time::Duration;
+
 use common::{host_with, send};
 use http::{Method, StatusCode};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_p3_component_deploys_answers_and_says_its_abi() {
@@ -61,6 +65,81 @@ async fn the_raw_hello_answers_as_the_sdks_hello_does() {
         assert_eq!(raw.text(), "Hello from Lichen!\n");
     }
     host.stop().await;
+}
+
+/// The SDK fetches a request's body only when the handler asks for it, in
+/// both generations: hello, which never does, answers a POST whose body is
+/// still on its way; echo, which does, answers once the body has all come
+/// (WASIp3 waits for it inside the async export with `block_on`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sdk_reads_the_body_only_when_the_handler_asks() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut config = common::test_config(dir.path());
+    // Far beyond the test's patience: no answer below comes from a timeout.
+    config.body_idle_timeout = Duration::from_secs(3600);
+    let host = common::TestHost::start(config).await;
+    for (name, fixture) in [
+        ("hello", "hello"),
+        ("hello-p3", "hello-p3"),
+        ("echo", "echo"),
+        ("echo-p3", "echo-p3"),
+    ] {
+        let deployed = host.deploy(name, common::component(fixture)).await;
+        assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+    }
+    let addr = host.url.trim_start_matches("http://").to_string();
+    let head =
+        |name: &str| format!("POST /fn/{name} HTTP/1.1\r\nhost: x\r\ncontent-length: 20\r\n\r\n");
+
+    for name in ["hello", "hello-p3"] {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        stream.write_all(head(name).as_bytes()).await.unwrap();
+        stream.write_all(b"first half").await.unwrap();
+        let answer = read_until(&mut stream, "Hello from Lichen!\n").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{name}: {answer}");
+    }
+
+    for name in ["echo", "echo-p3"] {
+        let mut stream = TcpStream::connect(&addr).await.unwrap();
+        stream.write_all(head(name).as_bytes()).await.unwrap();
+        stream.write_all(b"first half").await.unwrap();
+        // Nothing can come before the rest of the body, however long we wait.
+        let mut early = [0u8; 1];
+        let waited =
+            tokio::time::timeout(Duration::from_millis(500), stream.read(&mut early)).await;
+        assert!(waited.is_err(), "{name} answered before its body came");
+        stream.write_all(b"second one").await.unwrap();
+        let answer = read_until(&mut stream, "\"body_len\":20").await;
+        assert!(answer.starts_with("HTTP/1.1 200"), "{name}: {answer}");
+        assert!(answer.contains("first halfsecond one"), "{name}: {answer}");
+    }
+    host.stop().await;
+}
+
+/// Reads from `stream` until `wanted` has arrived, within the tests' patience.
+async fn read_until(stream: &mut TcpStream, wanted: &str) -> String {
+    let mut out = Vec::new();
+    let read = tokio::time::timeout(common::PATIENCE, async {
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&out).contains(wanted) {
+            match stream.read(&mut buf).await {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    })
+    .await;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    assert!(
+        read.is_ok(),
+        "no {wanted:?} within {:?}: {text}",
+        common::PATIENCE
+    );
+    assert!(
+        text.contains(wanted),
+        "the connection closed before {wanted:?}: {text}"
+    );
+    text
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
