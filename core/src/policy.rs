@@ -60,6 +60,10 @@ pub struct PolicyFile {
     pub instances: Instances,
     #[serde(default)]
     pub keyvalue: KeyValue,
+    /// What the guest reads through `wasi:config/store`: a key's text, or
+    /// `{ secret = "NAME" }` for a secret the host keeps encrypted.
+    #[serde(default)]
+    pub config: BTreeMap<ConfigKey, ConfigValue>,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -477,6 +481,111 @@ impl TryFrom<String> for EnvName {
     }
 }
 
+/// A `wasi:config` key: 1 to 128 of `A-Z a-z 0-9 _ . -`.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
+#[serde(try_from = "String")]
+pub struct ConfigKey(pub String);
+
+impl TryFrom<String> for ConfigKey {
+    type Error = String;
+
+    fn try_from(key: String) -> Result<Self, Self::Error> {
+        let valid = (1..=128).contains(&key.len())
+            && key
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'.' | b'-'));
+        if valid {
+            Ok(ConfigKey(key))
+        } else {
+            Err(format!(
+                "{key:?} is not a config key: 1 to 128 of A-Z, a-z, 0-9, '_', '.' and '-'"
+            ))
+        }
+    }
+}
+
+/// A `[config]` value: text the policy holds, or the name of a secret.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(untagged)]
+pub enum ConfigValue {
+    Text(String),
+    Secret { secret: SecretName },
+}
+
+/// The largest `[config]` text value, and the most keys a policy may set.
+pub const MAX_CONFIG_VALUE_BYTES: usize = 64 << 10;
+pub const MAX_CONFIG_KEYS: usize = 256;
+
+impl<'de> Deserialize<'de> for ConfigValue {
+    /// A string, or a table holding only `secret`; anything else is refused
+    /// with what was expected (serde's untagged enums say only "did not
+    /// match any variant").
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Expected;
+        impl<'de> serde::de::Visitor<'de> for Expected {
+            type Value = ConfigValue;
+
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a string or { secret = \"NAME\" }")
+            }
+
+            fn visit_str<E: serde::de::Error>(self, text: &str) -> Result<ConfigValue, E> {
+                if text.len() > MAX_CONFIG_VALUE_BYTES {
+                    return Err(E::custom(format!(
+                        "a config value is at most {} ({} given)",
+                        ByteSize(MAX_CONFIG_VALUE_BYTES as u64),
+                        ByteSize(text.len() as u64)
+                    )));
+                }
+                Ok(ConfigValue::Text(text.to_string()))
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(
+                self,
+                mut map: A,
+            ) -> Result<ConfigValue, A::Error> {
+                let mut secret = None;
+                while let Some(key) = map.next_key::<String>()? {
+                    if key != "secret" || secret.is_some() {
+                        return Err(serde::de::Error::custom(format!(
+                            "unexpected {key:?}: a config table is {{ secret = \"NAME\" }}"
+                        )));
+                    }
+                    secret = Some(map.next_value::<SecretName>()?);
+                }
+                secret
+                    .map(|secret| ConfigValue::Secret { secret })
+                    .ok_or_else(|| serde::de::Error::missing_field("secret"))
+            }
+        }
+        deserializer.deserialize_any(Expected)
+    }
+}
+
+/// A secret's name: 1 to 64 of `A-Z a-z 0-9 _ -` (it is a path segment of
+/// the secrets API and a file name in the data directory).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(try_from = "String")]
+pub struct SecretName(pub String);
+
+impl TryFrom<String> for SecretName {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        let valid = (1..=64).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if valid {
+            Ok(SecretName(name))
+        } else {
+            Err(format!(
+                "{name:?} is not a secret name: 1 to 64 of A-Z, a-z, 0-9, '_' and '-'"
+            ))
+        }
+    }
+}
+
 /// Where a directory appears in the guest: absolute, without `..`.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize, Serialize)]
 #[serde(try_from = "String")]
@@ -674,6 +783,8 @@ pub struct Policy {
     pub max_instances: Option<u32>,
     /// Key-value stores granted, with their limits in bytes.
     pub keyvalue: KeyValueGrant,
+    /// `[config]`: what `wasi:config/store` answers, by key.
+    pub config: BTreeMap<String, ConfigValue>,
     /// The file as parsed, shown by the admin API.
     pub source: PolicyFile,
     /// The file's text, as the cluster registry carries it.
@@ -751,6 +862,12 @@ impl Policy {
                 ByteSize(MAX_VALUE_BYTES)
             ));
         }
+        if source.config.len() > MAX_CONFIG_KEYS {
+            return Err(format!(
+                "[config] sets {} keys, above the host's maximum of {MAX_CONFIG_KEYS}",
+                source.config.len()
+            ));
+        }
         let mut files = Vec::new();
         for (guest, host) in &source.files {
             let resolved = resolve_host_dir(base, host)
@@ -790,6 +907,11 @@ impl Policy {
                 max_bytes: kv.max_bytes.0,
                 max_ops: kv.max_ops,
             },
+            config: source
+                .config
+                .iter()
+                .map(|(key, value)| (key.0.clone(), value.clone()))
+                .collect(),
             source,
             text: String::new(),
         })

@@ -218,6 +218,9 @@ impl Runtime {
         crate::kv::wasi::add_to_linker(&mut linker, HostState::kv)
             .map_err(anyhow::Error::from)
             .context("adding wasi:keyvalue to the linker")?;
+        crate::wasi_config::add_to_linker(&mut linker, HostState::config)
+            .map_err(anyhow::Error::from)
+            .context("adding wasi:config to the linker")?;
         spawn_epoch_ticker(&engine);
         let cache_key = engine_cache_key(&engine);
         Ok(Runtime {

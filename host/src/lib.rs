@@ -26,6 +26,7 @@ pub mod shared_registry;
 pub mod store;
 pub mod tls;
 pub mod train;
+pub mod wasi_config;
 
 /// Function names: `lichen_core`'s, re-exported where the host's modules
 /// have always found them.

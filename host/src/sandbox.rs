@@ -44,6 +44,7 @@ use crate::kv::wasi::{KvCtx, KvView};
 use crate::outbound::Outbound;
 use crate::policy::Policy;
 use crate::recent::{LogLine, Recent};
+use crate::wasi_config::ConfigView;
 
 /// Instances, tables and memories one invocation may create: a component
 /// from a wasm32-wasip2 toolchain has a handful.
@@ -324,6 +325,13 @@ impl HostState {
         KvView {
             ctx: &mut self.kv,
             table: &mut self.table,
+        }
+    }
+
+    /// What `wasi:config/store` reads: the policy's `[config]`.
+    pub fn config(&mut self) -> ConfigView<'_> {
+        ConfigView {
+            policy: &self.hooks.invocation.policy,
         }
     }
 }

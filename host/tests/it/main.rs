@@ -30,3 +30,4 @@ mod status_page;
 mod tls;
 mod train;
 mod upload_fuzz;
+mod wasi_config;

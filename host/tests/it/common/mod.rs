@@ -40,6 +40,9 @@ pub const FUNCTIONS: &[&str] = &[
     "kv-draft",
     "kv-draft-p3",
     "linreg",
+    "config-rc1",
+    "config-draft",
+    "config-draft-2024",
 ];
 
 pub fn repo_root() -> PathBuf {
