@@ -48,6 +48,7 @@ pub fn prepare(name: &str, component: &[u8]) -> Result<Prepared> {
         kv: None,
         outbound: None,
         recent: None,
+        secrets: None,
     };
     Ok(Prepared {
         runtime,

@@ -917,6 +917,13 @@ impl Policy {
         })
     }
 
+    /// Whether `[config]` names the secret `name`.
+    pub fn names_secret(&self, name: &str) -> bool {
+        self.config
+            .values()
+            .any(|value| matches!(value, ConfigValue::Secret { secret } if secret.0 == name))
+    }
+
     /// Whether this policy opts in to reusing instances.
     pub fn reuses_instances(&self) -> bool {
         self.reuse > 1 || self.instance_concurrency > 1

@@ -227,6 +227,44 @@ pub async fn list(target: &Target) -> Result<String> {
     Ok(out.trim_end().to_string())
 }
 
+pub async fn secret_set(target: &Target, name: &str, value: Vec<u8>) -> Result<String> {
+    let info = target
+        .call_with(
+            Method::PUT,
+            &format!("/v1/secrets/{name}"),
+            value,
+            "text/plain",
+        )
+        .await?;
+    Ok(format!(
+        "set secret {} (digest {})",
+        info["name"].as_str().unwrap_or(name),
+        info["digest"].as_str().unwrap_or("?")
+    ))
+}
+
+pub async fn secret_list(target: &Target) -> Result<String> {
+    let value = target.call(Method::GET, "/v1/secrets", Vec::new()).await?;
+    let mut out = format!("{:<24} {:<16} {}\n", "NAME", "DIGEST", "UPDATED (UNIX MS)");
+    for secret in value["secrets"].as_array().into_iter().flatten() {
+        let digest = secret["digest"].as_str().unwrap_or("?");
+        out.push_str(&format!(
+            "{:<24} {:<16} {}\n",
+            secret["name"].as_str().unwrap_or("?"),
+            digest.get(..16).unwrap_or(digest),
+            secret["updated_unix_ms"].as_u64().unwrap_or(0),
+        ));
+    }
+    Ok(out.trim_end().to_string())
+}
+
+pub async fn secret_remove(target: &Target, name: &str) -> Result<String> {
+    target
+        .call(Method::DELETE, &format!("/v1/secrets/{name}"), Vec::new())
+        .await?;
+    Ok(format!("removed secret {name}"))
+}
+
 pub async fn remove(target: &Target, name: &str, purge_kv: bool) -> Result<String> {
     let query = if purge_kv { "?purge_kv=true" } else { "" };
     target

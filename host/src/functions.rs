@@ -39,6 +39,7 @@ use crate::outbound::Outbound;
 use crate::policy::PolicyTable;
 use crate::recent::Recent;
 use crate::scheduler::Scheduler;
+use crate::secrets::Secrets;
 use crate::shared_registry::{SharedRegistry, Written};
 use crate::store::{FunctionRecord, KEEP_VERSIONS, ModuleStore, VersionInfo};
 use lichen_core::registry::{Clock, Entry, MAX_ENTRY_BYTES, Merged, Stamp, Version};
@@ -87,6 +88,8 @@ pub struct Functions {
     kv_access: Arc<KvAccess>,
     /// Outbound HTTP of every function: pools and the address fence.
     pub outbound: Arc<Outbound>,
+    /// The secrets `[config]` values may name.
+    pub secrets: Arc<Secrets>,
     /// Each function's last invocations, latencies and log lines.
     pub recent: Arc<Recent>,
 }
@@ -95,6 +98,7 @@ pub struct Functions {
 pub struct Services {
     pub kv: Arc<Kv>,
     pub outbound: Arc<Outbound>,
+    pub secrets: Arc<Secrets>,
 }
 
 impl Functions {
@@ -129,6 +133,7 @@ impl Functions {
             }),
             kv: services.kv,
             outbound: services.outbound,
+            secrets: services.secrets,
             recent: Arc::new(Recent::new()),
         }
     }

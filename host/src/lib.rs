@@ -20,6 +20,7 @@ pub mod pool;
 pub mod recent;
 pub mod sandbox;
 pub mod scheduler;
+pub mod secrets;
 pub mod server;
 pub mod serving;
 pub mod shared_registry;

@@ -70,6 +70,12 @@ enum Command {
         #[command(flatten)]
         target: TargetArgs,
     },
+    /// Set, list and remove secrets: values a policy's [config] names
+    /// (`key = { secret = "NAME" }`), kept encrypted by the host.
+    Secret {
+        #[command(subcommand)]
+        action: SecretAction,
+    },
     /// Invoke NAME once per element of the JSON array in FILE (in parallel,
     /// across the cluster); prints the results in input order.
     Map {
@@ -124,6 +130,10 @@ struct ServeArgs {
     /// environment).
     #[arg(long, value_name = "FILE", conflicts_with = "admin_token")]
     admin_token_file: Option<PathBuf>,
+    /// The key secrets are sealed with at rest: 64 hex digits (`openssl rand
+    /// -hex 32`). Without it one is generated into DATA_DIR/secrets.key.
+    #[arg(long, value_name = "FILE")]
+    secrets_key_file: Option<PathBuf>,
     /// Largest component upload, in bytes.
     #[arg(long, default_value_t = server::DEFAULT_MAX_UPLOAD)]
     max_upload_bytes: u64,
@@ -490,6 +500,25 @@ async fn main() -> ExitCode {
             .await
         }
         Command::Ls { target } => print(async { client::list(&target.resolve()?).await }).await,
+        Command::Secret { action } => match action {
+            SecretAction::Set {
+                name,
+                from_file,
+                target,
+            } => {
+                print(async {
+                    let value = secret_value(from_file.as_deref())?;
+                    client::secret_set(&target.resolve()?, &name, value).await
+                })
+                .await
+            }
+            SecretAction::Ls { target } => {
+                print(async { client::secret_list(&target.resolve()?).await }).await
+            }
+            SecretAction::Rm { name, target } => {
+                print(async { client::secret_remove(&target.resolve()?, &name).await }).await
+            }
+        },
         Command::Rm {
             name,
             purge_kv,
@@ -537,6 +566,45 @@ async fn main() -> ExitCode {
     }
 }
 
+#[derive(Subcommand)]
+enum SecretAction {
+    /// Set secret NAME to the UTF-8 text on standard input (or in
+    /// --from-file), so it never appears in argv or the shell's history;
+    /// trailing newlines are dropped.
+    Set {
+        name: String,
+        #[arg(long, value_name = "FILE")]
+        from_file: Option<PathBuf>,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// List the secrets: name, digest, when set (never values).
+    Ls {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Remove secret NAME (refused while a policy names it).
+    Rm {
+        name: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+}
+
+/// A secret's value from `file` ([`secret_from`]) or standard input, where
+/// the trailing newline `echo` adds is dropped the same way.
+fn secret_value(file: Option<&std::path::Path>) -> anyhow::Result<Vec<u8>> {
+    use std::io::Read;
+    if let Some(file) = file {
+        return secret_from(file).map(String::into_bytes);
+    }
+    let mut value = String::new();
+    std::io::stdin()
+        .read_to_string(&mut value)
+        .map_err(|e| anyhow::anyhow!("reading the secret from standard input: {e}"))?;
+    Ok(value.trim_end_matches(['\n', '\r']).as_bytes().to_vec())
+}
+
 /// A `--peer`, with the gossip port when it has none.
 fn peer_address(text: &str) -> Result<String, String> {
     lichen_core::gossip::seed_address(text)
@@ -561,6 +629,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         (None, Some(file)) => Some(secret_from(file)?),
         (None, None) => None,
     };
+    config.secrets_key_file = args.secrets_key_file;
     config.max_upload = args.max_upload_bytes;
     config.metrics_require_token = args.metrics_require_token;
     config.ui = args.ui;

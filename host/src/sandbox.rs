@@ -44,6 +44,7 @@ use crate::kv::wasi::{KvCtx, KvView};
 use crate::outbound::Outbound;
 use crate::policy::Policy;
 use crate::recent::{LogLine, Recent};
+use crate::secrets::Secrets;
 use crate::wasi_config::ConfigView;
 
 /// Instances, tables and memories one invocation may create: a component
@@ -97,6 +98,9 @@ pub struct Invocation {
     pub outbound: Option<Arc<Outbound>>,
     /// Where the guest's log lines are kept for the status page.
     pub recent: Option<Arc<Recent>>,
+    /// The host's secrets, for `[config]` values that name one; `None`:
+    /// such a value is the interface's `upstream` error.
+    pub secrets: Option<Arc<Secrets>>,
 }
 
 /// Figures of one invocation, written from inside the sandbox.
@@ -332,6 +336,7 @@ impl HostState {
     pub fn config(&mut self) -> ConfigView<'_> {
         ConfigView {
             policy: &self.hooks.invocation.policy,
+            secrets: self.hooks.invocation.secrets.as_deref(),
         }
     }
 }

@@ -29,6 +29,7 @@ use crate::oci::{Registries, RegistryConfig};
 use crate::outbound::{Outbound, OutboundConfig};
 use crate::policy::PolicyTable;
 use crate::scheduler::Scheduler;
+use crate::secrets::{self, Secrets};
 use crate::shared_registry::SharedRegistry;
 use crate::store::ModuleStore;
 use crate::tls::{Tls, TlsFiles};
@@ -117,6 +118,9 @@ pub struct ServeConfig {
     pub cluster: Option<ClusterConfig>,
     /// Where functions' key-value stores live.
     pub kv: KvConfig,
+    /// The secrets key's file; `None`: `data_dir/secrets.key`, generated
+    /// on first start.
+    pub secrets_key_file: Option<PathBuf>,
     /// Serve HTTPS with this certificate and key (plain HTTP without).
     pub tls: Option<TlsFiles>,
     /// How guests' outbound requests resolve names and trust servers.
@@ -160,6 +164,7 @@ impl ServeConfig {
             max_loaded_functions: DEFAULT_MAX_LOADED_FUNCTIONS,
             cluster: None,
             kv: KvConfig::Local,
+            secrets_key_file: None,
             tls: None,
             outbound: OutboundConfig::default(),
             registry: RegistryConfig::default(),
@@ -205,6 +210,10 @@ impl Server {
         };
         crate::api::status::mark_start();
         let store = ModuleStore::open(&config.data_dir)?;
+        let secrets_key =
+            secrets::load_or_create_key(&config.data_dir, config.secrets_key_file.as_deref())
+                .context("loading the secrets key")?;
+        let secrets = Arc::new(Secrets::open(&store, &secrets_key).context("opening secrets")?);
         let kv = Arc::new(match &config.kv {
             KvConfig::Local => Kv::Local(
                 LocalBackend::open(store.open_database(KV_FILE)?)
@@ -230,9 +239,11 @@ impl Server {
                 .context("setting up outbound HTTP")?,
         );
         let reload_errors = metrics.policy_reload_errors.clone();
+        let known = Arc::clone(&secrets);
         let policies = Arc::new(PolicyTable::load(
             &config.policies_dir,
             Box::new(move || reload_errors.inc()),
+            Box::new(move |name| known.contains(name)),
         )?);
         let policy_watcher = policies.watch()?;
         let shared_registry = match (&config.cluster, kv.nats_context()) {
@@ -251,7 +262,11 @@ impl Server {
             policies,
             Scheduler::new(config.max_in_flight),
             config.max_loaded_functions,
-            Services { kv, outbound },
+            Services {
+                kv,
+                outbound,
+                secrets,
+            },
         )
         .with_origin(
             config

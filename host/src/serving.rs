@@ -76,6 +76,7 @@ impl Serving {
             kv: Some(functions.kv_access()),
             outbound: Some(Arc::clone(&functions.outbound)),
             recent: Some(Arc::clone(&functions.recent)),
+            secrets: Some(Arc::clone(&functions.secrets)),
         };
         let on_cut = {
             let metrics = Arc::clone(&metrics);

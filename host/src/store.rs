@@ -7,6 +7,7 @@
 //! modules/<sha256>.wasm                 uploaded components, as uploaded
 //! compiled/<engine-key>/<sha256>.cwasm  wasmtime's serialised code for them
 //! functions/<name>.json                 one function's registry entry and the version served here
+//! secrets/<name>.json                   one secret, encrypted (`secrets.rs` seals and opens it)
 //! tmp/                                  writes in progress
 //! ```
 //!
@@ -43,6 +44,7 @@ use lichen_core::registry::{Entry, Version, stamp_ms, stamp_of_ms};
 const MODULES: &str = "modules";
 const COMPILED: &str = "compiled";
 const FUNCTIONS: &str = "functions";
+const SECRETS: &str = "secrets";
 /// Where hosts kept deletes before records kept them; read once to migrate.
 const DELETED: &str = "deleted";
 const TMP: &str = "tmp";
@@ -241,7 +243,7 @@ impl ModuleStore {
             .with_context(|| format!("creating data directory {}", path.display()))?;
         let dir = Dir::open_ambient_dir(path, ambient_authority())
             .with_context(|| format!("opening data directory {}", path.display()))?;
-        for sub in [MODULES, COMPILED, FUNCTIONS, TMP] {
+        for sub in [MODULES, COMPILED, FUNCTIONS, SECRETS, TMP] {
             dir.create_dir_all(sub)
                 .with_context(|| format!("creating {}/{sub}", path.display()))?;
         }
@@ -464,6 +466,41 @@ impl ModuleStore {
             }
         }
         Ok(())
+    }
+
+    /// Every sealed secret file, by name (the name as the file has it; the
+    /// caller checks it).
+    pub fn secret_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut files = Vec::new();
+        for entry in self.dir.read_dir(SECRETS)?.flatten() {
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(name) = file_name.strip_suffix(".json") {
+                let bytes = self
+                    .dir
+                    .read(format!("{SECRETS}/{file_name}"))
+                    .with_context(|| format!("reading {SECRETS}/{file_name}"))?;
+                files.push((name.to_string(), bytes));
+            }
+        }
+        Ok(files)
+    }
+
+    /// Writes one sealed secret, durably. `name` is a checked secret name.
+    pub fn write_secret_file(&self, name: &str, sealed: &[u8]) -> Result<()> {
+        self.write_atomic(&format!("{SECRETS}/{name}.json"), sealed)
+            .with_context(|| format!("storing secret {name:?}"))
+    }
+
+    /// Removes one sealed secret, durably; `false` if there was none.
+    pub fn remove_secret_file(&self, name: &str) -> Result<bool> {
+        match self.dir.remove_file(format!("{SECRETS}/{name}.json")) {
+            Ok(()) => {
+                self.sync_dir(SECRETS)?;
+                Ok(true)
+            }
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
+            Err(error) => Err(error).with_context(|| format!("removing secret {name:?}")),
+        }
     }
 
     /// Writes `bytes` to `target` (relative to the data directory) so that

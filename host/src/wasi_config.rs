@@ -14,6 +14,7 @@
 use wasmtime::component::{HasData, Linker};
 
 use crate::policy::{ConfigValue, Policy};
+use crate::secrets::Secrets;
 
 mod rc1 {
     wasmtime::component::bindgen!({
@@ -39,34 +40,42 @@ mod draft {
     });
 }
 
-/// What one invocation's guest may read: its policy's `[config]`.
+/// What one invocation's guest may read: its policy's `[config]`, with
+/// the secrets it names.
 pub struct ConfigView<'a> {
     pub policy: &'a Policy,
+    pub secrets: Option<&'a Secrets>,
 }
 
 impl ConfigView<'_> {
     /// The value of `key`, if the policy sets it; `Err` is the interface's
     /// `upstream` error.
     fn get(&self, key: &str) -> Result<Option<String>, String> {
-        self.policy.config.get(key).map(resolve).transpose()
+        let value = self.policy.config.get(key);
+        value.map(|value| self.resolve(value)).transpose()
     }
 
     fn get_all(&self) -> Result<Vec<(String, String)>, String> {
         self.policy
             .config
             .iter()
-            .map(|(key, value)| Ok((key.clone(), resolve(value)?)))
+            .map(|(key, value)| Ok((key.clone(), self.resolve(value)?)))
             .collect()
     }
-}
 
-fn resolve(value: &ConfigValue) -> Result<String, String> {
-    match value {
-        ConfigValue::Text(text) => Ok(text.clone()),
-        ConfigValue::Secret { secret } => Err(format!(
-            "secret {:?} is not available on this host",
-            secret.0
-        )),
+    /// A secret's value as it is now, so a changed secret reaches the next
+    /// call. One removed since the policy was loaded (the API refuses to
+    /// remove one a policy names, but a peer's removal may cross a policy
+    /// edit) is an error naming it, never its value.
+    fn resolve(&self, value: &ConfigValue) -> Result<String, String> {
+        match value {
+            ConfigValue::Text(text) => Ok(text.clone()),
+            ConfigValue::Secret { secret } => self
+                .secrets
+                .and_then(|secrets| secrets.get(&secret.0))
+                .map(|value| value.to_string())
+                .ok_or_else(|| format!("secret {:?} is not set on this host", secret.0)),
+        }
     }
 }
 

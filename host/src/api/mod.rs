@@ -9,7 +9,8 @@
 //! served without being documented.
 //!
 //! Where each concern lives: [`admin`] (deploy, list, describe, delete,
-//! policies, peers, module bytes for peers), [`invoke`] (the invocation path
+//! policies, peers, module bytes for peers), [`secrets`] (set, list and
+//! remove secrets; values go in and never out), [`invoke`] (the invocation path
 //! from arrival to response), [`map`] (one invocation per element of an
 //! array), [`body`] (capped body reading, the invocation body type),
 //! [`auth`] (the three kinds of token), [`observe`] (metrics, health, the
@@ -27,6 +28,7 @@ pub mod body;
 pub mod invoke;
 pub mod map;
 pub mod observe;
+pub mod secrets;
 pub mod state;
 pub mod status;
 pub mod ui;
@@ -153,6 +155,9 @@ async fn dispatch(
         Handler::KvUsage => admin::kv_usage(state, &name()?).await,
         Handler::KvPurge => admin::kv_purge(state, &name()?, params.get(1)).await,
         Handler::Rollback => admin::rollback(state, &name()?, req).await,
+        Handler::ListSecrets => secrets::list(state),
+        Handler::SetSecret => secrets::set(state, params.get(0), req).await,
+        Handler::DeleteSecret => secrets::delete(state, params.get(0)).await,
         Handler::Map => map::map(state, &name()?, req, request_id).await,
         Handler::Peers => admin::peers(state),
         Handler::Module => admin::module(state, params.get(0)),

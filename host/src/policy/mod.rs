@@ -5,4 +5,4 @@
 pub use lichen_core::policy::*;
 
 mod table;
-pub use table::{PolicyStatus, PolicyTable, WriteError};
+pub use table::{PolicyStatus, PolicyTable, SecretCheck, WriteError};

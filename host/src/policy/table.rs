@@ -18,7 +18,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{Context, Result};
 use notify::{RecursiveMode, Watcher};
 
-use super::{Policy, PolicyError};
+use super::{ConfigValue, Policy, PolicyError};
 use crate::names::FunctionName;
 
 /// Events arriving this close together are handled as one reload: editors
@@ -43,11 +43,21 @@ pub struct PolicyTable {
     entries: RwLock<HashMap<FunctionName, PolicyStatus>>,
     default: Arc<Policy>,
     on_error: Box<dyn Fn() + Send + Sync>,
+    /// Whether a secret of this name is set: a policy naming one that is
+    /// not is invalid.
+    secret_is_set: SecretCheck,
 }
+
+/// Answers whether a secret is set.
+pub type SecretCheck = Box<dyn Fn(&str) -> bool + Send + Sync>;
 
 impl PolicyTable {
     /// Loads every `*.toml` in `dir` (creating `dir` if needed).
-    pub fn load(dir: &Path, on_error: Box<dyn Fn() + Send + Sync>) -> Result<Self> {
+    pub fn load(
+        dir: &Path,
+        on_error: Box<dyn Fn() + Send + Sync>,
+        secret_is_set: SecretCheck,
+    ) -> Result<Self> {
         std::fs::create_dir_all(dir)
             .with_context(|| format!("creating the policies directory {}", dir.display()))?;
         let dir = dir
@@ -60,6 +70,7 @@ impl PolicyTable {
             entries: RwLock::new(HashMap::new()),
             default: Arc::new(Policy::default()),
             on_error,
+            secret_is_set,
         };
         let entries = std::fs::read_dir(&table.dir)
             .with_context(|| format!("reading {}", table.dir.display()))?;
@@ -137,9 +148,58 @@ impl PolicyTable {
                 return;
             }
         };
-        match Policy::parse(&text, &file, &self.base) {
+        match self.parse(&text, &file) {
             Ok(policy) => self.install(&name, policy),
             Err(error) => self.record_error(&name, error),
+        }
+    }
+
+    /// Parses a policy and checks what only the host knows: that every
+    /// secret its `[config]` names is set.
+    fn parse(&self, text: &str, file: &str) -> Result<Policy, PolicyError> {
+        let policy = Policy::parse(text, file, &self.base)?;
+        for (key, value) in &policy.config {
+            if let ConfigValue::Secret { secret } = value
+                && !(self.secret_is_set)(&secret.0)
+            {
+                return Err(PolicyError {
+                    file: file.to_string(),
+                    message: format!(
+                        "config.{key} names the secret {:?}, which is not set \
+                         (set it with `lichen secret set {}` or PUT /v1/secrets/{})",
+                        secret.0, secret.0, secret.0
+                    ),
+                });
+            }
+        }
+        Ok(policy)
+    }
+
+    /// The functions whose policy in force names the secret `name`.
+    pub fn users_of_secret(&self, name: &str) -> Vec<FunctionName> {
+        let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+        let mut users: Vec<FunctionName> = entries
+            .iter()
+            .filter(|(_, status)| status.policy.as_ref().is_some_and(|p| p.names_secret(name)))
+            .map(|(function, _)| function.clone())
+            .collect();
+        users.sort();
+        users
+    }
+
+    /// Loads again every file whose last load failed: after a secret is set,
+    /// a policy that named it before it existed can come into force.
+    pub fn reload_failed(&self) {
+        let failed: Vec<FunctionName> = {
+            let entries = self.entries.read().unwrap_or_else(|e| e.into_inner());
+            entries
+                .iter()
+                .filter(|(_, status)| status.error.is_some())
+                .map(|(name, _)| name.clone())
+                .collect()
+        };
+        for name in failed {
+            self.reload(&self.dir.join(format!("{name}.toml")));
         }
     }
 
@@ -147,7 +207,7 @@ impl PolicyTable {
     /// atomically and puts it in force. Nothing is written if it is invalid.
     pub fn write(&self, name: &FunctionName, text: &str) -> Result<Arc<Policy>, WriteError> {
         let file = format!("{name}.toml");
-        let policy = Policy::parse(text, &file, &self.base).map_err(WriteError::Invalid)?;
+        let policy = self.parse(text, &file).map_err(WriteError::Invalid)?;
         let target = self.dir.join(&file);
         let tmp = self.dir.join(format!(".{file}.tmp"));
         let written = (|| -> std::io::Result<()> {
