@@ -2,8 +2,10 @@
 # Sets everything up and runs a host with the example functions deployed:
 # builds the guest components (installing the wasm toolchain if missing),
 # builds the host, starts it on 127.0.0.1:8080 (LICHEN_LISTEN to change),
-# deploys functions/{hello,echo,square,fib,hash,hello-p3,counter,notes,linreg} and keeps serving until
-# Ctrl-C.
+# sets the secret motd's policy names (a random API key, kept in
+# DATA_DIR/motd-api-key), deploys
+# functions/{hello,echo,square,fib,hash,hello-p3,counter,notes,linreg,motd} and
+# keeps serving until Ctrl-C.
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -30,7 +32,15 @@ for _ in $(seq 1 300); do
 done
 [ -n "$url" ] || { echo "host did not start listening" >&2; exit 1; }
 
-for fn in hello echo square fib hash hello-p3 counter notes linreg; do
+# motd's policy names the secret motd-api-key: until it is set, the policy
+# is not in force (the host logs why).
+key_file="$data_dir/motd-api-key"
+if [ ! -s "$key_file" ]; then
+    (umask 077 && od -An -N16 -tx1 /dev/urandom | tr -d ' \n' >"$key_file")
+fi
+"$lichen" secret set motd-api-key --from-file "$key_file" --url "$url" --data-dir "$data_dir"
+
+for fn in hello echo square fib hash hello-p3 counter notes linreg motd; do
     "$lichen" deploy "$fn" "functions/target/wasm32-wasip2/release/${fn//-/_}.wasm" --url "$url" --data-dir "$data_dir"
 done
 "$lichen" ls --url "$url" --data-dir "$data_dir"
@@ -43,6 +53,7 @@ Lichen is serving on $url. Try:
   curl '$url/fn/echo/any/path?x=1'
   curl $url/fn/counter/hello  (state: visits per path, kept in a key-value store)
   curl -X PUT -d '{"text":"hi"}' $url/fn/notes/todo; curl $url/fn/notes/todo
+  curl -H "x-api-key: \$(cat $key_file)" $url/fn/motd   (a setting behind a secret key)
   $lichen train --url $url --data-dir $data_dir   (gradient descent over linreg's shards)
 Status page: $url/ui (it asks for the admin token).
 Admin token: $data_dir/admin-token. Ctrl-C stops the host.

@@ -44,6 +44,7 @@ use serde::de::DeserializeOwned;
 
 pub use wasi;
 
+pub mod config;
 pub mod kv;
 pub mod outbound;
 

@@ -287,3 +287,43 @@ async fn bad_secret_requests_are_refused_and_change_nothing() {
     assert_eq!(reply.json()["value"], "v");
     host.stop().await;
 }
+
+/// The `motd` example under its own policy (`policies/motd.toml`): its
+/// message for the key the secret holds, `401` otherwise, and the key is
+/// never in an answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_motd_example_answers_only_with_its_key() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = std::fs::read_to_string(common::repo_root().join("policies/motd.toml")).unwrap();
+    write_policy(dir.path(), "motd", &policy);
+    let host = host_with(dir.path(), &[("motd", "motd")]).await;
+    let key = "0b1e2c3d4f5a6978";
+    let set = host
+        .admin(Method::PUT, "/v1/secrets/motd-api-key", key.into())
+        .await;
+    assert_eq!(set.status, StatusCode::CREATED, "{}", set.text());
+
+    let url = format!("{}/fn/motd", host.url);
+    let without = send(Method::GET, &url, &[], Vec::new()).await;
+    assert_eq!(
+        without.status,
+        StatusCode::UNAUTHORIZED,
+        "{}",
+        without.text()
+    );
+    let wrong = send(
+        Method::GET,
+        &url,
+        &[("x-api-key", "0b1e2c3d4f5a6979")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(wrong.status, StatusCode::UNAUTHORIZED, "{}", wrong.text());
+    let right = send(Method::GET, &url, &[("x-api-key", key)], Vec::new()).await;
+    assert_eq!(right.status, StatusCode::OK, "{}", right.text());
+    assert_eq!(right.json()["message"], "Lichen grows on bare rock.");
+    for reply in [&without, &wrong, &right] {
+        assert!(!reply.text().contains(key), "{}", reply.text());
+    }
+    host.stop().await;
+}

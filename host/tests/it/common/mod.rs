@@ -43,6 +43,7 @@ pub const FUNCTIONS: &[&str] = &[
     "config-rc1",
     "config-draft",
     "config-draft-2024",
+    "motd",
 ];
 
 pub fn repo_root() -> PathBuf {
