@@ -22,7 +22,6 @@ current=""
 started=""
 run_started="$EPOCHREALTIME"
 background_pid=""
-guests_pid=""
 elapsed() {
     awk -v a="$1" -v b="$EPOCHREALTIME" 'BEGIN { printf "%.1f", b - a }'
 }
@@ -35,12 +34,10 @@ finish() {
     if [ -n "$current" ]; then
         record "$current (failed)" "$(elapsed "$started")"
     fi
-    for pid in "$background_pid" "$guests_pid"; do
-        if [ -n "$pid" ]; then
-            kill -- "-$pid" 2>/dev/null || kill "$pid" 2>/dev/null || true
-            wait "$pid" 2>/dev/null || true
-        fi
-    done
+    if [ -n "$background_pid" ]; then
+        kill -- "-$background_pid" 2>/dev/null || kill "$background_pid" 2>/dev/null || true
+        wait "$background_pid" 2>/dev/null || true
+    fi
     local checked="$EPOCHREALTIME"
     if ! scripts/leftovers.sh; then
         record "leftover processes (failed)" "$(elapsed "$checked")"
@@ -112,26 +109,7 @@ wait_for_tools() {
     cat "$tools_log" >&2
 }
 
-# The guests build beside the host's test build, at a lower priority: the
-# host's build keeps both cores busy only part of the time (its longest
-# crates compile one after the other at the end), and the guests fill the
-# idle core. Only the tests need them.
-guests_log="$root/target/guest-build.log"
-set -m
-nice -n 10 functions/build.sh >"$guests_log" 2>&1 &
-guests_pid=$!
-set +m
-wait_for_guests() {
-    local pid="$guests_pid"
-    guests_pid=""
-    if ! wait "$pid"; then
-        cat "$guests_log" >&2
-        echo "building the guests failed (log: $guests_log)" >&2
-        return 1
-    fi
-    cat "$guests_log" >&2
-}
-
+phase "guest build" functions/build.sh
 phase "fmt" cargo fmt --all -- --check
 # The test runner: the machine's cargo-nextest, or one built once per machine.
 export PATH="$PATH:$root/target/tools/cargo-nextest/bin"
@@ -150,7 +128,6 @@ clippy_driver="$(rustup which clippy-driver 2>/dev/null || command -v clippy-dri
 linted=(env "RUSTC_WORKSPACE_WRAPPER=$clippy_driver"
     "CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__" LICHEN_FUNCTIONS_BUILT=1)
 phase "clippy + test build" "${linted[@]}" cargo nextest run --workspace --all-targets --no-run --cargo-quiet
-phase "waiting for the guest build" wait_for_guests
 phase "waiting for tool installs" wait_for_tools
 # cargo-deny: advisories (a local database), licenses, banned crates (one
 # TLS stack: rustls with ring) and sources, as deny.toml says.
