@@ -20,7 +20,7 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 
 use anyhow::{Context, Result, bail};
 use ring::{aead, hkdf, hmac};
@@ -62,6 +62,9 @@ pub struct Secrets {
     seal: aead::LessSafeKey,
     digest: hmac::Key,
     held: RwLock<BTreeMap<String, Held>>,
+    /// Held by a change from its check to its last write, so the files and
+    /// the map agree; readers (guests, listings) wait only for the map.
+    changing: Mutex<()>,
 }
 
 /// Why a secret could not be set.
@@ -101,6 +104,7 @@ impl Secrets {
             seal: aead::LessSafeKey::new(seal),
             digest: hmac::Key::new(hmac::HMAC_SHA256, &expand(b"digest")?),
             held: RwLock::new(BTreeMap::new()),
+            changing: Mutex::new(()),
         };
         let mut held = BTreeMap::new();
         for (name, bytes) in store.secret_files()? {
@@ -150,10 +154,12 @@ impl Secrets {
                 value.len()
             )));
         }
-        // One writer at a time, so the file and the map agree.
-        let mut held = self.write();
-        if !held.contains_key(&name.0) && held.len() >= MAX_SECRETS {
-            return Err(SetError::Full);
+        let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        {
+            let held = self.read();
+            if !held.contains_key(&name.0) && held.len() >= MAX_SECRETS {
+                return Err(SetError::Full);
+            }
         }
         let updated_unix_ms = now_unix_ms();
         let sealed = self
@@ -167,7 +173,7 @@ impl Secrets {
             digest: self.digest_of(value),
             updated_unix_ms,
         };
-        held.insert(
+        self.write().insert(
             name.0.clone(),
             Held {
                 value: Arc::from(value),
@@ -179,9 +185,9 @@ impl Secrets {
 
     /// Removes `name`, durably; `false` if it was not set.
     pub fn remove(&self, store: &ModuleStore, name: &SecretName) -> Result<bool> {
-        let mut held = self.write();
+        let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
         let removed = store.remove_secret_file(&name.0)?;
-        Ok(held.remove(&name.0).is_some() || removed)
+        Ok(self.write().remove(&name.0).is_some() || removed)
     }
 
     fn seal(&self, name: &str, value: &str, updated_unix_ms: u64) -> Result<Vec<u8>> {

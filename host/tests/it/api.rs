@@ -526,7 +526,7 @@ async fn a_restart_keeps_functions_without_recompiling() {
     restarted.stop().await;
 
     // Damaged cached code is recompiled, not trusted.
-    for entry in walk(&dir.path().join("compiled")) {
+    for entry in common::files_under(&dir.path().join("compiled")) {
         std::fs::write(entry, b"garbage").unwrap();
     }
     let third = TestHost::start(test_config(dir.path())).await;
@@ -541,19 +541,6 @@ async fn a_restart_keeps_functions_without_recompiling() {
         1.0
     );
     third.stop().await;
-}
-
-fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            files.extend(walk(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

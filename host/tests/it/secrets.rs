@@ -45,26 +45,13 @@ async fn password(url: &str) -> Reply {
 /// Every file under `dir` that holds `needle`.
 fn files_holding(dir: &Path, needle: &[u8]) -> Vec<String> {
     let mut found = Vec::new();
-    for entry in walk(dir) {
+    for entry in common::files_under(dir) {
         let bytes = std::fs::read(&entry).unwrap_or_default();
         if bytes.windows(needle.len()).any(|window| window == needle) {
             found.push(entry.display().to_string());
         }
     }
     found
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut files = Vec::new();
-    for entry in std::fs::read_dir(dir).unwrap().flatten() {
-        let path = entry.path();
-        if path.is_dir() {
-            files.extend(walk(&path));
-        } else {
-            files.push(path);
-        }
-    }
-    files
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -180,23 +167,13 @@ async fn a_secret_reaches_the_guest_and_shows_nowhere_else() {
 
 /// Runs the CLI against `url`; its standard output (it must succeed).
 fn cli(url: &str, token: &str, args: &[&str], stdin: &str) -> String {
-    use std::io::Write;
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_lichen"))
-        .args(args)
-        .args(["--url", url])
-        .env("LICHEN_ADMIN_TOKEN", token)
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(stdin.as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
+    let out = common::run_with_input(
+        std::process::Command::new(env!("CARGO_BIN_EXE_lichen"))
+            .args(args)
+            .args(["--url", url])
+            .env("LICHEN_ADMIN_TOKEN", token),
+        stdin.as_bytes(),
+    );
     assert!(
         out.status.success(),
         "lichen {args:?}: {}",
