@@ -266,14 +266,21 @@ pub fn load_or_create_key(data_dir: &Path, key_file: Option<&Path>) -> Result<[u
             let mut key = [0u8; 32];
             getrandom::fill(&mut key)
                 .map_err(|e| anyhow::anyhow!("no randomness for the secrets key: {e}"))?;
+            // Written whole under another name, then renamed: a crash
+            // leaves no key or the whole key, never an empty file.
+            let tmp = data_dir.join(format!(".{KEY_FILE}.tmp"));
             let mut file = std::fs::OpenOptions::new()
                 .write(true)
-                .create_new(true)
+                .create(true)
+                .truncate(true)
                 .mode(0o600)
-                .open(&path)
-                .with_context(|| format!("writing {}", path.display()))?;
+                .open(&tmp)
+                .with_context(|| format!("writing {}", tmp.display()))?;
             file.write_all(format!("{}\n", hex::encode(key)).as_bytes())?;
             file.sync_all()?;
+            std::fs::rename(&tmp, &path)
+                .and_then(|()| std::fs::File::open(data_dir)?.sync_all())
+                .with_context(|| format!("writing {}", path.display()))?;
             tracing::info!(path = %path.display(), "generated a secrets key");
             Ok(key)
         }
