@@ -64,9 +64,10 @@ impl ConfigView<'_> {
     }
 
     /// A secret's value as it is now, so a changed secret reaches the next
-    /// call. One removed since the policy was loaded (the API refuses to
-    /// remove one a policy names, but a peer's removal may cross a policy
-    /// edit) is an error naming it, never its value.
+    /// call. One that is not set (the API refuses to remove a secret a
+    /// policy in force names, but a call can fall between a removal and the
+    /// policy edit that made it possible) is an error naming it, never a
+    /// value.
     fn resolve(&self, value: &ConfigValue) -> Result<String, String> {
         match value {
             ConfigValue::Text(text) => Ok(text.clone()),
