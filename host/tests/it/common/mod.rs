@@ -637,6 +637,10 @@ fn jetstream_config(dir: &Path, name: &str, store: &Path) -> PathBuf {
     path
 }
 
+/// How many times a server that exited at start (a port taken from under
+/// it) is started again on other ports.
+const PORT_ATTEMPTS: usize = 3;
+
 fn free_port() -> u16 {
     std::net::TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -647,15 +651,32 @@ fn free_port() -> u16 {
 impl NatsServer {
     /// One server, alone.
     pub fn start(dir: &Path) -> NatsServer {
-        let port = free_port();
-        let mut server = NatsServer::configured(dir, "n1", port, Vec::new());
-        server.spawn();
-        server.wait_ready();
-        server
+        for attempt in 0..PORT_ATTEMPTS {
+            let port = free_port();
+            let dir = dir.join(format!("attempt-{attempt}"));
+            let mut server = NatsServer::configured(&dir, "n1", port, Vec::new());
+            server.spawn();
+            if server.wait_ready() {
+                return server;
+            }
+        }
+        panic!("nats-server exited {PORT_ATTEMPTS} times before it was ready");
     }
 
     /// Three servers in one cluster (`lichen-test`), each with JetStream.
     pub fn cluster(dir: &Path) -> Vec<NatsServer> {
+        for attempt in 0..PORT_ATTEMPTS {
+            // A fresh directory each time: nothing of a failed start's state.
+            let mut servers =
+                NatsServer::cluster_on_free_ports(&dir.join(format!("attempt-{attempt}")));
+            if servers.iter_mut().all(NatsServer::wait_ready) {
+                return servers;
+            }
+        }
+        panic!("a nats-server exited {PORT_ATTEMPTS} times before its cluster was ready");
+    }
+
+    fn cluster_on_free_ports(dir: &Path) -> Vec<NatsServer> {
         let ports: Vec<(u16, u16)> = (0..3).map(|_| (free_port(), free_port())).collect();
         let routes: Vec<String> = ports
             .iter()
@@ -678,9 +699,6 @@ impl NatsServer {
             .collect();
         for server in &mut servers {
             server.spawn();
-        }
-        for server in &servers {
-            server.wait_ready();
         }
         servers
     }
@@ -758,12 +776,21 @@ impl NatsServer {
         self.child = Some(child);
     }
 
-    /// Waits until the server says JetStream is ready (its `/healthz`).
-    fn wait_ready(&self) {
+    /// Waits until the server says JetStream is ready (its `/healthz`);
+    /// `false` if it exited first, as it does when one of its ports was
+    /// taken between choosing it and binding it (the caller tries others).
+    fn wait_ready(&mut self) -> bool {
         let deadline = std::time::Instant::now() + Duration::from_secs(60);
         loop {
             if self.healthy() {
-                return;
+                return true;
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .is_none_or(|child| !matches!(child.try_wait(), Ok(None)));
+            if exited {
+                return false;
             }
             assert!(
                 std::time::Instant::now() < deadline,
@@ -798,7 +825,11 @@ impl NatsServer {
     /// Starts a killed server again, on its port and data.
     pub fn restart(&mut self) {
         self.spawn();
-        self.wait_ready();
+        assert!(
+            self.wait_ready(),
+            "nats-server {} exited on restart",
+            self.url
+        );
     }
 }
 
