@@ -90,10 +90,14 @@ impl Rest {
         })
     }
 
-    /// Why the body could not be read, if the handler asked for it and it
-    /// could not.
-    fn failure(&self) -> Option<&Error> {
-        self.body.get().and_then(|body| body.as_ref().err())
+    /// What the request is answered with: the handler's answer, unless the
+    /// handler asked for the body and it could not be read, whose error
+    /// (a `400`) is answered instead.
+    fn answer(&self, handled: Result<Response>) -> Response {
+        match self.body.get() {
+            Some(Err(error)) => error.clone().into_response(),
+            _ => handled.unwrap_or_else(Error::into_response),
+        }
     }
 }
 

@@ -22,11 +22,7 @@ pub fn serve(
 ) {
     let req = Request::incoming(method(&request), uri(&request), Wire(request));
     let rest = Rc::clone(&req.rest);
-    let response = handler(req).unwrap_or_else(Error::into_response);
-    let response = match rest.failure() {
-        Some(error) => error.clone().into_response(),
-        None => response,
-    };
+    let response = rest.answer(handler(req));
     // The request (and its body, if read) goes before the response is set.
     drop(rest);
     write_response(response, response_out);

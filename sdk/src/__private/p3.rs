@@ -31,11 +31,7 @@ where
 {
     let req = Request::incoming(method(&request), uri(&request), Wire::new(request));
     let rest = Rc::clone(&req.rest);
-    let response = handler(req).await.unwrap_or_else(Error::into_response);
-    let response = match rest.failure() {
-        Some(error) => error.clone().into_response(),
-        None => response,
-    };
+    let response = rest.answer(handler(req).await);
     drop(rest);
     match build_response(response) {
         Ok(response) => Ok(response),
