@@ -68,7 +68,7 @@ impl std::fmt::Debug for Secret {
 }
 
 /// HKDF output lengths that are not a ring algorithm.
-struct Len(usize);
+pub struct Len(pub usize);
 
 impl hkdf::KeyType for Len {
     fn len(&self) -> usize {

@@ -28,6 +28,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::policy::{MAX_CONFIG_VALUE_BYTES, SecretName};
 use crate::store::ModuleStore;
+use lichen_core::seal::Len;
 
 /// Where a generated secrets key is kept, in the data directory.
 pub const KEY_FILE: &str = "secrets.key";
@@ -76,15 +77,6 @@ pub enum SetError {
     Full,
     /// Storing it failed; nothing changed (`500`).
     Store(anyhow::Error),
-}
-
-/// HKDF output lengths that are not a ring algorithm.
-struct Len(usize);
-
-impl hkdf::KeyType for Len {
-    fn len(&self) -> usize {
-        self.0
-    }
 }
 
 impl Secrets {
