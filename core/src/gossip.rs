@@ -5,9 +5,14 @@
 //! Whatever a peer publishes, reading it never fails loudly: a value that
 //! does not parse is `None`.
 
+use std::collections::BTreeMap;
+
+use base64::Engine;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use serde::{Deserialize, Serialize};
 
-use crate::registry::Entry;
+use crate::registry::{Entry, Stamp};
+use crate::seal::SealedValue;
 
 /// A `fn:` value: what the host knows of a function, and which version it
 /// serves (`None`: none yet, or the function is deleted).
@@ -16,6 +21,71 @@ pub struct FunctionState {
     pub entry: Entry,
     #[serde(default)]
     pub serving: Option<u64>,
+}
+
+/// A `secret:` value: the version of a secret the host holds (the stamp of
+/// the change that made it and the node it was made on), and the value
+/// sealed with [`crate::seal::Keyring::seal_value`] over [`secret_aad`];
+/// `None`: removed. The later (stamp, origin) wins.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SecretState {
+    pub stamp: Stamp,
+    pub origin: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sealed: Option<SealedText>,
+}
+
+impl SecretState {
+    /// The version, to compare with another: the later wins.
+    pub fn version(&self) -> (Stamp, &str) {
+        (self.stamp, &self.origin)
+    }
+}
+
+/// A [`SealedValue`] as gossip carries it: base64, the keys by key id in
+/// hex.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SealedText {
+    pub data: String,
+    pub keys: BTreeMap<String, String>,
+}
+
+impl From<&SealedValue> for SealedText {
+    fn from(sealed: &SealedValue) -> Self {
+        SealedText {
+            data: BASE64.encode(&sealed.data),
+            keys: sealed
+                .keys
+                .iter()
+                .map(|(id, key)| (hex::encode(id), BASE64.encode(key)))
+                .collect(),
+        }
+    }
+}
+
+impl SealedText {
+    /// The sealed value, if its fields decode.
+    pub fn decode(&self) -> Option<SealedValue> {
+        let keys = self
+            .keys
+            .iter()
+            .map(|(id, key)| {
+                let id: [u8; 4] = hex::decode(id).ok()?.try_into().ok()?;
+                Some((id, BASE64.decode(key).ok()?))
+            })
+            .collect::<Option<Vec<_>>>()?;
+        Some(SealedValue {
+            data: BASE64.decode(&self.data).ok()?,
+            keys,
+        })
+    }
+}
+
+/// What a secret's sealed value is bound to: its name and version, so a
+/// value published for one secret, or for an older version of it, does
+/// not open as another.
+pub fn secret_aad(name: &str, stamp: Stamp, origin: &str) -> Vec<u8> {
+    format!("lichen secret\0{name}\0{stamp}\0{origin}").into_bytes()
 }
 
 /// The host's HTTP address for peers.
@@ -31,6 +101,9 @@ pub const KEY_KV: &str = "kv";
 pub const PREFIX_FN: &str = "fn:";
 /// `mod:<sha256>`: a module the host holds (the value is empty).
 pub const PREFIX_MOD: &str = "mod:";
+/// `secret:<name>`: the host's version of a secret, sealed
+/// ([`SecretState`]).
+pub const PREFIX_SECRET: &str = "secret:";
 
 /// The gossip port a `--peer` without one gets.
 pub const DEFAULT_GOSSIP_PORT: u16 = 7946;
@@ -91,6 +164,8 @@ pub enum Value<'a> {
     Function(FunctionState),
     /// The module the key names, by its hash.
     Module(&'a str),
+    /// The secret the key names, and the host's version of it.
+    Secret(&'a str, SecretState),
 }
 
 /// The value published under `key`, if its key is known and its body what
@@ -99,6 +174,9 @@ pub fn read<'a>(key: &'a str, value: &'a str) -> Option<Value<'a>> {
     if let Some(name) = key.strip_prefix(PREFIX_FN) {
         let state: FunctionState = serde_json::from_str(value).ok()?;
         return (state.entry.name == name).then_some(Value::Function(state));
+    }
+    if let Some(name) = key.strip_prefix(PREFIX_SECRET) {
+        return Some(Value::Secret(name, serde_json::from_str(value).ok()?));
     }
     if let Some(sha) = key.strip_prefix(PREFIX_MOD) {
         return Some(Value::Module(sha));
@@ -160,6 +238,36 @@ mod tests {
         assert_eq!(read(KEY_KV, "local:n1"), Some(Value::Kv("local:n1")));
         assert_eq!(read("mod:ab12", ""), Some(Value::Module("ab12")));
         assert_eq!(read("other", "x"), None);
+        let secret = SecretState {
+            stamp: 9,
+            origin: "n2".into(),
+            sealed: Some(SealedText::from(&SealedValue {
+                data: vec![1, 2, 3],
+                keys: vec![([0xab; 4], vec![4, 5])],
+            })),
+        };
+        let json = serde_json::to_string(&secret).unwrap();
+        let Some(Value::Secret("pg", read_back)) = read("secret:pg", &json) else {
+            panic!("{json} does not read back");
+        };
+        assert_eq!(
+            read_back.sealed.as_ref().and_then(SealedText::decode),
+            Some(SealedValue {
+                data: vec![1, 2, 3],
+                keys: vec![([0xab; 4], vec![4, 5])]
+            })
+        );
+        let removed = r#"{"stamp":10,"origin":"n1"}"#;
+        assert!(matches!(
+            read("secret:pg", removed),
+            Some(Value::Secret("pg", SecretState { sealed: None, .. }))
+        ));
+        assert_eq!(read("secret:pg", "{}"), None);
+        let bad_key = SealedText {
+            data: String::new(),
+            keys: [("zz".to_string(), String::new())].into(),
+        };
+        assert_eq!(bad_key.decode(), None);
         let mut entry = Entry::new("hello");
         entry.deploy(crate::registry::Version {
             id: 2,

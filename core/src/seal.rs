@@ -10,6 +10,10 @@
 //!   over method, path and query, a timestamp, a nonce and, when known
 //!   before sending, the body's SHA-256); a host takes a signature within
 //!   [`REQUEST_WINDOW`] of its clock, once ([`NonceCache`]);
+//! - the **value key** wraps the one-time key each secret value published
+//!   in gossip is sealed under ([`Keyring::seal_value`]), so a value is
+//!   never plain in a chitchat message, even to code that sees messages
+//!   after the datagram is opened (logs, dumps of the gossip state);
 //! - the **key id** (4 bytes) names which secret sealed or signed, so a host
 //!   holding two during a rotation ([`Keyring`]) knows which to check with.
 //!
@@ -59,6 +63,7 @@ pub struct Secret {
     id: [u8; 4],
     gossip: aead::LessSafeKey,
     request: hmac::Key,
+    values: aead::LessSafeKey,
 }
 
 impl std::fmt::Debug for Secret {
@@ -98,10 +103,13 @@ impl Secret {
         let gossip = aead::UnboundKey::new(&aead::CHACHA20_POLY1305, &expand(b"gossip", 32)?)
             .map_err(|_| anyhow::anyhow!("deriving the gossip key"))?;
         let request = hmac::Key::new(hmac::HMAC_SHA256, &expand(b"peer requests", 32)?);
+        let values = aead::UnboundKey::new(&aead::AES_256_GCM, &expand(b"secret values", 32)?)
+            .map_err(|_| anyhow::anyhow!("deriving the value key"))?;
         Ok(Secret {
             id,
             gossip: aead::LessSafeKey::new(gossip),
             request,
+            values: aead::LessSafeKey::new(values),
         })
     }
 
@@ -136,6 +144,70 @@ impl Keyring {
         self.previous.is_some()
     }
 
+    /// Seals `plaintext` for every secret this keyring holds: under a
+    /// fresh random key (AES-256-GCM), itself sealed under each secret's
+    /// value key, so a host holding either secret of a rotation opens it.
+    /// `aad` binds it to where it belongs (a name and a version): moved
+    /// anywhere else it does not open.
+    pub fn seal_value(&self, aad: &[u8], plaintext: &[u8]) -> anyhow::Result<SealedValue> {
+        let rng = rand::SystemRandom::new();
+        let data_key: [u8; 32] = random(&rng)?;
+        // The data key seals one value only, so a zero nonce is unique.
+        let mut data = plaintext.to_vec();
+        aead::LessSafeKey::new(
+            aead::UnboundKey::new(&aead::AES_256_GCM, &data_key)
+                .map_err(|_| anyhow::anyhow!("making a value key"))?,
+        )
+        .seal_in_place_append_tag(
+            aead::Nonce::assume_unique_for_key([0; aead::NONCE_LEN]),
+            aead::Aad::from(aad),
+            &mut data,
+        )
+        .map_err(|_| anyhow::anyhow!("sealing a value"))?;
+        let mut keys = Vec::new();
+        for secret in std::iter::once(&self.current).chain(&self.previous) {
+            let nonce: [u8; aead::NONCE_LEN] = random(&rng)?;
+            let mut wrapped = data_key.to_vec();
+            secret
+                .values
+                .seal_in_place_append_tag(
+                    aead::Nonce::assume_unique_for_key(nonce),
+                    aead::Aad::from(aad),
+                    &mut wrapped,
+                )
+                .map_err(|_| anyhow::anyhow!("sealing a value key"))?;
+            keys.push((secret.id, [&nonce[..], &wrapped].concat()));
+        }
+        Ok(SealedValue { data, keys })
+    }
+
+    /// Opens what [`Keyring::seal_value`] sealed with the same `aad`;
+    /// `None` if no secret here opens it (sealed only under secrets this
+    /// host does not hold, altered, or moved).
+    pub fn open_value(&self, aad: &[u8], sealed: &SealedValue) -> Option<Vec<u8>> {
+        let data_key = sealed.keys.iter().find_map(|(id, wrapped)| {
+            let (_, secret) = self.find(id)?;
+            let (nonce, wrapped) = wrapped.split_at_checked(aead::NONCE_LEN)?;
+            let nonce = aead::Nonce::try_assume_unique_for_key(nonce).ok()?;
+            let mut wrapped = wrapped.to_vec();
+            let key = secret
+                .values
+                .open_in_place(nonce, aead::Aad::from(aad), &mut wrapped)
+                .ok()?;
+            <[u8; 32]>::try_from(&*key).ok()
+        })?;
+        let key = aead::UnboundKey::new(&aead::AES_256_GCM, &data_key).ok()?;
+        let mut data = sealed.data.clone();
+        let plain = aead::LessSafeKey::new(key)
+            .open_in_place(
+                aead::Nonce::assume_unique_for_key([0; aead::NONCE_LEN]),
+                aead::Aad::from(aad),
+                &mut data,
+            )
+            .ok()?;
+        Some(plain.to_vec())
+    }
+
     fn find(&self, id: &[u8]) -> Option<(Which, &Secret)> {
         if bool::from(id.ct_eq(&self.current.id)) {
             return Some((Which::Current, &self.current));
@@ -143,6 +215,16 @@ impl Keyring {
         let previous = self.previous.as_ref()?;
         bool::from(id.ct_eq(&previous.id)).then_some((Which::Previous, previous))
     }
+}
+
+/// A value sealed by [`Keyring::seal_value`]: the value under a one-time
+/// key, and that key sealed under each secret (by key id).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SealedValue {
+    /// Ciphertext and tag.
+    pub data: Vec<u8>,
+    /// Key id, and nonce, sealed one-time key and tag.
+    pub keys: Vec<([u8; 4], Vec<u8>)>,
 }
 
 /// Why a datagram was dropped (the `reason` label of
@@ -559,6 +641,42 @@ mod tests {
     }
 
     const NOW: u64 = 1_800_000_000_000;
+
+    #[test]
+    fn a_sealed_value_opens_with_either_secret_of_a_rotation_and_nowhere_else() {
+        let rotating = ring("the next cluster secret", Some("the first cluster secret"));
+        let sealed = rotating.seal_value(b"pg 7", b"hunter2").unwrap();
+        assert!(!sealed.data.windows(7).any(|w| w == b"hunter2"));
+        assert_eq!(sealed.keys.len(), 2);
+        for holder in [
+            &rotating,
+            &ring("the first cluster secret", None),
+            &ring("the next cluster secret", None),
+        ] {
+            assert_eq!(
+                holder.open_value(b"pg 7", &sealed).as_deref(),
+                Some(&b"hunter2"[..])
+            );
+        }
+        assert_eq!(
+            ring("another cluster secret", None).open_value(b"pg 7", &sealed),
+            None
+        );
+        // Moved to another name or version, or altered: it does not open.
+        assert_eq!(rotating.open_value(b"pg 8", &sealed), None);
+        let mut altered = sealed.clone();
+        altered.data[0] ^= 1;
+        assert_eq!(rotating.open_value(b"pg 7", &altered), None);
+        let mut truncated = sealed.clone();
+        truncated.keys[0].1.truncate(5);
+        truncated.keys[1].1.clear();
+        assert_eq!(rotating.open_value(b"pg 7", &truncated), None);
+        // Each sealing takes a fresh key.
+        assert_ne!(
+            rotating.seal_value(b"pg 7", b"hunter2").unwrap().data,
+            sealed.data
+        );
+    }
 
     fn sealed(secret: &Secret, session: &mut Session, message: &[u8]) -> Vec<u8> {
         let mut out = Vec::new();

@@ -9,7 +9,7 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use lichen_core::gossip::{self, PREFIX_FN, PREFIX_MOD, Value};
+use lichen_core::gossip::{self, PREFIX_FN, PREFIX_MOD, PREFIX_SECRET, Value};
 use lichen_core::registry::{Entry, Version};
 use lichen_core::seal::{self, Keyring, ReplayGuard, Secret};
 
@@ -69,6 +69,15 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(left2, right2);
         }
         Some(Value::Module(sha)) => assert_eq!(key.strip_prefix(PREFIX_MOD), Some(sha)),
+        Some(Value::Secret(name, state)) => {
+            assert_eq!(key.strip_prefix(PREFIX_SECRET), Some(name));
+            // Nothing a peer makes up opens: only a value sealed under the
+            // cluster secret does.
+            if let Some(sealed) = state.sealed.as_ref().and_then(|s| s.decode()) {
+                let aad = gossip::secret_aad(name, state.stamp, &state.origin);
+                assert!(KEYRING.open_value(&aad, &sealed).is_none());
+            }
+        }
         Some(Value::Api(v) | Value::Kv(v)) => assert_eq!(v, value),
         Some(Value::Load { .. }) | None => {}
     }

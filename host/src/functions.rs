@@ -213,7 +213,7 @@ impl Functions {
     }
 
     /// A stamp for a change made here now.
-    fn tick(&self) -> Stamp {
+    pub fn tick(&self) -> Stamp {
         let now_ms = SystemTime::now()
             .duration_since(UNIX_EPOCH)
             .map_or(0, |d| d.as_millis() as u64);

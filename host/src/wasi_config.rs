@@ -66,8 +66,8 @@ impl ConfigView<'_> {
     /// A secret's value as it is now, so a changed secret reaches the next
     /// call. One that is not set (the API refuses to remove a secret a
     /// policy in force names, but a call can fall between a removal and the
-    /// policy edit that made it possible) is an error naming it, never a
-    /// value.
+    /// policy edit that made it possible, and a peer can remove one a
+    /// policy here still names) is an error naming it, never a value.
     fn resolve(&self, value: &ConfigValue) -> Result<String, String> {
         match value {
             ConfigValue::Text(text) => Ok(text.clone()),

@@ -9,8 +9,10 @@ use hyper::body::Incoming;
 
 use super::{AppState, body, json};
 use crate::error::{ApiError, Body};
-use crate::policy::{MAX_CONFIG_VALUE_BYTES, SecretName};
-use crate::secrets::SetError;
+use crate::functions::Functions;
+use crate::policy::SecretName;
+use crate::secrets::{MAX_SECRET_BYTES, SetError};
+use lichen_core::registry::Stamp;
 
 /// `GET /v1/secrets`.
 pub fn list(state: &Arc<AppState>) -> Result<Response<Body>, ApiError> {
@@ -27,19 +29,21 @@ pub async fn set(
     req: hyper::Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let name = secret_name(name)?;
-    let value = body::read_capped(
-        req,
-        MAX_CONFIG_VALUE_BYTES as u64,
-        state.limits.body_idle_timeout,
-    )
-    .await?;
+    let value =
+        body::read_capped(req, MAX_SECRET_BYTES as u64, state.limits.body_idle_timeout).await?;
     let functions = Arc::clone(&state.functions);
     let existed = functions.secrets.contains(&name.0);
     let set_name = name.clone();
     let set = tokio::task::spawn_blocking(move || {
         functions
             .secrets
-            .set(&functions.store, &set_name, &value)
+            .set(
+                &functions.store,
+                &set_name,
+                &value,
+                functions.origin(),
+                |seen| after(&functions, seen),
+            )
             .inspect(|_| functions.policies.reload_failed())
     })
     .await
@@ -47,6 +51,7 @@ pub async fn set(
     match set {
         Ok(info) => {
             tracing::info!(secret = %name.0, "secret set through the admin API");
+            publish(state, &name).await;
             let status = if existed {
                 StatusCode::OK
             } else {
@@ -87,7 +92,12 @@ pub async fn delete(state: &Arc<AppState>, name: &str) -> Result<Response<Body>,
     let functions = Arc::clone(&state.functions);
     let removed_name = name.clone();
     let removed = tokio::task::spawn_blocking(move || {
-        functions.secrets.remove(&functions.store, &removed_name)
+        functions.secrets.remove(
+            &functions.store,
+            &removed_name,
+            functions.origin(),
+            |seen| after(&functions, seen),
+        )
     })
     .await
     .map_err(|e| ApiError::internal(anyhow::anyhow!("secret removal task failed: {e}")))?
@@ -96,7 +106,24 @@ pub async fn delete(state: &Arc<AppState>, name: &str) -> Result<Response<Body>,
         return Err(ApiError::not_found(format!("no secret {:?}", name.0)));
     }
     tracing::info!(secret = %name.0, "secret removed through the admin API");
+    publish(state, &name).await;
     json(StatusCode::OK, &serde_json::json!({ "removed": name.0 }))
+}
+
+/// A stamp for a change made here now, later than `seen` (the version it
+/// replaces, which may come from a peer whose clock is ahead).
+fn after(functions: &Functions, seen: Stamp) -> Stamp {
+    functions.observe(seen);
+    functions.tick()
+}
+
+/// Gossips this host's version of `name` to the cluster, if any.
+async fn publish(state: &AppState, name: &SecretName) {
+    if let Some(cluster) = state.cluster() {
+        cluster
+            .publish_secret(&state.functions.secrets, &name.0)
+            .await;
+    }
 }
 
 fn secret_name(name: &str) -> Result<SecretName, ApiError> {

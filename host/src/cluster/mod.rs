@@ -6,13 +6,15 @@
 //!   datagrams sealed with the cluster secret ([`transport`]). Each host
 //!   publishes `api` (its HTTP
 //!   address), `load` (free invocation slots and invocations in flight),
-//!   `mod:<sha256>` per module it holds, and `fn:<name>` per function it
+//!   `mod:<sha256>` per module it holds, `fn:<name>` per function it
 //!   knows: its registry entry (`lichen_core::registry`) and the version it
-//!   serves.
+//!   serves, and `secret:<name>` per secret it holds (or removed), sealed
+//!   under a key derived from the cluster secret.
 //! - A host joins every peer's entry into its own record ([`sync`]), so an
 //!   entry outlives the host that wrote it; then it fetches the modules of
 //!   the versions kept (from a peer that holds them, checking the hash) and
-//!   serves the active one, compiling it itself.
+//!   serves the active one, compiling it itself. Secrets go the same way: the
+//!   later version wins, and is sealed again with this host's own key.
 //! - Forwarding ([`forward`]) sends an invocation this host has no room for
 //!   to the function's rendezvous owners with room ([`placement`]).
 //! - Every internal HTTP request (module fetches, forwards) is signed
@@ -38,7 +40,11 @@ use crate::functions::Functions;
 use crate::kv::Kv;
 use crate::metrics::Metrics;
 use crate::names::FunctionName;
-use lichen_core::gossip::{self, FunctionState, KEY_API, KEY_KV, KEY_LOAD, PREFIX_FN, PREFIX_MOD};
+use crate::secrets::Secrets;
+use lichen_core::gossip::{
+    self, FunctionState, KEY_API, KEY_KV, KEY_LOAD, PREFIX_FN, PREFIX_MOD, PREFIX_SECRET,
+    SealedText, SecretState,
+};
 pub use lichen_core::registry;
 use lichen_core::seal::{self, NonceCache, Signed};
 pub use lichen_core::seal::{Keyring, SIGNATURE_HEADER, Secret};
@@ -171,6 +177,8 @@ pub struct Cluster {
     /// Parsed gossip values by (node, key): re-read only when their version
     /// changes, as a round sees every key of every peer.
     parsed: Mutex<HashMap<GossipKey, (u64, Option<FunctionState>)>>,
+    /// The version of each `secret:` value already read, by (node, key).
+    parsed_secrets: Mutex<HashMap<GossipKey, u64>>,
     /// Each peer incarnation's clock offset, with the version of the load
     /// value it was measured from.
     offsets: Mutex<HashMap<String, (u64, i64)>>,
@@ -284,6 +292,7 @@ impl Cluster {
             departed: RwLock::new(Arc::new(Vec::new())),
             last_api: Mutex::new(HashMap::new()),
             parsed: Mutex::new(HashMap::new()),
+            parsed_secrets: Mutex::new(HashMap::new()),
             offsets: Mutex::new(HashMap::new()),
             skewed: Mutex::new(HashSet::new()),
             conflicts: Mutex::new(VecDeque::new()),
@@ -417,11 +426,58 @@ impl Cluster {
             .await;
     }
 
-    /// Gossips every record (at start: what this host stored before it
-    /// joined, stamps and origins as they were).
+    /// Gossips every record and secret (at start: what this host stored
+    /// before it joined, stamps and origins as they were).
     pub async fn publish_all(&self, functions: &Functions) {
         let names = functions.scan_records(|r| Some(r.name.clone()));
         self.publish_each(functions, &names).await;
+        for (name, _) in functions.secrets.versions() {
+            self.publish_secret(&functions.secrets, &name).await;
+        }
+    }
+
+    /// Gossips this host's version of the secret `name`, sealed (removed
+    /// ones too, so an older value elsewhere does not come back). Read and
+    /// sealed under gossip's lock, so what is published last is the latest.
+    pub async fn publish_secret(&self, secrets: &Secrets, name: &str) {
+        let key = format!("{PREFIX_SECRET}{name}");
+        self.chitchat
+            .with_chitchat(|chitchat| {
+                let Some(version) = secrets.version(name) else {
+                    return;
+                };
+                let aad = gossip::secret_aad(name, version.stamp, &version.origin);
+                let sealed = match version.value {
+                    Some(value) => match self.keyring.seal_value(&aad, value.as_bytes()) {
+                        Ok(sealed) => Some(SealedText::from(&sealed)),
+                        Err(error) => {
+                            tracing::error!(secret = name, error = %error, "cannot seal a secret for the cluster");
+                            return;
+                        }
+                    },
+                    None => None,
+                };
+                let state = SecretState {
+                    stamp: version.stamp,
+                    origin: version.origin,
+                    sealed,
+                };
+                if let Ok(json) = serde_json::to_string(&state) {
+                    chitchat.self_node_state().set(key.as_str(), json.as_str());
+                }
+            })
+            .await;
+    }
+
+    /// The value a peer published for the secret `name`, opened; `None` if
+    /// none of this host's cluster secrets opens it.
+    pub fn open_secret(&self, name: &str, state: &SecretState) -> Option<Option<String>> {
+        let Some(sealed) = &state.sealed else {
+            return Some(None);
+        };
+        let aad = gossip::secret_aad(name, state.stamp, &state.origin);
+        let plain = self.keyring.open_value(&aad, &sealed.decode()?)?;
+        String::from_utf8(plain).ok().map(Some)
     }
 
     /// [`Cluster::publish`] of each of `names`, looking up the modules
@@ -522,6 +578,15 @@ impl Cluster {
             .clear();
     }
 
+    /// Forgets every `secret:` value read, so the next round reads them
+    /// again (after one failed to be stored).
+    fn reread_secrets(&self) {
+        self.parsed_secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clear();
+    }
+
     /// Makes the `mod:` keys say exactly which modules this host holds.
     fn set_modules(&self, state: &mut chitchat::NodeState, modules: &BTreeSet<String>) {
         let held: Vec<String> = state
@@ -543,8 +608,8 @@ impl Cluster {
 
     /// Publishes this host's free slots and load, and reads every live
     /// peer's state into [`Cluster::peers`]. Returns the function states
-    /// peers published since the last round.
-    async fn gossip_round(&self, free_slots: u32, load: u32) -> Vec<FunctionState> {
+    /// and secrets peers published since the last round.
+    async fn gossip_round(&self, free_slots: u32, load: u32) -> Fresh {
         let load_value = format!("{free_slots} {load} {}", now_ms());
         let kv_value = self.kv_identity();
         let (snapshot, dead, me, twins) = self
@@ -590,11 +655,15 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(node, _), _| live.contains(node));
+        self.parsed_secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|(node, _), _| live.contains(node));
         self.offsets
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|node, _| live.contains(node));
-        let mut fresh = Vec::new();
+        let mut fresh = Fresh::default();
         let peers: Vec<Peer> = snapshot
             .into_iter()
             .filter_map(|(id, values)| self.read_peer(&id, values, &mut fresh))
@@ -654,7 +723,7 @@ impl Cluster {
         &self,
         id: &ChitchatId,
         values: Vec<(String, u64, String)>,
-        fresh: &mut Vec<FunctionState>,
+        fresh: &mut Fresh,
     ) -> Option<Peer> {
         let node = &*id.node_id;
         let mut peer = Peer {
@@ -680,7 +749,7 @@ impl Cluster {
                             _ => None,
                         };
                         match &entry {
-                            Some(state) => fresh.push(state.clone()),
+                            Some(state) => fresh.functions.push(state.clone()),
                             None => tracing::warn!(
                                 peer = node,
                                 key,
@@ -693,6 +762,26 @@ impl Cluster {
                 };
                 if let Some(state) = entry {
                     peer.functions.insert(state.entry.name.clone(), state);
+                }
+                continue;
+            }
+            if key.starts_with(PREFIX_SECRET) {
+                let cache_key = (incarnation(id), key.clone());
+                let mut seen = self
+                    .parsed_secrets
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner());
+                if seen.insert(cache_key, version) != Some(version) {
+                    match gossip::read(&key, &value) {
+                        Some(gossip::Value::Secret(name, state)) => {
+                            fresh.secrets.push((name.to_string(), state));
+                        }
+                        _ => tracing::warn!(
+                            peer = node,
+                            key,
+                            "ignoring a gossip value that does not parse"
+                        ),
+                    }
                 }
                 continue;
             }
@@ -721,7 +810,7 @@ impl Cluster {
                 Some(gossip::Value::Module(sha)) => {
                     peer.modules.insert(sha.to_string());
                 }
-                Some(gossip::Value::Function(_)) | None => {}
+                Some(gossip::Value::Function(_) | gossip::Value::Secret(..)) | None => {}
             }
         }
         (!peer.api.is_empty()).then_some(peer)
@@ -768,6 +857,14 @@ impl Cluster {
     pub fn api_url(&self) -> &str {
         &self.api_url
     }
+}
+
+/// What peers published since the last round.
+#[derive(Default)]
+pub struct Fresh {
+    pub functions: Vec<FunctionState>,
+    /// Secrets by name, as published.
+    pub secrets: Vec<(String, SecretState)>,
 }
 
 /// The modules on this host's disk that its records refer to.

@@ -1,5 +1,5 @@
 //! The gossip round of a host: publish its load, join its peers' registry
-//! entries into its own records, and make what it serves follow them
+//! entries and secrets into its own, and make what it serves follow them
 //! (fetching modules by hash, compiling them itself).
 
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -13,9 +13,11 @@ use http_body_util::{BodyExt, Empty};
 use super::{Cluster, Peer, SIGNATURE_HEADER};
 use crate::functions::Functions;
 use crate::names::FunctionName;
+use crate::policy::SecretName;
+use crate::secrets::{Applied, Versioned};
 use crate::shared_registry::SharedRegistry;
 use crate::store::sha256_hex;
-use lichen_core::gossip::FunctionState;
+use lichen_core::gossip::{FunctionState, SecretState};
 use lichen_core::registry::Entry;
 
 /// The first wait after an entry failed to apply; it doubles with each
@@ -66,7 +68,13 @@ pub async fn run(cluster: Arc<Cluster>, state: Weak<Functions>, max_upload: u64)
         if cluster.refused().is_some() {
             return;
         }
-        merge(&cluster, &state, fresh).await;
+        // Secrets first: a policy that names one can come into force in
+        // the same round.
+        if merge_secrets(&cluster, &state, fresh.secrets).await {
+            let mut progress = progress.lock().unwrap_or_else(|e| e.into_inner());
+            progress.unwritable.clear();
+        }
+        merge(&cluster, &state, fresh.functions).await;
         for name in unsettled(&state, &progress) {
             let (cluster, state, progress) = (
                 Arc::clone(&cluster),
@@ -111,6 +119,86 @@ pub async fn run(cluster: Arc<Cluster>, state: Weak<Functions>, max_upload: u64)
 /// host's records, and publishes the records that changed.
 async fn merge(cluster: &Cluster, state: &Functions, fresh: Vec<FunctionState>) {
     join(cluster, state, fresh.into_iter().map(|s| s.entry).collect()).await;
+}
+
+/// Takes the secrets peers published that are newer than this host's:
+/// stored (sealed with this host's key), in force for the next invocation,
+/// policies that waited for them loaded again, and published as this
+/// host's own. Whether any changed.
+async fn merge_secrets(
+    cluster: &Cluster,
+    state: &Arc<Functions>,
+    fresh: Vec<(String, SecretState)>,
+) -> bool {
+    let mut newer = Vec::new();
+    for (name, peer) in fresh {
+        state.observe(peer.stamp);
+        let Ok(name) = SecretName::try_from(name.clone()) else {
+            tracing::warn!(
+                secret = name,
+                "ignoring a peer's secret with an invalid name"
+            );
+            continue;
+        };
+        let held = state.secrets.version(&name.0);
+        if held.is_some_and(|held| (held.stamp, held.origin.as_str()) >= peer.version()) {
+            continue;
+        }
+        let Some(value) = cluster.open_secret(&name.0, &peer) else {
+            tracing::warn!(
+                secret = %name.0,
+                origin = peer.origin,
+                "a peer's secret does not open with this host's cluster secrets; keeping the one here"
+            );
+            continue;
+        };
+        let version = Versioned {
+            stamp: peer.stamp,
+            origin: peer.origin,
+            value: value.map(Arc::from),
+        };
+        newer.push((name, version));
+    }
+    if newer.is_empty() {
+        return false;
+    }
+    let functions = Arc::clone(state);
+    let applied = tokio::task::spawn_blocking(move || {
+        let mut applied = Vec::new();
+        for (name, version) in newer {
+            match functions.secrets.apply(&functions.store, &name, version) {
+                Ok(Applied::Older) => {}
+                Ok(done) => applied.push((name, done)),
+                Err(error) => {
+                    tracing::warn!(secret = %name.0, error = format!("{error:#}"), "cannot keep a peer's secret; reading it again next round");
+                    return Err(applied);
+                }
+            }
+        }
+        Ok(applied)
+    })
+    .await;
+    let applied = match applied {
+        Ok(Ok(applied)) => applied,
+        Ok(Err(applied)) => {
+            cluster.reread_secrets();
+            applied
+        }
+        Err(error) => {
+            tracing::error!(error = %error, "the task storing peers' secrets failed");
+            cluster.reread_secrets();
+            return false;
+        }
+    };
+    for (name, done) in &applied {
+        tracing::info!(secret = %name.0, removed = *done == Applied::Removed, "secret changed on a peer; in force here from the next invocation");
+        cluster.publish_secret(&state.secrets, &name.0).await;
+    }
+    if applied.iter().any(|(_, done)| *done == Applied::Set) {
+        let functions = Arc::clone(state);
+        let _ = tokio::task::spawn_blocking(move || functions.policies.reload_failed()).await;
+    }
+    !applied.is_empty()
 }
 
 /// Joins `fresh` entries (from peers, or from the registry on NATS) into

@@ -6,6 +6,7 @@
 use crate::common;
 
 mod registry;
+mod secrets;
 mod security;
 
 use std::collections::BTreeSet;
@@ -32,6 +33,8 @@ struct Node {
     gossip: String,
     dir: PathBuf,
     child: common::Spawned,
+    /// Every line the host logged.
+    log: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
 }
 
 impl Node {
@@ -60,6 +63,19 @@ impl Node {
         secret: &str,
         extra: &[&str],
     ) -> Node {
+        Node::launch_env(root, id, gossip, seeds, secret, extra, &[])
+    }
+
+    /// [`Node::launch`] with `env` set for the host.
+    fn launch_env(
+        root: &Path,
+        id: &str,
+        gossip: &str,
+        seeds: &[&Node],
+        secret: &str,
+        extra: &[&str],
+        env: &[(&str, &str)],
+    ) -> Node {
         let gossip = gossip.to_string();
         let dir = root.join(id);
         std::fs::create_dir_all(dir.join("policies")).unwrap();
@@ -74,6 +90,7 @@ impl Node {
             .args(extra)
             .env("LICHEN_ADMIN_TOKEN", TOKEN)
             .env("LICHEN_CLUSTER_SECRET", secret)
+            .envs(env.iter().copied())
             .stdout(Stdio::null())
             .stderr(Stdio::piped());
         for seed in seeds {
@@ -86,6 +103,8 @@ impl Node {
         let stderr = child.stderr.take().unwrap();
         let (tx, rx) = std::sync::mpsc::channel();
         let log_id = id.to_string();
+        let log: std::sync::Arc<std::sync::Mutex<Vec<String>>> = std::sync::Arc::default();
+        let lines = std::sync::Arc::clone(&log);
         std::thread::spawn(move || {
             for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                 if let Some(url) = lichen::server::listening_url(&line) {
@@ -94,6 +113,7 @@ impl Node {
                 if std::env::var_os("LICHEN_TEST_LOGS").is_some() {
                     eprintln!("[{log_id}] {line}");
                 }
+                lines.lock().unwrap().push(line);
             }
         });
         let url = rx
@@ -105,6 +125,7 @@ impl Node {
             gossip,
             dir,
             child,
+            log,
         }
     }
 

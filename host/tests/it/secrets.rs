@@ -215,7 +215,7 @@ async fn bad_secret_requests_are_refused_and_change_nothing() {
             "invalid_secret",
         ),
         (
-            put("pg", &vec![b'x'; (64 << 10) + 1]).await,
+            put("pg", &vec![b'x'; (32 << 10) + 1]).await,
             StatusCode::PAYLOAD_TOO_LARGE,
             "",
         ),
@@ -252,6 +252,8 @@ async fn bad_secret_requests_are_refused_and_change_nothing() {
     // Set, it is accepted; an unused secret can be removed.
     assert_eq!(put("pg", b"v").await.status, StatusCode::CREATED);
     assert_eq!(put("spare", b"w").await.status, StatusCode::CREATED);
+    let largest = put("spare", &vec![b'x'; 32 << 10]).await;
+    assert_eq!(largest.status, StatusCode::OK, "{}", largest.text());
     let accepted = host
         .admin(Method::PUT, "/v1/functions/cfg/policy", POLICY.into())
         .await;

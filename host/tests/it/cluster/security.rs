@@ -271,9 +271,9 @@ async fn chitchat_messages_without_the_secret_change_nothing_and_are_counted() {
 
 /// A UDP relay in front of `target` that records what passes, each way,
 /// once delivered: (towards the target?, datagram).
-type Captured = Arc<Mutex<Vec<(bool, Vec<u8>)>>>;
+pub(super) type Captured = Arc<Mutex<Vec<(bool, Vec<u8>)>>>;
 
-async fn recording_relay(
+pub(super) async fn recording_relay(
     target: SocketAddr,
 ) -> (SocketAddr, Captured, tokio::task::JoinHandle<()>) {
     let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
