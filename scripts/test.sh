@@ -65,9 +65,9 @@ phase() {
 # wasm32-wasip2 target; see functions/build.sh), promtool (checks the
 # /metrics output), docker-registry (the OCI tests' registry), Chromium
 # (the status page's browser test), iproute2, nftables and faketime (the
-# fault campaign's namespaces, partitions and skewed clock), and Node.js
-# where the machine has none.
-packages=(prometheus docker-registry chromium iproute2 nftables faketime)
+# fault campaign's namespaces, partitions and skewed clock), redis-server
+# (the outbound TCP test's server), and Node.js where the machine has none.
+packages=(prometheus docker-registry chromium iproute2 nftables faketime redis-server)
 packages+=($(functions/build.sh --debian-packages))
 command -v npm >/dev/null || packages+=(nodejs npm)
 phase "apt installs" scripts/apt-install.sh "${packages[@]}"

@@ -130,6 +130,19 @@ pub struct Outbound {
     /// Bounds connecting and waiting for the response head.
     #[serde(default = "default_outbound_timeout")]
     pub timeout: Timeout,
+    /// `HOST:PORT` destinations of outbound TCP (`wasi:sockets`): a name
+    /// (looked up by the guest, the addresses checked like outbound
+    /// HTTP's), an address, or a range `ADDRESS/PREFIX`; the port exact.
+    #[serde(default)]
+    pub tcp: Vec<TcpGrant>,
+    /// TCP connections one instance may open in its life (per invocation
+    /// with a fresh instance per request, the default).
+    #[serde(default = "default_max_tcp_connections")]
+    pub max_tcp_connections: Concurrency,
+}
+
+fn default_max_tcp_connections() -> Concurrency {
+    Concurrency(16)
 }
 
 fn default_max_connections() -> Concurrency {
@@ -146,6 +159,8 @@ impl Default for Outbound {
             allow: Vec::new(),
             max_connections: default_max_connections(),
             timeout: default_outbound_timeout(),
+            tcp: Vec::new(),
+            max_tcp_connections: default_max_tcp_connections(),
         }
     }
 }
@@ -755,6 +770,108 @@ fn in_range(ip: std::net::IpAddr, range: std::net::IpAddr, prefix: u8) -> bool {
     }
 }
 
+/// A destination of outbound TCP: `HOST:PORT`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TcpGrant {
+    /// Lower case, without a trailing dot or IPv6 brackets.
+    host: String,
+    port: u16,
+    /// An address, or a range, when the host is one.
+    range: Option<(std::net::IpAddr, u8)>,
+}
+
+impl TryFrom<String> for TcpGrant {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        let bad = |why: &str| {
+            format!(
+                "invalid tcp destination {text:?}: {why} (like \"db.example.com:5432\", \"10.1.2.3:6379\" or \"10.0.0.0/8:5432\")"
+            )
+        };
+        let (host, port) = text.rsplit_once(':').ok_or_else(|| bad("no port"))?;
+        let port = port
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| bad("the port must be a number from 1 to 65535"))?;
+        let host = host
+            .trim_start_matches('[')
+            .trim_end_matches(']')
+            .trim_end_matches('.')
+            .to_ascii_lowercase();
+        let range = match host.split_once('/') {
+            Some((address, prefix)) => {
+                let address: std::net::IpAddr = address
+                    .parse()
+                    .map_err(|_| bad("a range is ADDRESS/PREFIX, like 10.0.0.0/8"))?;
+                let max = if address.is_ipv4() { 32 } else { 128 };
+                let prefix = prefix
+                    .parse::<u8>()
+                    .ok()
+                    .filter(|p| *p <= max)
+                    .ok_or_else(|| bad("the prefix length of a range is 0 to 32 (IPv6: 128)"))?;
+                Some((address, prefix))
+            }
+            None => match host.parse::<std::net::IpAddr>() {
+                Ok(address) => Some((address, if address.is_ipv4() { 32 } else { 128 })),
+                Err(_) => {
+                    let label_ok = |label: &str| {
+                        !label.is_empty()
+                            && label.len() <= 63
+                            && label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+                    };
+                    if host.len() > 253 || !host.split('.').all(label_ok) {
+                        return Err(bad(
+                            "the host must be a name, an address or a range (no scheme, no wildcard)",
+                        ));
+                    }
+                    None
+                }
+            },
+        };
+        Ok(TcpGrant { host, port, range })
+    }
+}
+
+impl From<TcpGrant> for String {
+    fn from(grant: TcpGrant) -> String {
+        grant.to_string()
+    }
+}
+
+impl fmt::Display for TcpGrant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.host.contains(':') {
+            write!(f, "[{}]:{}", self.host, self.port)
+        } else {
+            write!(f, "{}:{}", self.host, self.port)
+        }
+    }
+}
+
+impl TcpGrant {
+    /// The name it grants, if it grants a name (not an address).
+    pub fn name(&self) -> Option<&str> {
+        self.range.is_none().then_some(self.host.as_str())
+    }
+
+    pub fn port(&self) -> u16 {
+        self.port
+    }
+
+    /// Whether it names this address itself (an address or a range holding
+    /// it) at this port. A name names no address: an internal address is
+    /// reached only when the policy names it.
+    pub fn names_address(&self, addr: std::net::SocketAddr) -> bool {
+        self.port == addr.port()
+            && self
+                .range
+                .is_some_and(|(range, prefix)| in_range(addr.ip().to_canonical(), range, prefix))
+    }
+}
+
 /// A policy ready to enforce: values resolved, paths checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Policy {
@@ -771,6 +888,10 @@ pub struct Policy {
     pub outbound_connections: u32,
     /// Bounds connecting and the response head of an outbound request.
     pub outbound_timeout: Duration,
+    /// Outbound TCP destinations.
+    pub tcp: Vec<TcpGrant>,
+    /// TCP connections one instance may open.
+    pub tcp_connections: u32,
     pub public: bool,
     pub tokens: Vec<String>,
     /// Requests one instance may serve in its life (1: no reuse).
@@ -893,6 +1014,8 @@ impl Policy {
             outbound: source.outbound.allow.clone(),
             outbound_connections: source.outbound.max_connections.0,
             outbound_timeout: source.outbound.timeout.0,
+            tcp: source.outbound.tcp.clone(),
+            tcp_connections: source.outbound.max_tcp_connections.0,
             public: source.access.public,
             tokens: source.access.tokens.clone(),
             reuse: source.instances.reuse.0,
@@ -941,6 +1064,14 @@ impl Policy {
     /// Whether the guest may send a request to this destination.
     pub fn allows_outbound(&self, scheme: &str, host: &str, port: u16) -> bool {
         self.outbound.iter().any(|p| p.allows(scheme, host, port))
+    }
+
+    /// Whether the guest may look up `name` (a TCP grant names it).
+    pub fn grants_tcp_name(&self, name: &str) -> bool {
+        let name = name.trim_end_matches('.');
+        self.tcp
+            .iter()
+            .any(|grant| grant.name().is_some_and(|n| n.eq_ignore_ascii_case(name)))
     }
 
     /// Whether a pattern names this internal address (see
@@ -1070,6 +1201,52 @@ mod tests {
             "http://foo/8:*",
         ] {
             assert!(HostPattern::try_from(bad.to_string()).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn tcp_grants_name_a_host_or_addresses_and_one_port() {
+        let policy = Policy::parse(
+            "[outbound]\ntcp = [\"DB.example.com.:5432\", \"127.0.0.1:6379\", \"10.0.0.0/8:5432\", \"[::1]:7000\"]\n",
+            "t.toml",
+            Path::new("."),
+        )
+        .unwrap();
+        assert_eq!(policy.tcp_connections, 16);
+        let grants: Vec<String> = policy.tcp.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            grants,
+            [
+                "db.example.com:5432",
+                "127.0.0.1:6379",
+                "10.0.0.0/8:5432",
+                "[::1]:7000"
+            ]
+        );
+        assert!(policy.grants_tcp_name("db.example.com"));
+        assert!(policy.grants_tcp_name("Db.Example.Com."));
+        assert!(!policy.grants_tcp_name("example.com"));
+        assert!(!policy.grants_tcp_name("127.0.0.1"));
+        let addr = |text: &str| text.parse::<std::net::SocketAddr>().unwrap();
+        let names = |a: &str| policy.tcp.iter().any(|g| g.names_address(addr(a)));
+        assert!(names("127.0.0.1:6379"));
+        assert!(!names("127.0.0.1:6380"));
+        assert!(names("10.9.8.7:5432"));
+        assert!(!names("11.0.0.1:5432"));
+        assert!(names("[::1]:7000"));
+        assert!(names("[::ffff:127.0.0.1]:6379"));
+        // A name grant names no address, not even the one it resolves to.
+        assert!(!policy.tcp[0].names_address(addr("93.184.216.34:5432")));
+        for bad in [
+            "db.example.com",
+            "db.example.com:0",
+            "db.example.com:x",
+            "tcp://db.example.com:5432",
+            "*.example.com:5432",
+            "10.0.0.0/40:5432",
+            ":5432",
+        ] {
+            assert!(TcpGrant::try_from(bad.to_string()).is_err(), "{bad}");
         }
     }
 

@@ -25,6 +25,7 @@ pub mod server;
 pub mod serving;
 pub mod shared_registry;
 pub mod store;
+pub mod tcp;
 pub mod tls;
 pub mod train;
 pub mod wasi_config;

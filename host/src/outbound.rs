@@ -49,6 +49,10 @@ const IDLE: Duration = Duration::from_secs(30);
 /// The `outcome` label values of `lichen_outbound_requests_total`.
 pub const OUTCOMES: &[&str] = &["ok", "refused", "timeout", "error"];
 
+/// The `outcome` label values of `lichen_outbound_tcp_connects_total`
+/// (`crate::tcp`).
+pub const TCP_OUTCOMES: &[&str] = &["ok", "refused", "limit"];
+
 /// Outbound HTTP of every function on this host.
 pub struct Outbound {
     pinned: HashMap<String, Vec<IpAddr>>,
@@ -69,6 +73,8 @@ struct Pool {
 #[derive(Clone)]
 pub struct OutboundMetrics {
     pub requests: IntCounterVec,
+    /// Outbound TCP connects of guests, by outcome (`crate::tcp`).
+    pub tcp_connects: IntCounterVec,
     pub duration: HistogramVec,
     pub connections: IntGaugeVec,
 }
@@ -94,6 +100,13 @@ impl OutboundMetrics {
                 ]),
                 &["function"],
             )?,
+            tcp_connects: IntCounterVec::new(
+                Opts::new(
+                    "lichen_outbound_tcp_connects_total",
+                    "Outbound TCP connects of guests (wasi:sockets) by outcome (ok, refused: no grant names the destination, limit: max_tcp_connections reached).",
+                ),
+                &["function", "outcome"],
+            )?,
             connections: IntGaugeVec::new(
                 Opts::new(
                     "lichen_outbound_connections",
@@ -105,6 +118,7 @@ impl OutboundMetrics {
         registry.register(Box::new(metrics.requests.clone()))?;
         registry.register(Box::new(metrics.duration.clone()))?;
         registry.register(Box::new(metrics.connections.clone()))?;
+        registry.register(Box::new(metrics.tcp_connects.clone()))?;
         Ok(metrics)
     }
 
@@ -114,6 +128,9 @@ impl OutboundMetrics {
         }
         let _ = self.duration.remove_label_values(&[function]);
         let _ = self.connections.remove_label_values(&[function]);
+        for outcome in TCP_OUTCOMES {
+            let _ = self.tcp_connects.remove_label_values(&[function, outcome]);
+        }
     }
 }
 
@@ -243,6 +260,11 @@ impl Outbound {
             },
         );
         client
+    }
+
+    /// The counter of guests' TCP connects.
+    pub fn tcp_connects(&self) -> IntCounterVec {
+        self.metrics.tcp_connects.clone()
     }
 
     /// Drops a deleted function's pool.

@@ -45,6 +45,7 @@ use crate::outbound::Outbound;
 use crate::policy::Policy;
 use crate::recent::{LogLine, Recent};
 use crate::secrets::Secrets;
+use crate::tcp::TcpFence;
 use crate::wasi_config::ConfigView;
 
 /// Instances, tables and memories one invocation may create: a component
@@ -241,12 +242,21 @@ impl HostState {
             recent: invocation.recent.clone(),
         };
         let mut wasi = WasiCtx::builder();
+        let tcp = !policy.tcp.is_empty();
         wasi.stdout(output("stdout"))
             .stderr(output("stderr"))
-            .allow_tcp(false)
+            .allow_tcp(tcp)
             .allow_udp(false)
-            .allow_ip_name_lookup(false)
+            .allow_ip_name_lookup(tcp)
             .max_random_size(MAX_RANDOM_BYTES);
+        if tcp {
+            let fence = Arc::new(TcpFence::new(
+                Arc::clone(&invocation.function),
+                Arc::clone(policy),
+                invocation.outbound.as_ref().map(|o| o.tcp_connects()),
+            ));
+            wasi.socket_addr_check(move |addr, usage| fence.check(addr, usage));
+        }
         for (name, value) in &policy.env {
             wasi.env(name, value);
         }
@@ -330,6 +340,11 @@ impl HostState {
             ctx: &mut self.kv,
             table: &mut self.table,
         }
+    }
+
+    /// The policy the instance runs under.
+    pub fn policy(&self) -> &Policy {
+        &self.hooks.invocation.policy
     }
 
     /// What `wasi:config/store` reads: the policy's `[config]`.

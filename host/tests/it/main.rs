@@ -28,6 +28,7 @@ mod reuse;
 mod secrets;
 mod status;
 mod status_page;
+mod tcp;
 mod tls;
 mod train;
 mod upload_fuzz;

@@ -44,6 +44,7 @@ pub const FUNCTIONS: &[&str] = &[
     "config-draft",
     "config-draft-2024",
     "motd",
+    "redis",
 ];
 
 pub fn repo_root() -> PathBuf {
