@@ -49,6 +49,7 @@ pub fn prepare(name: &str, component: &[u8]) -> Result<Prepared> {
         outbound: None,
         recent: None,
         secrets: None,
+        trace: None,
     };
     Ok(Prepared {
         runtime,

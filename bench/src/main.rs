@@ -149,6 +149,7 @@ fn main() -> Result<()> {
             alone(&Settings::from_env(smoke)?, kv)
         }
         Some("outbound") => alone(&Settings::from_env(smoke)?, outbound),
+        Some("tracing") => alone(&Settings::from_env(smoke)?, traced),
         Some("all") => {
             let out = args
                 .iter()
@@ -158,7 +159,7 @@ fn main() -> Result<()> {
             run_all(&Settings::from_env(smoke)?, &out)
         }
         _ => bail!(
-            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | history | seal | compute [ROUNDS] | scale N | map [--smoke] | throughput [--smoke] | p3 [--smoke] | kv [--smoke] | outbound [--smoke] | native-hello ADDR"
+            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | history | seal | compute [ROUNDS] | scale N | map [--smoke] | throughput [--smoke] | p3 [--smoke] | kv [--smoke] | outbound [--smoke] | tracing [--smoke] | native-hello ADDR"
         ),
     }
 }
@@ -263,6 +264,7 @@ fn run_all(settings: &Settings, out: &Path) -> Result<()> {
     map(settings, &mut report)?;
     kv(settings, &mut report)?;
     outbound(settings, &mut report)?;
+    traced(settings, &mut report)?;
     let markdown = report.markdown();
     println!("{markdown}");
     std::fs::write(out, &markdown).with_context(|| format!("writing {}", out.display()))?;
@@ -513,6 +515,51 @@ fn outbound(settings: &Settings, report: &mut Report) -> Result<()> {
         }
     }
     report.outbound(&runs);
+    Ok(())
+}
+
+/// hello with every invocation traced (sampling 1.0, exported over OTLP/HTTP
+/// to a native hyper server on loopback that takes each export) against the
+/// same host with tracing off, alternating.
+fn traced(settings: &Settings, report: &mut Report) -> Result<()> {
+    let mut runs: Vec<(&'static str, load::WrkResult)> = Vec::new();
+    for round in 0..settings.rounds {
+        for kind in ["off", "traced"] {
+            let collector = servers::native(&settings.self_exe)?;
+            let scratch = Scratch::new(&format!("trace-{round}"))?;
+            std::fs::write(
+                scratch.policies().join("hello.toml"),
+                "[limits]\nconcurrency = 128\nqueue = 1024\n",
+            )?;
+            let extra: Vec<String> = match kind {
+                "traced" => vec![
+                    "--otlp-endpoint".into(),
+                    collector.url.clone(),
+                    "--trace-sampling".into(),
+                    "1.0".into(),
+                ],
+                _ => Vec::new(),
+            };
+            let server = servers::lichen_with(
+                &settings.lichen,
+                &scratch.data(),
+                &scratch.policies(),
+                &extra,
+            )?;
+            servers::deploy(&server.url, "hello", &settings.component("hello")?)?;
+            let url = format!("{}/fn/hello", server.url);
+            load::wrk(&url, settings.connections, 1)?;
+            let result = load::wrk(&url, settings.connections, settings.seconds)?;
+            eprintln!(
+                "tracing round {round} {kind}: {:.0} req/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
+                result.requests_per_sec, result.p50_ms, result.p99_ms, result.errors
+            );
+            runs.push((kind, result));
+            server.stop();
+            collector.stop();
+        }
+    }
+    report.tracing(&runs);
     Ok(())
 }
 

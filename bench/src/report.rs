@@ -481,6 +481,42 @@ impl Report {
         self.sections.push(s);
     }
 
+    pub fn tracing(&mut self, runs: &[(&'static str, WrkResult)]) {
+        let mut s = String::from(
+            "## The cost of tracing (closed loop)\n\n`hello`, wrk -t1 -c64, medians; *traced*: every invocation traced (`--trace-sampling 1.0`: a span per invocation and its admission, guest and instantiation children), exported over OTLP/HTTP protobuf to a native hyper server on loopback; *off*: the same host without `--otlp-endpoint`.\n\n| tracing | req/s | p50 | p99 | errors |\n| --- | ---: | ---: | ---: | ---: |\n",
+        );
+        let mut medians = Vec::new();
+        for kind in ["off", "traced"] {
+            let Some(Medians {
+                rps,
+                p50,
+                p99,
+                errors,
+            }) = medians_of(runs.iter().filter(|(k, _)| *k == kind).map(|(_, r)| r))
+            else {
+                continue;
+            };
+            let _ = writeln!(
+                s,
+                "| {kind} | {rps:.0} | {p50:.2} ms | {p99:.2} ms | {errors} |"
+            );
+            medians.push(rps);
+        }
+        if let [off, traced] = medians[..] {
+            let cost = (1.0 - traced / off) * 100.0;
+            let _ = writeln!(
+                s,
+                "\nTraced / off: {:.3}x req/s ({cost:.1}% fewer).",
+                traced / off
+            );
+            self.goals.push(format!(
+                "tracing at sampling 1.0 costs under 5% of hello's req/s: {cost:.1}%, {}",
+                goal(cost < 5.0)
+            ));
+        }
+        self.sections.push(s);
+    }
+
     pub fn kv(&mut self, runs: &[(String, WrkResult)]) {
         let mut s = String::from(
             "## Key-value state through HTTP (closed loop)\n\nOne host, wrk -t1 -c64, each backend in turn per round, medians. *counter increment*: `counter` on 100 paths (an atomic increment each); *set 1 KiB* / *get 1 KiB*: `kv-draft` over 1,000 keys; *hello*: the same host's baseline. *local*: redb in the data directory (each write acknowledged after its group's fsync); *nats*: one `nats-server` with JetStream on loopback (file storage, one replica; reads through the stream leader, writes compare-and-swap).\n\n| workload | req/s | p50 | p99 | errors | vs hello |\n| --- | ---: | ---: | ---: | ---: | ---: |\n",

@@ -182,6 +182,18 @@ struct ServeArgs {
     /// benchmark's baseline for the pool.
     #[arg(long, hide = true)]
     outbound_no_keep_alive: bool,
+    /// Export traces of invocations over OTLP/HTTP (protobuf) to this
+    /// collector, e.g. http://127.0.0.1:4318 (`/v1/traces` is added).
+    /// Without it nothing is traced.
+    #[arg(long, value_name = "URL")]
+    otlp_endpoint: Option<String>,
+    /// A header sent with each export, e.g. `x-api-key=SECRET`; repeatable.
+    #[arg(long, value_name = "NAME=VALUE", requires = "otlp_endpoint")]
+    otlp_header: Vec<String>,
+    /// The share of traces started here that are exported, 0 to 1; a
+    /// request with a `traceparent` follows its caller's decision.
+    #[arg(long, value_name = "RATIO", default_value_t = 1.0)]
+    trace_sampling: f64,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -654,6 +666,17 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             .push(ip);
     }
     config.outbound.ca_cert = args.outbound_ca;
+    config.trace.endpoint = args.otlp_endpoint;
+    config.trace.sampling = args.trace_sampling;
+    for header in &args.otlp_header {
+        let (name, value) = header
+            .split_once('=')
+            .ok_or_else(|| anyhow::anyhow!("--otlp-header {header:?}: use NAME=VALUE"))?;
+        config
+            .trace
+            .headers
+            .push((name.trim().to_string(), value.to_string()));
+    }
     config.outbound.keep_alive = !args.outbound_no_keep_alive;
     config.registry = lichen::oci::RegistryConfig {
         allowed: args.registry.allow_registries,

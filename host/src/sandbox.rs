@@ -30,6 +30,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use http_body_util::BodyExt;
+use opentelemetry::KeyValue;
 use tokio::io::AsyncWrite;
 use wasmtime::component::ResourceTable;
 use wasmtime::{Engine, ResourceLimiter, Store};
@@ -46,6 +47,7 @@ use crate::policy::Policy;
 use crate::recent::{LogLine, Recent};
 use crate::secrets::Secrets;
 use crate::tcp::TcpFence;
+use crate::trace::Traced;
 use crate::wasi_config::ConfigView;
 
 /// Instances, tables and memories one invocation may create: a component
@@ -102,6 +104,9 @@ pub struct Invocation {
     /// The host's secrets, for `[config]` values that name one; `None`:
     /// such a value is the interface's `upstream` error.
     pub secrets: Option<Arc<Secrets>>,
+    /// The span of the guest call, when traced: each outbound request is
+    /// a child of it (fresh instances only; a reused one serves many).
+    pub trace: Option<Traced>,
 }
 
 /// Figures of one invocation, written from inside the sandbox.
@@ -388,10 +393,25 @@ impl WasiHttpHooks for OutboundGuard {
 
     fn send_request(
         &mut self,
-        request: http::Request<WasiBody>,
+        mut request: http::Request<WasiBody>,
         options: Option<RequestOptions>,
         _fut: ErrorFuture,
     ) -> SendFuture {
+        let span = self.invocation.trace.as_ref().map(|trace| {
+            let span = trace.child("outbound", opentelemetry::trace::SpanKind::Client);
+            let uri = request.uri();
+            span.set(KeyValue::new(
+                "http.request.method",
+                request.method().to_string(),
+            ));
+            span.set(KeyValue::new(
+                "server.address",
+                uri.host().unwrap_or_default().to_string(),
+            ));
+            span.set(KeyValue::new("url.path", uri.path().to_string()));
+            span.inject(request.headers_mut());
+            span
+        });
         let uri = request.uri();
         let scheme = uri.scheme_str().unwrap_or("https").to_ascii_lowercase();
         let host = uri.host().unwrap_or_default();
@@ -405,6 +425,10 @@ impl WasiHttpHooks for OutboundGuard {
                 "outbound request denied by policy"
             );
             (self.invocation.on_denied)();
+            if let Some(span) = &span {
+                span.fail("denied by the policy");
+                span.end();
+            }
             return Box::new(async { Err(wasmtime_wasi_http::Error::HttpRequestDenied) });
         }
         let Some(outbound) = &self.invocation.outbound else {
@@ -424,9 +448,19 @@ impl WasiHttpHooks for OutboundGuard {
             options,
         );
         Box::new(async move {
-            let response = sent.await?;
+            let response = sent.await;
+            if let Some(span) = &span {
+                match &response {
+                    Ok(response) => span.set(KeyValue::new(
+                        "http.response.status_code",
+                        i64::from(response.status().as_u16()),
+                    )),
+                    Err(error) => span.fail(error.to_string()),
+                }
+                span.end();
+            }
             // The pool drives the connection; nothing is left to await.
-            Ok((response, Box::new(async { Ok(()) }) as ErrorFuture))
+            Ok((response?, Box::new(async { Ok(()) }) as ErrorFuture))
         })
     }
 }

@@ -33,6 +33,7 @@ use crate::secrets::{self, Secrets};
 use crate::shared_registry::SharedRegistry;
 use crate::store::ModuleStore;
 use crate::tls::{Tls, TlsFiles};
+use crate::trace::{TraceConfig, Tracing};
 
 /// The embedded key-value store, in the data directory.
 const KV_FILE: &str = "kv.redb";
@@ -127,6 +128,8 @@ pub struct ServeConfig {
     pub outbound: OutboundConfig,
     /// Which OCI registries deploys may pull from, and how.
     pub registry: RegistryConfig,
+    /// Where traces of invocations are exported (nowhere by default).
+    pub trace: TraceConfig,
 }
 
 /// The key-value backend a host uses.
@@ -168,6 +171,7 @@ impl ServeConfig {
             tls: None,
             outbound: OutboundConfig::default(),
             registry: RegistryConfig::default(),
+            trace: TraceConfig::default(),
         }
     }
 }
@@ -320,17 +324,22 @@ impl Server {
         };
         let registries = Registries::new(config.registry.clone())
             .context("setting up the OCI registry client")?;
-        let state = Arc::new(AppState::new(
-            functions,
-            registries,
-            admin_token.clone(),
-            ApiLimits {
-                max_upload: config.max_upload,
-                body_idle_timeout: config.body_idle_timeout,
-                metrics_require_token: config.metrics_require_token,
-                ui: config.ui,
-            },
-        ));
+        let node = cluster.as_ref().map_or("local", |c| c.node_id());
+        let tracing = Tracing::start(&config.trace, node).context("starting tracing")?;
+        let state = Arc::new(
+            AppState::new(
+                functions,
+                registries,
+                admin_token.clone(),
+                ApiLimits {
+                    max_upload: config.max_upload,
+                    body_idle_timeout: config.body_idle_timeout,
+                    metrics_require_token: config.metrics_require_token,
+                    ui: config.ui,
+                },
+            )
+            .with_tracing(tracing),
+        );
         if let Some(cluster) = &cluster {
             state.join(Arc::clone(cluster));
         }
@@ -467,6 +476,8 @@ impl Server {
             ),
         }
         self.state.functions.kv.close().await;
+        let state = Arc::clone(&self.state);
+        let _ = tokio::task::spawn_blocking(move || state.tracing.shutdown()).await;
         Ok(())
     }
 }

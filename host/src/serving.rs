@@ -77,6 +77,7 @@ impl Serving {
             outbound: Some(Arc::clone(&functions.outbound)),
             recent: Some(Arc::clone(&functions.recent)),
             secrets: Some(Arc::clone(&functions.secrets)),
+            trace: None,
         };
         let on_cut = {
             let metrics = Arc::clone(&metrics);

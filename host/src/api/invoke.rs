@@ -19,7 +19,7 @@
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use http::{HeaderValue, Method, Response, StatusCode, header};
@@ -30,7 +30,7 @@ use super::AppState;
 use super::auth;
 use super::body::{RequestBody, declared_length, read_capped};
 use crate::cluster::forward::{Forward, Replay};
-use crate::cluster::{HOP_HEADER, MODULE_HEADER, SIGNATURE_HEADER};
+use crate::cluster::{HOP_HEADER, MODULE_HEADER, SERVED_BY_HEADER, SIGNATURE_HEADER};
 use crate::engine::{Deployed, Outcome};
 use crate::error::{ApiError, Body};
 use crate::names::FunctionName;
@@ -38,7 +38,10 @@ use crate::policy::Policy;
 use crate::sandbox::{CappedResponseBody, GuardedRequestBody, Handoff, InvocationStats};
 use crate::scheduler::Refusal;
 use crate::serving::Serving;
+use crate::trace::Traced;
 use lichen_core::seal::{self, Signed};
+use opentelemetry::KeyValue;
+use opentelemetry::trace::SpanKind;
 
 /// How an invocation reached this host.
 #[derive(Clone)]
@@ -83,6 +86,28 @@ pub async fn invoke(
     let method = req.method().clone();
     let started = Instant::now();
     let stats = Arc::new(InvocationStats::default());
+    let traced = state
+        .tracing
+        .invocation(req.headers(), function.name.as_str());
+    if let Some(span) = &traced {
+        span.set(KeyValue::new(
+            "lichen.version",
+            function.version.version as i64,
+        ));
+        span.set(KeyValue::new("lichen.route", format!("/{rest}")));
+        span.set(KeyValue::new("lichen.request_id", request_id.to_string()));
+        span.set(KeyValue::new(
+            "lichen.instance",
+            if serving.pool.is_some() {
+                "reused"
+            } else {
+                "fresh"
+            },
+        ));
+        if let Some(peer) = req.headers().get(HOP_HEADER).and_then(|v| v.to_str().ok()) {
+            span.set(KeyValue::new("lichen.forwarded_from", peer.to_string()));
+        }
+    }
     let (result, outcome) = admit_and_run(
         state,
         &function,
@@ -92,6 +117,7 @@ pub async fn invoke(
         request_id,
         Arc::clone(&stats),
         arrival,
+        traced.as_ref(),
     )
     .await;
     let duration = started.elapsed();
@@ -102,6 +128,17 @@ pub async fn invoke(
         Ok(response) => response.status(),
         Err(error) => error.status,
     };
+    if let Some(span) = &traced {
+        span.set(KeyValue::new("lichen.outcome", outcome.as_str()));
+        span.set(KeyValue::new(
+            "http.response.status_code",
+            i64::from(status.as_u16()),
+        ));
+        if status.is_server_error() {
+            span.fail(format!("answered {status}"));
+        }
+        span.end();
+    }
     let instantiate_ns = stats.instantiate_ns.load(Ordering::Relaxed);
     serving.metrics.record_invocation(
         outcome,
@@ -153,6 +190,7 @@ async fn admit_and_run(
     request_id: &str,
     stats: Arc<InvocationStats>,
     arrival: Arrival,
+    traced: Option<&Traced>,
 ) -> (Result<Response<Body>, ApiError>, Outcome) {
     let refused = |error: ApiError| (Err(error), Outcome::Rejected);
     let policy = &serving.policy;
@@ -244,6 +282,7 @@ async fn admit_and_run(
     };
     // Local cores first; when they are taken, a peer with room; when no
     // peer has room either, this host's queue.
+    let admitting = SystemTime::now();
     let _admission = match functions.scheduler.try_admit(gate) {
         Ok(admission) => admission,
         Err(refusal) if matches!(arrival, Arrival::Forwarded(_)) => return refused(busy(refusal)),
@@ -256,6 +295,10 @@ async fn admit_and_run(
                     }
                     _ => Replay::Never,
                 };
+                let forward = traced.map(|span| span.child("forward", SpanKind::Client));
+                if let Some(span) = &forward {
+                    span.inject(req.headers_mut());
+                }
                 let forwarded = cluster
                     .forward(
                         function.name.as_str(),
@@ -266,6 +309,9 @@ async fn admit_and_run(
                         policy.keyvalue.grants_any(),
                     )
                     .await;
+                if let Some(span) = &forward {
+                    note_forward(span, &forwarded);
+                }
                 req = match forwarded {
                     Forward::Done(response) => return (Ok(response), Outcome::Forwarded),
                     Forward::Failed(error) => return (Err(error), Outcome::ForwardFailed),
@@ -288,6 +334,9 @@ async fn admit_and_run(
             }
         }
     };
+    if let Some(span) = traced {
+        span.child_between("admission", admitting, SystemTime::now());
+    }
     *req.uri_mut() = guest_uri;
     if !req.headers().contains_key(header::HOST) {
         req.headers_mut()
@@ -296,6 +345,13 @@ async fn admit_and_run(
     // Between hosts only.
     req.headers_mut().remove(HOP_HEADER);
     req.headers_mut().remove(SIGNATURE_HEADER);
+    // The guest's call is a span of its own, and the guest is handed its
+    // context, so what the guest traces hangs from it.
+    let guest = traced.map(|span| span.child("guest", SpanKind::Internal));
+    if let Some(span) = &guest {
+        span.inject(req.headers_mut());
+    }
+    let calling = SystemTime::now();
 
     let (parts, body) = req.into_parts();
     let body = GuardedRequestBody::new(body, policy.request_body, state.limits.body_idle_timeout);
@@ -310,10 +366,22 @@ async fn admit_and_run(
                 .await
         }
         None => {
-            let invocation = serving.invocation(request_id, stats);
+            let mut invocation = serving.invocation(request_id, Arc::clone(&stats));
+            invocation.trace = guest.clone();
             runtime.invoke(function, request, &invocation).await
         }
     };
+    if let Some(span) = &guest {
+        let instantiate_ns = stats.instantiate_ns.load(Ordering::Relaxed);
+        if instantiate_ns > 0 {
+            let instantiated = calling + Duration::from_nanos(instantiate_ns);
+            span.child_between("instantiate", calling, instantiated);
+        }
+        if let Err(error) = &result {
+            span.fail(error.message.clone());
+        }
+        span.end();
+    }
     if exceeded.load(Ordering::Relaxed) {
         return refused(ApiError::too_large(format!(
             "the request body is longer than {}'s limit of {} bytes",
@@ -341,6 +409,28 @@ async fn admit_and_run(
     let response =
         response.map(move |body| CappedResponseBody::new(body, limit, on_cut).boxed_unsync());
     (Ok(response), outcome)
+}
+
+/// Notes on a forward's span where it went and how it ended.
+fn note_forward<B>(span: &Traced, forwarded: &Forward<B>) {
+    match forwarded {
+        Forward::Done(response) => {
+            if let Some(peer) = response
+                .headers()
+                .get(SERVED_BY_HEADER)
+                .and_then(|v| v.to_str().ok())
+            {
+                span.set(KeyValue::new("lichen.forwarded_to", peer.to_string()));
+            }
+            span.set(KeyValue::new(
+                "http.response.status_code",
+                i64::from(response.status().as_u16()),
+            ));
+        }
+        Forward::NoRoom(..) => span.set(KeyValue::new("lichen.forward", "no_room")),
+        Forward::Failed(error) => span.fail(error.message.clone()),
+    }
+    span.end();
 }
 
 /// A forward may take this much longer than the function's deadline (the

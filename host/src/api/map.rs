@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use http::{HeaderValue, Method, Response, StatusCode, header};
+use http::{HeaderMap, HeaderValue, Method, Response, StatusCode, header};
 use http_body_util::BodyExt;
 use hyper::body::Incoming;
 
@@ -42,6 +42,12 @@ pub async fn map(
     request_id: &str,
 ) -> Result<Response<Body>, ApiError> {
     let (authorization, policy) = invoke::check_access(state, name, &req)?;
+    // Each item carries the map's span as its parent.
+    let traced = state.tracing.map(req.headers(), name.as_str());
+    let mut carried = HeaderMap::new();
+    if let Some(span) = &traced {
+        span.inject(&mut carried);
+    }
     let path = item_path(name, req.uri().query())?;
     let body = body::read_capped(
         req,
@@ -61,12 +67,13 @@ pub async fn map(
         .map(|(i, item)| {
             let authorization = authorization.clone();
             let deadline = Instant::now() + policy.timeout + policy.timeout;
+            let carried = &carried;
             async move {
                 run_item(
                     state,
                     (name, path),
                     item,
-                    authorization,
+                    (authorization, carried),
                     &format!("{request_id}-{i}"),
                     deadline,
                 )
@@ -76,6 +83,10 @@ pub async fn map(
         .buffered(width)
         .collect()
         .await;
+    if let Some(span) = &traced {
+        span.set(opentelemetry::KeyValue::new("lichen.items", count as i64));
+        span.end();
+    }
     tracing::info!(request_id, function = %name, items = count, width, duration_us = started.elapsed().as_micros() as u64, "map");
     let body = serde_json::to_vec(&results).map_err(anyhow::Error::from)?;
     let mut response = Response::new(crate::error::full_body(body));
@@ -136,7 +147,7 @@ async fn run_item(
     state: &Arc<AppState>,
     (name, path): (&FunctionName, &str),
     item: serde_json::Value,
-    authorization: Option<HeaderValue>,
+    (authorization, carried): (Option<HeaderValue>, &HeaderMap),
     request_id: &str,
     deadline: Instant,
 ) -> serde_json::Value {
@@ -156,6 +167,9 @@ async fn run_item(
         headers.insert(header::CONTENT_LENGTH, HeaderValue::from(bytes.len()));
         if let Some(value) = &authorization {
             headers.insert(header::AUTHORIZATION, value.clone());
+        }
+        for (name, value) in carried {
+            headers.insert(name, value.clone());
         }
         let arrival = Arrival::MapItem(bytes.clone());
         // As the router splits `/fn/{name}/{rest...}`: `//x` stays `//x`.

@@ -13,6 +13,7 @@ use std::time::Duration;
 use crate::cluster::Cluster;
 use crate::functions::Functions;
 use crate::oci::Registries;
+use crate::trace::Tracing;
 
 /// Limits of the HTTP surface that are not per function.
 #[derive(Debug, Clone)]
@@ -40,6 +41,8 @@ pub struct AppState {
     /// Set when a shutdown signal arrives: `/readyz` answers 503 from then
     /// on while the host drains.
     draining: AtomicBool,
+    /// Traces of invocations (off unless an OTLP endpoint is configured).
+    pub tracing: Tracing,
 }
 
 impl AppState {
@@ -57,7 +60,14 @@ impl AppState {
             request_ids: RequestIds::new(),
             cluster: OnceLock::new(),
             draining: AtomicBool::new(false),
+            tracing: Tracing::default(),
         }
+    }
+
+    /// The same state, tracing as `tracing` says.
+    pub fn with_tracing(mut self, tracing: Tracing) -> Self {
+        self.tracing = tracing;
+        self
     }
 
     /// From now on the host says it is not ready (it still serves).

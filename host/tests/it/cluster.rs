@@ -8,6 +8,7 @@ use crate::common;
 mod registry;
 mod secrets;
 mod security;
+mod traces;
 
 use std::collections::BTreeSet;
 use std::io::{BufRead, BufReader};
