@@ -290,7 +290,8 @@ impl HostState {
                 Arc::clone(&invocation.function),
                 Arc::clone(policy),
                 invocation.kv.clone(),
-            ),
+            )
+            .traced(invocation.trace.clone()),
         })
     }
 }

@@ -176,12 +176,18 @@ impl Traced {
     }
 
     /// Records a child span that already happened, from `start` to `end`.
-    pub fn child_between(&self, name: &'static str, start: SystemTime, end: SystemTime) {
+    pub fn child_between(
+        &self,
+        name: &'static str,
+        (start, end): (SystemTime, SystemTime),
+        attributes: impl IntoIterator<Item = KeyValue>,
+    ) {
         let mut span = self
             .tracer
             .span_builder(name)
             .with_kind(SpanKind::Internal)
             .with_start_time(start)
+            .with_attributes(attributes)
             .start_with_context(&self.tracer, &self.cx);
         span.end_with_timestamp(end);
     }

@@ -335,7 +335,7 @@ async fn admit_and_run(
         }
     };
     if let Some(span) = traced {
-        span.child_between("admission", admitting, SystemTime::now());
+        span.child_between("admission", (admitting, SystemTime::now()), []);
     }
     *req.uri_mut() = guest_uri;
     if !req.headers().contains_key(header::HOST) {
@@ -375,7 +375,7 @@ async fn admit_and_run(
         let instantiate_ns = stats.instantiate_ns.load(Ordering::Relaxed);
         if instantiate_ns > 0 {
             let instantiated = calling + Duration::from_nanos(instantiate_ns);
-            span.child_between("instantiate", calling, instantiated);
+            span.child_between("instantiate", (calling, instantiated), []);
         }
         if let Err(error) = &result {
             span.fail(error.message.clone());

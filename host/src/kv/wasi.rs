@@ -16,12 +16,15 @@
 //! keys already listed, so any cursor a guest makes up is a valid start.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Instant, SystemTime};
+
+use opentelemetry::KeyValue;
 
 use wasmtime::component::{HasData, Linker, Resource, ResourceTable, ResourceTableError};
 
 use super::{Backend, Kv, KvAccess, KvError, KvMetrics, Page, Quota, Scope};
 use crate::policy::Policy;
+use crate::trace::Traced;
 
 /// Keys per `list-keys` page.
 const PAGE: usize = 1000;
@@ -111,6 +114,8 @@ pub struct KvCtx {
     access: Option<Arc<KvAccess>>,
     /// Operations made so far.
     ops: u64,
+    /// The guest call's span, when traced: each operation is a child.
+    trace: Option<Traced>,
 }
 
 impl KvCtx {
@@ -120,7 +125,14 @@ impl KvCtx {
             policy,
             access,
             ops: 0,
+            trace: None,
         }
+    }
+
+    /// The same, each operation a child span of `trace`.
+    pub fn traced(mut self, trace: Option<Traced>) -> Self {
+        self.trace = trace;
+        self
     }
 
     /// Starts a new count of operations against `max_ops`.
@@ -135,6 +147,7 @@ impl KvCtx {
             started: Instant::now(),
             function: Arc::clone(&self.function),
             metrics: self.access.as_ref().map(|a| a.metrics.clone()),
+            traced: self.trace.clone().map(|trace| (trace, SystemTime::now())),
         }
     }
 }
@@ -145,16 +158,28 @@ struct Op {
     started: Instant,
     function: Arc<str>,
     metrics: Option<KvMetrics>,
+    /// The span it is a child of, and when it started.
+    traced: Option<(Traced, SystemTime)>,
 }
 
 impl Op {
     fn finish<T>(self, result: Result<T, Failure>) -> Result<T, Failure> {
+        let outcome = match &result {
+            Ok(_) => "ok",
+            Err(failure) => failure.outcome(),
+        };
         if let Some(metrics) = &self.metrics {
-            let outcome = match &result {
-                Ok(_) => "ok",
-                Err(failure) => failure.outcome(),
-            };
             metrics.record(&self.function, self.op, outcome, self.started.elapsed());
+        }
+        if let Some((trace, started)) = &self.traced {
+            trace.child_between(
+                "keyvalue",
+                (*started, SystemTime::now()),
+                [
+                    KeyValue::new("lichen.kv.op", self.op),
+                    KeyValue::new("lichen.kv.outcome", outcome),
+                ],
+            );
         }
         result
     }

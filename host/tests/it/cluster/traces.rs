@@ -262,3 +262,83 @@ fn drawing(trace: &[Got], root: &str) -> String {
     walk(trace, root, 0, start, &mut out);
     out
 }
+
+/// The spans of `trace_id` the collector has, once it has all of `names`.
+async fn spans_of(spans: &Spans, trace_id: &str, names: &[&str]) -> Vec<Got> {
+    let trace = || -> Vec<Got> {
+        let spans = spans.lock().unwrap();
+        spans
+            .iter()
+            .filter(|s| s.trace_id == trace_id)
+            .cloned()
+            .collect()
+    };
+    eventually("the collector has the spans", || async {
+        let trace = trace();
+        names
+            .iter()
+            .all(|name| trace.iter().any(|s| s.name == *name))
+    })
+    .await;
+    trace()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_value_calls_and_map_items_are_children_in_the_trace() {
+    let root = tempfile::tempdir().unwrap();
+    let (collector, spans) = receiver().await;
+    let endpoint = format!("http://{collector}");
+    let a = Node::start_with(
+        root.path(),
+        "a",
+        &[],
+        SECRET,
+        &["--otlp-endpoint", &endpoint],
+    );
+    deploy_with_policy(&a, &[], "counter", "[keyvalue]\nstores = [\"default\"]\n").await;
+    deploy_with_policy(&a, &[], "square", "").await;
+
+    let counted = "0af7651916cd43dd8448eb211c80319c";
+    let reply = send(
+        Method::GET,
+        &format!("{}/fn/counter/page", a.url),
+        &[("traceparent", &format!("00-{counted}-b7ad6b7169203331-01"))],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let trace = spans_of(&spans, counted, &["guest", "keyvalue"]).await;
+    let guest = trace.iter().find(|s| s.name == "guest").unwrap();
+    let kv: Vec<&Got> = trace.iter().filter(|s| s.name == "keyvalue").collect();
+    assert!(kv.iter().all(|s| s.parent == guest.span_id), "{trace:#?}");
+    let ops: Vec<&str> = kv
+        .iter()
+        .map(|s| s.attributes["lichen.kv.op"].as_str())
+        .collect();
+    assert!(ops.contains(&"increment"), "{ops:?}");
+    assert!(kv.iter().all(|s| s.attributes["lichen.kv.outcome"] == "ok"));
+
+    let mapped = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let reply = send(
+        Method::POST,
+        &format!("{}/v1/functions/square/map", a.url),
+        &[("traceparent", &format!("00-{mapped}-00f067aa0ba902b7-01"))],
+        b"[1, 2, 3]".to_vec(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    let trace = spans_of(&spans, mapped, &["map square", "invoke square"]).await;
+    let map = trace.iter().find(|s| s.name == "map square").unwrap();
+    assert_eq!(map.parent, "00f067aa0ba902b7");
+    assert_eq!(map.attributes["lichen.items"], "3");
+    eventually("each item is a child of the map", || async {
+        let items = spans
+            .lock()
+            .unwrap()
+            .iter()
+            .filter(|s| s.name == "invoke square" && s.parent == map.span_id)
+            .count();
+        items == 3
+    })
+    .await;
+}
