@@ -139,10 +139,17 @@ pub struct Outbound {
     /// with a fresh instance per request, the default).
     #[serde(default = "default_max_tcp_connections")]
     pub max_tcp_connections: Concurrency,
+    /// Bytes one instance may send and receive over TCP, together.
+    #[serde(default = "default_max_tcp_bytes")]
+    pub max_tcp_bytes: ByteSize,
 }
 
 fn default_max_tcp_connections() -> Concurrency {
     Concurrency(16)
+}
+
+fn default_max_tcp_bytes() -> ByteSize {
+    ByteSize(64 << 20)
 }
 
 fn default_max_connections() -> Concurrency {
@@ -161,6 +168,7 @@ impl Default for Outbound {
             timeout: default_outbound_timeout(),
             tcp: Vec::new(),
             max_tcp_connections: default_max_tcp_connections(),
+            max_tcp_bytes: default_max_tcp_bytes(),
         }
     }
 }
@@ -892,6 +900,8 @@ pub struct Policy {
     pub tcp: Vec<TcpGrant>,
     /// TCP connections one instance may open.
     pub tcp_connections: u32,
+    /// TCP bytes (sent and received) one instance may move.
+    pub tcp_bytes: u64,
     pub public: bool,
     pub tokens: Vec<String>,
     /// Requests one instance may serve in its life (1: no reuse).
@@ -1016,6 +1026,7 @@ impl Policy {
             outbound_timeout: source.outbound.timeout.0,
             tcp: source.outbound.tcp.clone(),
             tcp_connections: source.outbound.max_tcp_connections.0,
+            tcp_bytes: source.outbound.max_tcp_bytes.0,
             public: source.access.public,
             tokens: source.access.tokens.clone(),
             reuse: source.instances.reuse.0,
@@ -1213,6 +1224,7 @@ mod tests {
         )
         .unwrap();
         assert_eq!(policy.tcp_connections, 16);
+        assert_eq!(policy.tcp_bytes, 64 << 20);
         let grants: Vec<String> = policy.tcp.iter().map(ToString::to_string).collect();
         assert_eq!(
             grants,

@@ -221,7 +221,7 @@ impl Runtime {
         crate::wasi_config::add_to_linker(&mut linker, HostState::config)
             .map_err(anyhow::Error::from)
             .context("adding wasi:config to the linker")?;
-        crate::tcp::add_to_linker(&mut linker, HostState::policy)
+        crate::tcp::add_to_linker(&mut linker, HostState::policy, HostState::tcp_fence)
             .context("replacing wasi:sockets name lookup")?;
         spawn_epoch_ticker(&engine);
         let cache_key = engine_cache_key(&engine);

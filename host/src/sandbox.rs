@@ -182,6 +182,8 @@ pub struct HostState {
     pub limits: Limiter,
     hooks: OutboundGuard,
     kv: KvCtx,
+    /// Outbound TCP's grants and counts, when the policy grants any.
+    tcp: Option<Arc<TcpFence>>,
 }
 
 /// Bounds memory (all of an instance's memories together), tables and
@@ -254,12 +256,15 @@ impl HostState {
             .allow_udp(false)
             .allow_ip_name_lookup(tcp)
             .max_random_size(MAX_RANDOM_BYTES);
-        if tcp {
-            let fence = Arc::new(TcpFence::new(
+        let tcp = tcp.then(|| {
+            Arc::new(TcpFence::new(
                 Arc::clone(&invocation.function),
                 Arc::clone(policy),
                 invocation.outbound.as_ref().map(|o| o.tcp_connects()),
-            ));
+            ))
+        });
+        if let Some(fence) = &tcp {
+            let fence = Arc::clone(fence);
             wasi.socket_addr_check(move |addr, usage| fence.check(addr, usage));
         }
         for (name, value) in &policy.env {
@@ -292,6 +297,7 @@ impl HostState {
                 invocation.kv.clone(),
             )
             .traced(invocation.trace.clone()),
+            tcp,
         })
     }
 }
@@ -351,6 +357,11 @@ impl HostState {
     /// The policy the instance runs under.
     pub fn policy(&self) -> &Policy {
         &self.hooks.invocation.policy
+    }
+
+    /// Outbound TCP's fence, when the policy grants any.
+    pub fn tcp_fence(&self) -> Option<Arc<TcpFence>> {
+        self.tcp.clone()
     }
 
     /// What `wasi:config/store` reads: the policy's `[config]`.

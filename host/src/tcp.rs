@@ -16,23 +16,34 @@
 //!   invocation with a fresh instance per request, the default); each
 //!   connect counted in `lichen_outbound_tcp_connects_total{function,
 //!   outcome}`.
+//! - **At most `max_tcp_bytes` sent and received per instance**: a
+//!   connection's streams are wrapped as `finish-connect` hands them out
+//!   (that function replaced too, [`Metered`]); past the budget a read or
+//!   write is the stream's error, naming the limit.
 //!
-//! What wasmtime's sockets leave no hook for, and so is not limited here:
-//! bytes sent and received (the invocation's deadline and memory bound
-//! them) and a connect timeout of its own (the deadline bounds it).
+//! What wasmtime's sockets leave no hook for: a connect timeout of its own
+//! (the invocation's deadline bounds a connect), and the budget of a WASIp3
+//! guest's own `wasi:sockets@0.3` streams (Rust's std, in p3 components
+//! too, uses the 0.2 sockets).
 
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 
 use anyhow::bail;
+use bytes::Bytes;
 use prometheus::IntCounterVec;
 use wasmtime::component::{Linker, LinkerInstance, Resource};
 use wasmtime_wasi::WasiView;
 use wasmtime_wasi::p2::bindings::sockets::ip_name_lookup::{Host as _, ResolveAddressStream};
 use wasmtime_wasi::p2::bindings::sockets::network::{ErrorCode, Host as _, Network};
+use wasmtime_wasi::p2::bindings::sockets::tcp::HostTcpSocket as _;
+use wasmtime_wasi::p2::{
+    DynInputStream, DynOutputStream, InputStream, OutputStream, Pollable, StreamError,
+    StreamResult, TcpSocket,
+};
 use wasmtime_wasi::p3::bindings::sockets::ip_name_lookup::ErrorCode as ErrorCode3;
 use wasmtime_wasi::p3::bindings::sockets::types::IpAddress as IpAddress3;
 use wasmtime_wasi::sockets::{SocketAddrUse, WasiSocketsView};
@@ -44,6 +55,8 @@ use crate::policy::Policy;
 /// importing any 0.2.x reach the first).
 const LOOKUP_P2: &str = "wasi:sockets/ip-name-lookup@0.2.12";
 const LOOKUP_P3: &str = "wasi:sockets/ip-name-lookup@0.3.0";
+/// The TCP interface whose `finish-connect` is replaced.
+const TCP_P2: &str = "wasi:sockets/tcp@0.2.12";
 
 /// One instance's outbound TCP: what its policy grants, and the connects
 /// made so far.
@@ -51,6 +64,8 @@ pub struct TcpFence {
     function: Arc<str>,
     policy: Arc<Policy>,
     made: AtomicU32,
+    /// Bytes sent and received so far.
+    moved: AtomicU64,
     connects: Option<IntCounterVec>,
 }
 
@@ -60,6 +75,7 @@ impl TcpFence {
             function,
             policy,
             made: AtomicU32::new(0),
+            moved: AtomicU64::new(0),
             connects,
         }
     }
@@ -88,6 +104,31 @@ impl TcpFence {
                 _ => false,
             }
         })
+    }
+
+    /// How many of `wanted` bytes may still move; an error once none may.
+    fn allowance(&self, wanted: usize) -> StreamResult<usize> {
+        let left = self
+            .policy
+            .tcp_bytes
+            .saturating_sub(self.moved.load(Ordering::Relaxed));
+        if left == 0 && wanted > 0 {
+            return Err(self.over());
+        }
+        Ok(wanted.min(usize::try_from(left).unwrap_or(usize::MAX)))
+    }
+
+    /// The error of a read or write past `max_tcp_bytes`.
+    fn over(&self) -> StreamError {
+        tracing::info!(function = %self.function, limit = self.policy.tcp_bytes, "outbound TCP stopped: max_tcp_bytes reached");
+        StreamError::LastOperationFailed(wasmtime::format_err!(
+            "max_tcp_bytes: this instance may send and receive {} bytes of TCP",
+            self.policy.tcp_bytes
+        ))
+    }
+
+    fn spend(&self, bytes: usize) {
+        self.moved.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 
     /// The outcome of a connect to `addr`.
@@ -148,7 +189,44 @@ fn may_look_up(policy: &Policy, name: &str) -> bool {
 pub fn add_to_linker<T: WasiView + 'static>(
     linker: &mut Linker<T>,
     policy: fn(&T) -> &Policy,
+    fence: fn(&T) -> Option<Arc<TcpFence>>,
 ) -> anyhow::Result<()> {
+    replace(linker, TCP_P2, move |tcp| {
+        tcp.func_wrap(
+            "[method]tcp-socket.finish-connect",
+            move |mut store, (this,): (Resource<TcpSocket>,)| {
+                type Streams = (Resource<DynInputStream>, Resource<DynOutputStream>);
+                let state: &mut T = store.data_mut();
+                let fence = fence(state);
+                let socket = this.rep();
+                let mut view = state.sockets();
+                let (input, output) = match view.finish_connect(this) {
+                    Ok(streams) => streams,
+                    Err(error) => {
+                        return Ok((Err::<Streams, _>(view.convert_error_code(error)?),));
+                    }
+                };
+                let Some(fence) = fence else {
+                    return Ok((Ok((input, output)),));
+                };
+                // The same streams, metered, children of the same socket.
+                let parent = Resource::<TcpSocket>::new_borrow(socket);
+                let input: DynInputStream = view.table.delete(input)?;
+                let output: DynOutputStream = view.table.delete(output)?;
+                let input: DynInputStream = Box::new(Metered {
+                    inner: input,
+                    fence: Arc::clone(&fence),
+                });
+                let output: DynOutputStream = Box::new(Metered {
+                    inner: output,
+                    fence,
+                });
+                let input = view.table.push_child(input, &parent)?;
+                let output = view.table.push_child(output, &parent)?;
+                Ok((Ok((input, output)),))
+            },
+        )
+    })?;
     replace(linker, LOOKUP_P2, move |lookup| {
         lookup.func_wrap(
             "resolve-addresses",
@@ -202,4 +280,59 @@ fn replace<T: 'static>(
     let defined = define(&mut linker.instance(instance)?);
     linker.allow_shadowing(false);
     Ok(defined?)
+}
+
+/// A TCP stream whose bytes count against its instance's `max_tcp_bytes`.
+struct Metered<S> {
+    inner: S,
+    fence: Arc<TcpFence>,
+}
+
+#[async_trait::async_trait]
+impl<S: Send + 'static + Pollable + ?Sized> Pollable for Metered<Box<S>> {
+    async fn ready(&mut self) {
+        self.inner.ready().await;
+    }
+}
+
+#[async_trait::async_trait]
+impl InputStream for Metered<DynInputStream> {
+    fn read(&mut self, size: usize) -> StreamResult<Bytes> {
+        let allowed = self.fence.allowance(size)?;
+        let bytes = self.inner.read(allowed)?;
+        self.fence.spend(bytes.len());
+        Ok(bytes)
+    }
+
+    async fn cancel(&mut self) {
+        self.inner.cancel().await;
+    }
+}
+
+#[async_trait::async_trait]
+impl OutputStream for Metered<DynOutputStream> {
+    fn write(&mut self, bytes: Bytes) -> StreamResult<()> {
+        if self.fence.allowance(bytes.len())? < bytes.len() {
+            // Not a part of it: the whole write is refused.
+            return Err(self.fence.over());
+        }
+        self.fence.spend(bytes.len());
+        self.inner.write(bytes)
+    }
+
+    fn flush(&mut self) -> StreamResult<()> {
+        self.inner.flush()
+    }
+
+    fn check_write(&mut self) -> StreamResult<usize> {
+        let ready = self.inner.check_write()?;
+        if ready == 0 {
+            return Ok(0);
+        }
+        self.fence.allowance(ready)
+    }
+
+    async fn cancel(&mut self) {
+        self.inner.cancel().await;
+    }
 }

@@ -3,7 +3,8 @@
 //! stores and reads values when its policy grants the server, and is
 //! refused (the guest's own `access-denied`, counted) for an address, a
 //! name or a port the policy does not grant, and past
-//! `max_tcp_connections`; a refused connect never reaches the server.
+//! `max_tcp_connections`; a refused connect never reaches the server, and
+//! past `max_tcp_bytes` a write fails before any of it is sent.
 #![allow(clippy::unwrap_used)]
 
 use std::io::{BufRead, BufReader, Read, Write};
@@ -163,6 +164,8 @@ async fn the_redis_example_reaches_only_what_its_policy_grants() {
             "unnamed",
             policy(&format!("redis.example:{port}"), &[&at], ""),
         ),
+        // 64 bytes of TCP, sent and received.
+        ("metered", policy(&at, &[&at], "max_tcp_bytes = 64\n")),
         // One connection per instance, and the instance kept between calls.
         (
             "limited",
@@ -211,6 +214,16 @@ async fn the_redis_example_reaches_only_what_its_policy_grants() {
     }
     // Only this test's own INFO connection since.
     assert_eq!(redis.connections(), before + 1);
+
+    // A GET and its answer fit in 64 bytes; a SET of 100 bytes does not,
+    // and none of it leaves.
+    let small = call(&host, "metered", Method::GET, "greeting", "").await;
+    assert_eq!(small.status, StatusCode::OK, "{}", small.text());
+    assert_eq!(small.json()["value"], "hello over tcp");
+    let big = call(&host, "metered", Method::PUT, "big", &"x".repeat(100)).await;
+    assert_eq!(big.status, StatusCode::BAD_GATEWAY, "{}", big.text());
+    assert!(big.text().contains("max_tcp_bytes"), "{}", big.text());
+    assert!(redis.command("EXISTS big").unwrap().starts_with(":0"));
 
     let first = call(&host, "limited", Method::GET, "greeting", "").await;
     assert_eq!(first.status, StatusCode::OK, "{}", first.text());
