@@ -244,11 +244,25 @@ impl Settings {
 /// A host started for the benchmark, with hello deployed under a policy that
 /// lets 64 connections through (the defaults would queue and shed them).
 fn lichen_with_hello(settings: &Settings, scratch: &Scratch) -> Result<Server> {
+    lichen_with_hello_and(settings, scratch, &[])
+}
+
+/// [`lichen_with_hello`], the host started with `extra` flags.
+fn lichen_with_hello_and(
+    settings: &Settings,
+    scratch: &Scratch,
+    extra: &[String],
+) -> Result<Server> {
     std::fs::write(
         scratch.policies().join("hello.toml"),
         "[limits]\nconcurrency = 128\nqueue = 1024\n",
     )?;
-    let server = servers::lichen(&settings.lichen, &scratch.data(), &scratch.policies())?;
+    let server = servers::lichen_with(
+        &settings.lichen,
+        &scratch.data(),
+        &scratch.policies(),
+        extra,
+    )?;
     servers::deploy(&server.url, "hello", &settings.component("hello")?)?;
     Ok(server)
 }
@@ -527,10 +541,6 @@ fn traced(settings: &Settings, report: &mut Report) -> Result<()> {
         for kind in ["off", "traced"] {
             let collector = servers::native(&settings.self_exe)?;
             let scratch = Scratch::new(&format!("trace-{round}"))?;
-            std::fs::write(
-                scratch.policies().join("hello.toml"),
-                "[limits]\nconcurrency = 128\nqueue = 1024\n",
-            )?;
             let extra: Vec<String> = match kind {
                 "traced" => vec![
                     "--otlp-endpoint".into(),
@@ -540,13 +550,7 @@ fn traced(settings: &Settings, report: &mut Report) -> Result<()> {
                 ],
                 _ => Vec::new(),
             };
-            let server = servers::lichen_with(
-                &settings.lichen,
-                &scratch.data(),
-                &scratch.policies(),
-                &extra,
-            )?;
-            servers::deploy(&server.url, "hello", &settings.component("hello")?)?;
+            let server = lichen_with_hello_and(settings, &scratch, &extra)?;
             let url = format!("{}/fn/hello", server.url);
             load::wrk(&url, settings.connections, 1)?;
             let result = load::wrk(&url, settings.connections, settings.seconds)?;

@@ -673,20 +673,7 @@ impl TryFrom<String> for HostPattern {
         let host = host.to_ascii_lowercase();
         let cidr = match host.split_once('/') {
             None => None,
-            Some((address, prefix)) => {
-                let address: std::net::IpAddr = address
-                    .trim_start_matches('[')
-                    .trim_end_matches(']')
-                    .parse()
-                    .map_err(|_| bad("a range is ADDRESS/PREFIX, like 10.0.0.0/8"))?;
-                let max = if address.is_ipv4() { 32 } else { 128 };
-                let prefix = prefix
-                    .parse::<u8>()
-                    .ok()
-                    .filter(|p| *p <= max)
-                    .ok_or_else(|| bad("the prefix length of a range is 0 to 32 (IPv6: 128)"))?;
-                Some((address, prefix))
-            }
+            Some((address, prefix)) => Some(parse_range(address, prefix).map_err(bad)?),
         };
         let wildcard_ok = host == "*"
             || !host.contains('*')
@@ -763,6 +750,22 @@ impl HostPattern {
     }
 }
 
+/// An address range `ADDRESS/PREFIX` (IPv6 brackets allowed), or why not.
+fn parse_range(address: &str, prefix: &str) -> Result<(std::net::IpAddr, u8), &'static str> {
+    let address: std::net::IpAddr = address
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .parse()
+        .map_err(|_| "a range is ADDRESS/PREFIX, like 10.0.0.0/8")?;
+    let max = if address.is_ipv4() { 32 } else { 128 };
+    let prefix = prefix
+        .parse::<u8>()
+        .ok()
+        .filter(|p| *p <= max)
+        .ok_or("the prefix length of a range is 0 to 32 (IPv6: 128)")?;
+    Ok((address, prefix))
+}
+
 fn in_range(ip: std::net::IpAddr, range: std::net::IpAddr, prefix: u8) -> bool {
     use std::net::IpAddr;
     match (ip, range) {
@@ -810,18 +813,7 @@ impl TryFrom<String> for TcpGrant {
             .trim_end_matches('.')
             .to_ascii_lowercase();
         let range = match host.split_once('/') {
-            Some((address, prefix)) => {
-                let address: std::net::IpAddr = address
-                    .parse()
-                    .map_err(|_| bad("a range is ADDRESS/PREFIX, like 10.0.0.0/8"))?;
-                let max = if address.is_ipv4() { 32 } else { 128 };
-                let prefix = prefix
-                    .parse::<u8>()
-                    .ok()
-                    .filter(|p| *p <= max)
-                    .ok_or_else(|| bad("the prefix length of a range is 0 to 32 (IPv6: 128)"))?;
-                Some((address, prefix))
-            }
+            Some((address, prefix)) => Some(parse_range(address, prefix).map_err(bad)?),
             None => match host.parse::<std::net::IpAddr>() {
                 Ok(address) => Some((address, if address.is_ipv4() { 32 } else { 128 })),
                 Err(_) => {

@@ -111,25 +111,44 @@ impl Tracing {
     }
 
     /// The span of one invocation of `function`, its parent what `headers`
-    /// carry; `None` when tracing is off.
-    pub fn invocation(&self, headers: &HeaderMap, function: &str) -> Option<Traced> {
-        self.server(headers, format!("invoke {function}"), function)
+    /// carry, with the `attributes` known at its start (asked for only when
+    /// tracing is on); `None` when tracing is off.
+    pub fn invocation(
+        &self,
+        headers: &HeaderMap,
+        function: &str,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Option<Traced> {
+        self.server(
+            headers,
+            || format!("invoke {function}"),
+            function,
+            attributes,
+        )
     }
 
     /// The span of a map over `function`: each item's invocation is a
     /// child of it.
     pub fn map(&self, headers: &HeaderMap, function: &str) -> Option<Traced> {
-        self.server(headers, format!("map {function}"), function)
+        self.server(headers, || format!("map {function}"), function, Vec::new)
     }
 
-    fn server(&self, headers: &HeaderMap, name: String, function: &str) -> Option<Traced> {
+    fn server(
+        &self,
+        headers: &HeaderMap,
+        name: impl FnOnce() -> String,
+        function: &str,
+        attributes: impl FnOnce() -> Vec<KeyValue>,
+    ) -> Option<Traced> {
         let on = self.on.as_ref()?;
         let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+        let mut attributes = attributes();
+        attributes.push(KeyValue::new("lichen.function", function.to_string()));
         let span = on
             .tracer
-            .span_builder(name)
+            .span_builder(name())
             .with_kind(SpanKind::Server)
-            .with_attributes([KeyValue::new("lichen.function", function.to_string())])
+            .with_attributes(attributes)
             .start_with_context(&on.tracer, &parent);
         Some(Traced {
             cx: parent.with_span(span),

@@ -88,26 +88,22 @@ pub async fn invoke(
     let stats = Arc::new(InvocationStats::default());
     let traced = state
         .tracing
-        .invocation(req.headers(), function.name.as_str());
-    if let Some(span) = &traced {
-        span.set(KeyValue::new(
-            "lichen.version",
-            function.version.version as i64,
-        ));
-        span.set(KeyValue::new("lichen.route", format!("/{rest}")));
-        span.set(KeyValue::new("lichen.request_id", request_id.to_string()));
-        span.set(KeyValue::new(
-            "lichen.instance",
-            if serving.pool.is_some() {
-                "reused"
-            } else {
-                "fresh"
-            },
-        ));
-        if let Some(peer) = req.headers().get(HOP_HEADER).and_then(|v| v.to_str().ok()) {
-            span.set(KeyValue::new("lichen.forwarded_from", peer.to_string()));
-        }
-    }
+        .invocation(req.headers(), function.name.as_str(), || {
+            let instance = match serving.pool {
+                Some(_) => "reused",
+                None => "fresh",
+            };
+            let mut attributes = vec![
+                KeyValue::new("lichen.version", function.version.version as i64),
+                KeyValue::new("lichen.route", format!("/{rest}")),
+                KeyValue::new("lichen.request_id", request_id.to_string()),
+                KeyValue::new("lichen.instance", instance),
+            ];
+            if let Some(peer) = req.headers().get(HOP_HEADER).and_then(|v| v.to_str().ok()) {
+                attributes.push(KeyValue::new("lichen.forwarded_from", peer.to_string()));
+            }
+            attributes
+        });
     let (result, outcome) = admit_and_run(
         state,
         &function,
@@ -328,15 +324,27 @@ async fn admit_and_run(
                     },
                 };
             }
-            match functions.scheduler.admit(gate, policy.timeout).await {
+            // The wait for a slot is a span; an admission that did not
+            // wait is not worth one.
+            let admitted = functions.scheduler.admit(gate, policy.timeout).await;
+            if let Some(span) = traced {
+                let waited = (admitting, SystemTime::now());
+                let outcome = match &admitted {
+                    Ok(_) => "admitted",
+                    Err(_) => "refused",
+                };
+                span.child_between(
+                    "admission",
+                    waited,
+                    [KeyValue::new("lichen.admission", outcome)],
+                );
+            }
+            match admitted {
                 Ok(admission) => admission,
                 Err(refusal) => return refused(busy(refusal)),
             }
         }
     };
-    if let Some(span) = traced {
-        span.child_between("admission", (admitting, SystemTime::now()), []);
-    }
     *req.uri_mut() = guest_uri;
     if !req.headers().contains_key(header::HOST) {
         req.headers_mut()

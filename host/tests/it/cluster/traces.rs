@@ -179,27 +179,11 @@ async fn a_forwarded_request_is_one_trace_across_both_hosts() {
         ("a", "invoke probe"),
         ("a", "forward"),
         ("b", "invoke probe"),
-        ("b", "admission"),
         ("b", "guest"),
         ("b", "instantiate"),
         ("b", "outbound"),
     ];
-    let trace = || -> Vec<Got> {
-        let spans = spans.lock().unwrap();
-        spans
-            .iter()
-            .filter(|s| s.trace_id == trace_id)
-            .cloned()
-            .collect()
-    };
-    eventually("the collector has both hosts' spans", || async {
-        let trace = trace();
-        wanted
-            .iter()
-            .all(|(host, name)| trace.iter().any(|s| s.host == *host && s.name == *name))
-    })
-    .await;
-    let trace = trace();
+    let trace = spans_of(&spans, trace_id, &wanted).await;
     let span = |host: &str, name: &str| -> Got {
         let found: Vec<&Got> = trace
             .iter()
@@ -216,7 +200,8 @@ async fn a_forwarded_request_is_one_trace_across_both_hosts() {
     assert_eq!(a_invoke.parent, client_span);
     assert_eq!(a_forward.parent, a_invoke.span_id);
     assert_eq!(b_invoke.parent, a_forward.span_id);
-    assert_eq!(span("b", "admission").parent, b_invoke.span_id);
+    // b had a free slot: no wait, no admission span.
+    assert!(!trace.iter().any(|s| s.name == "admission"), "{trace:#?}");
     assert_eq!(b_guest.parent, b_invoke.span_id);
     assert_eq!(span("b", "instantiate").parent, b_guest.span_id);
     assert_eq!(b_outbound.parent, b_guest.span_id);
@@ -263,8 +248,9 @@ fn drawing(trace: &[Got], root: &str) -> String {
     out
 }
 
-/// The spans of `trace_id` the collector has, once it has all of `names`.
-async fn spans_of(spans: &Spans, trace_id: &str, names: &[&str]) -> Vec<Got> {
+/// The spans of `trace_id` the collector has, once it has each of
+/// `wanted` (host and name; the host `*` is any).
+async fn spans_of(spans: &Spans, trace_id: &str, wanted: &[(&str, &str)]) -> Vec<Got> {
     let trace = || -> Vec<Got> {
         let spans = spans.lock().unwrap();
         spans
@@ -275,16 +261,18 @@ async fn spans_of(spans: &Spans, trace_id: &str, names: &[&str]) -> Vec<Got> {
     };
     eventually("the collector has the spans", || async {
         let trace = trace();
-        names
-            .iter()
-            .all(|name| trace.iter().any(|s| s.name == *name))
+        wanted.iter().all(|(host, name)| {
+            trace
+                .iter()
+                .any(|s| (*host == "*" || s.host == *host) && s.name == *name)
+        })
     })
     .await;
     trace()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn key_value_calls_and_map_items_are_children_in_the_trace() {
+async fn key_value_calls_map_items_and_a_wait_for_a_slot_are_spans_in_the_trace() {
     let root = tempfile::tempdir().unwrap();
     let (collector, spans) = receiver().await;
     let endpoint = format!("http://{collector}");
@@ -297,6 +285,8 @@ async fn key_value_calls_and_map_items_are_children_in_the_trace() {
     );
     deploy_with_policy(&a, &[], "counter", "[keyvalue]\nstores = [\"default\"]\n").await;
     deploy_with_policy(&a, &[], "square", "").await;
+    let policy = "[limits]\nconcurrency = 1\nqueue = 1\ntimeout = \"60s\"\n";
+    deploy_with_policy(&a, &[], "probe", policy).await;
 
     let counted = "0af7651916cd43dd8448eb211c80319c";
     let reply = send(
@@ -307,7 +297,7 @@ async fn key_value_calls_and_map_items_are_children_in_the_trace() {
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    let trace = spans_of(&spans, counted, &["guest", "keyvalue"]).await;
+    let trace = spans_of(&spans, counted, &[("*", "guest"), ("*", "keyvalue")]).await;
     let guest = trace.iter().find(|s| s.name == "guest").unwrap();
     let kv: Vec<&Got> = trace.iter().filter(|s| s.name == "keyvalue").collect();
     assert!(kv.iter().all(|s| s.parent == guest.span_id), "{trace:#?}");
@@ -327,7 +317,12 @@ async fn key_value_calls_and_map_items_are_children_in_the_trace() {
     )
     .await;
     assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
-    let trace = spans_of(&spans, mapped, &["map square", "invoke square"]).await;
+    let trace = spans_of(
+        &spans,
+        mapped,
+        &[("*", "map square"), ("*", "invoke square")],
+    )
+    .await;
     let map = trace.iter().find(|s| s.name == "map square").unwrap();
     assert_eq!(map.parent, "00f067aa0ba902b7");
     assert_eq!(map.attributes["lichen.items"], "3");
@@ -341,4 +336,26 @@ async fn key_value_calls_and_map_items_are_children_in_the_trace() {
         items == 3
     })
     .await;
+
+    // probe's one slot taken: the traced call waits in the queue, and the
+    // wait is its admission span.
+    let busy = format!("{}/fn/probe/sleep?ms={SLOW_MS}", a.url);
+    let sleeper = tokio::spawn(async move { send(Method::GET, &busy, &[], Vec::new()).await });
+    common::until_in_flight(&a.url, "probe", 1.0).await;
+    let queued = "1d6f1ab5b6ac4f7a8e5e3c36a41d2d0e";
+    let reply = send(
+        Method::GET,
+        &format!("{}/fn/probe/", a.url),
+        &[("traceparent", &format!("00-{queued}-2c7d1e6b8a9f0c34-01"))],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    assert_eq!(sleeper.await.unwrap().status, StatusCode::OK);
+    let trace = spans_of(&spans, queued, &[("a", "invoke probe"), ("a", "admission")]).await;
+    let invoke = trace.iter().find(|s| s.name == "invoke probe").unwrap();
+    let admission = trace.iter().find(|s| s.name == "admission").unwrap();
+    assert_eq!(admission.parent, invoke.span_id);
+    assert_eq!(admission.attributes["lichen.admission"], "admitted");
+    assert!(admission.end_ns > admission.start_ns, "{admission:#?}");
 }
