@@ -1,6 +1,7 @@
 //! The parts of a Lichen host that read what strangers send, without the
-//! engine: function names and the route table, policy files, gossip values
-//! and their seal, the registry they carry, and map request bodies.
+//! engine: function names and the route table, policy files and their
+//! triggers, gossip values and their seal, the registry they carry, and map
+//! request bodies.
 //!
 //! They live apart from `lichen-host` so they build in seconds and can be
 //! fuzzed (`fuzz/`) without compiling wasmtime a second time.
@@ -12,3 +13,4 @@ pub mod policy;
 pub mod registry;
 pub mod routes;
 pub mod seal;
+pub mod triggers;

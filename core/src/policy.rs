@@ -64,6 +64,9 @@ pub struct PolicyFile {
     /// `{ secret = "NAME" }` for a secret the host keeps encrypted.
     #[serde(default)]
     pub config: BTreeMap<ConfigKey, ConfigValue>,
+    /// What invokes the function besides HTTP requests.
+    #[serde(default, skip_serializing_if = "crate::triggers::Triggers::is_empty")]
+    pub triggers: crate::triggers::Triggers,
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -908,6 +911,9 @@ pub struct Policy {
     pub keyvalue: KeyValueGrant,
     /// `[config]`: what `wasi:config/store` answers, by key.
     pub config: BTreeMap<String, ConfigValue>,
+    /// `[[triggers.cron]]`, in the file's order (a trigger's index is its
+    /// place here).
+    pub cron: Vec<crate::triggers::CronTrigger>,
     /// The file as parsed, shown by the admin API.
     pub source: PolicyFile,
     /// The file's text, as the cluster registry carries it.
@@ -991,6 +997,7 @@ impl Policy {
                 source.config.len()
             ));
         }
+        crate::triggers::check(&source.triggers)?;
         let mut files = Vec::new();
         for (guest, host) in &source.files {
             let resolved = resolve_host_dir(base, host)
@@ -1038,6 +1045,7 @@ impl Policy {
                 .iter()
                 .map(|(key, value)| (key.0.clone(), value.clone()))
                 .collect(),
+            cron: source.triggers.cron.clone(),
             source,
             text: String::new(),
         })

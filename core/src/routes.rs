@@ -44,6 +44,10 @@ pub enum Handler {
     /// The status page and its assets.
     Ui,
     Module,
+    /// A peer's claim of a cron tick.
+    CronClaim,
+    /// Fires a function's trigger now.
+    RunTrigger,
     OpenApi,
     Metrics,
     Healthz,
@@ -140,6 +144,12 @@ pub static ROUTES: &[Route] = &[
         Access::Function,
         Handler::Map,
     ),
+    route(
+        POST,
+        "/v1/functions/{name}/triggers/{index}/run",
+        Access::Admin,
+        Handler::RunTrigger,
+    ),
     route(GET, "/v1/secrets", Access::Admin, Handler::ListSecrets),
     route(PUT, "/v1/secrets/{name}", Access::Admin, Handler::SetSecret),
     route(
@@ -157,6 +167,12 @@ pub static ROUTES: &[Route] = &[
         "/v1/internal/modules/{sha256}",
         Access::Peer,
         Handler::Module,
+    ),
+    route(
+        POST,
+        "/v1/internal/cron-claims",
+        Access::Peer,
+        Handler::CronClaim,
     ),
     route(GET, "/v1/openapi.json", Access::Public, Handler::OpenApi),
     route(GET, "/metrics", Access::Metrics, Handler::Metrics),

@@ -29,6 +29,7 @@ pub mod tcp;
 pub mod tls;
 pub mod trace;
 pub mod train;
+pub mod triggers;
 pub mod wasi_config;
 
 /// Function names: `lichen_core`'s, re-exported where the host's modules

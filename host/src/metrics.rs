@@ -70,6 +70,8 @@ pub struct Metrics {
     pub kv: KvMetrics,
     /// Guests' outbound HTTP.
     pub outbound: OutboundMetrics,
+    /// Cron triggers: runs, ticks given up, claims.
+    pub triggers: crate::triggers::TriggerMetrics,
     /// Invocations of functions that do not exist (no label: unbounded names).
     pub unknown_function: IntCounter,
     /// Compilations from WebAssembly to machine code, with their durations.
@@ -432,9 +434,11 @@ impl Metrics {
         ))?;
         let kv = KvMetrics::register(&registry)?;
         let outbound = OutboundMetrics::register(&registry)?;
+        let triggers = crate::triggers::TriggerMetrics::register(&registry)?;
         Ok(Metrics {
             kv,
             outbound,
+            triggers,
             registry,
             invocations,
             invocation_duration,

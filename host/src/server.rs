@@ -343,6 +343,7 @@ impl Server {
         if let Some(cluster) = &cluster {
             state.join(Arc::clone(cluster));
         }
+        tokio::spawn(crate::api::cron::run(Arc::downgrade(&state)));
         Ok(Server {
             listener,
             state,

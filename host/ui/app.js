@@ -205,6 +205,7 @@ function render(status) {
   state.lastGood = Date.now();
   renderHost(status.host, status.cluster);
   renderFunctions(status.functions);
+  renderTriggers(status.functions);
   renderDetail(status.function);
   renderCluster(status.cluster);
 }
@@ -262,6 +263,23 @@ function renderFunctions(functions) {
   });
   $('functions').tBodies[0].replaceChildren(...rows);
   show('no-functions', functions.length === 0);
+}
+
+function renderTriggers(functions) {
+  const rows = functions.flatMap((f) => (f.triggers || []).map((t) => {
+    const last = t.runs[0];
+    return el('tr', { data: { function: f.name, trigger: t.index } },
+      cell('function', f.name),
+      cell('index', t.index, 'num'),
+      el('td', { class: 'mono', title: t.timezone, data: { col: 'schedule' } }, `${t.schedule} (${t.timezone})`),
+      cell('next', t.next ?? '–'),
+      cell('last', last ? `${last.tick} on ${last.host}` : '–'),
+      cell('status', last ? last.status : '–', last && last.status >= 300 ? 'num error-cell' : 'num'),
+      cell('late', last ? fmt.ms(last.late_ms) : '–', 'num'),
+    );
+  }));
+  $('triggers-table').tBodies[0].replaceChildren(...rows);
+  show('triggers', rows.length > 0);
 }
 
 function select(name) {

@@ -51,6 +51,9 @@ pub enum Arrival {
     /// An item of a map: like a client's, and its body can be sent again
     /// if a peer fails after receiving it.
     MapItem(Bytes),
+    /// A trigger of the function's own policy (a cron tick): no access
+    /// check, and its body can be sent again like a map item's.
+    Trigger(Bytes),
     /// Forwarded by a peer (its signature checked; with the digest of the
     /// body it signed, if it knew the body): run here at once or refuse as
     /// busy, never forwarded again. The peer checked access.
@@ -208,8 +211,9 @@ async fn admit_and_run(
     }
     req.headers_mut().remove(MODULE_HEADER);
     if !policy.public {
-        // A forwarded request was checked by the host it came through.
-        if !matches!(arrival, Arrival::Forwarded(_))
+        // A forwarded request was checked by the host it came through; a
+        // trigger is the policy's own.
+        if !matches!(arrival, Arrival::Forwarded(_) | Arrival::Trigger(_))
             && let Err(error) = auth::invoke(state, policy, &req)
         {
             return (Err(error), Outcome::Denied);
@@ -285,7 +289,9 @@ async fn admit_and_run(
         Err(_) => {
             if let Some(cluster) = state.cluster() {
                 let replay = match &arrival {
-                    Arrival::MapItem(bytes) => Replay::Body(bytes.clone()),
+                    Arrival::MapItem(bytes) | Arrival::Trigger(bytes) => {
+                        Replay::Body(bytes.clone())
+                    }
                     _ if is_idempotent(req.method()) && req.body().is_end_stream() => {
                         Replay::Body(Bytes::new())
                     }
@@ -483,7 +489,7 @@ pub fn check_access<B>(
 }
 
 /// `503`: the function has no policy in force.
-fn policy_invalid(name: &FunctionName, error: impl std::fmt::Display) -> ApiError {
+pub fn policy_invalid(name: &FunctionName, error: impl std::fmt::Display) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "policy_invalid",

@@ -25,6 +25,7 @@
 pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod cron;
 pub mod invoke;
 pub mod map;
 pub mod observe;
@@ -129,12 +130,11 @@ async fn dispatch(
     req: hyper::Request<Incoming>,
     request_id: &str,
 ) -> Result<Response<Body>, ApiError> {
+    let mut signed = None;
     match route.access {
         Access::Public | Access::Function => {}
         Access::Admin => auth::admin(state, &req)?,
-        Access::Peer => {
-            auth::peer(state, &req)?;
-        }
+        Access::Peer => signed = Some(auth::peer(state, &req)?),
         Access::Metrics if state.limits.metrics_require_token => auth::admin(state, &req)?,
         Access::Metrics => {}
     }
@@ -161,6 +161,15 @@ async fn dispatch(
         Handler::Map => map::map(state, &name()?, req, request_id).await,
         Handler::Peers => admin::peers(state),
         Handler::Module => admin::module(state, params.get(0)),
+        Handler::CronClaim => match &signed {
+            Some(signed) => cron::receive_claim(state, signed, req).await,
+            None => Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "forbidden",
+                "claims come from peers",
+            )),
+        },
+        Handler::RunTrigger => cron::run_now(state, &name()?, params.get(1)).await,
         Handler::Status => status::status(state, req.uri().query()).await,
         Handler::Ui => ui::serve(state, params.get(0)),
         Handler::OpenApi => Ok(observe::openapi()),

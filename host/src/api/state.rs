@@ -14,6 +14,7 @@ use crate::cluster::Cluster;
 use crate::functions::Functions;
 use crate::oci::Registries;
 use crate::trace::Tracing;
+use crate::triggers::Cron;
 
 /// Limits of the HTTP surface that are not per function.
 #[derive(Debug, Clone)]
@@ -43,6 +44,8 @@ pub struct AppState {
     draining: AtomicBool,
     /// Traces of invocations (off unless an OTLP endpoint is configured).
     pub tracing: Tracing,
+    /// The latest runs of cron triggers.
+    pub cron: Cron,
 }
 
 impl AppState {
@@ -61,6 +64,7 @@ impl AppState {
             cluster: OnceLock::new(),
             draining: AtomicBool::new(false),
             tracing: Tracing::default(),
+            cron: Cron::default(),
         }
     }
 
@@ -90,6 +94,11 @@ impl AppState {
 
     pub fn limits(&self) -> &ApiLimits {
         &self.limits
+    }
+
+    /// A new request id, for a request the host makes itself.
+    pub fn next_request_id(&self) -> String {
+        self.request_ids.next()
     }
 }
 

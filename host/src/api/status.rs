@@ -48,6 +48,11 @@ pub async fn status(state: &AppState, query: Option<&str>) -> Result<Response<Bo
             .map(|(outcome, count)| (outcome, json!(count)))
             .collect();
         let memory_peak = functions.metrics.memory_peak_of(name);
+        let triggers = policy
+            .policy
+            .as_ref()
+            .map(|p| state.cron.status(name, &p.cron))
+            .unwrap_or_default();
         rows.push(json!({
             "name": name,
             "version": slot.version.version,
@@ -66,6 +71,7 @@ pub async fn status(state: &AppState, query: Option<&str>) -> Result<Response<Bo
             "in_flight": in_flight,
             "queued": queued,
             "memory_peak_bytes": memory_peak,
+            "triggers": triggers,
         }));
     }
     let (cpu_seconds, rss_bytes) = functions.metrics.process();

@@ -17,10 +17,13 @@
 //!   later version wins, and is sealed again with this host's own key.
 //! - Forwarding ([`forward`]) sends an invocation this host has no room for
 //!   to the function's rendezvous owners with room ([`placement`]).
-//! - Every internal HTTP request (module fetches, forwards) is signed
+//! - Cron ticks are run by one host each, chosen by claims sent between
+//!   hosts ([`claims`]).
+//! - Every internal HTTP request (module fetches, forwards, claims) is signed
 //!   ([`Cluster::sign`]) and checked ([`Cluster::verify`]) with keys from
 //!   the same secret; over HTTPS when the host serves TLS.
 
+pub mod claims;
 pub mod forward;
 pub mod placement;
 pub mod sync;
@@ -207,6 +210,8 @@ pub struct Cluster {
     rounds: AtomicU64,
     /// Whether this host has heard from the cluster (see [`Cluster::joined`]).
     joined: AtomicBool,
+    /// Cron ticks claimed, by this host or its peers ([`claims`]).
+    claims: claims::Claims,
 }
 
 impl Cluster {
@@ -304,6 +309,7 @@ impl Cluster {
             kv,
             rounds: AtomicU64::new(0),
             joined: AtomicBool::new(false),
+            claims: claims::Claims::default(),
         }))
     }
 
@@ -314,6 +320,11 @@ impl Cluster {
     /// cluster's functions yet.
     pub fn joined(&self) -> bool {
         self.joined.load(Ordering::Relaxed)
+    }
+
+    /// The gossip interval.
+    pub fn interval(&self) -> Duration {
+        self.interval
     }
 
     pub fn node_id(&self) -> &str {

@@ -32,6 +32,22 @@ fn weight(function: &str, node_id: &str) -> u64 {
     u64::from_be_bytes(bytes)
 }
 
+/// The weight of `node_id` for one tick of a function's cron trigger: the
+/// hosts serving the function take their turns at the tick in this order.
+pub fn tick_weight(function: &str, trigger: u32, at_ms: i64, node_id: &str) -> u64 {
+    let digest = Sha256::new()
+        .chain_update(b"cron\0")
+        .chain_update(function.as_bytes())
+        .chain_update([0u8])
+        .chain_update(trigger.to_be_bytes())
+        .chain_update(at_ms.to_be_bytes())
+        .chain_update(node_id.as_bytes())
+        .finalize();
+    let mut bytes = [0u8; 8];
+    bytes.copy_from_slice(&digest[..8]);
+    u64::from_be_bytes(bytes)
+}
+
 /// The `k` owners of `function` among `members`, highest weight first. Every
 /// host computes the same list from the same members.
 pub fn owners<'a>(function: &str, members: &'a [Candidate], k: usize) -> Vec<&'a Candidate> {

@@ -5,6 +5,7 @@
 
 use crate::common;
 
+mod cron;
 mod registry;
 mod secrets;
 mod security;

@@ -1,0 +1,291 @@
+//! `[triggers]` of a policy: what invokes a function besides an HTTP
+//! request. A cron trigger's schedule is parsed by `croner` (five fields, or
+//! six with seconds first, or an alias such as `@hourly`) in its time zone
+//! (`jiff`'s database: the system's, or the one built in), so a bad schedule
+//! or zone is a policy error naming the trigger.
+
+use std::str::FromStr as _;
+
+use serde::{Deserialize, Serialize};
+
+/// The most cron triggers a policy may hold.
+pub const MAX_CRON_TRIGGERS: usize = 16;
+/// The largest JSON body a trigger may send, written out.
+pub const MAX_TRIGGER_BODY_BYTES: usize = 64 << 10;
+
+/// `[triggers]`.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Triggers {
+    /// `[[triggers.cron]]`: invocations on a schedule, once per tick across
+    /// the cluster.
+    #[serde(default)]
+    pub cron: Vec<CronTrigger>,
+}
+
+impl Triggers {
+    pub fn is_empty(&self) -> bool {
+        self.cron.is_empty()
+    }
+}
+
+/// One `[[triggers.cron]]`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct CronTrigger {
+    pub schedule: Schedule,
+    /// An IANA time zone name; UTC unless given.
+    #[serde(default)]
+    pub timezone: Zone,
+    /// The path (and query) the function is invoked at.
+    #[serde(default)]
+    pub path: TriggerPath,
+    #[serde(default)]
+    pub method: TriggerMethod,
+    /// Sent as the request body, as JSON, with `content-type:
+    /// application/json`; no body unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub body: Option<serde_json::Value>,
+}
+
+impl CronTrigger {
+    /// The first tick strictly after `after`, if the schedule has one.
+    pub fn next_after(&self, after: jiff::Timestamp) -> Option<jiff::Timestamp> {
+        let cron = parse_schedule(&self.schedule.0).ok()?;
+        let zoned = after.to_zoned(self.timezone.zone().ok()?);
+        cron.find_next_occurrence(&zoned, false)
+            .ok()
+            .map(|next| next.timestamp())
+    }
+
+    /// The body as sent, if any.
+    pub fn body_bytes(&self) -> Option<Vec<u8>> {
+        self.body.as_ref().map(|body| body.to_string().into_bytes())
+    }
+}
+
+/// A cron schedule as written, checked by `croner`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Schedule(pub String);
+
+fn parse_schedule(text: &str) -> Result<croner::Cron, croner::errors::CronError> {
+    croner::parser::CronParser::builder()
+        .seconds(croner::parser::Seconds::Optional)
+        .build()
+        .parse(text)
+}
+
+impl TryFrom<String> for Schedule {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        if text.len() > 256 {
+            return Err("a schedule is at most 256 bytes".to_string());
+        }
+        let cron = parse_schedule(&text).map_err(|e| {
+            format!("{text:?} is not a cron schedule ({e}); expected five fields (minute hour day-of-month month day-of-week), six with seconds first, or an alias such as @hourly")
+        })?;
+        // A schedule that never fires (31 February) is a mistake too.
+        let from = jiff::Timestamp::UNIX_EPOCH.to_zoned(jiff::tz::TimeZone::UTC);
+        if cron.find_next_occurrence(&from, false).is_err() {
+            return Err(format!("{text:?} never fires"));
+        }
+        Ok(Schedule(text))
+    }
+}
+
+impl From<Schedule> for String {
+    fn from(schedule: Schedule) -> String {
+        schedule.0
+    }
+}
+
+/// An IANA time zone name (`Europe/Paris`), `UTC` by default.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Zone(pub String);
+
+impl Default for Zone {
+    fn default() -> Self {
+        Zone("UTC".to_string())
+    }
+}
+
+impl Zone {
+    fn zone(&self) -> Result<jiff::tz::TimeZone, jiff::Error> {
+        jiff::tz::TimeZone::get(&self.0)
+    }
+}
+
+impl TryFrom<String> for Zone {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        let zone = Zone(name);
+        match zone.zone() {
+            Ok(_) => Ok(zone),
+            Err(_) => Err(format!(
+                "{:?} is not a time zone: expected an IANA name such as \"UTC\" or \"Europe/Paris\"",
+                zone.0
+            )),
+        }
+    }
+}
+
+impl From<Zone> for String {
+    fn from(zone: Zone) -> String {
+        zone.0
+    }
+}
+
+/// The path and query a trigger invokes: `/` unless given.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TriggerPath(pub String);
+
+impl Default for TriggerPath {
+    fn default() -> Self {
+        TriggerPath("/".to_string())
+    }
+}
+
+impl TryFrom<String> for TriggerPath {
+    type Error = String;
+
+    fn try_from(path: String) -> Result<Self, Self::Error> {
+        let valid = path.starts_with('/')
+            && path.len() <= 1024
+            && path.parse::<http::uri::PathAndQuery>().is_ok();
+        if valid {
+            Ok(TriggerPath(path))
+        } else {
+            Err(format!(
+                "{path:?} is not a path: expected /PATH[?QUERY], at most 1024 bytes"
+            ))
+        }
+    }
+}
+
+impl From<TriggerPath> for String {
+    fn from(path: TriggerPath) -> String {
+        path.0
+    }
+}
+
+/// The method a trigger invokes with: `POST` unless given.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct TriggerMethod(pub http::Method);
+
+impl Default for TriggerMethod {
+    fn default() -> Self {
+        TriggerMethod(http::Method::POST)
+    }
+}
+
+impl TryFrom<String> for TriggerMethod {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        match http::Method::from_str(&name) {
+            Ok(method)
+                if matches!(
+                    method,
+                    http::Method::GET
+                        | http::Method::POST
+                        | http::Method::PUT
+                        | http::Method::PATCH
+                        | http::Method::DELETE
+                ) =>
+            {
+                Ok(TriggerMethod(method))
+            }
+            _ => Err(format!(
+                "{name:?} is not a trigger method: expected GET, POST, PUT, PATCH or DELETE"
+            )),
+        }
+    }
+}
+
+impl From<TriggerMethod> for String {
+    fn from(method: TriggerMethod) -> String {
+        method.0.to_string()
+    }
+}
+
+/// Checks what serde cannot: counts and body sizes.
+pub fn check(triggers: &Triggers) -> Result<(), String> {
+    if triggers.cron.len() > MAX_CRON_TRIGGERS {
+        return Err(format!(
+            "{} cron triggers, above the maximum of {MAX_CRON_TRIGGERS}",
+            triggers.cron.len()
+        ));
+    }
+    for (index, trigger) in triggers.cron.iter().enumerate() {
+        let len = trigger.body_bytes().map_or(0, |body| body.len());
+        if len > MAX_TRIGGER_BODY_BYTES {
+            return Err(format!(
+                "triggers.cron[{index}].body is {len} bytes as JSON, above the maximum of {MAX_TRIGGER_BODY_BYTES}"
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn trigger(schedule: &str, timezone: &str) -> CronTrigger {
+        CronTrigger {
+            schedule: Schedule::try_from(schedule.to_string()).unwrap(),
+            timezone: Zone::try_from(timezone.to_string()).unwrap(),
+            path: TriggerPath::default(),
+            method: TriggerMethod::default(),
+            body: None,
+        }
+    }
+
+    fn at(text: &str) -> jiff::Timestamp {
+        text.parse().unwrap()
+    }
+
+    #[test]
+    fn five_and_six_field_schedules_tick_in_their_zone() {
+        let every_second = trigger("* * * * * *", "UTC");
+        assert_eq!(
+            every_second.next_after(at("2026-01-01T00:00:00.5Z")),
+            Some(at("2026-01-01T00:00:01Z"))
+        );
+        assert_eq!(
+            every_second.next_after(at("2026-01-01T00:00:01Z")),
+            Some(at("2026-01-01T00:00:02Z"))
+        );
+        let nine_in_paris = trigger("0 9 * * *", "Europe/Paris");
+        // Winter: Paris is UTC+1.
+        assert_eq!(
+            nine_in_paris.next_after(at("2026-01-10T12:00:00Z")),
+            Some(at("2026-01-11T08:00:00Z"))
+        );
+        assert_eq!(
+            trigger("@hourly", "UTC").next_after(at("2026-01-01T00:30:00Z")),
+            Some(at("2026-01-01T01:00:00Z"))
+        );
+    }
+
+    #[test]
+    fn bad_schedules_zones_paths_and_methods_are_refused() {
+        for bad in ["", "* * *", "61 * * * *", "* * * * * * * *", "0 0 31 2 *"] {
+            assert!(Schedule::try_from(bad.to_string()).is_err(), "{bad:?}");
+        }
+        assert!(Zone::try_from("Mars/Olympus".to_string()).is_err());
+        assert!(TriggerPath::try_from("run".to_string()).is_err());
+        assert!(TriggerPath::try_from("/a b".to_string()).is_err());
+        assert!(TriggerMethod::try_from("CONNECT".to_string()).is_err());
+        assert_eq!(
+            TriggerMethod::try_from("GET".to_string()),
+            Ok(TriggerMethod(http::Method::GET))
+        );
+    }
+}

@@ -1,0 +1,328 @@
+//! Who runs a cron tick: claims exchanged directly between hosts.
+//!
+//! Each tick `(function, trigger, time)` ranks the hosts that serve the
+//! function by a rendezvous weight of the tick and the host
+//! ([`placement::tick_weight`]), which every host computes alike whatever
+//! its view of the members. The host ranked `r` acts `r` takeover steps
+//! after the tick, unless it already knows a claim for it. To act it claims:
+//! it sends the claim to every live peer, signed, and runs the tick only if
+//! none refused. A host refuses a claim when it holds one of higher weight
+//! (its own, pending or running, or a peer's it accepted), and gives up its
+//! own pending claim for one of higher weight; so of two hosts that claim
+//! at once and can reach each other, at most one runs the tick, and a host
+//! that died before its turn is passed over one step later.
+//!
+//! What this does not give: hosts that cannot reach each other (a
+//! partition) may both run a tick; a host that dies after its claim was
+//! accepted but before its guest ran leaves that tick unrun. The NATS lease
+//! closes the first where the hosts share a NATS cluster.
+
+use std::collections::HashMap;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::{Request, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use serde::{Deserialize, Serialize};
+
+use super::{Cluster, Peer, SIGNATURE_HEADER, placement};
+
+/// The internal route claims are sent to.
+pub const CLAIMS_PATH: &str = "/v1/internal/cron-claims";
+/// How long a claim is remembered: ticks older than this are not run late.
+pub const CLAIMS_KEPT: Duration = Duration::from_secs(15 * 60);
+/// The largest claim body read.
+pub const MAX_CLAIM_BYTES: usize = 1024;
+
+/// One tick of one trigger of a function.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Tick {
+    pub function: String,
+    pub trigger: u32,
+    /// The tick's time, milliseconds since the Unix epoch.
+    pub at_ms: i64,
+}
+
+impl Tick {
+    /// The weight of `node` for this tick: the highest weight runs it.
+    pub fn weight(&self, node: &str) -> u64 {
+        placement::tick_weight(&self.function, self.trigger, self.at_ms, node)
+    }
+}
+
+/// A claim as sent between hosts.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimMessage {
+    #[serde(flatten)]
+    pub tick: Tick,
+    pub node: String,
+}
+
+/// A host's answer to a claim.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ClaimAnswer {
+    pub accepted: bool,
+    /// The host whose claim this host holds for the tick.
+    pub holder: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Held {
+    /// This host's own claim, still collecting answers.
+    Pending,
+    /// This host's own claim, answered by all: it runs (or ran) the tick.
+    Running,
+    /// A peer's claim, accepted.
+    Peer,
+}
+
+#[derive(Debug, Clone)]
+struct Holding {
+    node: String,
+    weight: u64,
+    held: Held,
+    since: Instant,
+}
+
+/// The claims a host knows, by tick.
+#[derive(Default)]
+pub struct Claims {
+    held: Mutex<HashMap<Tick, Holding>>,
+}
+
+impl Claims {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Tick, Holding>> {
+        self.held.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Whether any claim for `tick` is known here.
+    pub fn known(&self, tick: &Tick) -> bool {
+        self.lock().contains_key(tick)
+    }
+
+    /// A peer's claim: accepted unless a claim of higher weight is held
+    /// (this host's own pending one gives way to a higher one).
+    pub fn receive(&self, claim: &ClaimMessage) -> ClaimAnswer {
+        let weight = claim.tick.weight(&claim.node);
+        let mut held = self.lock();
+        held.retain(|_, h| h.since.elapsed() < CLAIMS_KEPT);
+        let accept = match held.get(&claim.tick) {
+            None => true,
+            Some(h) if h.node == claim.node => true,
+            Some(h) if h.held == Held::Running => false,
+            Some(h) => weight > h.weight,
+        };
+        if accept {
+            held.insert(
+                claim.tick.clone(),
+                Holding {
+                    node: claim.node.clone(),
+                    weight,
+                    held: Held::Peer,
+                    since: Instant::now(),
+                },
+            );
+        }
+        let holder = held
+            .get(&claim.tick)
+            .map_or_else(|| claim.node.clone(), |h| h.node.clone());
+        ClaimAnswer {
+            accepted: accept,
+            holder,
+        }
+    }
+
+    /// Starts this host's claim: `false` if a claim is already known.
+    fn begin(&self, tick: &Tick, node: &str) -> bool {
+        let mut held = self.lock();
+        if held.contains_key(tick) {
+            return false;
+        }
+        held.insert(
+            tick.clone(),
+            Holding {
+                node: node.to_string(),
+                weight: tick.weight(node),
+                held: Held::Pending,
+                since: Instant::now(),
+            },
+        );
+        true
+    }
+
+    /// Ends this host's claim: running if it is still this host's and every
+    /// answer accepted it; else it gives way (to the holder a refusal
+    /// named, kept so this host does not claim the tick again).
+    fn settle(&self, tick: &Tick, node: &str, refused_by: Option<String>) -> bool {
+        let mut held = self.lock();
+        let Some(holding) = held.get_mut(tick) else {
+            return false;
+        };
+        if holding.node != node || holding.held != Held::Pending {
+            return false;
+        }
+        match refused_by {
+            None => {
+                holding.held = Held::Running;
+                true
+            }
+            Some(holder) => {
+                holding.node = holder;
+                holding.weight = 0;
+                holding.held = Held::Peer;
+                false
+            }
+        }
+    }
+}
+
+impl Cluster {
+    /// Claims `tick` for this host among its live peers: `true` if none
+    /// refused (peers that do not answer within `wait` are passed over:
+    /// they are down, or cut off).
+    pub async fn claim_tick(&self, tick: &Tick, wait: Duration) -> bool {
+        if !self.claims.begin(tick, &self.node_id) {
+            return false;
+        }
+        let message = ClaimMessage {
+            tick: tick.clone(),
+            node: self.node_id.clone(),
+        };
+        let body = match serde_json::to_vec(&message) {
+            Ok(body) => Bytes::from(body),
+            Err(_) => return false,
+        };
+        let peers = self.peers();
+        let asks = peers
+            .iter()
+            .map(|peer| self.send_claim(peer, body.clone(), wait));
+        let answers = futures::future::join_all(asks).await;
+        let refused_by = answers
+            .into_iter()
+            .flatten()
+            .find(|answer| !answer.accepted)
+            .map(|answer| answer.holder);
+        let won = self.claims.settle(tick, &self.node_id, refused_by.clone());
+        let outcome = if won { "won" } else { "lost" };
+        self.metrics
+            .triggers
+            .claims
+            .with_label_values(&[outcome])
+            .inc();
+        if let Some(holder) = refused_by {
+            tracing::debug!(function = %tick.function, trigger = tick.trigger, tick_ms = tick.at_ms, holder, "cron tick claimed by another host");
+        }
+        won
+    }
+
+    /// A peer's claim, from the internal route.
+    pub fn receive_claim(&self, claim: &ClaimMessage) -> ClaimAnswer {
+        self.claims.receive(claim)
+    }
+
+    /// Whether a claim for `tick` is known here.
+    pub fn tick_claimed(&self, tick: &Tick) -> bool {
+        self.claims.known(tick)
+    }
+
+    /// Sends a claim to `peer`; `None` if it did not answer in time.
+    async fn send_claim(&self, peer: &Peer, body: Bytes, wait: Duration) -> Option<ClaimAnswer> {
+        let method = http::Method::POST;
+        let signature = self.sign(peer, &method, CLAIMS_PATH, Some(&body)).ok()?;
+        let request = Request::post(format!("{}{CLAIMS_PATH}", peer.api))
+            .header(SIGNATURE_HEADER, signature)
+            .header(http::header::CONTENT_TYPE, "application/json")
+            .body(
+                Full::new(body)
+                    .map_err(|never| match never {})
+                    .boxed_unsync(),
+            )
+            .ok()?;
+        let asked = async {
+            let response = self.client.request(request).await.ok()?;
+            if response.status() != StatusCode::OK {
+                return None;
+            }
+            let body = Limited::new(response.into_body(), MAX_CLAIM_BYTES)
+                .collect()
+                .await
+                .ok()?
+                .to_bytes();
+            serde_json::from_slice::<ClaimAnswer>(&body).ok()
+        };
+        match tokio::time::timeout(wait, asked).await {
+            Ok(answer) => answer,
+            Err(_) => {
+                tracing::debug!(peer = %peer.node_id, "no answer to a cron claim in time");
+                None
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tick(at_ms: i64) -> Tick {
+        Tick {
+            function: "sweep".to_string(),
+            trigger: 0,
+            at_ms,
+        }
+    }
+
+    fn claim(tick: &Tick, node: &str) -> ClaimMessage {
+        ClaimMessage {
+            tick: tick.clone(),
+            node: node.to_string(),
+        }
+    }
+
+    /// The two nodes of `tick` ordered by weight, higher first.
+    fn ranked(tick: &Tick) -> (&'static str, &'static str) {
+        if tick.weight("a") > tick.weight("b") {
+            ("a", "b")
+        } else {
+            ("b", "a")
+        }
+    }
+
+    #[test]
+    fn of_two_claims_at_once_only_the_higher_one_is_accepted_by_both() {
+        for at in 0..50 {
+            let tick = tick(at * 1000);
+            let (high, low) = ranked(&tick);
+            let (at_high, at_low) = (Claims::default(), Claims::default());
+            assert!(at_high.begin(&tick, high));
+            assert!(at_low.begin(&tick, low));
+            // Each receives the other's claim.
+            let low_answer = at_high.receive(&claim(&tick, low));
+            let high_answer = at_low.receive(&claim(&tick, high));
+            assert!(!low_answer.accepted);
+            assert_eq!(low_answer.holder, high);
+            assert!(high_answer.accepted);
+            assert!(at_high.settle(&tick, high, None));
+            assert!(!at_low.settle(&tick, low, Some(low_answer.holder)));
+            assert!(at_low.known(&tick));
+        }
+    }
+
+    #[test]
+    fn a_running_claim_is_never_given_up_and_a_known_tick_is_not_claimed_again() {
+        let tick = tick(7_000);
+        let (high, low) = ranked(&tick);
+        let claims = Claims::default();
+        assert!(claims.begin(&tick, low));
+        assert!(claims.settle(&tick, low, None));
+        assert!(!claims.receive(&claim(&tick, high)).accepted);
+        assert!(!claims.begin(&tick, low));
+        // A third party takes the first claim, then a higher one.
+        let other = Claims::default();
+        assert!(other.receive(&claim(&tick, low)).accepted);
+        assert!(other.receive(&claim(&tick, high)).accepted);
+        assert!(!other.receive(&claim(&tick, low)).accepted);
+        assert!(!other.begin(&tick, "c"));
+    }
+}

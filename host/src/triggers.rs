@@ -1,0 +1,142 @@
+//! What a host keeps of its functions' triggers: their counters and the
+//! latest runs the status page shows. The loop that fires cron triggers is
+//! `api::cron`; who runs a tick in a cluster is `cluster::claims`.
+
+use std::collections::{HashMap, VecDeque};
+use std::sync::Mutex;
+
+use jiff::Timestamp;
+use prometheus::{IntCounterVec, Opts, Registry};
+use serde::Serialize;
+
+use lichen_core::triggers::CronTrigger;
+
+/// Header naming what invoked a function (`cron`).
+pub const TRIGGER_HEADER: &str = "x-lichen-trigger";
+/// Header naming the tick: `FUNCTION/INDEX/TIME` (RFC 3339, UTC).
+pub const TRIGGER_ID_HEADER: &str = "x-lichen-trigger-id";
+/// Runs remembered per trigger, for the status page.
+const RUNS_KEPT: usize = 10;
+/// Counters of cron triggers.
+#[derive(Clone)]
+pub struct TriggerMetrics {
+    /// Ticks run by this host, by function, trigger and outcome (`ok`:
+    /// a 2xx, `error`: anything else).
+    pub runs: IntCounterVec,
+    /// Ticks given up: nobody ran them within ten minutes, as this host
+    /// saw it.
+    pub missed: IntCounterVec,
+    /// Claims this host made, by outcome (`won`, `lost`).
+    pub claims: IntCounterVec,
+}
+
+impl TriggerMetrics {
+    pub fn register(registry: &Registry) -> prometheus::Result<Self> {
+        let metrics = TriggerMetrics {
+            runs: IntCounterVec::new(
+                Opts::new(
+                    "lichen_trigger_runs_total",
+                    "Cron ticks this host ran, by function, trigger index and outcome (ok: a 2xx answer, error: anything else).",
+                ),
+                &["function", "trigger", "outcome"],
+            )?,
+            missed: IntCounterVec::new(
+                Opts::new(
+                    "lichen_trigger_missed_total",
+                    "Cron ticks given up because no host ran them within ten minutes, as this host saw it.",
+                ),
+                &["function", "trigger"],
+            )?,
+            claims: IntCounterVec::new(
+                Opts::new(
+                    "lichen_trigger_claims_total",
+                    "Claims of cron ticks this host made, by outcome (won: it ran the tick, lost: another host holds it).",
+                ),
+                &["outcome"],
+            )?,
+        };
+        registry.register(Box::new(metrics.runs.clone()))?;
+        registry.register(Box::new(metrics.missed.clone()))?;
+        registry.register(Box::new(metrics.claims.clone()))?;
+        Ok(metrics)
+    }
+
+    pub fn forget_function(&self, function: &str, triggers: usize) {
+        for index in 0..triggers {
+            let index = index.to_string();
+            for outcome in ["ok", "error"] {
+                let _ = self.runs.remove_label_values(&[function, &index, outcome]);
+            }
+            let _ = self.missed.remove_label_values(&[function, &index]);
+        }
+    }
+}
+
+/// One run of a tick, for the status page.
+#[derive(Debug, Clone, Serialize)]
+pub struct Run {
+    /// The tick's time (RFC 3339).
+    pub tick: String,
+    /// When it ran (RFC 3339).
+    pub ran: String,
+    pub host: String,
+    pub status: u16,
+    /// How late after its tick it started, in milliseconds.
+    pub late_ms: u64,
+}
+
+/// A trigger as the status page shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct TriggerStatus {
+    pub index: u32,
+    pub kind: &'static str,
+    pub schedule: String,
+    pub timezone: String,
+    pub path: String,
+    /// The next tick (RFC 3339).
+    pub next: Option<String>,
+    /// The latest runs by this host, newest first.
+    pub runs: Vec<Run>,
+}
+
+/// The cron state of one host.
+#[derive(Default)]
+pub struct Cron {
+    runs: Mutex<HashMap<(String, u32), VecDeque<Run>>>,
+}
+
+impl Cron {
+    /// The triggers of `function` as its policy has them, with this host's
+    /// latest runs.
+    pub fn status(&self, function: &str, triggers: &[CronTrigger]) -> Vec<TriggerStatus> {
+        let runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        let now = Timestamp::now();
+        triggers
+            .iter()
+            .enumerate()
+            .map(|(index, trigger)| {
+                let index = index as u32;
+                TriggerStatus {
+                    index,
+                    kind: "cron",
+                    schedule: trigger.schedule.0.clone(),
+                    timezone: trigger.timezone.0.clone(),
+                    path: trigger.path.0.clone(),
+                    next: trigger.next_after(now).map(|t| t.to_string()),
+                    runs: runs
+                        .get(&(function.to_string(), index))
+                        .map(|runs| runs.iter().cloned().collect())
+                        .unwrap_or_default(),
+                }
+            })
+            .collect()
+    }
+
+    /// Keeps `run` of trigger `index` of `function` among its latest.
+    pub fn note(&self, function: &str, index: u32, run: Run) {
+        let mut runs = self.runs.lock().unwrap_or_else(|e| e.into_inner());
+        let kept = runs.entry((function.to_string(), index)).or_default();
+        kept.push_front(run);
+        kept.truncate(RUNS_KEPT);
+    }
+}

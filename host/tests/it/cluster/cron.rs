@@ -1,0 +1,220 @@
+//! Cron triggers on real hosts: the probe fixture's `/relay` posts what
+//! each tick sent it (method, `x-lichen-*` headers, body) to a recorder in
+//! the test, which counts the ticks by their id.
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::{Method, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use super::{Node, SECRET, deploy_with_policy, three};
+use crate::common::eventually;
+
+type Seen = Arc<Mutex<Vec<serde_json::Value>>>;
+
+/// A recorder on loopback: keeps each JSON body posted to it.
+async fn recorder() -> (SocketAddr, Seen) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let seen: Seen = Arc::default();
+    let kept = Arc::clone(&seen);
+    tokio::spawn(async move {
+        while let Ok((stream, _)) = listener.accept().await {
+            let kept = Arc::clone(&kept);
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let kept = Arc::clone(&kept);
+                        async move {
+                            let body = req.into_body().collect().await.unwrap().to_bytes();
+                            let value: serde_json::Value = serde_json::from_slice(&body).unwrap();
+                            kept.lock().unwrap().push(value);
+                            Ok::<_, Infallible>(hyper::Response::new(Full::new(Bytes::new())))
+                        }
+                    },
+                );
+                let _ = hyper::server::conn::http1::Builder::new()
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service)
+                    .await;
+            });
+        }
+    });
+    (addr, seen)
+}
+
+/// A policy relaying every tick of `schedule` to `recorder`.
+fn relaying(schedule: &str, recorder: SocketAddr) -> String {
+    format!(
+        "[outbound]\nallow = [\"http://127.0.0.1:*\"]\n\n[[triggers.cron]]\nschedule = \"{schedule}\"\npath = \"/relay?url=http://{recorder}/tick\"\nbody = {{ job = \"sweep\" }}\n"
+    )
+}
+
+/// Tick ids the recorder got, with how many times each.
+fn ticks(seen: &Seen) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for value in seen.lock().unwrap().iter() {
+        let id = value["headers"]["x-lichen-trigger-id"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        *counts.entry(id).or_insert(0) += 1;
+    }
+    counts
+}
+
+/// The tick time of an id `FUNCTION/INDEX/TIME`.
+fn tick_time(id: &str) -> jiff::Timestamp {
+    id.rsplit('/').next().unwrap().parse().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cron_trigger_ticks_with_its_headers_and_body_and_can_be_run_by_hand() {
+    let root = tempfile::tempdir().unwrap();
+    let (recorder, seen) = recorder().await;
+    let a = Node::start(root.path(), "a", &[], SECRET);
+    deploy_with_policy(&a, &[], "probe", &relaying("* * * * * *", recorder)).await;
+    eventually("three ticks relayed", || async { ticks(&seen).len() >= 3 }).await;
+
+    let first = seen.lock().unwrap()[0].clone();
+    assert_eq!(first["method"], "POST");
+    assert_eq!(first["path"], "/relay");
+    assert_eq!(first["headers"]["x-lichen-trigger"], "cron");
+    assert_eq!(first["body"], r#"{"job":"sweep"}"#);
+    let counts = ticks(&seen);
+    assert!(counts.values().all(|n| *n == 1), "{counts:?}");
+    let times: Vec<jiff::Timestamp> = counts.keys().map(|id| tick_time(id)).collect();
+    for id in counts.keys() {
+        assert!(id.starts_with("probe/0/"), "{id}");
+    }
+    for pair in times.windows(2) {
+        assert_eq!(pair[1].duration_since(pair[0]).as_secs(), 1, "{times:?}");
+    }
+
+    // The status page's view: the next tick and the runs.
+    let status = a.admin(Method::GET, "/v1/status", Vec::new()).await.json();
+    let probe = status["functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["name"] == "probe")
+        .unwrap()
+        .clone();
+    let trigger = &probe["triggers"][0];
+    assert_eq!(trigger["schedule"], "* * * * * *");
+    assert!(trigger["next"].is_string(), "{trigger}");
+    assert_eq!(trigger["runs"][0]["status"], 200, "{trigger}");
+    assert_eq!(trigger["runs"][0]["host"], "a", "{trigger}");
+    let metrics = a.metrics().await;
+    assert!(
+        metrics.contains(r#"lichen_trigger_runs_total{function="probe",outcome="ok",trigger="0"}"#),
+        "{metrics}"
+    );
+
+    // Fired by hand: once, now.
+    let before = seen.lock().unwrap().len();
+    let run = a
+        .admin(
+            Method::POST,
+            "/v1/functions/probe/triggers/0/run",
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(run.status, StatusCode::OK, "{}", run.text());
+    assert_eq!(run.json()["status"], 200);
+    let id = run.json()["id"].as_str().unwrap().to_string();
+    eventually("the run by hand relayed", || async {
+        seen.lock().unwrap()[before..]
+            .iter()
+            .any(|v| v["headers"]["x-lichen-trigger-id"] == id.as_str())
+    })
+    .await;
+    let missing = a
+        .admin(
+            Method::POST,
+            "/v1/functions/probe/triggers/3/run",
+            Vec::new(),
+        )
+        .await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND, "{}", missing.text());
+    assert!(
+        missing.text().contains("1 cron trigger"),
+        "{}",
+        missing.text()
+    );
+
+    // A bad schedule is refused with its reason; the good one stays.
+    let bad = relaying("61 * * * * *", recorder);
+    let refused = a
+        .admin(Method::PUT, "/v1/functions/probe/policy", bad.into_bytes())
+        .await;
+    assert_eq!(
+        refused.status,
+        StatusCode::BAD_REQUEST,
+        "{}",
+        refused.text()
+    );
+    assert!(
+        refused.text().contains("not a cron schedule"),
+        "{}",
+        refused.text()
+    );
+    let count = ticks(&seen).len();
+    eventually("ticks go on under the last good policy", || async {
+        ticks(&seen).len() >= count + 2
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_tick_runs_once_across_three_hosts_while_one_dies_and_comes_back() {
+    let root = tempfile::tempdir().unwrap();
+    let (recorder, seen) = recorder().await;
+    let (a, b, mut c) = three(root.path()).await;
+    deploy_with_policy(&a, &[&b, &c], "probe", &relaying("* * * * * *", recorder)).await;
+    for node in [&a, &b, &c] {
+        eventually(&format!("{} sees both peers serve probe", node.id), || {
+            node.sees_serving(2, "probe")
+        })
+        .await;
+    }
+    let started = jiff::Timestamp::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    c.kill();
+    let killed = jiff::Timestamp::now();
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let c = Node::launch(root.path(), "c", &c.gossip, &[&a], SECRET, &[]);
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    let ended = jiff::Timestamp::now();
+    // What was claimed before the end has relayed within a few seconds.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    drop(c);
+
+    let counts = ticks(&seen);
+    let twice: Vec<&String> = counts
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(twice.is_empty(), "ticks run more than once: {twice:?}");
+    // Every tick from a second after the start to the end, but those
+    // around the kill: the dead host may have claimed one and died before
+    // its guest ran, and the others pass it over within the failure
+    // detector's interval.
+    let ran: std::collections::BTreeSet<i64> =
+        counts.keys().map(|id| tick_time(id).as_second()).collect();
+    let grace = (killed.as_second() - 1)..=(killed.as_second() + 3);
+    let missing: Vec<i64> = (started.as_second() + 1..ended.as_second())
+        .filter(|t| !ran.contains(t) && !grace.contains(t))
+        .collect();
+    assert!(
+        missing.is_empty(),
+        "ticks nobody ran: {missing:?} of {ran:?}"
+    );
+    let hosts = a.metrics().await;
+    assert!(hosts.contains("lichen_trigger_claims_total"), "{hosts}");
+}
