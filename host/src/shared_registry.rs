@@ -62,7 +62,7 @@ impl SharedRegistry {
     async fn store(&self) -> Result<&kv::Store, KvError> {
         self.store
             .get_or_try_init(|| async {
-                open_bucket(&self.js, BUCKET, self.replicas, true)
+                open_bucket(&self.js, BUCKET, self.replicas, true, Duration::ZERO)
                     .await?
                     .ok_or_else(|| unavailable(format!("the bucket {BUCKET} is missing")))
             })

@@ -26,7 +26,8 @@ pub struct TriggerMetrics {
     /// Ticks given up: nobody ran them within ten minutes, as this host
     /// saw it.
     pub missed: IntCounterVec,
-    /// Claims this host made, by outcome (`won`, `lost`).
+    /// Claims this host made, by outcome (`won`, `lost`,
+    /// `lease_unavailable`).
     pub claims: IntCounterVec,
 }
 
@@ -50,7 +51,7 @@ impl TriggerMetrics {
             claims: IntCounterVec::new(
                 Opts::new(
                     "lichen_trigger_claims_total",
-                    "Claims of cron ticks this host made, by outcome (won: it ran the tick, lost: another host holds it).",
+                    "Claims of cron ticks this host made, by outcome (won: it ran the tick, lost: another host holds it, lease_unavailable: NATS did not give the lease, so it did not run).",
                 ),
                 &["outcome"],
             )?,

@@ -14,12 +14,20 @@
 //!
 //! What this does not give: hosts that cannot reach each other (a
 //! partition) may both run a tick; a host that dies after its claim was
-//! accepted but before its guest ran leaves that tick unrun. The NATS lease
-//! closes the first where the hosts share a NATS cluster.
+//! accepted but before its guest ran leaves that tick unrun.
+//!
+//! With the NATS key-value backend a claim the peers accepted must also
+//! take the tick's lease: a key created in a JetStream key-value bucket
+//! ([`LEASES_BUCKET`]), which only one create can do. Hosts that cannot see
+//! each other but reach NATS still run each tick once; a host that cannot
+//! reach NATS runs no tick (one that can takes its turn later).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
+
+use async_nats::jetstream::{self, kv};
+use tokio::sync::OnceCell;
 
 use bytes::Bytes;
 use http::{Request, StatusCode};
@@ -34,6 +42,8 @@ pub const CLAIMS_PATH: &str = "/v1/internal/cron-claims";
 pub const CLAIMS_KEPT: Duration = Duration::from_secs(15 * 60);
 /// The largest claim body read.
 pub const MAX_CLAIM_BYTES: usize = 1024;
+/// The JetStream key-value bucket of tick leases, with the NATS backend.
+pub const LEASES_BUCKET: &str = "lichen_cron_leases";
 
 /// One tick of one trigger of a function.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -177,10 +187,76 @@ impl Claims {
     }
 }
 
+/// Tick leases in NATS: a key per tick, created once.
+pub struct Leases {
+    js: jetstream::Context,
+    replicas: usize,
+    store: OnceCell<kv::Store>,
+}
+
+/// What taking a lease came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lease {
+    Taken,
+    /// Another host created the key first.
+    Held,
+    /// NATS did not answer, or answered with an error: the tick is not run
+    /// here (the create may have happened).
+    Unavailable,
+}
+
+impl Leases {
+    pub fn new(js: jetstream::Context, replicas: usize) -> Self {
+        Leases {
+            js,
+            replicas,
+            store: OnceCell::new(),
+        }
+    }
+
+    /// Creates `tick`'s key holding `node`.
+    pub async fn take(&self, tick: &Tick, node: &str) -> Lease {
+        let store = self
+            .store
+            .get_or_try_init(|| async {
+                crate::kv::nats::open_bucket(
+                    &self.js,
+                    LEASES_BUCKET,
+                    self.replicas,
+                    true,
+                    CLAIMS_KEPT,
+                )
+                .await?
+                .ok_or_else(|| crate::kv::KvError::Unavailable("no lease bucket".to_string()))
+            })
+            .await;
+        let store = match store {
+            Ok(store) => store,
+            Err(error) => {
+                tracing::warn!(error = %error, "the cron lease bucket cannot be opened");
+                return Lease::Unavailable;
+            }
+        };
+        let key = format!("{}.{}.{}", tick.function, tick.trigger, tick.at_ms);
+        match store
+            .create(&key, bytes::Bytes::from(node.to_string()))
+            .await
+        {
+            Ok(_) => Lease::Taken,
+            Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => Lease::Held,
+            Err(error) => {
+                tracing::warn!(error = %error, key, "taking a cron lease failed");
+                Lease::Unavailable
+            }
+        }
+    }
+}
+
 impl Cluster {
     /// Claims `tick` for this host among its live peers: `true` if none
     /// refused (peers that do not answer within `wait` are passed over:
-    /// they are down, or cut off).
+    /// they are down, or cut off) and, with the NATS backend, this host
+    /// took the tick's lease.
     pub async fn claim_tick(&self, tick: &Tick, wait: Duration) -> bool {
         if !self.claims.begin(tick, &self.node_id) {
             return false;
@@ -203,8 +279,17 @@ impl Cluster {
             .flatten()
             .find(|answer| !answer.accepted)
             .map(|answer| answer.holder);
-        let won = self.claims.settle(tick, &self.node_id, refused_by.clone());
-        let outcome = if won { "won" } else { "lost" };
+        let accepted = self.claims.settle(tick, &self.node_id, refused_by.clone());
+        let lease = match (&self.leases, accepted) {
+            (Some(leases), true) => leases.take(tick, &self.node_id).await,
+            _ => Lease::Taken,
+        };
+        let won = accepted && lease == Lease::Taken;
+        let outcome = match lease {
+            _ if won => "won",
+            Lease::Unavailable => "lease_unavailable",
+            _ => "lost",
+        };
         self.metrics
             .triggers
             .claims

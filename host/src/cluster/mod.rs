@@ -212,6 +212,8 @@ pub struct Cluster {
     joined: AtomicBool,
     /// Cron ticks claimed, by this host or its peers ([`claims`]).
     claims: claims::Claims,
+    /// Tick leases in NATS, with the NATS key-value backend.
+    leases: Option<claims::Leases>,
 }
 
 impl Cluster {
@@ -284,6 +286,9 @@ impl Cluster {
             .await
             .with_context(|| format!("starting gossip on {}", config.gossip_listen))?;
         tracing::info!(node_id = %config.node_id, gossip = %gossip_advertise, api = %api_url, seeds = ?config.seeds, "joined the cluster");
+        let leases = kv
+            .nats_context()
+            .map(|(js, replicas)| claims::Leases::new(js, replicas));
         Ok(Arc::new(Cluster {
             node_id: config.node_id,
             client,
@@ -310,6 +315,7 @@ impl Cluster {
             rounds: AtomicU64::new(0),
             joined: AtomicBool::new(false),
             claims: claims::Claims::default(),
+            leases,
         }))
     }
 

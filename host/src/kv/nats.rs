@@ -111,12 +111,14 @@ fn parse_bucket(name: &str) -> Option<(String, String)> {
 }
 
 /// The key-value bucket `name` (replicated `replicas` times), read through
-/// its stream's leader; `create`: made if missing (else `None`).
+/// its stream's leader; `create`: made if missing (else `None`), its
+/// entries dropped `max_age` after their write unless that is zero.
 pub async fn open_bucket(
     js: &jetstream::Context,
     name: &str,
     replicas: usize,
     create: bool,
+    max_age: Duration,
 ) -> Result<Option<kv::Store>, KvError> {
     let stream = format!("KV_{name}");
     let mut stream = match js.get_stream(&stream).await {
@@ -136,6 +138,7 @@ pub async fn open_bucket(
                 allow_direct: false,
                 num_replicas: replicas,
                 discard: jetstream::stream::DiscardPolicy::New,
+                max_age,
                 ..Default::default()
             };
             js.get_or_create_stream(config).await.map_err(unavailable)?
@@ -292,7 +295,14 @@ impl NatsBackend {
         if let Some(store) = self.cached(scope) {
             return Ok(Some(store));
         }
-        let Some(store) = open_bucket(&self.js, &bucket_name(scope), self.replicas, create).await?
+        let Some(store) = open_bucket(
+            &self.js,
+            &bucket_name(scope),
+            self.replicas,
+            create,
+            Duration::ZERO,
+        )
+        .await?
         else {
             return Ok(None);
         };

@@ -13,7 +13,7 @@ use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Full};
 
 use super::{Node, SECRET, deploy_with_policy, three};
-use crate::common::eventually;
+use crate::common::{self, eventually};
 
 type Seen = Arc<Mutex<Vec<serde_json::Value>>>;
 
@@ -217,4 +217,62 @@ async fn each_tick_runs_once_across_three_hosts_while_one_dies_and_comes_back() 
     );
     let hosts = a.metrics().await;
     assert!(hosts.contains("lichen_trigger_claims_total"), "{hosts}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_nats_a_host_cut_off_from_its_peers_still_runs_no_tick_twice() {
+    let root = tempfile::tempdir().unwrap();
+    let (recorder, seen) = recorder().await;
+    let nats = common::NatsServer::start(&root.path().join("nats"));
+    let flags = [
+        "--kv-backend",
+        "nats",
+        "--kv-nats-url",
+        &nats.url,
+        "--kv-nats-replicas",
+        "1",
+        "--kv-nats-timeout",
+        "60s",
+    ];
+    // a and b see each other; c sees neither (it was given no peer) but
+    // shares their NATS, as a host on the far side of a partition does.
+    let a = Node::start_with(root.path(), "a", &[], SECRET, &flags);
+    let b = Node::start_with(root.path(), "b", &[&a], SECRET, &flags);
+    let c = Node::start_with(root.path(), "c", &[], SECRET, &flags);
+    eventually("a and b see each other", || async {
+        a.peer_ids().await == ["b"] && b.peer_ids().await == ["a"]
+    })
+    .await;
+    let policy = relaying("* * * * * *", recorder);
+    deploy_with_policy(&a, &[&b], "probe", &policy).await;
+    // c holds the same module and policy, deployed to it directly.
+    deploy_with_policy(&c, &[], "probe", &policy).await;
+    assert!(c.peer_ids().await.is_empty());
+
+    // Both sides try every tick; the lease leaves one of them each time.
+    eventually(
+        "eight ticks, and a lease lost to the other side",
+        || async {
+            let mut lost = false;
+            for node in [&a, &b, &c] {
+                lost |= node
+                    .metrics()
+                    .await
+                    .contains(r#"lichen_trigger_claims_total{outcome="lost"}"#);
+            }
+            ticks(&seen).len() >= 8 && lost
+        },
+    )
+    .await;
+    let counts = ticks(&seen);
+    let twice: Vec<&String> = counts
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(twice.is_empty(), "ticks run more than once: {twice:?}");
+    let times: Vec<i64> = counts.keys().map(|id| tick_time(id).as_second()).collect();
+    for pair in times.windows(2) {
+        assert_eq!(pair[1] - pair[0], 1, "a tick nobody ran: {times:?}");
+    }
 }
