@@ -16,6 +16,8 @@
 //! lichen-bench p3 [--smoke]                 only WASIp3 hello: reuse and fresh
 //! lichen-bench kv [--smoke]                 only key-value: local vs NATS
 //! lichen-bench outbound [--smoke]           only outbound HTTP: pooled vs a connection per request
+//! lichen-bench tracing [--smoke]            only hello traced and exported vs not traced
+//! lichen-bench queue [--smoke]              only NATS messages through a trigger vs a native consumer
 //! ```
 //!
 //! Inputs from the environment: `LICHEN_BIN` (default `target/release/lichen`),
@@ -32,6 +34,7 @@ mod hash;
 mod history;
 mod inproc;
 mod load;
+mod queue;
 mod report;
 mod seal;
 mod servers;
@@ -150,6 +153,7 @@ fn main() -> Result<()> {
         }
         Some("outbound") => alone(&Settings::from_env(smoke)?, outbound),
         Some("tracing") => alone(&Settings::from_env(smoke)?, traced),
+        Some("queue") => alone(&Settings::from_env(smoke)?, queue),
         Some("all") => {
             let out = args
                 .iter()
@@ -159,7 +163,7 @@ fn main() -> Result<()> {
             run_all(&Settings::from_env(smoke)?, &out)
         }
         _ => bail!(
-            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | history | seal | compute [ROUNDS] | scale N | map [--smoke] | throughput [--smoke] | p3 [--smoke] | kv [--smoke] | outbound [--smoke] | tracing [--smoke] | native-hello ADDR"
+            "usage: lichen-bench all [--smoke] [--out FILE] | instantiate N | history | seal | compute [ROUNDS] | scale N | map [--smoke] | throughput [--smoke] | p3 [--smoke] | kv [--smoke] | outbound [--smoke] | tracing [--smoke] | queue [--smoke] | native-hello ADDR"
         ),
     }
 }
@@ -279,6 +283,7 @@ fn run_all(settings: &Settings, out: &Path) -> Result<()> {
     kv(settings, &mut report)?;
     outbound(settings, &mut report)?;
     traced(settings, &mut report)?;
+    queue(settings, &mut report)?;
     let markdown = report.markdown();
     println!("{markdown}");
     std::fs::write(out, &markdown).with_context(|| format!("writing {}", out.display()))?;
@@ -564,6 +569,73 @@ fn traced(settings: &Settings, report: &mut Report) -> Result<()> {
         }
     }
     report.tracing(&runs);
+    Ok(())
+}
+
+/// Messages per second through `hello` with a NATS trigger, one host,
+/// against a native pull consumer of the same messages; alternating.
+fn queue(settings: &Settings, report: &mut Report) -> Result<()> {
+    let Some(nats_bin) = &settings.nats_server else {
+        eprintln!("queue: no NATS_SERVER_BIN, skipped");
+        return Ok(());
+    };
+    let messages: u64 = if settings.rounds == 1 { 2_000 } else { 20_000 };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut runs: Vec<(&'static str, f64)> = Vec::new();
+    for round in 0..settings.rounds {
+        for kind in ["native", "lichen"] {
+            let scratch = Scratch::new(&format!("queue-{round}-{kind}"))?;
+            let nats = servers::nats(nats_bin, &scratch.0.join("nats"))?;
+            let js = runtime.block_on(queue::stream(&nats.url))?;
+            let host = match kind {
+                "lichen" => {
+                    std::fs::write(
+                        scratch.policies().join("hello.toml"),
+                        "[limits]\nconcurrency = 128\nqueue = 1024\n\n[[triggers.nats]]\nstream = \"BENCH\"\nmax_inflight = 64\n",
+                    )?;
+                    let extra: Vec<String> = [
+                        "--kv-backend",
+                        "nats",
+                        "--kv-nats-url",
+                        &nats.url,
+                        "--kv-nats-replicas",
+                        "1",
+                    ]
+                    .map(String::from)
+                    .to_vec();
+                    let server = servers::lichen_with(
+                        &settings.lichen,
+                        &scratch.data(),
+                        &scratch.policies(),
+                        &extra,
+                    )?;
+                    servers::deploy(&server.url, "hello", &settings.component("hello")?)?;
+                    Some(server)
+                }
+                _ => None,
+            };
+            let elapsed = runtime.block_on(async {
+                let consumer = match &host {
+                    Some(_) => queue::wait_for_consumer(&js, "lichen-hello-0").await?,
+                    None => queue::native_consumer(&js, 64).await?,
+                };
+                queue::publish_and_drain(&js, consumer, messages).await
+            })?;
+            let rate = messages as f64 / elapsed.as_secs_f64();
+            eprintln!(
+                "queue round {round} {kind}: {rate:.0} messages/s ({messages} in {elapsed:.2?})"
+            );
+            runs.push((kind, rate));
+            if let Some(server) = host {
+                server.stop();
+            }
+            nats.stop();
+        }
+    }
+    report.queue(messages, &runs);
     Ok(())
 }
 

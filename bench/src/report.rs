@@ -517,6 +517,32 @@ impl Report {
         self.sections.push(s);
     }
 
+    /// Messages per second through a NATS trigger against a native
+    /// consumer of the same stream.
+    pub fn queue(&mut self, messages: u64, runs: &[(&'static str, f64)]) {
+        let mut s = format!(
+            "## Messages from NATS JetStream\n\n{messages} messages published at once to a stream of one `nats-server` (JetStream, file storage) on loopback, timed from the first publish until the consumer has acknowledged them all; alternating rounds, medians. *lichen*: `hello` with `[[triggers.nats]]` (`max_inflight = 64`), each message a fresh instance, acknowledged after NATS confirms it; *native*: an async-nats pull consumer in this process acknowledging each message the same way, 64 at once, without running anything.\n\n| consumer | messages/s (rounds) | median |\n| --- | --- | ---: |\n"
+        );
+        let mut medians = Vec::new();
+        for kind in ["native", "lichen"] {
+            let rates: Vec<f64> = runs
+                .iter()
+                .filter(|(k, _)| *k == kind)
+                .map(|(_, r)| *r)
+                .collect();
+            let Some(median) = median_f64(rates.iter().copied()) else {
+                continue;
+            };
+            let rounds: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+            let _ = writeln!(s, "| {kind} | {} | {median:.0} |", rounds.join(" / "));
+            medians.push(median);
+        }
+        if let [native, lichen] = medians[..] {
+            let _ = writeln!(s, "\nLichen / native: {:.2}x.", lichen / native);
+        }
+        self.sections.push(s);
+    }
+
     pub fn kv(&mut self, runs: &[(String, WrkResult)]) {
         let mut s = String::from(
             "## Key-value state through HTTP (closed loop)\n\nOne host, wrk -t1 -c64, each backend in turn per round, medians. *counter increment*: `counter` on 100 paths (an atomic increment each); *set 1 KiB* / *get 1 KiB*: `kv-draft` over 1,000 keys; *hello*: the same host's baseline. *local*: redb in the data directory (each write acknowledged after its group's fsync); *nats*: one `nats-server` with JetStream on loopback (file storage, one replica; reads through the stream leader, writes compare-and-swap).\n\n| workload | req/s | p50 | p99 | errors | vs hello |\n| --- | ---: | ---: | ---: | ---: | ---: |\n",

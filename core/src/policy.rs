@@ -914,6 +914,8 @@ pub struct Policy {
     /// `[[triggers.cron]]`, in the file's order (a trigger's index is its
     /// place here).
     pub cron: Vec<crate::triggers::CronTrigger>,
+    /// `[[triggers.nats]]`, in the file's order.
+    pub nats: Vec<crate::triggers::NatsTrigger>,
     /// The file as parsed, shown by the admin API.
     pub source: PolicyFile,
     /// The file's text, as the cluster registry carries it.
@@ -1046,6 +1048,7 @@ impl Policy {
                 .map(|(key, value)| (key.0.clone(), value.clone()))
                 .collect(),
             cron: source.triggers.cron.clone(),
+            nats: source.triggers.nats.clone(),
             source,
             text: String::new(),
         })

@@ -10,6 +10,8 @@ use serde::{Deserialize, Serialize};
 
 /// The most cron triggers a policy may hold.
 pub const MAX_CRON_TRIGGERS: usize = 16;
+/// The most NATS triggers a policy may hold.
+pub const MAX_NATS_TRIGGERS: usize = 8;
 /// The largest JSON body a trigger may send, written out.
 pub const MAX_TRIGGER_BODY_BYTES: usize = 64 << 10;
 
@@ -21,11 +23,142 @@ pub struct Triggers {
     /// the cluster.
     #[serde(default)]
     pub cron: Vec<CronTrigger>,
+    /// `[[triggers.nats]]`: an invocation per message of a JetStream
+    /// stream, each message to one host.
+    #[serde(default)]
+    pub nats: Vec<NatsTrigger>,
 }
 
 impl Triggers {
     pub fn is_empty(&self) -> bool {
-        self.cron.is_empty()
+        self.cron.is_empty() && self.nats.is_empty()
+    }
+}
+
+/// One `[[triggers.nats]]`: a durable pull consumer of `stream`, shared by
+/// the hosts that serve the function.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct NatsTrigger {
+    pub stream: NatsName,
+    /// Only messages whose subject matches (NATS wildcards `*` and `>`);
+    /// every message of the stream unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subject: Option<Subject>,
+    /// The consumer's durable name; `lichen-FUNCTION-INDEX` unless given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub durable: Option<NatsName>,
+    /// Messages one host works on at once.
+    #[serde(default = "default_inflight")]
+    pub max_inflight: u32,
+    /// How long a message may go unanswered before NATS delivers it again.
+    #[serde(default = "default_ack_wait")]
+    pub ack_wait: crate::policy::Timeout,
+    /// Deliveries of one message before it goes to `dead_letter` (or is
+    /// dropped without one).
+    #[serde(default = "default_max_deliver")]
+    pub max_deliver: u32,
+    /// Where a message that failed `max_deliver` times is published, with
+    /// its last error, before it is terminated.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dead_letter: Option<Subject>,
+    #[serde(default)]
+    pub path: TriggerPath,
+    #[serde(default)]
+    pub method: TriggerMethod,
+}
+
+fn default_inflight() -> u32 {
+    16
+}
+
+fn default_ack_wait() -> crate::policy::Timeout {
+    crate::policy::Timeout(std::time::Duration::from_secs(30))
+}
+
+fn default_max_deliver() -> u32 {
+    5
+}
+
+impl NatsTrigger {
+    /// The durable consumer's name for trigger `index` of `function`.
+    pub fn durable_name(&self, function: &str, index: usize) -> String {
+        match &self.durable {
+            Some(name) => name.0.clone(),
+            None => format!("lichen-{function}-{index}"),
+        }
+    }
+}
+
+/// A stream or consumer name: 1 to 64 of `A-Z a-z 0-9 _ -`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct NatsName(pub String);
+
+impl TryFrom<String> for NatsName {
+    type Error = String;
+
+    fn try_from(name: String) -> Result<Self, Self::Error> {
+        let valid = (1..=64).contains(&name.len())
+            && name
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-'));
+        if valid {
+            Ok(NatsName(name))
+        } else {
+            Err(format!(
+                "{name:?} is not a stream or consumer name: 1 to 64 of A-Z, a-z, 0-9, '_' and '-'"
+            ))
+        }
+    }
+}
+
+impl From<NatsName> for String {
+    fn from(name: NatsName) -> String {
+        name.0
+    }
+}
+
+/// A NATS subject, dot-separated tokens; `*` (one token) and `>` (the
+/// rest, last) are wildcards where a filter is meant.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Subject(pub String);
+
+impl Subject {
+    /// Whether it names one subject (no wildcard), as a publish needs.
+    pub fn is_literal(&self) -> bool {
+        self.0.split('.').all(|token| token != "*" && token != ">")
+    }
+}
+
+impl TryFrom<String> for Subject {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        let tokens: Vec<&str> = text.split('.').collect();
+        let valid = text.len() <= 256
+            && tokens.iter().enumerate().all(|(i, token)| {
+                !token.is_empty()
+                    && (*token == "*"
+                        || (*token == ">" && i == tokens.len() - 1)
+                        || token
+                            .bytes()
+                            .all(|b| b.is_ascii_graphic() && !matches!(b, b'*' | b'>' | b'.')))
+            });
+        if valid {
+            Ok(Subject(text))
+        } else {
+            Err(format!(
+                "{text:?} is not a NATS subject: dot-separated tokens of printable characters, `*` for one token, `>` last for the rest"
+            ))
+        }
+    }
+}
+
+impl From<Subject> for String {
+    fn from(subject: Subject) -> String {
+        subject.0
     }
 }
 
@@ -221,6 +354,45 @@ pub fn check(triggers: &Triggers) -> Result<(), String> {
             "{} cron triggers, above the maximum of {MAX_CRON_TRIGGERS}",
             triggers.cron.len()
         ));
+    }
+    if triggers.nats.len() > MAX_NATS_TRIGGERS {
+        return Err(format!(
+            "{} NATS triggers, above the maximum of {MAX_NATS_TRIGGERS}",
+            triggers.nats.len()
+        ));
+    }
+    for (index, trigger) in triggers.nats.iter().enumerate() {
+        let at = format!("triggers.nats[{index}]");
+        if !(1..=1024).contains(&trigger.max_inflight) {
+            return Err(format!(
+                "{at}.max_inflight = {} is not from 1 to 1024",
+                trigger.max_inflight
+            ));
+        }
+        if !(1..=100).contains(&trigger.max_deliver) {
+            return Err(format!(
+                "{at}.max_deliver = {} is not from 1 to 100",
+                trigger.max_deliver
+            ));
+        }
+        if let Some(dead) = &trigger.dead_letter
+            && !dead.is_literal()
+        {
+            return Err(format!(
+                "{at}.dead_letter = {:?} has a wildcard: messages are published there",
+                dead.0
+            ));
+        }
+        let mut durables = triggers.nats[..index].iter().enumerate();
+        if let Some((other, _)) = durables.find(|(i, other)| {
+            other.stream == trigger.stream
+                && other.durable_name("", *i) == trigger.durable_name("", index)
+        }) {
+            return Err(format!(
+                "{at} and triggers.nats[{other}] are one consumer of {:?}: give them different durable names",
+                trigger.stream.0
+            ));
+        }
     }
     for (index, trigger) in triggers.cron.iter().enumerate() {
         let len = trigger.body_bytes().map_or(0, |body| body.len());

@@ -344,6 +344,7 @@ impl Server {
             state.join(Arc::clone(cluster));
         }
         tokio::spawn(crate::api::cron::run(Arc::downgrade(&state)));
+        tokio::spawn(crate::api::queue::run(Arc::downgrade(&state)));
         Ok(Server {
             listener,
             state,

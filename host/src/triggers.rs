@@ -9,7 +9,7 @@ use jiff::Timestamp;
 use prometheus::{IntCounterVec, Opts, Registry};
 use serde::Serialize;
 
-use lichen_core::triggers::CronTrigger;
+use lichen_core::triggers::{CronTrigger, NatsTrigger};
 
 /// Header naming what invoked a function (`cron`).
 pub const TRIGGER_HEADER: &str = "x-lichen-trigger";
@@ -26,6 +26,9 @@ pub struct TriggerMetrics {
     /// Ticks given up: nobody ran them within ten minutes, as this host
     /// saw it.
     pub missed: IntCounterVec,
+    /// Messages of NATS triggers this host handled, by function, trigger
+    /// and outcome.
+    pub messages: IntCounterVec,
     /// Claims this host made, by outcome (`won`, `lost`,
     /// `lease_unavailable`).
     pub claims: IntCounterVec,
@@ -48,6 +51,13 @@ impl TriggerMetrics {
                 ),
                 &["function", "trigger"],
             )?,
+            messages: IntCounterVec::new(
+                Opts::new(
+                    "lichen_trigger_messages_total",
+                    "Messages of NATS triggers this host handled, by function, trigger index and outcome (ok: a 2xx, acknowledged; retried: delivered again later; dead_lettered: failed its last delivery; ack_failed: NATS did not confirm the acknowledgement).",
+                ),
+                &["function", "trigger", "outcome"],
+            )?,
             claims: IntCounterVec::new(
                 Opts::new(
                     "lichen_trigger_claims_total",
@@ -59,6 +69,7 @@ impl TriggerMetrics {
         registry.register(Box::new(metrics.runs.clone()))?;
         registry.register(Box::new(metrics.missed.clone()))?;
         registry.register(Box::new(metrics.claims.clone()))?;
+        registry.register(Box::new(metrics.messages.clone()))?;
         Ok(metrics)
     }
 
@@ -139,5 +150,115 @@ impl Cron {
         let kept = runs.entry((function.to_string(), index)).or_default();
         kept.push_front(run);
         kept.truncate(RUNS_KEPT);
+    }
+}
+
+/// One message handled by this host, for the status page.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueRun {
+    /// `STREAM/SEQUENCE`.
+    pub id: String,
+    pub subject: String,
+    /// Which delivery of the message this was (1: the first).
+    pub delivered: i64,
+    /// The invocation's status (0: it did not answer).
+    pub status: u16,
+    /// `ok`, `retried`, `dead_lettered` or `ack_failed`.
+    pub outcome: &'static str,
+    pub host: String,
+}
+
+/// A NATS trigger as the status page shows it.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct QueueStatus {
+    pub index: u32,
+    pub kind: &'static str,
+    pub stream: String,
+    pub subject: Option<String>,
+    pub durable: String,
+    /// Whether this host's consumer is pulling messages.
+    pub consuming: bool,
+    /// Why it is not, if it failed.
+    pub error: Option<String>,
+    /// Messages of the stream not yet delivered to the consumer, and
+    /// delivered but not yet acknowledged, as NATS last said.
+    pub pending: u64,
+    pub ack_pending: usize,
+    /// Messages this host handled, by outcome.
+    pub handled: HashMap<&'static str, u64>,
+    /// The latest messages this host handled, newest first.
+    pub runs: Vec<QueueRun>,
+}
+
+/// The NATS triggers of one host.
+#[derive(Default)]
+pub struct Queues {
+    by_trigger: Mutex<HashMap<(String, usize), QueueStatus>>,
+}
+
+impl Queues {
+    fn with(&self, function: &str, index: usize, change: impl FnOnce(&mut QueueStatus)) {
+        let mut all = self.by_trigger.lock().unwrap_or_else(|e| e.into_inner());
+        let status = all
+            .entry((function.to_string(), index))
+            .or_insert_with(|| QueueStatus {
+                index: index as u32,
+                kind: "nats",
+                ..QueueStatus::default()
+            });
+        change(status);
+    }
+
+    pub fn started(&self, function: &str, index: usize, durable: &str) {
+        self.with(function, index, |s| {
+            s.consuming = true;
+            s.error = None;
+            s.durable = durable.to_string();
+        });
+    }
+
+    pub fn failed(&self, function: &str, index: usize, error: &str) {
+        self.with(function, index, |s| {
+            s.consuming = false;
+            s.error = Some(error.to_string());
+        });
+    }
+
+    pub fn lag(&self, function: &str, index: usize, pending: u64, ack_pending: usize) {
+        self.with(function, index, |s| {
+            s.pending = pending;
+            s.ack_pending = ack_pending;
+        });
+    }
+
+    pub fn ran(&self, function: &str, index: usize, outcome: &'static str, run: QueueRun) {
+        self.with(function, index, |s| {
+            *s.handled.entry(outcome).or_insert(0) += 1;
+            s.runs.insert(0, run);
+            s.runs.truncate(RUNS_KEPT);
+        });
+    }
+
+    /// The NATS triggers of `function` as its policy has them.
+    pub fn status(&self, function: &str, triggers: &[NatsTrigger]) -> Vec<QueueStatus> {
+        let all = self.by_trigger.lock().unwrap_or_else(|e| e.into_inner());
+        triggers
+            .iter()
+            .enumerate()
+            .map(|(index, trigger)| {
+                let mut status = all
+                    .get(&(function.to_string(), index))
+                    .cloned()
+                    .unwrap_or_else(|| QueueStatus {
+                        index: index as u32,
+                        kind: "nats",
+                        ..QueueStatus::default()
+                    });
+                status.stream = trigger.stream.0.clone();
+                status.subject = trigger.subject.as_ref().map(|s| s.0.clone());
+                status.durable = trigger.durable_name(function, index);
+                status
+            })
+            .collect()
     }
 }

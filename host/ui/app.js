@@ -268,6 +268,18 @@ function renderFunctions(functions) {
 function renderTriggers(functions) {
   const rows = functions.flatMap((f) => (f.triggers || []).map((t) => {
     const last = t.runs[0];
+    if (t.kind === 'nats') {
+      const handled = Object.entries(t.handled).map(([outcome, n]) => `${n} ${outcome}`).join(', ');
+      return el('tr', { data: { function: f.name, trigger: `nats-${t.index}` } },
+        cell('function', f.name),
+        cell('index', `nats ${t.index}`, 'num'),
+        el('td', { class: 'mono', data: { col: 'schedule' } }, `${t.stream}${t.subject ? ` ${t.subject}` : ''} (${t.durable})`),
+        cell('next', t.error ? t.error : `${t.pending} pending, ${t.ack_pending} unacknowledged`, t.error ? 'error-cell' : null),
+        cell('last', last ? `${last.id} on ${last.host}${handled ? `; here: ${handled}` : ''}` : '–'),
+        cell('status', last ? last.status : '–', last && (last.status < 200 || last.status >= 300) ? 'num error-cell' : 'num'),
+        cell('late', last ? `delivery ${last.delivered}` : '–', 'num'),
+      );
+    }
     return el('tr', { data: { function: f.name, trigger: t.index } },
       cell('function', f.name),
       cell('index', t.index, 'num'),

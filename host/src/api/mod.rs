@@ -29,6 +29,7 @@ pub mod cron;
 pub mod invoke;
 pub mod map;
 pub mod observe;
+pub mod queue;
 pub mod secrets;
 pub mod state;
 pub mod status;

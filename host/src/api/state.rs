@@ -14,7 +14,7 @@ use crate::cluster::Cluster;
 use crate::functions::Functions;
 use crate::oci::Registries;
 use crate::trace::Tracing;
-use crate::triggers::Cron;
+use crate::triggers::{Cron, Queues};
 
 /// Limits of the HTTP surface that are not per function.
 #[derive(Debug, Clone)]
@@ -46,6 +46,8 @@ pub struct AppState {
     pub tracing: Tracing,
     /// The latest runs of cron triggers.
     pub cron: Cron,
+    /// The consumers of NATS triggers.
+    pub queues: Queues,
 }
 
 impl AppState {
@@ -65,6 +67,7 @@ impl AppState {
             draining: AtomicBool::new(false),
             tracing: Tracing::default(),
             cron: Cron::default(),
+            queues: Queues::default(),
         }
     }
 

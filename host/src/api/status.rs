@@ -48,10 +48,22 @@ pub async fn status(state: &AppState, query: Option<&str>) -> Result<Response<Bo
             .map(|(outcome, count)| (outcome, json!(count)))
             .collect();
         let memory_peak = functions.metrics.memory_peak_of(name);
-        let triggers = policy
+        let triggers: Vec<Value> = policy
             .policy
             .as_ref()
-            .map(|p| state.cron.status(name, &p.cron))
+            .map(|p| {
+                let cron = state
+                    .cron
+                    .status(name, &p.cron)
+                    .into_iter()
+                    .map(|t| json!(t));
+                let nats = state
+                    .queues
+                    .status(name, &p.nats)
+                    .into_iter()
+                    .map(|t| json!(t));
+                cron.chain(nats).collect()
+            })
             .unwrap_or_default();
         rows.push(json!({
             "name": name,

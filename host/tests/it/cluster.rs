@@ -6,6 +6,7 @@
 use crate::common;
 
 mod cron;
+mod queue;
 mod registry;
 mod secrets;
 mod security;

@@ -45,6 +45,7 @@ pub const FUNCTIONS: &[&str] = &[
     "config-draft-2024",
     "motd",
     "redis",
+    "consumer",
 ];
 
 pub fn repo_root() -> PathBuf {
