@@ -168,6 +168,7 @@ pub async fn put_policy(
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::bad_request("invalid_policy", "the policy is not UTF-8 text"))?;
     state.functions.check_policy_size(name, text)?;
+    check_streams(state, text).await?;
     let policies = Arc::clone(&state.functions.policies);
     let name_owned = name.clone();
     let text = text.to_string();
@@ -192,6 +193,42 @@ pub async fn put_policy(
         Err(WriteError::Io(error)) => Err(ApiError::internal(error)),
     }
 }
+
+/// A policy's NATS triggers name streams NATS has (when NATS answers: one
+/// that does not is the trigger's status error, retried).
+async fn check_streams(state: &AppState, text: &str) -> Result<(), ApiError> {
+    let Ok(file) = toml::from_str::<lichen_core::policy::PolicyFile>(text) else {
+        // The write says what is wrong with it.
+        return Ok(());
+    };
+    if file.triggers.nats.is_empty() {
+        return Ok(());
+    }
+    let Some((js, _)) = state.functions.kv.nats_context() else {
+        return Err(ApiError::bad_request(
+            "invalid_policy",
+            "[[triggers.nats]] consumes the NATS of the key-value backend: this host runs without one (start it with --kv-backend nats)",
+        ));
+    };
+    for (index, trigger) in file.triggers.nats.iter().enumerate() {
+        let asked = tokio::time::timeout(STREAM_CHECK, js.get_stream(&trigger.stream.0)).await;
+        if let Ok(Err(error)) = asked
+            && crate::kv::nats::is_not_found(&error)
+        {
+            return Err(ApiError::bad_request(
+                "invalid_policy",
+                format!(
+                    "triggers.nats[{index}].stream = {:?}: NATS has no such stream (make it first, e.g. `nats stream add`)",
+                    trigger.stream.0
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// How long a policy write waits for NATS to say whether a stream exists.
+const STREAM_CHECK: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// `PUT /v1/functions/{name}`: validate, compile, store and activate an
 /// upload; `201`, or `200` when it is the active version already.

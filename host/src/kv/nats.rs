@@ -165,7 +165,8 @@ pub async fn open_bucket(
     js.get_key_value(name).await.map(Some).map_err(unavailable)
 }
 
-fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {
+/// Whether NATS answered that the stream does not exist.
+pub fn is_not_found(error: &jetstream::context::GetStreamError) -> bool {
     matches!(
         error.kind(),
         jetstream::context::GetStreamErrorKind::JetStream(e)

@@ -149,7 +149,8 @@ async fn messages_are_invoked_answered_retried_and_dead_lettered() {
     tokio::time::sleep(Duration::from_secs(2)).await;
     assert_eq!(dead_letters().await, 1);
 
-    // A stream that does not exist: the trigger says so, the host stays up.
+    // A stream that does not exist: refused with its reason; the last good
+    // policy goes on consuming.
     let missing = consuming("[[triggers.nats]]\nstream = \"NOPE\"\n");
     let put = a
         .admin(
@@ -158,10 +159,15 @@ async fn messages_are_invoked_answered_retried_and_dead_lettered() {
             missing.into_bytes(),
         )
         .await;
-    assert_eq!(put.status, StatusCode::OK, "{}", put.text());
-    eventually("the missing stream is reported", || async {
-        let status = trigger_status(&a, "orders", 0).await;
-        status["stream"] == "NOPE" && status["error"].as_str().is_some_and(|e| e.contains("NOPE"))
+    assert_eq!(put.status, StatusCode::BAD_REQUEST, "{}", put.text());
+    assert!(put.text().contains("no such stream"), "{}", put.text());
+    js.publish("orders.new", "after".into())
+        .await
+        .unwrap()
+        .await
+        .unwrap();
+    eventually("the last good policy consumes on", || async {
+        trigger_status(&a, "orders", 0).await["handled"]["ok"] == 2
     })
     .await;
 }
