@@ -25,18 +25,8 @@ scratch="$(mktemp -d)"
 pids=()
 trap 'kill "${pids[@]}" 2>/dev/null || true; rm -rf "$scratch"' EXIT
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-wait_for() {
-    for _ in $(seq 1 600); do
-        curl -s -o /dev/null "$1" && return 0
-        sleep 0.1
-    done
-    echo "nothing answers on $1" >&2
-    return 1
-}
+# shellcheck source=bench/common.sh
+source "$root/bench/common.sh"
 
 # One round of MODE: prints req/s and CPU per request of the host and the receiver.
 measure() { # MODE

@@ -23,19 +23,8 @@ scratch="$(mktemp -d)"
 pid=""
 trap 'if [ -n "$pid" ]; then kill "$pid" 2>/dev/null || true; fi; rm -rf "$scratch"' EXIT
 
-free_port() {
-    python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
-}
-
-# Waits until something answers on $1.
-wait_for() {
-    for _ in $(seq 1 600); do
-        curl -s -o /dev/null "$1" && return 0
-        sleep 0.1
-    done
-    echo "nothing answers on $1" >&2
-    return 1
-}
+# shellcheck source=bench/common.sh
+source "$root/bench/common.sh"
 
 start_lichen() { # BIN
     local port

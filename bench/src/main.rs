@@ -437,14 +437,7 @@ fn kv(settings: &Settings, report: &mut Report) -> Result<()> {
                 _ => None,
             };
             let extra: Vec<String> = match &nats {
-                Some(nats) => vec![
-                    "--kv-backend".into(),
-                    "nats".into(),
-                    "--kv-nats-url".into(),
-                    nats.url.clone(),
-                    "--kv-nats-replicas".into(),
-                    "1".into(),
-                ],
+                Some(nats) => servers::on_nats(&nats.url),
                 None => Vec::new(),
             };
             for name in ["hello", "counter", "kv"] {
@@ -596,16 +589,7 @@ fn queue(settings: &Settings, report: &mut Report) -> Result<()> {
                         scratch.policies().join("hello.toml"),
                         "[limits]\nconcurrency = 128\nqueue = 1024\n\n[[triggers.nats]]\nstream = \"BENCH\"\nmax_inflight = 64\n",
                     )?;
-                    let extra: Vec<String> = [
-                        "--kv-backend",
-                        "nats",
-                        "--kv-nats-url",
-                        &nats.url,
-                        "--kv-nats-replicas",
-                        "1",
-                    ]
-                    .map(String::from)
-                    .to_vec();
+                    let extra = servers::on_nats(&nats.url);
                     let server = servers::lichen_with(
                         &settings.lichen,
                         &scratch.data(),

@@ -90,6 +90,21 @@ pub fn lichen(bin: &Path, data_dir: &Path, policies: &Path) -> Result<Server> {
     lichen_with(bin, data_dir, policies, &[])
 }
 
+/// The flags of a host whose key-value backend is the NATS at `url` (one
+/// replica).
+pub fn on_nats(url: &str) -> Vec<String> {
+    [
+        "--kv-backend",
+        "nats",
+        "--kv-nats-url",
+        url,
+        "--kv-nats-replicas",
+        "1",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// [`lichen`] with more `serve` arguments (cluster flags).
 pub fn lichen_with(
     bin: &Path,

@@ -125,13 +125,7 @@ fn pass(
             }
             let skipped = taken.len().saturating_sub(MAX_TICKS_PER_PASS);
             if skipped > 0 {
-                state
-                    .functions
-                    .metrics
-                    .triggers
-                    .missed
-                    .with_label_values(&[key.0.as_str(), &key.1.to_string()])
-                    .inc_by(skipped as u64);
+                missed(state, &key, skipped as u64);
             }
             for at in taken.into_iter().skip(skipped) {
                 due.push(Due {
@@ -157,13 +151,7 @@ fn pass(
         }
         let late = now.duration_since(d.at);
         if late.unsigned_abs() > MAX_LATE {
-            state
-                .functions
-                .metrics
-                .triggers
-                .missed
-                .with_label_values(&[key.0.as_str(), &key.1.to_string()])
-                .inc();
+            missed(state, &key, 1);
             return false;
         }
         let turn = later(
@@ -183,6 +171,17 @@ fn pass(
     });
     let nap = now.duration_until(wake).unsigned_abs();
     nap.clamp(Duration::from_millis(1), MAX_NAP)
+}
+
+/// Counts `ticks` of a trigger given up.
+fn missed(state: &AppState, (function, index): &(String, u32), ticks: u64) {
+    state
+        .functions
+        .metrics
+        .triggers
+        .missed
+        .with_label_values(&[function.as_str(), &index.to_string()])
+        .inc_by(ticks);
 }
 
 /// How far apart the hosts' turns at a tick are: a few gossip rounds,

@@ -243,19 +243,28 @@ async fn three_with(root: &Path, extra: &[&str]) -> (Node, Node, Node) {
 /// `nats-server` (returned too: it stops when dropped).
 async fn three_on_nats(root: &Path) -> (common::NatsServer, Node, Node, Node) {
     let nats = common::NatsServer::start(&root.join("nats"));
-    let flags = [
+    let flags = on_nats(&nats.url);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (a, b, c) = three_with(root, &flags).await;
+    (nats, a, b, c)
+}
+
+/// The flags of a host whose key-value backend (and so its registry and
+/// its triggers' NATS) is the NATS at `url`.
+fn on_nats(url: &str) -> Vec<String> {
+    [
         "--kv-backend",
         "nats",
         "--kv-nats-url",
-        &nats.url,
+        url,
         "--kv-nats-replicas",
         "1",
         // A loaded machine slows NATS down; a late answer is an answer.
         "--kv-nats-timeout",
         "60s",
-    ];
-    let (a, b, c) = three_with(root, &flags).await;
-    (nats, a, b, c)
+    ]
+    .map(String::from)
+    .to_vec()
 }
 
 /// Who served each of `replies` (all 200), sorted: the peer named by

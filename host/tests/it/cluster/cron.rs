@@ -12,7 +12,7 @@ use bytes::Bytes;
 use http::{Method, StatusCode};
 use http_body_util::{BodyExt, Full};
 
-use super::{Node, SECRET, deploy_with_policy, three};
+use super::{Node, SECRET, deploy_with_policy, on_nats, three};
 use crate::common::{self, eventually};
 
 type Seen = Arc<Mutex<Vec<serde_json::Value>>>;
@@ -224,16 +224,8 @@ async fn with_nats_a_host_cut_off_from_its_peers_still_runs_no_tick_twice() {
     let root = tempfile::tempdir().unwrap();
     let (recorder, seen) = recorder().await;
     let nats = common::NatsServer::start(&root.path().join("nats"));
-    let flags = [
-        "--kv-backend",
-        "nats",
-        "--kv-nats-url",
-        &nats.url,
-        "--kv-nats-replicas",
-        "1",
-        "--kv-nats-timeout",
-        "60s",
-    ];
+    let flags = on_nats(&nats.url);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     // a and b see each other; c sees neither (it was given no peer) but
     // shares their NATS, as a host on the far side of a partition does.
     let a = Node::start_with(root.path(), "a", &[], SECRET, &flags);

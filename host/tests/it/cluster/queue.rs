@@ -8,25 +8,8 @@ use async_nats::jetstream;
 use futures::StreamExt;
 use http::{Method, StatusCode};
 
-use super::{Node, SECRET, deploy_fixture_with_policy, three_with};
+use super::{Node, SECRET, deploy_fixture_with_policy, on_nats, three_with};
 use crate::common::{self, eventually};
-
-/// Flags for a host whose key-value backend (and so its triggers' NATS)
-/// is `nats`.
-fn on_nats(url: &str) -> Vec<String> {
-    [
-        "--kv-backend",
-        "nats",
-        "--kv-nats-url",
-        url,
-        "--kv-nats-replicas",
-        "1",
-        "--kv-nats-timeout",
-        "60s",
-    ]
-    .map(String::from)
-    .to_vec()
-}
 
 async fn jetstream_of(url: &str) -> jetstream::Context {
     let client = async_nats::connect(url).await.unwrap();
