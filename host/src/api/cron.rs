@@ -14,7 +14,7 @@
 //! path with `x-lichen-trigger: cron` and `x-lichen-trigger-id:
 //! FUNCTION/INDEX/TIME`, so a guest can make its work idempotent.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -93,14 +93,14 @@ fn pass(
 ) -> Duration {
     let now = Timestamp::now();
     let mut wake = later(now, SignedDuration::try_from(MAX_NAP).unwrap_or_default());
-    let mut seen = Vec::new();
+    let mut seen = HashSet::new();
     for slot in state.functions.list() {
         let Ok(policy) = state.functions.policies.get(&slot.name) else {
             continue;
         };
         for (index, trigger) in policy.cron.iter().enumerate() {
             let key = (slot.name.as_str().to_string(), index as u32);
-            seen.push(key.clone());
+            seen.insert(key.clone());
             let cursor = cursors.entry(key.clone()).or_insert_with(|| Cursor {
                 trigger: trigger.clone(),
                 through: now,
