@@ -19,8 +19,9 @@
 //! With the NATS key-value backend a claim the peers accepted must also
 //! take the tick's lease: a key created in a JetStream key-value bucket
 //! ([`LEASES_BUCKET`]), which only one create can do. Hosts that cannot see
-//! each other but reach NATS still run each tick once; a host that cannot
-//! reach NATS runs no tick (one that can takes its turn later).
+//! each other but reach NATS still run each tick once. A host whose claim
+//! its peers accepted but that cannot reach NATS runs no tick, and its
+//! peers, holding its claim, do not take the tick over: it is not run.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
