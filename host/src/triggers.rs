@@ -54,7 +54,7 @@ impl TriggerMetrics {
             messages: IntCounterVec::new(
                 Opts::new(
                     "lichen_trigger_messages_total",
-                    "Messages of NATS triggers this host handled, by function, trigger index and outcome (ok: a 2xx, acknowledged; retried: delivered again later; dead_lettered: failed its last delivery; ack_failed: NATS did not confirm the acknowledgement).",
+                    "Messages of NATS triggers this host handled, by function, trigger index and outcome (ok: a 2xx, acknowledged; retried: delivered again later; busy: no host had room, delivered again later and never dead-lettered; dead_lettered: failed its last delivery; ack_failed: NATS did not confirm the acknowledgement).",
                 ),
                 &["function", "trigger", "outcome"],
             )?,
@@ -163,7 +163,7 @@ pub struct QueueRun {
     pub delivered: i64,
     /// The invocation's status (0: it did not answer).
     pub status: u16,
-    /// `ok`, `retried`, `dead_lettered` or `ack_failed`.
+    /// `ok`, `retried`, `busy`, `dead_lettered` or `ack_failed`.
     pub outcome: &'static str,
     pub host: String,
 }

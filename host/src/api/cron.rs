@@ -7,7 +7,7 @@
 //! whose turn comes without a claim known for the tick claims it
 //! ([`crate::cluster::claims`]) and, if no peer refuses, invokes the
 //! function. A host that is down is passed over one step later, so a tick
-//! is run late rather than skipped; a tick nobody ran within
+//! is run late rather than skipped (as is one whose claimer released it); a tick nobody ran within
 //! [`MAX_LATE`] is given up. A host on its own runs every tick itself.
 //!
 //! Each invocation is a `POST` (or the trigger's method) to the trigger's
@@ -35,6 +35,11 @@ use lichen_core::triggers::CronTrigger;
 
 /// A tick nobody ran this long after its time is given up.
 pub const MAX_LATE: Duration = Duration::from_secs(10 * 60);
+/// A tick a peer claimed is kept this long after its time: a peer that
+/// cannot take the tick's lease releases it (within
+/// [`crate::cluster::claims::LEASE_WAIT`]), and the next host in turn
+/// claims it then.
+const RELEASED_WITHIN: Duration = Duration::from_secs(60);
 /// The longest the loop sleeps: policies and members are looked at again.
 const MAX_NAP: Duration = Duration::from_millis(250);
 /// Ticks of one trigger taken up in one pass; more (a host paused for
@@ -146,10 +151,11 @@ fn pass(
         if !cursors.contains_key(&key) {
             return false;
         }
-        if state.cluster().is_some_and(|c| c.tick_claimed(&d.tick)) {
-            return false;
-        }
         let late = now.duration_since(d.at);
+        if state.cluster().is_some_and(|c| c.tick_claimed(&d.tick)) {
+            // A peer's: kept a while, in case it releases the tick.
+            return late.unsigned_abs() < RELEASED_WITHIN;
+        }
         if late.unsigned_abs() > MAX_LATE {
             missed(state, &key, 1);
             return false;
@@ -337,14 +343,7 @@ pub async fn run_now(
     name: &FunctionName,
     index: &str,
 ) -> Result<Response<Body>, ApiError> {
-    if state.functions.lookup(name.as_str()).is_none() {
-        return Err(ApiError::not_found(format!("no function named {name:?}")));
-    }
-    let policy = state
-        .functions
-        .policies
-        .get(name)
-        .map_err(|error| invoke::policy_invalid(name, error))?;
+    let policy = invoke::policy_of(state, name)?;
     let trigger = index
         .parse::<u32>()
         .ok()

@@ -476,20 +476,26 @@ pub fn check_access<B>(
     name: &FunctionName,
     req: &hyper::Request<B>,
 ) -> Result<(Option<HeaderValue>, Arc<Policy>), ApiError> {
-    if state.functions.lookup(name.as_str()).is_none() {
-        return Err(ApiError::not_found(format!("no function named {name:?}")));
-    }
-    let policy = state
-        .functions
-        .policies
-        .get(name)
-        .map_err(|error| policy_invalid(name, error))?;
+    let policy = policy_of(state, name)?;
     auth::invoke(state, &policy, req)?;
     Ok((req.headers().get(header::AUTHORIZATION).cloned(), policy))
 }
 
+/// The policy in force for `name`: `404` if no such function is deployed,
+/// `503` if its policy never loaded.
+pub fn policy_of(state: &AppState, name: &FunctionName) -> Result<Arc<Policy>, ApiError> {
+    if state.functions.lookup(name.as_str()).is_none() {
+        return Err(ApiError::not_found(format!("no function named {name:?}")));
+    }
+    state
+        .functions
+        .policies
+        .get(name)
+        .map_err(|error| policy_invalid(name, error))
+}
+
 /// `503`: the function has no policy in force.
-pub fn policy_invalid(name: &FunctionName, error: impl std::fmt::Display) -> ApiError {
+fn policy_invalid(name: &FunctionName, error: impl std::fmt::Display) -> ApiError {
     ApiError::new(
         StatusCode::SERVICE_UNAVAILABLE,
         "policy_invalid",

@@ -8,7 +8,8 @@
 //! message (and waits for NATS to confirm it); anything else, or no answer
 //! within `ack_wait`, has it delivered again, after a growing pause; at
 //! its `max_deliver`th failure it is published to `dead_letter` with the
-//! error and terminated. A message whose host died is delivered again
+//! error and terminated. A message no host has room for waits here up to
+//! `ack_wait`, then is delivered again; that never dead-letters it. A message whose host died is delivered again
 //! after `ack_wait`: at least once, never lost.
 //!
 //! The NATS is the key-value backend's (`--kv-backend nats`).
@@ -36,6 +37,9 @@ const RECONCILE: Duration = Duration::from_secs(1);
 /// doubles with each delivery, up to [`MAX_BACKOFF`].
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
+/// How long a message waits before it is tried again when no host had
+/// room for it.
+const BUSY_PAUSE: Duration = Duration::from_millis(20);
 /// A consumer that failed (NATS down, no such stream) is made again after
 /// this long.
 const RETRY: Duration = Duration::from_secs(2);
@@ -224,10 +228,16 @@ async fn handle(
         Err(_) => (trigger.stream.0.clone(), 0, 1),
     };
     let answer = tokio::select! {
-        answer = invoke_with(state, function, trigger, &message, (&stream, sequence, delivered)) => answer,
+        answer = invoke_with_room(state, function, trigger, &message, (&stream, sequence, delivered)) => answer,
         never = keep_alive(&message, trigger.ack_wait.0) => match never {},
     };
     let outcome = match &answer {
+        // No host had room: not the message's failure, so never its last.
+        Err(NoAnswer::Busy(_)) => {
+            let pause = backoff(delivered);
+            let _ = message.ack_with(AckKind::Nak(Some(pause))).await;
+            "busy"
+        }
         Ok((status, body)) if (200..300).contains(status) => {
             if let Some(reply) = reply_to(&message) {
                 let _ = js.client().publish(reply, body.clone()).await;
@@ -246,7 +256,7 @@ async fn handle(
                     "{status}: {}",
                     String::from_utf8_lossy(&body[..body.len().min(512)])
                 ),
-                Err(error) => error.clone(),
+                Err(NoAnswer::Busy(error) | NoAnswer::Failed(error)) => error.clone(),
             };
             if let Some(dead) = &trigger.dead_letter {
                 let mut headers = NatsHeaders::new();
@@ -329,6 +339,34 @@ fn reply_to(message: &jetstream::Message) -> Option<async_nats::Subject> {
     (!subject.is_empty()).then(|| async_nats::Subject::from(subject))
 }
 
+/// Why an invocation gave no answer.
+enum NoAnswer {
+    /// Refused before it ran: no room on this host or its peers.
+    Busy(String),
+    /// It ran and broke off, or was refused for another reason.
+    Failed(String),
+}
+
+/// [`invoke_with`], tried again while the host (and every peer) is too
+/// busy to run it, for up to `ack_wait` (the message is kept alive).
+async fn invoke_with_room(
+    state: &Arc<AppState>,
+    function: &str,
+    trigger: &NatsTrigger,
+    message: &jetstream::Message,
+    delivery: (&str, u64, i64),
+) -> Result<(u16, Bytes), NoAnswer> {
+    let give_up = tokio::time::Instant::now() + trigger.ack_wait.0;
+    loop {
+        match invoke_with(state, function, trigger, message, delivery).await {
+            Err(NoAnswer::Busy(_)) if tokio::time::Instant::now() < give_up => {
+                tokio::time::sleep(BUSY_PAUSE).await;
+            }
+            answer => return answer,
+        }
+    }
+}
+
 /// Invokes the function with `message`; its status and body, or why it
 /// did not answer.
 async fn invoke_with(
@@ -337,7 +375,7 @@ async fn invoke_with(
     trigger: &NatsTrigger,
     message: &jetstream::Message,
     (stream, sequence, delivered): (&str, u64, i64),
-) -> Result<(u16, Bytes), String> {
+) -> Result<(u16, Bytes), NoAnswer> {
     let body = message.payload.clone();
     let mut req = hyper::Request::new(RequestBody::from(body.clone()));
     *req.method_mut() = trigger.method.0.clone();
@@ -388,14 +426,21 @@ async fn invoke_with(
             let body = http_body_util::BodyExt::collect(response.into_body())
                 .await
                 .map(|b| b.to_bytes())
-                .map_err(|e| format!("the response broke off: {e}"))?;
+                .map_err(|e| NoAnswer::Failed(format!("the response broke off: {e}")))?;
             Ok((status, body))
         }
-        Err(error) => Err(format!(
-            "{} {}: {}",
-            error.status.as_u16(),
-            error.code,
-            error.message
-        )),
+        Err(error) => {
+            let reason = format!(
+                "{} {}: {}",
+                error.status.as_u16(),
+                error.code,
+                error.message
+            );
+            Err(if error.code == "busy" {
+                NoAnswer::Busy(reason)
+            } else {
+                NoAnswer::Failed(reason)
+            })
+        }
     }
 }

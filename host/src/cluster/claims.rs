@@ -20,8 +20,10 @@
 //! take the tick's lease: a key created in a JetStream key-value bucket
 //! ([`LEASES_BUCKET`]), which only one create can do. Hosts that cannot see
 //! each other but reach NATS still run each tick once. A host whose claim
-//! its peers accepted but that cannot reach NATS runs no tick, and its
-//! peers, holding its claim, do not take the tick over: it is not run.
+//! its peers accepted but that cannot reach NATS runs no tick: it releases
+//! its claim, and the next host in turn claims the tick again and takes
+//! the lease if NATS answers it (unless the first create happened after
+//! all, unseen: then nobody runs the tick).
 
 use std::collections::HashMap;
 use std::sync::Mutex;
@@ -45,6 +47,10 @@ pub const CLAIMS_KEPT: Duration = Duration::from_secs(15 * 60);
 pub const MAX_CLAIM_BYTES: usize = 1024;
 /// The JetStream key-value bucket of tick leases, with the NATS backend.
 pub const LEASES_BUCKET: &str = "lichen_cron_leases";
+/// How long a host waits for NATS to give a lease (at most: the key-value
+/// backend's own timeout may be shorter); well under the minute its peers
+/// keep the tick for it to be released.
+pub const LEASE_WAIT: Duration = Duration::from_secs(10);
 
 /// One tick of one trigger of a function.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
@@ -68,6 +74,9 @@ pub struct ClaimMessage {
     #[serde(flatten)]
     pub tick: Tick,
     pub node: String,
+    /// The node gives its claim up: it could not take the tick's lease.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub release: bool,
 }
 
 /// A host's answer to a claim.
@@ -113,11 +122,21 @@ impl Claims {
     }
 
     /// A peer's claim: accepted unless a claim of higher weight is held
-    /// (this host's own pending one gives way to a higher one).
+    /// (this host's own pending one gives way to a higher one). A release
+    /// forgets the claim of the node that sent it.
     pub fn receive(&self, claim: &ClaimMessage) -> ClaimAnswer {
         let weight = claim.tick.weight(&claim.node);
         let mut held = self.lock();
         held.retain(|_, h| h.since.elapsed() < CLAIMS_KEPT);
+        if claim.release {
+            if held.get(&claim.tick).is_some_and(|h| h.node == claim.node) {
+                held.remove(&claim.tick);
+            }
+            return ClaimAnswer {
+                accepted: true,
+                holder: String::new(),
+            };
+        }
         let accept = match held.get(&claim.tick) {
             None => true,
             Some(h) if h.node == claim.node => true,
@@ -160,6 +179,19 @@ impl Claims {
             },
         );
         true
+    }
+
+    /// Gives up this host's running claim (its lease could not be taken):
+    /// kept as a claim of weight 0 by nobody, so this host does not claim
+    /// the tick again but accepts any other host's claim.
+    fn give_up(&self, tick: &Tick, node: &str) {
+        if let Some(holding) = self.lock().get_mut(tick)
+            && holding.node == node
+        {
+            holding.node = String::new();
+            holding.weight = 0;
+            holding.held = Held::Peer;
+        }
     }
 
     /// Ends this host's claim: running if it is still this host's and every
@@ -215,8 +247,18 @@ impl Leases {
         }
     }
 
-    /// Creates `tick`'s key holding `node`.
+    /// Creates `tick`'s key holding `node`, waiting at most [`LEASE_WAIT`].
     pub async fn take(&self, tick: &Tick, node: &str) -> Lease {
+        match tokio::time::timeout(LEASE_WAIT, self.create(tick, node)).await {
+            Ok(lease) => lease,
+            Err(_) => {
+                tracing::warn!(function = %tick.function, tick_ms = tick.at_ms, "no answer from NATS to a cron lease in time");
+                Lease::Unavailable
+            }
+        }
+    }
+
+    async fn create(&self, tick: &Tick, node: &str) -> Lease {
         let store = self
             .store
             .get_or_try_init(|| async {
@@ -262,19 +304,8 @@ impl Cluster {
         if !self.claims.begin(tick, &self.node_id) {
             return false;
         }
-        let message = ClaimMessage {
-            tick: tick.clone(),
-            node: self.node_id.clone(),
-        };
-        let body = match serde_json::to_vec(&message) {
-            Ok(body) => Bytes::from(body),
-            Err(_) => return false,
-        };
         let peers = self.peers();
-        let asks = peers
-            .iter()
-            .map(|peer| self.send_claim(peer, body.clone(), wait));
-        let answers = futures::future::join_all(asks).await;
+        let answers = self.send_to_all(&peers, tick, false, wait).await;
         let refused_by = answers
             .into_iter()
             .flatten()
@@ -286,6 +317,12 @@ impl Cluster {
             _ => Lease::Taken,
         };
         let won = accepted && lease == Lease::Taken;
+        if accepted && lease == Lease::Unavailable {
+            // The peers hold this claim: they take the tick over only once
+            // told. The peers now are those that may claim it next.
+            self.claims.give_up(tick, &self.node_id);
+            self.send_to_all(&self.peers(), tick, true, wait).await;
+        }
         let outcome = match lease {
             _ if won => "won",
             Lease::Unavailable => "lease_unavailable",
@@ -310,6 +347,30 @@ impl Cluster {
     /// Whether a claim for `tick` is known here.
     pub fn tick_claimed(&self, tick: &Tick) -> bool {
         self.claims.known(tick)
+    }
+
+    /// Sends this host's claim of `tick` (or its release) to each of
+    /// `peers` at once; their answers, `None` where none came in time.
+    async fn send_to_all(
+        &self,
+        peers: &[Peer],
+        tick: &Tick,
+        release: bool,
+        wait: Duration,
+    ) -> Vec<Option<ClaimAnswer>> {
+        let message = ClaimMessage {
+            tick: tick.clone(),
+            node: self.node_id.clone(),
+            release,
+        };
+        let Ok(body) = serde_json::to_vec(&message) else {
+            return Vec::new();
+        };
+        let body = Bytes::from(body);
+        let asks = peers
+            .iter()
+            .map(|peer| self.send_claim(peer, body.clone(), wait));
+        futures::future::join_all(asks).await
     }
 
     /// Sends a claim to `peer`; `None` if it did not answer in time.
@@ -363,6 +424,14 @@ mod tests {
         ClaimMessage {
             tick: tick.clone(),
             node: node.to_string(),
+            release: false,
+        }
+    }
+
+    fn release(tick: &Tick, node: &str) -> ClaimMessage {
+        ClaimMessage {
+            release: true,
+            ..claim(tick, node)
         }
     }
 
@@ -410,5 +479,29 @@ mod tests {
         assert!(other.receive(&claim(&tick, high)).accepted);
         assert!(!other.receive(&claim(&tick, low)).accepted);
         assert!(!other.begin(&tick, "c"));
+    }
+
+    #[test]
+    fn a_released_claim_is_forgotten_and_the_tick_can_be_claimed_again() {
+        let tick = tick(9_000);
+        let (high, low) = ranked(&tick);
+        // `high` claimed and was accepted here, then could not take the
+        // lease: its release makes room for `low`.
+        let here = Claims::default();
+        assert!(here.receive(&claim(&tick, high)).accepted);
+        assert!(!here.receive(&claim(&tick, low)).accepted);
+        // A release from a node that does not hold the tick changes nothing.
+        here.receive(&release(&tick, low));
+        assert!(here.known(&tick));
+        here.receive(&release(&tick, high));
+        assert!(!here.known(&tick));
+        assert!(here.begin(&tick, low));
+        // On `high` itself: given up, it claims no more and accepts `low`.
+        let there = Claims::default();
+        assert!(there.begin(&tick, high));
+        assert!(there.settle(&tick, high, None));
+        there.give_up(&tick, high);
+        assert!(!there.begin(&tick, high));
+        assert!(there.receive(&claim(&tick, low)).accepted);
     }
 }

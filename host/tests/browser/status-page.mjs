@@ -134,6 +134,16 @@ try {
   // The last good policy is still what runs.
   assert.match(await page.locator('#policy').textContent(), /GREETING/);
 
+  step('a cron trigger shows its schedule, its next tick and a run here');
+  const trigger = (col) => page.locator(`#triggers-table tr[data-function="ticker"] td[data-col="${col}"]`);
+  await page.locator('#triggers').waitFor({ state: 'visible' });
+  assert.match(await text(trigger('schedule')), /^\* \* \* \* \* \* \(UTC\)$/);
+  assert.match(await text(trigger('next')), /^\d{4}-\d\d-\d\dT/);
+  await eventually('a tick run here', () => text(trigger('status')), (t) => t === '200');
+  assert.match(await text(trigger('last')), /^\d{4}-\d\d-\d\dT.* on edge-a$/);
+  // Only the function with a trigger has a row.
+  assert.equal(await page.locator('#triggers-table tbody tr').count(), 1);
+
   step('the cluster lists the peer, alive');
   const peerRow = page.locator(`#peers tr[data-peer="${peer}"]`);
   await eventually('the peer', () => peerRow.count(), (n) => n === 1);

@@ -5,7 +5,7 @@
 
 use crate::common;
 
-mod cron;
+pub mod cron;
 mod queue;
 mod registry;
 mod secrets;

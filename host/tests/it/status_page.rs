@@ -203,8 +203,14 @@ async fn the_status_page_in_a_real_browser() {
         "[env]\nGREETING = \"from the status page test\"\n",
     )
     .unwrap();
+    std::fs::write(
+        a.policies.join("ticker.toml"),
+        "[[triggers.cron]]\nschedule = \"* * * * * *\"\nmethod = \"GET\"\n",
+    )
+    .unwrap();
     let functions = [
         ("hello", "hello"),
+        ("ticker", "hello"),
         ("hello-p3", "hello-p3"),
         ("square", "square"),
         ("counter", "counter"),

@@ -15,11 +15,16 @@ use http_body_util::{BodyExt, Full};
 use super::{Node, SECRET, deploy_with_policy, on_nats, three};
 use crate::common::{self, eventually};
 
-type Seen = Arc<Mutex<Vec<serde_json::Value>>>;
+pub type Seen = Arc<Mutex<Vec<serde_json::Value>>>;
 
 /// A recorder on loopback: keeps each JSON body posted to it.
 async fn recorder() -> (SocketAddr, Seen) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    recorder_on("127.0.0.1").await
+}
+
+/// A recorder on a free port of `ip`.
+pub async fn recorder_on(ip: &str) -> (SocketAddr, Seen) {
+    let listener = tokio::net::TcpListener::bind((ip, 0)).await.unwrap();
     let addr = listener.local_addr().unwrap();
     let seen: Seen = Arc::default();
     let kept = Arc::clone(&seen);
@@ -48,14 +53,14 @@ async fn recorder() -> (SocketAddr, Seen) {
 }
 
 /// A policy relaying every tick of `schedule` to `recorder`.
-fn relaying(schedule: &str, recorder: SocketAddr) -> String {
+pub fn relaying(schedule: &str, recorder: SocketAddr) -> String {
     format!(
-        "[outbound]\nallow = [\"http://127.0.0.1:*\"]\n\n[[triggers.cron]]\nschedule = \"{schedule}\"\npath = \"/relay?url=http://{recorder}/tick\"\nbody = {{ job = \"sweep\" }}\n"
+        "[outbound]\nallow = [\"http://{recorder}\"]\n\n[[triggers.cron]]\nschedule = \"{schedule}\"\npath = \"/relay?url=http://{recorder}/tick\"\nbody = {{ job = \"sweep\" }}\n"
     )
 }
 
 /// Tick ids the recorder got, with how many times each.
-fn ticks(seen: &Seen) -> BTreeMap<String, usize> {
+pub fn ticks(seen: &Seen) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
     for value in seen.lock().unwrap().iter() {
         let id = value["headers"]["x-lichen-trigger-id"]
@@ -68,7 +73,7 @@ fn ticks(seen: &Seen) -> BTreeMap<String, usize> {
 }
 
 /// The tick time of an id `FUNCTION/INDEX/TIME`.
-fn tick_time(id: &str) -> jiff::Timestamp {
+pub fn tick_time(id: &str) -> jiff::Timestamp {
     id.rsplit('/').next().unwrap().parse().unwrap()
 }
 
@@ -280,4 +285,124 @@ async fn with_nats_a_host_cut_off_from_its_peers_still_runs_no_tick_twice() {
     for pair in times.windows(2) {
         assert_eq!(pair[1] - pair[0], 1, "a tick nobody ran: {times:?}");
     }
+}
+
+/// A TCP relay on loopback to `upstream`, until cut: then every relayed
+/// connection is closed and new ones are refused, as when a host loses
+/// its way to a server.
+struct Relay {
+    addr: SocketAddr,
+    cut: tokio::sync::watch::Sender<bool>,
+}
+
+impl Relay {
+    async fn to(upstream: SocketAddr) -> Relay {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (cut, mut is_cut) = tokio::sync::watch::channel(false);
+        let cutting = cut.subscribe();
+        tokio::spawn(async move {
+            loop {
+                let accepted = tokio::select! {
+                    accepted = listener.accept() => accepted,
+                    _ = is_cut.changed() => return,
+                };
+                let Ok((mut inbound, _)) = accepted else {
+                    return;
+                };
+                let mut cut = cutting.clone();
+                tokio::spawn(async move {
+                    let Ok(mut outbound) = tokio::net::TcpStream::connect(upstream).await else {
+                        return;
+                    };
+                    tokio::select! {
+                        _ = tokio::io::copy_bidirectional(&mut inbound, &mut outbound) => {}
+                        _ = cut.changed() => {}
+                    }
+                });
+            }
+        });
+        Relay { addr, cut }
+    }
+
+    fn cut(&self) {
+        let _ = self.cut.send(true);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_host_that_cannot_take_a_lease_releases_the_tick_to_its_peers() {
+    let root = tempfile::tempdir().unwrap();
+    let (recorder, seen) = recorder().await;
+    let nats = common::NatsServer::start(&root.path().join("nats"));
+    let upstream: SocketAddr = nats.url.trim_start_matches("nats://").parse().unwrap();
+    let relay = Relay::to(upstream).await;
+    let flags = on_nats(&nats.url);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    // c reaches NATS through the relay, and fails fast without it.
+    let through = format!("nats://{}", relay.addr);
+    let c_flags = [
+        "--kv-backend",
+        "nats",
+        "--kv-nats-url",
+        &through,
+        "--kv-nats-replicas",
+        "1",
+        "--kv-nats-timeout",
+        "3s",
+    ];
+    let a = Node::start_with(root.path(), "a", &[], SECRET, &flags);
+    let b = Node::start_with(root.path(), "b", &[&a], SECRET, &flags);
+    let c = Node::start_with(root.path(), "c", &[&a], SECRET, &c_flags);
+    deploy_with_policy(&a, &[&b, &c], "probe", &relaying("* * * * * *", recorder)).await;
+    for node in [&a, &b, &c] {
+        eventually(&format!("{} sees both peers serve probe", node.id), || {
+            node.sees_serving(2, "probe")
+        })
+        .await;
+    }
+    eventually("a first tick relayed", || async {
+        !ticks(&seen).is_empty()
+    })
+    .await;
+
+    // c can still reach its peers, which accept its claims, but not NATS.
+    relay.cut();
+    let cut = jiff::Timestamp::now().as_second();
+    eventually("c fails to take a lease", || async {
+        c.metrics()
+            .await
+            .contains(r#"lichen_trigger_claims_total{outcome="lease_unavailable"}"#)
+    })
+    .await;
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    let ended = jiff::Timestamp::now().as_second();
+
+    // Every tick runs, once: those c claimed, a or b after its release.
+    // One claimed as the relay was cut may have its lease created unseen.
+    let missing = || {
+        let ran: std::collections::BTreeSet<i64> = ticks(&seen)
+            .keys()
+            .map(|id| tick_time(id).as_second())
+            .collect();
+        (cut + 2..ended)
+            .filter(|t| !ran.contains(t))
+            .collect::<Vec<i64>>()
+    };
+    let waited = std::time::Instant::now();
+    while !missing().is_empty() && waited.elapsed() < Duration::from_secs(30) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let counts = ticks(&seen);
+    let twice: Vec<&String> = counts
+        .iter()
+        .filter(|(_, n)| **n > 1)
+        .map(|(id, _)| id)
+        .collect();
+    assert!(twice.is_empty(), "ticks run more than once: {twice:?}");
+    assert!(
+        missing().is_empty(),
+        "ticks nobody ran after the cut at {cut}: {:?} of {counts:?}",
+        missing()
+    );
 }

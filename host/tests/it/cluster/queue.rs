@@ -156,6 +156,50 @@ async fn messages_are_invoked_answered_retried_and_dead_lettered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_finds_no_room_waits_and_is_never_dead_lettered_for_it() {
+    const MESSAGES: u64 = 40;
+    let root = tempfile::tempdir().unwrap();
+    let nats = common::NatsServer::start(&root.path().join("nats"));
+    let js = jetstream_of(&nats.url).await;
+    stream(&js, "JOBS", &["jobs.>"]).await;
+    stream(&js, "DEAD", &["dead.>"]).await;
+    let flags = on_nats(&nats.url);
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let a = Node::start_with(root.path(), "a", &[], SECRET, &flags);
+    // One at a time and no queue, eight messages in hand: seven of them
+    // find no room each time. One delivery each before a dead letter.
+    // The messages are there first, so the first pull brings eight.
+    let mut acks = Vec::new();
+    for i in 0..MESSAGES {
+        acks.push(js.publish("jobs.new", format!("{i}").into()).await.unwrap());
+    }
+    for ack in acks {
+        ack.await.unwrap();
+    }
+    let policy = "[keyvalue]\nstores = [\"default\"]\n\n[limits]\nconcurrency = 1\nqueue = 0\n\n[[triggers.nats]]\nstream = \"JOBS\"\nmax_inflight = 8\nmax_deliver = 1\ndead_letter = \"dead.jobs\"\n";
+    deploy_fixture_with_policy(&a, &[], "jobs", "consumer", policy).await;
+    eventually("every message handled", || async {
+        trigger_status(&a, "jobs", 0).await["handled"]["ok"] == MESSAGES
+    })
+    .await;
+    let count = a.post("/fn/jobs/count", "").await.json();
+    assert_eq!(count["seen"], MESSAGES, "{count}");
+    let mut dead = js.get_stream("DEAD").await.unwrap();
+    assert_eq!(dead.info().await.unwrap().state.messages, 0);
+    let status = trigger_status(&a, "jobs", 0).await;
+    assert!(status["handled"]["dead_lettered"].is_null(), "{status}");
+    // The function was busy: its refusals were counted.
+    let metrics = a.metrics().await;
+    assert!(
+        common::series_sum(
+            &metrics,
+            r#"lichen_invocations_total{function="jobs",outcome="rejected"}"#
+        ) > 0.0,
+        "{metrics}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_messages_over_three_hosts_are_each_handled_while_one_dies() {
     const MESSAGES: u64 = 10_000;
     const INFLIGHT: u64 = 32;

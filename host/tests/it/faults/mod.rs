@@ -9,6 +9,7 @@
 //! `scripts/faults.sh` (`LICHEN_FAULTS_SECONDS` per scenario), which writes
 //! its table to `docs/RELIABILITY.md`.
 
+mod cron;
 mod linear;
 mod net;
 

@@ -169,7 +169,7 @@ impl Net {
     }
 
     /// The test process's address on the bridge (never dropped by faults).
-    fn client_ip(&self) -> String {
+    pub fn client_ip(&self) -> String {
         format!("10.77.{}.254", self.subnet)
     }
 
