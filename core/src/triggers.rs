@@ -130,6 +130,23 @@ impl Subject {
     pub fn is_literal(&self) -> bool {
         self.0.split('.').all(|token| token != "*" && token != ">")
     }
+
+    /// Whether some subject matches both this and `other` (both may hold
+    /// wildcards): a filter that overlaps none of a stream's subjects
+    /// matches nothing in it.
+    pub fn overlaps(&self, other: &str) -> bool {
+        fn overlap(a: &[&str], b: &[&str]) -> bool {
+            match (a.split_first(), b.split_first()) {
+                (None, None) => true,
+                (Some((&">", _)), Some(_)) | (Some(_), Some((&">", _))) => true,
+                (Some((x, a)), Some((y, b))) => (x == y || *x == "*" || *y == "*") && overlap(a, b),
+                _ => false,
+            }
+        }
+        let ours: Vec<&str> = self.0.split('.').collect();
+        let theirs: Vec<&str> = other.split('.').collect();
+        overlap(&ours, &theirs)
+    }
 }
 
 impl TryFrom<String> for Subject {
@@ -459,5 +476,32 @@ mod tests {
             TriggerMethod::try_from("GET".to_string()),
             Ok(TriggerMethod(http::Method::GET))
         );
+    }
+
+    #[test]
+    fn a_filter_overlaps_the_subjects_it_can_share_a_message_with() {
+        let filter = |text: &str| Subject::try_from(text.to_string()).unwrap();
+        for (a, b) in [
+            ("orders.new", "orders.new"),
+            ("orders.new", "orders.*"),
+            ("orders.*", "orders.>"),
+            ("orders.eu.>", "orders.>"),
+            ("*.new", "orders.>"),
+            (">", "orders"),
+            ("orders.*.x", "*.eu.*"),
+        ] {
+            assert!(filter(a).overlaps(b), "{a} and {b}");
+            assert!(filter(b).overlaps(a), "{b} and {a}");
+        }
+        for (a, b) in [
+            ("invoices.>", "orders.>"),
+            ("orders", "orders.>"),
+            ("orders.new", "orders"),
+            ("orders.*", "orders.new.x"),
+            ("orders.*.x", "orders.eu.y"),
+        ] {
+            assert!(!filter(a).overlaps(b), "{a} and {b}");
+            assert!(!filter(b).overlaps(a), "{b} and {a}");
+        }
     }
 }

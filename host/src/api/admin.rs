@@ -211,16 +211,39 @@ async fn check_streams(state: &AppState, text: &str) -> Result<(), ApiError> {
         ));
     };
     for (index, trigger) in file.triggers.nats.iter().enumerate() {
-        let asked = tokio::time::timeout(STREAM_CHECK, js.get_stream(&trigger.stream.0)).await;
-        if let Ok(Err(error)) = asked
-            && crate::kv::nats::is_not_found(&error)
-        {
-            return Err(ApiError::bad_request(
+        let refused = |message: String| {
+            Err(ApiError::bad_request(
                 "invalid_policy",
-                format!(
-                    "triggers.nats[{index}].stream = {:?}: NATS has no such stream (make it first, e.g. `nats stream add`)",
-                    trigger.stream.0
-                ),
+                format!("triggers.nats[{index}]: {message}"),
+            ))
+        };
+        let stream = &trigger.stream.0;
+        // NATS not answering in time is not the policy's fault: the
+        // consumer says so on /v1/status.
+        let stream = match tokio::time::timeout(STREAM_CHECK, js.get_stream(stream)).await {
+            Ok(Ok(found)) => found,
+            Ok(Err(error)) if crate::kv::nats::is_not_found(&error) => {
+                return refused(format!(
+                    "stream = {stream:?}: NATS has no such stream (make it first, e.g. `nats stream add`)"
+                ));
+            }
+            _ => continue,
+        };
+        let config = &stream.cached_info().config;
+        // A stream made without subjects takes its name as its subject.
+        let subjects = if config.subjects.is_empty() {
+            std::slice::from_ref(&config.name)
+        } else {
+            &config.subjects[..]
+        };
+        if let Some(subject) = &trigger.subject
+            && !subjects.iter().any(|s| subject.overlaps(s))
+        {
+            return refused(format!(
+                "subject = {:?} matches nothing the stream {:?} holds (its subjects: {})",
+                subject.0,
+                config.name,
+                subjects.join(", ")
             ));
         }
     }

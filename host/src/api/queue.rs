@@ -38,8 +38,9 @@ const RECONCILE: Duration = Duration::from_secs(1);
 const FIRST_BACKOFF: Duration = Duration::from_millis(250);
 const MAX_BACKOFF: Duration = Duration::from_secs(30);
 /// How long a message waits before it is tried again when no host had
-/// room for it.
-const BUSY_PAUSE: Duration = Duration::from_millis(20);
+/// room for it; it doubles with each try, up to [`MAX_BUSY_PAUSE`].
+const FIRST_BUSY_PAUSE: Duration = Duration::from_millis(10);
+const MAX_BUSY_PAUSE: Duration = Duration::from_millis(100);
 /// A consumer that failed (NATS down, no such stream) is made again after
 /// this long.
 const RETRY: Duration = Duration::from_secs(2);
@@ -357,10 +358,12 @@ async fn invoke_with_room(
     delivery: (&str, u64, i64),
 ) -> Result<(u16, Bytes), NoAnswer> {
     let give_up = tokio::time::Instant::now() + trigger.ack_wait.0;
+    let mut pause = FIRST_BUSY_PAUSE;
     loop {
         match invoke_with(state, function, trigger, message, delivery).await {
             Err(NoAnswer::Busy(_)) if tokio::time::Instant::now() < give_up => {
-                tokio::time::sleep(BUSY_PAUSE).await;
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_BUSY_PAUSE);
             }
             answer => return answer,
         }

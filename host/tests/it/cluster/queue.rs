@@ -59,7 +59,7 @@ async fn messages_are_invoked_answered_retried_and_dead_lettered() {
     let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
     let a = Node::start_with(root.path(), "a", &[], SECRET, &flags);
     let policy = consuming(
-        "[[triggers.nats]]\nstream = \"ORDERS\"\nsubject = \"orders.>\"\nmax_deliver = 3\ndead_letter = \"dead.orders\"\nack_wait = \"5s\"\n",
+        "[[triggers.nats]]\nstream = \"ORDERS\"\nsubject = \"orders.>\"\ndead_letter = \"dead.orders\"\nack_wait = \"5s\"\n",
     );
     deploy_fixture_with_policy(&a, &[], "orders", "consumer", &policy).await;
     eventually("the consumer pulls", || async {
@@ -87,8 +87,8 @@ async fn messages_are_invoked_answered_retried_and_dead_lettered() {
     assert_eq!(answer["times"], 1, "{answer}");
     assert_eq!(answer["body"], "hello", "{answer}");
 
-    // A message the function fails: delivered three times, then a dead
-    // letter with the error, and never again.
+    // A message the function fails: delivered five times (the default
+    // max_deliver), then a dead letter with the error, and never again.
     js.publish("orders.new", "fail".into())
         .await
         .unwrap()
@@ -117,12 +117,12 @@ async fn messages_are_invoked_answered_retried_and_dead_lettered() {
     );
     assert_eq!(
         letter.headers.get("Lichen-Deliveries").unwrap().as_str(),
-        "3"
+        "5"
     );
     let status = trigger_status(&a, "orders", 0).await;
     assert_eq!(status["kind"], "nats", "{status}");
     assert_eq!(status["handled"]["ok"], 1, "{status}");
-    assert_eq!(status["handled"]["retried"], 2, "{status}");
+    assert_eq!(status["handled"]["retried"], 4, "{status}");
     assert_eq!(status["handled"]["dead_lettered"], 1, "{status}");
     let metrics = a.metrics().await;
     assert!(
@@ -144,6 +144,22 @@ async fn messages_are_invoked_answered_retried_and_dead_lettered() {
         .await;
     assert_eq!(put.status, StatusCode::BAD_REQUEST, "{}", put.text());
     assert!(put.text().contains("no such stream"), "{}", put.text());
+    // Nor is a subject filter that matches nothing the stream holds.
+    let elsewhere = consuming("[[triggers.nats]]\nstream = \"ORDERS\"\nsubject = \"invoices.>\"\n");
+    let put = a
+        .admin(
+            Method::PUT,
+            "/v1/functions/orders/policy",
+            elsewhere.into_bytes(),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::BAD_REQUEST, "{}", put.text());
+    assert!(
+        put.text()
+            .contains("matches nothing the stream \\\"ORDERS\\\" holds"),
+        "{}",
+        put.text()
+    );
     js.publish("orders.new", "after".into())
         .await
         .unwrap()
