@@ -42,6 +42,31 @@ impl SecretState {
     }
 }
 
+/// A `token:` value: the host's version of a scoped API token. It holds
+/// the token's SHA-256, never the token. `revoked`: kept so an older
+/// version elsewhere does not bring it back. The later (stamp, origin)
+/// wins. The same record is the token's file on disk.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenState {
+    /// SHA-256 of the token, hex.
+    pub hash: String,
+    pub scopes: Vec<String>,
+    pub created_unix_ms: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_unix_ms: Option<u64>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub revoked: bool,
+    pub stamp: Stamp,
+    pub origin: String,
+}
+
+impl TokenState {
+    /// The version, to compare with another: the later wins.
+    pub fn version(&self) -> (Stamp, &str) {
+        (self.stamp, &self.origin)
+    }
+}
+
 /// A [`SealedValue`] as gossip carries it: base64, the keys by key id in
 /// hex.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +129,9 @@ pub const PREFIX_MOD: &str = "mod:";
 /// `secret:<name>`: the host's version of a secret, sealed
 /// ([`SecretState`]).
 pub const PREFIX_SECRET: &str = "secret:";
+/// `token:<name>`: the host's version of a scoped API token
+/// ([`TokenState`]).
+pub const PREFIX_TOKEN: &str = "token:";
 
 /// The gossip port a `--peer` without one gets.
 pub const DEFAULT_GOSSIP_PORT: u16 = 7946;
@@ -166,6 +194,8 @@ pub enum Value<'a> {
     Module(&'a str),
     /// The secret the key names, and the host's version of it.
     Secret(&'a str, SecretState),
+    /// The token the key names, and the host's version of it.
+    Token(&'a str, TokenState),
 }
 
 /// The value published under `key`, if its key is known and its body what
@@ -177,6 +207,9 @@ pub fn read<'a>(key: &'a str, value: &'a str) -> Option<Value<'a>> {
     }
     if let Some(name) = key.strip_prefix(PREFIX_SECRET) {
         return Some(Value::Secret(name, serde_json::from_str(value).ok()?));
+    }
+    if let Some(name) = key.strip_prefix(PREFIX_TOKEN) {
+        return Some(Value::Token(name, serde_json::from_str(value).ok()?));
     }
     if let Some(sha) = key.strip_prefix(PREFIX_MOD) {
         return Some(Value::Module(sha));

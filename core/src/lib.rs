@@ -12,5 +12,6 @@ pub mod names;
 pub mod policy;
 pub mod registry;
 pub mod routes;
+pub mod scopes;
 pub mod seal;
 pub mod triggers;

@@ -10,7 +10,8 @@ use http::Method;
 pub enum Access {
     /// Anyone.
     Public,
-    /// The admin token.
+    /// The admin token, or a token with the scope the route needs
+    /// ([`crate::scopes::needed`]).
     Admin,
     /// The cluster token: peers only.
     Peer,
@@ -38,6 +39,9 @@ pub enum Handler {
     ListSecrets,
     SetSecret,
     DeleteSecret,
+    CreateToken,
+    ListTokens,
+    RevokeToken,
     Map,
     Peers,
     Status,
@@ -157,6 +161,14 @@ pub static ROUTES: &[Route] = &[
         "/v1/secrets/{name}",
         Access::Admin,
         Handler::DeleteSecret,
+    ),
+    route(POST, "/v1/tokens", Access::Admin, Handler::CreateToken),
+    route(GET, "/v1/tokens", Access::Admin, Handler::ListTokens),
+    route(
+        DELETE,
+        "/v1/tokens/{name}",
+        Access::Admin,
+        Handler::RevokeToken,
     ),
     route(GET, "/v1/peers", Access::Admin, Handler::Peers),
     route(GET, "/v1/status", Access::Admin, Handler::Status),

@@ -9,7 +9,7 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use lichen_core::gossip::{self, PREFIX_FN, PREFIX_MOD, PREFIX_SECRET, Value};
+use lichen_core::gossip::{self, PREFIX_FN, PREFIX_MOD, PREFIX_SECRET, PREFIX_TOKEN, Value};
 use lichen_core::registry::{Entry, Version};
 use lichen_core::seal::{self, Keyring, ReplayGuard, Secret};
 
@@ -77,6 +77,12 @@ fuzz_target!(|data: &[u8]| {
                 let aad = gossip::secret_aad(name, state.stamp, &state.origin);
                 assert!(KEYRING.open_value(&aad, &sealed).is_none());
             }
+        }
+        Some(Value::Token(name, state)) => {
+            assert_eq!(key.strip_prefix(PREFIX_TOKEN), Some(name));
+            // What a host keeps of it reads back the same.
+            let json = serde_json::to_string(&state).unwrap();
+            assert_eq!(serde_json::from_str::<gossip::TokenState>(&json).ok(), Some(state));
         }
         Some(Value::Api(v) | Value::Kv(v)) => assert_eq!(v, value),
         Some(Value::Load { .. }) | None => {}

@@ -265,6 +265,69 @@ pub async fn secret_remove(target: &Target, name: &str) -> Result<String> {
     Ok(format!("removed secret {name}"))
 }
 
+/// Makes a token and answers it (the only time it is shown), with its
+/// scopes on a second line.
+pub async fn token_create(
+    target: &Target,
+    name: &str,
+    scopes: &[String],
+    expires_in: Option<String>,
+) -> Result<String> {
+    let mut request = serde_json::json!({ "name": name, "scopes": scopes });
+    if let Some(expires_in) = expires_in {
+        request["expires_in"] = serde_json::Value::String(expires_in);
+    }
+    let body = serde_json::to_vec(&request)?;
+    let made = target
+        .call_with(Method::POST, "/v1/tokens", body, "application/json")
+        .await?;
+    let token = made["token"]
+        .as_str()
+        .ok_or_else(|| anyhow::anyhow!("the host answered no token: {made}"))?;
+    Ok(format!(
+        "{token}\n# {name}: {}; shown once, keep it now",
+        scopes.join(" ")
+    ))
+}
+
+pub async fn token_list(target: &Target) -> Result<String> {
+    let value = target.call(Method::GET, "/v1/tokens", Vec::new()).await?;
+    let mut out = format!(
+        "{:<24} {:<15} {:<15} {:<15} {}\n",
+        "NAME", "CREATED (MS)", "EXPIRES (MS)", "LAST USED (MS)", "SCOPES"
+    );
+    let ms = |v: &serde_json::Value| v.as_u64().map_or("-".to_string(), |n| n.to_string());
+    for token in value["tokens"].as_array().into_iter().flatten() {
+        let scopes: Vec<&str> = token["scopes"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|s| s.as_str())
+            .collect();
+        let expires = if token["expired"] == true {
+            "expired".to_string()
+        } else {
+            ms(&token["expires_unix_ms"])
+        };
+        out.push_str(&format!(
+            "{:<24} {:<15} {:<15} {:<15} {}\n",
+            token["name"].as_str().unwrap_or("?"),
+            ms(&token["created_unix_ms"]),
+            expires,
+            ms(&token["last_used_unix_ms"]),
+            scopes.join(" "),
+        ));
+    }
+    Ok(out.trim_end().to_string())
+}
+
+pub async fn token_revoke(target: &Target, name: &str) -> Result<String> {
+    target
+        .call(Method::DELETE, &format!("/v1/tokens/{name}"), Vec::new())
+        .await?;
+    Ok(format!("revoked token {name}"))
+}
+
 pub async fn remove(target: &Target, name: &str, purge_kv: bool) -> Result<String> {
     let query = if purge_kv { "?purge_kv=true" } else { "" };
     target

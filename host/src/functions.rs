@@ -42,6 +42,7 @@ use crate::scheduler::Scheduler;
 use crate::secrets::Secrets;
 use crate::shared_registry::{SharedRegistry, Written};
 use crate::store::{FunctionRecord, KEEP_VERSIONS, ModuleStore, VersionInfo};
+use crate::tokens::Tokens;
 use lichen_core::registry::{Clock, Entry, MAX_ENTRY_BYTES, Merged, Stamp, Version};
 
 /// How long the module of a deploy whose outcome is unknown is kept.
@@ -90,6 +91,8 @@ pub struct Functions {
     pub outbound: Arc<Outbound>,
     /// The secrets `[config]` values may name.
     pub secrets: Arc<Secrets>,
+    /// Scoped API tokens.
+    pub tokens: Arc<Tokens>,
     /// Each function's last invocations, latencies and log lines.
     pub recent: Arc<Recent>,
 }
@@ -99,6 +102,7 @@ pub struct Services {
     pub kv: Arc<Kv>,
     pub outbound: Arc<Outbound>,
     pub secrets: Arc<Secrets>,
+    pub tokens: Arc<Tokens>,
 }
 
 impl Functions {
@@ -134,6 +138,7 @@ impl Functions {
             kv: services.kv,
             outbound: services.outbound,
             secrets: services.secrets,
+            tokens: services.tokens,
             recent: Arc::new(Recent::new()),
         }
     }
@@ -229,6 +234,13 @@ impl Functions {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .observe(stamp);
+    }
+
+    /// A stamp for a change made here now, later than `seen` (the version
+    /// it replaces, which may come from a peer whose clock is ahead).
+    pub fn tick_after(&self, seen: Stamp) -> Stamp {
+        self.observe(seen);
+        self.tick()
     }
 
     /// Writes `record` to disk, then to the table of records. Callers hold

@@ -27,6 +27,7 @@ pub mod shared_registry;
 pub mod store;
 pub mod tcp;
 pub mod tls;
+pub mod tokens;
 pub mod trace;
 pub mod train;
 pub mod triggers;

@@ -76,6 +76,12 @@ enum Command {
         #[command(subcommand)]
         action: SecretAction,
     },
+    /// Make, list and revoke scoped API tokens: credentials for a team or
+    /// a pipeline that can do what their scopes say and nothing else.
+    Token {
+        #[command(subcommand)]
+        action: TokenAction,
+    },
     /// Invoke NAME once per element of the JSON array in FILE (in parallel,
     /// across the cluster); prints the results in input order.
     Map {
@@ -531,6 +537,25 @@ async fn main() -> ExitCode {
                 print(async { client::secret_remove(&target.resolve()?, &name).await }).await
             }
         },
+        Command::Token { action } => match action {
+            TokenAction::Create {
+                name,
+                scopes,
+                expires_in,
+                target,
+            } => {
+                print(async {
+                    client::token_create(&target.resolve()?, &name, &scopes, expires_in).await
+                })
+                .await
+            }
+            TokenAction::Ls { target } => {
+                print(async { client::token_list(&target.resolve()?).await }).await
+            }
+            TokenAction::Revoke { name, target } => {
+                print(async { client::token_revoke(&target.resolve()?, &name).await }).await
+            }
+        },
         Command::Rm {
             name,
             purge_kv,
@@ -597,6 +622,35 @@ enum SecretAction {
     },
     /// Remove secret NAME (refused while a policy names it).
     Rm {
+        name: String,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenAction {
+    /// Make token NAME with the given scopes (functions:read,
+    /// functions:deploy:PATTERN, functions:delete:PATTERN, status:read,
+    /// tokens:admin, secrets:PATTERN; `*` in a pattern is any run of
+    /// characters) and print it: it is shown this once.
+    Create {
+        name: String,
+        #[arg(long = "scope", value_name = "SCOPE", required = true)]
+        scopes: Vec<String>,
+        /// How long it is good for: 90d, 12h, 30m, 45s; forever without.
+        #[arg(long, value_name = "DURATION")]
+        expires_in: Option<String>,
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// List the tokens: name, scopes, created, expires, last used here.
+    Ls {
+        #[command(flatten)]
+        target: TargetArgs,
+    },
+    /// Revoke token NAME, on every host of the cluster.
+    Revoke {
         name: String,
         #[command(flatten)]
         target: TargetArgs,

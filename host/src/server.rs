@@ -33,6 +33,7 @@ use crate::secrets::{self, Secrets};
 use crate::shared_registry::SharedRegistry;
 use crate::store::ModuleStore;
 use crate::tls::{Tls, TlsFiles};
+use crate::tokens::Tokens;
 use crate::trace::{TraceConfig, Tracing};
 
 /// The embedded key-value store, in the data directory.
@@ -218,6 +219,7 @@ impl Server {
             secrets::load_or_create_key(&config.data_dir, config.secrets_key_file.as_deref())
                 .context("loading the secrets key")?;
         let secrets = Arc::new(Secrets::open(&store, &secrets_key).context("opening secrets")?);
+        let tokens = Arc::new(Tokens::open(&store).context("opening API tokens")?);
         let kv = Arc::new(match &config.kv {
             KvConfig::Local => Kv::Local(
                 LocalBackend::open(store.open_database(KV_FILE)?)
@@ -270,6 +272,7 @@ impl Server {
                 kv,
                 outbound,
                 secrets,
+                tokens,
             },
         )
         .with_origin(

@@ -45,6 +45,7 @@ const MODULES: &str = "modules";
 const COMPILED: &str = "compiled";
 const FUNCTIONS: &str = "functions";
 const SECRETS: &str = "secrets";
+const TOKENS: &str = "tokens";
 /// Where hosts kept deletes before records kept them; read once to migrate.
 const DELETED: &str = "deleted";
 const TMP: &str = "tmp";
@@ -243,7 +244,7 @@ impl ModuleStore {
             .with_context(|| format!("creating data directory {}", path.display()))?;
         let dir = Dir::open_ambient_dir(path, ambient_authority())
             .with_context(|| format!("opening data directory {}", path.display()))?;
-        for sub in [MODULES, COMPILED, FUNCTIONS, SECRETS, TMP] {
+        for sub in [MODULES, COMPILED, FUNCTIONS, SECRETS, TOKENS, TMP] {
             dir.create_dir_all(sub)
                 .with_context(|| format!("creating {}/{sub}", path.display()))?;
         }
@@ -471,18 +472,7 @@ impl ModuleStore {
     /// Every sealed secret file, by name (the name as the file has it; the
     /// caller checks it).
     pub fn secret_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
-        let mut files = Vec::new();
-        for entry in self.dir.read_dir(SECRETS)?.flatten() {
-            let file_name = entry.file_name().to_string_lossy().into_owned();
-            if let Some(name) = file_name.strip_suffix(".json") {
-                let bytes = self
-                    .dir
-                    .read(format!("{SECRETS}/{file_name}"))
-                    .with_context(|| format!("reading {SECRETS}/{file_name}"))?;
-                files.push((name.to_string(), bytes));
-            }
-        }
-        Ok(files)
+        self.named_files(SECRETS)
     }
 
     /// Writes one sealed secret, durably. `name` is a checked secret name.
@@ -493,13 +483,52 @@ impl ModuleStore {
 
     /// Removes one sealed secret, durably; `false` if there was none.
     pub fn remove_secret_file(&self, name: &str) -> Result<bool> {
-        match self.dir.remove_file(format!("{SECRETS}/{name}.json")) {
+        self.remove_named_file(SECRETS, name)
+            .with_context(|| format!("removing secret {name:?}"))
+    }
+
+    /// Every API token's file (hashes, never tokens), by name.
+    pub fn token_files(&self) -> Result<Vec<(String, Vec<u8>)>> {
+        self.named_files(TOKENS)
+    }
+
+    /// Writes one token's file, durably. `name` is a checked token name.
+    pub fn write_token_file(&self, name: &str, bytes: &[u8]) -> Result<()> {
+        self.write_atomic(&format!("{TOKENS}/{name}.json"), bytes)
+            .with_context(|| format!("storing token {name:?}"))
+    }
+
+    /// Removes one token's file, durably; `false` if there was none.
+    pub fn remove_token_file(&self, name: &str) -> Result<bool> {
+        self.remove_named_file(TOKENS, name)
+            .with_context(|| format!("removing token {name:?}"))
+    }
+
+    /// The `NAME.json` files of the directory `sub`, by name.
+    fn named_files(&self, sub: &str) -> Result<Vec<(String, Vec<u8>)>> {
+        let mut files = Vec::new();
+        for entry in self.dir.read_dir(sub)?.flatten() {
+            let file_name = entry.file_name().to_string_lossy().into_owned();
+            if let Some(name) = file_name.strip_suffix(".json") {
+                let bytes = self
+                    .dir
+                    .read(format!("{sub}/{file_name}"))
+                    .with_context(|| format!("reading {sub}/{file_name}"))?;
+                files.push((name.to_string(), bytes));
+            }
+        }
+        Ok(files)
+    }
+
+    /// Removes `sub/NAME.json`, durably; `false` if there was none.
+    fn remove_named_file(&self, sub: &str, name: &str) -> Result<bool> {
+        match self.dir.remove_file(format!("{sub}/{name}.json")) {
             Ok(()) => {
-                self.sync_dir(SECRETS)?;
+                self.sync_dir(sub)?;
                 Ok(true)
             }
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => Ok(false),
-            Err(error) => Err(error).with_context(|| format!("removing secret {name:?}")),
+            Err(error) => Err(error.into()),
         }
     }
 

@@ -1,7 +1,10 @@
 //! Who may call what. Three kinds of bearer, each checked here and nowhere
 //! else:
 //! - the admin token (`Authorization: Bearer`), for `/v1` admin routes and,
-//!   with `--metrics-require-token`, for `/metrics`;
+//!   with `--metrics-require-token`, for `/metrics`; or a scoped API token
+//!   ([`crate::tokens`]) with the scope the route needs
+//!   ([`lichen_core::scopes::needed`]): without it `403 missing_scope`,
+//!   naming the scope; expired or revoked, `401`;
 //! - a peer's signature (`x-lichen-peer-signature`, keyed from the cluster
 //!   secret, once per request: `lichen_core::seal`), for module fetches and
 //!   forwarded invocations from peers;
@@ -13,17 +16,70 @@
 //! constant time, so the time an answer takes says nothing about how much
 //! of a guess was right.
 
+use std::sync::Arc;
+
 use http::{StatusCode, header};
+use lichen_core::scopes::Needed;
 use lichen_core::seal::{Refused, Signed};
 use subtle::ConstantTimeEq;
 
 use super::AppState;
 use crate::error::ApiError;
 use crate::policy::Policy;
+use crate::tokens::{Grant, Verdict};
 
-/// Admin routes need `Authorization: Bearer <token>`.
-pub fn admin<B>(state: &AppState, req: &hyper::Request<B>) -> Result<(), ApiError> {
-    check_bearer(req, [state.admin_token.as_str()], "admin routes")
+/// Who made an admin request.
+#[derive(Debug, Clone)]
+pub enum Caller {
+    /// The admin token: the root credential.
+    Root,
+    /// A scoped token.
+    Token(Arc<Grant>),
+}
+
+impl Caller {
+    /// Whether the caller may do `needed`.
+    pub fn may(&self, needed: Needed<'_>) -> bool {
+        match self {
+            Caller::Root => true,
+            Caller::Token(grant) => needed.granted_by(&grant.scopes),
+        }
+    }
+}
+
+/// Admin routes need `Authorization: Bearer <token>`: the admin token, or
+/// a scoped token that grants `needed`.
+pub fn admin<B>(
+    state: &AppState,
+    req: &hyper::Request<B>,
+    needed: Needed<'_>,
+) -> Result<Caller, ApiError> {
+    let presented = bearer(req, "admin routes")?;
+    if !presented.is_empty() && bool::from(presented.ct_eq(state.admin_token.as_bytes())) {
+        return Ok(Caller::Root);
+    }
+    match state.functions.tokens.check(presented) {
+        Verdict::Valid(grant) if needed.granted_by(&grant.scopes) => Ok(Caller::Token(grant)),
+        Verdict::Valid(grant) => Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "missing_scope",
+            format!(
+                "the token {:?} does not have the scope this needs: {needed}",
+                grant.name
+            ),
+        )),
+        Verdict::Revoked(name) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "token_revoked",
+            format!("the token {name:?} was revoked"),
+        )),
+        Verdict::Expired(name) => Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "token_expired",
+            format!("the token {name:?} has expired"),
+        )),
+        Verdict::Unknown => Err(not_valid()),
+    }
 }
 
 /// Internal routes need a peer's signature. Returns it, for the body check
@@ -69,17 +125,7 @@ fn check_bearer<'a, B>(
     accepted: impl IntoIterator<Item = &'a str>,
     what: &str,
 ) -> Result<(), ApiError> {
-    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            format!("{what} need an `Authorization: Bearer <token>` header"),
-        ));
-    };
-    let presented = value
-        .as_bytes()
-        .strip_prefix(b"Bearer ")
-        .unwrap_or_default();
+    let presented = bearer(req, what)?;
     let mut matched = false;
     for token in accepted {
         matched |= bool::from(presented.ct_eq(token.as_bytes()));
@@ -87,10 +133,30 @@ fn check_bearer<'a, B>(
     if matched && !presented.is_empty() {
         Ok(())
     } else {
-        Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "forbidden",
-            "the token is not valid here",
-        ))
+        Err(not_valid())
     }
+}
+
+/// The request's bearer token (empty if the header is not `Bearer ...`);
+/// `401` without an `Authorization` header.
+fn bearer<'r, B>(req: &'r hyper::Request<B>, what: &str) -> Result<&'r [u8], ApiError> {
+    let Some(value) = req.headers().get(header::AUTHORIZATION) else {
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            format!("{what} need an `Authorization: Bearer <token>` header"),
+        ));
+    };
+    Ok(value
+        .as_bytes()
+        .strip_prefix(b"Bearer ")
+        .unwrap_or_default())
+}
+
+fn not_valid() -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "forbidden",
+        "the token is not valid here",
+    )
 }

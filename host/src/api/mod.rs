@@ -13,7 +13,7 @@
 //! remove secrets; values go in and never out), [`invoke`] (the invocation path
 //! from arrival to response), [`map`] (one invocation per element of an
 //! array), [`body`] (capped body reading, the invocation body type),
-//! [`auth`] (the three kinds of token), [`observe`] (metrics, health, the
+//! [`auth`] (the three kinds of token), [`tokens`] (scoped API tokens), [`observe`] (metrics, health, the
 //! OpenAPI document), [`status`] (what the status page shows, as JSON),
 //! [`ui`] (the status page), [`state`] (what handlers share).
 //!
@@ -33,6 +33,7 @@ pub mod queue;
 pub mod secrets;
 pub mod state;
 pub mod status;
+pub mod tokens;
 pub mod ui;
 
 use std::sync::Arc;
@@ -47,6 +48,7 @@ use crate::names::FunctionName;
 use body::RequestBody;
 use lichen_core::routes::{self, Lookup};
 pub use lichen_core::routes::{Access, Handler, Params, ROUTES, Route};
+use lichen_core::scopes::{self, Needed};
 pub use state::{ApiLimits, AppState};
 
 pub const REQUEST_ID_HEADER: &str = "x-lichen-request-id";
@@ -102,7 +104,7 @@ async fn route_request(
         Lookup::NotFound => Vec::new(),
     };
     if path == "/v1" || path.starts_with("/v1/") {
-        auth::admin(state, &req)?;
+        auth::admin(state, &req, Needed::Nothing)?;
     }
     if allowed.is_empty() {
         return Err(ApiError::not_found(format!("no route for {path}")));
@@ -132,11 +134,18 @@ async fn dispatch(
     request_id: &str,
 ) -> Result<Response<Body>, ApiError> {
     let mut signed = None;
+    let mut caller = auth::Caller::Root;
     match route.access {
         Access::Public | Access::Function => {}
-        Access::Admin => auth::admin(state, &req)?,
+        Access::Admin => {
+            // A route the scopes do not cover takes the admin token only.
+            let needed = scopes::needed(route.handler, &params).unwrap_or(Needed::Root);
+            caller = auth::admin(state, &req, needed)?;
+        }
         Access::Peer => signed = Some(auth::peer(state, &req)?),
-        Access::Metrics if state.limits.metrics_require_token => auth::admin(state, &req)?,
+        Access::Metrics if state.limits.metrics_require_token => {
+            auth::admin(state, &req, Needed::StatusRead)?;
+        }
         Access::Metrics => {}
     }
     let name = || parse_name(params.get(0));
@@ -156,10 +165,13 @@ async fn dispatch(
         Handler::KvUsage => admin::kv_usage(state, &name()?).await,
         Handler::KvPurge => admin::kv_purge(state, &name()?, params.get(1)).await,
         Handler::Rollback => admin::rollback(state, &name()?, req).await,
-        Handler::ListSecrets => secrets::list(state),
+        Handler::ListSecrets => secrets::list(state, &caller),
         Handler::SetSecret => secrets::set(state, params.get(0), req).await,
         Handler::DeleteSecret => secrets::delete(state, params.get(0)).await,
         Handler::Map => map::map(state, &name()?, req, request_id).await,
+        Handler::CreateToken => tokens::create(state, req).await,
+        Handler::ListTokens => tokens::list(state),
+        Handler::RevokeToken => tokens::revoke(state, params.get(0)).await,
         Handler::Peers => admin::peers(state),
         Handler::Module => admin::module(state, params.get(0)),
         Handler::CronClaim => match &signed {

@@ -7,16 +7,17 @@ use std::sync::Arc;
 use http::{Response, StatusCode};
 use hyper::body::Incoming;
 
+use super::auth::Caller;
 use super::{AppState, body, json};
 use crate::error::{ApiError, Body};
-use crate::functions::Functions;
 use crate::policy::SecretName;
 use crate::secrets::{MAX_SECRET_BYTES, SetError};
-use lichen_core::registry::Stamp;
+use lichen_core::scopes::Needed;
 
-/// `GET /v1/secrets`.
-pub fn list(state: &Arc<AppState>) -> Result<Response<Body>, ApiError> {
-    let secrets = state.functions.secrets.list();
+/// `GET /v1/secrets`: those the caller may manage.
+pub fn list(state: &Arc<AppState>, caller: &Caller) -> Result<Response<Body>, ApiError> {
+    let mut secrets = state.functions.secrets.list();
+    secrets.retain(|secret| caller.may(Needed::Secret(&secret.name)));
     json(StatusCode::OK, &serde_json::json!({ "secrets": secrets }))
 }
 
@@ -42,7 +43,7 @@ pub async fn set(
                 &set_name,
                 &value,
                 functions.origin(),
-                |seen| after(&functions, seen),
+                |seen| functions.tick_after(seen),
             )
             .inspect(|_| functions.policies.reload_failed())
     })
@@ -96,7 +97,7 @@ pub async fn delete(state: &Arc<AppState>, name: &str) -> Result<Response<Body>,
             &functions.store,
             &removed_name,
             functions.origin(),
-            |seen| after(&functions, seen),
+            |seen| functions.tick_after(seen),
         )
     })
     .await
@@ -108,13 +109,6 @@ pub async fn delete(state: &Arc<AppState>, name: &str) -> Result<Response<Body>,
     tracing::info!(secret = %name.0, "secret removed through the admin API");
     publish(state, &name).await;
     json(StatusCode::OK, &serde_json::json!({ "removed": name.0 }))
-}
-
-/// A stamp for a change made here now, later than `seen` (the version it
-/// replaces, which may come from a peer whose clock is ahead).
-fn after(functions: &Functions, seen: Stamp) -> Stamp {
-    functions.observe(seen);
-    functions.tick()
 }
 
 /// Gossips this host's version of `name` to the cluster, if any.

@@ -44,9 +44,10 @@ use crate::kv::Kv;
 use crate::metrics::Metrics;
 use crate::names::FunctionName;
 use crate::secrets::Secrets;
+use crate::tokens::Tokens;
 use lichen_core::gossip::{
     self, FunctionState, KEY_API, KEY_KV, KEY_LOAD, PREFIX_FN, PREFIX_MOD, PREFIX_SECRET,
-    SealedText, SecretState,
+    PREFIX_TOKEN, SealedText, SecretState, TokenState,
 };
 pub use lichen_core::registry;
 use lichen_core::seal::{self, NonceCache, Signed};
@@ -180,7 +181,8 @@ pub struct Cluster {
     /// Parsed gossip values by (node, key): re-read only when their version
     /// changes, as a round sees every key of every peer.
     parsed: Mutex<HashMap<GossipKey, (u64, Option<FunctionState>)>>,
-    /// The version of each `secret:` value already read, by (node, key).
+    /// The version of each `secret:` and `token:` value already read, by
+    /// (node, key).
     parsed_secrets: Mutex<HashMap<GossipKey, u64>>,
     /// Each peer incarnation's clock offset, with the version of the load
     /// value it was measured from.
@@ -451,6 +453,26 @@ impl Cluster {
         for (name, _) in functions.secrets.versions() {
             self.publish_secret(&functions.secrets, &name).await;
         }
+        for name in functions.tokens.names() {
+            self.publish_token(&functions.tokens, &name).await;
+        }
+    }
+
+    /// Gossips this host's version of the token `name` (revoked ones too,
+    /// so an older version elsewhere does not come back): its hash, never
+    /// the token.
+    pub async fn publish_token(&self, tokens: &Tokens, name: &str) {
+        let key = format!("{PREFIX_TOKEN}{name}");
+        self.chitchat
+            .with_chitchat(|chitchat| {
+                let Some(state) = tokens.state(name) else {
+                    return;
+                };
+                if let Ok(json) = serde_json::to_string(&state) {
+                    chitchat.self_node_state().set(key.as_str(), json.as_str());
+                }
+            })
+            .await;
     }
 
     /// Gossips this host's version of the secret `name`, sealed (removed
@@ -782,7 +804,7 @@ impl Cluster {
                 }
                 continue;
             }
-            if key.starts_with(PREFIX_SECRET) {
+            if key.starts_with(PREFIX_SECRET) || key.starts_with(PREFIX_TOKEN) {
                 let cache_key = (incarnation(id), key.clone());
                 let mut seen = self
                     .parsed_secrets
@@ -792,6 +814,9 @@ impl Cluster {
                     match gossip::read(&key, &value) {
                         Some(gossip::Value::Secret(name, state)) => {
                             fresh.secrets.push((name.to_string(), state));
+                        }
+                        Some(gossip::Value::Token(name, state)) => {
+                            fresh.tokens.push((name.to_string(), state));
                         }
                         _ => tracing::warn!(
                             peer = node,
@@ -827,7 +852,12 @@ impl Cluster {
                 Some(gossip::Value::Module(sha)) => {
                     peer.modules.insert(sha.to_string());
                 }
-                Some(gossip::Value::Function(_) | gossip::Value::Secret(..)) | None => {}
+                Some(
+                    gossip::Value::Function(_)
+                    | gossip::Value::Secret(..)
+                    | gossip::Value::Token(..),
+                )
+                | None => {}
             }
         }
         (!peer.api.is_empty()).then_some(peer)
@@ -882,6 +912,8 @@ pub struct Fresh {
     pub functions: Vec<FunctionState>,
     /// Secrets by name, as published.
     pub secrets: Vec<(String, SecretState)>,
+    /// API tokens by name, as published.
+    pub tokens: Vec<(String, TokenState)>,
 }
 
 /// The modules on this host's disk that its records refer to.

@@ -17,7 +17,7 @@ use crate::policy::SecretName;
 use crate::secrets::{Applied, Versioned};
 use crate::shared_registry::SharedRegistry;
 use crate::store::sha256_hex;
-use lichen_core::gossip::{FunctionState, SecretState};
+use lichen_core::gossip::{FunctionState, SecretState, TokenState};
 use lichen_core::registry::Entry;
 
 /// The first wait after an entry failed to apply; it doubles with each
@@ -74,6 +74,7 @@ pub async fn run(cluster: Arc<Cluster>, state: Weak<Functions>, max_upload: u64)
             let mut progress = progress.lock().unwrap_or_else(|e| e.into_inner());
             progress.unwritable.clear();
         }
+        merge_tokens(&cluster, &state, fresh.tokens).await;
         merge(&cluster, &state, fresh.functions).await;
         for name in unsettled(&state, &progress) {
             let (cluster, state, progress) = (
@@ -119,6 +120,60 @@ pub async fn run(cluster: Arc<Cluster>, state: Weak<Functions>, max_upload: u64)
 /// host's records, and publishes the records that changed.
 async fn merge(cluster: &Cluster, state: &Functions, fresh: Vec<FunctionState>) {
     join(cluster, state, fresh.into_iter().map(|s| s.entry).collect()).await;
+}
+
+/// Takes the API tokens peers published that are newer than this host's:
+/// stored, in force for the next request, and published as this host's
+/// own (so a token made or revoked anywhere reaches every host).
+async fn merge_tokens(cluster: &Cluster, state: &Arc<Functions>, fresh: Vec<(String, TokenState)>) {
+    let newer: Vec<(String, TokenState)> = fresh
+        .into_iter()
+        .inspect(|(_, peer)| state.observe(peer.stamp))
+        .filter(|(name, peer)| {
+            state
+                .tokens
+                .state(name)
+                .is_none_or(|held| held.version() < peer.version())
+        })
+        .collect();
+    if newer.is_empty() {
+        return;
+    }
+    let functions = Arc::clone(state);
+    let applied = tokio::task::spawn_blocking(move || {
+        let mut applied = Vec::new();
+        let mut failed = false;
+        for (name, peer) in newer {
+            match functions.tokens.apply(&functions.store, &name, peer) {
+                Ok(true) => applied.push(name),
+                Ok(false) => {}
+                Err(error) => {
+                    tracing::warn!(
+                        token = name,
+                        error = format!("{error:#}"),
+                        "cannot keep a peer's token"
+                    );
+                    failed = true;
+                }
+            }
+        }
+        (applied, failed)
+    })
+    .await;
+    let (applied, failed) = match applied {
+        Ok(done) => done,
+        Err(error) => {
+            tracing::error!(error = %error, "the task storing peers' tokens failed");
+            (Vec::new(), true)
+        }
+    };
+    if failed {
+        cluster.reread_secrets();
+    }
+    for name in applied {
+        tracing::info!(token = name, "API token changed on a peer; in force here");
+        cluster.publish_token(&state.tokens, &name).await;
+    }
 }
 
 /// Takes the secrets peers published that are newer than this host's:

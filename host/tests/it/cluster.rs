@@ -10,6 +10,7 @@ mod queue;
 mod registry;
 mod secrets;
 mod security;
+mod tokens;
 mod traces;
 
 use std::collections::BTreeSet;

@@ -30,6 +30,7 @@ mod status;
 mod status_page;
 mod tcp;
 mod tls;
+mod tokens;
 mod train;
 mod upload_fuzz;
 mod wasi_config;

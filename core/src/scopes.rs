@@ -1,0 +1,289 @@
+//! What a scoped API token may do: its scopes, parsed from what an
+//! operator writes, and the scope each admin route needs.
+//!
+//! A scope is one of `functions:read`, `functions:deploy:PATTERN`,
+//! `functions:delete:PATTERN`, `status:read`, `tokens:admin` and
+//! `secrets:PATTERN`, where a pattern is a name in which `*` stands for
+//! any run of characters (`shop-*`, `*`). The admin token needs none: it
+//! is the root credential.
+
+use std::fmt;
+
+use crate::routes::{Handler, Params};
+
+/// The longest pattern, as the longest names.
+const MAX_PATTERN: usize = 64;
+
+/// A name pattern: `*` matches any run of characters, anything else
+/// itself.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pattern(String);
+
+impl Pattern {
+    fn parse(text: &str) -> Result<Pattern, String> {
+        let valid = (1..=MAX_PATTERN).contains(&text.len())
+            && text
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'*'));
+        if valid {
+            Ok(Pattern(text.to_string()))
+        } else {
+            Err(format!(
+                "{text:?} is not a name pattern: 1 to {MAX_PATTERN} of A-Z, a-z, 0-9, '-', '_' and '*' (any run of characters)"
+            ))
+        }
+    }
+
+    /// Whether `name` matches, whole.
+    pub fn matches(&self, name: &str) -> bool {
+        let mut parts = self.0.split('*');
+        let first = parts.next().unwrap_or_default();
+        let Some(mut rest) = name.strip_prefix(first) else {
+            return false;
+        };
+        let middle: Vec<&str> = parts.collect();
+        let Some((last, middle)) = middle.split_last() else {
+            // No `*`: the name is the pattern.
+            return rest.is_empty();
+        };
+        for part in middle {
+            match rest.find(part) {
+                Some(at) => rest = &rest[at + part.len()..],
+                None => return false,
+            }
+        }
+        rest.len() >= last.len() && rest.ends_with(last)
+    }
+}
+
+/// One thing a token may do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Scope {
+    /// List and describe every function, read policies and store usage.
+    FunctionsRead,
+    /// Deploy, roll back, write the policy of, purge the stores of and run
+    /// the triggers of the functions the pattern matches (and read them).
+    FunctionsDeploy(Pattern),
+    /// Delete the functions the pattern matches.
+    FunctionsDelete(Pattern),
+    /// The status, the peers, the metrics and the audit log.
+    StatusRead,
+    /// Create, list and revoke tokens (of any scope).
+    TokensAdmin,
+    /// Set, list and remove the secrets the pattern matches.
+    Secrets(Pattern),
+}
+
+impl Scope {
+    pub fn parse(text: &str) -> Result<Scope, String> {
+        let scope = match text.split_once(':') {
+            Some(("functions", "read")) => Scope::FunctionsRead,
+            Some(("status", "read")) => Scope::StatusRead,
+            Some(("tokens", "admin")) => Scope::TokensAdmin,
+            Some(("secrets", pattern)) => Scope::Secrets(Pattern::parse(pattern)?),
+            Some(("functions", rest)) => match rest.split_once(':') {
+                Some(("deploy", pattern)) => Scope::FunctionsDeploy(Pattern::parse(pattern)?),
+                Some(("delete", pattern)) => Scope::FunctionsDelete(Pattern::parse(pattern)?),
+                _ => return Err(unknown(text)),
+            },
+            _ => return Err(unknown(text)),
+        };
+        Ok(scope)
+    }
+}
+
+fn unknown(text: &str) -> String {
+    format!(
+        "{text:?} is not a scope: functions:read, functions:deploy:PATTERN, functions:delete:PATTERN, status:read, tokens:admin or secrets:PATTERN"
+    )
+}
+
+impl fmt::Display for Scope {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Scope::FunctionsRead => f.write_str("functions:read"),
+            Scope::FunctionsDeploy(p) => write!(f, "functions:deploy:{}", p.0),
+            Scope::FunctionsDelete(p) => write!(f, "functions:delete:{}", p.0),
+            Scope::StatusRead => f.write_str("status:read"),
+            Scope::TokensAdmin => f.write_str("tokens:admin"),
+            Scope::Secrets(p) => write!(f, "secrets:{}", p.0),
+        }
+    }
+}
+
+/// What an admin route needs of a scoped token.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Needed<'a> {
+    /// Reading every function (a listing).
+    ReadAll,
+    /// Reading one function: `functions:read`, or deploying it.
+    Read(&'a str),
+    Deploy(&'a str),
+    Delete(&'a str),
+    StatusRead,
+    TokensAdmin,
+    /// The secrets listing: any `secrets:` scope (the listing shows what
+    /// the token's patterns match).
+    AnySecret,
+    Secret(&'a str),
+    /// A path under `/v1` with no route: any valid token (the answer is
+    /// `404` or `405`).
+    Nothing,
+    /// The admin token only.
+    Root,
+}
+
+impl Needed<'_> {
+    /// Whether `scopes` grant it.
+    pub fn granted_by(&self, scopes: &[Scope]) -> bool {
+        scopes.iter().any(|scope| match (self, scope) {
+            (Needed::Nothing, _) => true,
+            (Needed::ReadAll | Needed::Read(_), Scope::FunctionsRead) => true,
+            (Needed::Read(name) | Needed::Deploy(name), Scope::FunctionsDeploy(p)) => {
+                p.matches(name)
+            }
+            (Needed::Delete(name), Scope::FunctionsDelete(p)) => p.matches(name),
+            (Needed::StatusRead, Scope::StatusRead) => true,
+            (Needed::TokensAdmin, Scope::TokensAdmin) => true,
+            (Needed::AnySecret, Scope::Secrets(_)) => true,
+            (Needed::Secret(name), Scope::Secrets(p)) => p.matches(name),
+            _ => false,
+        })
+    }
+}
+
+impl fmt::Display for Needed<'_> {
+    /// The scope to ask for.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Needed::ReadAll => f.write_str("functions:read"),
+            Needed::Read(name) => write!(f, "functions:read (or functions:deploy:{name})"),
+            Needed::Deploy(name) => write!(f, "functions:deploy:{name}"),
+            Needed::Delete(name) => write!(f, "functions:delete:{name}"),
+            Needed::StatusRead => f.write_str("status:read"),
+            Needed::TokensAdmin => f.write_str("tokens:admin"),
+            Needed::AnySecret => f.write_str("secrets:PATTERN"),
+            Needed::Secret(name) => write!(f, "secrets:{name}"),
+            Needed::Nothing => f.write_str("any scope"),
+            Needed::Root => f.write_str("the admin token"),
+        }
+    }
+}
+
+/// What a scoped token needs for `handler` with its path's `params`;
+/// `None` for routes that take no admin credential.
+pub fn needed<'a>(handler: Handler, params: &Params<'a>) -> Option<Needed<'a>> {
+    let name = params.get(0);
+    let needed = match handler {
+        Handler::ListFunctions => Needed::ReadAll,
+        Handler::Describe | Handler::GetPolicy | Handler::KvUsage => Needed::Read(name),
+        Handler::Deploy
+        | Handler::PutPolicy
+        | Handler::Rollback
+        | Handler::KvPurge
+        | Handler::RunTrigger => Needed::Deploy(name),
+        Handler::Delete => Needed::Delete(name),
+        Handler::Peers | Handler::Status | Handler::Metrics => Needed::StatusRead,
+        Handler::CreateToken | Handler::ListTokens | Handler::RevokeToken => Needed::TokensAdmin,
+        Handler::ListSecrets => Needed::AnySecret,
+        Handler::SetSecret | Handler::DeleteSecret => Needed::Secret(name),
+        Handler::Invoke
+        | Handler::Map
+        | Handler::Ui
+        | Handler::Module
+        | Handler::CronClaim
+        | Handler::OpenApi
+        | Handler::Healthz
+        | Handler::Readyz => return None,
+    };
+    Some(needed)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pattern(text: &str) -> Pattern {
+        Pattern::parse(text).unwrap()
+    }
+
+    #[test]
+    fn patterns_match_whole_names() {
+        for (p, name) in [
+            ("shop-*", "shop-cart"),
+            ("shop-*", "shop-"),
+            ("*", "anything"),
+            ("*-api", "shop-api"),
+            ("a*b*c", "abc"),
+            ("a*b*c", "a-b-b-c"),
+            ("blog", "blog"),
+        ] {
+            assert!(pattern(p).matches(name), "{p} {name}");
+        }
+        for (p, name) in [
+            ("shop-*", "blog"),
+            ("shop-*", "my-shop-cart"),
+            ("*-api", "shop-apis"),
+            ("a*b*c", "acb"),
+            ("blog", "blogs"),
+            ("a*a", "a"),
+        ] {
+            assert!(!pattern(p).matches(name), "{p} {name}");
+        }
+    }
+
+    #[test]
+    fn scopes_read_back_as_written_and_bad_ones_say_why() {
+        for text in [
+            "functions:read",
+            "functions:deploy:shop-*",
+            "functions:delete:*",
+            "status:read",
+            "tokens:admin",
+            "secrets:shop_*",
+        ] {
+            assert_eq!(Scope::parse(text).unwrap().to_string(), text);
+        }
+        for text in [
+            "",
+            "functions",
+            "functions:write",
+            "functions:deploy:",
+            "functions:deploy:shop/*",
+            "admin",
+            "status:write",
+        ] {
+            assert!(Scope::parse(text).is_err(), "{text}");
+        }
+    }
+
+    #[test]
+    fn every_admin_route_names_the_scope_it_needs_and_no_other_route_does() {
+        use crate::routes::{Access, ROUTES};
+        for route in ROUTES {
+            let needed = needed(route.handler, &Params::default());
+            let admin = matches!(route.access, Access::Admin | Access::Metrics);
+            assert_eq!(
+                needed.is_some(),
+                admin,
+                "{} {:?}",
+                route.path,
+                route.handler
+            );
+        }
+    }
+
+    #[test]
+    fn a_deploy_scope_covers_its_functions_and_nothing_else() {
+        let scopes = [Scope::parse("functions:deploy:shop-*").unwrap()];
+        assert!(Needed::Deploy("shop-cart").granted_by(&scopes));
+        assert!(Needed::Read("shop-cart").granted_by(&scopes));
+        assert!(!Needed::Deploy("blog").granted_by(&scopes));
+        assert!(!Needed::Delete("shop-cart").granted_by(&scopes));
+        assert!(!Needed::ReadAll.granted_by(&scopes));
+        assert!(!Needed::TokensAdmin.granted_by(&scopes));
+        assert!(Needed::Nothing.granted_by(&scopes));
+        assert!(!Needed::Nothing.granted_by(&[]));
+        assert_eq!(Needed::Deploy("blog").to_string(), "functions:deploy:blog");
+    }
+}

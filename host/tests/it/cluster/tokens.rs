@@ -1,0 +1,116 @@
+//! Scoped API tokens across two hosts: a token made on one is accepted by
+//! the other, and a revoked or expired one is refused by both.
+
+use http::{Method, StatusCode};
+
+use super::{Node, SECRET, TOKEN};
+use crate::common::{Reply, component, eventually, send};
+
+async fn with_token(node: &Node, token: &str, method: Method, path: &str) -> Reply {
+    send(
+        method,
+        &format!("{}{path}", node.url),
+        &[("authorization", &format!("Bearer {token}"))],
+        Vec::new(),
+    )
+    .await
+}
+
+async fn make(node: &Node, request: serde_json::Value) -> String {
+    let made = node
+        .admin(
+            Method::POST,
+            "/v1/tokens",
+            serde_json::to_vec(&request).unwrap(),
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
+    made.json()["token"].as_str().unwrap().to_string()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_made_on_one_host_is_accepted_and_revoked_on_every_host() {
+    let root = tempfile::tempdir().unwrap();
+    let a = Node::start(root.path(), "a", &[], SECRET);
+    let b = Node::start(root.path(), "b", &[&a], SECRET);
+    eventually("a and b see each other", || async {
+        a.peer_ids().await == ["b"] && b.peer_ids().await == ["a"]
+    })
+    .await;
+
+    let shop = make(
+        &a,
+        serde_json::json!({ "name": "shop-ci", "scopes": ["functions:deploy:shop-*"] }),
+    )
+    .await;
+    // b takes it from gossip: it deploys shop-cart there.
+    eventually("b accepts the token", || async {
+        with_token(&b, &shop, Method::GET, "/v1/functions/shop-cart")
+            .await
+            .status
+            == StatusCode::NOT_FOUND
+    })
+    .await;
+    let deployed = send(
+        Method::PUT,
+        &format!("{}/v1/functions/shop-cart", b.url),
+        &[("authorization", &format!("Bearer {shop}"))],
+        component("hello"),
+    )
+    .await;
+    assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+    with_token(&b, &shop, Method::DELETE, "/v1/functions/shop-cart")
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "missing_scope");
+
+    // Revoked on b: refused on a too.
+    let revoked = send(
+        Method::DELETE,
+        &format!("{}/v1/tokens/shop-ci", b.url),
+        &[("authorization", &format!("Bearer {TOKEN}"))],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(revoked.status, StatusCode::OK, "{}", revoked.text());
+    for node in [&a, &b] {
+        eventually(
+            &format!("{} refuses the revoked token", node.id),
+            || async {
+                with_token(node, &shop, Method::GET, "/v1/functions/shop-cart")
+                    .await
+                    .code()
+                    == "token_revoked"
+            },
+        )
+        .await;
+    }
+    // Made again under the same name: a new token; the old one stays out.
+    let again = make(
+        &b,
+        serde_json::json!({ "name": "shop-ci", "scopes": ["functions:read"], "expires_in": "3s" }),
+    )
+    .await;
+    eventually("a accepts the new token", || async {
+        with_token(&a, &again, Method::GET, "/v1/functions")
+            .await
+            .status
+            == StatusCode::OK
+    })
+    .await;
+    with_token(&a, &shop, Method::GET, "/v1/functions")
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "forbidden");
+    // It expires everywhere, by each host's clock.
+    for node in [&a, &b] {
+        eventually(
+            &format!("{} refuses the expired token", node.id),
+            || async {
+                with_token(node, &again, Method::GET, "/v1/functions")
+                    .await
+                    .code()
+                    == "token_expired"
+            },
+        )
+        .await;
+    }
+}
