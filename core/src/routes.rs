@@ -45,6 +45,8 @@ pub enum Handler {
     Map,
     Peers,
     Status,
+    /// The audit log.
+    Audit,
     /// The status page and its assets.
     Ui,
     Module,
@@ -172,6 +174,7 @@ pub static ROUTES: &[Route] = &[
     ),
     route(GET, "/v1/peers", Access::Admin, Handler::Peers),
     route(GET, "/v1/status", Access::Admin, Handler::Status),
+    route(GET, "/v1/audit", Access::Admin, Handler::Audit),
     route(GET, "/ui", Access::Public, Handler::Ui),
     route(GET, "/ui/{file}", Access::Public, Handler::Ui),
     route(

@@ -183,7 +183,7 @@ pub fn needed<'a>(handler: Handler, params: &Params<'a>) -> Option<Needed<'a>> {
         | Handler::KvPurge
         | Handler::RunTrigger => Needed::Deploy(name),
         Handler::Delete => Needed::Delete(name),
-        Handler::Peers | Handler::Status | Handler::Metrics => Needed::StatusRead,
+        Handler::Peers | Handler::Status | Handler::Audit | Handler::Metrics => Needed::StatusRead,
         Handler::CreateToken | Handler::ListTokens | Handler::RevokeToken => Needed::TokensAdmin,
         Handler::ListSecrets => Needed::AnySecret,
         Handler::SetSecret | Handler::DeleteSecret => Needed::Secret(name),

@@ -29,6 +29,7 @@ use std::time::{Instant, SystemTime, UNIX_EPOCH};
 use anyhow::Context;
 use bytes::Bytes;
 
+use crate::audit::Audit;
 use crate::engine::{Deployed, Runtime};
 use crate::error::ApiError;
 use crate::kv::nats::{CAS_PATIENCE, Rounds};
@@ -93,6 +94,8 @@ pub struct Functions {
     pub secrets: Arc<Secrets>,
     /// Scoped API tokens.
     pub tokens: Arc<Tokens>,
+    /// Every admin change, here and applied from peers.
+    pub audit: Arc<Audit>,
     /// Each function's last invocations, latencies and log lines.
     pub recent: Arc<Recent>,
 }
@@ -103,6 +106,7 @@ pub struct Services {
     pub outbound: Arc<Outbound>,
     pub secrets: Arc<Secrets>,
     pub tokens: Arc<Tokens>,
+    pub audit: Arc<Audit>,
 }
 
 impl Functions {
@@ -139,6 +143,7 @@ impl Functions {
             outbound: services.outbound,
             secrets: services.secrets,
             tokens: services.tokens,
+            audit: services.audit,
             recent: Arc::new(Recent::new()),
         }
     }

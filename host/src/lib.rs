@@ -4,6 +4,7 @@
 //! here, one module per concern, testable without a process.
 
 pub mod api;
+pub mod audit;
 pub mod client;
 pub mod cluster;
 pub mod config;

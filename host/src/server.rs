@@ -18,6 +18,7 @@ use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 
 use crate::api::{self, ApiLimits, AppState};
+use crate::audit::Audit;
 use crate::cluster::{Cluster, ClusterConfig};
 use crate::connections::{Drain, HeadTimer};
 use crate::engine::{EngineSettings, Runtime};
@@ -220,6 +221,7 @@ impl Server {
                 .context("loading the secrets key")?;
         let secrets = Arc::new(Secrets::open(&store, &secrets_key).context("opening secrets")?);
         let tokens = Arc::new(Tokens::open(&store).context("opening API tokens")?);
+        let audit = Arc::new(Audit::open(&config.data_dir).context("opening the audit log")?);
         let kv = Arc::new(match &config.kv {
             KvConfig::Local => Kv::Local(
                 LocalBackend::open(store.open_database(KV_FILE)?)
@@ -273,6 +275,7 @@ impl Server {
                 outbound,
                 secrets,
                 tokens,
+                audit,
             },
         )
         .with_origin(
@@ -421,7 +424,7 @@ impl Server {
             let state = Arc::clone(&self.state);
             let service = service_fn(move |req| {
                 let state = Arc::clone(&state);
-                async move { Ok::<_, std::convert::Infallible>(api::handle(state, req).await) }
+                async move { Ok::<_, std::convert::Infallible>(api::handle(state, req, peer).await) }
             });
             // Counted from here: a shutdown waits for its TLS handshake too.
             let ticket = connections.ticket();

@@ -23,6 +23,7 @@
 //! the admin token learns nothing about which admin routes exist.
 
 pub mod admin;
+pub mod audit;
 pub mod auth;
 pub mod body;
 pub mod cron;
@@ -36,6 +37,7 @@ pub mod status;
 pub mod tokens;
 pub mod ui;
 
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use anyhow::Context;
@@ -58,7 +60,11 @@ pub const REQUEST_ID_HEADER: &str = "x-lichen-request-id";
 pub const MAX_HEAD_BYTES: usize = 64 << 10;
 
 /// Answers one request. Never fails: errors become JSON responses.
-pub async fn handle(state: Arc<AppState>, req: hyper::Request<Incoming>) -> Response<Body> {
+pub async fn handle(
+    state: Arc<AppState>,
+    req: hyper::Request<Incoming>,
+    client: SocketAddr,
+) -> Response<Body> {
     let request_id = state.request_ids.next();
     // Measured without formatting the URI: this runs on every request.
     let uri = req.uri();
@@ -77,7 +83,7 @@ pub async fn handle(state: Arc<AppState>, req: hyper::Request<Incoming>) -> Resp
             format!("the request head is {head_bytes} bytes; the limit is {MAX_HEAD_BYTES}"),
         ))
     } else {
-        route_request(&state, req, &request_id).await
+        route_request(&state, req, &request_id, client).await
     };
     let mut response = match routed {
         Ok(response) => response,
@@ -94,11 +100,19 @@ async fn route_request(
     state: &Arc<AppState>,
     req: hyper::Request<Incoming>,
     request_id: &str,
+    client: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_owned();
     let allowed = match routes::lookup(req.method(), &path) {
+        Lookup::Found(route, params) if audit::records(route.handler) => {
+            let what = format!("{} {path}", req.method());
+            let caller = route_caller(state, route, &params, &req)?;
+            let answer = dispatch(state, route, params, req, request_id, caller.clone()).await;
+            return audit::note(state, &caller, client, &what, route, params, answer).await;
+        }
         Lookup::Found(route, params) => {
-            return dispatch(state, route, params, req, request_id).await;
+            let caller = route_caller(state, route, &params, &req)?;
+            return dispatch(state, route, params, req, request_id, caller).await;
         }
         Lookup::MethodNotAllowed(allowed) => allowed,
         Lookup::NotFound => Vec::new(),
@@ -126,28 +140,41 @@ async fn route_request(
     Ok(response)
 }
 
+/// Who is calling `route`, checked: `None` for routes that take no admin
+/// credential (a peer's signature is checked in [`dispatch`]).
+fn route_caller<B>(
+    state: &AppState,
+    route: &Route,
+    params: &Params<'_>,
+    req: &hyper::Request<B>,
+) -> Result<Option<auth::Caller>, ApiError> {
+    match route.access {
+        Access::Admin => {
+            // A route the scopes do not cover takes the admin token only.
+            let needed = scopes::needed(route.handler, params).unwrap_or(Needed::Root);
+            auth::admin(state, req, needed).map(Some)
+        }
+        Access::Metrics if state.limits.metrics_require_token => {
+            auth::admin(state, req, Needed::StatusRead).map(Some)
+        }
+        Access::Public | Access::Function | Access::Peer | Access::Metrics => Ok(None),
+    }
+}
+
 async fn dispatch(
     state: &Arc<AppState>,
     route: &Route,
     params: Params<'_>,
     req: hyper::Request<Incoming>,
     request_id: &str,
+    caller: Option<auth::Caller>,
 ) -> Result<Response<Body>, ApiError> {
     let mut signed = None;
-    let mut caller = auth::Caller::Root;
-    match route.access {
-        Access::Public | Access::Function => {}
-        Access::Admin => {
-            // A route the scopes do not cover takes the admin token only.
-            let needed = scopes::needed(route.handler, &params).unwrap_or(Needed::Root);
-            caller = auth::admin(state, &req, needed)?;
-        }
-        Access::Peer => signed = Some(auth::peer(state, &req)?),
-        Access::Metrics if state.limits.metrics_require_token => {
-            auth::admin(state, &req, Needed::StatusRead)?;
-        }
-        Access::Metrics => {}
+    if route.access == Access::Peer {
+        signed = Some(auth::peer(state, &req)?);
     }
+    // Only admin routes look at the caller, and they always have one.
+    let caller = caller.unwrap_or(auth::Caller::Root);
     let name = || parse_name(params.get(0));
     match route.handler {
         Handler::Invoke => {
@@ -184,6 +211,7 @@ async fn dispatch(
         },
         Handler::RunTrigger => cron::run_now(state, &name()?, params.get(1)).await,
         Handler::Status => status::status(state, req.uri().query()).await,
+        Handler::Audit => audit::read(state, req.uri().query()).await,
         Handler::Ui => ui::serve(state, params.get(0)),
         Handler::OpenApi => Ok(observe::openapi()),
         Handler::Metrics => observe::metrics(state).await,

@@ -11,6 +11,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 
 use super::{Cluster, Peer, SIGNATURE_HEADER};
+use crate::audit;
 use crate::functions::Functions;
 use crate::names::FunctionName;
 use crate::policy::SecretName;
@@ -173,6 +174,16 @@ async fn merge_tokens(cluster: &Cluster, state: &Arc<Functions>, fresh: Vec<(Str
     for name in applied {
         tracing::info!(token = name, "API token changed on a peer; in force here");
         cluster.publish_token(&state.tokens, &name).await;
+        if let Some(token) = state.tokens.state(&name) {
+            let what = if token.revoked {
+                "revoke token"
+            } else {
+                "token"
+            };
+            let mut entry = from_peer(what, &token.origin);
+            entry.name = Some(name);
+            state.audit.record(entry).await;
+        }
     }
 }
 
@@ -248,6 +259,15 @@ async fn merge_secrets(
     for (name, done) in &applied {
         tracing::info!(secret = %name.0, removed = *done == Applied::Removed, "secret changed on a peer; in force here from the next invocation");
         cluster.publish_secret(&state.secrets, &name.0).await;
+        let origin = state.secrets.version(&name.0).map(|v| v.origin);
+        let what = if *done == Applied::Removed {
+            "remove secret"
+        } else {
+            "secret"
+        };
+        let mut entry = from_peer(what, &origin.unwrap_or_default());
+        entry.name = Some(name.0.clone());
+        state.audit.record(entry).await;
     }
     if applied.iter().any(|(_, done)| *done == Applied::Set) {
         let functions = Arc::clone(state);
@@ -379,6 +399,14 @@ async fn apply(
             .record(name)
             .and_then(|r| r.serving.map(|s| s.version));
         tracing::info!(function = %name, version = ?now, deleted = active.is_none(), "registry entry applied");
+        let mut entry = from_peer(
+            if active.is_some() { "serve" } else { "delete" },
+            active.as_ref().map_or("", |v| v.origin.as_str()),
+        );
+        entry.function = Some(name.to_string());
+        entry.version = active.as_ref().map(|v| v.id);
+        entry.sha256 = active.map(|v| v.sha256);
+        state.audit.record(entry).await;
     }
     for version in &record.entry.versions {
         if state.store.has_module(&version.sha256) {
@@ -485,20 +513,31 @@ async fn sync_policies(cluster: &Cluster, state: &Functions, progress: &Mutex<Pr
                 .await
                 .map_err(|e| e.to_string())
                 .and_then(|r| r.map_err(|e| e.to_string()));
-        let mut guard = progress.lock().unwrap_or_else(|e| e.into_inner());
-        match written {
-            Ok(()) => {
-                guard.unwritable.remove(name);
-                guard
-                    .policies
-                    .insert(name.clone(), text_hash(&registry_text));
+        {
+            let mut guard = progress.lock().unwrap_or_else(|e| e.into_inner());
+            match &written {
+                Ok(()) => {
+                    guard.unwritable.remove(name);
+                    guard
+                        .policies
+                        .insert(name.clone(), text_hash(&registry_text));
+                }
+                Err(error) => {
+                    tracing::warn!(function = %name, error, "cannot write the registry's policy here; keeping the file as it is");
+                    guard
+                        .unwritable
+                        .insert(name.clone(), (registry_text, Instant::now()));
+                }
             }
-            Err(error) => {
-                tracing::warn!(function = %name, error, "cannot write the registry's policy here; keeping the file as it is");
-                guard
-                    .unwritable
-                    .insert(name.clone(), (registry_text, Instant::now()));
-            }
+        }
+        if written.is_ok() {
+            let origin = state
+                .record(name)
+                .and_then(|r| r.entry.policy.map(|p| p.origin))
+                .unwrap_or_default();
+            let mut entry = from_peer("policy", &origin);
+            entry.function = Some(name.to_string());
+            state.audit.record(entry).await;
         }
     }
 }
@@ -601,4 +640,12 @@ async fn fetch_from(
         }
     }
     Ok(bytes.freeze())
+}
+
+/// The audit line of a change a peer made (on `origin`) that this host
+/// applied.
+fn from_peer(what: &str, origin: &str) -> audit::Entry {
+    let mut entry = audit::Entry::now("peer", what);
+    entry.applied_from_peer = Some(origin.to_string());
+    entry
 }

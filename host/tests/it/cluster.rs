@@ -5,6 +5,7 @@
 
 use crate::common;
 
+mod audit;
 pub mod cron;
 mod queue;
 mod registry;

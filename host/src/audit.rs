@@ -1,0 +1,264 @@
+//! The audit log: one JSON line per admin change (deploy, rollback,
+//! delete, policy, key-value purge, secret, token), refused ones included,
+//! with who made it (the token's name, `admin` for the admin token), from
+//! where, what it answered and, where there is one, the version and module
+//! it made; and one line per change a peer made that this host applied.
+//!
+//! `DATA_DIR/audit.log`, appended and fsynced before the change's answer
+//! goes out, so a change a client was told of is in the log even if the
+//! host is killed at once. Past [`MAX_FILE_BYTES`] the file is rotated to
+//! `audit.log.1` (and `.1` to `.2`, and so on, [`KEEP_FILES`] in all).
+
+use std::fs::{File, OpenOptions};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use anyhow::{Context, Result};
+use serde::{Deserialize, Serialize};
+
+/// The log's file in the data directory.
+pub const FILE: &str = "audit.log";
+/// A file this large is rotated before the next line.
+pub const MAX_FILE_BYTES: u64 = 8 << 20;
+/// Files kept: the current one and the rotated ones.
+pub const KEEP_FILES: usize = 4;
+/// The most entries one read answers (the latest).
+pub const MAX_READ: usize = 1000;
+
+/// One line of the log.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Entry {
+    /// When, RFC 3339 (UTC).
+    pub time: String,
+    pub unix_ms: u64,
+    /// The token's name: `admin` for the admin token; for a change a peer
+    /// made, the name its host recorded.
+    pub token: String,
+    /// The client's address; none for a change applied from a peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub client: Option<String>,
+    /// The method and route (`PUT /v1/functions/{name}`), or what a peer's
+    /// change was (`deploy`, `rollback`, `delete`, `policy`, `secret`,
+    /// `token`).
+    pub route: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub function: Option<String>,
+    /// The secret's or token's name, for a change of one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// The answer's status; for a change from a peer, 200.
+    pub result: u16,
+    /// The error code of a refused change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sha256: Option<String>,
+    /// The node a change was made on, when this host applied it from a
+    /// peer.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied_from_peer: Option<String>,
+}
+
+impl Entry {
+    /// An entry stamped now.
+    pub fn now(token: &str, route: &str) -> Entry {
+        let now = jiff::Timestamp::now();
+        Entry {
+            time: now.to_string(),
+            unix_ms: u64::try_from(now.as_millisecond()).unwrap_or(0),
+            token: token.to_string(),
+            client: None,
+            route: route.to_string(),
+            function: None,
+            name: None,
+            result: 200,
+            code: None,
+            version: None,
+            sha256: None,
+            applied_from_peer: None,
+        }
+    }
+}
+
+pub struct Audit {
+    dir: PathBuf,
+    file: Mutex<File>,
+    max_file_bytes: u64,
+}
+
+impl Audit {
+    /// Opens (creating) the log in `data_dir`.
+    pub fn open(data_dir: &Path) -> Result<Self> {
+        Audit::open_with(data_dir, MAX_FILE_BYTES)
+    }
+
+    /// [`Audit::open`], rotating past `max_file_bytes`. A line a crash cut
+    /// short (never acknowledged) is ended, so the next one reads.
+    fn open_with(data_dir: &Path, max_file_bytes: u64) -> Result<Self> {
+        let dir = data_dir.to_path_buf();
+        let path = dir.join(FILE);
+        let mut file = open_append(&path)?;
+        let torn = std::fs::read(&path)
+            .map(|bytes| bytes.last().is_some_and(|b| *b != b'\n'))
+            .unwrap_or(false);
+        if torn {
+            file.write_all(b"\n")
+                .and_then(|()| file.sync_data())
+                .context("ending a torn line of the audit log")?;
+        }
+        Ok(Audit {
+            dir,
+            file: Mutex::new(file),
+            max_file_bytes,
+        })
+    }
+
+    /// Appends `entry` and waits for it to be on disk.
+    pub fn append(&self, entry: &Entry) -> Result<()> {
+        let mut line = serde_json::to_vec(entry).context("serialising an audit entry")?;
+        line.push(b'\n');
+        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+        if size > 0 && size + line.len() as u64 > self.max_file_bytes {
+            *file = self.rotate()?;
+        }
+        file.write_all(&line)
+            .and_then(|()| file.sync_data())
+            .context("appending to the audit log")
+    }
+
+    /// [`Audit::append`] off the async threads; a failure is logged (the
+    /// change it records has been made and stays made).
+    pub async fn record(self: &Arc<Self>, entry: Entry) {
+        let audit = Arc::clone(self);
+        let route = entry.route.clone();
+        let appended = tokio::task::spawn_blocking(move || audit.append(&entry)).await;
+        let error = match appended {
+            Ok(Ok(())) => return,
+            Ok(Err(error)) => format!("{error:#}"),
+            Err(error) => error.to_string(),
+        };
+        tracing::error!(
+            route,
+            error,
+            "a change could not be written to the audit log"
+        );
+    }
+
+    /// The entries since `since_unix_ms`, of `function` if given, oldest
+    /// first: the latest [`MAX_READ`].
+    pub fn read(&self, since_unix_ms: u64, function: Option<&str>) -> Result<Vec<Entry>> {
+        // Held so a rotation does not move a file from under the read.
+        let _file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let mut entries = std::collections::VecDeque::new();
+        for index in (0..KEEP_FILES).rev() {
+            let path = self.path(index);
+            let file = match File::open(&path) {
+                Ok(file) => file,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => {
+                    return Err(error).with_context(|| format!("reading {}", path.display()));
+                }
+            };
+            for line in BufReader::new(file).lines() {
+                let line = line.with_context(|| format!("reading {}", path.display()))?;
+                // A line cut short by a crash (never acknowledged) is skipped.
+                let Ok(entry) = serde_json::from_str::<Entry>(&line) else {
+                    continue;
+                };
+                if entry.unix_ms < since_unix_ms
+                    || function.is_some_and(|f| entry.function.as_deref() != Some(f))
+                {
+                    continue;
+                }
+                if entries.len() == MAX_READ {
+                    entries.pop_front();
+                }
+                entries.push_back(entry);
+            }
+        }
+        Ok(entries.into())
+    }
+
+    /// `audit.log` (0) or a rotated file (1 and up).
+    fn path(&self, index: usize) -> PathBuf {
+        match index {
+            0 => self.dir.join(FILE),
+            n => self.dir.join(format!("{FILE}.{n}")),
+        }
+    }
+
+    /// Shifts the files one up (dropping the oldest) and opens a new one.
+    fn rotate(&self) -> Result<File> {
+        for index in (0..KEEP_FILES - 1).rev() {
+            let from = self.path(index);
+            if from.exists() {
+                std::fs::rename(&from, self.path(index + 1))
+                    .with_context(|| format!("rotating {}", from.display()))?;
+            }
+        }
+        let file = open_append(&self.path(0))?;
+        File::open(&self.dir)
+            .and_then(|dir| dir.sync_all())
+            .context("syncing the data directory after rotating the audit log")?;
+        Ok(file)
+    }
+}
+
+fn open_append(path: &Path) -> Result<File> {
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn entries_read_back_in_order_filtered_and_across_rotations() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = 1 << 20;
+        let audit = Audit::open_with(dir.path(), max).unwrap();
+        let mut entry = Entry::now("admin", "PUT /v1/functions/{name}");
+        // Lines of about 1 KiB: three rotations' worth, and some.
+        entry.sha256 = Some("ab".repeat(512));
+        let lines = (3 * max / 1100) as usize + 100;
+        for i in 0..lines {
+            entry.function = Some(if i % 2 == 0 { "shop" } else { "blog" }.to_string());
+            entry.version = Some(i as u64);
+            audit.append(&entry).unwrap();
+        }
+        assert!(dir.path().join("audit.log.3").exists());
+        let shop = audit.read(0, Some("shop")).unwrap();
+        assert_eq!(shop.len(), MAX_READ);
+        let versions: Vec<u64> = shop.iter().filter_map(|e| e.version).collect();
+        assert!(versions.windows(2).all(|w| w[0] + 2 == w[1]), "in order");
+        assert_eq!(
+            *versions.last().unwrap(),
+            (lines - 1 - (lines - 1) % 2) as u64
+        );
+        // A torn last line is skipped, and the next line after a restart
+        // reads.
+        std::fs::OpenOptions::new()
+            .append(true)
+            .open(dir.path().join(FILE))
+            .unwrap()
+            .write_all(b"{\"time\":")
+            .unwrap();
+        assert_eq!(audit.read(0, Some("shop")).unwrap().len(), MAX_READ);
+        drop(audit);
+        let audit = Audit::open_with(dir.path(), max).unwrap();
+        entry.version = Some(1 << 40);
+        audit.append(&entry).unwrap();
+        let last = audit.read(0, None).unwrap().pop().unwrap();
+        assert_eq!(last.version, Some(1 << 40));
+        let later = audit.read(u64::MAX, None).unwrap();
+        assert!(later.is_empty());
+    }
+}
