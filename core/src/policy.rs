@@ -67,6 +67,131 @@ pub struct PolicyFile {
     /// What invokes the function besides HTTP requests.
     #[serde(default, skip_serializing_if = "crate::triggers::Triggers::is_empty")]
     pub triggers: crate::triggers::Triggers,
+    /// The names (and path) it is reached at without `/fn/NAME`.
+    #[serde(default, skip_serializing_if = "Http::is_empty")]
+    pub http: Http,
+}
+
+/// The most names one `[http] hosts` claims.
+pub const MAX_ROUTE_HOSTS: usize = 32;
+
+/// `[http]`: requests whose `Host` is one of `hosts` (and whose path is
+/// under `path_prefix`, if given) invoke the function at their own path.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct Http {
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub hosts: Vec<RouteHost>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path_prefix: Option<PathPrefix>,
+}
+
+impl Http {
+    pub fn is_empty(&self) -> bool {
+        self.hosts.is_empty() && self.path_prefix.is_none()
+    }
+
+    /// The prefix paths are matched against: `""` for every path.
+    pub fn prefix(&self) -> &str {
+        self.path_prefix.as_ref().map_or("", |p| p.0.as_str())
+    }
+
+    fn check(&self) -> Result<(), String> {
+        if self.hosts.len() > MAX_ROUTE_HOSTS {
+            return Err(format!(
+                "http.hosts names {} hosts, above the maximum of {MAX_ROUTE_HOSTS}",
+                self.hosts.len()
+            ));
+        }
+        if self.hosts.is_empty() && self.path_prefix.is_some() {
+            return Err("http.path_prefix needs http.hosts: the names it applies to".to_string());
+        }
+        let mut seen = std::collections::BTreeSet::new();
+        for host in &self.hosts {
+            if !seen.insert(host.0.as_str()) {
+                return Err(format!("http.hosts names {:?} twice", host.0));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A host name a function claims: DNS labels, lower case, or `*.` and a
+/// name for its subdomains (one label deep).
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct RouteHost(pub String);
+
+impl RouteHost {
+    /// The name under `*.`, for a wildcard.
+    pub fn wildcard_of(&self) -> Option<&str> {
+        self.0.strip_prefix("*.")
+    }
+}
+
+impl TryFrom<String> for RouteHost {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        let name = text.strip_prefix("*.").unwrap_or(&text);
+        let label_ok = |label: &str| {
+            (1..=63).contains(&label.len())
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+        };
+        if text.len() <= 253 && name.split('.').all(label_ok) {
+            Ok(RouteHost(text))
+        } else {
+            Err(format!(
+                "{text:?} is not a host name: lower-case DNS labels (a-z, 0-9, '-') separated by dots, optionally after `*.`, without a port"
+            ))
+        }
+    }
+}
+
+impl From<RouteHost> for String {
+    fn from(host: RouteHost) -> String {
+        host.0
+    }
+}
+
+/// A path prefix: `/` and segments, no trailing `/`, no `.` or `..`.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct PathPrefix(pub String);
+
+impl TryFrom<String> for PathPrefix {
+    type Error = String;
+
+    fn try_from(text: String) -> Result<Self, Self::Error> {
+        let valid = text.len() <= 256
+            && text.starts_with('/')
+            && text.len() > 1
+            && text[1..].split('/').all(|segment| {
+                !segment.is_empty()
+                    && segment != "."
+                    && segment != ".."
+                    && segment
+                        .bytes()
+                        .all(|b| b.is_ascii_graphic() && !matches!(b, b'?' | b'#' | b'%'))
+            });
+        if valid {
+            Ok(PathPrefix(text))
+        } else {
+            Err(format!(
+                "{text:?} is not a path prefix: `/` and segments (`/shop`, `/api/v2`), without a trailing `/`, `?`, `#` or `%`"
+            ))
+        }
+    }
+}
+
+impl From<PathPrefix> for String {
+    fn from(prefix: PathPrefix) -> String {
+        prefix.0
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
@@ -916,6 +1041,8 @@ pub struct Policy {
     pub cron: Vec<crate::triggers::CronTrigger>,
     /// `[[triggers.nats]]`, in the file's order.
     pub nats: Vec<crate::triggers::NatsTrigger>,
+    /// `[http]`: the names it is reached at.
+    pub http: Http,
     /// The file as parsed, shown by the admin API.
     pub source: PolicyFile,
     /// The file's text, as the cluster registry carries it.
@@ -1000,6 +1127,7 @@ impl Policy {
             ));
         }
         crate::triggers::check(&source.triggers)?;
+        source.http.check()?;
         let mut files = Vec::new();
         for (guest, host) in &source.files {
             let resolved = resolve_host_dir(base, host)
@@ -1049,6 +1177,7 @@ impl Policy {
                 .collect(),
             cron: source.triggers.cron.clone(),
             nats: source.triggers.nats.clone(),
+            http: source.http.clone(),
             source,
             text: String::new(),
         })

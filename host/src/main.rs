@@ -176,6 +176,15 @@ struct ServeArgs {
     /// The private key (PEM) of --tls-cert.
     #[arg(long, value_name = "FILE", requires = "tls_cert")]
     tls_key: Option<PathBuf>,
+    /// A directory of NAME.crt and NAME.key pairs, one per domain (NAME may
+    /// be `*.example.com`), chosen by the name a client asks for (SNI) and
+    /// reloaded on change; --tls-cert and --tls-key are the default pair.
+    #[arg(long, value_name = "DIR", requires = "tls_cert")]
+    tls_dir: Option<PathBuf>,
+    /// With --tls-dir: a client asking for a name without a pair there gets
+    /// a failed handshake rather than the default certificate.
+    #[arg(long, requires = "tls_dir")]
+    tls_strict_sni: bool,
     /// Resolve NAME to IP for guests' outbound requests, instead of DNS
     /// (as curl's --resolve); repeatable, several IPs per name allowed.
     #[arg(long = "resolve", value_name = "NAME=IP")]
@@ -740,7 +749,12 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         ca_cert: args.registry.registry_ca,
     };
     if let (Some(cert), Some(key)) = (args.tls_cert, args.tls_key) {
-        config.tls = Some(lichen::tls::TlsFiles { cert, key });
+        config.tls = Some(lichen::tls::TlsFiles {
+            cert,
+            key,
+            dir: args.tls_dir,
+            strict_sni: args.tls_strict_sni,
+        });
     }
     let server = Server::bind(config).await?;
     server.run(server::shutdown_signal()).await

@@ -10,6 +10,7 @@
 //! pair current at its handshake and keeps it, so a rotation never drops a
 //! request in flight.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -19,13 +20,34 @@ use notify::{RecursiveMode, Watcher};
 use rustls::ServerConfig;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use tokio_rustls::TlsAcceptor;
 
 /// Where the certificate chain and its key are.
 #[derive(Debug, Clone)]
 pub struct TlsFiles {
+    /// The default pair: for a client that names no domain of `dir`.
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// `--tls-dir`: a `NAME.crt` and `NAME.key` per domain (`NAME` may be
+    /// `*.example.com`), chosen by the name the client asks for (SNI).
+    pub dir: Option<PathBuf>,
+    /// `--tls-strict-sni`: a client asking for a name `dir` has no pair
+    /// for gets a failed handshake, not the default pair.
+    pub strict_sni: bool,
+}
+
+impl TlsFiles {
+    /// The default pair alone.
+    pub fn pair(cert: PathBuf, key: PathBuf) -> TlsFiles {
+        TlsFiles {
+            cert,
+            key,
+            dir: None,
+            strict_sni: false,
+        }
+    }
 }
 
 /// The server's TLS settings in force, replaced whole on a good reload.
@@ -86,20 +108,26 @@ impl Tls {
             .iter()
             .filter_map(|p| p.file_name().map(PathBuf::from))
             .collect();
+        let domains = self.files.dir.clone();
         let mut watcher =
             notify::recommended_watcher(move |event: notify::Result<notify::Event>| {
                 let Ok(event) = event else { return };
-                let ours = event
-                    .paths
-                    .iter()
-                    .any(|p| p.file_name().is_some_and(|n| names.iter().any(|m| m == n)));
+                let ours = event.paths.iter().any(|p| {
+                    p.file_name().is_some_and(|n| names.iter().any(|m| m == n))
+                        || domains
+                            .as_ref()
+                            .is_some_and(|d| p.parent() == Some(d.as_path()))
+                });
                 if ours && !matches!(event.kind, notify::EventKind::Access(_)) {
                     let _ = files_changed.send(());
                 }
             })?;
         // Watch the directories: certificate tools replace files by
         // renaming, which a watch on the file itself would lose.
-        for dir in [parent(&self.files.cert), parent(&self.files.key)] {
+        let dirs = [parent(&self.files.cert), parent(&self.files.key)]
+            .into_iter()
+            .chain(self.files.dir.clone());
+        for dir in dirs {
             watcher
                 .watch(&dir, RecursiveMode::NonRecursive)
                 .with_context(|| format!("watching {}", dir.display()))?;
@@ -207,19 +235,88 @@ fn client_with(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
-/// The rustls settings for a certificate chain and key in PEM files.
+/// The rustls settings for the default pair and the domains' pairs.
 fn server_config(files: &TlsFiles) -> Result<ServerConfig> {
-    let certs = read_certs(&files.cert)?;
-    let key = PrivateKeyDer::from_pem_file(&files.key)
-        .with_context(|| format!("reading the private key in {}", files.key.display()))?;
+    let default = certified_key(&files.cert, &files.key)?;
+    let mut by_name = HashMap::new();
+    if let Some(dir) = &files.dir {
+        let entries =
+            std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))?;
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Some(name) = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .and_then(|n| n.strip_suffix(".crt"))
+            else {
+                continue;
+            };
+            let name = name.to_ascii_lowercase();
+            let key = dir.join(format!("{name}.key"));
+            let pair = certified_key(&path, &key)
+                .with_context(|| format!("the pair for {name:?} in {}", dir.display()))?;
+            by_name.insert(name, pair);
+        }
+    }
+    let resolver = ByName {
+        by_name,
+        default: (!files.strict_sni || files.dir.is_none()).then_some(Arc::clone(&default)),
+        fallback: default,
+    };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
-        .with_single_cert(certs, key)
-        .context("the key does not go with the certificate")?;
+        .with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
+}
+
+/// A certificate chain and its key, checked to go together.
+fn certified_key(cert: &Path, key: &Path) -> Result<Arc<CertifiedKey>> {
+    let certs = read_certs(cert)?;
+    let key = PrivateKeyDer::from_pem_file(key)
+        .with_context(|| format!("reading the private key in {}", key.display()))?;
+    let signing = rustls::crypto::ring::sign::any_supported_type(&key)
+        .map_err(|e| anyhow::anyhow!("the key in {}: {e}", cert.display()))?;
+    let certified = CertifiedKey::new(certs, signing);
+    certified.keys_match().map_err(|e| {
+        anyhow::anyhow!(
+            "the key does not go with the certificate {}: {e}",
+            cert.display()
+        )
+    })?;
+    Ok(Arc::new(certified))
+}
+
+/// Picks the pair by the name the client asks for: the name's own, then
+/// its parent's wildcard (`*.example.com` for `shop.example.com`), then the
+/// default (none with `--tls-strict-sni`: the handshake fails).
+#[derive(Debug)]
+struct ByName {
+    by_name: HashMap<String, Arc<CertifiedKey>>,
+    default: Option<Arc<CertifiedKey>>,
+    /// For a client that names nothing (an IP address, old clients).
+    fallback: Arc<CertifiedKey>,
+}
+
+impl ResolvesServerCert for ByName {
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        let Some(name) = hello.server_name() else {
+            return Some(Arc::clone(&self.fallback));
+        };
+        let name = name.to_ascii_lowercase();
+        if let Some(pair) = self.by_name.get(&name) {
+            return Some(Arc::clone(pair));
+        }
+        let wildcard = name
+            .split_once('.')
+            .map(|(_, parent)| format!("*.{parent}"));
+        if let Some(pair) = wildcard.and_then(|w| self.by_name.get(&w)) {
+            return Some(Arc::clone(pair));
+        }
+        self.default.clone()
+    }
 }
 
 /// Makes ring the process's rustls provider, for libraries that take the

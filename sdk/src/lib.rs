@@ -60,6 +60,8 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct Request {
     method: String,
     uri: String,
+    /// The name (and port) the client sent the request to.
+    authority: Option<String>,
     rest: Rc<Rest>,
 }
 
@@ -124,7 +126,12 @@ impl Request {
 
     /// A request that came in: headers and body stay with the host until
     /// the handler asks.
-    fn incoming(method: String, uri: String, wire: __private::Wire) -> Self {
+    fn incoming(
+        method: String,
+        uri: String,
+        authority: Option<String>,
+        wire: __private::Wire,
+    ) -> Self {
         let rest = Rest {
             wire: Some(wire),
             ..Rest::default()
@@ -132,8 +139,16 @@ impl Request {
         Request {
             method,
             uri,
+            authority,
             rest: Rc::new(rest),
         }
+    }
+
+    /// The name (and port, if sent) the client addressed: its `Host`
+    /// header, e.g. `shop.example.com`. The host hands it over apart from
+    /// the headers.
+    pub fn authority(&self) -> Option<&str> {
+        self.authority.as_deref()
     }
 
     /// The method, upper case (`GET`, `POST`, ...).
@@ -253,6 +268,7 @@ impl RequestBuilder {
         Request {
             method: self.method,
             uri: self.uri,
+            authority: None,
             rest: Rc::new(rest),
         }
     }

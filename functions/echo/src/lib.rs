@@ -1,4 +1,5 @@
-//! Sends the request back as JSON: method, path, query, headers and body.
+//! Sends the request back as JSON: method, path, query, the authority
+//! (`Host`), headers and body.
 //! Useful to see exactly what a function receives.
 use lichen_sdk::{Request, Response, Result};
 
@@ -10,6 +11,7 @@ fn handle(req: Request) -> Result<Response> {
     Response::json(&serde_json::json!({
         "method": req.method(),
         "uri": req.uri(),
+        "authority": req.authority(),
         "path": req.path(),
         "query": req.query(),
         "headers": headers,

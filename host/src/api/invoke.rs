@@ -30,7 +30,7 @@ use super::AppState;
 use super::auth;
 use super::body::{RequestBody, declared_length, read_capped};
 use crate::cluster::forward::{Forward, Replay};
-use crate::cluster::{HOP_HEADER, MODULE_HEADER, SERVED_BY_HEADER, SIGNATURE_HEADER};
+use crate::cluster::{HOP_HEADER, HOST_HEADER, MODULE_HEADER, SERVED_BY_HEADER, SIGNATURE_HEADER};
 use crate::engine::{Deployed, Outcome};
 use crate::error::{ApiError, Body};
 use crate::names::FunctionName;
@@ -352,6 +352,12 @@ async fn admit_and_run(
         }
     };
     *req.uri_mut() = guest_uri;
+    // A forwarded request's guest sees the client's `Host`, as it would
+    // have on the first host; a client cannot set it.
+    let forwarded_host = req.headers_mut().remove(HOST_HEADER);
+    if let (Arrival::Forwarded(_), Some(host)) = (&arrival, forwarded_host) {
+        req.headers_mut().insert(header::HOST, host);
+    }
     if !req.headers().contains_key(header::HOST) {
         req.headers_mut()
             .insert(header::HOST, HeaderValue::from_static("localhost"));

@@ -102,6 +102,9 @@ async fn route_request(
     request_id: &str,
     client: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
+    if let Some(function) = routed(state, &req) {
+        return invoke_routed(state, req, &function, request_id).await;
+    }
     let path = req.uri().path().to_owned();
     let allowed = match routes::lookup(req.method(), &path) {
         Lookup::Found(route, params) if audit::records(route.handler) => {
@@ -121,7 +124,16 @@ async fn route_request(
         auth::admin(state, &req, Needed::Nothing)?;
     }
     if allowed.is_empty() {
-        return Err(ApiError::not_found(format!("no route for {path}")));
+        let host = req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| h.to_str().ok());
+        return Err(ApiError::not_found(match host {
+            Some(host) if !state.functions.policies.routes().is_empty() => format!(
+                "no route for {path}, and no function's [http] hosts claims {host:?} for it"
+            ),
+            _ => format!("no route for {path}"),
+        }));
     }
     let allow: Vec<&str> = allowed.iter().map(|m| m.as_str()).collect();
     let allow = allow.join(", ");
@@ -138,6 +150,53 @@ async fn route_request(
         response.headers_mut().insert(header::ALLOW, value);
     }
     Ok(response)
+}
+
+/// The function whose `[http]` claims the request's host and path, if
+/// any does.
+fn routed<B>(state: &AppState, req: &hyper::Request<B>) -> Option<FunctionName> {
+    let routes = state.functions.policies.routes();
+    if routes.is_empty() {
+        return None;
+    }
+    let host = match req.uri().host() {
+        Some(host) => host,
+        None => req.headers().get(header::HOST)?.to_str().ok()?,
+    };
+    routes.find(host, req.uri().path()).cloned()
+}
+
+/// Invokes `function` with a request its host routed to it: as
+/// `/fn/{function}{path}` (what a forward to a peer carries), so the guest
+/// sees the request's own path and host.
+async fn invoke_routed(
+    state: &Arc<AppState>,
+    mut req: hyper::Request<Incoming>,
+    function: &FunctionName,
+    request_id: &str,
+) -> Result<Response<Body>, ApiError> {
+    // Over HTTP/2 the name is the URI's authority: the guest sees it as
+    // `Host`, as over HTTP/1.1.
+    if !req.headers().contains_key(header::HOST)
+        && let Some(authority) = req.uri().authority()
+        && let Ok(host) = HeaderValue::from_str(authority.as_str())
+    {
+        req.headers_mut().insert(header::HOST, host);
+    }
+    let path_and_query = req.uri().path_and_query().map_or("/", |p| p.as_str());
+    let uri = format!("/fn/{function}{path_and_query}")
+        .parse()
+        .map_err(|e| ApiError::bad_request("bad_uri", format!("invalid path: {e}")))?;
+    let rest = req
+        .uri()
+        .path()
+        .strip_prefix('/')
+        .unwrap_or_default()
+        .to_string();
+    *req.uri_mut() = uri;
+    let arrival = invoke::arrival(state, &req)?;
+    let req = req.map(RequestBody::Streamed);
+    invoke::invoke(state, req, (function.as_str(), &rest), request_id, arrival).await
 }
 
 /// Who is calling `route`, checked: `None` for routes that take no admin

@@ -27,7 +27,9 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 
 use super::placement::{self, Candidate};
-use super::{Cluster, HOP_HEADER, MODULE_HEADER, Peer, SERVED_BY_HEADER, SIGNATURE_HEADER};
+use super::{
+    Cluster, HOP_HEADER, HOST_HEADER, MODULE_HEADER, Peer, SERVED_BY_HEADER, SIGNATURE_HEADER,
+};
 use crate::error::{ApiError, BUSY_HEADER, Body, MODULE_MISMATCH_HEADER};
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -206,6 +208,9 @@ impl Cluster {
             if !is_hop_by_hop(name) {
                 headers.append(name.clone(), value.clone());
             }
+        }
+        if let Some(host) = parts.headers.get(header::HOST) {
+            headers.insert(HOST_HEADER, host.clone());
         }
         let hop = HeaderValue::from_str(&self.node_id)
             .map_err(|e| ApiError::internal(anyhow::anyhow!("node id as a header: {e}")))?;

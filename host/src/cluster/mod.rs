@@ -64,6 +64,9 @@ pub const SERVED_BY_HEADER: &str = "x-lichen-served-by";
 /// `module_mismatch` without running it. On a function's response: the
 /// module that answered.
 pub const MODULE_HEADER: &str = "x-lichen-module";
+/// Header of a forwarded request: the `Host` the client sent (the hop to
+/// the peer has the peer's own), given back to the guest there.
+pub const HOST_HEADER: &str = "x-lichen-forwarded-host";
 /// The gossip cluster id. Not secret and the same for every cluster: the
 /// sealing of each datagram is what keeps clusters apart.
 const CLUSTER_ID: &str = "lichen";

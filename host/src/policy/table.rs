@@ -37,6 +37,8 @@ pub struct PolicyStatus {
 }
 
 pub struct PolicyTable {
+    /// Which function a request's host reaches, from the policies in force.
+    routes: RwLock<Arc<Routes>>,
     dir: PathBuf,
     /// What relative `[files]` paths are relative to: the directory's parent.
     base: PathBuf,
@@ -65,6 +67,7 @@ impl PolicyTable {
             .with_context(|| format!("resolving {}", dir.display()))?;
         let base = dir.parent().unwrap_or(&dir).to_path_buf();
         let table = PolicyTable {
+            routes: RwLock::new(Arc::new(Routes::default())),
             dir,
             base,
             entries: RwLock::new(HashMap::new()),
@@ -127,11 +130,12 @@ impl PolicyTable {
         let text = match std::fs::read_to_string(path) {
             Ok(text) => text,
             Err(error) if error.kind() == std::io::ErrorKind::NotFound => {
-                let removed = self
-                    .entries
-                    .write()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .remove(&name);
+                let removed = {
+                    let mut entries = self.entries.write().unwrap_or_else(|e| e.into_inner());
+                    let removed = entries.remove(&name);
+                    self.set_routes(&entries);
+                    removed
+                };
                 if removed.is_some() {
                     tracing::info!(function = %name, "policy file removed; defaults apply");
                 }
@@ -148,16 +152,31 @@ impl PolicyTable {
                 return;
             }
         };
-        match self.parse(&text, &file) {
+        match self.parse(&name, &text, &file) {
             Ok(policy) => self.install(&name, policy),
             Err(error) => self.record_error(&name, error),
         }
     }
 
-    /// Parses a policy and checks what only the host knows: that every
-    /// secret its `[config]` names is set.
-    fn parse(&self, text: &str, file: &str) -> Result<Policy, PolicyError> {
+    /// Parses the policy of `name` and checks what only the host knows:
+    /// that every secret its `[config]` names is set, and that no other
+    /// function's policy in force claims a name (and path prefix) of its
+    /// `[http]`.
+    fn parse(&self, name: &FunctionName, text: &str, file: &str) -> Result<Policy, PolicyError> {
         let policy = Policy::parse(text, file, &self.base)?;
+        if let Some((host, holder)) = self.routes().claimed(&policy.http, name) {
+            return Err(PolicyError {
+                file: file.to_string(),
+                message: format!(
+                    "http.hosts: {host:?} (path prefix {:?}) is the function {holder}'s; change that policy first",
+                    if policy.http.prefix().is_empty() {
+                        "/"
+                    } else {
+                        policy.http.prefix()
+                    }
+                ),
+            });
+        }
         for (key, value) in &policy.config {
             if let ConfigValue::Secret { secret } = value
                 && !(self.secret_is_set)(&secret.0)
@@ -207,7 +226,7 @@ impl PolicyTable {
     /// atomically and puts it in force. Nothing is written if it is invalid.
     pub fn write(&self, name: &FunctionName, text: &str) -> Result<Arc<Policy>, WriteError> {
         let file = format!("{name}.toml");
-        let policy = self.parse(text, &file).map_err(WriteError::Invalid)?;
+        let policy = self.parse(name, text, &file).map_err(WriteError::Invalid)?;
         let target = self.dir.join(&file);
         let tmp = self.dir.join(format!(".{file}.tmp"));
         let written = (|| -> std::io::Result<()> {
@@ -239,7 +258,19 @@ impl PolicyTable {
             status.policy = Some(Arc::new(policy));
             status.loaded_unix = now_unix();
             tracing::info!(function = %name, "policy loaded");
+            self.set_routes(&entries);
         }
+    }
+
+    /// The routes of the policies in force.
+    pub fn routes(&self) -> Arc<Routes> {
+        Arc::clone(&self.routes.read().unwrap_or_else(|e| e.into_inner()))
+    }
+
+    /// Rebuilds the routes from `entries` (the table, locked by the caller).
+    fn set_routes(&self, entries: &HashMap<FunctionName, PolicyStatus>) {
+        let routes = Routes::build(entries);
+        *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
     }
 
     fn record_error(&self, name: &FunctionName, error: PolicyError) {
@@ -331,4 +362,101 @@ fn now_unix() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// Which function a request reaches by its `Host` and path: every
+/// function's `[http]` in force.
+#[derive(Debug, Default)]
+pub struct Routes {
+    /// By exact name, then by the name under a wildcard's `*.`: the path
+    /// prefixes claimed there (`""`: every path), longest first.
+    exact: HashMap<String, Vec<(String, FunctionName)>>,
+    wildcard: HashMap<String, Vec<(String, FunctionName)>>,
+}
+
+impl Routes {
+    fn build(entries: &HashMap<FunctionName, PolicyStatus>) -> Routes {
+        let mut routes = Routes::default();
+        for (name, status) in entries {
+            let Some(policy) = &status.policy else {
+                continue;
+            };
+            let prefix = policy.http.prefix().to_string();
+            for host in &policy.http.hosts {
+                let table = match host.wildcard_of() {
+                    Some(under) => routes.wildcard.entry(under.to_string()).or_default(),
+                    None => routes.exact.entry(host.0.clone()).or_default(),
+                };
+                table.push((prefix.clone(), name.clone()));
+            }
+        }
+        for claims in routes
+            .exact
+            .values_mut()
+            .chain(routes.wildcard.values_mut())
+        {
+            claims.sort_by(|a, b| b.0.len().cmp(&a.0.len()).then_with(|| a.1.cmp(&b.1)));
+        }
+        routes
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.exact.is_empty() && self.wildcard.is_empty()
+    }
+
+    /// The function `host` (a `Host` header: any case, maybe a port) and
+    /// `path` reach, if one claims them: an exact name before a wildcard,
+    /// the longest path prefix first.
+    pub fn find(&self, host: &str, path: &str) -> Option<&FunctionName> {
+        let host = host.rsplit_once(':').map_or(host, |(name, port)| {
+            if port.bytes().all(|b| b.is_ascii_digit()) {
+                name
+            } else {
+                host
+            }
+        });
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let under = host.split_once('.').map(|(_, rest)| rest);
+        self.exact
+            .get(&host)
+            .and_then(|claims| by_prefix(claims, path))
+            .or_else(|| by_prefix(self.wildcard.get(under?)?, path))
+    }
+
+    /// A name (with the same path prefix) of `http` another function than
+    /// `name` claims, and that function.
+    fn claimed(
+        &self,
+        http: &lichen_core::policy::Http,
+        name: &FunctionName,
+    ) -> Option<(String, FunctionName)> {
+        for host in &http.hosts {
+            let claims = match host.wildcard_of() {
+                Some(under) => self.wildcard.get(under),
+                None => self.exact.get(&host.0),
+            };
+            let holder = claims
+                .into_iter()
+                .flatten()
+                .find(|(prefix, holder)| prefix == http.prefix() && holder != name);
+            if let Some((_, holder)) = holder {
+                return Some((host.0.clone(), holder.clone()));
+            }
+        }
+        None
+    }
+}
+
+/// The function of the longest prefix in `claims` that `path` is under.
+fn by_prefix<'r>(claims: &'r [(String, FunctionName)], path: &str) -> Option<&'r FunctionName> {
+    claims
+        .iter()
+        .find(|(prefix, _)| {
+            prefix.is_empty()
+                || path == prefix
+                || path
+                    .strip_prefix(prefix.as_str())
+                    .is_some_and(|rest| rest.starts_with('/'))
+        })
+        .map(|(_, name)| name)
 }

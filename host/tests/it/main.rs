@@ -25,6 +25,7 @@ mod outbound;
 mod p3;
 mod policy;
 mod reuse;
+mod routes;
 mod secrets;
 mod status;
 mod status_page;

@@ -22,10 +22,7 @@ const LICHEN: &str = env!("CARGO_BIN_EXE_lichen");
 /// Writes a pair to `dir/tls.crt` and `dir/tls.key` (by rename, as
 /// certificate tools do).
 fn install(dir: &Path, (cert, key): &(String, String)) -> TlsFiles {
-    let files = TlsFiles {
-        cert: dir.join("tls.crt"),
-        key: dir.join("tls.key"),
-    };
+    let files = TlsFiles::pair(dir.join("tls.crt"), dir.join("tls.key"));
     for (path, text) in [(&files.key, key), (&files.cert, cert)] {
         let tmp = path.with_extension("new");
         std::fs::write(&tmp, text).unwrap();

@@ -20,7 +20,8 @@ pub fn serve(
     response_out: ResponseOutparam,
     handler: impl FnOnce(Request) -> Result<Response>,
 ) {
-    let req = Request::incoming(method(&request), uri(&request), Wire(request));
+    let authority = request.authority();
+    let req = Request::incoming(method(&request), uri(&request), authority, Wire(request));
     let rest = Rc::clone(&req.rest);
     let response = rest.answer(handler(req));
     // The request (and its body, if read) goes before the response is set.

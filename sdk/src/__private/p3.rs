@@ -29,7 +29,13 @@ pub async fn serve<F>(
 where
     F: std::future::Future<Output = Result<Response>>,
 {
-    let req = Request::incoming(method(&request), uri(&request), Wire::new(request));
+    let authority = request.get_authority();
+    let req = Request::incoming(
+        method(&request),
+        uri(&request),
+        authority,
+        Wire::new(request),
+    );
     let rest = Rc::clone(&req.rest);
     let response = rest.answer(handler(req).await);
     drop(rest);

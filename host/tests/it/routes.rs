@@ -1,0 +1,165 @@
+//! Functions reached on their own domains: `[http] hosts` routes, over
+//! HTTPS with a certificate per domain chosen by SNI (`--tls-dir`), checked
+//! by a rustls client naming each domain.
+#![allow(clippy::unwrap_used)]
+
+use std::path::Path;
+
+use bytes::Bytes;
+use http::{Method, Request, StatusCode};
+use http_body_util::{BodyExt, Full};
+
+use crate::common::{self, Ca, TestHost, test_config, tls_connect, write_policy};
+use lichen::tls::TlsFiles;
+use rustls::pki_types::pem::PemObject;
+
+/// `GET path` with `Host: host` over a TLS connection that asked for `sni`;
+/// the status, body and the certificate the server showed.
+async fn get_as(
+    ca: &Ca,
+    addr: &str,
+    sni: &str,
+    host: &str,
+    path: &str,
+) -> (StatusCode, String, Vec<u8>) {
+    let tls = tls_connect(ca, addr, sni, &[b"http/1.1"]).await.unwrap();
+    let shown = tls.get_ref().1.peer_certificates().unwrap()[0].to_vec();
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(tls))
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let request = Request::get(path)
+        .header("host", host)
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = sender.send_request(request).await.unwrap();
+    let status = response.status();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    (status, String::from_utf8_lossy(&body).into_owned(), shown)
+}
+
+/// Writes `NAME.crt` and `NAME.key` into `dir`; the certificate's DER.
+fn pair(dir: &Path, name: &str, (cert, key): &(String, String)) -> Vec<u8> {
+    std::fs::write(dir.join(format!("{name}.crt")), cert).unwrap();
+    std::fs::write(dir.join(format!("{name}.key")), key).unwrap();
+    rustls::pki_types::CertificateDer::from_pem_slice(cert.as_bytes())
+        .unwrap()
+        .to_vec()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_domains_reach_two_functions_each_with_its_own_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let ca = Ca::new();
+    write_policy(&data, "shop", "[http]\nhosts = [\"shop.test\"]\n");
+    write_policy(
+        &data,
+        "blog",
+        "[http]\nhosts = [\"*.blog.test\"]\npath_prefix = \"/posts\"\n",
+    );
+    // Deployed over plain HTTP first; the TLS host finds them in the store.
+    let plain = TestHost::start(test_config(&data)).await;
+    for (name, fixture) in [("shop", "hello"), ("blog", "echo")] {
+        let deployed = plain.deploy(name, common::component(fixture)).await;
+        assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+    }
+    // A second function claiming shop.test is refused, naming the holder;
+    // blog's policy stays as it was.
+    let refused = plain
+        .admin(
+            Method::PUT,
+            "/v1/functions/blog/policy",
+            b"[http]\nhosts = [\"shop.test\"]\n".to_vec(),
+        )
+        .await;
+    refused.assert_error(StatusCode::BAD_REQUEST, "invalid_policy");
+    assert!(
+        refused.text().contains("the function shop's"),
+        "{}",
+        refused.text()
+    );
+    plain.stop().await;
+
+    let domains = dir.path().join("domains");
+    std::fs::create_dir_all(&domains).unwrap();
+    let default = pair(
+        dir.path(),
+        "default",
+        &ca.leaf(&["localhost"], "default", false),
+    );
+    let shop = pair(
+        &domains,
+        "shop.test",
+        &ca.leaf(&["shop.test"], "shop", false),
+    );
+    let blog = pair(
+        &domains,
+        "*.blog.test",
+        &ca.leaf(&["*.blog.test"], "blog", false),
+    );
+    let mut config = test_config(&data);
+    config.tls = Some(TlsFiles {
+        cert: dir.path().join("default.crt"),
+        key: dir.path().join("default.key"),
+        dir: Some(domains.clone()),
+        strict_sni: false,
+    });
+    let host = TestHost::start(config).await;
+    let addr = host.url.trim_start_matches("http://").to_string();
+
+    // Each name: its certificate, its function, at the request's own path.
+    let (status, body, shown) = get_as(&ca, &addr, "shop.test", "shop.test", "/cart").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, "Hello from Lichen!\n");
+    assert_eq!(shown, shop);
+    let (status, body, shown) = get_as(
+        &ca,
+        &addr,
+        "www.blog.test",
+        "www.blog.test:443",
+        "/posts/7?x=1",
+    )
+    .await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let echoed: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(echoed["path"], "/posts/7", "{echoed}");
+    assert_eq!(echoed["authority"], "www.blog.test:443", "{echoed}");
+    assert_eq!(shown, blog);
+    // Outside blog's path prefix: no function, a 404 that says why.
+    let (status, body, _) = get_as(&ca, &addr, "www.blog.test", "www.blog.test", "/about").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(body.contains("www.blog.test"), "{body}");
+    // An unknown name: the default certificate, and a 404 with a message.
+    let (status, body, shown) = get_as(&ca, &addr, "localhost", "nobody.test", "/").await;
+    assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
+    assert!(body.contains("nobody.test"), "{body}");
+    assert_eq!(shown, default);
+    // /fn/ still works, on any name the routes do not claim.
+    let (status, body, _) = get_as(&ca, &addr, "localhost", "localhost", "/fn/shop/").await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    assert_eq!(body, "Hello from Lichen!\n");
+
+    host.stop().await;
+
+    // With --tls-strict-sni an unknown name fails the handshake.
+    let mut config = test_config(&data);
+    config.tls = Some(TlsFiles {
+        cert: dir.path().join("default.crt"),
+        key: dir.path().join("default.key"),
+        dir: Some(domains),
+        strict_sni: true,
+    });
+    let host = TestHost::start(config).await;
+    let addr = host.url.trim_start_matches("http://").to_string();
+    assert!(
+        tls_connect(&ca, &addr, "localhost", &[b"http/1.1"])
+            .await
+            .is_err()
+    );
+    let (status, _, shown) = get_as(&ca, &addr, "shop.test", "shop.test", "/").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(shown, shop);
+    host.stop().await;
+}
