@@ -6,7 +6,12 @@ use lichen_sdk::{Request, Response, Result};
 fn handle(req: Request) -> Result<Response> {
     let headers: Vec<(String, String)> = req
         .headers()
-        .map(|(name, value)| (name.to_string(), String::from_utf8_lossy(value).into_owned()))
+        .map(|(name, value)| {
+            (
+                name.to_string(),
+                String::from_utf8_lossy(value).into_owned(),
+            )
+        })
         .collect();
     Response::json(&serde_json::json!({
         "method": req.method(),

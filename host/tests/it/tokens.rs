@@ -5,17 +5,7 @@
 
 use http::{Method, StatusCode};
 
-use crate::common::{self, Reply, TestHost, component, send, test_config};
-
-async fn with_token(url: &str, token: &str, method: Method, path: &str, body: Vec<u8>) -> Reply {
-    send(
-        method,
-        &format!("{url}{path}"),
-        &[("authorization", &format!("Bearer {token}"))],
-        body,
-    )
-    .await
-}
+use crate::common::{self, TestHost, component, send, test_config, with_token};
 
 /// Makes a token with the admin token; answers it.
 async fn make(host: &TestHost, request: serde_json::Value) -> String {

@@ -6,17 +6,7 @@
 use http::{Method, StatusCode};
 
 use super::{Node, SECRET, TOKEN};
-use crate::common::{Reply, component, distinct, eventually, send};
-
-async fn as_token(node: &Node, token: &str, method: Method, path: &str, body: Vec<u8>) -> Reply {
-    send(
-        method,
-        &format!("{}{path}", node.url),
-        &[("authorization", &format!("Bearer {token}"))],
-        body,
-    )
-    .await
-}
+use crate::common::{component, distinct, eventually, with_token};
 
 /// The entries `node` made itself (not applied from a peer).
 async fn own_entries(node: &Node) -> Vec<serde_json::Value> {
@@ -50,9 +40,15 @@ async fn every_change_is_one_line_in_order_with_its_token_and_survives_kill_9() 
     assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
     let shop = made.json()["token"].as_str().unwrap().to_string();
     eventually("b accepts the token", || async {
-        as_token(&b, &shop, Method::GET, "/v1/functions/shop-0", Vec::new())
-            .await
-            .status
+        with_token(
+            &b.url,
+            &shop,
+            Method::GET,
+            "/v1/functions/shop-0",
+            Vec::new(),
+        )
+        .await
+        .status
             == StatusCode::NOT_FOUND
     })
     .await;
@@ -88,7 +84,7 @@ async fn every_change_is_one_line_in_order_with_its_token_and_survives_kill_9() 
                 b"[limits]\nmemory = \"a lot\"\n".to_vec(),
             ),
         };
-        let answer = as_token(node, token, method.clone(), &path, body).await;
+        let answer = with_token(&node.url, token, method.clone(), &path, body).await;
         let status = answer.status.as_u16();
         assert!(
             answer.status.is_success() || i % 4 == 3,
@@ -144,13 +140,13 @@ async fn every_change_is_one_line_in_order_with_its_token_and_survives_kill_9() 
     })
     .await;
     // Reading it needs status:read.
-    as_token(&a, &shop, Method::GET, "/v1/audit", Vec::new())
+    with_token(&a.url, &shop, Method::GET, "/v1/audit", Vec::new())
         .await
         .assert_error(StatusCode::FORBIDDEN, "missing_scope");
 
     // Acknowledged, then kill -9 at once: the line is there after a restart.
-    let last = as_token(
-        &a,
+    let last = with_token(
+        &a.url,
         TOKEN,
         Method::PUT,
         "/v1/functions/shop-last",

@@ -72,6 +72,33 @@ pub fn ticks(seen: &Seen) -> BTreeMap<String, usize> {
     counts
 }
 
+/// Waits (up to `patience`) until every second of `expected` has a tick
+/// the recorder got; answers the ids of ticks run more than once and the
+/// seconds still without a tick.
+pub async fn settle(seen: &Seen, expected: &[i64], patience: Duration) -> (Vec<String>, Vec<i64>) {
+    let missing = || {
+        let ran: std::collections::BTreeSet<i64> = ticks(seen)
+            .keys()
+            .map(|id| tick_time(id).as_second())
+            .collect();
+        expected
+            .iter()
+            .filter(|t| !ran.contains(t))
+            .copied()
+            .collect::<Vec<i64>>()
+    };
+    let waited = std::time::Instant::now();
+    while !missing().is_empty() && waited.elapsed() < patience {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let twice = ticks(seen)
+        .into_iter()
+        .filter(|(_, n)| *n > 1)
+        .map(|(id, _)| id)
+        .collect();
+    (twice, missing())
+}
+
 /// The tick time of an id `FUNCTION/INDEX/TIME`.
 pub fn tick_time(id: &str) -> jiff::Timestamp {
     id.rsplit('/').next().unwrap().parse().unwrap()
@@ -207,31 +234,16 @@ async fn each_tick_runs_once_across_three_hosts_while_one_dies_and_comes_back() 
     // detector's interval. A tick is run up to a few takeover steps late,
     // and relayed after: the last ones are waited for.
     let grace = (killed.as_second() - 1)..=(killed.as_second() + 3);
-    let missing = || {
-        let ran: std::collections::BTreeSet<i64> = ticks(&seen)
-            .keys()
-            .map(|id| tick_time(id).as_second())
-            .collect();
-        (started.as_second() + 1..ended.as_second())
-            .filter(|t| !ran.contains(t) && !grace.contains(t))
-            .collect::<Vec<i64>>()
-    };
-    let waited = std::time::Instant::now();
-    while !missing().is_empty() && waited.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    drop(c);
-    let counts = ticks(&seen);
-    let twice: Vec<&String> = counts
-        .iter()
-        .filter(|(_, n)| **n > 1)
-        .map(|(id, _)| id)
+    let expected: Vec<i64> = (started.as_second() + 1..ended.as_second())
+        .filter(|t| !grace.contains(t))
         .collect();
+    let (twice, missing) = settle(&seen, &expected, Duration::from_secs(20)).await;
+    drop(c);
     assert!(twice.is_empty(), "ticks run more than once: {twice:?}");
     assert!(
-        missing().is_empty(),
-        "ticks nobody ran: {:?} of {counts:?}",
-        missing()
+        missing.is_empty(),
+        "ticks nobody ran: {missing:?} of {:?}",
+        ticks(&seen)
     );
     let hosts = a.metrics().await;
     assert!(hosts.contains("lichen_trigger_claims_total"), "{hosts}");
@@ -274,13 +286,9 @@ async fn with_nats_a_host_cut_off_from_its_peers_still_runs_no_tick_twice() {
         },
     )
     .await;
-    let counts = ticks(&seen);
-    let twice: Vec<&String> = counts
-        .iter()
-        .filter(|(_, n)| **n > 1)
-        .map(|(id, _)| id)
-        .collect();
+    let (twice, _) = settle(&seen, &[], Duration::ZERO).await;
     assert!(twice.is_empty(), "ticks run more than once: {twice:?}");
+    let counts = ticks(&seen);
     let times: Vec<i64> = counts.keys().map(|id| tick_time(id).as_second()).collect();
     for pair in times.windows(2) {
         assert_eq!(pair[1] - pair[0], 1, "a tick nobody ran: {times:?}");
@@ -380,29 +388,12 @@ async fn a_host_that_cannot_take_a_lease_releases_the_tick_to_its_peers() {
 
     // Every tick runs, once: those c claimed, a or b after its release.
     // One claimed as the relay was cut may have its lease created unseen.
-    let missing = || {
-        let ran: std::collections::BTreeSet<i64> = ticks(&seen)
-            .keys()
-            .map(|id| tick_time(id).as_second())
-            .collect();
-        (cut + 2..ended)
-            .filter(|t| !ran.contains(t))
-            .collect::<Vec<i64>>()
-    };
-    let waited = std::time::Instant::now();
-    while !missing().is_empty() && waited.elapsed() < Duration::from_secs(30) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let counts = ticks(&seen);
-    let twice: Vec<&String> = counts
-        .iter()
-        .filter(|(_, n)| **n > 1)
-        .map(|(id, _)| id)
-        .collect();
+    let expected: Vec<i64> = (cut + 2..ended).collect();
+    let (twice, missing) = settle(&seen, &expected, Duration::from_secs(30)).await;
     assert!(twice.is_empty(), "ticks run more than once: {twice:?}");
     assert!(
-        missing().is_empty(),
-        "ticks nobody ran after the cut at {cut}: {:?} of {counts:?}",
-        missing()
+        missing.is_empty(),
+        "ticks nobody ran after the cut at {cut}: {missing:?} of {:?}",
+        ticks(&seen)
     );
 }

@@ -472,3 +472,47 @@ impl Drop for Unmount {
             .status();
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_request_keeps_its_host_and_a_client_cannot_set_it() {
+    let root = tempfile::tempdir().unwrap();
+    let a = Node::start(root.path(), "a", &[], SECRET);
+    let b = Node::start(root.path(), "b", &[&a], SECRET);
+    let v1 = deploy(&a, "echo", component("echo")).await;
+    eventually("b serves echo", || async {
+        describe(&b, "echo").await["version"] == v1
+    })
+    .await;
+    let sha = describe(&b, "echo").await["sha256"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    // As a forward from a carries it: the client's Host beside a's own.
+    let signature = common::peer_signature(SECRET, "GET", "/fn/echo/x", Some(b"".as_slice()));
+    let forwarded = send(
+        Method::GET,
+        &format!("{}/fn/echo/x", b.url),
+        &[
+            ("x-lichen-forwarded-by", "a"),
+            ("x-lichen-peer-signature", &signature),
+            ("x-lichen-module", &sha),
+            ("x-lichen-forwarded-host", "shop.test"),
+        ],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(forwarded.status, StatusCode::OK, "{}", forwarded.text());
+    assert_eq!(forwarded.json()["authority"], "shop.test");
+    // From a client the header is dropped: the guest sees the real Host.
+    let direct = send(
+        Method::GET,
+        &format!("{}/fn/echo/x", b.url),
+        &[("x-lichen-forwarded-host", "shop.test")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(direct.status, StatusCode::OK, "{}", direct.text());
+    let authority = direct.json()["authority"].as_str().unwrap().to_string();
+    assert!(authority.starts_with("127.0.0.1:"), "{authority}");
+    assert!(!direct.text().contains("shop.test"), "{}", direct.text());
+}

@@ -4,17 +4,7 @@
 use http::{Method, StatusCode};
 
 use super::{Node, SECRET, TOKEN};
-use crate::common::{Reply, component, eventually, send};
-
-async fn with_token(node: &Node, token: &str, method: Method, path: &str) -> Reply {
-    send(
-        method,
-        &format!("{}{path}", node.url),
-        &[("authorization", &format!("Bearer {token}"))],
-        Vec::new(),
-    )
-    .await
-}
+use crate::common::{component, eventually, with_token};
 
 async fn make(node: &Node, request: serde_json::Value) -> String {
     let made = node
@@ -45,29 +35,43 @@ async fn a_token_made_on_one_host_is_accepted_and_revoked_on_every_host() {
     .await;
     // b takes it from gossip: it deploys shop-cart there.
     eventually("b accepts the token", || async {
-        with_token(&b, &shop, Method::GET, "/v1/functions/shop-cart")
-            .await
-            .status
+        with_token(
+            &b.url,
+            &shop,
+            Method::GET,
+            "/v1/functions/shop-cart",
+            Vec::new(),
+        )
+        .await
+        .status
             == StatusCode::NOT_FOUND
     })
     .await;
-    let deployed = send(
+    let deployed = with_token(
+        &b.url,
+        &shop,
         Method::PUT,
-        &format!("{}/v1/functions/shop-cart", b.url),
-        &[("authorization", &format!("Bearer {shop}"))],
+        "/v1/functions/shop-cart",
         component("hello"),
     )
     .await;
     assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
-    with_token(&b, &shop, Method::DELETE, "/v1/functions/shop-cart")
-        .await
-        .assert_error(StatusCode::FORBIDDEN, "missing_scope");
+    with_token(
+        &b.url,
+        &shop,
+        Method::DELETE,
+        "/v1/functions/shop-cart",
+        Vec::new(),
+    )
+    .await
+    .assert_error(StatusCode::FORBIDDEN, "missing_scope");
 
     // Revoked on b: refused on a too.
-    let revoked = send(
+    let revoked = with_token(
+        &b.url,
+        TOKEN,
         Method::DELETE,
-        &format!("{}/v1/tokens/shop-ci", b.url),
-        &[("authorization", &format!("Bearer {TOKEN}"))],
+        "/v1/tokens/shop-ci",
         Vec::new(),
     )
     .await;
@@ -76,9 +80,15 @@ async fn a_token_made_on_one_host_is_accepted_and_revoked_on_every_host() {
         eventually(
             &format!("{} refuses the revoked token", node.id),
             || async {
-                with_token(node, &shop, Method::GET, "/v1/functions/shop-cart")
-                    .await
-                    .code()
+                with_token(
+                    &node.url,
+                    &shop,
+                    Method::GET,
+                    "/v1/functions/shop-cart",
+                    Vec::new(),
+                )
+                .await
+                .code()
                     == "token_revoked"
             },
         )
@@ -91,13 +101,13 @@ async fn a_token_made_on_one_host_is_accepted_and_revoked_on_every_host() {
     )
     .await;
     eventually("a accepts the new token", || async {
-        with_token(&a, &again, Method::GET, "/v1/functions")
+        with_token(&a.url, &again, Method::GET, "/v1/functions", Vec::new())
             .await
             .status
             == StatusCode::OK
     })
     .await;
-    with_token(&a, &shop, Method::GET, "/v1/functions")
+    with_token(&a.url, &shop, Method::GET, "/v1/functions", Vec::new())
         .await
         .assert_error(StatusCode::FORBIDDEN, "forbidden");
     // It expires everywhere, by each host's clock.
@@ -105,7 +115,7 @@ async fn a_token_made_on_one_host_is_accepted_and_revoked_on_every_host() {
         eventually(
             &format!("{} refuses the expired token", node.id),
             || async {
-                with_token(node, &again, Method::GET, "/v1/functions")
+                with_token(&node.url, &again, Method::GET, "/v1/functions", Vec::new())
                     .await
                     .code()
                     == "token_expired"

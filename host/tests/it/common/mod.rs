@@ -272,6 +272,24 @@ fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build_http()
 }
 
+/// A request to `url` + `path` with `token` as its bearer.
+pub async fn with_token(
+    url: &str,
+    token: &str,
+    method: Method,
+    path: &str,
+    body: Vec<u8>,
+) -> Reply {
+    let bearer = format!("Bearer {token}");
+    send(
+        method,
+        &format!("{url}{path}"),
+        &[("authorization", &bearer)],
+        body,
+    )
+    .await
+}
+
 pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
     send_within(PATIENCE, method, url, headers, body).await
 }

@@ -3,14 +3,13 @@
 //! into two sides by nftables and healed. The probe fixture relays each
 //! tick to a recorder on the test's own address, which no fault drops.
 
-use std::collections::BTreeSet;
 use std::time::Duration;
 
 use http::{Method, StatusCode};
 
 use super::net::Net;
 use super::{OP_LIMIT, admin, print_logs};
-use crate::cluster::cron::{recorder_on, relaying, tick_time, ticks};
+use crate::cluster::cron::{recorder_on, relaying, settle, tick_time, ticks};
 use crate::common::{self, component};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -82,46 +81,27 @@ async fn with_nats_a_partition_runs_no_cron_tick_twice() {
     tokio::time::sleep(Duration::from_secs(12)).await;
     let ended = jiff::Timestamp::now().as_second();
 
-    let ran = || -> BTreeSet<i64> {
-        ticks(&seen)
-            .keys()
-            .map(|id| tick_time(id).as_second())
-            .collect()
-    };
     // Every tick before the partition ran, and every tick once the
     // cluster (and NATS, which may elect new leaders) had a few seconds
     // after the heal. Around the cut a tick may be lost: claimed by h3
     // and accepted before the cut, its lease then out of reach; or while
     // NATS moves a leader to the majority side.
     let expected: Vec<i64> = (started + 1..parted - 1).chain(healed + 6..ended).collect();
-    let missing = || {
-        let ran = ran();
-        expected
-            .iter()
-            .filter(|t| !ran.contains(t))
-            .copied()
-            .collect::<Vec<i64>>()
-    };
-    let waited = std::time::Instant::now();
-    while !missing().is_empty() && waited.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let counts = ticks(&seen);
-    let twice: Vec<&String> = counts
-        .iter()
-        .filter(|(_, n)| **n > 1)
-        .map(|(id, _)| id)
-        .collect();
-    if !twice.is_empty() || !missing().is_empty() {
+    let (twice, missing) = settle(&seen, &expected, Duration::from_secs(20)).await;
+    if !twice.is_empty() || !missing.is_empty() {
         print_logs(&net);
     }
+    let counts = ticks(&seen);
     assert!(twice.is_empty(), "ticks run more than once: {twice:?}");
     assert!(
-        missing().is_empty(),
-        "ticks nobody ran: {:?} (partitioned {parted}..{healed}) of {counts:?}",
-        missing()
+        missing.is_empty(),
+        "ticks nobody ran: {missing:?} (partitioned {parted}..{healed}) of {counts:?}"
     );
     // The majority side went on running ticks while cut off from h3.
-    let during = ran().range(parted + 4..healed).count();
+    let during = counts
+        .keys()
+        .map(|id| tick_time(id).as_second())
+        .filter(|t| (parted + 4..healed).contains(t))
+        .count();
     assert!(during > 0, "no tick ran during the partition: {counts:?}");
 }
