@@ -2,17 +2,18 @@
 //! operator writes, and the scope each admin route needs.
 //!
 //! A scope is one of `functions:read`, `functions:deploy:PATTERN`,
-//! `functions:delete:PATTERN`, `status:read`, `tokens:admin` and
-//! `secrets:PATTERN`, where a pattern is a name in which `*` stands for
-//! any run of characters (`shop-*`, `*`). The admin token needs none: it
-//! is the root credential.
+//! `functions:delete:PATTERN`, `status:read`, `tokens:admin`,
+//! `secrets:PATTERN` and `hosts:PATTERN`, where a pattern is a name in
+//! which `*` stands for any run of characters (`shop-*`, `*`,
+//! `*.shop.example.com`). The admin token needs none: it is the root
+//! credential.
 
 use std::fmt;
 
 use crate::routes::{Handler, Params};
 
-/// The longest pattern, as the longest names.
-const MAX_PATTERN: usize = 64;
+/// The longest pattern, as the longest host names.
+const MAX_PATTERN: usize = 253;
 
 /// A name pattern: `*` matches any run of characters, anything else
 /// itself.
@@ -24,12 +25,12 @@ impl Pattern {
         let valid = (1..=MAX_PATTERN).contains(&text.len())
             && text
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'*'));
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'*' | b'.'));
         if valid {
             Ok(Pattern(text.to_string()))
         } else {
             Err(format!(
-                "{text:?} is not a name pattern: 1 to {MAX_PATTERN} of A-Z, a-z, 0-9, '-', '_' and '*' (any run of characters)"
+                "{text:?} is not a name pattern: 1 to {MAX_PATTERN} of A-Z, a-z, 0-9, '-', '_', '.' and '*' (any run of characters)"
             ))
         }
     }
@@ -72,6 +73,9 @@ pub enum Scope {
     TokensAdmin,
     /// Set, list and remove the secrets the pattern matches.
     Secrets(Pattern),
+    /// Claim the host names the pattern matches in a policy's `[http]`
+    /// (a wildcard name, `*.shop.example.com`, is matched as written).
+    Hosts(Pattern),
 }
 
 impl Scope {
@@ -81,6 +85,7 @@ impl Scope {
             Some(("status", "read")) => Scope::StatusRead,
             Some(("tokens", "admin")) => Scope::TokensAdmin,
             Some(("secrets", pattern)) => Scope::Secrets(Pattern::parse(pattern)?),
+            Some(("hosts", pattern)) => Scope::Hosts(Pattern::parse(pattern)?),
             Some(("functions", rest)) => match rest.split_once(':') {
                 Some(("deploy", pattern)) => Scope::FunctionsDeploy(Pattern::parse(pattern)?),
                 Some(("delete", pattern)) => Scope::FunctionsDelete(Pattern::parse(pattern)?),
@@ -94,7 +99,7 @@ impl Scope {
 
 fn unknown(text: &str) -> String {
     format!(
-        "{text:?} is not a scope: functions:read, functions:deploy:PATTERN, functions:delete:PATTERN, status:read, tokens:admin or secrets:PATTERN"
+        "{text:?} is not a scope: functions:read, functions:deploy:PATTERN, functions:delete:PATTERN, status:read, tokens:admin, secrets:PATTERN or hosts:PATTERN"
     )
 }
 
@@ -107,6 +112,7 @@ impl fmt::Display for Scope {
             Scope::StatusRead => f.write_str("status:read"),
             Scope::TokensAdmin => f.write_str("tokens:admin"),
             Scope::Secrets(p) => write!(f, "secrets:{}", p.0),
+            Scope::Hosts(p) => write!(f, "hosts:{}", p.0),
         }
     }
 }
@@ -126,6 +132,8 @@ pub enum Needed<'a> {
     /// the token's patterns match).
     AnySecret,
     Secret(&'a str),
+    /// Claiming a host name in `[http]`.
+    Host(&'a str),
     /// A path under `/v1` with no route: any valid token (the answer is
     /// `404` or `405`).
     Nothing,
@@ -147,6 +155,7 @@ impl Needed<'_> {
             (Needed::TokensAdmin, Scope::TokensAdmin) => true,
             (Needed::AnySecret, Scope::Secrets(_)) => true,
             (Needed::Secret(name), Scope::Secrets(p)) => p.matches(name),
+            (Needed::Host(name), Scope::Hosts(p)) => p.matches(name),
             _ => false,
         })
     }
@@ -164,6 +173,7 @@ impl fmt::Display for Needed<'_> {
             Needed::TokensAdmin => f.write_str("tokens:admin"),
             Needed::AnySecret => f.write_str("secrets:PATTERN"),
             Needed::Secret(name) => write!(f, "secrets:{name}"),
+            Needed::Host(name) => write!(f, "hosts:{name}"),
             Needed::Nothing => f.write_str("any scope"),
             Needed::Root => f.write_str("the admin token"),
         }
@@ -241,6 +251,7 @@ mod tests {
             "status:read",
             "tokens:admin",
             "secrets:shop_*",
+            "hosts:*.shop.example.com",
         ] {
             assert_eq!(Scope::parse(text).unwrap().to_string(), text);
         }
@@ -285,5 +296,10 @@ mod tests {
         assert!(Needed::Nothing.granted_by(&scopes));
         assert!(!Needed::Nothing.granted_by(&[]));
         assert_eq!(Needed::Deploy("blog").to_string(), "functions:deploy:blog");
+        let hosts = [Scope::parse("hosts:*.shop.example.com").unwrap()];
+        assert!(Needed::Host("eu.shop.example.com").granted_by(&hosts));
+        assert!(Needed::Host("*.shop.example.com").granted_by(&hosts));
+        assert!(!Needed::Host("shop.example.com").granted_by(&hosts));
+        assert!(!Needed::Host("blog.example.com").granted_by(&hosts));
     }
 }

@@ -1,5 +1,6 @@
 //! The audit log: one JSON line per admin change (deploy, rollback,
-//! delete, policy, key-value purge, secret, token), refused ones included,
+//! delete, policy, key-value purge, secret, token), refused ones included
+//! (a scoped token's refusal for its scope, expiry or revocation too),
 //! with who made it (the token's name, `admin` for the admin token), from
 //! where, what it answered and, where there is one, the version and module
 //! it made; and one line per change a peer made that this host applied.

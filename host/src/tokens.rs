@@ -242,6 +242,12 @@ impl Tokens {
         Verdict::Valid(Arc::clone(&held.grant))
     }
 
+    /// The name of the token presented, whatever its state; nothing is
+    /// noted as used.
+    pub fn name_of(&self, presented: &[u8]) -> Option<String> {
+        self.read().by_hash.get(&hash_of(presented)).cloned()
+    }
+
     /// The live tokens (revoked ones are not shown), by name.
     pub fn list(&self) -> Vec<TokenInfo> {
         self.read()

@@ -17,6 +17,7 @@ use http::{HeaderValue, Response, StatusCode, header};
 use hyper::body::Incoming;
 use serde::Serialize;
 
+use super::auth::Caller;
 use super::body;
 use super::{AppState, json};
 use crate::error::{ApiError, Body, full_body};
@@ -26,6 +27,7 @@ use crate::oci::OciSource;
 use crate::policy::{StoreLabel, WriteError};
 use crate::store::{Abi, VersionInfo};
 use lichen_core::registry::stamp_ms;
+use lichen_core::scopes::Needed;
 
 /// Largest policy file accepted by `PUT /v1/functions/{name}/policy`.
 const MAX_POLICY_BYTES: u64 = 64 << 10;
@@ -162,12 +164,14 @@ pub fn get_policy(state: &AppState, name: &FunctionName) -> Result<Response<Body
 pub async fn put_policy(
     state: &Arc<AppState>,
     name: &FunctionName,
+    caller: &Caller,
     req: hyper::Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let bytes = body::read_capped(req, MAX_POLICY_BYTES, state.limits.body_idle_timeout).await?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::bad_request("invalid_policy", "the policy is not UTF-8 text"))?;
     state.functions.check_policy_size(name, text)?;
+    check_hosts(caller, text)?;
     check_streams(state, text).await?;
     let policies = Arc::clone(&state.functions.policies);
     let name_owned = name.clone();
@@ -192,6 +196,32 @@ pub async fn put_policy(
         }
         Err(WriteError::Io(error)) => Err(ApiError::internal(error)),
     }
+}
+
+/// A scoped token claims in `[http]` only the names its `hosts:` scopes
+/// grant: a team's token cannot take another team's domain.
+fn check_hosts(caller: &Caller, text: &str) -> Result<(), ApiError> {
+    let Caller::Token(grant) = caller else {
+        return Ok(());
+    };
+    let Ok(file) = toml::from_str::<lichen_core::policy::PolicyFile>(text) else {
+        // The write says what is wrong with it.
+        return Ok(());
+    };
+    for host in &file.http.hosts {
+        let needed = Needed::Host(&host.0);
+        if !caller.may(needed) {
+            return Err(ApiError::new(
+                StatusCode::FORBIDDEN,
+                "missing_scope",
+                format!(
+                    "the token {:?} does not have the scope this needs: {needed}",
+                    grant.name
+                ),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// A policy's NATS triggers name streams NATS has (when NATS answers: one

@@ -29,6 +29,42 @@ pub fn records(handler: Handler) -> bool {
     )
 }
 
+/// A change asked for: by which token, from where, what (its method
+/// and path).
+pub struct Attempt<'a> {
+    pub token: &'a str,
+    pub client: SocketAddr,
+    pub what: &'a str,
+}
+
+/// The line of `attempt` at `route`, before its outcome.
+fn entry_of(attempt: &Attempt<'_>, route: &Route, params: Params<'_>) -> Entry {
+    let mut entry = Entry::now(attempt.token, attempt.what);
+    entry.client = Some(attempt.client.ip().to_string());
+    let named = params.get(0).to_string();
+    if route.path.starts_with("/v1/functions/") {
+        entry.function = Some(named);
+    } else if !named.is_empty() {
+        entry.name = Some(named);
+    }
+    entry
+}
+
+/// Writes the line of a change a scoped token was refused (its scope, or
+/// its expiry or revocation).
+pub async fn note_refused(
+    state: &AppState,
+    attempt: Attempt<'_>,
+    route: &Route,
+    params: Params<'_>,
+    error: &ApiError,
+) {
+    let mut entry = entry_of(&attempt, route, params);
+    entry.result = error.status.as_u16();
+    entry.code = Some(error.code.to_string());
+    state.functions.audit.record(entry).await;
+}
+
 /// Writes the line of a change `caller` asked for from `client` (`what`:
 /// its method and path), then hands its answer on, unchanged.
 pub async fn note(
@@ -44,14 +80,12 @@ pub async fn note(
         Some(Caller::Token(grant)) => grant.name.as_str(),
         Some(Caller::Root) | None => "admin",
     };
-    let mut entry = Entry::now(token, what);
-    entry.client = Some(client.ip().to_string());
-    let named = params.get(0).to_string();
-    if route.path.starts_with("/v1/functions/") {
-        entry.function = Some(named);
-    } else if !named.is_empty() {
-        entry.name = Some(named);
-    }
+    let attempt = Attempt {
+        token,
+        client,
+        what,
+    };
+    let mut entry = entry_of(&attempt, route, params);
     let answer = match answer {
         Ok(response) => {
             let (parts, body) = response.into_parts();

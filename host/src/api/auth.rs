@@ -82,6 +82,13 @@ pub fn admin<B>(
     }
 }
 
+/// The name of the scoped token the request presents, valid or not (for
+/// the audit log of a refused change); `None` for anything else.
+pub fn token_name<B>(state: &AppState, req: &hyper::Request<B>) -> Option<String> {
+    let presented = bearer(req, "").ok()?;
+    state.functions.tokens.name_of(presented)
+}
+
 /// Internal routes need a peer's signature. Returns it, for the body check
 /// of a forwarded invocation.
 pub fn peer<B>(state: &AppState, req: &hyper::Request<B>) -> Result<Signed, ApiError> {

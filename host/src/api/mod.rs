@@ -109,7 +109,21 @@ async fn route_request(
     let allowed = match routes::lookup(req.method(), &path) {
         Lookup::Found(route, params) if audit::records(route.handler) => {
             let what = format!("{} {path}", req.method());
-            let caller = route_caller(state, route, &params, &req)?;
+            let caller = match route_caller(state, route, &params, &req) {
+                Ok(caller) => caller,
+                Err(error) => {
+                    // A token that was let in elsewhere tried this: noted.
+                    if let Some(token) = auth::token_name(state, &req) {
+                        let refused = audit::Attempt {
+                            token: &token,
+                            client,
+                            what: &what,
+                        };
+                        audit::note_refused(state, refused, route, params, &error).await;
+                    }
+                    return Err(error);
+                }
+            };
             let answer = dispatch(state, route, params, req, request_id, caller.clone()).await;
             return audit::note(state, &caller, client, &what, route, params, answer).await;
         }
@@ -247,7 +261,7 @@ async fn dispatch(
         Handler::Describe => admin::describe(state, &name()?),
         Handler::Delete => admin::delete(state, &name()?, req.uri().query()).await,
         Handler::GetPolicy => admin::get_policy(state, &name()?),
-        Handler::PutPolicy => admin::put_policy(state, &name()?, req).await,
+        Handler::PutPolicy => admin::put_policy(state, &name()?, &caller, req).await,
         Handler::KvUsage => admin::kv_usage(state, &name()?).await,
         Handler::KvPurge => admin::kv_purge(state, &name()?, params.get(1)).await,
         Handler::Rollback => admin::rollback(state, &name()?, req).await,

@@ -72,6 +72,63 @@ async fn a_token_does_what_its_scopes_say_and_nothing_else() {
             refused.text()
         );
     }
+    // The refused changes are in the audit log, with the token's name.
+    let log = host
+        .admin(Method::GET, "/v1/audit", Vec::new())
+        .await
+        .json();
+    let refused = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["route"] == "PUT /v1/functions/blog")
+        .cloned()
+        .unwrap_or_default();
+    assert_eq!(refused["token"], "shop-ci", "{log}");
+    assert_eq!(refused["result"], 403, "{log}");
+    assert_eq!(refused["code"], "missing_scope", "{log}");
+
+    // A name in [http] needs a hosts: scope for it.
+    let claim = |hosts: &str| format!("[http]\nhosts = [{hosts}]\n").into_bytes();
+    let refused = call(
+        Method::PUT,
+        "/v1/functions/shop-cart/policy",
+        claim("\"shop.test\""),
+    )
+    .await;
+    refused.assert_error(StatusCode::FORBIDDEN, "missing_scope");
+    assert!(
+        refused.text().contains("hosts:shop.test"),
+        "{}",
+        refused.text()
+    );
+    let named = make(
+        &host,
+        serde_json::json!({
+            "name": "shop-web",
+            "scopes": ["functions:deploy:shop-*", "hosts:*.shop.test"]
+        }),
+    )
+    .await;
+    let put = |hosts: &'static str| {
+        let (url, named) = (host.url.clone(), named.clone());
+        async move {
+            with_token(
+                &url,
+                &named,
+                Method::PUT,
+                "/v1/functions/shop-cart/policy",
+                claim(hosts),
+            )
+            .await
+        }
+    };
+    let granted = put("\"eu.shop.test\"").await;
+    assert_eq!(granted.status, StatusCode::OK, "{}", granted.text());
+    put("\"eu.shop.test\", \"blog.test\"")
+        .await
+        .assert_error(StatusCode::FORBIDDEN, "missing_scope");
+
     // Nothing happened: blog was not deployed, shop-cart is still there.
     let blog = host
         .admin(Method::GET, "/v1/functions/blog", Vec::new())
