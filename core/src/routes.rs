@@ -47,6 +47,8 @@ pub enum Handler {
     Status,
     /// The audit log.
     Audit,
+    /// The names functions claim in `[http]`.
+    ListRoutes,
     /// The status page and its assets.
     Ui,
     Module,
@@ -101,6 +103,7 @@ pub static ROUTES: &[Route] = &[
         Handler::Invoke,
     ),
     route(GET, "/v1/functions", Access::Admin, Handler::ListFunctions),
+    route(GET, "/v1/routes", Access::Admin, Handler::ListRoutes),
     route(PUT, "/v1/functions/{name}", Access::Admin, Handler::Deploy),
     route(
         GET,

@@ -185,7 +185,7 @@ impl fmt::Display for Needed<'_> {
 pub fn needed<'a>(handler: Handler, params: &Params<'a>) -> Option<Needed<'a>> {
     let name = params.get(0);
     let needed = match handler {
-        Handler::ListFunctions => Needed::ReadAll,
+        Handler::ListFunctions | Handler::ListRoutes => Needed::ReadAll,
         Handler::Describe | Handler::GetPolicy | Handler::KvUsage => Needed::Read(name),
         Handler::Deploy
         | Handler::PutPolicy

@@ -159,6 +159,26 @@ pub fn get_policy(state: &AppState, name: &FunctionName) -> Result<Response<Body
     json(StatusCode::OK, &policy_json(state, name))
 }
 
+/// `GET /v1/routes`: which function each name (and path prefix) of a
+/// policy's `[http]` reaches, as this host routes them.
+pub fn routes(state: &AppState) -> Result<Response<Body>, ApiError> {
+    let routes: Vec<serde_json::Value> = state
+        .functions
+        .policies
+        .routes()
+        .list()
+        .into_iter()
+        .map(|(host, prefix, function)| {
+            serde_json::json!({
+                "host": host,
+                "path_prefix": if prefix.is_empty() { "/".to_string() } else { prefix },
+                "function": function.as_str(),
+            })
+        })
+        .collect();
+    json(StatusCode::OK, &serde_json::json!({ "routes": routes }))
+}
+
 /// Validates a TOML policy and writes it to the policies directory, where it
 /// takes effect at once (files stay the single source of truth).
 pub async fn put_policy(

@@ -257,6 +257,7 @@ async fn dispatch(
             invoke::invoke(state, req, target, request_id, arrival).await
         }
         Handler::ListFunctions => admin::list(state),
+        Handler::ListRoutes => admin::routes(state),
         Handler::Deploy => admin::deploy(state, name()?, req).await,
         Handler::Describe => admin::describe(state, &name()?),
         Handler::Delete => admin::delete(state, &name()?, req.uri().query()).await,

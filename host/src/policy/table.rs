@@ -404,6 +404,29 @@ impl Routes {
         self.exact.is_empty() && self.wildcard.is_empty()
     }
 
+    /// Every claim: the name as written, the path prefix (`""`: every
+    /// path) and the function, by name.
+    pub fn list(&self) -> Vec<(String, String, FunctionName)> {
+        let exact = self
+            .exact
+            .iter()
+            .map(|(host, claims)| (host.clone(), claims));
+        let wildcard = self
+            .wildcard
+            .iter()
+            .map(|(under, claims)| (format!("*.{under}"), claims));
+        let mut list: Vec<(String, String, FunctionName)> = exact
+            .chain(wildcard)
+            .flat_map(|(host, claims)| {
+                claims
+                    .iter()
+                    .map(move |(prefix, name)| (host.clone(), prefix.clone(), name.clone()))
+            })
+            .collect();
+        list.sort();
+        list
+    }
+
     /// The function `host` (a `Host` header: any case, maybe a port) and
     /// `path` reach, if one claims them: an exact name before a wildcard,
     /// the longest path prefix first.

@@ -80,6 +80,16 @@ async fn two_domains_reach_two_functions_each_with_its_own_certificate() {
         "{}",
         refused.text()
     );
+    let listed = plain.admin(Method::GET, "/v1/routes", Vec::new()).await;
+    assert_eq!(
+        listed.json()["routes"],
+        serde_json::json!([
+            { "host": "*.blog.test", "path_prefix": "/posts", "function": "blog" },
+            { "host": "shop.test", "path_prefix": "/", "function": "shop" },
+        ]),
+        "{}",
+        listed.text()
+    );
     plain.stop().await;
 
     let domains = dir.path().join("domains");
