@@ -211,8 +211,7 @@ impl Tokens {
     /// durably; whether it did. A version that does not hold together (a
     /// bad scope, a bad hash) is an error and changes nothing.
     pub fn apply(&self, store: &ModuleStore, name: &str, state: TokenState) -> Result<bool> {
-        check_name(name).map_err(anyhow::Error::msg)?;
-        held(name, state.clone()).map_err(anyhow::Error::msg)?;
+        check_state(name, &state).map_err(anyhow::Error::msg)?;
         let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
         let newer = self.read().by_name.get(name).is_none_or(|held| {
             (state.stamp, state.origin.as_str()) > (held.state.stamp, held.state.origin.as_str())
@@ -297,6 +296,14 @@ impl Tokens {
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, Map> {
         self.map.write().unwrap_or_else(|e| e.into_inner())
     }
+}
+
+/// Whether a peer's version of token `name` holds together: a valid name,
+/// hash and scopes (a scope this host does not know makes it invalid
+/// here: such a token is refused rather than widened).
+pub fn check_state(name: &str, state: &TokenState) -> Result<(), String> {
+    check_name(name)?;
+    held(name, state.clone()).map(|_| ())
 }
 
 /// A token's record as held, its scopes parsed.

@@ -136,6 +136,21 @@ async fn merge_tokens(cluster: &Cluster, state: &Arc<Functions>, fresh: Vec<(Str
                 .state(name)
                 .is_none_or(|held| held.version() < peer.version())
         })
+        // Read once per version (the gossip cache): not read again.
+        .filter(
+            |(name, peer)| match crate::tokens::check_state(name, peer) {
+                Ok(()) => true,
+                Err(error) => {
+                    tracing::warn!(
+                        token = name,
+                        origin = peer.origin,
+                        error,
+                        "ignoring a peer's token this host cannot take"
+                    );
+                    false
+                }
+            },
+        )
         .collect();
     if newer.is_empty() {
         return;

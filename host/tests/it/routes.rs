@@ -146,6 +146,15 @@ async fn two_domains_reach_two_functions_each_with_its_own_certificate() {
     assert_eq!(status, StatusCode::NOT_FOUND, "{body}");
     assert!(body.contains("nobody.test"), "{body}");
     assert_eq!(shown, default);
+    // A pair added to the directory is served without a restart.
+    let added = pair(&domains, "new.test", &ca.leaf(&["new.test"], "new", false));
+    common::eventually("the new domain's certificate is served", || async {
+        match tls_connect(&ca, &addr, "new.test", &[b"http/1.1"]).await {
+            Ok(tls) => tls.get_ref().1.peer_certificates().unwrap()[0].as_ref() == added.as_slice(),
+            Err(_) => false,
+        }
+    })
+    .await;
     // /fn/ still works, on any name the routes do not claim.
     let (status, body, _) = get_as(&ca, &addr, "localhost", "localhost", "/fn/shop/").await;
     assert_eq!(status, StatusCode::OK, "{body}");

@@ -9,15 +9,7 @@ use crate::common::{self, TestHost, component, send, test_config, with_token};
 
 /// Makes a token with the admin token; answers it.
 async fn make(host: &TestHost, request: serde_json::Value) -> String {
-    let made = host
-        .admin(
-            Method::POST,
-            "/v1/tokens",
-            serde_json::to_vec(&request).unwrap(),
-        )
-        .await;
-    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
-    made.json()["token"].as_str().unwrap().to_string()
+    common::make_token(&host.url, &host.token, request).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -6,7 +6,7 @@
 use http::{Method, StatusCode};
 
 use super::{Node, SECRET, TOKEN};
-use crate::common::{component, distinct, eventually, with_token};
+use crate::common::{component, distinct, eventually, make_token, with_token};
 
 /// The entries `node` made itself (not applied from a peer).
 async fn own_entries(node: &Node) -> Vec<serde_json::Value> {
@@ -30,15 +30,12 @@ async fn every_change_is_one_line_in_order_with_its_token_and_survives_kill_9() 
         a.peer_ids().await == ["b"] && b.peer_ids().await == ["a"]
     })
     .await;
-    let made = a
-        .admin(
-            Method::POST,
-            "/v1/tokens",
-            br#"{"name":"shop-ci","scopes":["functions:deploy:shop-*"]}"#.to_vec(),
-        )
-        .await;
-    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
-    let shop = made.json()["token"].as_str().unwrap().to_string();
+    let shop = make_token(
+        &a.url,
+        TOKEN,
+        serde_json::json!({ "name": "shop-ci", "scopes": ["functions:deploy:shop-*"] }),
+    )
+    .await;
     eventually("b accepts the token", || async {
         with_token(
             &b.url,

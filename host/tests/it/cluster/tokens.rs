@@ -4,18 +4,10 @@
 use http::{Method, StatusCode};
 
 use super::{Node, SECRET, TOKEN};
-use crate::common::{component, eventually, with_token};
+use crate::common::{component, eventually, make_token, with_token};
 
 async fn make(node: &Node, request: serde_json::Value) -> String {
-    let made = node
-        .admin(
-            Method::POST,
-            "/v1/tokens",
-            serde_json::to_vec(&request).unwrap(),
-        )
-        .await;
-    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
-    made.json()["token"].as_str().unwrap().to_string()
+    make_token(&node.url, TOKEN, request).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

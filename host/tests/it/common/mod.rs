@@ -290,6 +290,15 @@ pub async fn with_token(
     .await
 }
 
+/// Makes a scoped API token on the host at `url` with `admin` (the admin
+/// token); answers the token.
+pub async fn make_token(url: &str, admin: &str, request: serde_json::Value) -> String {
+    let body = serde_json::to_vec(&request).unwrap();
+    let made = with_token(url, admin, Method::POST, "/v1/tokens", body).await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
+    made.json()["token"].as_str().unwrap().to_string()
+}
+
 pub async fn send(method: Method, url: &str, headers: &[(&str, &str)], body: Vec<u8>) -> Reply {
     send_within(PATIENCE, method, url, headers, body).await
 }

@@ -8,7 +8,7 @@ use std::time::Duration;
 use http::{Method, StatusCode};
 
 use super::net::Net;
-use super::{OP_LIMIT, admin, print_logs};
+use super::{OP_LIMIT, admin, print_logs, until_all_see_each_other};
 use crate::cluster::cron::{recorder_on, relaying, settle, tick_time, ticks};
 use crate::common::{self, component};
 
@@ -18,16 +18,7 @@ async fn with_nats_a_partition_runs_no_cron_tick_twice() {
     net.start_nats().await;
     net.start_all().await;
     let urls: Vec<String> = net.hosts.iter().map(|h| h.url.clone()).collect();
-    for url in &urls {
-        common::eventually("the hosts see each other", || async {
-            admin(url, Method::GET, "/v1/peers", Vec::new())
-                .await
-                .ok()
-                .and_then(|r| r.json()["peers"].as_array().map(Vec::len))
-                == Some(2)
-        })
-        .await;
-    }
+    until_all_see_each_other(&urls).await;
     let (recorder, seen) = recorder_on(&net.client_ip()).await;
     let policy = relaying("* * * * * *", recorder);
     common::eventually("probe is deployed with its trigger", || async {

@@ -149,16 +149,7 @@ pub async fn scenario(
     net.start_all().await;
     let urls: Vec<String> = net.hosts.iter().map(|h| h.url.clone()).collect();
     // Everyone sees everyone before the workload starts.
-    for url in &urls {
-        common::eventually("the hosts see each other", || async {
-            admin(url, Method::GET, "/v1/peers", Vec::new())
-                .await
-                .ok()
-                .and_then(|r| r.json()["peers"].as_array().map(Vec::len))
-                == Some(2)
-        })
-        .await;
-    }
+    until_all_see_each_other(&urls).await;
     let registers = kv && registers;
     if kv {
         deploy_with_policy(&urls, "counter", "/warm-up").await;
@@ -212,6 +203,20 @@ pub async fn scenario(
         check_registers(log, &mut report);
     }
     report
+}
+
+/// Waits until each host at `urls` sees all the others alive.
+async fn until_all_see_each_other(urls: &[String]) {
+    for url in urls {
+        common::eventually("the hosts see each other", || async {
+            admin(url, Method::GET, "/v1/peers", Vec::new())
+                .await
+                .ok()
+                .and_then(|r| r.json()["peers"].as_array().map(Vec::len))
+                == Some(urls.len() - 1)
+        })
+        .await;
+    }
 }
 
 /// Keys of the register workload.
