@@ -102,9 +102,7 @@ impl Audit {
         let dir = data_dir.to_path_buf();
         let path = dir.join(FILE);
         let mut file = open_append(&path)?;
-        let torn = std::fs::read(&path)
-            .map(|bytes| bytes.last().is_some_and(|b| *b != b'\n'))
-            .unwrap_or(false);
+        let torn = last_byte(&path).is_some_and(|b| b != b'\n');
         if torn {
             file.write_all(b"\n")
                 .and_then(|()| file.sync_data())
@@ -207,6 +205,16 @@ impl Audit {
             .context("syncing the data directory after rotating the audit log")?;
         Ok(file)
     }
+}
+
+/// The file's last byte, if it has one.
+fn last_byte(path: &Path) -> Option<u8> {
+    use std::io::{Read, Seek, SeekFrom};
+    let mut file = File::open(path).ok()?;
+    file.seek(SeekFrom::End(-1)).ok()?;
+    let mut byte = [0u8; 1];
+    file.read_exact(&mut byte).ok()?;
+    Some(byte[0])
 }
 
 fn open_append(path: &Path) -> Result<File> {

@@ -13,9 +13,12 @@
 //! remove secrets; values go in and never out), [`invoke`] (the invocation path
 //! from arrival to response), [`map`] (one invocation per element of an
 //! array), [`body`] (capped body reading, the invocation body type),
-//! [`auth`] (the three kinds of token), [`tokens`] (scoped API tokens), [`observe`] (metrics, health, the
-//! OpenAPI document), [`status`] (what the status page shows, as JSON),
-//! [`ui`] (the status page), [`state`] (what handlers share).
+//! [`auth`] (the three kinds of token), [`tokens`] (scoped API tokens),
+//! [`audit`] (each admin change's line, `GET /v1/audit`), [`observe`]
+//! (metrics, health, the OpenAPI document), [`status`] (what the status
+//! page shows, as JSON), [`ui`] (the status page), [`state`] (what
+//! handlers share). A request whose `Host` a function's `[http]` claims
+//! goes to that function before the route table is looked at.
 //!
 //! Every response carries `x-lichen-request-id`; every error is JSON, made in
 //! one place (`ApiError::into_response`). Under `/v1`, a path that is not a
