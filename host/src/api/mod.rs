@@ -146,7 +146,7 @@ async fn route_request(
             .get(header::HOST)
             .and_then(|h| h.to_str().ok());
         return Err(ApiError::not_found(match host {
-            Some(host) if !state.functions.policies.routes().is_empty() => format!(
+            Some(host) if state.functions.policies.has_routes() => format!(
                 "no route for {path}, and no function's [http] hosts claims {host:?} for it"
             ),
             _ => format!("no route for {path}"),
@@ -172,14 +172,14 @@ async fn route_request(
 /// The function whose `[http]` claims the request's host and path, if
 /// any does.
 fn routed<B>(state: &AppState, req: &hyper::Request<B>) -> Option<FunctionName> {
-    let routes = state.functions.policies.routes();
-    if routes.is_empty() {
+    if !state.functions.policies.has_routes() {
         return None;
     }
     let host = match req.uri().host() {
         Some(host) => host,
         None => req.headers().get(header::HOST)?.to_str().ok()?,
     };
+    let routes = state.functions.policies.routes();
     routes.find(host, req.uri().path()).cloned()
 }
 

@@ -11,6 +11,7 @@
 use std::collections::HashMap;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -39,6 +40,8 @@ pub struct PolicyStatus {
 pub struct PolicyTable {
     /// Which function a request's host reaches, from the policies in force.
     routes: RwLock<Arc<Routes>>,
+    /// Whether `routes` has any: what every request looks at first.
+    has_routes: AtomicBool,
     dir: PathBuf,
     /// What relative `[files]` paths are relative to: the directory's parent.
     base: PathBuf,
@@ -68,6 +71,7 @@ impl PolicyTable {
         let base = dir.parent().unwrap_or(&dir).to_path_buf();
         let table = PolicyTable {
             routes: RwLock::new(Arc::new(Routes::default())),
+            has_routes: AtomicBool::new(false),
             dir,
             base,
             entries: RwLock::new(HashMap::new()),
@@ -262,6 +266,12 @@ impl PolicyTable {
         }
     }
 
+    /// Whether any policy in force claims a name in `[http]`: read on
+    /// every request, without the lock.
+    pub fn has_routes(&self) -> bool {
+        self.has_routes.load(Ordering::Relaxed)
+    }
+
     /// The routes of the policies in force.
     pub fn routes(&self) -> Arc<Routes> {
         Arc::clone(&self.routes.read().unwrap_or_else(|e| e.into_inner()))
@@ -270,7 +280,9 @@ impl PolicyTable {
     /// Rebuilds the routes from `entries` (the table, locked by the caller).
     fn set_routes(&self, entries: &HashMap<FunctionName, PolicyStatus>) {
         let routes = Routes::build(entries);
+        let any = !routes.is_empty();
         *self.routes.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(routes);
+        self.has_routes.store(any, Ordering::Relaxed);
     }
 
     fn record_error(&self, name: &FunctionName, error: PolicyError) {

@@ -227,6 +227,18 @@ async fn three(root: &Path) -> (Node, Node, Node) {
     three_with(root, &[]).await
 }
 
+/// Two hosts, `a` and `b` joining through it, each started with `extra`
+/// flags; returns once they see each other.
+async fn two_with(root: &Path, extra: &[&str]) -> (Node, Node) {
+    let a = Node::start_with(root, "a", &[], SECRET, extra);
+    let b = Node::start_with(root, "b", &[&a], SECRET, extra);
+    eventually("a and b see each other", || async {
+        a.peer_ids().await == ["b"] && b.peer_ids().await == ["a"]
+    })
+    .await;
+    (a, b)
+}
+
 /// [`three`], each host started with `extra` flags.
 async fn three_with(root: &Path, extra: &[&str]) -> (Node, Node, Node) {
     let a = Node::start_with(root, "a", &[], SECRET, extra);

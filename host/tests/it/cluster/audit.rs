@@ -5,7 +5,7 @@
 
 use http::{Method, StatusCode};
 
-use super::{Node, SECRET, TOKEN};
+use super::{Node, SECRET, TOKEN, two_with};
 use crate::common::{component, distinct, eventually, make_token, with_token};
 
 /// The entries `node` made itself (not applied from a peer).
@@ -24,12 +24,7 @@ async fn own_entries(node: &Node) -> Vec<serde_json::Value> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_change_is_one_line_in_order_with_its_token_and_survives_kill_9() {
     let root = tempfile::tempdir().unwrap();
-    let mut a = Node::start(root.path(), "a", &[], SECRET);
-    let b = Node::start(root.path(), "b", &[&a], SECRET);
-    eventually("a and b see each other", || async {
-        a.peer_ids().await == ["b"] && b.peer_ids().await == ["a"]
-    })
-    .await;
+    let (mut a, b) = two_with(root.path(), &[]).await;
     let shop = make_token(
         &a.url,
         TOKEN,

@@ -59,6 +59,20 @@ pub fn relaying(schedule: &str, recorder: SocketAddr) -> String {
     )
 }
 
+/// Deploys the probe relaying every second's tick to `recorder` on
+/// `first` (and so on `others`), and waits until each host sees all the
+/// others serve it and a first tick was relayed.
+async fn ticking(first: &Node, others: &[&Node], recorder: SocketAddr, seen: &Seen) {
+    deploy_with_policy(first, others, "probe", &relaying("* * * * * *", recorder)).await;
+    for node in std::iter::once(first).chain(others.iter().copied()) {
+        eventually(&format!("{} sees its peers serve probe", node.id), || {
+            node.sees_serving(others.len(), "probe")
+        })
+        .await;
+    }
+    eventually("a first tick relayed", || async { !ticks(seen).is_empty() }).await;
+}
+
 /// Tick ids the recorder got, with how many times each.
 pub fn ticks(seen: &Seen) -> BTreeMap<String, usize> {
     let mut counts = BTreeMap::new();
@@ -207,18 +221,8 @@ async fn each_tick_runs_once_across_three_hosts_while_one_dies_and_comes_back() 
     let root = tempfile::tempdir().unwrap();
     let (recorder, seen) = recorder().await;
     let (a, b, mut c) = three(root.path()).await;
-    deploy_with_policy(&a, &[&b, &c], "probe", &relaying("* * * * * *", recorder)).await;
-    for node in [&a, &b, &c] {
-        eventually(&format!("{} sees both peers serve probe", node.id), || {
-            node.sees_serving(2, "probe")
-        })
-        .await;
-    }
     // Counted from the first tick relayed: the hosts have settled.
-    eventually("a first tick relayed", || async {
-        !ticks(&seen).is_empty()
-    })
-    .await;
+    ticking(&a, &[&b, &c], recorder, &seen).await;
     let started = jiff::Timestamp::now();
     tokio::time::sleep(Duration::from_secs(10)).await;
     c.kill();
@@ -362,17 +366,7 @@ async fn a_host_that_cannot_take_a_lease_releases_the_tick_to_its_peers() {
     let a = Node::start_with(root.path(), "a", &[], SECRET, &flags);
     let b = Node::start_with(root.path(), "b", &[&a], SECRET, &flags);
     let c = Node::start_with(root.path(), "c", &[&a], SECRET, &c_flags);
-    deploy_with_policy(&a, &[&b, &c], "probe", &relaying("* * * * * *", recorder)).await;
-    for node in [&a, &b, &c] {
-        eventually(&format!("{} sees both peers serve probe", node.id), || {
-            node.sees_serving(2, "probe")
-        })
-        .await;
-    }
-    eventually("a first tick relayed", || async {
-        !ticks(&seen).is_empty()
-    })
-    .await;
+    ticking(&a, &[&b, &c], recorder, &seen).await;
 
     // c can still reach its peers, which accept its claims, but not NATS.
     relay.cut();

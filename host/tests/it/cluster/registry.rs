@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 
-use super::{Node, SECRET, three};
+use super::{Node, SECRET, three, two_with};
 use crate::common::{self, component, distinct, eventually, send, series_sum};
 use lichen::store::sha256_hex;
 
@@ -346,12 +346,7 @@ async fn a_policy_too_large_to_gossip_is_refused_and_a_large_one_travels() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_second_host_under_one_node_id_stays_out() {
     let root = tempfile::tempdir().unwrap();
-    let a = Node::start(root.path(), "a", &[], SECRET);
-    let b = Node::start(root.path(), "b", &[&a], SECRET);
-    eventually("a and b see each other", || async {
-        a.peer_ids().await == ["b"] && b.peer_ids().await == ["a"]
-    })
-    .await;
+    let (a, b) = two_with(root.path(), &[]).await;
     // Another host started as "a", in a directory of its own.
     let twin = Node::start(&root.path().join("twin"), "a", &[&b], SECRET);
     eventually("the twin is not ready and says why", || async {

@@ -3,7 +3,7 @@
 
 use http::{Method, StatusCode};
 
-use super::{Node, SECRET, TOKEN};
+use super::{Node, TOKEN, two_with};
 use crate::common::{component, eventually, make_token, with_token};
 
 async fn make(node: &Node, request: serde_json::Value) -> String {
@@ -13,12 +13,7 @@ async fn make(node: &Node, request: serde_json::Value) -> String {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_token_made_on_one_host_is_accepted_and_revoked_on_every_host() {
     let root = tempfile::tempdir().unwrap();
-    let a = Node::start(root.path(), "a", &[], SECRET);
-    let b = Node::start(root.path(), "b", &[&a], SECRET);
-    eventually("a and b see each other", || async {
-        a.peer_ids().await == ["b"] && b.peer_ids().await == ["a"]
-    })
-    .await;
+    let (a, b) = two_with(root.path(), &[]).await;
 
     let shop = make(
         &a,

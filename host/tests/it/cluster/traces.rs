@@ -16,7 +16,7 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use prost::Message;
 
-use super::{Node, SECRET, SLOW_MS, deploy_with_policy};
+use super::{Node, SECRET, SLOW_MS, deploy_with_policy, two_with};
 use crate::common::{self, eventually, send};
 
 /// A span as the receiver got it.
@@ -146,12 +146,7 @@ async fn a_forwarded_request_is_one_trace_across_both_hosts() {
     let (up, traceparents) = upstream().await;
     let endpoint = format!("http://{collector}");
     let flags = ["--otlp-endpoint", endpoint.as_str()];
-    let a = Node::start_with(root.path(), "a", &[], SECRET, &flags);
-    let b = Node::start_with(root.path(), "b", &[&a], SECRET, &flags);
-    eventually("a and b see each other", || async {
-        a.peer_ids().await == ["b"] && b.peer_ids().await == ["a"]
-    })
-    .await;
+    let (a, b) = two_with(root.path(), &flags).await;
     let policy =
         "[limits]\nconcurrency = 1\nqueue = 0\n\n[outbound]\nallow = [\"http://127.0.0.1:*\"]\n";
     deploy_with_policy(&a, &[&b], "probe", policy).await;

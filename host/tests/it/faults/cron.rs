@@ -5,12 +5,10 @@
 
 use std::time::Duration;
 
-use http::{Method, StatusCode};
-
 use super::net::Net;
-use super::{OP_LIMIT, admin, print_logs, until_all_see_each_other};
+use super::{deploy_with, print_logs, until_all_see_each_other};
 use crate::cluster::cron::{recorder_on, relaying, settle, tick_time, ticks};
-use crate::common::{self, component};
+use crate::common;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_nats_a_partition_runs_no_cron_tick_twice() {
@@ -20,41 +18,8 @@ async fn with_nats_a_partition_runs_no_cron_tick_twice() {
     let urls: Vec<String> = net.hosts.iter().map(|h| h.url.clone()).collect();
     until_all_see_each_other(&urls).await;
     let (recorder, seen) = recorder_on(&net.client_ip()).await;
-    let policy = relaying("* * * * * *", recorder);
-    common::eventually("probe is deployed with its trigger", || async {
-        let deployed = admin(
-            &urls[0],
-            Method::PUT,
-            "/v1/functions/probe",
-            component("probe"),
-        )
-        .await
-        .is_ok_and(|r| r.status.is_success());
-        deployed
-            && admin(
-                &urls[0],
-                Method::PUT,
-                "/v1/functions/probe/policy",
-                policy.clone().into_bytes(),
-            )
-            .await
-            .is_ok_and(|r| r.status == StatusCode::OK)
-    })
-    .await;
-    for url in &urls {
-        common::eventually("every host answers probe", || async {
-            common::call(
-                Method::GET,
-                &format!("{url}/fn/probe/count"),
-                &[],
-                Vec::new(),
-                OP_LIMIT,
-            )
-            .await
-            .is_ok_and(|r| r.status == StatusCode::OK)
-        })
-        .await;
-    }
+    let policy = relaying("* * * * * *", recorder).into_bytes();
+    deploy_with(&urls, "probe", policy, "/count").await;
     common::eventually("a first tick relayed", || async {
         !ticks(&seen).is_empty()
     })

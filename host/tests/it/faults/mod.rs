@@ -311,6 +311,15 @@ fn check_registers(log: Vec<(&'static str, linear::RegisterOp)>, report: &mut Re
 /// `GET /fn/{function}{probe}`. The first change may wait for NATS to place
 /// the registry's bucket.
 async fn deploy_with_policy(urls: &[String], function: &str, probe: &str) {
+    let policy =
+        std::fs::read(common::repo_root().join(format!("policies/{function}.toml"))).unwrap();
+    deploy_with(urls, function, policy, probe).await;
+}
+
+/// Deploys `function` (from `functions/`) with `policy` through the first
+/// of `urls`, and waits until every host answers
+/// `GET /fn/{function}{probe}`.
+async fn deploy_with(urls: &[String], function: &str, policy: Vec<u8>, probe: &str) {
     let path = format!("/v1/functions/{function}");
     common::eventually(&format!("{function} is deployed"), || async {
         admin(&urls[0], Method::PUT, &path, component(function))
@@ -318,8 +327,6 @@ async fn deploy_with_policy(urls: &[String], function: &str, probe: &str) {
             .is_ok_and(|r| r.status.is_success())
     })
     .await;
-    let policy =
-        std::fs::read(common::repo_root().join(format!("policies/{function}.toml"))).unwrap();
     let policy_path = format!("{path}/policy");
     common::eventually(&format!("{function}'s policy is written"), || async {
         admin(&urls[0], Method::PUT, &policy_path, policy.clone())
