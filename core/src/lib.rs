@@ -6,7 +6,9 @@
 //! They live apart from `lichen-host` so they build in seconds and can be
 //! fuzzed (`fuzz/`) without compiling wasmtime a second time.
 
+pub mod fence;
 pub mod gossip;
+pub mod grants;
 pub mod map;
 pub mod names;
 pub mod policy;

@@ -142,6 +142,15 @@ impl TryFrom<String> for RouteHost {
                 && !label.starts_with('-')
                 && !label.ends_with('-')
         };
+        // The host's own names: an address literal (its last label all
+        // digits, as no top-level domain is) or localhost answers the host
+        // on every machine; no function takes them.
+        let last = name.rsplit('.').next().unwrap_or_default();
+        if last.bytes().all(|b| b.is_ascii_digit()) || last == "localhost" {
+            return Err(format!(
+                "{text:?} cannot be claimed: address literals and localhost are the host's own names"
+            ));
+        }
         if text.len() <= 253 && name.split('.').all(label_ok) {
             Ok(RouteHost(text))
         } else {
@@ -457,6 +466,11 @@ pub struct Access {
     /// Bearer tokens that may invoke this function.
     #[serde(default)]
     pub tokens: Vec<String>,
+    /// Whether the guest sees the request's `Authorization` header. Off by
+    /// default: a header meant for the host (the admin token sent to a name
+    /// a function claims, a private function's token) is not the guest's.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub pass_authorization: bool,
 }
 
 fn yes() -> bool {
@@ -468,6 +482,7 @@ impl Default for Access {
         Access {
             public: true,
             tokens: Vec::new(),
+            pass_authorization: false,
         }
     }
 }
@@ -833,7 +848,30 @@ impl fmt::Display for HostPattern {
     }
 }
 
+/// An address literal (IPv6 in brackets or not) or a range as a range.
+fn literal_range(host: &str) -> Option<ipnet::IpNet> {
+    let host = host.trim_start_matches('[').trim_end_matches(']');
+    host.parse::<ipnet::IpNet>()
+        .ok()
+        .map(|net| net.trunc())
+        .or_else(|| {
+            host.parse::<std::net::IpAddr>()
+                .ok()
+                .map(ipnet::IpNet::from)
+        })
+}
+
 impl HostPattern {
+    /// The host as written: a name, `*`, `*.domain`, an address or a range.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The addresses it names, when its host is an address or a range.
+    pub fn range(&self) -> Option<ipnet::IpNet> {
+        literal_range(&self.host)
+    }
+
     /// Whether a request to `scheme://host:port` is allowed by this pattern.
     pub fn allows(&self, scheme: &str, host: &str, port: u16) -> bool {
         if !self.scheme.eq_ignore_ascii_case(scheme) || self.port.is_some_and(|p| p != port) {
@@ -980,6 +1018,16 @@ impl fmt::Display for TcpGrant {
 }
 
 impl TcpGrant {
+    /// The host as written: a name, an address or a range.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The addresses it names, when its host is an address or a range.
+    pub fn range(&self) -> Option<ipnet::IpNet> {
+        literal_range(&self.host)
+    }
+
     /// The name it grants, if it grants a name (not an address).
     pub fn name(&self) -> Option<&str> {
         self.range.is_none().then_some(self.host.as_str())
@@ -1024,6 +1072,8 @@ pub struct Policy {
     pub tcp_bytes: u64,
     pub public: bool,
     pub tokens: Vec<String>,
+    /// Whether the guest sees `Authorization` (`[access] pass_authorization`).
+    pub pass_authorization: bool,
     /// Requests one instance may serve in its life (1: no reuse).
     pub reuse: u32,
     /// Requests one p3 instance may serve at once.
@@ -1158,6 +1208,7 @@ impl Policy {
             tcp_bytes: source.outbound.max_tcp_bytes.0,
             public: source.access.public,
             tokens: source.access.tokens.clone(),
+            pass_authorization: source.access.pass_authorization,
             reuse: source.instances.reuse.0,
             instance_concurrency: source.instances.concurrency.0,
             idle: source.instances.idle.0,

@@ -3,12 +3,24 @@
 //!
 //! A scope is one of `functions:read`, `functions:deploy:PATTERN`,
 //! `functions:delete:PATTERN`, `status:read`, `tokens:admin`,
-//! `secrets:PATTERN` and `hosts:PATTERN`, where a pattern is a name in
+//! `secrets:PATTERN`, `hosts:PATTERN`, and the scopes a policy's grants
+//! need ([`crate::grants`]): `files:PATTERN` (host paths of `[files]`),
+//! `outbound:PATTERN` (hosts of `[outbound] allow`), `tcp:PATTERN` (hosts
+//! of `[outbound] tcp`) and `streams:PATTERN` (NATS streams and
+//! dead-letter subjects of `[[triggers.nats]]`). A pattern is a name in
 //! which `*` stands for any run of characters (`shop-*`, `*`,
-//! `*.shop.example.com`). The admin token needs none: it is the root
-//! credential.
+//! `*.shop.example.com`, `shared/shop/*`); an address range
+//! (`tcp:10.1.0.0/16`) also grants every address and range inside it. The
+//! admin token needs none: it is the root credential.
+//!
+//! A token made by a `tokens:admin` token holds only scopes its maker's
+//! cover ([`Scope::covers`]): a pattern covers another when every name the
+//! other matches, it matches too.
 
 use std::fmt;
+use std::net::IpAddr;
+
+use ipnet::IpNet;
 
 use crate::routes::{Handler, Params};
 
@@ -21,16 +33,26 @@ const MAX_PATTERN: usize = 253;
 pub struct Pattern(String);
 
 impl Pattern {
+    /// A pattern of names: A-Z, a-z, 0-9, `-`, `_`, `.` and `*`.
     fn parse(text: &str) -> Result<Pattern, String> {
+        Pattern::parse_with(text, b"-_*.", "name", "'-', '_', '.'")
+    }
+
+    /// A pattern of paths, hosts or ranges: names' characters, `/` and `:`.
+    fn parse_path(text: &str) -> Result<Pattern, String> {
+        Pattern::parse_with(text, b"-_*./:", "path or host", "'-', '_', '.', '/', ':'")
+    }
+
+    fn parse_with(text: &str, extra: &[u8], what: &str, shown: &str) -> Result<Pattern, String> {
         let valid = (1..=MAX_PATTERN).contains(&text.len())
             && text
                 .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'*' | b'.'));
+                .all(|b| b.is_ascii_alphanumeric() || extra.contains(&b));
         if valid {
             Ok(Pattern(text.to_string()))
         } else {
             Err(format!(
-                "{text:?} is not a name pattern: 1 to {MAX_PATTERN} of A-Z, a-z, 0-9, '-', '_', '.' and '*' (any run of characters)"
+                "{text:?} is not a {what} pattern: 1 to {MAX_PATTERN} of A-Z, a-z, 0-9, {shown} and '*' (any run of characters)"
             ))
         }
     }
@@ -55,6 +77,37 @@ impl Pattern {
         }
         rest.len() >= last.len() && rest.ends_with(last)
     }
+
+    /// Whether every name `other` matches, this matches too. `other`'s
+    /// `*`s are matched as characters: a literal part of this pattern
+    /// never holds a `*`, so each of `other`'s falls inside one of this
+    /// pattern's, which matches whatever it stands for.
+    pub fn covers(&self, other: &Pattern) -> bool {
+        self.matches(&other.0) || self.holds_range(&other.0)
+    }
+
+    /// Whether this pattern is an address range holding `name`, an
+    /// address or a range.
+    fn holds_range(&self, name: &str) -> bool {
+        let Ok(range) = self.0.parse::<IpNet>() else {
+            return false;
+        };
+        match name.parse::<IpNet>() {
+            Ok(inner) => range.contains(&inner),
+            Err(_) => name
+                .parse::<IpAddr>()
+                .is_ok_and(|ip| range.contains(&ip.to_canonical())),
+        }
+    }
+
+    /// Whether `name` matches, whole, or lies in this pattern's range.
+    pub fn grants(&self, name: &str) -> bool {
+        self.matches(name) || self.holds_range(name)
+    }
+
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
 }
 
 /// One thing a token may do.
@@ -76,6 +129,17 @@ pub enum Scope {
     /// Claim the host names the pattern matches in a policy's `[http]`
     /// (a wildcard name, `*.shop.example.com`, is matched as written).
     Hosts(Pattern),
+    /// Map host paths the pattern matches into a guest (`[files]`).
+    Files(Pattern),
+    /// Let a guest send HTTP to the hosts the pattern matches
+    /// (`[outbound] allow`).
+    Outbound(Pattern),
+    /// Let a guest open TCP connections to the hosts the pattern matches
+    /// (`[outbound] tcp`).
+    Tcp(Pattern),
+    /// Consume the NATS streams, and publish dead letters to the subjects,
+    /// the pattern matches (`[[triggers.nats]]`).
+    Streams(Pattern),
 }
 
 impl Scope {
@@ -86,6 +150,10 @@ impl Scope {
             Some(("tokens", "admin")) => Scope::TokensAdmin,
             Some(("secrets", pattern)) => Scope::Secrets(Pattern::parse(pattern)?),
             Some(("hosts", pattern)) => Scope::Hosts(Pattern::parse(pattern)?),
+            Some(("files", pattern)) => Scope::Files(Pattern::parse_path(pattern)?),
+            Some(("outbound", pattern)) => Scope::Outbound(Pattern::parse_path(pattern)?),
+            Some(("tcp", pattern)) => Scope::Tcp(Pattern::parse_path(pattern)?),
+            Some(("streams", pattern)) => Scope::Streams(Pattern::parse(pattern)?),
             Some(("functions", rest)) => match rest.split_once(':') {
                 Some(("deploy", pattern)) => Scope::FunctionsDeploy(Pattern::parse(pattern)?),
                 Some(("delete", pattern)) => Scope::FunctionsDelete(Pattern::parse(pattern)?),
@@ -95,11 +163,31 @@ impl Scope {
         };
         Ok(scope)
     }
+
+    /// Whether a token holding this scope may give `other` to a token it
+    /// makes: the same kind, with a pattern at most as wide.
+    pub fn covers(&self, other: &Scope) -> bool {
+        use Scope::*;
+        match (self, other) {
+            (FunctionsRead, FunctionsRead)
+            | (StatusRead, StatusRead)
+            | (TokensAdmin, TokensAdmin) => true,
+            (FunctionsDeploy(a), FunctionsDeploy(b))
+            | (FunctionsDelete(a), FunctionsDelete(b))
+            | (Secrets(a), Secrets(b))
+            | (Hosts(a), Hosts(b))
+            | (Files(a), Files(b))
+            | (Outbound(a), Outbound(b))
+            | (Tcp(a), Tcp(b))
+            | (Streams(a), Streams(b)) => a.covers(b),
+            _ => false,
+        }
+    }
 }
 
 fn unknown(text: &str) -> String {
     format!(
-        "{text:?} is not a scope: functions:read, functions:deploy:PATTERN, functions:delete:PATTERN, status:read, tokens:admin, secrets:PATTERN or hosts:PATTERN"
+        "{text:?} is not a scope: functions:read, functions:deploy:PATTERN, functions:delete:PATTERN, status:read, tokens:admin, secrets:PATTERN, hosts:PATTERN, files:PATTERN, outbound:PATTERN, tcp:PATTERN or streams:PATTERN"
     )
 }
 
@@ -113,6 +201,10 @@ impl fmt::Display for Scope {
             Scope::TokensAdmin => f.write_str("tokens:admin"),
             Scope::Secrets(p) => write!(f, "secrets:{}", p.0),
             Scope::Hosts(p) => write!(f, "hosts:{}", p.0),
+            Scope::Files(p) => write!(f, "files:{}", p.0),
+            Scope::Outbound(p) => write!(f, "outbound:{}", p.0),
+            Scope::Tcp(p) => write!(f, "tcp:{}", p.0),
+            Scope::Streams(p) => write!(f, "streams:{}", p.0),
         }
     }
 }
@@ -134,6 +226,14 @@ pub enum Needed<'a> {
     Secret(&'a str),
     /// Claiming a host name in `[http]`.
     Host(&'a str),
+    /// Mapping a host path into a guest.
+    Files(&'a str),
+    /// Outbound HTTP to a host (as a policy writes it).
+    Outbound(&'a str),
+    /// Outbound TCP to a host (as a policy writes it).
+    Tcp(&'a str),
+    /// Consuming a NATS stream, or publishing to a subject.
+    Stream(&'a str),
     /// A path under `/v1` with no route: any valid token (the answer is
     /// `404` or `405`).
     Nothing,
@@ -156,6 +256,10 @@ impl Needed<'_> {
             (Needed::AnySecret, Scope::Secrets(_)) => true,
             (Needed::Secret(name), Scope::Secrets(p)) => p.matches(name),
             (Needed::Host(name), Scope::Hosts(p)) => p.matches(name),
+            (Needed::Files(path), Scope::Files(p)) => p.matches(path),
+            (Needed::Outbound(host), Scope::Outbound(p)) => p.grants(host),
+            (Needed::Tcp(host), Scope::Tcp(p)) => p.grants(host),
+            (Needed::Stream(name), Scope::Streams(p)) => p.matches(name),
             _ => false,
         })
     }
@@ -174,6 +278,10 @@ impl fmt::Display for Needed<'_> {
             Needed::AnySecret => f.write_str("secrets:PATTERN"),
             Needed::Secret(name) => write!(f, "secrets:{name}"),
             Needed::Host(name) => write!(f, "hosts:{name}"),
+            Needed::Files(path) => write!(f, "files:{path}"),
+            Needed::Outbound(host) => write!(f, "outbound:{host}"),
+            Needed::Tcp(host) => write!(f, "tcp:{host}"),
+            Needed::Stream(name) => write!(f, "streams:{name}"),
             Needed::Nothing => f.write_str("any scope"),
             Needed::Root => f.write_str("the admin token"),
         }
@@ -252,6 +360,10 @@ mod tests {
             "tokens:admin",
             "secrets:shop_*",
             "hosts:*.shop.example.com",
+            "files:shared/shop/*",
+            "outbound:*.stripe.com",
+            "tcp:10.1.0.0/16",
+            "streams:shop-*",
         ] {
             assert_eq!(Scope::parse(text).unwrap().to_string(), text);
         }
@@ -301,5 +413,55 @@ mod tests {
         assert!(Needed::Host("*.shop.example.com").granted_by(&hosts));
         assert!(!Needed::Host("shop.example.com").granted_by(&hosts));
         assert!(!Needed::Host("blog.example.com").granted_by(&hosts));
+    }
+
+    #[test]
+    fn a_scope_covers_only_narrower_or_equal_ones_of_its_kind() {
+        let scope = |text: &str| Scope::parse(text).unwrap();
+        for (wide, narrow) in [
+            ("functions:deploy:*", "functions:deploy:shop-*"),
+            ("functions:deploy:shop-*", "functions:deploy:shop-*"),
+            ("functions:deploy:shop-*", "functions:deploy:shop-cart"),
+            ("functions:deploy:shop-*", "functions:deploy:shop-*-api"),
+            ("secrets:*", "secrets:pg"),
+            ("tcp:10.0.0.0/8", "tcp:10.1.0.0/16"),
+            ("tcp:10.0.0.0/8", "tcp:10.1.2.3"),
+            ("status:read", "status:read"),
+            ("tokens:admin", "tokens:admin"),
+        ] {
+            assert!(scope(wide).covers(&scope(narrow)), "{wide} covers {narrow}");
+        }
+        for (narrow, wide) in [
+            ("functions:deploy:shop-*", "functions:deploy:*"),
+            ("functions:deploy:shop-*", "functions:deploy:sho*"),
+            ("functions:deploy:shop-cart", "functions:deploy:shop-*"),
+            ("functions:deploy:*", "functions:delete:x"),
+            ("functions:deploy:*", "tokens:admin"),
+            ("functions:read", "status:read"),
+            ("secrets:pg", "secrets:*"),
+            ("tcp:10.1.0.0/16", "tcp:10.0.0.0/8"),
+        ]
+        .into_iter()
+        .filter(|(n, _)| n.contains(':'))
+        {
+            assert!(
+                !scope(narrow).covers(&scope(wide)),
+                "{narrow} covers not {wide}"
+            );
+        }
+        assert!(!pattern("a*c").covers(&pattern("*")));
+        assert!(!pattern("*c").covers(&pattern("*")));
+        assert!(pattern("a*").covers(&pattern("a*b*")));
+    }
+
+    #[test]
+    fn address_scopes_grant_the_addresses_of_their_range() {
+        let tcp = [Scope::parse("tcp:10.1.0.0/16").unwrap()];
+        assert!(Needed::Tcp("10.1.2.3").granted_by(&tcp));
+        assert!(Needed::Tcp("10.1.0.0/24").granted_by(&tcp));
+        assert!(!Needed::Tcp("10.2.0.1").granted_by(&tcp));
+        assert!(!Needed::Tcp("10.0.0.0/8").granted_by(&tcp));
+        assert!(!Needed::Tcp("db.example.com").granted_by(&tcp));
+        assert!(!Needed::Outbound("10.1.2.3").granted_by(&tcp));
     }
 }

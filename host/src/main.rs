@@ -163,6 +163,26 @@ struct ServeArgs {
     /// requests in flight finish.
     #[arg(long, default_value = "5s", value_parser = duration)]
     drain: std::time::Duration,
+    /// The most memory a policy written by a scoped token may give a
+    /// function (the admin token is not bound by the --scoped-max-* ceilings).
+    #[arg(long, default_value = "256MiB", value_parser = byte_size, value_name = "SIZE")]
+    scoped_max_memory: u64,
+    /// The longest deadline a scoped token's policy may set.
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    scoped_max_timeout: std::time::Duration,
+    /// The most concurrent invocations (and per-instance concurrency) a
+    /// scoped token's policy may set.
+    #[arg(long, default_value_t = 64)]
+    scoped_max_concurrency: u32,
+    /// The longest admission queue a scoped token's policy may set.
+    #[arg(long, default_value_t = 256)]
+    scoped_max_queue: u32,
+    /// The most instances (`[instances] max`) a scoped token's policy may set.
+    #[arg(long, default_value_t = 64)]
+    scoped_max_instances: u32,
+    /// The largest request or response body a scoped token's policy may allow.
+    #[arg(long, default_value = "16MiB", value_parser = byte_size, value_name = "SIZE")]
+    scoped_max_body: u64,
     #[arg(long, value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     #[command(flatten)]
@@ -209,6 +229,10 @@ struct ServeArgs {
     /// request with a `traceparent` follows its caller's decision.
     #[arg(long, value_name = "RATIO", default_value_t = 1.0)]
     trace_sampling: f64,
+    /// Follow a client's `traceparent` sampled flag (by default only a
+    /// signed peer's is followed, and the ratio decides for clients).
+    #[arg(long)]
+    trace_trust_client: bool,
     #[command(flatten)]
     registry: RegistryArgs,
 }
@@ -686,6 +710,13 @@ fn peer_address(text: &str) -> Result<String, String> {
 }
 
 /// `250ms`, `5s`, `1m`, as policies write durations.
+fn byte_size(text: &str) -> Result<u64, String> {
+    let value: lichen::policy::ByteSize = toml::Value::String(text.to_string())
+        .try_into()
+        .map_err(|e: toml::de::Error| e.message().to_string())?;
+    Ok(value.0)
+}
+
 fn duration(text: &str) -> Result<std::time::Duration, String> {
     lichen::policy::parse_duration(text)
 }
@@ -709,6 +740,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.metrics_require_token = args.metrics_require_token;
     config.ui = args.ui;
     config.drain = args.drain;
+    config.scoped = lichen_core::grants::Ceilings {
+        memory: args.scoped_max_memory,
+        timeout: args.scoped_max_timeout,
+        concurrency: args.scoped_max_concurrency,
+        queue: args.scoped_max_queue,
+        instances: args.scoped_max_instances,
+        body: args.scoped_max_body,
+    };
     config.max_connections = args.max_connections;
     config.max_in_flight = args.max_in_flight;
     config.max_loaded_functions = args.max_loaded_functions;
@@ -731,6 +770,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.outbound.ca_cert = args.outbound_ca;
     config.trace.endpoint = args.otlp_endpoint;
     config.trace.sampling = args.trace_sampling;
+    config.trace.trust_client = args.trace_trust_client;
     for header in &args.otlp_header {
         let (name, value) = header
             .split_once('=')

@@ -278,33 +278,10 @@ impl Outbound {
 }
 
 /// Whether an address is one a guest reaches only when the policy names
-/// it: loopback, link-local, private, shared (CGNAT), unique-local,
-/// unspecified, multicast or broadcast.
+/// it: the IANA special-purpose ranges that are not globally reachable,
+/// and multicast (`lichen_core::fence`, a table of ranges).
 pub fn is_internal(ip: IpAddr) -> bool {
-    match ip {
-        IpAddr::V4(v4) => {
-            let [a, b, ..] = v4.octets();
-            v4.is_loopback()
-                || v4.is_private()
-                || v4.is_link_local()
-                || v4.is_unspecified()
-                || v4.is_multicast()
-                || v4.is_broadcast()
-                || (a == 100 && (64..128).contains(&b))
-                || a == 0
-        }
-        IpAddr::V6(v6) => {
-            if let Some(v4) = v6.to_ipv4_mapped() {
-                return is_internal(IpAddr::V4(v4));
-            }
-            let first = v6.segments()[0];
-            v6.is_loopback()
-                || v6.is_unspecified()
-                || v6.is_multicast()
-                || (first & 0xfe00) == 0xfc00
-                || (first & 0xffc0) == 0xfe80
-        }
-    }
+    lichen_core::fence::is_internal(ip)
 }
 
 /// The error a connector reports when the fence refused every address.

@@ -81,6 +81,37 @@ pub fn listening_url(line: &str) -> Option<String> {
     Some(url)
 }
 
+/// What a scoped token's policy may not reach on this host: its own
+/// directories and addresses, its NATS servers, and the ceilings.
+fn fences(config: &ServeConfig) -> crate::api::scoped::Fences {
+    let tls = config.tls.iter().flat_map(|files| {
+        [
+            Some(files.cert.clone()),
+            Some(files.key.clone()),
+            files.dir.clone(),
+        ]
+        .into_iter()
+        .flatten()
+    });
+    let nats = match &config.kv {
+        KvConfig::Nats { urls, .. } => urls.clone(),
+        KvConfig::Local => Vec::new(),
+    };
+    let mut own = vec![config.listen];
+    if let Some(cluster) = &config.cluster {
+        own.push(cluster.gossip_listen);
+        own.extend(cluster.gossip_advertise);
+        own.extend(cluster.api_advertise);
+    }
+    crate::api::scoped::Fences {
+        data_dir: config.data_dir.clone(),
+        tls: tls.collect(),
+        nats,
+        own,
+        ceilings: config.scoped,
+    }
+}
+
 /// Where the generated admin token is kept, inside the data directory.
 pub const ADMIN_TOKEN_FILE: &str = "admin-token";
 
@@ -132,6 +163,8 @@ pub struct ServeConfig {
     pub registry: RegistryConfig,
     /// Where traces of invocations are exported (nowhere by default).
     pub trace: TraceConfig,
+    /// The most a policy written by a scoped token may ask for.
+    pub scoped: lichen_core::grants::Ceilings,
 }
 
 /// The key-value backend a host uses.
@@ -174,6 +207,7 @@ impl ServeConfig {
             outbound: OutboundConfig::default(),
             registry: RegistryConfig::default(),
             trace: TraceConfig::default(),
+            scoped: lichen_core::grants::Ceilings::default(),
         }
     }
 }
@@ -205,6 +239,7 @@ impl Server {
             );
         }
         let metrics = Metrics::new()?;
+        let mut fences = fences(&config);
         let tls = match &config.tls {
             Some(files) => {
                 let tls = Tls::load(files.clone(), metrics.tls_reloads.clone())
@@ -302,6 +337,7 @@ impl Server {
             .await
             .with_context(|| format!("binding {}", config.listen))?;
         let local_addr = listener.local_addr()?;
+        fences.own.push(local_addr);
         let cluster = match config.cluster {
             Some(cluster_config) => {
                 let cluster = Cluster::start(
@@ -342,6 +378,7 @@ impl Server {
                     body_idle_timeout: config.body_idle_timeout,
                     metrics_require_token: config.metrics_require_token,
                     ui: config.ui,
+                    fences,
                 },
             )
             .with_tracing(tracing),

@@ -13,6 +13,14 @@
 //!
 //! When a token was last used is this host's own knowledge: it is not
 //! written down or spread.
+//!
+//! At most [`MAX_TOKENS`] live tokens (neither revoked nor expired) are
+//! held, whoever made them: a peer's set beyond that is not taken either.
+//! A dead token is kept [`DEAD_KEPT_MS`] after it died (revoked or
+//! expired), long enough for every host to hear of it, then collected: a
+//! host offline for longer than that should rejoin with its `tokens/`
+//! directory emptied, or it spreads a revoked token's older live version
+//! again.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -30,8 +38,28 @@ use lichen_core::gossip::TokenState;
 use lichen_core::registry::Stamp;
 use lichen_core::scopes::Scope;
 
-/// Tokens a host keeps at most, revoked ones included.
+/// Live tokens a host keeps at most (dead ones do not count).
 pub const MAX_TOKENS: usize = 1024;
+/// How long a revoked or expired token is kept before it is collected:
+/// a week, far beyond any gossip round, as Cassandra keeps tombstones.
+pub const DEAD_KEPT_MS: u64 = 7 * 24 * 3600 * 1000;
+
+/// When `state` died (revoked or expired), if it did.
+fn died_unix_ms(state: &TokenState, now: u64) -> Option<u64> {
+    let revoked = state
+        .revoked
+        .then(|| lichen_core::registry::stamp_ms(state.stamp));
+    let expired = state.expires_unix_ms.filter(|at| *at <= now);
+    match (revoked, expired) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
+}
+
+/// Whether `state` died longer ago than [`DEAD_KEPT_MS`].
+fn collectable(state: &TokenState, now: u64) -> bool {
+    died_unix_ms(state, now).is_some_and(|died| died.saturating_add(DEAD_KEPT_MS) <= now)
+}
 /// Scopes one token holds at most.
 pub const MAX_SCOPES: usize = 32;
 /// What every token starts with, so a leaked one is recognised.
@@ -107,6 +135,17 @@ struct Map {
     by_hash: HashMap<String, String>,
 }
 
+impl Map {
+    /// The tokens neither revoked nor expired.
+    fn live(&self) -> usize {
+        let now = now_unix_ms();
+        self.by_name
+            .values()
+            .filter(|held| died_unix_ms(&held.state, now).is_none())
+            .count()
+    }
+}
+
 /// Why a token could not be made.
 pub enum CreateError {
     Exists,
@@ -152,12 +191,13 @@ impl Tokens {
         tick: impl FnOnce(Stamp) -> Stamp,
     ) -> Result<(String, TokenInfo), CreateError> {
         let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
+        self.collect(store).map_err(CreateError::Store)?;
         let seen = {
             let map = self.read();
             match map.by_name.get(name) {
                 Some(held) if !held.state.revoked => return Err(CreateError::Exists),
                 Some(held) => held.state.stamp,
-                None if map.by_name.len() >= MAX_TOKENS => return Err(CreateError::Full),
+                None if map.live() >= MAX_TOKENS => return Err(CreateError::Full),
                 None => 0,
             }
         };
@@ -213,9 +253,26 @@ impl Tokens {
     pub fn apply(&self, store: &ModuleStore, name: &str, state: TokenState) -> Result<bool> {
         check_state(name, &state).map_err(anyhow::Error::msg)?;
         let _changing = self.changing.lock().unwrap_or_else(|e| e.into_inner());
-        let newer = self.read().by_name.get(name).is_none_or(|held| {
-            (state.stamp, state.origin.as_str()) > (held.state.stamp, held.state.origin.as_str())
-        });
+        self.collect(store)?;
+        let now = now_unix_ms();
+        let newer = {
+            let map = self.read();
+            match map.by_name.get(name) {
+                Some(held) => {
+                    (state.stamp, state.origin.as_str())
+                        > (held.state.stamp, held.state.origin.as_str())
+                }
+                // A token long dead is not taken back once collected; a
+                // new live one only while there is room.
+                None if collectable(&state, now) => false,
+                None if died_unix_ms(&state, now).is_none() && map.live() >= MAX_TOKENS => {
+                    anyhow::bail!(
+                        "token {name:?} from a peer: this host holds {MAX_TOKENS} live tokens already"
+                    );
+                }
+                None => true,
+            }
+        };
         if newer {
             self.store(store, name, state)?;
         }
@@ -265,6 +322,28 @@ impl Tokens {
     /// Every token name held, revoked ones included.
     pub fn names(&self) -> Vec<String> {
         self.read().by_name.keys().cloned().collect()
+    }
+
+    /// Drops the tokens dead longer than [`DEAD_KEPT_MS`], files first.
+    /// Callers hold `changing`.
+    fn collect(&self, store: &ModuleStore) -> Result<()> {
+        let now = now_unix_ms();
+        let dead: Vec<String> = self
+            .read()
+            .by_name
+            .iter()
+            .filter(|(_, held)| collectable(&held.state, now))
+            .map(|(name, _)| name.clone())
+            .collect();
+        for name in dead {
+            store.remove_token_file(&name)?;
+            let mut map = self.write();
+            if let Some(held) = map.by_name.remove(&name) {
+                map.by_hash.remove(&held.state.hash);
+            }
+            tracing::info!(token = %name, "a token dead for a week collected");
+        }
+        Ok(())
     }
 
     /// Writes `state` to the token's file, then to the map. Callers hold
@@ -412,11 +491,14 @@ mod tests {
     fn an_expired_token_is_told_apart_and_a_later_version_wins() {
         let (_dir, store) = store();
         let tokens = Tokens::open(&store).unwrap();
-        let Ok((token, _)) =
-            tokens.create(&store, "old", scopes(&["status:read"]), Some(1), "a", |s| {
-                s + 1
-            })
-        else {
+        let Ok((token, _)) = tokens.create(
+            &store,
+            "old",
+            scopes(&["status:read"]),
+            Some(now_unix_ms() - 1),
+            "a",
+            |s| s + 1,
+        ) else {
             panic!("not made");
         };
         assert!(matches!(
@@ -440,5 +522,42 @@ mod tests {
         state.stamp += 1;
         state.scopes = scopes(&["root"]);
         assert!(tokens.apply(&store, "old", state).is_err());
+    }
+
+    #[test]
+    fn a_token_dead_for_a_week_is_collected_and_dead_ones_leave_room() {
+        let (_dir, store) = store();
+        let tokens = Tokens::open(&store).unwrap();
+        let long_ago = now_unix_ms() - DEAD_KEPT_MS - 1000;
+        let made = |name: &str, expires: Option<u64>| {
+            tokens
+                .create(&store, name, scopes(&["status:read"]), expires, "a", |s| {
+                    s + 1
+                })
+                .is_ok()
+        };
+        assert!(made("ancient", Some(long_ago)));
+        assert!(made("recent", Some(now_unix_ms() - 1)));
+        assert!(made("live", None));
+        // Making another collects the one dead for over a week, file and all.
+        assert!(made("another", None));
+        let names = tokens.names();
+        assert!(!names.contains(&"ancient".to_string()), "{names:?}");
+        assert!(names.contains(&"recent".to_string()), "{names:?}");
+        assert!(
+            !store
+                .token_files()
+                .unwrap()
+                .iter()
+                .any(|(n, _)| n == "ancient"),
+            "the file went too"
+        );
+        // A peer's version of a token dead for over a week is not taken back.
+        let mut state = tokens.state("recent").unwrap();
+        state.expires_unix_ms = Some(long_ago);
+        state.hash = "ab".repeat(32);
+        assert!(!tokens.apply(&store, "ancient", state).unwrap());
+        // Dead tokens do not count toward the cap.
+        assert_eq!(tokens.read().live(), 2);
     }
 }

@@ -3,8 +3,12 @@
 //! - **Off unless configured** (`--otlp-endpoint`): no tracer, no span, no
 //!   header parsed; what the request path pays is one branch.
 //! - **A span per invocation** (`SERVER`), its parent the W3C `traceparent`
-//!   (and `tracestate`) the request came with, sampled by the parent's
-//!   decision or else at `--trace-sampling`; children for admission,
+//!   (and `tracestate`) the request came with, sampled at `--trace-sampling`
+//!   (decided on the trace id, so every host keeps or drops a trace alike).
+//!   The parent's own sampled flag is followed only where it is trusted: a
+//!   peer's signed forward, the host's own map items and triggers, or every
+//!   client with `--trace-trust-client`; otherwise a stranger could make
+//!   the host record and export every request it sends; children for admission,
 //!   instantiation, the guest call, a forward to a peer and each outbound
 //!   request. The guest is handed the `traceparent` of its call's span, a
 //!   forward and each outbound request carry their own span's, so a trace
@@ -47,8 +51,11 @@ pub struct TraceConfig {
     /// Headers sent with each export (an API key, say).
     pub headers: Vec<(String, String)>,
     /// The share of traces started here that are kept (0 to 1); a request
-    /// with a `traceparent` follows its caller's decision.
+    /// with a `traceparent` follows its caller's decision only if trusted.
     pub sampling: f64,
+    /// Whether a client's `traceparent` sampled flag is followed (a peer's
+    /// signed one always is).
+    pub trust_client: bool,
 }
 
 impl Default for TraceConfig {
@@ -57,6 +64,7 @@ impl Default for TraceConfig {
             endpoint: None,
             headers: Vec::new(),
             sampling: 1.0,
+            trust_client: false,
         }
     }
 }
@@ -70,6 +78,8 @@ pub struct Tracing {
 struct On {
     provider: SdkTracerProvider,
     tracer: SdkTracer,
+    sampling: f64,
+    trust_client: bool,
 }
 
 impl Tracing {
@@ -106,21 +116,29 @@ impl Tracing {
         let tracer = opentelemetry::trace::TracerProvider::tracer(&provider, "lichen");
         tracing::info!(endpoint = %url, sampling = config.sampling, "exporting traces");
         Ok(Tracing {
-            on: Some(On { provider, tracer }),
+            on: Some(On {
+                provider,
+                tracer,
+                sampling: config.sampling,
+                trust_client: config.trust_client,
+            }),
         })
     }
 
     /// The span of one invocation of `function`, its parent what `headers`
     /// carry, with the `attributes` known at its start (asked for only when
     /// tracing is on); `None` when tracing is off.
+    /// `trusted`: the headers come from a signed peer or the host itself.
     pub fn invocation(
         &self,
         headers: &HeaderMap,
+        trusted: bool,
         function: &str,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Option<Traced> {
         self.server(
             headers,
+            trusted,
             || format!("invoke {function}"),
             function,
             attributes,
@@ -129,19 +147,30 @@ impl Tracing {
 
     /// The span of a map over `function`: each item's invocation is a
     /// child of it.
+    /// A map's request is a client's.
     pub fn map(&self, headers: &HeaderMap, function: &str) -> Option<Traced> {
-        self.server(headers, || format!("map {function}"), function, Vec::new)
+        self.server(
+            headers,
+            false,
+            || format!("map {function}"),
+            function,
+            Vec::new,
+        )
     }
 
     fn server(
         &self,
         headers: &HeaderMap,
+        trusted: bool,
         name: impl FnOnce() -> String,
         function: &str,
         attributes: impl FnOnce() -> Vec<KeyValue>,
     ) -> Option<Traced> {
         let on = self.on.as_ref()?;
-        let parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+        let mut parent = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+        if !(trusted || on.trust_client) {
+            parent = decided_here(parent, on.sampling);
+        }
         let mut attributes = attributes();
         attributes.push(KeyValue::new("lichen.function", function.to_string()));
         let span = on
@@ -164,6 +193,40 @@ impl Tracing {
             tracing::warn!(error = %error, "flushing traces at shutdown failed");
         }
     }
+}
+
+/// `parent` with its sampled flag set by this host's ratio, on its trace
+/// id (as `TraceIdRatioBased` decides), rather than by whoever sent it.
+fn decided_here(parent: Context, ratio: f64) -> Context {
+    use opentelemetry::trace::{SpanContext, TraceFlags};
+    let remote = parent.span().span_context().clone();
+    if !remote.is_valid() {
+        return parent;
+    }
+    let kept = sampled_at(remote.trace_id().to_bytes(), ratio);
+    let flags = if kept {
+        TraceFlags::SAMPLED
+    } else {
+        TraceFlags::default()
+    };
+    let decided = SpanContext::new(
+        remote.trace_id(),
+        remote.span_id(),
+        flags,
+        true,
+        remote.trace_state().clone(),
+    );
+    Context::new().with_remote_span_context(decided)
+}
+
+/// Whether a trace is kept at `ratio`: its id's low 63 bits below the
+/// ratio's share of them.
+fn sampled_at(trace_id: [u8; 16], ratio: f64) -> bool {
+    let mut low = [0u8; 8];
+    low.copy_from_slice(&trace_id[8..]);
+    let bits = u64::from_be_bytes(low) >> 1;
+    let bound = (ratio.clamp(0.0, 1.0) * (1u64 << 63) as f64) as u64;
+    ratio >= 1.0 || bits < bound
 }
 
 /// A span being recorded and its context: children start from it, and it

@@ -27,7 +27,6 @@ use crate::oci::OciSource;
 use crate::policy::{StoreLabel, WriteError};
 use crate::store::{Abi, VersionInfo};
 use lichen_core::registry::stamp_ms;
-use lichen_core::scopes::Needed;
 
 /// Largest policy file accepted by `PUT /v1/functions/{name}/policy`.
 const MAX_POLICY_BYTES: u64 = 64 << 10;
@@ -191,8 +190,12 @@ pub async fn put_policy(
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::bad_request("invalid_policy", "the policy is not UTF-8 text"))?;
     state.functions.check_policy_size(name, text)?;
-    check_hosts(caller, text)?;
-    check_streams(state, text).await?;
+    // Parsed once for the checks; a text that does not parse is refused by
+    // the write below, with what is wrong with it.
+    if let Ok(file) = toml::from_str::<lichen_core::policy::PolicyFile>(text) {
+        super::scoped::check(state, caller, &file).await?;
+        check_streams(state, &file).await?;
+    }
     let policies = Arc::clone(&state.functions.policies);
     let name_owned = name.clone();
     let text = text.to_string();
@@ -218,39 +221,12 @@ pub async fn put_policy(
     }
 }
 
-/// A scoped token claims in `[http]` only the names its `hosts:` scopes
-/// grant: a team's token cannot take another team's domain.
-fn check_hosts(caller: &Caller, text: &str) -> Result<(), ApiError> {
-    let Caller::Token(grant) = caller else {
-        return Ok(());
-    };
-    let Ok(file) = toml::from_str::<lichen_core::policy::PolicyFile>(text) else {
-        // The write says what is wrong with it.
-        return Ok(());
-    };
-    for host in &file.http.hosts {
-        let needed = Needed::Host(&host.0);
-        if !caller.may(needed) {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "missing_scope",
-                format!(
-                    "the token {:?} does not have the scope this needs: {needed}",
-                    grant.name
-                ),
-            ));
-        }
-    }
-    Ok(())
-}
-
 /// A policy's NATS triggers name streams NATS has (when NATS answers: one
 /// that does not is the trigger's status error, retried).
-async fn check_streams(state: &AppState, text: &str) -> Result<(), ApiError> {
-    let Ok(file) = toml::from_str::<lichen_core::policy::PolicyFile>(text) else {
-        // The write says what is wrong with it.
-        return Ok(());
-    };
+async fn check_streams(
+    state: &AppState,
+    file: &lichen_core::policy::PolicyFile,
+) -> Result<(), ApiError> {
     if file.triggers.nats.is_empty() {
         return Ok(());
     }

@@ -89,9 +89,11 @@ pub async fn invoke(
     let method = req.method().clone();
     let started = Instant::now();
     let stats = Arc::new(InvocationStats::default());
-    let traced = state
-        .tracing
-        .invocation(req.headers(), function.name.as_str(), || {
+    let traced = state.tracing.invocation(
+        req.headers(),
+        !matches!(arrival, Arrival::Client),
+        function.name.as_str(),
+        || {
             let instance = match serving.pool {
                 Some(_) => "reused",
                 None => "fresh",
@@ -106,7 +108,8 @@ pub async fn invoke(
                 attributes.push(KeyValue::new("lichen.forwarded_from", peer.to_string()));
             }
             attributes
-        });
+        },
+    );
     let (result, outcome) = admit_and_run(
         state,
         &function,
@@ -218,7 +221,10 @@ async fn admit_and_run(
         {
             return (Err(error), Outcome::Denied);
         }
-        // The token was for the host; the guest does not get to see it.
+    }
+    // A token is for the host (the function's, or the admin's sent to a
+    // name the function claims): the guest sees it only if its policy asks.
+    if !policy.pass_authorization {
         req.headers_mut().remove(header::AUTHORIZATION);
     }
     let declared = declared_length(req.headers());

@@ -34,6 +34,7 @@ pub mod invoke;
 pub mod map;
 pub mod observe;
 pub mod queue;
+pub mod scoped;
 pub mod secrets;
 pub mod state;
 pub mod status;
@@ -105,10 +106,12 @@ async fn route_request(
     request_id: &str,
     client: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
-    if let Some(function) = routed(state, &req) {
+    let path = req.uri().path().to_owned();
+    if !is_hosts_own(&path)
+        && let Some(function) = routed(state, &req)
+    {
         return invoke_routed(state, req, &function, request_id).await;
     }
-    let path = req.uri().path().to_owned();
     let allowed = match routes::lookup(req.method(), &path) {
         Lookup::Found(route, params) if audit::records(route.handler) => {
             let what = format!("{} {path}", req.method());
@@ -181,6 +184,29 @@ fn routed<B>(state: &AppState, req: &hyper::Request<B>) -> Option<FunctionName> 
     };
     let routes = state.functions.policies.routes();
     routes.find(host, req.uri().path()).cloned()
+}
+
+/// The paths the host answers on every name, whatever a function claims
+/// in `[http]`: its API, peers' internal routes, metrics, health, the
+/// status page and the API's description. A function claiming a name
+/// would otherwise answer `/v1/*` on it and read the admin token that
+/// operators send there.
+const HOSTS_OWN: &[&str] = &[
+    "/v1",
+    "/internal",
+    "/metrics",
+    "/healthz",
+    "/readyz",
+    "/ui",
+    "/openapi.json",
+];
+
+/// Whether the host answers `path` itself on every name.
+fn is_hosts_own(path: &str) -> bool {
+    HOSTS_OWN.iter().any(|own| {
+        path.strip_prefix(own)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with('/'))
+    })
 }
 
 /// Invokes `function` with a request its host routed to it: as
@@ -273,7 +299,7 @@ async fn dispatch(
         Handler::SetSecret => secrets::set(state, params.get(0), req).await,
         Handler::DeleteSecret => secrets::delete(state, params.get(0)).await,
         Handler::Map => map::map(state, &name()?, req, request_id).await,
-        Handler::CreateToken => tokens::create(state, req).await,
+        Handler::CreateToken => tokens::create(state, &caller, req).await,
         Handler::ListTokens => tokens::list(state),
         Handler::RevokeToken => tokens::revoke(state, params.get(0)).await,
         Handler::Peers => admin::peers(state),

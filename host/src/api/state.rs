@@ -27,6 +27,8 @@ pub struct ApiLimits {
     pub metrics_require_token: bool,
     /// Whether `GET /ui` serves the status page.
     pub ui: bool,
+    /// What a policy written by a scoped token may not reach.
+    pub fences: super::scoped::Fences,
 }
 
 /// Everything a request handler needs; one per host.

@@ -9,6 +9,7 @@ use http::{Response, StatusCode};
 use hyper::body::Incoming;
 use serde::Deserialize;
 
+use super::auth::Caller;
 use super::{AppState, body, json};
 use crate::error::{ApiError, Body};
 use crate::tokens::{CreateError, MAX_TOKENS, check_name, parse_scopes};
@@ -68,6 +69,7 @@ impl Lifetime {
 /// `POST /v1/tokens`: `201` with the token, which is never shown again.
 pub async fn create(
     state: &Arc<AppState>,
+    caller: &Caller,
     req: hyper::Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let bytes = body::read_capped(req, MAX_REQUEST_BYTES, state.limits.body_idle_timeout).await?;
@@ -78,7 +80,24 @@ pub async fn create(
         )
     })?;
     check_name(&asked.name).map_err(|m| ApiError::bad_request("invalid_name", m))?;
-    parse_scopes(&asked.scopes).map_err(|m| ApiError::bad_request("invalid_token", m))?;
+    let scopes =
+        parse_scopes(&asked.scopes).map_err(|m| ApiError::bad_request("invalid_token", m))?;
+    // A scoped maker gives only what it holds: each scope covered by one
+    // of its own (`tokens:admin` alone makes no root).
+    if let Caller::Token(maker) = caller
+        && let Some(wider) = scopes
+            .iter()
+            .find(|asked| !maker.scopes.iter().any(|held| held.covers(asked)))
+    {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "missing_scope",
+            format!(
+                "the token {:?} cannot give {wider}: a token gives only scopes it holds itself, with patterns as narrow or narrower",
+                maker.name
+            ),
+        ));
+    }
     let expires_unix_ms = match &asked.expires_in {
         Some(lifetime) => {
             let lifetime = lifetime
@@ -121,7 +140,9 @@ pub async fn create(
         Err(CreateError::Full) => Err(ApiError::new(
             StatusCode::CONFLICT,
             "too_many_tokens",
-            format!("this host keeps at most {MAX_TOKENS} tokens, revoked ones included"),
+            format!(
+                "this host keeps at most {MAX_TOKENS} live tokens (revoked and expired ones are collected a week after)"
+            ),
         )),
         Err(CreateError::Store(error)) => Err(ApiError::internal(error)),
     }

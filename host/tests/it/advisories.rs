@@ -1,5 +1,5 @@
 //! Regression tests for wasmtime advisories that affect this build until
-//! the registry serves wasmtime 48.0.9 (`cargo info wasmtime@48.0.9`): each
+//! the registry serves wasmtime-wasi 48.0.9 (`cargo info wasmtime-wasi@48.0.9`): each
 //! drives the advisory's path from a real guest against the real `lichen`
 //! binary and checks the host holds. (GHSA-xrvr-8678-5wp8 is `p3.rs`'s
 //! `cancel-p3` test.)

@@ -26,6 +26,7 @@ mod p3;
 mod policy;
 mod reuse;
 mod routes;
+mod scoped_policy;
 mod secrets;
 mod status;
 mod status_page;

@@ -182,3 +182,87 @@ async fn two_domains_reach_two_functions_each_with_its_own_certificate() {
     assert_eq!(shown, shop);
     host.stop().await;
 }
+
+/// A name a function claims cannot take the host: `/v1`, `/internal`,
+/// `/metrics`, health, the status page and the OpenAPI document are the
+/// host's on every name; address literals and `localhost` cannot be
+/// claimed; the `Authorization` header reaches the guest only if its
+/// policy opts in.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claimed_name_never_shadows_the_host_or_hears_its_tokens() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    write_policy(&data, "echo", "[http]\nhosts = [\"shop.test\"]\n");
+    let host = TestHost::start(test_config(&data)).await;
+    let deployed = host.deploy("echo", common::component("echo")).await;
+    assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+    let bearer = format!("Bearer {}", host.token);
+    let as_shop = |path: &str, auth: bool| {
+        let url = format!("{}{path}", host.url);
+        let bearer = bearer.clone();
+        async move {
+            let mut headers = vec![("host", "shop.test")];
+            if auth {
+                headers.push(("authorization", bearer.as_str()));
+            }
+            common::send(Method::GET, &url, &headers, Vec::new()).await
+        }
+    };
+    // The function answers its name...
+    let echoed = as_shop("/cart", true).await;
+    assert_eq!(echoed.status, StatusCode::OK, "{}", echoed.text());
+    assert!(echoed.text().contains("/cart"), "{}", echoed.text());
+    // ...without the admin's token.
+    assert!(
+        !echoed.text().to_ascii_lowercase().contains("authorization")
+            && !echoed.text().contains(&host.token),
+        "{}",
+        echoed.text()
+    );
+    // The host's own paths stay the host's.
+    let listed = as_shop("/v1/functions", true).await;
+    assert_eq!(listed.status, StatusCode::OK, "{}", listed.text());
+    assert!(listed.json()["functions"].is_array(), "{}", listed.text());
+    for path in ["/healthz", "/readyz", "/openapi.json", "/metrics", "/ui"] {
+        let own = as_shop(path, false).await;
+        assert!(
+            !own.text().contains("\"headers\""),
+            "{path} reached the function: {}",
+            own.text()
+        );
+    }
+    let internal = as_shop("/internal/modules/00", false).await;
+    assert!(
+        !internal.text().contains("\"headers\""),
+        "{}",
+        internal.text()
+    );
+    // The host's own names cannot be claimed, by anyone.
+    for name in ["127.0.0.1", "10.0.0.1", "localhost", "api.localhost"] {
+        let claimed = host
+            .admin(
+                Method::PUT,
+                "/v1/functions/echo/policy",
+                format!("[http]\nhosts = [\"{name}\"]\n").into_bytes(),
+            )
+            .await;
+        claimed.assert_error(StatusCode::BAD_REQUEST, "invalid_policy");
+        assert!(
+            claimed.text().contains("cannot be claimed"),
+            "{}",
+            claimed.text()
+        );
+    }
+    // A policy that opts in hands the header on.
+    let opted = host
+        .admin(
+            Method::PUT,
+            "/v1/functions/echo/policy",
+            b"[http]\nhosts = [\"shop.test\"]\n[access]\npass_authorization = true\n".to_vec(),
+        )
+        .await;
+    assert_eq!(opted.status, StatusCode::OK, "{}", opted.text());
+    let echoed = as_shop("/cart", true).await;
+    assert!(echoed.text().contains(&host.token), "{}", echoed.text());
+    host.stop().await;
+}

@@ -354,3 +354,54 @@ async fn key_value_calls_map_items_and_a_wait_for_a_slot_are_spans_in_the_trace(
     assert_eq!(admission.attributes["lichen.admission"], "admitted");
     assert!(admission.end_ns > admission.start_ns, "{admission:#?}");
 }
+
+/// A client cannot force tracing: with `--trace-sampling 0`, a client's
+/// `traceparent` marked sampled is not recorded (the host's ratio
+/// decides), unless the host trusts clients (`--trace-trust-client`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clients_sampled_flag_is_followed_only_when_the_host_trusts_it() {
+    let root = tempfile::tempdir().unwrap();
+    let (collector, spans) = receiver().await;
+    let host = |name: &str, trust: bool| {
+        let mut config = common::test_config(&root.path().join(name));
+        config.trace = lichen::trace::TraceConfig {
+            endpoint: Some(format!("http://{collector}")),
+            headers: Vec::new(),
+            sampling: 0.0,
+            trust_client: trust,
+        };
+        config
+    };
+    let strict = common::TestHost::start(host("strict", false)).await;
+    let trusting = common::TestHost::start(host("trusting", true)).await;
+    for node in [&strict, &trusting] {
+        let deployed = node.deploy("hello", common::component("hello")).await;
+        assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+    }
+    let forced = "4bf92f3577b34da6a3ce929d0e0e4736";
+    let followed = "6e0c63257de34c92bf9efcd03927272e";
+    for (node, trace_id) in [(&strict, forced), (&trusting, followed)] {
+        let reply = send(
+            Method::GET,
+            &format!("{}/fn/hello/", node.url),
+            &[("traceparent", &format!("00-{trace_id}-00f067aa0ba902b7-01"))],
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+    }
+    // The trusting host exports its span: the collector works.
+    spans_of(&spans, followed, &[("*", "invoke hello")]).await;
+    // The strict host, stopped, has flushed everything it recorded: nothing
+    // of the forced trace.
+    strict.stop().await;
+    let leaked: Vec<Got> = spans
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|s| s.trace_id == forced)
+        .cloned()
+        .collect();
+    assert!(leaked.is_empty(), "{leaked:#?}");
+    trusting.stop().await;
+}
