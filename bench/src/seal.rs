@@ -86,17 +86,38 @@ pub fn measure(batches: usize) -> anyhow::Result<Vec<Row>> {
     let mut now_ms = 1_800_000_000_000;
     let target = "/fn/square/?x=1";
     let body = seal::body_digest(b"[1, 2, 3]");
+    // What a forward's signature covers besides the request line.
+    let mut headers = http::HeaderMap::new();
+    for (name, value) in [
+        ("host", "10.0.0.2:8080"),
+        ("content-type", "application/json"),
+        ("x-lichen-forwarded-by", "a"),
+        ("x-lichen-module", "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"),
+    ] {
+        headers.insert(name, http::HeaderValue::from_static(value));
+    }
     let now = per_op(batches, || {
+        let canonical = seal::canonical_headers(&headers);
         let header = seal::sign_request(
             keyring.get(Which::Current),
             "POST",
             target,
+            "b",
+            &canonical,
             Some(&body),
             now_ms,
         )
         .unwrap_or_else(|e| panic!("signing: {e}"));
-        let signed = seal::verify_request(&keyring, "POST", target, Some(&header), now_ms)
-            .unwrap_or_else(|e| panic!("verifying: {e:?}"));
+        let canonical = seal::canonical_headers(&headers);
+        let signed = seal::verify_request(
+            &keyring,
+            "POST",
+            target,
+            ("b", &canonical),
+            Some(&header),
+            now_ms,
+        )
+        .unwrap_or_else(|e| panic!("verifying: {e:?}"));
         assert!(nonces.take(&signed, now_ms).is_ok());
         now_ms += 1;
     });

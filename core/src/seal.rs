@@ -439,6 +439,9 @@ pub enum Refused {
     Replayed,
     /// The body is not the one signed.
     BodyMismatch,
+    /// A body came under a signature that names none (`body=-`): a
+    /// capture could carry any body, so none is taken.
+    BodyUnsigned,
     /// More signatures within the window than the host keeps (`503`, not
     /// `401`: the request may be good).
     Busy,
@@ -452,6 +455,7 @@ impl Refused {
             Refused::Expired => "peer_request_expired",
             Refused::Replayed => "peer_request_replayed",
             Refused::BodyMismatch => "peer_body_mismatch",
+            Refused::BodyUnsigned => "peer_body_unsigned",
             Refused::Busy => "busy",
         }
     }
@@ -468,6 +472,9 @@ impl Refused {
             ),
             Refused::Replayed => "this peer request was received before".to_string(),
             Refused::BodyMismatch => "the request body is not the one signed".to_string(),
+            Refused::BodyUnsigned => {
+                "the request has a body but its signature names none (body=-)".to_string()
+            }
             Refused::Busy => {
                 "this host holds as many peer signatures as it keeps; try another".to_string()
             }
@@ -490,22 +497,26 @@ pub fn body_digest(body: &[u8]) -> [u8; 32] {
 }
 
 /// The signature header of a request: `key=<id> ts=<unix ms> nonce=<hex>
-/// body=<sha256 hex, or - for a streamed body> sig=<hex>`. `ts_ms` is the
-/// receiver's time.
+/// body=<sha256 hex, or - for no body> sig=<hex>`. `ts_ms` is the
+/// receiver's time. The signature covers the method, the target, the
+/// receiver's node id (a capture is no good at another host) and
+/// `headers`, the request's [`canonical_headers`] (a capture is no good
+/// with a header changed, added or removed).
+#[allow(clippy::too_many_arguments)]
 pub fn sign_request(
     secret: &Secret,
     method: &str,
     target: &str,
+    receiver: &str,
+    headers: &str,
     body: Option<&[u8; 32]>,
     ts_ms: u64,
 ) -> anyhow::Result<String> {
     let nonce: [u8; 16] = random(&rand::SystemRandom::new())?;
     let body = body.map_or_else(|| "-".to_string(), hex::encode);
     let nonce = hex::encode(nonce);
-    let sig = hmac::sign(
-        &secret.request,
-        signed_text(method, target, ts_ms, &nonce, &body).as_bytes(),
-    );
+    let text = signed_text(method, target, receiver, headers, ts_ms, &nonce, &body);
+    let sig = hmac::sign(&secret.request, text.as_bytes());
     Ok(format!(
         "key={} ts={ts_ms} nonce={nonce} body={body} sig={}",
         secret.id(),
@@ -513,17 +524,65 @@ pub fn sign_request(
     ))
 }
 
-fn signed_text(method: &str, target: &str, ts_ms: u64, nonce: &str, body: &str) -> String {
-    format!("lichen peer request v1\n{method}\n{target}\n{ts_ms}\n{nonce}\n{body}")
+fn signed_text(
+    method: &str,
+    target: &str,
+    receiver: &str,
+    headers: &str,
+    ts_ms: u64,
+    nonce: &str,
+    body: &str,
+) -> String {
+    format!(
+        "lichen peer request v2\n{receiver}\n{method}\n{target}\n{ts_ms}\n{nonce}\n{body}\n{headers}"
+    )
+}
+
+/// Whether a header changes what a peer request means, so a signature
+/// covers it: the host it names, the body's type, the trace context, and
+/// every `x-lichen-*` header but the signature itself.
+pub fn is_signed_header(name: &str) -> bool {
+    matches!(name, "host" | "content-type" | "traceparent" | "tracestate")
+        || (name.starts_with("x-lichen-") && name != SIGNATURE_HEADER)
+}
+
+/// The headers a signature covers, as one text: each [`is_signed_header`]
+/// by name in order, `name:value` a line, several values of one name in
+/// the order sent. Both ends compute it from the headers on the wire.
+pub fn canonical_headers(headers: &http::HeaderMap) -> String {
+    let mut names: Vec<&str> = headers
+        .keys()
+        .map(http::HeaderName::as_str)
+        .filter(|name| is_signed_header(name))
+        .collect();
+    names.sort_unstable();
+    names.dedup();
+    let mut text = String::new();
+    for name in names {
+        for value in headers.get_all(name) {
+            text.push_str(name);
+            text.push(':');
+            // Bytes that are not text are hex, so no value can forge a
+            // line break.
+            match value.to_str() {
+                Ok(value) => text.push_str(value),
+                Err(_) => text.push_str(&hex::encode(value.as_bytes())),
+            }
+            text.push('\n');
+        }
+    }
+    text
 }
 
 /// Checks a signature header against the request's method and target (path
-/// and query) and the time. The nonce is not taken here: see
+/// and query), this host's node id (`receiver`), the request's
+/// [`canonical_headers`] and the time. The nonce is not taken here: see
 /// [`NonceCache::take`].
 pub fn verify_request(
     keyring: &Keyring,
     method: &str,
     target: &str,
+    (receiver, headers): (&str, &str),
     header: Option<&str>,
     now_ms: u64,
 ) -> Result<Signed, Refused> {
@@ -556,7 +615,9 @@ pub fn verify_request(
     let sig = hex::decode(field("sig")?).map_err(|_| Refused::Invalid)?;
     // The text as signed: the fields as sent, so a canonical form is not
     // needed (any change to one fails the check).
-    let text = signed_text(method, target, ts_ms, nonce_text, body_text);
+    let text = signed_text(
+        method, target, receiver, headers, ts_ms, nonce_text, body_text,
+    );
     if ts_text != ts_ms.to_string() {
         return Err(Refused::Invalid);
     }
@@ -632,8 +693,27 @@ impl NonceCache {
 mod tests {
     use super::*;
 
+    /// The receiver's node id, and the headers of a JSON request.
+    const TO: &str = "b";
+    const JSON: &str = "content-type:application/json\n";
+
     fn secret(text: &str) -> Secret {
         Secret::new(text).unwrap()
+    }
+
+    #[test]
+    fn canonical_headers_cover_what_changes_meaning_in_one_order() {
+        let mut headers = http::HeaderMap::new();
+        headers.insert("x-lichen-module", "ab".parse().unwrap());
+        headers.insert("content-type", "application/json".parse().unwrap());
+        headers.insert("accept", "*/*".parse().unwrap());
+        headers.insert(SIGNATURE_HEADER, "key=1".parse().unwrap());
+        headers.append("traceparent", "00-a".parse().unwrap());
+        headers.insert("host", "b:8080".parse().unwrap());
+        assert_eq!(
+            canonical_headers(&headers),
+            "content-type:application/json\nhost:b:8080\ntraceparent:00-a\nx-lichen-module:ab\n"
+        );
     }
 
     fn ring(current: &str, previous: Option<&str>) -> Keyring {
@@ -761,11 +841,11 @@ mod tests {
         let opened =
             open_datagram(&rotating, &mut ReplayGuard::default(), NOW, &mut datagram).unwrap();
         assert_eq!(opened.which, Which::Previous);
-        let header = sign_request(old.get(Which::Current), "GET", "/a", None, NOW).unwrap();
-        assert!(verify_request(&rotating, "GET", "/a", Some(&header), NOW).is_ok());
+        let header = sign_request(old.get(Which::Current), "GET", "/a", TO, "", None, NOW).unwrap();
+        assert!(verify_request(&rotating, "GET", "/a", (TO, ""), Some(&header), NOW).is_ok());
         let new_only = ring("the new secret, long enough", None);
         assert_eq!(
-            verify_request(&new_only, "GET", "/a", Some(&header), NOW),
+            verify_request(&new_only, "GET", "/a", (TO, ""), Some(&header), NOW),
             Err(Refused::Invalid)
         );
     }
@@ -778,11 +858,21 @@ mod tests {
             keyring.get(Which::Current),
             "POST",
             "/fn/f/x?y=1",
+            TO,
+            "content-type:application/json\n",
             Some(&digest),
             NOW,
         )
         .unwrap();
-        let signed = verify_request(&keyring, "POST", "/fn/f/x?y=1", Some(&header), NOW).unwrap();
+        let signed = verify_request(
+            &keyring,
+            "POST",
+            "/fn/f/x?y=1",
+            (TO, JSON),
+            Some(&header),
+            NOW,
+        )
+        .unwrap();
         assert_eq!(check_body(&signed, b"[1,2]"), Ok(()));
         assert_eq!(check_body(&signed, b"[1,3]"), Err(Refused::BodyMismatch));
         for (method, target) in [
@@ -791,35 +881,74 @@ mod tests {
             ("POST", "/fn/f/x"),
         ] {
             assert_eq!(
-                verify_request(&keyring, method, target, Some(&header), NOW),
+                verify_request(&keyring, method, target, (TO, JSON), Some(&header), NOW),
                 Err(Refused::Invalid)
             );
         }
         let window = REQUEST_WINDOW.as_millis() as u64;
         assert!(
-            verify_request(&keyring, "POST", "/fn/f/x?y=1", Some(&header), NOW + window).is_ok()
+            verify_request(
+                &keyring,
+                "POST",
+                "/fn/f/x?y=1",
+                (TO, JSON),
+                Some(&header),
+                NOW + window
+            )
+            .is_ok()
         );
         assert_eq!(
             verify_request(
                 &keyring,
                 "POST",
                 "/fn/f/x?y=1",
+                (TO, JSON),
                 Some(&header),
                 NOW + window + 1
             ),
             Err(Refused::Expired)
         );
+        // Another receiver, or a header changed, added or removed: no good.
+        for bound in [
+            ("c", JSON),
+            (TO, "content-type:text/plain\n"),
+            (
+                TO,
+                "content-type:application/json\nx-lichen-host:evil.test\n",
+            ),
+            (TO, ""),
+        ] {
+            assert_eq!(
+                verify_request(&keyring, "POST", "/fn/f/x?y=1", bound, Some(&header), NOW),
+                Err(Refused::Invalid),
+                "{bound:?}"
+            );
+        }
         let forged = header.replace(&format!("ts={NOW}"), &format!("ts={}", NOW + 1));
         assert_eq!(
-            verify_request(&keyring, "POST", "/fn/f/x?y=1", Some(&forged), NOW),
+            verify_request(
+                &keyring,
+                "POST",
+                "/fn/f/x?y=1",
+                (TO, JSON),
+                Some(&forged),
+                NOW
+            ),
             Err(Refused::Invalid)
         );
         assert_eq!(
-            verify_request(&keyring, "POST", "/fn/f/x?y=1", None, NOW),
+            verify_request(&keyring, "POST", "/fn/f/x?y=1", (TO, JSON), None, NOW),
             Err(Refused::Missing)
         );
         assert_eq!(
-            verify_request(&keyring, "POST", "/fn/f/x?y=1", Some("junk"), NOW),
+            verify_request(
+                &keyring,
+                "POST",
+                "/fn/f/x?y=1",
+                (TO, JSON),
+                Some("junk"),
+                NOW
+            ),
             Err(Refused::Invalid)
         );
     }
@@ -827,8 +956,9 @@ mod tests {
     #[test]
     fn a_nonce_is_taken_once_and_forgotten_after_the_window() {
         let keyring = ring("correct horse battery staple", None);
-        let header = sign_request(keyring.get(Which::Current), "GET", "/", None, NOW).unwrap();
-        let signed = verify_request(&keyring, "GET", "/", Some(&header), NOW).unwrap();
+        let header =
+            sign_request(keyring.get(Which::Current), "GET", "/", TO, "", None, NOW).unwrap();
+        let signed = verify_request(&keyring, "GET", "/", (TO, ""), Some(&header), NOW).unwrap();
         let mut cache = NonceCache::new(2);
         assert_eq!(cache.take(&signed, NOW), Ok(()));
         assert_eq!(cache.take(&signed, NOW + 1000), Err(Take::Replayed));
@@ -840,12 +970,14 @@ mod tests {
         );
         for _ in 0..2 {
             let header =
-                sign_request(keyring.get(Which::Current), "GET", "/", None, later).unwrap();
-            let signed = verify_request(&keyring, "GET", "/", Some(&header), later).unwrap();
+                sign_request(keyring.get(Which::Current), "GET", "/", TO, "", None, later).unwrap();
+            let signed =
+                verify_request(&keyring, "GET", "/", (TO, ""), Some(&header), later).unwrap();
             let _ = cache.take(&signed, later);
         }
-        let header = sign_request(keyring.get(Which::Current), "GET", "/", None, later).unwrap();
-        let signed = verify_request(&keyring, "GET", "/", Some(&header), later).unwrap();
+        let header =
+            sign_request(keyring.get(Which::Current), "GET", "/", TO, "", None, later).unwrap();
+        let signed = verify_request(&keyring, "GET", "/", (TO, ""), Some(&header), later).unwrap();
         assert_eq!(cache.take(&signed, later), Err(Take::Full));
     }
 }

@@ -26,7 +26,7 @@ fuzz_target!(|data: &[u8]| {
     let now = 1_800_000_000_000;
     assert!(seal::open_datagram(&KEYRING, &mut ReplayGuard::default(), now, &mut datagram).is_err());
     if let Ok(header) = std::str::from_utf8(data) {
-        assert!(seal::verify_request(&KEYRING, "GET", "/", Some(header), now).is_err());
+        assert!(seal::verify_request(&KEYRING, "GET", "/", ("a", ""), Some(header), now).is_err());
     }
     let Ok(text) = std::str::from_utf8(data) else {
         return;

@@ -253,6 +253,16 @@ async fn admit_and_run(
             return refused(auth::refused(refusal));
         }
         req = hyper::Request::from_parts(parts, RequestBody::from(bytes));
+    } else if let Arrival::Forwarded(_) = &arrival
+        && !req.body().is_end_stream()
+    {
+        // A signature without a digest covers no body: one captured could
+        // carry any. Peers sign the digest of every body they send.
+        let refusal = seal::Refused::BodyUnsigned;
+        if let Some(cluster) = state.cluster() {
+            cluster.note_refused(refusal);
+        }
+        return refused(auth::refused(refusal));
     }
 
     // The URI stays the original `/fn/...` until admission: a forward
@@ -301,7 +311,22 @@ async fn admit_and_run(
                     _ if is_idempotent(req.method()) && req.body().is_end_stream() => {
                         Replay::Body(Bytes::new())
                     }
-                    _ => Replay::Never,
+                    _ if req.body().is_end_stream() => Replay::Once(Bytes::new()),
+                    // A client's body is held whole (within the function's
+                    // limit) so the forward signs its digest; once sent it
+                    // is never sent to a second peer.
+                    _ => {
+                        let (parts, body) = req.into_parts();
+                        let limit = policy.request_body;
+                        let idle = state.limits.body_idle_timeout;
+                        let bytes = match read_capped(hyper::Request::new(body), limit, idle).await
+                        {
+                            Ok(bytes) => bytes,
+                            Err(error) => return refused(error),
+                        };
+                        req = hyper::Request::from_parts(parts, RequestBody::from(bytes.clone()));
+                        Replay::Once(bytes)
+                    }
                 };
                 let forward = traced.map(|span| span.child("forward", SpanKind::Client));
                 if let Some(span) = &forward {
@@ -325,7 +350,7 @@ async fn admit_and_run(
                     Forward::Failed(error) => return (Err(error), Outcome::ForwardFailed),
                     Forward::NoRoom(parts, Some(body)) => hyper::Request::from_parts(parts, body),
                     Forward::NoRoom(parts, None) => match replay {
-                        Replay::Body(bytes) => {
+                        Replay::Body(bytes) | Replay::Once(bytes) => {
                             hyper::Request::from_parts(parts, RequestBody::from(bytes))
                         }
                         Replay::Never => {

@@ -37,7 +37,7 @@ use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Full, Limited};
 use serde::{Deserialize, Serialize};
 
-use super::{Cluster, Peer, SIGNATURE_HEADER, placement};
+use super::{Cluster, Peer, placement};
 
 /// The internal route claims are sent to.
 pub const CLAIMS_PATH: &str = "/v1/internal/cron-claims";
@@ -376,16 +376,17 @@ impl Cluster {
     /// Sends a claim to `peer`; `None` if it did not answer in time.
     async fn send_claim(&self, peer: &Peer, body: Bytes, wait: Duration) -> Option<ClaimAnswer> {
         let method = http::Method::POST;
-        let signature = self.sign(peer, &method, CLAIMS_PATH, Some(&body)).ok()?;
-        let request = Request::post(format!("{}{CLAIMS_PATH}", peer.api))
-            .header(SIGNATURE_HEADER, signature)
+        let mut request = Request::builder()
+            .method(method)
+            .uri(format!("{}{CLAIMS_PATH}", peer.api))
             .header(http::header::CONTENT_TYPE, "application/json")
             .body(
-                Full::new(body)
+                Full::new(body.clone())
                     .map_err(|never| match never {})
                     .boxed_unsync(),
             )
             .ok()?;
+        self.sign(peer, &mut request, Some(&body)).ok()?;
         let asked = async {
             let response = self.client.request(request).await.ok()?;
             if response.status() != StatusCode::OK {

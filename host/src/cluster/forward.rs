@@ -69,11 +69,33 @@ pub enum Forward<B> {
     Failed(ApiError),
 }
 
-/// What the caller can send again after a peer failed mid-request.
+/// What the caller holds of the body, and whether it may be sent again
+/// after a peer failed mid-request.
 #[derive(Clone)]
 pub enum Replay {
+    /// The body streams through, unknown: never sent twice.
     Never,
+    /// Held whole (its digest signed), and safe to send to a second peer
+    /// after the first failed mid-request.
     Body(Bytes),
+    /// Held whole (its digest signed), but once sent never sent again: it
+    /// may have run.
+    Once(Bytes),
+}
+
+impl Replay {
+    /// The body, when it is held whole.
+    fn known(&self) -> Option<&Bytes> {
+        match self {
+            Replay::Body(bytes) | Replay::Once(bytes) => Some(bytes),
+            Replay::Never => None,
+        }
+    }
+
+    /// Whether it may go to a second peer after the first one had it.
+    fn resendable(&self) -> bool {
+        matches!(self, Replay::Body(_))
+    }
 }
 
 impl Cluster {
@@ -109,15 +131,12 @@ impl Cluster {
                     let (outgoing, slot) = Reclaimable::new(body);
                     (outgoing.boxed_unsync(), Some(slot))
                 }
-                None => match &replay {
-                    Replay::Body(bytes) => (full(bytes.clone()), None),
-                    Replay::Never => break,
+                None => match replay.known() {
+                    Some(bytes) => (full(bytes.clone()), None),
+                    None => break,
                 },
             };
-            let known = match &replay {
-                Replay::Body(bytes) => Some(&bytes[..]),
-                Replay::Never => None,
-            };
+            let known = replay.known().map(|bytes| &bytes[..]);
             let request = match self.peer_request(&parts, peer, sha256, outgoing, known) {
                 Ok(request) => request,
                 Err(error) => return Forward::Failed(error),
@@ -138,7 +157,7 @@ impl Cluster {
                 {
                     // Refused before running: free to go elsewhere.
                     body = slot.and_then(|s| s.reclaim());
-                    if body.is_none() && matches!(replay, Replay::Never) {
+                    if body.is_none() && replay.known().is_none() {
                         return Forward::Done(self.relay(function, peer, response));
                     }
                 }
@@ -149,7 +168,7 @@ impl Cluster {
                     // It serves another version: not run there.
                     tracing::info!(peer = %peer.node_id, function, expected = sha256, "a peer serves another module of the function; not forwarding there");
                     body = slot.and_then(|s| s.reclaim());
-                    if body.is_none() && matches!(replay, Replay::Never) {
+                    if body.is_none() && replay.known().is_none() {
                         return Forward::Failed(ApiError::busy(
                             "the peer with room serves another version of this function",
                         ));
@@ -166,7 +185,7 @@ impl Cluster {
                     self.metrics.forward_failures.inc();
                     tracing::warn!(peer = %peer.node_id, error = format!("{error:#}"), "peer failed after the request was sent");
                     self.suspect(&peer.node_id);
-                    if matches!(replay, Replay::Never) || retried_after_sent {
+                    if !replay.resendable() || retried_after_sent {
                         return Forward::Failed(ApiError::new(
                             StatusCode::BAD_GATEWAY,
                             "peer_failed",
@@ -179,7 +198,7 @@ impl Cluster {
         }
         match (body, &replay) {
             (Some(body), _) => Forward::NoRoom(parts, Some(body)),
-            (None, Replay::Body(_)) => Forward::NoRoom(parts, None),
+            (None, Replay::Body(_) | Replay::Once(_)) => Forward::NoRoom(parts, None),
             (None, Replay::Never) => Forward::Failed(ApiError::busy(
                 "no host in the cluster has room for this request",
             )),
@@ -218,10 +237,8 @@ impl Cluster {
         let module = HeaderValue::from_str(sha256)
             .map_err(|e| ApiError::internal(anyhow::anyhow!("module hash as a header: {e}")))?;
         headers.insert(MODULE_HEADER, module);
-        let signature = self
-            .sign(peer, &parts.method, path, known)
+        self.sign(peer, &mut request, known)
             .map_err(|e| ApiError::internal(e.context("signing a forward")))?;
-        headers.insert(SIGNATURE_HEADER, signature);
         Ok(request)
     }
 

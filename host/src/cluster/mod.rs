@@ -342,21 +342,42 @@ impl Cluster {
         &self.node_id
     }
 
-    /// The signature header of a request to `peer`: under the secret the
-    /// peer speaks, its timestamp in the peer's time (this host's clock
-    /// plus the offset gossip measured), over the body when it is known.
-    pub fn sign(
+    /// Signs `request` to `peer`, with every header it will carry set: under
+    /// the secret the peer speaks, its timestamp in the peer's time (this
+    /// host's clock plus the offset gossip measured), bound to the peer's
+    /// node id and to the request's headers that change its meaning
+    /// (`seal::canonical_headers`, `Host` set to the peer's address first
+    /// so it is one of them), over the body when it is known.
+    pub fn sign<B>(
         &self,
         peer: &Peer,
-        method: &http::Method,
-        target: &str,
+        request: &mut http::Request<B>,
         body: Option<&[u8]>,
-    ) -> anyhow::Result<http::HeaderValue> {
+    ) -> anyhow::Result<()> {
+        if !request.headers().contains_key(http::header::HOST)
+            && let Some(authority) = request.uri().authority()
+        {
+            let host = http::HeaderValue::from_str(authority.as_str())?;
+            request.headers_mut().insert(http::header::HOST, host);
+        }
         let secret = self.keyring.get(self.peer_keys.for_peer(peer.gossip));
         let ts = now_ms().saturating_add_signed(peer.clock_offset_ms.unwrap_or(0));
         let digest = body.map(seal::body_digest);
-        let header = seal::sign_request(secret, method.as_str(), target, digest.as_ref(), ts)?;
-        Ok(http::HeaderValue::from_str(&header)?)
+        let target = request.uri().path_and_query().map_or("/", |p| p.as_str());
+        let headers = seal::canonical_headers(request.headers());
+        let header = seal::sign_request(
+            secret,
+            request.method().as_str(),
+            target,
+            &peer.node_id,
+            &headers,
+            digest.as_ref(),
+            ts,
+        )?;
+        request
+            .headers_mut()
+            .insert(SIGNATURE_HEADER, http::HeaderValue::from_str(&header)?);
+        Ok(())
     }
 
     /// Checks an internal request's signature and takes its nonce; what is
@@ -368,20 +389,28 @@ impl Cluster {
             .get(SIGNATURE_HEADER)
             .map(|h| h.to_str().unwrap_or_default());
         let now = now_ms();
-        let verified =
-            seal::verify_request(&self.keyring, req.method().as_str(), target, header, now)
-                .and_then(|signed| {
-                    let taken = self
-                        .nonces
-                        .lock()
-                        .unwrap_or_else(|e| e.into_inner())
-                        .take(&signed, now);
-                    match taken {
-                        Ok(()) => Ok(signed),
-                        Err(seal::Take::Replayed) => Err(seal::Refused::Replayed),
-                        Err(seal::Take::Full) => Err(seal::Refused::Busy),
-                    }
-                });
+        let headers = seal::canonical_headers(req.headers());
+        let bound = (self.node_id.as_str(), headers.as_str());
+        let verified = seal::verify_request(
+            &self.keyring,
+            req.method().as_str(),
+            target,
+            bound,
+            header,
+            now,
+        )
+        .and_then(|signed| {
+            let taken = self
+                .nonces
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .take(&signed, now);
+            match taken {
+                Ok(()) => Ok(signed),
+                Err(seal::Take::Replayed) => Err(seal::Refused::Replayed),
+                Err(seal::Take::Full) => Err(seal::Refused::Busy),
+            }
+        });
         if let Err(refused) = &verified {
             self.note_refused(*refused);
         }

@@ -10,7 +10,7 @@ use bytes::{Bytes, BytesMut};
 use http::{Request, StatusCode};
 use http_body_util::{BodyExt, Empty};
 
-use super::{Cluster, Peer, SIGNATURE_HEADER};
+use super::{Cluster, Peer};
 use crate::audit;
 use crate::functions::Functions;
 use crate::names::FunctionName;
@@ -634,10 +634,9 @@ async fn fetch_from(
     limit: u64,
 ) -> anyhow::Result<Bytes> {
     let target = format!("/v1/internal/modules/{sha256}");
-    let signature = cluster.sign(peer, &http::Method::GET, &target, Some(b""))?;
-    let request = Request::get(format!("{}{target}", peer.api))
-        .header(SIGNATURE_HEADER, signature)
+    let mut request = Request::get(format!("{}{target}", peer.api))
         .body(Empty::new().map_err(|never| match never {}).boxed_unsync())?;
+    cluster.sign(peer, &mut request, Some(b""))?;
     let response = tokio::time::timeout(Duration::from_secs(30), cluster.client.request(request))
         .await
         .map_err(|_| anyhow::anyhow!("timed out"))??;

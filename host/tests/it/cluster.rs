@@ -204,11 +204,11 @@ impl Node {
 
     /// A module fetch from this host, as a peer holding `secret` makes it.
     async fn fetch_module(&self, sha256: &str, secret: &str) -> Reply {
-        let target = format!("/v1/internal/modules/{sha256}");
-        let signature = common::peer_signature(secret, "GET", &target, Some(b""));
+        let url = format!("{}/v1/internal/modules/{sha256}", self.url);
+        let signature = common::peer_signature(secret, "GET", &url, &self.id, &[], Some(b""));
         send(
             Method::GET,
-            &format!("{}{target}", self.url),
+            &url,
             &[("x-lichen-peer-signature", &signature)],
             Vec::new(),
         )

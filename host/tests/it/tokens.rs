@@ -362,3 +362,112 @@ async fn the_cli_makes_lists_and_revokes_tokens() {
     assert!(!ok && err.contains("revoked"), "{err}");
     host.stop().await;
 }
+
+/// `tokens:admin` makes tokens only of scopes it holds itself, with
+/// patterns as narrow or narrower: no token it makes can do more than it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_admin_gives_only_what_it_holds() {
+    let dir = tempfile::tempdir().unwrap();
+    let host = TestHost::start(test_config(&dir.path().join("data"))).await;
+    let delegator = make(
+        &host,
+        serde_json::json!({
+            "name": "shop-lead",
+            "scopes": ["tokens:admin", "functions:deploy:shop-*", "secrets:shop_*"]
+        }),
+    )
+    .await;
+    let ask = |token: String, name: &'static str, scopes: serde_json::Value| {
+        let url = host.url.clone();
+        async move {
+            let body = serde_json::json!({ "name": name, "scopes": scopes });
+            with_token(
+                &url,
+                &token,
+                Method::POST,
+                "/v1/tokens",
+                serde_json::to_vec(&body).unwrap(),
+            )
+            .await
+        }
+    };
+    for (name, scopes) in [
+        ("cart-ci", serde_json::json!(["functions:deploy:shop-cart"])),
+        ("shop-ci", serde_json::json!(["functions:deploy:shop-*"])),
+        ("pg-setter", serde_json::json!(["secrets:shop_pg"])),
+        (
+            "sub-lead",
+            serde_json::json!(["tokens:admin", "functions:deploy:shop-cart"]),
+        ),
+    ] {
+        let made = ask(delegator.clone(), name, scopes).await;
+        assert_eq!(made.status, StatusCode::CREATED, "{name}: {}", made.text());
+    }
+    let sub_lead = ask(
+        delegator.clone(),
+        "sub-lead-2",
+        serde_json::json!(["tokens:admin", "functions:deploy:shop-cart"]),
+    )
+    .await
+    .json()["token"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for (name, scopes, wider) in [
+        (
+            "all",
+            serde_json::json!(["functions:deploy:*"]),
+            "functions:deploy:*",
+        ),
+        (
+            "sho",
+            serde_json::json!(["functions:deploy:sho*"]),
+            "functions:deploy:sho*",
+        ),
+        ("status", serde_json::json!(["status:read"]), "status:read"),
+        (
+            "reader",
+            serde_json::json!(["functions:read"]),
+            "functions:read",
+        ),
+        (
+            "deleter",
+            serde_json::json!(["functions:deploy:shop-*", "functions:delete:shop-*"]),
+            "functions:delete:shop-*",
+        ),
+        ("files", serde_json::json!(["files:*"]), "files:*"),
+    ] {
+        let refused = ask(delegator.clone(), name, scopes).await;
+        refused.assert_error(StatusCode::FORBIDDEN, "missing_scope");
+        assert!(refused.text().contains(wider), "{name}: {}", refused.text());
+    }
+    // What it made can give no more than it holds either.
+    ask(
+        sub_lead,
+        "wider",
+        serde_json::json!(["functions:deploy:shop-*"]),
+    )
+    .await
+    .assert_error(StatusCode::FORBIDDEN, "missing_scope");
+    let listed = host
+        .admin(Method::GET, "/v1/tokens", Vec::new())
+        .await
+        .json();
+    assert!(
+        !listed.to_string().contains("\"all\""),
+        "a refused token was made: {listed}"
+    );
+    // The refusals are in the audit log under the maker's name.
+    let log = host
+        .admin(Method::GET, "/v1/audit", Vec::new())
+        .await
+        .json();
+    let refused = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["token"] == "shop-lead" && e["result"] == 403)
+        .count();
+    assert_eq!(refused, 6, "{log}");
+    host.stop().await;
+}

@@ -391,8 +391,18 @@ async fn a_forward_names_its_module_and_another_one_is_not_run() {
     let forwarded = |module: String| {
         let url = format!("{}/fn/app", b.url);
         async move {
-            let signature =
-                common::peer_signature(SECRET, "POST", "/fn/app", Some(b"ping".as_slice()));
+            let carried = [
+                ("x-lichen-forwarded-by", "a"),
+                ("x-lichen-module", module.as_str()),
+            ];
+            let signature = common::peer_signature(
+                SECRET,
+                "POST",
+                &url,
+                "b",
+                &carried,
+                Some(b"ping".as_slice()),
+            );
             send(
                 Method::POST,
                 &url,
@@ -483,10 +493,17 @@ async fn a_forwarded_request_keeps_its_host_and_a_client_cannot_set_it() {
         .unwrap()
         .to_string();
     // As a forward from a carries it: the client's Host beside a's own.
-    let signature = common::peer_signature(SECRET, "GET", "/fn/echo/x", Some(b"".as_slice()));
+    let url = format!("{}/fn/echo/x", b.url);
+    let carried = [
+        ("x-lichen-forwarded-by", "a"),
+        ("x-lichen-module", sha.as_str()),
+        ("x-lichen-forwarded-host", "shop.test"),
+    ];
+    let signature =
+        common::peer_signature(SECRET, "GET", &url, "b", &carried, Some(b"".as_slice()));
     let forwarded = send(
         Method::GET,
-        &format!("{}/fn/echo/x", b.url),
+        &url,
         &[
             ("x-lichen-forwarded-by", "a"),
             ("x-lichen-peer-signature", &signature),

@@ -414,14 +414,27 @@ struct Stolen {
 }
 
 impl Stolen {
-    /// Sends it to `url`, with `target` and `body` if given instead.
+    /// Sends it to `url` as it was (its `Host` too), with `target` and
+    /// `body` if given instead.
     async fn send_to(&self, url: &str, target: Option<&str>, body: Option<&[u8]>) -> Reply {
-        let headers: Vec<(&str, &str)> = self
+        self.send_with(url, target, body, &[]).await
+    }
+
+    /// The same, with `extra` headers added.
+    async fn send_with(
+        &self,
+        url: &str,
+        target: Option<&str>,
+        body: Option<&[u8]>,
+        extra: &[(&str, &str)],
+    ) -> Reply {
+        let mut headers: Vec<(&str, &str)> = self
             .headers
             .iter()
-            .filter(|(name, _)| !matches!(name.as_str(), "host" | "content-length"))
+            .filter(|(name, _)| name.as_str() != "content-length")
             .map(|(n, v)| (n.as_str(), v.as_str()))
             .collect();
+        headers.extend_from_slice(extra);
         send(
             self.method.clone(),
             &format!("{url}{}", target.unwrap_or(&self.target)),
@@ -535,6 +548,25 @@ async fn a_captured_peer_request_is_good_once_for_its_own_path_and_body() {
         .send_to(&b.url, Some("/fn/square/other"), None)
         .await
         .assert_error(StatusCode::UNAUTHORIZED, "peer_signature_invalid");
+    // Another host than the one it was signed for (a, which serves square
+    // too), or a header that changes its meaning added: refused.
+    first
+        .send_to(&a.url, None, None)
+        .await
+        .assert_error(StatusCode::UNAUTHORIZED, "peer_signature_invalid");
+    for extra in [
+        ("x-lichen-forwarded-host", "evil.test"),
+        (
+            "traceparent",
+            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01",
+        ),
+        ("content-type", "text/plain"),
+    ] {
+        first
+            .send_with(&b.url, None, None, &[extra])
+            .await
+            .assert_error(StatusCode::UNAUTHORIZED, "peer_signature_invalid");
+    }
     first
         .send_to(&b.url, None, Some(b"999"))
         .await
@@ -556,7 +588,9 @@ async fn a_captured_peer_request_is_good_once_for_its_own_path_and_body() {
     let forged = common::peer_signature(
         "some-other-secret-entirely",
         "POST",
-        "/fn/square",
+        &url,
+        "b",
+        &[("x-lichen-forwarded-by", "a")],
         Some(b"5"),
     );
     let old_token = "0".repeat(64);
@@ -587,6 +621,21 @@ async fn a_captured_peer_request_is_good_once_for_its_own_path_and_body() {
     send(Method::POST, &url, &[], b"5".to_vec())
         .await
         .assert_error(StatusCode::UNAUTHORIZED, "unauthorized");
+    // A good signature that names no body (`body=-`) carries none: a
+    // capture of one could otherwise take any body.
+    let carried = [("x-lichen-forwarded-by", "a")];
+    let unsigned = common::peer_signature(SECRET, "POST", &url, "b", &carried, None);
+    send(
+        Method::POST,
+        &url,
+        &[
+            ("x-lichen-forwarded-by", "a"),
+            ("x-lichen-peer-signature", unsigned.as_str()),
+        ],
+        b"5".to_vec(),
+    )
+    .await
+    .assert_error(StatusCode::UNAUTHORIZED, "peer_body_unsigned");
     assert_eq!(
         series_sum(&b.metrics().await, ran),
         invocations,

@@ -1099,12 +1099,40 @@ pub fn unix_ms() -> u64 {
         .as_millis() as u64
 }
 
-/// The signature header of an internal request, as a peer holding `secret`
-/// makes it (`lichen_core::seal`), timed now; over `body` if given.
-pub fn peer_signature(secret: &str, method: &str, target: &str, body: Option<&[u8]>) -> String {
+/// The signature header of an internal request to `url`, as a peer holding
+/// `secret` makes it for the host `receiver` (`lichen_core::seal`), timed
+/// now, over the `headers` the request will carry (and the `Host` of
+/// `url`); over `body` if given.
+pub fn peer_signature(
+    secret: &str,
+    method: &str,
+    url: &str,
+    receiver: &str,
+    headers: &[(&str, &str)],
+    body: Option<&[u8]>,
+) -> String {
     let secret = lichen_core::seal::Secret::new(secret).unwrap();
     let digest = body.map(lichen_core::seal::body_digest);
-    lichen_core::seal::sign_request(&secret, method, target, digest.as_ref(), unix_ms()).unwrap()
+    let uri: http::Uri = url.parse().unwrap();
+    let mut map = http::HeaderMap::new();
+    map.insert("host", uri.authority().unwrap().as_str().parse().unwrap());
+    for (name, value) in headers {
+        map.append(
+            http::HeaderName::from_bytes(name.as_bytes()).unwrap(),
+            value.parse().unwrap(),
+        );
+    }
+    let target = uri.path_and_query().map_or("/", |p| p.as_str());
+    lichen_core::seal::sign_request(
+        &secret,
+        method,
+        target,
+        receiver,
+        &lichen_core::seal::canonical_headers(&map),
+        digest.as_ref(),
+        unix_ms(),
+    )
+    .unwrap()
 }
 
 /// Stops a host the way an operator does (SIGTERM) and waits for it to
