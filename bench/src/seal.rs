@@ -92,7 +92,10 @@ pub fn measure(batches: usize) -> anyhow::Result<Vec<Row>> {
         ("host", "10.0.0.2:8080"),
         ("content-type", "application/json"),
         ("x-lichen-forwarded-by", "a"),
-        ("x-lichen-module", "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef"),
+        (
+            "x-lichen-module",
+            "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef",
+        ),
     ] {
         headers.insert(name, http::HeaderValue::from_static(value));
     }
