@@ -60,8 +60,16 @@ const INTERNAL_V6: &[&str] = &[
 
 /// The ranges no policy a scoped token writes may name: loopback,
 /// link-local and unspecified, in both families.
-const NEVER_FOR_SCOPED_V4: &[&str] = &["0.0.0.0/8", "127.0.0.0/8", "169.254.0.0/16"];
-const NEVER_FOR_SCOPED_V6: &[&str] = &["::/128", "::1/128", "fe80::/10"];
+/// Cloud metadata services outside link-local are here too: Alibaba's
+/// `100.100.100.200`, Oracle's `192.0.0.192`, AWS's IPv6 `fd00:ec2::254`.
+const NEVER_FOR_SCOPED_V4: &[&str] = &[
+    "0.0.0.0/8",
+    "127.0.0.0/8",
+    "169.254.0.0/16",
+    "100.100.100.200/32",
+    "192.0.0.192/32",
+];
+const NEVER_FOR_SCOPED_V6: &[&str] = &["::/128", "::1/128", "fe80::/10", "fd00:ec2::254/128"];
 
 fn nets(table: &'static [&'static str]) -> impl Iterator<Item = IpNet> {
     // The tables are constants checked by a test; a line that did not
@@ -292,10 +300,12 @@ mod tests {
             "64:ff9b::7f00:1/128",
             "2002:7f00::/24",
             "fe80::/64",
+            "fd00::/8",
+            "100.100.100.200/32",
         ] {
             assert!(named(text), "{text}");
         }
-        for text in ["10.0.0.0/8", "192.168.1.0/24", "fd00::/8", "8.8.8.8/32"] {
+        for text in ["10.0.0.0/8", "192.168.1.0/24", "fd12::/16", "8.8.8.8/32"] {
             assert!(!named(text), "{text}");
         }
         let nats: IpAddr = "10.9.8.7".parse().unwrap();

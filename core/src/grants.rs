@@ -197,6 +197,14 @@ pub fn ranges(file: &PolicyFile) -> Vec<(String, ipnet::IpNet)> {
 /// (`$JS`, `$KV`, `$SYS`, inboxes), where a dead letter would land in
 /// another bucket or the server's API.
 pub fn admin_only(file: &PolicyFile) -> Option<AdminOnly> {
+    if file.access.pass_authorization {
+        // The admin token invokes every private function, and reaches a
+        // guest only through this: a team cannot turn it on.
+        return Some(AdminOnly {
+            field: "access.pass_authorization".to_string(),
+            why: "it hands the guest whatever Authorization a caller sends, the admin token's included".to_string(),
+        });
+    }
     for (guest, host) in &file.files {
         let path = Path::new(host);
         let climbs = path
@@ -223,6 +231,15 @@ pub fn admin_only(file: &PolicyFile) -> Option<AdminOnly> {
         }
     }
     for (index, trigger) in file.triggers.nats.iter().enumerate() {
+        let stream = &trigger.stream.0;
+        if stream.starts_with("KV_") || stream.starts_with("OBJ_") {
+            return Some(AdminOnly {
+                field: format!("triggers.nats[{index}].stream"),
+                why: format!(
+                    "{stream:?} is a key-value or object store's stream (the registry's, or another function's data)"
+                ),
+            });
+        }
         if let Some(subject) = &trigger.dead_letter
             && is_system_subject(&subject.0)
         {
@@ -432,6 +449,10 @@ mod tests {
             "[outbound]\nallow = [\"http://0.0.0.0/0:*\"]\n",
             "[[triggers.nats]]\nstream = \"s\"\ndead_letter = \"$KV.lichen-registry.x\"\n",
             "[[triggers.nats]]\nstream = \"s\"\ndead_letter = \"$JS.API.STREAM.DELETE.s\"\n",
+            "[[triggers.nats]]\nstream = \"KV_lichen-registry\"\n",
+            "[access]\npublic = false\npass_authorization = true\n",
+            "[outbound]\nallow = [\"http://100.100.100.200\"]\n",
+            "[outbound]\ntcp = [\"[fd00:ec2::254]:80\"]\n",
         ] {
             assert!(admin_only(&parse(policy)).is_some(), "{policy}");
         }

@@ -83,7 +83,7 @@ impl Pattern {
     /// never holds a `*`, so each of `other`'s falls inside one of this
     /// pattern's, which matches whatever it stands for.
     pub fn covers(&self, other: &Pattern) -> bool {
-        self.matches(&other.0) || self.holds_range(&other.0)
+        self.grants(&other.0)
     }
 
     /// Whether this pattern is an address range holding `name`, an
@@ -100,9 +100,16 @@ impl Pattern {
         }
     }
 
-    /// Whether `name` matches, whole, or lies in this pattern's range.
+    /// Whether `name` matches, whole; an address or a range only by lying
+    /// in this pattern's range (`10.1.*` as text would match `10.1.0.0/8`,
+    /// which is all of `10/8`).
     pub fn grants(&self, name: &str) -> bool {
-        self.matches(name) || self.holds_range(name)
+        let address = name.parse::<IpNet>().is_ok() || name.parse::<IpAddr>().is_ok();
+        if address {
+            self.holds_range(name)
+        } else {
+            self.matches(name)
+        }
     }
 
     pub fn as_str(&self) -> &str {
@@ -463,5 +470,15 @@ mod tests {
         assert!(!Needed::Tcp("10.0.0.0/8").granted_by(&tcp));
         assert!(!Needed::Tcp("db.example.com").granted_by(&tcp));
         assert!(!Needed::Outbound("10.1.2.3").granted_by(&tcp));
+        // A glob grants names, never ranges: `10.1.*` is not a range.
+        let glob = [Scope::parse("tcp:10.1.*").unwrap()];
+        assert!(!Needed::Tcp("10.1.0.0/8").granted_by(&glob));
+        assert!(!Needed::Tcp("10.0.0.0/5").granted_by(&glob));
+        assert!(!Needed::Tcp("10.1.2.3").granted_by(&glob));
+        let any = [Scope::parse("tcp:*").unwrap()];
+        assert!(!Needed::Tcp("10.1.2.3").granted_by(&any));
+        assert!(Needed::Tcp("db.example.com").granted_by(&any));
+        let all = [Scope::parse("tcp:0.0.0.0/0").unwrap()];
+        assert!(Needed::Tcp("10.1.2.3").granted_by(&all));
     }
 }

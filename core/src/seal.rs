@@ -562,11 +562,15 @@ pub fn canonical_headers(headers: &http::HeaderMap) -> String {
         for value in headers.get_all(name) {
             text.push_str(name);
             text.push(':');
-            // Bytes that are not text are hex, so no value can forge a
-            // line break.
+            // Bytes that are not text are hex after `=` instead of `:`, so
+            // no value can forge a line break or pass for another.
             match value.to_str() {
                 Ok(value) => text.push_str(value),
-                Err(_) => text.push_str(&hex::encode(value.as_bytes())),
+                Err(_) => {
+                    text.pop();
+                    text.push('=');
+                    text.push_str(&hex::encode(value.as_bytes()));
+                }
             }
             text.push('\n');
         }

@@ -736,6 +736,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         (None, None) => None,
     };
     config.secrets_key_file = args.secrets_key_file;
+    config.protected.extend(args.admin_token_file.clone());
+    config.protected.extend(lichen::config::config_path(
+        &std::env::args_os().collect::<Vec<_>>(),
+    ));
     config.max_upload = args.max_upload_bytes;
     config.metrics_require_token = args.metrics_require_token;
     config.ui = args.ui;
@@ -752,6 +756,14 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_in_flight = args.max_in_flight;
     config.max_loaded_functions = args.max_loaded_functions;
     config.kv = args.kv.config()?;
+    config.protected.extend(
+        [
+            args.cluster.cluster_secret_file.clone(),
+            args.cluster.cluster_secret_previous_file.clone(),
+        ]
+        .into_iter()
+        .flatten(),
+    );
     config.cluster = args.cluster.config(args.listen, &config.kv)?;
     for pin in &args.resolve {
         let (name, ip) = pin

@@ -93,6 +93,14 @@ fn fences(config: &ServeConfig) -> crate::api::scoped::Fences {
         .into_iter()
         .flatten()
     });
+    let others = [
+        config.secrets_key_file.clone(),
+        config.registry.auth_file.clone(),
+        config.outbound.ca_cert.clone(),
+    ];
+    let tls = tls
+        .chain(others.into_iter().flatten())
+        .chain(config.protected.iter().cloned());
     let nats = match &config.kv {
         KvConfig::Nats { urls, .. } => urls.clone(),
         KvConfig::Local => Vec::new(),
@@ -165,6 +173,10 @@ pub struct ServeConfig {
     pub trace: TraceConfig,
     /// The most a policy written by a scoped token may ask for.
     pub scoped: lichen_core::grants::Ceilings,
+    /// Files holding credentials or settings (the admin token's, the
+    /// cluster secret's, the registry's, the config file): no `[files]`
+    /// path of a scoped token's policy reaches them.
+    pub protected: Vec<PathBuf>,
 }
 
 /// The key-value backend a host uses.
@@ -208,6 +220,7 @@ impl ServeConfig {
             registry: RegistryConfig::default(),
             trace: TraceConfig::default(),
             scoped: lichen_core::grants::Ceilings::default(),
+            protected: Vec::new(),
         }
     }
 }

@@ -4,7 +4,8 @@
 //!   header parsed; what the request path pays is one branch.
 //! - **A span per invocation** (`SERVER`), its parent the W3C `traceparent`
 //!   (and `tracestate`) the request came with, sampled at `--trace-sampling`
-//!   (decided on the trace id, so every host keeps or drops a trace alike).
+//!   (on a keyed hash of the trace id, so a client cannot pick one that is
+//!   always kept; a forward carries the decision to its peer, signed).
 //!   The parent's own sampled flag is followed only where it is trusted: a
 //!   peer's signed forward, the host's own map items and triggers, or every
 //!   client with `--trace-trust-client`; otherwise a stranger could make
@@ -219,11 +220,23 @@ fn decided_here(parent: Context, ratio: f64) -> Context {
     Context::new().with_remote_span_context(decided)
 }
 
-/// Whether a trace is kept at `ratio`: its id's low 63 bits below the
-/// ratio's share of them.
+/// Whether a trace is kept at `ratio`: a hash of its id under a key this
+/// process drew at start, below the ratio's share of hashes. Keyed, so a
+/// client cannot pick a trace id that is always kept.
 fn sampled_at(trace_id: [u8; 16], ratio: f64) -> bool {
+    use sha2::Digest;
+    static KEY: std::sync::OnceLock<[u8; 16]> = std::sync::OnceLock::new();
+    let key = KEY.get_or_init(|| {
+        let mut key = [0u8; 16];
+        let _ = getrandom::fill(&mut key);
+        key
+    });
+    let digest = sha2::Sha256::new()
+        .chain_update(key)
+        .chain_update(trace_id)
+        .finalize();
     let mut low = [0u8; 8];
-    low.copy_from_slice(&trace_id[8..]);
+    low.copy_from_slice(&digest[..8]);
     let bits = u64::from_be_bytes(low) >> 1;
     let bound = (ratio.clamp(0.0, 1.0) * (1u64 << 63) as f64) as u64;
     ratio >= 1.0 || bits < bound

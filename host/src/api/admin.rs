@@ -192,10 +192,11 @@ pub async fn put_policy(
     state.functions.check_policy_size(name, text)?;
     // Parsed once for the checks; a text that does not parse is refused by
     // the write below, with what is wrong with it.
-    if let Ok(file) = toml::from_str::<lichen_core::policy::PolicyFile>(text) {
-        super::scoped::check(state, caller, &file).await?;
-        check_streams(state, &file).await?;
-    }
+    let file = toml::from_str::<lichen_core::policy::PolicyFile>(text).map_err(|e| {
+        ApiError::bad_request("invalid_policy", e.to_string().trim_end().to_string())
+    })?;
+    super::scoped::check(state, caller, &file).await?;
+    check_streams(state, &file).await?;
     let policies = Arc::clone(&state.functions.policies);
     let name_owned = name.clone();
     let text = text.to_string();

@@ -110,6 +110,13 @@ pub fn refused(refused: Refused) -> ApiError {
     }
 }
 
+/// Whether the request presents the admin token.
+pub fn is_admin_token<B>(state: &AppState, req: &hyper::Request<B>) -> bool {
+    bearer(req, "").is_ok_and(|presented| {
+        !presented.is_empty() && bool::from(presented.ct_eq(state.admin_token.as_bytes()))
+    })
+}
+
 /// A private function takes the admin token or one of its policy's tokens.
 pub fn invoke<B>(
     state: &AppState,

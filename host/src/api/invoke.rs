@@ -223,8 +223,9 @@ async fn admit_and_run(
         }
     }
     // A token is for the host (the function's, or the admin's sent to a
-    // name the function claims): the guest sees it only if its policy asks.
-    if !policy.pass_authorization {
+    // name the function claims): the guest sees it only if its policy asks,
+    // and never the admin token.
+    if !policy.pass_authorization || auth::is_admin_token(state, &req) {
         req.headers_mut().remove(header::AUTHORIZATION);
     }
     let declared = declared_length(req.headers());
@@ -439,10 +440,16 @@ async fn admit_and_run(
             function.name, policy.request_body
         )));
     }
-    let response = match result {
+    let mut response = match result {
         Ok(response) => response,
         Err(error) => return (Err(error), outcome),
     };
+    // A guest's answer never says "not run here": a forwarding host would
+    // take it at its word and run the request again elsewhere.
+    response.headers_mut().remove(crate::error::BUSY_HEADER);
+    response
+        .headers_mut()
+        .remove(crate::error::MODULE_MISMATCH_HEADER);
     let declared = declared_length(response.headers());
     if declared.is_some_and(|len| len > policy.response_body) {
         let error = ApiError::new(

@@ -107,7 +107,12 @@ async fn route_request(
     client: SocketAddr,
 ) -> Result<Response<Body>, ApiError> {
     let path = req.uri().path().to_owned();
+    // A peer's signed request names its function in its path; a name a
+    // function claims (a peer's own, say) never takes it.
     if !is_hosts_own(&path)
+        && !req
+            .headers()
+            .contains_key(lichen_core::seal::SIGNATURE_HEADER)
         && let Some(function) = routed(state, &req)
     {
         return invoke_routed(state, req, &function, request_id).await;

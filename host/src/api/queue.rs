@@ -337,7 +337,10 @@ async fn keep_alive(message: &jetstream::Message, ack_wait: Duration) -> std::co
 fn reply_to(message: &jetstream::Message) -> Option<async_nats::Subject> {
     let value = message.headers.as_ref()?.get(REPLY_HEADER)?;
     let subject = value.as_str();
-    (!subject.is_empty()).then(|| async_nats::Subject::from(subject))
+    // Never the server's own subjects ($JS, $KV: the registry's bucket
+    // among them) or inboxes: whoever publishes to the stream sets this.
+    let own = subject.starts_with('$') || subject.starts_with("_INBOX");
+    (!subject.is_empty() && !own).then(|| async_nats::Subject::from(subject))
 }
 
 /// Why an invocation gave no answer.

@@ -35,7 +35,9 @@ pub struct Fences {
     /// The data directory (admin token, secrets key, token hashes,
     /// modules, audit log).
     pub data_dir: PathBuf,
-    /// The TLS certificate and key files and `--tls-dir`.
+    /// Files and directories of credentials and settings: the TLS files
+    /// and `--tls-dir`, the secrets key, the admin token's and the cluster
+    /// secret's files, the registry's credentials, the config file.
     pub tls: Vec<PathBuf>,
     /// The NATS servers of the key-value backend (`nats://host:port`).
     pub nats: Vec<String>,

@@ -253,16 +253,29 @@ async fn a_claimed_name_never_shadows_the_host_or_hears_its_tokens() {
             claimed.text()
         );
     }
-    // A policy that opts in hands the header on.
+    // A policy that opts in hands the header on: the function's own
+    // token, never the admin token.
     let opted = host
         .admin(
             Method::PUT,
             "/v1/functions/echo/policy",
-            b"[http]\nhosts = [\"shop.test\"]\n[access]\npass_authorization = true\n".to_vec(),
+            b"[http]\nhosts = [\"shop.test\"]\n[access]\npublic = false\ntokens = [\"shop-caller\"]\npass_authorization = true\n".to_vec(),
         )
         .await;
     assert_eq!(opted.status, StatusCode::OK, "{}", opted.text());
     let echoed = as_shop("/cart", true).await;
-    assert!(echoed.text().contains(&host.token), "{}", echoed.text());
+    assert_eq!(echoed.status, StatusCode::OK, "{}", echoed.text());
+    assert!(!echoed.text().contains(&host.token), "{}", echoed.text());
+    let own = common::send(
+        Method::GET,
+        &format!("{}/cart", host.url),
+        &[
+            ("host", "shop.test"),
+            ("authorization", "Bearer shop-caller"),
+        ],
+        Vec::new(),
+    )
+    .await;
+    assert!(own.text().contains("shop-caller"), "{}", own.text());
     host.stop().await;
 }
