@@ -72,6 +72,77 @@ pub struct PolicyFile {
     pub http: Http,
 }
 
+/// How `[access] tokens` holds a token: `sha256:` and the hex of its
+/// SHA-256, like API tokens, so reading a policy (or gossip, or the
+/// policies directory) never gives one away. A plain token in a policy is
+/// hashed when the policy is written through the API or loaded from disk.
+pub const TOKEN_HASH_PREFIX: &str = "sha256:";
+
+/// The hex SHA-256 an `[access] tokens` entry stands for: the hash it
+/// holds, or the hash of the plain token it is.
+pub fn access_token_hash(entry: &str) -> String {
+    match entry.strip_prefix(TOKEN_HASH_PREFIX) {
+        Some(hex) if hex.len() == 64 && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            hex.to_ascii_lowercase()
+        }
+        _ => {
+            use sha2::Digest;
+            hex::encode(sha2::Sha256::digest(entry.as_bytes()))
+        }
+    }
+}
+
+/// `text` with every plain `[access] tokens` entry replaced by its hash
+/// (comments and layout kept); `None` when there is none to replace or
+/// the text is not TOML (its parse says why elsewhere).
+pub fn hash_access_tokens(text: &str) -> Option<String> {
+    let mut doc = text.parse::<toml_edit::DocumentMut>().ok()?;
+    let tokens = doc
+        .get_mut("access")?
+        .as_table_like_mut()?
+        .get_mut("tokens")?
+        .as_array_mut()?;
+    let mut changed = false;
+    for value in tokens.iter_mut() {
+        let Some(entry) = value.as_str() else {
+            continue;
+        };
+        let hashed = format!("{TOKEN_HASH_PREFIX}{}", access_token_hash(entry));
+        if hashed != entry {
+            let decor = value.decor().clone();
+            *value = toml_edit::Value::from(hashed);
+            *value.decor_mut() = decor;
+            changed = true;
+        }
+    }
+    changed.then(|| doc.to_string())
+}
+
+/// What a reader who is not the admin sees in place of a value that may
+/// be a credential.
+pub const REDACTED: &str = "<redacted>";
+
+impl PolicyFile {
+    /// The policy with every value that may be a credential replaced by
+    /// [`REDACTED`]: `[env]` values, `[config]` texts (a secret's name
+    /// stays: it is not the secret) and `[access] tokens`.
+    pub fn redacted(&self) -> PolicyFile {
+        let mut file = self.clone();
+        for value in file.env.values_mut() {
+            *value = REDACTED.to_string();
+        }
+        for value in file.config.values_mut() {
+            if let ConfigValue::Text(text) = value {
+                *text = REDACTED.to_string();
+            }
+        }
+        for token in &mut file.access.tokens {
+            *token = REDACTED.to_string();
+        }
+        file
+    }
+}
+
 /// The most names one `[http] hosts` claims.
 pub const MAX_ROUTE_HOSTS: usize = 32;
 
@@ -463,7 +534,9 @@ pub struct Access {
     /// token or one of `tokens`.
     #[serde(default = "yes")]
     pub public: bool,
-    /// Bearer tokens that may invoke this function.
+    /// Bearer tokens that may invoke this function: `sha256:` and the hex
+    /// of a token's SHA-256 (a plain token is hashed when the policy is
+    /// written through the API or loaded from its file).
     #[serde(default)]
     pub tokens: Vec<String>,
     /// Whether the guest sees the request's `Authorization` header. Off by
@@ -1071,6 +1144,7 @@ pub struct Policy {
     /// TCP bytes (sent and received) one instance may move.
     pub tcp_bytes: u64,
     pub public: bool,
+    /// The SHA-256 (hex) of each token that may invoke it.
     pub tokens: Vec<String>,
     /// Whether the guest sees `Authorization` (`[access] pass_authorization`).
     pub pass_authorization: bool,
@@ -1207,7 +1281,12 @@ impl Policy {
             tcp_connections: source.outbound.max_tcp_connections.0,
             tcp_bytes: source.outbound.max_tcp_bytes.0,
             public: source.access.public,
-            tokens: source.access.tokens.clone(),
+            tokens: source
+                .access
+                .tokens
+                .iter()
+                .map(|entry| access_token_hash(entry))
+                .collect(),
             pass_authorization: source.access.pass_authorization,
             reuse: source.instances.reuse.0,
             instance_concurrency: source.instances.concurrency.0,
@@ -1492,5 +1571,41 @@ mod tests {
                 .message
                 .contains("cannot open")
         );
+    }
+
+    #[test]
+    fn access_tokens_are_kept_as_hashes_with_the_file_as_written() {
+        let text = "# team a\n[access]\npublic = false # private\ntokens = [\"s3cret\", # the CI\n  \"sha256:ABCDEF0123456789abcdef0123456789abcdef0123456789abcdef0123456789\"]\n";
+        let hashed = hash_access_tokens(text).unwrap();
+        assert!(!hashed.contains("s3cret"), "{hashed}");
+        assert!(
+            hashed.contains("# team a") && hashed.contains("# the CI"),
+            "{hashed}"
+        );
+        assert!(hashed.contains(&format!("sha256:{}", access_token_hash("s3cret"))));
+        // Once hashed, nothing is left to hash.
+        assert_eq!(hash_access_tokens(&hashed), None);
+        let inline = "access = { public = false, tokens = [\"t\"] }\n";
+        assert!(!hash_access_tokens(inline).unwrap().contains("\"t\""));
+        assert_eq!(hash_access_tokens("[limits]\nqueue = 1\n"), None);
+        let policy = Policy::parse(&hashed, "t.toml", Path::new("/")).unwrap();
+        assert_eq!(policy.tokens[0], access_token_hash("s3cret"));
+        assert_eq!(
+            policy.tokens[1],
+            "abcdef0123456789abcdef0123456789abcdef0123456789abcdef0123456789"
+        );
+    }
+
+    #[test]
+    fn a_redacted_policy_shows_no_credential() {
+        let file: PolicyFile = toml::from_str(
+            "[env]\nKEY = \"v1\"\n[config]\na = \"v2\"\nb = { secret = \"pg\" }\n[access]\ntokens = [\"v3\"]\n",
+        )
+        .unwrap();
+        let shown = toml::to_string(&file.redacted()).unwrap();
+        for value in ["v1", "v2", "v3"] {
+            assert!(!shown.contains(value), "{shown}");
+        }
+        assert!(shown.contains("pg"), "{shown}");
     }
 }

@@ -74,7 +74,11 @@ pub fn list(state: &AppState) -> Result<Response<Body>, ApiError> {
 
 /// `GET /v1/functions/{name}`: the version served here, the versions the
 /// registry keeps (each with what superseded it), and the policy in force.
-pub fn describe(state: &AppState, name: &FunctionName) -> Result<Response<Body>, ApiError> {
+pub fn describe(
+    state: &AppState,
+    name: &FunctionName,
+    caller: &Caller,
+) -> Result<Response<Body>, ApiError> {
     let functions = &state.functions;
     let record = functions
         .record(name)
@@ -103,7 +107,7 @@ pub fn describe(state: &AppState, name: &FunctionName) -> Result<Response<Body>,
             "changed_ms": head.map(|h| stamp_ms(h.stamp)),
             "versions": versions,
             "apply_error": state.cluster().and_then(|c| c.apply_error(name.as_str())),
-            "policy": policy_json(state, name),
+            "policy": policy_json(state, name, caller),
         }),
     )
 }
@@ -141,12 +145,17 @@ pub(super) fn versions_json(
         .collect()
 }
 
-/// The policy in force (as written in its file) and the last load error.
-fn policy_json(state: &AppState, name: &FunctionName) -> serde_json::Value {
+/// The policy in force (as written in its file) and the last load error;
+/// for any reader but the admin, what may be a credential redacted.
+fn policy_json(state: &AppState, name: &FunctionName, caller: &Caller) -> serde_json::Value {
     let policies = &state.functions.policies;
     let status = policies.status(name);
+    let shown = status.policy.as_ref().map(|p| match caller {
+        Caller::Root => p.source.clone(),
+        Caller::Token(_) => p.source.redacted(),
+    });
     serde_json::json!({
-        "in_force": status.policy.as_ref().map(|p| &p.source),
+        "in_force": shown,
         "loaded_unix": status.loaded_unix,
         "error": status.error.as_ref().map(|e| e.to_string()),
         "file": policies.dir().join(format!("{name}.toml")),
@@ -154,8 +163,12 @@ fn policy_json(state: &AppState, name: &FunctionName) -> serde_json::Value {
 }
 
 /// `GET /v1/functions/{name}/policy`.
-pub fn get_policy(state: &AppState, name: &FunctionName) -> Result<Response<Body>, ApiError> {
-    json(StatusCode::OK, &policy_json(state, name))
+pub fn get_policy(
+    state: &AppState,
+    name: &FunctionName,
+    caller: &Caller,
+) -> Result<Response<Body>, ApiError> {
+    json(StatusCode::OK, &policy_json(state, name, caller))
 }
 
 /// `GET /v1/routes`: which function each name (and path prefix) of a
@@ -189,6 +202,9 @@ pub async fn put_policy(
     let bytes = body::read_capped(req, MAX_POLICY_BYTES, state.limits.body_idle_timeout).await?;
     let text = std::str::from_utf8(&bytes)
         .map_err(|_| ApiError::bad_request("invalid_policy", "the policy is not UTF-8 text"))?;
+    // Function tokens are kept, shown and gossiped as hashes only.
+    let hashed = lichen_core::policy::hash_access_tokens(text);
+    let text = hashed.as_deref().unwrap_or(text);
     state.functions.check_policy_size(name, text)?;
     // Parsed once for the checks; a text that does not parse is refused by
     // the write below, with what is wrong with it.
@@ -213,7 +229,7 @@ pub async fn put_policy(
                 publish(state, name).await;
             }
             drop(guard);
-            json(StatusCode::OK, &policy_json(state, name))
+            json(StatusCode::OK, &policy_json(state, name, caller))
         }
         Err(WriteError::Invalid(error)) => {
             Err(ApiError::bad_request("invalid_policy", error.to_string()))

@@ -8,7 +8,7 @@
 //! - a peer's signature (`x-lichen-peer-signature`, keyed from the cluster
 //!   secret, once per request: `lichen_core::seal`), for module fetches and
 //!   forwarded invocations from peers;
-//! - a private function's own tokens (its policy's `[access] tokens`, or the
+//! - a private function's own tokens (the SHA-256 its policy's `[access] tokens` holds, or the
 //!   admin token), for invoking it and mapping over it.
 //!
 //! A missing token is `401`, a wrong one `403`; a peer signature that does
@@ -21,6 +21,7 @@ use std::sync::Arc;
 use http::{StatusCode, header};
 use lichen_core::scopes::Needed;
 use lichen_core::seal::{Refused, Signed};
+use sha2::{Digest, Sha256};
 use subtle::ConstantTimeEq;
 
 use super::AppState;
@@ -126,29 +127,17 @@ pub fn invoke<B>(
     if policy.public {
         return Ok(());
     }
-    let accepted =
-        std::iter::once(state.admin_token.as_str()).chain(policy.tokens.iter().map(String::as_str));
-    check_bearer(req, accepted, "private functions")
-}
-
-/// Checks the request's bearer token against `accepted`: `401` without one,
-/// `403` with a wrong one. Each comparison takes the same time wherever the
-/// tokens differ.
-fn check_bearer<'a, B>(
-    req: &hyper::Request<B>,
-    accepted: impl IntoIterator<Item = &'a str>,
-    what: &str,
-) -> Result<(), ApiError> {
-    let presented = bearer(req, what)?;
-    let mut matched = false;
-    for token in accepted {
-        matched |= bool::from(presented.ct_eq(token.as_bytes()));
+    let presented = bearer(req, "private functions")?;
+    if presented.is_empty() {
+        return Err(not_valid());
     }
-    if matched && !presented.is_empty() {
-        Ok(())
-    } else {
-        Err(not_valid())
+    // The policy holds its tokens' hashes; the admin token is itself.
+    let mut matched = bool::from(presented.ct_eq(state.admin_token.as_bytes()));
+    let hash = hex::encode(Sha256::digest(presented));
+    for stored in &policy.tokens {
+        matched |= bool::from(hash.as_bytes().ct_eq(stored.as_bytes()));
     }
+    if matched { Ok(()) } else { Err(not_valid()) }
 }
 
 /// The request's bearer token (empty if the header is not `Bearer ...`);

@@ -22,7 +22,11 @@ pub fn mark_start() {
     STARTED.get_or_init(Instant::now);
 }
 
-pub async fn status(state: &AppState, query: Option<&str>) -> Result<Response<Body>, ApiError> {
+pub async fn status(
+    state: &AppState,
+    query: Option<&str>,
+    caller: &super::auth::Caller,
+) -> Result<Response<Body>, ApiError> {
     let detail = match super::query_param(query, "function") {
         Some(name) => Some(
             FunctionName::new(name)
@@ -145,24 +149,32 @@ pub async fn status(state: &AppState, query: Option<&str>) -> Result<Response<Bo
         "cluster": cluster,
     });
     if let Some(name) = detail {
-        body["function"] = function_detail(state, &name)?;
+        body["function"] = function_detail(state, &name, caller)?;
     }
     json(StatusCode::OK, &body)
 }
 
 /// One function's policy, versions, recent invocations and log lines.
-fn function_detail(state: &AppState, name: &FunctionName) -> Result<Value, ApiError> {
+/// For any reader but the admin, what may be a credential is redacted.
+fn function_detail(
+    state: &AppState,
+    name: &FunctionName,
+    caller: &super::auth::Caller,
+) -> Result<Value, ApiError> {
     let functions = &state.functions;
     let record = functions
         .record(name)
         .filter(|r| r.serving.is_some())
         .ok_or_else(|| ApiError::not_found(format!("no function named {name}")))?;
     let policy = functions.policies.status(name);
+    let shown = policy.policy.as_ref().map(|p| match caller {
+        super::auth::Caller::Root => p.source.clone(),
+        super::auth::Caller::Token(_) => p.source.redacted(),
+    });
     // The policy as a person would write it, for the page.
-    let in_force_toml = policy
-        .policy
+    let in_force_toml = shown
         .as_ref()
-        .map(|p| toml::to_string(&p.source))
+        .map(toml::to_string)
         .transpose()
         .context("writing a policy as TOML")?;
     Ok(json!({
@@ -171,7 +183,7 @@ fn function_detail(state: &AppState, name: &FunctionName) -> Result<Value, ApiEr
         "versions": super::admin::versions_json(functions, &record),
         "apply_error": state.cluster().and_then(|c| c.apply_error(name.as_str())),
         "policy": {
-            "in_force": policy.policy.as_ref().map(|p| &p.source),
+            "in_force": shown,
             "in_force_toml": in_force_toml,
             "error": policy.error.as_ref().map(|e| e.to_string()),
             "loaded_unix": policy.loaded_unix,

@@ -156,6 +156,22 @@ impl PolicyTable {
                 return;
             }
         };
+        // Plain function tokens (a file from before hashes, or written by
+        // hand) are replaced by their hashes in the file itself, so no
+        // reader, peer or backup sees them again.
+        let text = match lichen_core::policy::hash_access_tokens(&text) {
+            Some(hashed) => match self.write_file(&file, &hashed) {
+                Ok(()) => {
+                    tracing::info!(function = %name, "policy file's [access] tokens replaced by their hashes");
+                    hashed
+                }
+                Err(error) => {
+                    tracing::warn!(function = %name, error = format!("{error:#}"), "cannot replace the policy file's [access] tokens by their hashes");
+                    text
+                }
+            },
+            None => text,
+        };
         match self.parse(&name, &text, &file) {
             Ok(policy) => self.install(&name, policy),
             Err(error) => self.record_error(&name, error),
@@ -231,7 +247,14 @@ impl PolicyTable {
     pub fn write(&self, name: &FunctionName, text: &str) -> Result<Arc<Policy>, WriteError> {
         let file = format!("{name}.toml");
         let policy = self.parse(name, text, &file).map_err(WriteError::Invalid)?;
-        let target = self.dir.join(&file);
+        self.write_file(&file, text).map_err(WriteError::Io)?;
+        self.install(name, policy);
+        self.get(name).map_err(WriteError::Invalid)
+    }
+
+    /// Writes `file` of the directory atomically and durably.
+    fn write_file(&self, file: &str, text: &str) -> Result<()> {
+        let target = self.dir.join(file);
         let tmp = self.dir.join(format!(".{file}.tmp"));
         let written = (|| -> std::io::Result<()> {
             let mut f = std::fs::File::create(&tmp)?;
@@ -242,12 +265,9 @@ impl PolicyTable {
         })();
         if let Err(error) = written {
             let _ = std::fs::remove_file(&tmp);
-            return Err(WriteError::Io(
-                anyhow::Error::from(error).context(format!("writing {}", target.display())),
-            ));
+            return Err(anyhow::Error::from(error).context(format!("writing {}", target.display())));
         }
-        self.install(name, policy);
-        self.get(name).map_err(WriteError::Invalid)
+        Ok(())
     }
 
     fn install(&self, name: &FunctionName, policy: Policy) {

@@ -404,3 +404,108 @@ async fn invoke(url: &str, route: &str, path: &str) -> Reply {
     )
     .await
 }
+
+/// Reading does not leak credentials: `[access] tokens` are kept (on disk,
+/// in the registry, in the API) as hashes, a plain one in a file from
+/// before is replaced by its hash at load, and `[env]` values and
+/// `[config]` texts are `<redacted>` for every reader but the admin token,
+/// in the API and in `/v1/status` (what the status page shows).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reading_a_policy_never_shows_a_credential() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    // A file from before hashes, with a plain token.
+    common::write_policy(
+        &data,
+        "team-a-old",
+        "# kept\n[access]\npublic = false\ntokens = [\"old-plain-token\"]\n",
+    );
+    let host = TestHost::start(test_config(&data)).await;
+    let policies = data.join("policies");
+    let old = std::fs::read_to_string(policies.join("team-a-old.toml")).unwrap();
+    assert!(
+        !old.contains("old-plain-token") && old.contains("sha256:") && old.contains("# kept"),
+        "{old}"
+    );
+    for name in ["team-a-old", "team-a-x"] {
+        let deployed = host.deploy(name, component("hello")).await;
+        assert_eq!(deployed.status, StatusCode::CREATED, "{}", deployed.text());
+    }
+    let secret_policy = "[env]\nAPI_KEY = \"env-value-42\"\n[config]\nurl = \"postgres://u:config-value-43@db\"\n[access]\npublic = false\ntokens = [\"fn-token-44\"]\n";
+    let put = host
+        .admin(
+            Method::PUT,
+            "/v1/functions/team-a-x/policy",
+            secret_policy.as_bytes().to_vec(),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.text());
+    assert!(!put.text().contains("fn-token-44"), "{}", put.text());
+    let file = std::fs::read_to_string(policies.join("team-a-x.toml")).unwrap();
+    assert!(!file.contains("fn-token-44"), "{file}");
+    // The tokens still open their functions; the hashes do not.
+    for (function, token) in [
+        ("team-a-x", "fn-token-44"),
+        ("team-a-old", "old-plain-token"),
+    ] {
+        let url = format!("{}/fn/{function}/", host.url);
+        let auth = format!("Bearer {token}");
+        let ok = send(Method::GET, &url, &[("authorization", &auth)], Vec::new()).await;
+        assert_eq!(ok.status, StatusCode::OK, "{function}: {}", ok.text());
+        let hash = lichen_core::policy::access_token_hash(token);
+        let with_hash = format!("Bearer sha256:{hash}");
+        let refused = send(
+            Method::GET,
+            &url,
+            &[("authorization", &with_hash)],
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.text());
+        let with_hex = format!("Bearer {hash}");
+        let refused = send(
+            Method::GET,
+            &url,
+            &[("authorization", &with_hex)],
+            Vec::new(),
+        )
+        .await;
+        assert_eq!(refused.status, StatusCode::FORBIDDEN, "{}", refused.text());
+    }
+    // Readers with scopes see no credential; the admin sees the values
+    // (and the tokens' hashes only).
+    let reader = token(&host, "reader", &["functions:read", "status:read"]).await;
+    let deployer = token(&host, "deployer", &[DEPLOY]).await;
+    let secrets = ["env-value-42", "config-value-43", "fn-token-44"];
+    for (who, bearer) in [("reader", &reader), ("deployer", &deployer)] {
+        for path in [
+            "/v1/functions/team-a-x",
+            "/v1/functions/team-a-x/policy",
+            "/v1/status?function=team-a-x",
+        ] {
+            if who == "deployer" && path.starts_with("/v1/status") {
+                continue;
+            }
+            let read = with_token(&host.url, bearer, Method::GET, path, Vec::new()).await;
+            assert_eq!(read.status, StatusCode::OK, "{who} {path}: {}", read.text());
+            let text = read.text();
+            assert!(text.contains("<redacted>"), "{who} {path}: {text}");
+            for secret in secrets {
+                assert!(
+                    !text.contains(secret),
+                    "{who} {path} shows {secret}: {text}"
+                );
+            }
+        }
+    }
+    let admin = host
+        .admin(Method::GET, "/v1/status?function=team-a-x", Vec::new())
+        .await
+        .text();
+    assert!(
+        admin.contains("env-value-42") && admin.contains("config-value-43"),
+        "{admin}"
+    );
+    assert!(!admin.contains("fn-token-44"), "{admin}");
+    host.stop().await;
+}
