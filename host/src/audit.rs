@@ -9,11 +9,20 @@
 //! goes out, so a change a client was told of is in the log even if the
 //! host is killed at once. Past [`MAX_FILE_BYTES`] the file is rotated to
 //! `audit.log.1` (and `.1` to `.2`, and so on, [`KEEP_FILES`] in all).
+//!
+//! Tamper-evident: each line carries `prev`, the SHA-256 of the line
+//! before it (across rotations), so a line changed, removed or inserted
+//! breaks the chain at that point; [`verify`] (`lichen audit verify`)
+//! walks it. (Whoever can write the data directory can rewrite the whole
+//! chain: ship the log off the host to make that evident too.) Reading
+//! never waits for an append's fsync: it holds only the rotation lock.
 
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, RwLock};
+
+use sha2::{Digest, Sha256};
 
 use anyhow::{Context, Result};
 use serde::{Deserialize, Serialize};
@@ -61,6 +70,9 @@ pub struct Entry {
     /// peer.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub applied_from_peer: Option<String>,
+    /// The SHA-256 (hex) of the line before this one: the chain.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev: Option<String>,
 }
 
 impl Entry {
@@ -80,14 +92,25 @@ impl Entry {
             version: None,
             sha256: None,
             applied_from_peer: None,
+            prev: None,
         }
     }
 }
 
 pub struct Audit {
     dir: PathBuf,
-    file: Mutex<File>,
+    /// The file appended to, and the hash of its last line.
+    file: Mutex<(File, String)>,
+    /// Taken to write while files are renamed, to read while they are read.
+    rotation: RwLock<()>,
     max_file_bytes: u64,
+}
+
+/// The `prev` of the first line of a new log.
+const GENESIS: &str = "0000000000000000000000000000000000000000000000000000000000000000";
+
+fn line_hash(line: &[u8]) -> String {
+    hex::encode(Sha256::digest(line))
 }
 
 impl Audit {
@@ -108,25 +131,58 @@ impl Audit {
                 .and_then(|()| file.sync_data())
                 .context("ending a torn line of the audit log")?;
         }
-        Ok(Audit {
+        let audit = Audit {
             dir,
-            file: Mutex::new(file),
+            file: Mutex::new((file, GENESIS.to_string())),
+            rotation: RwLock::new(()),
             max_file_bytes,
-        })
+        };
+        let last = audit.last_line_hash()?;
+        audit.file.lock().unwrap_or_else(|e| e.into_inner()).1 = last;
+        Ok(audit)
+    }
+
+    /// The hash of the newest whole line of the log (the newest file that
+    /// has one), or [`GENESIS`].
+    fn last_line_hash(&self) -> Result<String> {
+        for index in 0..KEEP_FILES {
+            let path = self.path(index);
+            let text = match std::fs::read(&path) {
+                Ok(text) => text,
+                Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+                Err(error) => {
+                    return Err(error).with_context(|| format!("reading {}", path.display()));
+                }
+            };
+            let last = text
+                .split(|b| *b == b'\n')
+                .rfind(|line| serde_json::from_slice::<Entry>(line).is_ok());
+            if let Some(line) = last {
+                return Ok(line_hash(line));
+            }
+        }
+        Ok(GENESIS.to_string())
     }
 
     /// Appends `entry` and waits for it to be on disk.
     pub fn append(&self, entry: &Entry) -> Result<()> {
-        let mut line = serde_json::to_vec(entry).context("serialising an audit entry")?;
+        let mut guard = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        let (file, last) = &mut *guard;
+        let mut entry = entry.clone();
+        entry.prev = Some(last.clone());
+        let mut line = serde_json::to_vec(&entry).context("serialising an audit entry")?;
+        let hash = line_hash(&line);
         line.push(b'\n');
-        let mut file = self.file.lock().unwrap_or_else(|e| e.into_inner());
         let size = file.metadata().map(|m| m.len()).unwrap_or(0);
         if size > 0 && size + line.len() as u64 > self.max_file_bytes {
+            let _renaming = self.rotation.write().unwrap_or_else(|e| e.into_inner());
             *file = self.rotate()?;
         }
         file.write_all(&line)
             .and_then(|()| file.sync_data())
-            .context("appending to the audit log")
+            .context("appending to the audit log")?;
+        *last = hash;
+        Ok(())
     }
 
     /// [`Audit::append`] off the async threads; a failure is logged (the
@@ -150,8 +206,9 @@ impl Audit {
     /// The entries since `since_unix_ms`, of `function` if given, oldest
     /// first: the latest [`MAX_READ`].
     pub fn read(&self, since_unix_ms: u64, function: Option<&str>) -> Result<Vec<Entry>> {
-        // Held so a rotation does not move a file from under the read.
-        let _file = self.file.lock().unwrap_or_else(|e| e.into_inner());
+        // Held so a rotation does not move a file from under the read; an
+        // append (and its fsync) does not wait for it, nor it for one.
+        let _reading = self.rotation.read().unwrap_or_else(|e| e.into_inner());
         let mut entries = std::collections::VecDeque::new();
         for index in (0..KEEP_FILES).rev() {
             let path = self.path(index);
@@ -205,6 +262,59 @@ impl Audit {
             .context("syncing the data directory after rotating the audit log")?;
         Ok(file)
     }
+}
+
+/// What [`verify`] found: the lines it checked, in how many files.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Verified {
+    pub lines: usize,
+    pub files: usize,
+}
+
+/// Walks the chain of the log in `data_dir`, oldest file first: every
+/// line's `prev` must be the hash of the whole line before it (the first
+/// line kept is taken as it is: what it follows was rotated away). A line
+/// a crash cut short is skipped. The error names the file and line where
+/// the chain breaks.
+pub fn verify(data_dir: &Path) -> Result<Verified> {
+    let mut last: Option<String> = None;
+    let mut verified = Verified { lines: 0, files: 0 };
+    for index in (0..KEEP_FILES).rev() {
+        let path = match index {
+            0 => data_dir.join(FILE),
+            n => data_dir.join(format!("{FILE}.{n}")),
+        };
+        let text = match std::fs::read(&path) {
+            Ok(text) => text,
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(error) => return Err(error).with_context(|| format!("reading {}", path.display())),
+        };
+        verified.files += 1;
+        for (number, line) in text.split(|b| *b == b'\n').enumerate() {
+            let Ok(entry) = serde_json::from_slice::<Entry>(line) else {
+                continue;
+            };
+            let Some(prev) = &entry.prev else {
+                anyhow::bail!(
+                    "{}:{}: the line carries no chain (`prev`)",
+                    path.display(),
+                    number + 1
+                );
+            };
+            if let Some(expected) = &last
+                && prev != expected
+            {
+                anyhow::bail!(
+                    "{}:{}: the chain breaks here: the line before it was changed, removed or inserted",
+                    path.display(),
+                    number + 1
+                );
+            }
+            last = Some(line_hash(line));
+            verified.lines += 1;
+        }
+    }
+    Ok(verified)
 }
 
 /// The file's last byte, if it has one.
@@ -269,5 +379,49 @@ mod tests {
         assert_eq!(last.version, Some(1 << 40));
         let later = audit.read(u64::MAX, None).unwrap();
         assert!(later.is_empty());
+    }
+
+    #[test]
+    fn the_chain_holds_across_rotations_and_breaks_where_a_line_was_touched() {
+        let dir = tempfile::tempdir().unwrap();
+        let max = 64 << 10;
+        let audit = Audit::open_with(dir.path(), max).unwrap();
+        let mut entry = Entry::now("admin", "PUT /v1/functions/{name}");
+        entry.sha256 = Some("cd".repeat(256));
+        for i in 0..200u64 {
+            entry.version = Some(i);
+            audit.append(&entry).unwrap();
+        }
+        drop(audit);
+        // Reopened, it goes on from the last line.
+        let audit = Audit::open_with(dir.path(), max).unwrap();
+        entry.version = Some(200);
+        audit.append(&entry).unwrap();
+        assert!(dir.path().join("audit.log.1").exists());
+        let whole = verify(dir.path()).unwrap();
+        assert!(whole.files >= 2 && whole.lines > 100, "{whole:?}");
+        let path = dir.path().join(FILE);
+        let text = std::fs::read_to_string(&path).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert!(lines.len() > 4);
+        for tampered in [
+            // A field changed.
+            text.replacen("\"result\":200", "\"result\":403", 2),
+            // A line removed.
+            lines
+                .iter()
+                .enumerate()
+                .filter(|(i, _)| *i != 2)
+                .map(|(_, l)| format!("{l}\n"))
+                .collect(),
+            // A line inserted (an old one, copied).
+            format!("{}\n{text}", lines[1]),
+        ] {
+            std::fs::write(&path, &tampered).unwrap();
+            assert!(verify(dir.path()).is_err(), "{}", &tampered[..200]);
+        }
+        // A torn last line (a crash) is not tampering.
+        std::fs::write(&path, format!("{text}{{\"time\":")).unwrap();
+        assert!(verify(dir.path()).is_ok());
     }
 }

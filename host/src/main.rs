@@ -82,6 +82,11 @@ enum Command {
         #[command(subcommand)]
         action: TokenAction,
     },
+    /// Check the audit log of a data directory, on the host's machine.
+    Audit {
+        #[command(subcommand)]
+        action: AuditAction,
+    },
     /// Invoke NAME once per element of the JSON array in FILE (in parallel,
     /// across the cluster); prints the results in input order.
     Map {
@@ -279,6 +284,21 @@ struct KvArgs {
     /// operation fails (the guest gets the interface's error).
     #[arg(long, default_value = "5s", value_parser = duration)]
     kv_nats_timeout: std::time::Duration,
+    /// A NATS credentials file (JWT and nkey seed, as `nsc` writes it).
+    #[arg(long, value_name = "FILE")]
+    kv_nats_creds: Option<PathBuf>,
+    /// A file holding the NATS user's nkey seed (`SU...`).
+    #[arg(long, value_name = "FILE")]
+    kv_nats_nkey: Option<PathBuf>,
+    /// The CA (PEM) NATS's certificate must chain to; TLS is required then.
+    #[arg(long, value_name = "FILE")]
+    kv_nats_ca: Option<PathBuf>,
+    /// A client certificate (PEM) for NATS servers that verify clients.
+    #[arg(long, value_name = "FILE", requires = "kv_nats_key")]
+    kv_nats_cert: Option<PathBuf>,
+    /// The private key (PEM) of --kv-nats-cert.
+    #[arg(long, value_name = "FILE", requires = "kv_nats_cert")]
+    kv_nats_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -570,6 +590,18 @@ async fn main() -> ExitCode {
                 print(async { client::secret_remove(&target.resolve()?, &name).await }).await
             }
         },
+        Command::Audit {
+            action: AuditAction::Verify { data_dir },
+        } => {
+            print(async {
+                let verified = lichen::audit::verify(&data_dir)?;
+                Ok(format!(
+                    "the audit log's chain holds: {} lines in {} files",
+                    verified.lines, verified.files
+                ))
+            })
+            .await
+        }
         Command::Token { action } => match action {
             TokenAction::Create {
                 name,
@@ -658,6 +690,19 @@ enum SecretAction {
         name: String,
         #[command(flatten)]
         target: TargetArgs,
+    },
+}
+
+/// What `lichen audit` does.
+#[derive(Subcommand)]
+enum AuditAction {
+    /// Walk the chain of hashes of DATA_DIR/audit.log (and its rotated
+    /// files): a line changed, removed or inserted is named, with a
+    /// non-zero exit.
+    Verify {
+        /// The host's data directory.
+        #[arg(long, default_value = "./lichen-data")]
+        data_dir: PathBuf,
     },
 }
 
@@ -755,6 +800,22 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
     config.max_connections = args.max_connections;
     config.max_in_flight = args.max_in_flight;
     config.max_loaded_functions = args.max_loaded_functions;
+    config.kv_nats_auth = lichen::kv::nats::NatsAuth {
+        creds: args.kv.kv_nats_creds.clone(),
+        nkey: args.kv.kv_nats_nkey.clone(),
+        ca: args.kv.kv_nats_ca.clone(),
+        cert: args.kv.kv_nats_cert.clone(),
+        key: args.kv.kv_nats_key.clone(),
+    };
+    config.protected.extend(
+        [
+            args.kv.kv_nats_creds.clone(),
+            args.kv.kv_nats_nkey.clone(),
+            args.kv.kv_nats_key.clone(),
+        ]
+        .into_iter()
+        .flatten(),
+    );
     config.kv = args.kv.config()?;
     config.protected.extend(
         [

@@ -95,6 +95,9 @@ pub struct Metrics {
     pub module_fetches: IntCounterVec,
     /// Changes to one function made on two hosts without seeing each other.
     pub registry_conflicts: IntCounter,
+    /// Entries of the registry on NATS refused: not sealed under the
+    /// cluster's secret (written by whoever can write NATS, not a host).
+    pub registry_rejected: IntCounter,
     /// Registry entries that failed to apply here, by function.
     pub registry_apply_failures: IntCounterVec,
     /// Each live peer's wall clock minus this host's, in seconds.
@@ -346,6 +349,10 @@ impl Metrics {
             ),
             &["outcome"],
         )?;
+        let registry_rejected = IntCounter::with_opts(Opts::new(
+            "lichen_registry_rejected_total",
+            "Entries of the cluster's registry on NATS refused: not sealed under the cluster secret.",
+        ))?;
         let registry_conflicts = IntCounter::with_opts(Opts::new(
             "lichen_registry_conflicts_total",
             "Changes to one function made on two hosts without seeing each other (both versions are kept; one is active).",
@@ -425,6 +432,7 @@ impl Metrics {
         registry.register(Box::new(forward_failures.clone()))?;
         registry.register(Box::new(module_fetches.clone()))?;
         registry.register(Box::new(registry_conflicts.clone()))?;
+        registry.register(Box::new(registry_rejected.clone()))?;
         registry.register(Box::new(registry_apply_failures.clone()))?;
         registry.register(Box::new(peer_clock_offset.clone()))?;
         registry.register(Box::new(gossip_rejected.clone()))?;
@@ -462,6 +470,7 @@ impl Metrics {
             forward_failures,
             module_fetches,
             registry_conflicts,
+            registry_rejected,
             registry_apply_failures,
             peer_clock_offset,
             gossip_rejected,

@@ -173,6 +173,8 @@ pub struct ServeConfig {
     pub trace: TraceConfig,
     /// The most a policy written by a scoped token may ask for.
     pub scoped: lichen_core::grants::Ceilings,
+    /// How the host proves itself to NATS and checks NATS's certificate.
+    pub kv_nats_auth: crate::kv::nats::NatsAuth,
     /// Files holding credentials or settings (the admin token's, the
     /// cluster secret's, the registry's, the config file): no `[files]`
     /// path of a scoped token's policy reaches them.
@@ -220,6 +222,7 @@ impl ServeConfig {
             registry: RegistryConfig::default(),
             trace: TraceConfig::default(),
             scoped: lichen_core::grants::Ceilings::default(),
+            kv_nats_auth: crate::kv::nats::NatsAuth::default(),
             protected: Vec::new(),
         }
     }
@@ -280,7 +283,7 @@ impl Server {
                 replicas,
                 timeout,
             } => Kv::Nats(Box::new(
-                NatsBackend::connect(urls, *replicas, *timeout)
+                NatsBackend::connect(urls, *replicas, *timeout, &config.kv_nats_auth)
                     .await
                     .context("setting up the NATS key-value backend")?,
             )),
@@ -302,9 +305,22 @@ impl Server {
             Box::new(move |name| known.contains(name)),
         )?);
         let policy_watcher = policies.watch()?;
+        let recorder = Arc::clone(&audit);
+        policies.on_edit(Box::new(move |name| {
+            let mut entry = crate::audit::Entry::now("policy-file", "edit policies/{name}.toml");
+            entry.function = Some(name.to_string());
+            if let Err(error) = recorder.append(&entry) {
+                tracing::error!(function = %name, error = format!("{error:#}"), "a policy file edit could not be written to the audit log");
+            }
+        }));
         let shared_registry = match (&config.cluster, kv.nats_context()) {
             (Some(cluster), Some((js, replicas))) if cluster.shared_registry => {
-                Some(Arc::new(SharedRegistry::new(js, replicas)))
+                Some(Arc::new(SharedRegistry::new(
+                    js,
+                    replicas,
+                    Arc::clone(&cluster.keyring),
+                    metrics.registry_rejected.clone(),
+                )))
             }
             (Some(cluster), None) if cluster.shared_registry => {
                 anyhow::bail!("the cluster's registry on NATS needs the NATS key-value backend")

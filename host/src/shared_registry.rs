@@ -7,12 +7,20 @@
 //! entry and writes it only if nobody wrote in between, else makes it again
 //! on the newer one (see `Functions::make_change`).
 //!
+//! Each value is the entry sealed under the cluster secret
+//! (`Keyring::seal_value`, AES-256-GCM under a one-time key wrapped for
+//! each secret of a rotation; the key's name is bound in), so whoever can
+//! write NATS but does not hold the secret can neither read a policy nor
+//! set one: a value that does not open is refused, counted
+//! (`lichen_registry_rejected_total`) and overwritten by the next change.
+//!
 //! Hosts watch the bucket and join what they see into their records; from
 //! there the cluster's sync serves it as it does gossiped entries, fetching
 //! modules from peers by hash (modules never go through NATS). Gossip still
 //! carries entries too: every entry a host has came from the bucket, so
 //! joining them changes nothing the bucket did not say.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_nats::jetstream::{self, kv};
@@ -22,7 +30,9 @@ use tokio::sync::OnceCell;
 use crate::kv::KvError;
 use crate::kv::nats::{lost_race, open_bucket, unavailable};
 use crate::names::FunctionName;
+use lichen_core::gossip::SealedText;
 use lichen_core::registry::Entry;
+use lichen_core::seal::Keyring;
 
 /// The bucket (its stream is `KV_lichen-registry`). Function names have
 /// no `_`, and stores' buckets are `lichen_<function>_<label>`, so no
@@ -38,6 +48,8 @@ pub struct SharedRegistry {
     js: jetstream::Context,
     replicas: usize,
     store: OnceCell<kv::Store>,
+    keyring: Arc<Keyring>,
+    rejected: prometheus::IntCounter,
 }
 
 /// The outcome of a conditional write.
@@ -49,12 +61,39 @@ pub enum Written {
 }
 
 impl SharedRegistry {
-    pub fn new(js: jetstream::Context, replicas: usize) -> Self {
+    pub fn new(
+        js: jetstream::Context,
+        replicas: usize,
+        keyring: Arc<Keyring>,
+        rejected: prometheus::IntCounter,
+    ) -> Self {
         SharedRegistry {
             js,
             replicas,
             store: OnceCell::new(),
+            keyring,
+            rejected,
         }
+    }
+
+    /// The entry a value holds, if it opens under the cluster's secret
+    /// and names its key; a forged or mangled one is counted and logged.
+    fn open(&self, key: &str, value: &[u8]) -> Result<Entry, KvError> {
+        let opened = serde_json::from_slice::<SealedText>(value)
+            .ok()
+            .and_then(|text| text.decode())
+            .and_then(|sealed| self.keyring.open_value(&aad(key), &sealed));
+        let Some(json) = opened else {
+            self.rejected.inc();
+            tracing::warn!(
+                key,
+                "an entry of the cluster's registry (NATS) is not sealed under the cluster secret: refused"
+            );
+            return Err(KvError::Invalid(format!(
+                "the registry's entry of {key} is not sealed under the cluster secret"
+            )));
+        };
+        decode(key, &json)
     }
 
     /// The bucket, made on first use (NATS may be unreachable when the host
@@ -79,8 +118,12 @@ impl SharedRegistry {
         if found.operation != kv::Operation::Put {
             return Ok((None, found.revision));
         }
-        let entry = decode(name.as_str(), &found.value)?;
-        Ok((Some(entry), found.revision))
+        // A value that does not open is no entry: the next change
+        // overwrites it (on its revision).
+        match self.open(name.as_str(), &found.value) {
+            Ok(entry) => Ok((Some(entry), found.revision)),
+            Err(_) => Ok((None, found.revision)),
+        }
     }
 
     /// Writes `entry` as `name`'s, if `revision` is still its latest (0:
@@ -92,7 +135,13 @@ impl SharedRegistry {
         revision: u64,
     ) -> Result<Written, KvError> {
         let store = self.store().await?;
-        let value = serde_json::to_vec(entry).map_err(|e| KvError::Invalid(e.to_string()))?;
+        let json = serde_json::to_vec(entry).map_err(|e| KvError::Invalid(e.to_string()))?;
+        let sealed = self
+            .keyring
+            .seal_value(&aad(name.as_str()), &json)
+            .map_err(|e| KvError::Invalid(format!("sealing {name}'s entry: {e}")))?;
+        let value = serde_json::to_vec(&SealedText::from(&sealed))
+            .map_err(|e| KvError::Invalid(e.to_string()))?;
         match store.update(name.as_str(), value.into(), revision).await {
             Ok(revision) => Ok(Written::At(revision)),
             Err(e) if lost_race(e.kind() == kv::UpdateErrorKind::WrongLastRevision, &e) => {
@@ -146,7 +195,7 @@ impl SharedRegistry {
             if next.operation != kv::Operation::Put {
                 continue;
             }
-            match decode(&next.key, &next.value) {
+            match self.open(&next.key, &next.value) {
                 Ok(entry) => {
                     if !seen(entry).await {
                         return Ok(false);
@@ -158,6 +207,12 @@ impl SharedRegistry {
             }
         }
     }
+}
+
+/// What a sealed entry is bound to: its key, so a value moved under
+/// another name does not open.
+fn aad(key: &str) -> Vec<u8> {
+    format!("lichen registry entry v1\n{key}").into_bytes()
 }
 
 /// The entry stored under `key`: JSON of an entry of that name.

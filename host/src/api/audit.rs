@@ -26,6 +26,7 @@ pub fn records(handler: Handler) -> bool {
             | Handler::DeleteSecret
             | Handler::CreateToken
             | Handler::RevokeToken
+            | Handler::RunTrigger
     )
 }
 

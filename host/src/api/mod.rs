@@ -123,15 +123,21 @@ async fn route_request(
             let caller = match route_caller(state, route, &params, &req) {
                 Ok(caller) => caller,
                 Err(error) => {
-                    // A token that was let in elsewhere tried this: noted.
-                    if let Some(token) = auth::token_name(state, &req) {
-                        let refused = audit::Attempt {
-                            token: &token,
-                            client,
-                            what: &what,
-                        };
-                        audit::note_refused(state, refused, route, params, &error).await;
-                    }
+                    // Every refused change is noted: a known token by its
+                    // name, anything else as what it was.
+                    let token = auth::token_name(state, &req).unwrap_or_else(|| {
+                        if req.headers().contains_key(http::header::AUTHORIZATION) {
+                            "unknown".to_string()
+                        } else {
+                            "none".to_string()
+                        }
+                    });
+                    let refused = audit::Attempt {
+                        token: &token,
+                        client,
+                        what: &what,
+                    };
+                    audit::note_refused(state, refused, route, params, &error).await;
                     return Err(error);
                 }
             };

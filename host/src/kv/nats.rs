@@ -226,14 +226,61 @@ enum Change<T> {
     Keep(T),
 }
 
+/// How a host proves itself to NATS, and which NATS it trusts: a
+/// credentials file (JWT and seed, `nsc`'s `.creds`), or an nkey seed
+/// file; a CA the server's certificate must chain to (TLS required then);
+/// a client certificate and key for servers that verify clients.
+#[derive(Debug, Clone, Default)]
+pub struct NatsAuth {
+    pub creds: Option<std::path::PathBuf>,
+    pub nkey: Option<std::path::PathBuf>,
+    pub ca: Option<std::path::PathBuf>,
+    pub cert: Option<std::path::PathBuf>,
+    pub key: Option<std::path::PathBuf>,
+}
+
+impl NatsAuth {
+    /// `options` with these credentials and trust.
+    async fn apply(
+        &self,
+        mut options: async_nats::ConnectOptions,
+    ) -> anyhow::Result<async_nats::ConnectOptions> {
+        if let Some(creds) = &self.creds {
+            options = options
+                .credentials_file(creds)
+                .await
+                .map_err(|e| anyhow::anyhow!("--kv-nats-creds {}: {e}", creds.display()))?;
+        }
+        if let Some(nkey) = &self.nkey {
+            let seed = std::fs::read_to_string(nkey)
+                .map_err(|e| anyhow::anyhow!("--kv-nats-nkey {}: {e}", nkey.display()))?;
+            options = options.nkey(seed.trim().to_string());
+        }
+        if let Some(ca) = &self.ca {
+            options = options.add_root_certificates(ca.clone()).require_tls(true);
+        }
+        match (&self.cert, &self.key) {
+            (Some(cert), Some(key)) => {
+                options = options
+                    .add_client_certificate(cert.clone(), key.clone())
+                    .require_tls(true);
+            }
+            (None, None) => {}
+            _ => anyhow::bail!("--kv-nats-cert and --kv-nats-key go together"),
+        }
+        Ok(options)
+    }
+}
+
 impl NatsBackend {
-    /// Connects to `urls` (one NATS cluster); the host starts even if none
-    /// answers yet, and the client keeps reconnecting. `timeout` bounds
-    /// each JetStream request.
+    /// Connects to `urls` (one NATS cluster) as `auth` says; the host
+    /// starts even if none answers yet, and the client keeps reconnecting.
+    /// `timeout` bounds each JetStream request.
     pub async fn connect(
         urls: &[String],
         replicas: usize,
         timeout: Duration,
+        auth: &NatsAuth,
     ) -> anyhow::Result<Self> {
         let options = async_nats::ConnectOptions::new()
             .name("lichen")
@@ -255,6 +302,7 @@ impl NatsBackend {
             .map(|url| url.parse())
             .collect::<Result<_, _>>()
             .map_err(|e| anyhow::anyhow!("--kv-nats-url: {e}"))?;
+        let options = auth.apply(options).await?;
         let client = options.connect(addrs).await?;
         let mut js = jetstream::new(client.clone());
         js.set_timeout(timeout);

@@ -51,7 +51,13 @@ pub struct PolicyTable {
     /// Whether a secret of this name is set: a policy naming one that is
     /// not is invalid.
     secret_is_set: SecretCheck,
+    /// Told of each file edited on disk (its text not the one in force),
+    /// once the host is up: the audit log's line.
+    edited: std::sync::OnceLock<OnEdit>,
 }
+
+/// Told of a policy file edited on disk.
+pub type OnEdit = Box<dyn Fn(&FunctionName) + Send + Sync>;
 
 /// Answers whether a secret is set.
 pub type SecretCheck = Box<dyn Fn(&str) -> bool + Send + Sync>;
@@ -78,6 +84,7 @@ impl PolicyTable {
             default: Arc::new(Policy::default()),
             on_error,
             secret_is_set,
+            edited: std::sync::OnceLock::new(),
         };
         let entries = std::fs::read_dir(&table.dir)
             .with_context(|| format!("reading {}", table.dir.display()))?;
@@ -85,6 +92,11 @@ impl PolicyTable {
             table.reload(&entry.path());
         }
         Ok(table)
+    }
+
+    /// From now on, `edited` is told of each policy file edited on disk.
+    pub fn on_edit(&self, edited: OnEdit) {
+        let _ = self.edited.set(edited);
     }
 
     pub fn dir(&self) -> &Path {
@@ -172,6 +184,17 @@ impl PolicyTable {
             },
             None => text,
         };
+        if let Some(edited) = self.edited.get() {
+            let in_force = self
+                .entries
+                .read()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&name)
+                .and_then(|status| status.policy.as_ref().map(|p| p.text == text));
+            if in_force != Some(true) {
+                edited(&name);
+            }
+        }
         match self.parse(&name, &text, &file) {
             Ok(policy) => self.install(&name, policy),
             Err(error) => self.record_error(&name, error),

@@ -273,3 +273,95 @@ fn version_in(out: &str) -> String {
         .unwrap_or_else(|| panic!("no version in {out:?}"));
     after.chars().take_while(char::is_ascii_digit).collect()
 }
+
+/// The audit log is a chain `lichen audit verify` walks: after changes,
+/// refusals of a wrong token and of none (recorded as `unknown` and
+/// `none`) and a policy file edited on disk (as `policy-file`), it holds;
+/// a line changed in the file breaks it, named, with a failed exit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_audit_log_is_a_chain_the_cli_verifies() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("data");
+    let (_host, url, _log) = serve(&data);
+    let token = std::fs::read_to_string(data.join("admin-token")).unwrap();
+    let token = token.trim();
+    let bearer = format!("Bearer {token}");
+    let deploy = format!("{url}/v1/functions/hello");
+    let made = send(
+        Method::PUT,
+        &deploy,
+        &[("authorization", &bearer)],
+        component("hello"),
+    )
+    .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
+    let wrong = send(
+        Method::PUT,
+        &deploy,
+        &[("authorization", "Bearer guess")],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(wrong.status, StatusCode::FORBIDDEN, "{}", wrong.text());
+    let none = send(Method::DELETE, &deploy, &[], Vec::new()).await;
+    assert_eq!(none.status, StatusCode::UNAUTHORIZED, "{}", none.text());
+    std::fs::write(data.join("policies/hello.toml"), "[limits]\nqueue = 3\n").unwrap();
+    let audit = format!("{url}/v1/audit");
+    common::eventually("the edit on disk is in the log", || async {
+        let log = send(
+            Method::GET,
+            &audit,
+            &[("authorization", &bearer)],
+            Vec::new(),
+        )
+        .await;
+        log.text().contains("\"policy-file\"")
+    })
+    .await;
+    let log = send(
+        Method::GET,
+        &audit,
+        &[("authorization", &bearer)],
+        Vec::new(),
+    )
+    .await
+    .json();
+    let tokens: Vec<&str> = log["entries"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|e| e["token"].as_str())
+        .collect();
+    for expected in ["admin", "unknown", "none", "policy-file"] {
+        assert!(tokens.contains(&expected), "{expected}: {log}");
+    }
+    let verify = |data: &std::path::Path| {
+        Command::new(LICHEN)
+            .args(["audit", "verify", "--data-dir"])
+            .arg(data)
+            .output()
+            .unwrap()
+    };
+    let held = verify(&data);
+    assert!(
+        held.status.success(),
+        "{}",
+        String::from_utf8_lossy(&held.stderr)
+    );
+    assert!(
+        String::from_utf8_lossy(&held.stdout).contains("holds: 4 lines"),
+        "{}",
+        String::from_utf8_lossy(&held.stdout)
+    );
+    // Someone rewrites the first change as a refusal.
+    let path = data.join("audit.log");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(&path, text.replacen("\"result\":201", "\"result\":403", 1)).unwrap();
+    let broken = verify(&data);
+    assert!(!broken.status.success());
+    let said = String::from_utf8_lossy(&broken.stderr);
+    assert!(
+        said.contains("audit.log:2") && said.contains("chain breaks"),
+        "{said}"
+    );
+}

@@ -19,9 +19,14 @@ async fn nats_passes_the_conformance_suite() {
     let dir = tempfile::tempdir().unwrap();
     let nats = NatsServer::start(dir.path());
     let backend = Arc::new(
-        NatsBackend::connect(std::slice::from_ref(&nats.url), 1, PATIENCE)
-            .await
-            .unwrap(),
+        NatsBackend::connect(
+            std::slice::from_ref(&nats.url),
+            1,
+            PATIENCE,
+            &Default::default(),
+        )
+        .await
+        .unwrap(),
     );
     if let Err(failure) = conformance::check(&backend, "nats").await {
         panic!("{failure}");

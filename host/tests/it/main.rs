@@ -19,6 +19,7 @@ mod kv_nats;
 mod layout;
 mod lifecycle;
 mod metrics;
+mod nats_auth;
 mod oci;
 mod openapi;
 mod outbound;

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use http::{Method, StatusCode};
 
-use super::{Node, SECRET, three, two_with};
+use super::{Node, SECRET, deploy_with_policy, on_nats, three, two_with};
 use crate::common::{self, component, distinct, eventually, send, series_sum};
 use lichen::store::sha256_hex;
 
@@ -527,4 +527,76 @@ async fn a_forwarded_request_keeps_its_host_and_a_client_cannot_set_it() {
     let authority = direct.json()["authority"].as_str().unwrap().to_string();
     assert!(authority.starts_with("127.0.0.1:"), "{authority}");
     assert!(!direct.text().contains("shop.test"), "{}", direct.text());
+}
+
+/// Whoever can write NATS but holds no cluster secret cannot set a policy:
+/// an entry written straight into the `lichen-registry` bucket (the JSON a
+/// host used to write, naming a policy that claims the admin's names) is
+/// refused by every host, counted, and changes nothing; the next real
+/// change of the name overwrites it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forged_registry_entry_written_into_nats_changes_nothing_and_is_counted() {
+    let root = tempfile::tempdir().unwrap();
+    let nats = common::NatsServer::start(&root.path().join("nats"));
+    let mut flags = on_nats(&nats.url);
+    flags.extend(["--cluster-registry", "nats"].map(String::from));
+    let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+    let (a, b) = two_with(root.path(), &flags).await;
+    deploy_with_policy(&a, &[&b], "hello", "[limits]\nconcurrency = 2\n").await;
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let js = async_nats::jetstream::new(client);
+    let bucket = js.get_key_value("lichen-registry").await.unwrap();
+    let real = bucket.get("hello").await.unwrap().unwrap();
+    assert!(
+        !String::from_utf8_lossy(&real).contains("concurrency"),
+        "the policy is sealed in NATS, not readable"
+    );
+    let forged = serde_json::json!({
+        "name": "hello",
+        "versions": [],
+        "policy": { "text": "[outbound]\nallow = [\"http://127.0.0.1:*\"]\n", "stamp": u64::MAX / 2, "origin": "z" }
+    });
+    bucket
+        .put("hello", serde_json::to_vec(&forged).unwrap().into())
+        .await
+        .unwrap();
+    bucket
+        .put("mallory", b"{\"name\":\"mallory\"}".to_vec().into())
+        .await
+        .unwrap();
+    for node in [&a, &b] {
+        eventually(
+            &format!("{} counts the forged entries", node.id),
+            || async { series_sum(&node.metrics().await, "lichen_registry_rejected_total") >= 1.0 },
+        )
+        .await;
+        let policy = node
+            .admin(Method::GET, "/v1/functions/hello/policy", Vec::new())
+            .await
+            .json();
+        assert_eq!(policy["in_force"]["limits"]["concurrency"], 2, "{policy}");
+        assert_eq!(
+            node.admin(Method::GET, "/v1/functions/mallory", Vec::new())
+                .await
+                .status,
+            StatusCode::NOT_FOUND
+        );
+        let file = std::fs::read_to_string(node.dir.join("policies/hello.toml")).unwrap();
+        assert!(!file.contains("outbound"), "{file}");
+    }
+    // A real change writes over the forged entry, and reaches b.
+    let policy = "[limits]\nconcurrency = 3\n";
+    let put = a
+        .admin(
+            Method::PUT,
+            "/v1/functions/hello/policy",
+            policy.as_bytes().to_vec(),
+        )
+        .await;
+    assert_eq!(put.status, StatusCode::OK, "{}", put.text());
+    eventually("b has the real change", || async {
+        std::fs::read_to_string(b.dir.join("policies/hello.toml")).is_ok_and(|t| t == policy)
+    })
+    .await;
+    assert_eq!(b.post("/fn/hello", "").await.status, StatusCode::OK);
 }
