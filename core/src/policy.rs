@@ -123,6 +123,16 @@ pub fn hash_access_tokens(text: &str) -> Option<String> {
 pub const REDACTED: &str = "<redacted>";
 
 impl PolicyFile {
+    /// Whether a value [`PolicyFile::redacted`] hides holds [`REDACTED`].
+    pub fn redacted_anywhere(&self) -> bool {
+        self.env.values().any(|v| v == REDACTED)
+            || self
+                .config
+                .values()
+                .any(|v| matches!(v, ConfigValue::Text(t) if t == REDACTED))
+            || self.access.tokens.iter().any(|t| t == REDACTED)
+    }
+
     /// The policy with every value that may be a credential replaced by
     /// [`REDACTED`]: `[env]` values, `[config]` texts (a secret's name
     /// stays: it is not the secret) and `[access] tokens`.

@@ -178,9 +178,13 @@ impl Audit {
             let _renaming = self.rotation.write().unwrap_or_else(|e| e.into_inner());
             *file = self.rotate()?;
         }
-        file.write_all(&line)
-            .and_then(|()| file.sync_data())
-            .context("appending to the audit log")?;
+        let before = file.metadata().map(|m| m.len()).unwrap_or(size);
+        if let Err(error) = file.write_all(&line).and_then(|()| file.sync_data()) {
+            // Whatever part of the line got in is cut back off, so the
+            // next line follows the last whole one and the chain holds.
+            let _ = file.set_len(before).and_then(|()| file.sync_data());
+            return Err(error).context("appending to the audit log");
+        }
         *last = hash;
         Ok(())
     }
@@ -264,11 +268,15 @@ impl Audit {
     }
 }
 
-/// What [`verify`] found: the lines it checked, in how many files.
+/// What [`verify`] found: the lines it checked, in how many files, the
+/// lines from before the chain (written by an older host), and the hash of
+/// the newest line: kept elsewhere, it shows lines cut off the end too.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Verified {
     pub lines: usize,
     pub files: usize,
+    pub unchained: usize,
+    pub head: Option<String>,
 }
 
 /// Walks the chain of the log in `data_dir`, oldest file first: every
@@ -278,7 +286,12 @@ pub struct Verified {
 /// the chain breaks.
 pub fn verify(data_dir: &Path) -> Result<Verified> {
     let mut last: Option<String> = None;
-    let mut verified = Verified { lines: 0, files: 0 };
+    let mut verified = Verified {
+        lines: 0,
+        files: 0,
+        unchained: 0,
+        head: None,
+    };
     for index in (0..KEEP_FILES).rev() {
         let path = match index {
             0 => data_dir.join(FILE),
@@ -295,6 +308,11 @@ pub fn verify(data_dir: &Path) -> Result<Verified> {
                 continue;
             };
             let Some(prev) = &entry.prev else {
+                // Lines from before the chain, only before its first line.
+                if last.is_none() {
+                    verified.unchained += 1;
+                    continue;
+                }
                 anyhow::bail!(
                     "{}:{}: the line carries no chain (`prev`)",
                     path.display(),
@@ -314,6 +332,7 @@ pub fn verify(data_dir: &Path) -> Result<Verified> {
             verified.lines += 1;
         }
     }
+    verified.head = last;
     Ok(verified)
 }
 

@@ -288,7 +288,7 @@ struct KvArgs {
     #[arg(long, value_name = "FILE")]
     kv_nats_creds: Option<PathBuf>,
     /// A file holding the NATS user's nkey seed (`SU...`).
-    #[arg(long, value_name = "FILE")]
+    #[arg(long, value_name = "FILE", conflicts_with = "kv_nats_creds")]
     kv_nats_nkey: Option<PathBuf>,
     /// The CA (PEM) NATS's certificate must chain to; TLS is required then.
     #[arg(long, value_name = "FILE")]
@@ -596,8 +596,11 @@ async fn main() -> ExitCode {
             print(async {
                 let verified = lichen::audit::verify(&data_dir)?;
                 Ok(format!(
-                    "the audit log's chain holds: {} lines in {} files",
-                    verified.lines, verified.files
+                    "the audit log's chain holds: {} lines in {} files ({} older lines before it); its newest line's hash is {} (keep it elsewhere: a log cut short shows against it)",
+                    verified.lines,
+                    verified.files,
+                    verified.unchained,
+                    verified.head.as_deref().unwrap_or("none")
                 ))
             })
             .await

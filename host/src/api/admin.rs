@@ -157,9 +157,21 @@ fn policy_json(state: &AppState, name: &FunctionName, caller: &Caller) -> serde_
     serde_json::json!({
         "in_force": shown,
         "loaded_unix": status.loaded_unix,
-        "error": status.error.as_ref().map(|e| e.to_string()),
+        "error": status.error.as_ref().map(|e| shown_error(e, caller)),
         "file": policies.dir().join(format!("{name}.toml")),
     })
+}
+
+/// A policy's load error as `caller` may see it: a parse error quotes the
+/// file's line, which may hold a credential, so only the admin sees it.
+pub(super) fn shown_error(error: &lichen_core::policy::PolicyError, caller: &Caller) -> String {
+    match caller {
+        Caller::Root => error.to_string(),
+        Caller::Token(_) => format!(
+            "{}: the policy does not load (the admin token sees why)",
+            error.file
+        ),
+    }
 }
 
 /// `GET /v1/functions/{name}/policy`.
@@ -211,6 +223,17 @@ pub async fn put_policy(
     let file = toml::from_str::<lichen_core::policy::PolicyFile>(text).map_err(|e| {
         ApiError::bad_request("invalid_policy", e.to_string().trim_end().to_string())
     })?;
+    // A policy read with a scoped token and written back would otherwise
+    // make `<redacted>` a working token, or a value.
+    if file.redacted_anywhere() {
+        return Err(ApiError::bad_request(
+            "invalid_policy",
+            format!(
+                "the policy holds {:?} (what a redacted read shows) as a value or token: write the real values",
+                lichen_core::policy::REDACTED
+            ),
+        ));
+    }
     super::scoped::check(state, caller, &file).await?;
     check_streams(state, &file).await?;
     let policies = Arc::clone(&state.functions.policies);

@@ -30,6 +30,25 @@ pub fn records(handler: Handler) -> bool {
     )
 }
 
+/// Lines of refusals without a known token a host writes per second at
+/// most: enough to see an attack, too few to rotate the history away.
+const ANONYMOUS_PER_SECOND: u64 = 5;
+
+/// Whether a line for a refusal without a known token may be written now.
+pub fn anonymous_allowed() -> bool {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static WINDOW: AtomicU64 = AtomicU64::new(0);
+    static COUNT: AtomicU64 = AtomicU64::new(0);
+    let second = crate::recent::now_unix_ms() / 1000;
+    if WINDOW.swap(second, Ordering::Relaxed) != second {
+        COUNT.store(0, Ordering::Relaxed);
+    }
+    COUNT.fetch_add(1, Ordering::Relaxed) < ANONYMOUS_PER_SECOND
+}
+
+/// The longest path a line keeps.
+const MAX_WHAT: usize = 256;
+
 /// A change asked for: by which token, from where, what (its method
 /// and path).
 pub struct Attempt<'a> {
@@ -40,7 +59,11 @@ pub struct Attempt<'a> {
 
 /// The line of `attempt` at `route`, before its outcome.
 fn entry_of(attempt: &Attempt<'_>, route: &Route, params: Params<'_>) -> Entry {
-    let mut entry = Entry::now(attempt.token, attempt.what);
+    let what = match attempt.what.char_indices().nth(MAX_WHAT) {
+        Some((at, _)) => &attempt.what[..at],
+        None => attempt.what,
+    };
+    let mut entry = Entry::now(attempt.token, what);
     entry.client = Some(attempt.client.ip().to_string());
     let named = params.get(0).to_string();
     if route.path.starts_with("/v1/functions/") {

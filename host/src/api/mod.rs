@@ -124,20 +124,27 @@ async fn route_request(
                 Ok(caller) => caller,
                 Err(error) => {
                     // Every refused change is noted: a known token by its
-                    // name, anything else as what it was.
-                    let token = auth::token_name(state, &req).unwrap_or_else(|| {
-                        if req.headers().contains_key(http::header::AUTHORIZATION) {
-                            "unknown".to_string()
-                        } else {
-                            "none".to_string()
+                    // name; a wrong one or none as such, at most a few a
+                    // second (strangers cannot push the history out).
+                    let token = match auth::token_name(state, &req) {
+                        Some(name) => Some(name),
+                        None if audit::anonymous_allowed() => {
+                            Some(if req.headers().contains_key(http::header::AUTHORIZATION) {
+                                "unknown".to_string()
+                            } else {
+                                "none".to_string()
+                            })
                         }
-                    });
-                    let refused = audit::Attempt {
-                        token: &token,
-                        client,
-                        what: &what,
+                        None => None,
                     };
-                    audit::note_refused(state, refused, route, params, &error).await;
+                    if let Some(token) = token {
+                        let refused = audit::Attempt {
+                            token: &token,
+                            client,
+                            what: &what,
+                        };
+                        audit::note_refused(state, refused, route, params, &error).await;
+                    }
                     return Err(error);
                 }
             };

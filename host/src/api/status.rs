@@ -77,7 +77,7 @@ pub async fn status(
             "size": slot.version.size,
             "created_unix": slot.version.created_unix,
             "public": policy.policy.as_ref().map(|p| p.public),
-            "policy_error": policy.error.as_ref().map(|e| e.to_string()),
+            "policy_error": policy.error.as_ref().map(|e| super::admin::shown_error(e, caller)),
             "loaded": slot.get().is_some(),
             "requests_per_second": summary.requests_per_second,
             "p50_ms": summary.p50_ms,
@@ -185,7 +185,7 @@ fn function_detail(
         "policy": {
             "in_force": shown,
             "in_force_toml": in_force_toml,
-            "error": policy.error.as_ref().map(|e| e.to_string()),
+            "error": policy.error.as_ref().map(|e| super::admin::shown_error(e, caller)),
             "loaded_unix": policy.loaded_unix,
         },
         "invocations": functions.recent.invocations(name.as_str()),

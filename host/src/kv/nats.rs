@@ -245,6 +245,18 @@ impl NatsAuth {
         &self,
         mut options: async_nats::ConnectOptions,
     ) -> anyhow::Result<async_nats::ConnectOptions> {
+        // The client reads the TLS files only when it connects, and keeps
+        // retrying: a wrong path is said at start, not never.
+        for (flag, path) in [
+            ("--kv-nats-ca", &self.ca),
+            ("--kv-nats-cert", &self.cert),
+            ("--kv-nats-key", &self.key),
+        ] {
+            if let Some(path) = path {
+                std::fs::metadata(path)
+                    .map_err(|e| anyhow::anyhow!("{flag} {}: {e}", path.display()))?;
+            }
+        }
         if let Some(creds) = &self.creds {
             options = options
                 .credentials_file(creds)

@@ -54,6 +54,9 @@ pub struct PolicyTable {
     /// Told of each file edited on disk (its text not the one in force),
     /// once the host is up: the audit log's line.
     edited: std::sync::OnceLock<OnEdit>,
+    /// The text of each file as this host last read or wrote it: a file
+    /// whose text differs was edited by someone else.
+    last_text: std::sync::Mutex<HashMap<FunctionName, String>>,
 }
 
 /// Told of a policy file edited on disk.
@@ -85,6 +88,7 @@ impl PolicyTable {
             on_error,
             secret_is_set,
             edited: std::sync::OnceLock::new(),
+            last_text: std::sync::Mutex::new(HashMap::new()),
         };
         let entries = std::fs::read_dir(&table.dir)
             .with_context(|| format!("reading {}", table.dir.display()))?;
@@ -155,6 +159,10 @@ impl PolicyTable {
                 if removed.is_some() {
                     tracing::info!(function = %name, "policy file removed; defaults apply");
                 }
+                let known = self.note_text(&name, None);
+                if known && let Some(edited) = self.edited.get() {
+                    edited(&name);
+                }
                 return;
             }
             Err(error) => {
@@ -178,22 +186,18 @@ impl PolicyTable {
                     hashed
                 }
                 Err(error) => {
+                    // In force hashed all the same (the file is read-only,
+                    // say): the plain text is never what this host shows
+                    // or publishes.
                     tracing::warn!(function = %name, error = format!("{error:#}"), "cannot replace the policy file's [access] tokens by their hashes");
-                    text
+                    hashed
                 }
             },
             None => text,
         };
-        if let Some(edited) = self.edited.get() {
-            let in_force = self
-                .entries
-                .read()
-                .unwrap_or_else(|e| e.into_inner())
-                .get(&name)
-                .and_then(|status| status.policy.as_ref().map(|p| p.text == text));
-            if in_force != Some(true) {
-                edited(&name);
-            }
+        let changed = self.note_text(&name, Some(&text));
+        if changed && let Some(edited) = self.edited.get() {
+            edited(&name);
         }
         match self.parse(&name, &text, &file) {
             Ok(policy) => self.install(&name, policy),
@@ -269,10 +273,28 @@ impl PolicyTable {
     /// atomically and puts it in force. Nothing is written if it is invalid.
     pub fn write(&self, name: &FunctionName, text: &str) -> Result<Arc<Policy>, WriteError> {
         let file = format!("{name}.toml");
+        // Function tokens are written as their hashes, whoever hands the
+        // text over (the API hashed already; a peer's older text may not).
+        let hashed = lichen_core::policy::hash_access_tokens(text);
+        let text = hashed.as_deref().unwrap_or(text);
         let policy = self.parse(name, text, &file).map_err(WriteError::Invalid)?;
+        // Noted before the file changes, so the watcher's reload of it is
+        // known as this host's own write.
+        self.note_text(name, Some(text));
         self.write_file(&file, text).map_err(WriteError::Io)?;
         self.install(name, policy);
         self.get(name).map_err(WriteError::Invalid)
+    }
+
+    /// Notes `text` (`None`: no file) as what `name`'s file now says;
+    /// whether that differs from what this host last read or wrote (for a
+    /// removal: whether there was a file).
+    fn note_text(&self, name: &FunctionName, text: Option<&str>) -> bool {
+        let mut last = self.last_text.lock().unwrap_or_else(|e| e.into_inner());
+        match text {
+            Some(text) => last.insert(name.clone(), text.to_string()).as_deref() != Some(text),
+            None => last.remove(name).is_some(),
+        }
     }
 
     /// Writes `file` of the directory atomically and durably.

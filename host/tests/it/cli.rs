@@ -318,6 +318,19 @@ async fn the_audit_log_is_a_chain_the_cli_verifies() {
         log.text().contains("\"policy-file\"")
     })
     .await;
+    // Removing the file (the function turns public) is an edit too.
+    std::fs::remove_file(data.join("policies/hello.toml")).unwrap();
+    common::eventually("the removal is in the log", || async {
+        let log = send(
+            Method::GET,
+            &audit,
+            &[("authorization", &bearer)],
+            Vec::new(),
+        )
+        .await;
+        log.text().matches("\"policy-file\"").count() == 2
+    })
+    .await;
     let log = send(
         Method::GET,
         &audit,
@@ -349,7 +362,7 @@ async fn the_audit_log_is_a_chain_the_cli_verifies() {
         String::from_utf8_lossy(&held.stderr)
     );
     assert!(
-        String::from_utf8_lossy(&held.stdout).contains("holds: 4 lines"),
+        String::from_utf8_lossy(&held.stdout).contains("holds: 5 lines"),
         "{}",
         String::from_utf8_lossy(&held.stdout)
     );

@@ -8,6 +8,7 @@
 
 mod advisories;
 mod api;
+mod authz_matrix;
 mod cli;
 mod cluster;
 mod common;

@@ -498,6 +498,26 @@ async fn reading_a_policy_never_shows_a_credential() {
             }
         }
     }
+    // What a redacted read shows cannot be written back as a value.
+    let read = with_token(
+        &host.url,
+        &deployer,
+        Method::GET,
+        "/v1/functions/team-a-x/policy",
+        Vec::new(),
+    )
+    .await
+    .json();
+    let shown = toml::to_string(&read["in_force"]).unwrap();
+    with_token(
+        &host.url,
+        &deployer,
+        Method::PUT,
+        "/v1/functions/team-a-x/policy",
+        shown.into_bytes(),
+    )
+    .await
+    .assert_error(StatusCode::BAD_REQUEST, "invalid_policy");
     let admin = host
         .admin(Method::GET, "/v1/status?function=team-a-x", Vec::new())
         .await

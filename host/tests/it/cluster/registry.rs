@@ -598,5 +598,8 @@ async fn a_forged_registry_entry_written_into_nats_changes_nothing_and_is_counte
         std::fs::read_to_string(b.dir.join("policies/hello.toml")).is_ok_and(|t| t == policy)
     })
     .await;
-    assert_eq!(b.post("/fn/hello", "").await.status, StatusCode::OK);
+    eventually("b serves hello", || async {
+        b.post("/fn/hello", "").await.status == StatusCode::OK
+    })
+    .await;
 }
