@@ -144,6 +144,14 @@ impl Keyring {
         self.previous.is_some()
     }
 
+    /// The ids (hex) of the secrets this keyring holds.
+    pub fn ids(&self) -> Vec<String> {
+        std::iter::once(&self.current)
+            .chain(self.previous.as_ref())
+            .map(Secret::id)
+            .collect()
+    }
+
     /// Seals `plaintext` for every secret this keyring holds: under a
     /// fresh random key (AES-256-GCM), itself sealed under each secret's
     /// value key, so a host holding either secret of a rotation opens it.

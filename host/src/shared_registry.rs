@@ -13,6 +13,9 @@
 //! write NATS but does not hold the secret can neither read a policy nor
 //! set one: a value that does not open is refused, counted
 //! (`lichen_registry_rejected_total`) and overwritten by the next change.
+//! A value not sealed under every secret this host holds (one written
+//! before a rotation began) is sealed again as it is read, on its
+//! revision, so finishing a rotation leaves no entry unreadable.
 //!
 //! Hosts watch the bucket and join what they see into their records; from
 //! there the cluster's sync serves it as it does gossiped entries, fetching
@@ -78,11 +81,23 @@ impl SharedRegistry {
 
     /// The entry a value holds, if it opens under the cluster's secret
     /// and names its key; a forged or mangled one is counted and logged.
-    fn open(&self, key: &str, value: &[u8]) -> Result<Entry, KvError> {
-        let opened = serde_json::from_slice::<SealedText>(value)
-            .ok()
+    /// One that opens but lacks a secret this host holds is sealed again
+    /// at `revision`.
+    async fn open(&self, key: &str, value: &[u8], revision: u64) -> Result<Entry, KvError> {
+        let text = serde_json::from_slice::<SealedText>(value).ok();
+        let opened = text
+            .as_ref()
             .and_then(|text| text.decode())
             .and_then(|sealed| self.keyring.open_value(&aad(key), &sealed));
+        if let (Some(text), Some(json)) = (&text, &opened)
+            && self
+                .keyring
+                .ids()
+                .iter()
+                .any(|id| !text.keys.contains_key(id))
+        {
+            self.reseal(key, json, revision).await;
+        }
         let Some(json) = opened else {
             self.rejected.inc();
             tracing::warn!(
@@ -108,6 +123,30 @@ impl SharedRegistry {
             .await
     }
 
+    /// Seals `json` (an entry that opened) again under every secret held,
+    /// if `key` is still at `revision`; a lost race or a failure is left
+    /// to the next reader.
+    async fn reseal(&self, key: &str, json: &[u8], revision: u64) {
+        let Ok(store) = self.store().await else {
+            return;
+        };
+        let Ok(sealed) = self.keyring.seal_value(&aad(key), json) else {
+            return;
+        };
+        let Ok(value) = serde_json::to_vec(&SealedText::from(&sealed)) else {
+            return;
+        };
+        match store.update(key, value.into(), revision).await {
+            Ok(_) => tracing::info!(
+                key,
+                "an entry of the cluster's registry sealed again under the secrets held now"
+            ),
+            Err(error) => {
+                tracing::debug!(key, %error, "sealing an entry of the cluster's registry again: left for later")
+            }
+        }
+    }
+
     /// The latest entry of `name` and its revision (0: never written).
     pub async fn read(&self, name: &FunctionName) -> Result<(Option<Entry>, u64), KvError> {
         let store = self.store().await?;
@@ -120,7 +159,7 @@ impl SharedRegistry {
         }
         // A value that does not open is no entry: the next change
         // overwrites it (on its revision).
-        match self.open(name.as_str(), &found.value) {
+        match self.open(name.as_str(), &found.value, found.revision).await {
             Ok(entry) => Ok((Some(entry), found.revision)),
             Err(_) => Ok((None, found.revision)),
         }
@@ -195,7 +234,7 @@ impl SharedRegistry {
             if next.operation != kv::Operation::Put {
                 continue;
             }
-            match self.open(&next.key, &next.value) {
+            match self.open(&next.key, &next.value, next.revision).await {
                 Ok(entry) => {
                     if !seen(entry).await {
                         return Ok(false);

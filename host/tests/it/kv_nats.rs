@@ -215,3 +215,59 @@ async fn an_unreachable_nats_is_an_error_for_the_guest_and_not_ready() {
     assert_eq!(host.get("/healthz").await.status, StatusCode::OK);
     host.stop().await;
 }
+
+/// The registry on NATS through a secret's rotation: an entry written
+/// under the old secret alone is sealed again by the first host holding
+/// both that reads it, so a host left with the new secret alone (the
+/// rotation's end) still reads it; a host with another secret reads
+/// nothing and counts it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registry_entries_on_nats_outlive_a_secret_rotation() {
+    use lichen::names::FunctionName;
+    use lichen::shared_registry::{SharedRegistry, Written};
+    use lichen_core::registry::Entry;
+    use lichen_core::seal::{Keyring, Secret};
+
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(dir.path());
+    let client = async_nats::connect(&nats.url).await.unwrap();
+    let secret = |text: &str| Secret::new(text).unwrap();
+    let registry = |keyring: Keyring| {
+        let rejected = prometheus::IntCounter::new("rejected", "rejected").unwrap();
+        let registry = SharedRegistry::new(
+            async_nats::jetstream::new(client.clone()),
+            1,
+            Arc::new(keyring),
+            rejected.clone(),
+        );
+        (registry, rejected)
+    };
+    let name = FunctionName::new("rotated").unwrap();
+    let mut entry = Entry::new("rotated");
+    entry.set_policy("[limits]\nqueue = 7\n".to_string(), 1 << 20, "a");
+
+    let (old, _) = registry(Keyring::new(secret("the old secret, long enough"), None));
+    assert!(matches!(
+        old.write(&name, &entry, 0).await.unwrap(),
+        Written::At(_)
+    ));
+    // Mid-rotation: new and old. It reads the entry, and seals it again.
+    let (both, _) = registry(Keyring::new(
+        secret("the new secret, long enough"),
+        Some(secret("the old secret, long enough")),
+    ));
+    let (read, first) = both.read(&name).await.unwrap();
+    assert_eq!(read.as_ref(), Some(&entry));
+    eventually("the entry is sealed again", || async {
+        both.read(&name).await.unwrap().1 > first
+    })
+    .await;
+    // The rotation's end: the new secret alone still reads it.
+    let (new, rejected) = registry(Keyring::new(secret("the new secret, long enough"), None));
+    assert_eq!(new.read(&name).await.unwrap().0.as_ref(), Some(&entry));
+    assert_eq!(rejected.get(), 0);
+    // Another cluster's secret reads nothing, and counts it.
+    let (other, rejected) = registry(Keyring::new(secret("another cluster's secret!!"), None));
+    assert_eq!(other.read(&name).await.unwrap().0, None);
+    assert_eq!(rejected.get(), 1);
+}
