@@ -77,6 +77,11 @@ fn nets(table: &'static [&'static str]) -> impl Iterator<Item = IpNet> {
     table.iter().filter_map(|text| text.parse().ok())
 }
 
+/// [`INTERNAL_V4`] and [`INTERNAL_V6`], parsed once: every outbound
+/// connection asks [`is_internal`].
+static INTERNAL: std::sync::LazyLock<(Vec<IpNet>, Vec<IpNet>)> =
+    std::sync::LazyLock::new(|| (nets(INTERNAL_V4).collect(), nets(INTERNAL_V6).collect()));
+
 /// The IPv4 address an IPv6 address carries, where it carries one that
 /// routing honours: IPv4-mapped, IPv4-compatible, NAT64 (RFC 6052's
 /// well-known prefix) and 6to4.
@@ -109,10 +114,10 @@ pub fn embedded_v4(v6: Ipv6Addr) -> Option<Ipv4Addr> {
 /// Whether `ip` is one a guest reaches only when its policy names it.
 pub fn is_internal(ip: IpAddr) -> bool {
     match ip {
-        IpAddr::V4(v4) => nets(INTERNAL_V4).any(|net| net.contains(&IpAddr::V4(v4))),
+        IpAddr::V4(v4) => INTERNAL.0.iter().any(|net| net.contains(&IpAddr::V4(v4))),
         IpAddr::V6(v6) => match embedded_v4(v6) {
             Some(v4) => is_internal(IpAddr::V4(v4)),
-            None => nets(INTERNAL_V6).any(|net| net.contains(&IpAddr::V6(v6))),
+            None => INTERNAL.1.iter().any(|net| net.contains(&IpAddr::V6(v6))),
         },
     }
 }

@@ -56,7 +56,7 @@ pub fn admin<B>(
     needed: Needed<'_>,
 ) -> Result<Caller, ApiError> {
     let presented = bearer(req, "admin routes")?;
-    if !presented.is_empty() && bool::from(presented.ct_eq(state.admin_token.as_bytes())) {
+    if is_admin(state, presented) {
         return Ok(Caller::Root);
     }
     match state.functions.tokens.check(presented) {
@@ -111,11 +111,14 @@ pub fn refused(refused: Refused) -> ApiError {
     }
 }
 
+/// Whether `presented` is the admin token, compared in constant time.
+fn is_admin(state: &AppState, presented: &[u8]) -> bool {
+    !presented.is_empty() && bool::from(presented.ct_eq(state.admin_token.as_bytes()))
+}
+
 /// Whether the request presents the admin token.
 pub fn is_admin_token<B>(state: &AppState, req: &hyper::Request<B>) -> bool {
-    bearer(req, "").is_ok_and(|presented| {
-        !presented.is_empty() && bool::from(presented.ct_eq(state.admin_token.as_bytes()))
-    })
+    bearer(req, "").is_ok_and(|presented| is_admin(state, presented))
 }
 
 /// A private function takes the admin token or one of its policy's tokens.
@@ -132,7 +135,7 @@ pub fn invoke<B>(
         return Err(not_valid());
     }
     // The policy holds its tokens' hashes; the admin token is itself.
-    let mut matched = bool::from(presented.ct_eq(state.admin_token.as_bytes()));
+    let mut matched = is_admin(state, presented);
     let hash = hex::encode(Sha256::digest(presented));
     for stored in &policy.tokens {
         matched |= bool::from(hash.as_bytes().ct_eq(stored.as_bytes()));
