@@ -453,6 +453,8 @@ pub enum Refused {
     /// More signatures within the window than the host keeps (`503`, not
     /// `401`: the request may be good).
     Busy,
+    /// Under mutual TLS, the connection presented no peer certificate.
+    CertificateMissing,
 }
 
 impl Refused {
@@ -465,6 +467,7 @@ impl Refused {
             Refused::BodyMismatch => "peer_body_mismatch",
             Refused::BodyUnsigned => "peer_body_unsigned",
             Refused::Busy => "busy",
+            Refused::CertificateMissing => "peer_certificate_required",
         }
     }
 
@@ -486,6 +489,9 @@ impl Refused {
             Refused::Busy => {
                 "this host holds as many peer signatures as it keeps; try another".to_string()
             }
+            Refused::CertificateMissing => "this host takes peer requests only over mutual TLS, \
+                 from a client presenting a certificate of the cluster's CA"
+                .to_string(),
         }
     }
 }

@@ -5,6 +5,7 @@
 
 pub mod api;
 pub mod audit;
+pub mod certs;
 pub mod client;
 pub mod cluster;
 pub mod config;

@@ -70,6 +70,12 @@ enum Command {
         #[command(flatten)]
         target: TargetArgs,
     },
+    /// Make the certificates for mutual TLS between peers (`--peer-mtls`):
+    /// a CA for the cluster, and each host's certificate under it.
+    Cluster {
+        #[command(subcommand)]
+        action: ClusterAction,
+    },
     /// Set, list and remove secrets: values a policy's [config] names
     /// (`key = { secret = "NAME" }`), kept encrypted by the host.
     Secret {
@@ -368,6 +374,12 @@ struct ClusterArgs {
     /// that serves TLS.
     #[arg(long, value_name = "FILE")]
     peer_ca: Option<PathBuf>,
+    /// Mutual TLS between peers: this host asks every connection for a
+    /// certificate of the peer CA (--peer-ca, else its own chain's) and
+    /// takes peer requests only over connections that presented one;
+    /// clients need none. It presents its --tls-cert to peers that ask.
+    #[arg(long, requires = "tls_cert")]
+    peer_mtls: bool,
     /// Time between gossip rounds, in milliseconds; a dead peer is noticed
     /// after about ten.
     #[arg(long, default_value_t = 200)]
@@ -396,6 +408,9 @@ impl ClusterArgs {
         if self.peers.is_empty() && self.gossip.is_none() {
             if self.cluster_registry.is_some() {
                 anyhow::bail!("--cluster-registry needs a cluster (--peer or --gossip)");
+            }
+            if self.peer_mtls {
+                anyhow::bail!("--peer-mtls needs a cluster (--peer or --gossip)");
             }
             return Ok(None);
         }
@@ -590,6 +605,38 @@ async fn main() -> ExitCode {
                 print(async { client::secret_remove(&target.resolve()?, &name).await }).await
             }
         },
+        Command::Cluster { action } => match action {
+            ClusterAction::Ca { out, name, days } => {
+                print(async {
+                    let written = lichen::certs::make_ca(&out, &name, days)?;
+                    Ok(format!(
+                        "wrote {} (give it to every host as --peer-ca) and {} (keep it off the hosts)",
+                        written.cert.display(),
+                        written.key.display()
+                    ))
+                })
+                .await
+            }
+            ClusterAction::Cert {
+                name,
+                ca,
+                addresses,
+                out,
+                days,
+            } => {
+                print(async {
+                    let written = lichen::certs::make_cert(&ca, &name, &addresses, &out, days)?;
+                    Ok(format!(
+                        "wrote {} and {}: serve with --tls-cert {} --tls-key {} --peer-mtls",
+                        written.cert.display(),
+                        written.key.display(),
+                        written.cert.display(),
+                        written.key.display()
+                    ))
+                })
+                .await
+            }
+        },
         Command::Audit {
             action: AuditAction::Verify { data_dir },
         } => {
@@ -693,6 +740,42 @@ enum SecretAction {
         name: String,
         #[command(flatten)]
         target: TargetArgs,
+    },
+}
+
+/// What `lichen cluster` does.
+#[derive(Subcommand)]
+enum ClusterAction {
+    /// Make a CA for the cluster: DIR/ca.crt (give it to every host as
+    /// --peer-ca) and DIR/ca.key (keep it off the hosts).
+    Ca {
+        /// Where to write; nothing there is overwritten.
+        #[arg(long, value_name = "DIR")]
+        out: PathBuf,
+        /// The CA's name in its certificate.
+        #[arg(long, default_value = "Lichen cluster CA")]
+        name: String,
+        /// How many days it is good for.
+        #[arg(long, default_value_t = 3650)]
+        days: u32,
+    },
+    /// Make host NAME's certificate under the CA in --ca: NAME.crt (its
+    /// certificate, then the CA's) and NAME.key, for --tls-cert and
+    /// --tls-key; it serves clients and peers and is presented to peers.
+    Cert {
+        name: String,
+        /// The directory `lichen cluster ca` wrote.
+        #[arg(long, value_name = "DIR")]
+        ca: PathBuf,
+        /// An IP address or DNS name the host is reached by; repeatable.
+        #[arg(long = "address", value_name = "IP|NAME", required = true)]
+        addresses: Vec<String>,
+        /// Where to write; nothing there is overwritten.
+        #[arg(long, value_name = "DIR", default_value = ".")]
+        out: PathBuf,
+        /// How many days it is good for.
+        #[arg(long, default_value_t = 365)]
+        days: u32,
     },
 }
 
@@ -828,6 +911,10 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .into_iter()
         .flatten(),
     );
+    let peers_tls = args.cluster.peer_mtls.then(|| match &args.cluster.peer_ca {
+        Some(ca) => lichen::tls::PeerCa::File(ca.clone()),
+        None => lichen::tls::PeerCa::OwnChain,
+    });
     config.cluster = args.cluster.config(args.listen, &config.kv)?;
     for pin in &args.resolve {
         let (name, ip) = pin
@@ -870,6 +957,7 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
             key,
             dir: args.tls_dir,
             strict_sni: args.tls_strict_sni,
+            peers: peers_tls,
         });
     }
     let server = Server::bind(config).await?;

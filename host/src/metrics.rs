@@ -405,6 +405,8 @@ impl Metrics {
             Refused::Expired,
             Refused::Replayed,
             Refused::BodyMismatch,
+            Refused::BodyUnsigned,
+            Refused::CertificateMissing,
         ] {
             peer_requests_refused.with_label_values(&[refused.code()]);
         }

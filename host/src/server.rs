@@ -33,7 +33,7 @@ use crate::scheduler::Scheduler;
 use crate::secrets::{self, Secrets};
 use crate::shared_registry::SharedRegistry;
 use crate::store::ModuleStore;
-use crate::tls::{Tls, TlsFiles};
+use crate::tls::{PeerCertified, Tls, TlsFiles};
 use crate::tokens::Tokens;
 use crate::trace::{TraceConfig, Tracing};
 
@@ -372,7 +372,7 @@ impl Server {
                 let cluster = Cluster::start(
                     cluster_config,
                     local_addr,
-                    config.tls.as_ref(),
+                    tls.as_ref().map(|(tls, _)| tls),
                     functions.metrics.clone(),
                     Arc::clone(&functions.kv),
                 )
@@ -488,10 +488,17 @@ impl Server {
                 continue;
             };
             let state = Arc::clone(&self.state);
-            let service = service_fn(move |req| {
-                let state = Arc::clone(&state);
-                async move { Ok::<_, std::convert::Infallible>(api::handle(state, req, peer).await) }
-            });
+            // Each request of the connection learns whether its client
+            // presented a peer certificate (mutual TLS).
+            let service = move |certified: bool| {
+                service_fn(move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    let state = Arc::clone(&state);
+                    if certified {
+                        req.extensions_mut().insert(PeerCertified);
+                    }
+                    async move { Ok::<_, std::convert::Infallible>(api::handle(state, req, peer).await) }
+                })
+            };
             // Counted from here: a shutdown waits for its TLS handshake too.
             let ticket = connections.ticket();
             let head_timeout = self.header_read_timeout;
@@ -500,7 +507,7 @@ impl Server {
                 let served = match acceptor {
                     None => {
                         ticket
-                            .watch(http1_connection(stream, service, head_timeout))
+                            .watch(http1_connection(stream, service(false), head_timeout))
                             .await
                     }
                     Some(acceptor) => {
@@ -508,6 +515,8 @@ impl Server {
                         let handshake = tokio::time::timeout(head_timeout, acceptor.accept(stream));
                         match handshake.await {
                             Ok(Ok(tls)) if tls.get_ref().1.alpn_protocol() == Some(b"h2") => {
+                                let service =
+                                    service(tls.get_ref().1.peer_certificates().is_some());
                                 let connection = http2::Builder::new(TokioExecutor::new())
                                     .timer(TokioTimer::new())
                                     .max_header_list_size(api::MAX_HEAD_BYTES as u32)
@@ -515,6 +524,8 @@ impl Server {
                                 ticket.watch(connection).await
                             }
                             Ok(Ok(tls)) => {
+                                let service =
+                                    service(tls.get_ref().1.peer_certificates().is_some());
                                 ticket
                                     .watch(http1_connection(tls, service, head_timeout))
                                     .await

@@ -1,6 +1,14 @@
 //! TLS for clients (`--tls-cert`, `--tls-key`): rustls with the ring
 //! provider, HTTP/2 and HTTP/1.1 offered over ALPN. Also the settings this
-//! host uses as a TLS client ([`client_config`]).
+//! host uses as a TLS client ([`client_config`], [`peer_client_config`]).
+//!
+//! Mutual TLS between peers (`--peer-mtls`): the listener asks every
+//! connection for a certificate signed by the cluster's CA and checks the
+//! one it gets with rustls' client verifier; clients may present none
+//! (browsers, curl), and a connection that did not present one is marked
+//! so that peer routes refuse it ([`PeerCertified`]). As a client of its
+//! peers this host presents its own pair, the one in force after the
+//! latest reload.
 //!
 //! The certificate and key are PEM files, read at start (a pair that does
 //! not load stops the host from starting) and again on SIGHUP or when either
@@ -17,11 +25,12 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use notify::{RecursiveMode, Watcher};
-use rustls::ServerConfig;
+use rustls::client::ResolvesClientCert;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
 use rustls::sign::CertifiedKey;
+use rustls::{RootCertStore, ServerConfig, SignatureScheme};
 use tokio_rustls::TlsAcceptor;
 
 /// Where the certificate chain and its key are.
@@ -36,7 +45,23 @@ pub struct TlsFiles {
     /// `--tls-strict-sni`: a client asking for a name `dir` has no pair
     /// for gets a failed handshake, not the default pair.
     pub strict_sni: bool,
+    /// `--peer-mtls`: whom peers' certificates must come from.
+    pub peers: Option<PeerCa>,
 }
+
+/// Whose certificates a peer must present under mutual TLS.
+#[derive(Debug, Clone)]
+pub enum PeerCa {
+    /// The CA certificates in this file (`--peer-ca`).
+    File(PathBuf),
+    /// The CA of this host's own chain, as [`peer_client_config`] trusts.
+    OwnChain,
+}
+
+/// Marks a request that came over a connection whose client presented a
+/// certificate the peer CA signed (checked in the handshake).
+#[derive(Debug, Clone, Copy)]
+pub struct PeerCertified;
 
 impl TlsFiles {
     /// The default pair alone.
@@ -46,6 +71,7 @@ impl TlsFiles {
             key,
             dir: None,
             strict_sni: false,
+            peers: None,
         }
     }
 }
@@ -53,7 +79,7 @@ impl TlsFiles {
 /// The server's TLS settings in force, replaced whole on a good reload.
 pub struct Tls {
     files: TlsFiles,
-    current: RwLock<Arc<ServerConfig>>,
+    current: RwLock<Current>,
     /// `lichen_tls_reloads_total`, by outcome.
     reloads: prometheus::IntCounterVec,
 }
@@ -62,26 +88,51 @@ impl Tls {
     /// Loads the pair; an error here stops the host from starting. Later
     /// reloads are counted in `reloads` by outcome.
     pub fn load(files: TlsFiles, reloads: prometheus::IntCounterVec) -> Result<Arc<Tls>> {
-        let config = server_config(&files)?;
+        let current = Current::load(&files)?;
         Ok(Arc::new(Tls {
             files,
-            current: RwLock::new(Arc::new(config)),
+            current: RwLock::new(current),
             reloads,
         }))
     }
 
+    /// The files this was loaded from.
+    pub fn files(&self) -> &TlsFiles {
+        &self.files
+    }
+
+    /// Whether peers must present a certificate (`--peer-mtls`).
+    pub fn mutual(&self) -> bool {
+        self.files.peers.is_some()
+    }
+
     /// An acceptor with the pair in force now.
     pub fn acceptor(&self) -> TlsAcceptor {
-        let config = self.current.read().unwrap_or_else(|e| e.into_inner());
-        TlsAcceptor::from(Arc::clone(&config))
+        let current = self.current.read().unwrap_or_else(|e| e.into_inner());
+        TlsAcceptor::from(Arc::clone(&current.config))
+    }
+
+    /// The settings for talking to peers: their certificates checked as
+    /// [`peer_client_config`] does, and this host's pair in force
+    /// presented when a peer asks for one.
+    pub fn peer_client_config(
+        self: &Arc<Self>,
+        peer_ca: Option<&Path>,
+    ) -> Result<rustls::ClientConfig> {
+        let roots = peer_roots(peer_ca, Some(&self.files))?;
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        Ok(rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()?
+            .with_root_certificates(roots)
+            .with_client_cert_resolver(Arc::new(OwnPair(Arc::downgrade(self)))))
     }
 
     /// Reads the files again; keeps the pair in force if the new one does
     /// not load.
     pub fn reload(&self) -> bool {
-        match server_config(&self.files) {
-            Ok(config) => {
-                *self.current.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(config);
+        match Current::load(&self.files) {
+            Ok(current) => {
+                *self.current.write().unwrap_or_else(|e| e.into_inner()) = current;
                 self.reloads.with_label_values(&["ok"]).inc();
                 tracing::info!(cert = %self.files.cert.display(), "TLS certificate reloaded");
                 true
@@ -180,7 +231,7 @@ fn read_certs(path: &Path) -> Result<Vec<CertificateDer<'static>>> {
 /// Settings for connecting to servers over TLS (the CLI client, guests'
 /// outbound HTTPS): the public roots, and the CA in `ca` (PEM) if given.
 pub fn client_config(ca: Option<&Path>) -> Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
+    let mut roots = RootCertStore::empty();
     roots.extend(webpki_roots::TLS_SERVER_ROOTS.iter().cloned());
     if let Some(path) = ca {
         add_roots(&mut roots, read_certs(path)?, path)?;
@@ -194,27 +245,39 @@ pub fn client_config(ca: Option<&Path>) -> Result<rustls::ClientConfig> {
 /// first alone when it is self-signed), so hosts whose certificates one CA
 /// signed trust each other without another flag. Without either, the public
 /// roots (a peer that serves TLS then needs a publicly trusted certificate).
+/// A host that serves TLS uses [`Tls::peer_client_config`], which also
+/// presents its certificate.
 pub fn peer_client_config(
     peer_ca: Option<&Path>,
     own: Option<&TlsFiles>,
 ) -> Result<rustls::ClientConfig> {
+    if peer_ca.is_none() && own.is_none() {
+        return client_config(None);
+    }
+    client_with(peer_roots(peer_ca, own)?)
+}
+
+/// The CA certificates peers' certificates are checked against: those in
+/// `peer_ca`, else the chain of `own` (see [`peer_client_config`]); empty
+/// without either.
+fn peer_roots(peer_ca: Option<&Path>, own: Option<&TlsFiles>) -> Result<RootCertStore> {
+    let mut roots = RootCertStore::empty();
     let path = match (peer_ca, own) {
         (Some(ca), _) => ca,
         (None, Some(own)) => own.cert.as_path(),
-        (None, None) => return client_config(None),
+        (None, None) => return Ok(roots),
     };
     let mut trusted = read_certs(path)?;
     if peer_ca.is_none() && trusted.len() > 1 {
         trusted.remove(0);
     }
-    let mut roots = rustls::RootCertStore::empty();
     add_roots(&mut roots, trusted, path)?;
-    client_with(roots)
+    Ok(roots)
 }
 
 /// Adds the certificates read from `path` to `roots`.
 fn add_roots(
-    roots: &mut rustls::RootCertStore,
+    roots: &mut RootCertStore,
     certs: Vec<CertificateDer<'static>>,
     path: &Path,
 ) -> Result<()> {
@@ -227,7 +290,7 @@ fn add_roots(
 }
 
 /// Client settings (ring, the safe protocol versions) trusting `roots`.
-fn client_with(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig> {
+fn client_with(roots: RootCertStore) -> Result<rustls::ClientConfig> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     Ok(rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
@@ -235,9 +298,61 @@ fn client_with(roots: rustls::RootCertStore) -> Result<rustls::ClientConfig> {
         .with_no_client_auth())
 }
 
-/// The rustls settings for the default pair and the domains' pairs.
-fn server_config(files: &TlsFiles) -> Result<ServerConfig> {
-    let default = certified_key(&files.cert, &files.key)?;
+/// What one load of the files gave: the server's settings, and the
+/// default pair, which is also what this host presents to its peers.
+struct Current {
+    config: Arc<ServerConfig>,
+    own: Arc<CertifiedKey>,
+}
+
+impl Current {
+    fn load(files: &TlsFiles) -> Result<Current> {
+        let own = certified_key(&files.cert, &files.key)?;
+        let config = server_config(files, Arc::clone(&own))?;
+        Ok(Current {
+            config: Arc::new(config),
+            own,
+        })
+    }
+}
+
+/// Presents this host's pair in force to a peer that asks for one.
+#[derive(Debug)]
+struct OwnPair(std::sync::Weak<Tls>);
+
+impl std::fmt::Debug for Tls {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Tls")
+            .field("files", &self.files)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ResolvesClientCert for OwnPair {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        schemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        let tls = self.0.upgrade()?;
+        let current = tls.current.read().unwrap_or_else(|e| e.into_inner());
+        current
+            .own
+            .key
+            .choose_scheme(schemes)
+            .is_some()
+            .then(|| Arc::clone(&current.own))
+    }
+
+    fn has_certs(&self) -> bool {
+        true
+    }
+}
+
+/// The rustls settings for the default pair `default` and the domains'
+/// pairs; under `--peer-mtls` clients are asked for a certificate of the
+/// peer CA (none is accepted, a bad one fails the handshake).
+fn server_config(files: &TlsFiles, default: Arc<CertifiedKey>) -> Result<ServerConfig> {
     let mut by_name = HashMap::new();
     if let Some(dir) = &files.dir {
         let entries =
@@ -264,10 +379,24 @@ fn server_config(files: &TlsFiles) -> Result<ServerConfig> {
         fallback: default,
     };
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut config = ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
-        .with_cert_resolver(Arc::new(resolver));
+    let builder = ServerConfig::builder_with_provider(Arc::clone(&provider))
+        .with_safe_default_protocol_versions()?;
+    let builder = match &files.peers {
+        None => builder.with_no_client_auth(),
+        Some(peers) => {
+            let ca = match peers {
+                PeerCa::File(path) => Some(path.as_path()),
+                PeerCa::OwnChain => None,
+            };
+            let roots = peer_roots(ca, Some(files))?;
+            let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
+                .allow_unauthenticated()
+                .build()
+                .context("the peer CA for --peer-mtls")?;
+            builder.with_client_cert_verifier(verifier)
+        }
+    };
+    let mut config = builder.with_cert_resolver(Arc::new(resolver));
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(config)
 }

@@ -171,6 +171,9 @@ pub struct Cluster {
     peer_keys: Arc<PeerKeys>,
     /// Nonces of the peer requests taken in the window.
     nonces: Mutex<NonceCache>,
+    /// `--peer-mtls`: peer requests come only over connections whose
+    /// client presented a certificate of the peer CA.
+    mutual: bool,
     api_url: String,
     interval: Duration,
     chitchat: ChitchatHandle,
@@ -227,7 +230,7 @@ impl Cluster {
     pub async fn start(
         config: ClusterConfig,
         api_addr: SocketAddr,
-        tls: Option<&crate::tls::TlsFiles>,
+        tls: Option<&Arc<crate::tls::Tls>>,
         metrics: Metrics,
         kv: Arc<Kv>,
     ) -> anyhow::Result<Arc<Cluster>> {
@@ -239,10 +242,11 @@ impl Cluster {
         }
         let scheme = if tls.is_some() { "https" } else { "http" };
         let api_url = format!("{scheme}://{api}");
-        let client = forward::client(crate::tls::peer_client_config(
-            config.peer_ca.as_deref(),
-            tls,
-        )?);
+        let client = forward::client(match tls {
+            Some(tls) => tls.peer_client_config(config.peer_ca.as_deref())?,
+            None => crate::tls::peer_client_config(config.peer_ca.as_deref(), None)?,
+        });
+        let mutual = tls.is_some_and(|tls| tls.mutual());
         let gossip_advertise = config.gossip_advertise.unwrap_or(config.gossip_listen);
         if gossip_advertise.ip().is_unspecified() {
             anyhow::bail!(
@@ -300,6 +304,7 @@ impl Cluster {
             keyring: config.keyring,
             peer_keys,
             nonces: Mutex::new(NonceCache::new(NONCES_KEPT)),
+            mutual,
             api_url,
             interval,
             chitchat,
@@ -380,9 +385,19 @@ impl Cluster {
         Ok(())
     }
 
-    /// Checks an internal request's signature and takes its nonce; what is
+    /// Checks an internal request's signature and takes its nonce (and
+    /// under mutual TLS, that it came with a peer certificate); what is
     /// refused is counted by its code.
     pub fn verify<B>(&self, req: &http::Request<B>) -> Result<Signed, seal::Refused> {
+        if self.mutual
+            && req
+                .extensions()
+                .get::<crate::tls::PeerCertified>()
+                .is_none()
+        {
+            self.note_refused(seal::Refused::CertificateMissing);
+            return Err(seal::Refused::CertificateMissing);
+        }
         let target = req.uri().path_and_query().map_or("/", |p| p.as_str());
         let header = req
             .headers()

@@ -115,6 +115,7 @@ async fn two_domains_reach_two_functions_each_with_its_own_certificate() {
         key: dir.path().join("default.key"),
         dir: Some(domains.clone()),
         strict_sni: false,
+        peers: None,
     });
     let host = TestHost::start(config).await;
     let addr = host.url.trim_start_matches("http://").to_string();
@@ -169,6 +170,7 @@ async fn two_domains_reach_two_functions_each_with_its_own_certificate() {
         key: dir.path().join("default.key"),
         dir: Some(domains),
         strict_sni: true,
+        peers: None,
     });
     let host = TestHost::start(config).await;
     let addr = host.url.trim_start_matches("http://").to_string();

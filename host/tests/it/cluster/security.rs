@@ -735,7 +735,8 @@ async fn hosts_that_serve_tls_talk_https_to_each_other() {
     assert!(series_sum(&metrics, "lichen_module_fetches_total{outcome=\"ok\"}") >= 1.0);
 }
 
-/// An HTTPS client trusting the test CA, with the admin token.
+/// An HTTPS client trusting the CA certificates in `roots` (PEM),
+/// presenting `identity` (certificate chain and key, PEM) if given.
 struct TlsClient {
     client: hyper_util::client::legacy::Client<
         hyper_rustls::HttpsConnector<hyper_util::client::legacy::connect::HttpConnector>,
@@ -745,7 +746,31 @@ struct TlsClient {
 
 impl TlsClient {
     fn new(ca: &common::Ca) -> TlsClient {
-        let config = common::tls_client_config(ca, &[]);
+        TlsClient::with(&ca.pem(), None)
+    }
+
+    fn with(roots: &str, identity: Option<(&str, &str)>) -> TlsClient {
+        use rustls::pki_types::pem::PemObject;
+        let mut store = rustls::RootCertStore::empty();
+        for cert in rustls::pki_types::CertificateDer::pem_slice_iter(roots.as_bytes()) {
+            store.add(cert.unwrap()).unwrap();
+        }
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let builder = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(store);
+        let config = match identity {
+            None => builder.with_no_client_auth(),
+            Some((chain, key)) => builder
+                .with_client_auth_cert(
+                    rustls::pki_types::CertificateDer::pem_slice_iter(chain.as_bytes())
+                        .map(Result::unwrap)
+                        .collect(),
+                    rustls::pki_types::PrivateKeyDer::from_pem_slice(key.as_bytes()).unwrap(),
+                )
+                .unwrap(),
+        };
         let connector = hyper_rustls::HttpsConnectorBuilder::new()
             .with_tls_config(config)
             .https_only()
@@ -759,6 +784,7 @@ impl TlsClient {
         }
     }
 
+    /// Sends with the admin token.
     async fn send(
         &self,
         url: &str,
@@ -766,23 +792,316 @@ impl TlsClient {
         path: &str,
         body: Vec<u8>,
     ) -> (StatusCode, Bytes) {
+        let auth = format!("Bearer {}", super::TOKEN);
+        self.request(url, method, path, &[("authorization", &auth)], body)
+            .await
+            .unwrap()
+    }
+
+    /// Sends with `headers`; an error if no answer came (a failed
+    /// handshake, say).
+    async fn request(
+        &self,
+        url: &str,
+        method: Method,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: Vec<u8>,
+    ) -> Result<(StatusCode, Bytes), String> {
         use http_body_util::BodyExt;
-        let request = http::Request::builder()
+        let mut request = http::Request::builder()
             .method(method)
-            .uri(format!("{url}{path}"))
-            .header("authorization", format!("Bearer {}", super::TOKEN))
+            .uri(format!("{url}{path}"));
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        let request = request
             .body(http_body_util::Full::new(Bytes::from(body)))
             .unwrap();
         let response = tokio::time::timeout(common::PATIENCE, self.client.request(request))
             .await
             .unwrap()
-            .unwrap();
+            .map_err(|e| format!("{e:?}"))?;
         let status = response.status();
-        (
+        Ok((
             status,
             response.into_body().collect().await.unwrap().to_bytes(),
-        )
+        ))
     }
+
+    async fn metrics(&self, url: &str) -> String {
+        let (_, body) = self.send(url, Method::GET, "/metrics", Vec::new()).await;
+        String::from_utf8_lossy(&body).into_owned()
+    }
+}
+
+/// Runs `lichen ARGS`; its standard output, or a panic with its error.
+fn lichen(args: &[&str]) -> Result<String, String> {
+    let output = std::process::Command::new(env!("CARGO_BIN_EXE_lichen"))
+        .args(args)
+        .output()
+        .unwrap();
+    if output.status.success() {
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    } else {
+        Err(String::from_utf8_lossy(&output.stderr).into_owned())
+    }
+}
+
+/// Three hosts under mutual TLS, with the CA and certificates `lichen
+/// cluster ca|cert` made: modules are fetched and a map's items forwarded
+/// between them, and clients need no certificate. A peer request (signed
+/// with the cluster secret) over a connection without a certificate is
+/// `401 peer_certificate_required` and counted; with a certificate of
+/// another CA the handshake fails; with one of the cluster's CA it still
+/// needs its signature.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn under_mutual_tls_peers_share_work_and_a_peer_request_needs_the_cluster_certificate() {
+    let root = tempfile::tempdir().unwrap();
+    let path = |p: &str| root.path().join(p).display().to_string();
+    let said = lichen(&["cluster", "ca", "--out", &path("ca")]).unwrap();
+    assert!(said.contains("ca.crt"), "{said}");
+    // Nothing is overwritten.
+    let again = lichen(&["cluster", "ca", "--out", &path("ca")]).unwrap_err();
+    assert!(again.contains("exists already"), "{again}");
+    for id in ["a", "b", "c"] {
+        lichen(&[
+            "cluster",
+            "cert",
+            id,
+            "--ca",
+            &path("ca"),
+            "--address",
+            "127.0.0.1",
+            "--address",
+            "localhost",
+            "--out",
+            &path("certs"),
+        ])
+        .unwrap();
+    }
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        for key in ["ca/ca.key", "certs/a.key"] {
+            let mode = std::fs::metadata(root.path().join(key))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o077, 0, "{key} is readable by others: {mode:o}");
+        }
+    }
+    let flags = |id: &str, peer_ca: bool| {
+        let mut flags = vec![
+            "--tls-cert".to_string(),
+            path(&format!("certs/{id}.crt")),
+            "--tls-key".to_string(),
+            path(&format!("certs/{id}.key")),
+            "--peer-mtls".to_string(),
+        ];
+        // a names the CA; b and c trust their own chain's.
+        if peer_ca {
+            flags.extend(["--peer-ca".to_string(), path("ca/ca.crt")]);
+        }
+        flags
+    };
+    let start = |id: &str, seeds: &[&Node], peer_ca: bool| {
+        let flags = flags(id, peer_ca);
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        Node::start_with(root.path(), id, seeds, SECRET, &flags)
+    };
+    let a = start("a", &[], true);
+    let b = start("b", &[&a], false);
+    let c = start("c", &[&a], false);
+    assert!(a.url.starts_with("https://"), "{}", a.url);
+
+    let ca_pem = std::fs::read_to_string(root.path().join("ca/ca.crt")).unwrap();
+    // A client without a certificate: deploys, calls, reads.
+    let client = TlsClient::with(&ca_pem, None);
+    let (status, body) = client
+        .send(
+            &a.url,
+            Method::PUT,
+            "/v1/functions/square",
+            common::component("square"),
+        )
+        .await;
+    assert_eq!(
+        status,
+        StatusCode::CREATED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let (status, body) = client
+        .send(
+            &a.url,
+            Method::PUT,
+            "/v1/functions/square/policy",
+            b"[limits]\nconcurrency = 1\n".to_vec(),
+        )
+        .await;
+    assert!(status.is_success(), "{}", String::from_utf8_lossy(&body));
+    for node in [&b, &c] {
+        eventually(
+            &format!(
+                "{} fetched square over mutual TLS and has its policy",
+                node.id
+            ),
+            || async {
+                node.dir.join("policies/square.toml").exists()
+                    && client
+                        .request(&node.url, Method::POST, "/fn/square", &[], b"3".to_vec())
+                        .await
+                        .is_ok_and(|(status, body)| status == StatusCode::OK && &body[..] == b"9")
+            },
+        )
+        .await;
+    }
+    eventually("a sees b and c serve square", || async {
+        let (_, peers) = client
+            .send(&a.url, Method::GET, "/v1/peers", Vec::new())
+            .await;
+        let peers: serde_json::Value = serde_json::from_slice(&peers).unwrap();
+        let peers = peers["peers"].as_array().unwrap();
+        peers.len() == 2
+            && peers.iter().all(|p| {
+                p["functions"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|f| f["name"] == "square")
+            })
+    })
+    .await;
+
+    // A map from a, one item at a time per host: b and c run some.
+    let inputs: Vec<i64> = (0..300).collect();
+    let (status, body) = client
+        .send(
+            &a.url,
+            Method::POST,
+            "/v1/functions/square/map",
+            serde_json::to_vec(&inputs).unwrap(),
+        )
+        .await;
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    let results: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    for (i, result) in results.as_array().unwrap().iter().enumerate() {
+        assert_eq!(result["status"], 200, "item {i}: {result}");
+        assert_eq!(result["body"], (i * i) as u64, "item {i}");
+    }
+    let forwarded_to: Vec<f64> = futures::future::join_all([&b, &c].map(|node| async {
+        series_sum(
+            &client.metrics(&node.url).await,
+            "lichen_invocations_total{function=\"square\"",
+        )
+    }))
+    .await;
+    assert!(
+        forwarded_to.iter().sum::<f64>() > 2.0,
+        "no map item ran on b or c: {forwarded_to:?}"
+    );
+    for node in [&b, &c] {
+        let metrics = client.metrics(&node.url).await;
+        assert!(
+            series_sum(&metrics, "lichen_module_fetches_total{outcome=\"ok\"}") >= 1.0,
+            "{} fetched no module",
+            node.id
+        );
+    }
+
+    // Peer requests from outside the cluster's CA.
+    let sha = {
+        let (_, list) = client
+            .send(&a.url, Method::GET, "/v1/functions/square", Vec::new())
+            .await;
+        let list: serde_json::Value = serde_json::from_slice(&list).unwrap();
+        list["sha256"].as_str().unwrap().to_string()
+    };
+    let target = format!("/v1/internal/modules/{sha}");
+    let signed = |node: &Node| {
+        common::peer_signature(
+            SECRET,
+            "GET",
+            &format!("{}{target}", node.url),
+            &node.id,
+            &[],
+            Some(b""),
+        )
+    };
+    let refused_before = series_sum(
+        &client.metrics(&b.url).await,
+        "lichen_peer_requests_refused_total{code=\"peer_certificate_required\"}",
+    );
+    let signature = signed(&b);
+    let (status, body) = client
+        .request(
+            &b.url,
+            Method::GET,
+            &target,
+            &[("x-lichen-peer-signature", &signature)],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        status,
+        StatusCode::UNAUTHORIZED,
+        "{}",
+        String::from_utf8_lossy(&body)
+    );
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["code"], "peer_certificate_required");
+    let refused_after = series_sum(
+        &client.metrics(&b.url).await,
+        "lichen_peer_requests_refused_total{code=\"peer_certificate_required\"}",
+    );
+    assert_eq!(refused_after, refused_before + 1.0);
+
+    // A certificate of another CA (for the same name) fails the handshake.
+    let stranger = common::Ca::new();
+    let (cert, key) = stranger.leaf(&["127.0.0.1"], "c", false);
+    let outsider = TlsClient::with(&ca_pem, Some((&cert, &key)));
+    let signature = signed(&b);
+    let refused = outsider
+        .request(
+            &b.url,
+            Method::GET,
+            &target,
+            &[("x-lichen-peer-signature", &signature)],
+            Vec::new(),
+        )
+        .await;
+    assert!(
+        refused.is_err(),
+        "a stranger's certificate was taken: {refused:?}"
+    );
+
+    // c's own pair: a member's connection, whose requests still need their
+    // signature.
+    let chain = std::fs::read_to_string(root.path().join("certs/c.crt")).unwrap();
+    let key = std::fs::read_to_string(root.path().join("certs/c.key")).unwrap();
+    let member = TlsClient::with(&ca_pem, Some((&chain, &key)));
+    let (status, body) = member
+        .request(&b.url, Method::GET, &target, &[], Vec::new())
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["code"], "peer_signature_missing");
+    let signature = signed(&b);
+    let (status, body) = member
+        .request(
+            &b.url,
+            Method::GET,
+            &target,
+            &[("x-lichen-peer-signature", &signature)],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
+    assert_eq!(&body[..], &common::component("square")[..]);
 }
 
 /// Map calls sent without pause to the hosts in `up`, until `stop`:
