@@ -52,8 +52,11 @@ pub fn make_ca(dir: &Path, name: &str, days: u32) -> Result<Written> {
         key: dir.join(CA_KEY),
     };
     absent(&written)?;
-    write_new(&written.key, key.serialize_pem().as_bytes(), true)?;
-    write_new(&written.cert, cert.pem().as_bytes(), false)?;
+    write_pair(
+        &written,
+        key.serialize_pem().as_bytes(),
+        cert.pem().as_bytes(),
+    )?;
     Ok(written)
 }
 
@@ -89,14 +92,22 @@ pub fn make_cert(
     let mut params = CertificateParams::default();
     params.distinguished_name.push(DnType::CommonName, name);
     for address in addresses {
-        let san = match address.parse::<IpAddr>() {
+        let bare = address.trim_start_matches('[').trim_end_matches(']');
+        let san = match bare.parse::<IpAddr>() {
             Ok(ip) => SanType::IpAddress(ip),
-            Err(_) => SanType::DnsName(
-                address
-                    .as_str()
-                    .try_into()
-                    .with_context(|| format!("--address {address:?} is no IP or DNS name"))?,
-            ),
+            Err(_) => {
+                if rustls::pki_types::DnsName::try_from(address.as_str()).is_err() {
+                    bail!(
+                        "--address {address:?} is no IP address or DNS name (no port, no scheme)"
+                    );
+                }
+                SanType::DnsName(
+                    address
+                        .as_str()
+                        .try_into()
+                        .with_context(|| format!("--address {address:?}"))?,
+                )
+            }
         };
         params.subject_alt_names.push(san);
     }
@@ -118,16 +129,18 @@ pub fn make_cert(
         key: out.join(format!("{name}.key")),
     };
     absent(&written)?;
-    write_new(&written.key, key.serialize_pem().as_bytes(), true)?;
     let chain = format!("{}{}", cert.pem(), ca_cert);
-    write_new(&written.cert, chain.as_bytes(), false)?;
+    write_pair(&written, key.serialize_pem().as_bytes(), chain.as_bytes())?;
     Ok(written)
 }
 
+/// The longest validity, in days (a hundred years).
+const MAX_DAYS: u32 = 36_500;
+
 /// From an hour ago (clocks differ) to `days` days from now.
 fn validity(params: &mut CertificateParams, days: u32) -> Result<()> {
-    if days == 0 {
-        bail!("--days must be at least 1");
+    if days == 0 || days > MAX_DAYS {
+        bail!("--days must be from 1 to {MAX_DAYS}");
     }
     let now = time::OffsetDateTime::now_utc();
     params.not_before = now - time::Duration::hours(1);
@@ -149,7 +162,18 @@ fn read(path: &Path) -> Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))
 }
 
-/// Writes a file that must not exist yet; a key readable by its owner only.
+/// Writes the key, then the certificate; on a failure neither is left.
+fn write_pair(written: &Written, key: &[u8], cert: &[u8]) -> Result<()> {
+    write_new(&written.key, key, true)?;
+    if let Err(error) = write_new(&written.cert, cert, false) {
+        let _ = std::fs::remove_file(&written.key);
+        return Err(error);
+    }
+    Ok(())
+}
+
+/// Writes a file that must not exist yet (a key readable by its owner
+/// only); a file written in part is removed.
 fn write_new(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
@@ -165,7 +189,11 @@ fn write_new(path: &Path, bytes: &[u8], secret: bool) -> Result<()> {
             anyhow::anyhow!("writing {}: {e}", path.display())
         }
     })?;
-    file.write_all(bytes)
-        .and_then(|()| file.sync_all())
-        .with_context(|| format!("writing {}", path.display()))
+    let written = file.write_all(bytes).and_then(|()| file.sync_all());
+    if let Err(error) = written {
+        drop(file);
+        let _ = std::fs::remove_file(path);
+        return Err(anyhow::anyhow!("writing {}: {error}", path.display()));
+    }
+    Ok(())
 }

@@ -375,10 +375,11 @@ struct ClusterArgs {
     #[arg(long, value_name = "FILE")]
     peer_ca: Option<PathBuf>,
     /// Mutual TLS between peers: this host asks every connection for a
-    /// certificate of the peer CA (--peer-ca, else its own chain's) and
-    /// takes peer requests only over connections that presented one;
-    /// clients need none. It presents its --tls-cert to peers that ask.
-    #[arg(long, requires = "tls_cert")]
+    /// certificate of the cluster's CA (--peer-ca, which must sign for this
+    /// cluster only) and takes peer requests only over connections that
+    /// presented one, and talks to peers over HTTPS only; clients need
+    /// none. It presents its --tls-cert to peers that ask.
+    #[arg(long, requires_all = ["tls_cert", "peer_ca"])]
     peer_mtls: bool,
     /// Time between gossip rounds, in milliseconds; a dead peer is noticed
     /// after about ten.
@@ -911,10 +912,23 @@ async fn serve(args: ServeArgs) -> anyhow::Result<()> {
         .into_iter()
         .flatten(),
     );
-    let peers_tls = args.cluster.peer_mtls.then(|| match &args.cluster.peer_ca {
-        Some(ca) => lichen::tls::PeerCa::File(ca.clone()),
-        None => lichen::tls::PeerCa::OwnChain,
-    });
+    // Checked here too: a config file's values reach clap as defaults,
+    // which its `requires` does not check.
+    let peers_tls = if args.cluster.peer_mtls {
+        if args.tls_cert.is_none() || args.tls_key.is_none() {
+            anyhow::bail!(
+                "--peer-mtls needs --tls-cert and --tls-key: the certificate this host presents to its peers"
+            );
+        }
+        let Some(ca) = args.cluster.peer_ca.clone() else {
+            anyhow::bail!(
+                "--peer-mtls needs --peer-ca: the CA of this cluster's certificates (lichen cluster ca), which signs for nothing else"
+            );
+        };
+        Some(ca)
+    } else {
+        None
+    };
     config.cluster = args.cluster.config(args.listen, &config.kv)?;
     for pin in &args.resolve {
         let (name, ip) = pin

@@ -45,17 +45,10 @@ pub struct TlsFiles {
     /// `--tls-strict-sni`: a client asking for a name `dir` has no pair
     /// for gets a failed handshake, not the default pair.
     pub strict_sni: bool,
-    /// `--peer-mtls`: whom peers' certificates must come from.
-    pub peers: Option<PeerCa>,
-}
-
-/// Whose certificates a peer must present under mutual TLS.
-#[derive(Debug, Clone)]
-pub enum PeerCa {
-    /// The CA certificates in this file (`--peer-ca`).
-    File(PathBuf),
-    /// The CA of this host's own chain, as [`peer_client_config`] trusts.
-    OwnChain,
+    /// `--peer-mtls`: the CA certificates (`--peer-ca`) whose
+    /// certificates peers must present: a CA of the cluster's own, never
+    /// one that signs for others too.
+    pub peers: Option<PathBuf>,
 }
 
 /// Marks a request that came over a connection whose client presented a
@@ -124,7 +117,7 @@ impl Tls {
         Ok(rustls::ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()?
             .with_root_certificates(roots)
-            .with_client_cert_resolver(Arc::new(OwnPair(Arc::downgrade(self)))))
+            .with_client_cert_resolver(Arc::new(OwnPair(Arc::clone(self)))))
     }
 
     /// Reads the files again; keeps the pair in force if the new one does
@@ -156,7 +149,8 @@ impl Tls {
         let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel::<()>();
         let files_changed = tx.clone();
         let names: Vec<PathBuf> = [&self.files.cert, &self.files.key]
-            .iter()
+            .into_iter()
+            .chain(self.files.peers.as_ref())
             .filter_map(|p| p.file_name().map(PathBuf::from))
             .collect();
         let domains = self.files.dir.clone();
@@ -177,6 +171,7 @@ impl Tls {
         // renaming, which a watch on the file itself would lose.
         let dirs = [parent(&self.files.cert), parent(&self.files.key)]
             .into_iter()
+            .chain(self.files.peers.as_deref().map(parent))
             .chain(self.files.dir.clone());
         for dir in dirs {
             watcher
@@ -318,7 +313,7 @@ impl Current {
 
 /// Presents this host's pair in force to a peer that asks for one.
 #[derive(Debug)]
-struct OwnPair(std::sync::Weak<Tls>);
+struct OwnPair(Arc<Tls>);
 
 impl std::fmt::Debug for Tls {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -334,8 +329,7 @@ impl ResolvesClientCert for OwnPair {
         _root_hint_subjects: &[&[u8]],
         schemes: &[SignatureScheme],
     ) -> Option<Arc<CertifiedKey>> {
-        let tls = self.0.upgrade()?;
-        let current = tls.current.read().unwrap_or_else(|e| e.into_inner());
+        let current = self.0.current.read().unwrap_or_else(|e| e.into_inner());
         current
             .own
             .key
@@ -383,12 +377,8 @@ fn server_config(files: &TlsFiles, default: Arc<CertifiedKey>) -> Result<ServerC
         .with_safe_default_protocol_versions()?;
     let builder = match &files.peers {
         None => builder.with_no_client_auth(),
-        Some(peers) => {
-            let ca = match peers {
-                PeerCa::File(path) => Some(path.as_path()),
-                PeerCa::OwnChain => None,
-            };
-            let roots = peer_roots(ca, Some(files))?;
+        Some(ca) => {
+            let roots = peer_roots(Some(ca), Some(files))?;
             let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider)
                 .allow_unauthenticated()
                 .build()

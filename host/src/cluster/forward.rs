@@ -43,17 +43,20 @@ const OWNERS: usize = 3;
 const MAX_ATTEMPTS: usize = 3;
 
 /// The client of internal requests: HTTP, or HTTPS verified with `tls`
-/// for a peer that publishes an `https://` address.
-pub fn client(tls: rustls::ClientConfig) -> Client {
+/// for a peer that publishes an `https://` address; HTTPS only with
+/// `https_only` (mutual TLS: a peer is only ever reached over it).
+pub fn client(tls: rustls::ClientConfig, https_only: bool) -> Client {
     let mut connector = HttpConnector::new();
     connector.set_nodelay(true);
     connector.set_connect_timeout(Some(Duration::from_secs(1)));
     connector.enforce_http(false);
-    let connector = hyper_rustls::HttpsConnectorBuilder::new()
-        .with_tls_config(tls)
-        .https_or_http()
-        .enable_http1()
-        .wrap_connector(connector);
+    let builder = hyper_rustls::HttpsConnectorBuilder::new().with_tls_config(tls);
+    let builder = if https_only {
+        builder.https_only()
+    } else {
+        builder.https_or_http()
+    };
+    let connector = builder.enable_http1().wrap_connector(connector);
     hyper_util::client::legacy::Client::builder(TokioExecutor::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build(connector)

@@ -242,11 +242,14 @@ impl Cluster {
         }
         let scheme = if tls.is_some() { "https" } else { "http" };
         let api_url = format!("{scheme}://{api}");
-        let client = forward::client(match tls {
-            Some(tls) => tls.peer_client_config(config.peer_ca.as_deref())?,
-            None => crate::tls::peer_client_config(config.peer_ca.as_deref(), None)?,
-        });
         let mutual = tls.is_some_and(|tls| tls.mutual());
+        let client = forward::client(
+            match tls {
+                Some(tls) => tls.peer_client_config(config.peer_ca.as_deref())?,
+                None => crate::tls::peer_client_config(config.peer_ca.as_deref(), None)?,
+            },
+            mutual,
+        );
         let gossip_advertise = config.gossip_advertise.unwrap_or(config.gossip_listen);
         if gossip_advertise.ip().is_unspecified() {
             anyhow::bail!(
@@ -875,6 +878,17 @@ impl Cluster {
                 continue;
             }
             match gossip::read(&key, &value) {
+                // Under mutual TLS a peer is reached over HTTPS only (its
+                // certificate checked against the cluster's CA): one that
+                // gossips a plain address (the secret without a
+                // certificate) is no peer.
+                Some(gossip::Value::Api(api)) if self.mutual && !api.starts_with("https://") => {
+                    tracing::debug!(
+                        peer = node,
+                        api,
+                        "a peer without HTTPS under mutual TLS: not a peer"
+                    );
+                }
                 Some(gossip::Value::Api(api)) => peer.api = api.to_string(),
                 Some(gossip::Value::Load {
                     free,

@@ -891,28 +891,29 @@ async fn under_mutual_tls_peers_share_work_and_a_peer_request_needs_the_cluster_
             assert_eq!(mode & 0o077, 0, "{key} is readable by others: {mode:o}");
         }
     }
-    let flags = |id: &str, peer_ca: bool| {
-        let mut flags = vec![
+    let flags = |id: &str| {
+        vec![
             "--tls-cert".to_string(),
             path(&format!("certs/{id}.crt")),
             "--tls-key".to_string(),
             path(&format!("certs/{id}.key")),
             "--peer-mtls".to_string(),
-        ];
-        // a names the CA; b and c trust their own chain's.
-        if peer_ca {
-            flags.extend(["--peer-ca".to_string(), path("ca/ca.crt")]);
-        }
-        flags
+            "--peer-ca".to_string(),
+            path("ca/ca.crt"),
+        ]
     };
-    let start = |id: &str, seeds: &[&Node], peer_ca: bool| {
-        let flags = flags(id, peer_ca);
+    let start = |id: &str, seeds: &[&Node]| {
+        let flags = flags(id);
         let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
         Node::start_with(root.path(), id, seeds, SECRET, &flags)
     };
-    let a = start("a", &[], true);
-    let b = start("b", &[&a], false);
-    let c = start("c", &[&a], false);
+    let a = start("a", &[]);
+    let b = start("b", &[&a]);
+    let c = start("c", &[&a]);
+    // A host with the secret but no certificate (plain HTTP): it joins
+    // gossip, but no host under mutual TLS takes it for a peer or sends
+    // it work.
+    let x = Node::start(root.path(), "x", &[&a], SECRET);
     assert!(a.url.starts_with("https://"), "{}", a.url);
 
     let ca_pem = std::fs::read_to_string(root.path().join("ca/ca.crt")).unwrap();
@@ -1102,6 +1103,41 @@ async fn under_mutual_tls_peers_share_work_and_a_peer_request_needs_the_cluster_
         .unwrap();
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     assert_eq!(&body[..], &common::component("square")[..]);
+    // The same request again, certificate and all: a replay.
+    let (status, body) = member
+        .request(
+            &b.url,
+            Method::GET,
+            &target,
+            &[("x-lichen-peer-signature", &signature)],
+            Vec::new(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(status, StatusCode::UNAUTHORIZED);
+    let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
+    assert_eq!(error["code"], "peer_request_replayed");
+
+    // x, with the secret and no certificate, was never a peer of a, b or c
+    // (it sees them: gossip is sealed by the secret alone).
+    eventually("x hears a, b and c", || async {
+        x.peer_ids().await == ["a", "b", "c"]
+    })
+    .await;
+    for node in [&a, &b, &c] {
+        let (_, peers) = client
+            .send(&node.url, Method::GET, "/v1/peers", Vec::new())
+            .await;
+        let peers: serde_json::Value = serde_json::from_slice(&peers).unwrap();
+        let ids: Vec<&str> = peers["peers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|p| p["node_id"].as_str().unwrap())
+            .collect();
+        assert!(!ids.contains(&"x"), "{} lists x: {ids:?}", node.id);
+    }
+    drop(x);
 }
 
 /// Map calls sent without pause to the hosts in `up`, until `stop`:
