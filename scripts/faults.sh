@@ -10,7 +10,12 @@
 #
 # Needs root (namespaces, nftables, a tmpfs), iproute2, nftables and
 # faketime (scripts/test.sh installs them). LICHEN_FAULTS_SECONDS sets each
-# scenario's length (default 180: about 50 minutes for the 14 scenarios).
+# scenario's length (default 180: about 50 minutes for the 14 scenarios);
+# LICHEN_FAULTS_ONLY=Partition/Nats,Loss/Gossip runs those alone.
+#
+# --quick: one 18-second scenario of each fault, on one registry or the
+# other, and the cron partition (a few minutes; the test command runs
+# these too, with everything else).
 set -euo pipefail
 root="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$root"
@@ -21,5 +26,9 @@ env -u RUSTC_WORKSPACE_WRAPPER -u CLIPPY_ARGS functions/build.sh
 export RUSTC_WORKSPACE_WRAPPER="$(rustup which clippy-driver 2>/dev/null || command -v clippy-driver)"
 export CLIPPY_ARGS=-D__CLIPPY_HACKERY__warnings__CLIPPY_HACKERY__
 export LICHEN_FUNCTIONS_BUILT=1
+if [[ "${1:-}" == "--quick" ]]; then
+    exec cargo nextest run -p lichen-host --test it --no-capture \
+        -E 'test(faults::) & not test(faults::campaign)'
+fi
 exec cargo nextest run -p lichen-host --test it --run-ignored only --no-capture \
     -E 'test(faults::campaign)'

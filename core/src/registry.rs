@@ -60,6 +60,14 @@ pub fn stamp_ms(stamp: Stamp) -> u64 {
     stamp >> LOGICAL_BITS
 }
 
+/// Whether `stamp` is more than `max_ahead_ms` ahead of the wall clock's
+/// `now_ms`: a stamp from a clock that runs ahead (a host booted in 2099),
+/// refused rather than adopted, or every later stamp of every host that
+/// took it would run there with it.
+pub fn is_ahead(stamp: Stamp, now_ms: u64, max_ahead_ms: u64) -> bool {
+    stamp_ms(stamp) > now_ms.saturating_add(max_ahead_ms)
+}
+
 /// A host's hybrid logical clock.
 #[derive(Debug, Clone, Default)]
 pub struct Clock {
@@ -432,6 +440,19 @@ mod tests {
         // The wall clock going backwards does not either.
         let before = clock.tick(5_000_000);
         assert!(clock.tick(10) > before);
+    }
+
+    #[test]
+    fn a_stamp_past_the_bound_is_ahead_and_one_within_it_is_not() {
+        let now = 1_000_000;
+        let max = 60_000;
+        assert!(!is_ahead(stamp_of_ms(now), now, max));
+        assert!(!is_ahead(stamp_of_ms(now + max) | 0xffff, now, max));
+        assert!(is_ahead(stamp_of_ms(now + max + 1), now, max));
+        // A host booted in 2099.
+        assert!(is_ahead(stamp_of_ms(4_070_908_800_000), now, max));
+        // Behind is never ahead.
+        assert!(!is_ahead(0, now, max));
     }
 
     #[test]

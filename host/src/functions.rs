@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -48,6 +48,17 @@ use lichen_core::registry::{Clock, Entry, MAX_ENTRY_BYTES, Merged, Stamp, Versio
 
 /// How long the module of a deploy whose outcome is unknown is kept.
 const IN_DOUBT_FOR: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// How far ahead of this host's clock a stamp heard elsewhere may be by
+/// default (`--max-clock-ahead`).
+pub const MAX_CLOCK_AHEAD: Duration = Duration::from_secs(60);
+
+/// The wall clock in Unix milliseconds.
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
 
 /// The admin lock, held while a deploy or delete changes the store and the
 /// table together.
@@ -73,6 +84,13 @@ pub struct Functions {
     records: RwLock<BTreeMap<FunctionName, FunctionRecord>>,
     /// The hybrid logical clock that stamps changes made here.
     hlc: Mutex<Clock>,
+    /// How far ahead of this host's clock a stamp heard elsewhere may be.
+    max_ahead: Duration,
+    /// When a stamp too far ahead was last logged (once a minute at most).
+    ahead_logged: Mutex<Option<Instant>>,
+    /// The earliest millisecond of the stamps refused as ahead since the
+    /// last look ([`Functions::refused_now_due`]).
+    ahead_refused: Mutex<Option<u64>>,
     /// This host's name in the registry (its node id in a cluster).
     origin: String,
     /// The cluster's registry on NATS, where changes are written first
@@ -132,6 +150,9 @@ impl Functions {
             calls: AtomicU64::new(1),
             records: RwLock::new(BTreeMap::new()),
             hlc: Mutex::new(Clock::default()),
+            max_ahead: MAX_CLOCK_AHEAD,
+            ahead_logged: Mutex::new(None),
+            ahead_refused: Mutex::new(None),
             origin: "local".to_string(),
             shared: None,
             in_doubt: Mutex::new(HashMap::new()),
@@ -196,6 +217,13 @@ impl Functions {
         self
     }
 
+    /// Refuses stamps more than `max_ahead` ahead of this host's clock
+    /// (`--max-clock-ahead`).
+    pub fn with_max_clock_ahead(mut self, max_ahead: Duration) -> Self {
+        self.max_ahead = max_ahead;
+        self
+    }
+
     /// Writes every change to `shared` first (the cluster's registry on
     /// NATS).
     pub fn with_shared_registry(mut self, shared: Arc<SharedRegistry>) -> Self {
@@ -224,13 +252,73 @@ impl Functions {
 
     /// A stamp for a change made here now.
     pub fn tick(&self) -> Stamp {
-        let now_ms = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
         self.hlc
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .tick(now_ms)
+            .tick(now_ms())
+    }
+
+    /// Takes a stamp heard from a peer or NATS (`source`: `registry`,
+    /// `secret`, `token`) into the clock, unless it is more than
+    /// `--max-clock-ahead` ahead of this host's clock: then it is refused,
+    /// counted in `lichen_clock_ahead_refused_total{source}` and logged (once
+    /// a minute), and the caller must not adopt what it stamps.
+    pub fn admit_stamp(&self, stamp: Stamp, source: &str, what: &str) -> bool {
+        let now_ms = now_ms();
+        if !lichen_core::registry::is_ahead(stamp, now_ms, self.max_ahead.as_millis() as u64) {
+            self.observe(stamp);
+            return true;
+        }
+        self.metrics
+            .clock_ahead_refused
+            .with_label_values(&[source])
+            .inc();
+        let ms = lichen_core::registry::stamp_ms(stamp);
+        let mut refused = self.ahead_refused.lock().unwrap_or_else(|e| e.into_inner());
+        *refused = Some(refused.map_or(ms, |earliest| earliest.min(ms)));
+        drop(refused);
+        let mut logged = self.ahead_logged.lock().unwrap_or_else(|e| e.into_inner());
+        if logged.is_none_or(|at| at.elapsed() >= Duration::from_secs(60)) {
+            *logged = Some(Instant::now());
+            tracing::warn!(
+                source,
+                what,
+                ahead_ms = lichen_core::registry::stamp_ms(stamp).saturating_sub(now_ms),
+                max_ahead_ms = self.max_ahead.as_millis() as u64,
+                "refused a change stamped too far ahead of this host's clock (a clock running ahead?); counted in lichen_clock_ahead_refused_total, logged once a minute"
+            );
+        }
+        false
+    }
+
+    /// Whether a stamp refused as ahead is within the bound now (the clock
+    /// caught up): then what was refused is read again, once.
+    pub fn refused_now_due(&self) -> bool {
+        let mut refused = self.ahead_refused.lock().unwrap_or_else(|e| e.into_inner());
+        let due = refused.is_some_and(|ms| {
+            !lichen_core::registry::is_ahead(
+                lichen_core::registry::stamp_of_ms(ms),
+                now_ms(),
+                self.max_ahead.as_millis() as u64,
+            )
+        });
+        if due {
+            *refused = None;
+        }
+        due
+    }
+
+    /// The answer when a change from elsewhere is refused by
+    /// [`Functions::admit_stamp`].
+    fn clock_ahead(&self, name: &FunctionName) -> ApiError {
+        ApiError::new(
+            http::StatusCode::CONFLICT,
+            "clock_ahead",
+            format!(
+                "the registry's entry of {name} is stamped more than {:?} ahead of this host's clock; it is not taken until the clocks agree",
+                self.max_ahead
+            ),
+        )
     }
 
     /// Notes a stamp seen at a peer: changes made here later are after it.
@@ -294,7 +382,9 @@ impl Functions {
             let (latest, revision) = shared.read(&name).await.map_err(registry_unavailable)?;
             let mut entry = record.entry.clone();
             if let Some(latest) = latest {
-                self.observe(latest.max_stamp());
+                if !self.admit_stamp(latest.max_stamp(), "registry", name.as_str()) {
+                    return Err(self.clock_ahead(&name));
+                }
                 entry.merge(&latest);
             }
             change(self, &mut entry)?;
@@ -557,7 +647,9 @@ impl Functions {
         name: &FunctionName,
         entry: &Entry,
     ) -> Result<Merged, ApiError> {
-        self.observe(entry.max_stamp());
+        if !self.admit_stamp(entry.max_stamp(), "registry", name.as_str()) {
+            return Err(self.clock_ahead(name));
+        }
         let mut record = self
             .record(name)
             .unwrap_or_else(|| FunctionRecord::new(name.clone()));

@@ -381,6 +381,11 @@ struct ClusterArgs {
     /// none. It presents its --tls-cert to peers that ask.
     #[arg(long, requires_all = ["tls_cert", "peer_ca"])]
     peer_mtls: bool,
+    /// A registry entry, secret or token stamped further ahead of this
+    /// host's clock is refused and counted, never adopted (a host whose
+    /// clock runs ahead cannot drag the cluster's clocks with it).
+    #[arg(long, default_value = "60s", value_parser = duration)]
+    max_clock_ahead: std::time::Duration,
     /// Time between gossip rounds, in milliseconds; a dead peer is noticed
     /// after about ten.
     #[arg(long, default_value_t = 200)]
@@ -467,6 +472,7 @@ impl ClusterArgs {
             keyring: std::sync::Arc::new(keyring),
             peer_ca: self.peer_ca,
             gossip_interval: std::time::Duration::from_millis(self.gossip_interval_ms.max(10)),
+            max_clock_ahead: self.max_clock_ahead,
             shared_registry,
         }))
     }

@@ -107,6 +107,10 @@ pub struct Metrics {
     pub gossip_rejected: IntCounterVec,
     /// Internal requests refused, by code (their `401` codes).
     pub peer_requests_refused: IntCounterVec,
+    /// `lichen_clock_ahead_refused_total{source}`.
+    pub clock_ahead_refused: IntCounterVec,
+    /// `lichen_gossip_custody{kind}`.
+    pub gossip_custody: IntGaugeVec,
 }
 
 /// One function's series, each looked up the first time it is used (so
@@ -392,6 +396,26 @@ impl Metrics {
         {
             gossip_rejected.with_label_values(&[reason]);
         }
+        let clock_ahead_refused = IntCounterVec::new(
+            Opts::new(
+                "lichen_clock_ahead_refused_total",
+                "Registry entries, secrets and tokens from peers or NATS refused for a stamp more than --max-clock-ahead ahead of this host's clock, by source.",
+            ),
+            &["source"],
+        )?;
+        for source in ["registry", "secret", "token"] {
+            clock_ahead_refused.with_label_values(&[source]);
+        }
+        let gossip_custody = IntGaugeVec::new(
+            Opts::new(
+                "lichen_gossip_custody",
+                "Secrets and tokens this host gossips for the cluster (those it changed, or holds for an origin that is gone), by kind.",
+            ),
+            &["kind"],
+        )?;
+        for kind in ["secret", "token"] {
+            gossip_custody.with_label_values(&[kind]);
+        }
         let peer_requests_refused = IntCounterVec::new(
             Opts::new(
                 "lichen_peer_requests_refused_total",
@@ -439,6 +463,8 @@ impl Metrics {
         registry.register(Box::new(peer_clock_offset.clone()))?;
         registry.register(Box::new(gossip_rejected.clone()))?;
         registry.register(Box::new(peer_requests_refused.clone()))?;
+        registry.register(Box::new(clock_ahead_refused.clone()))?;
+        registry.register(Box::new(gossip_custody.clone()))?;
         registry.register(Box::new(
             prometheus::process_collector::ProcessCollector::for_self(),
         ))?;
@@ -477,6 +503,8 @@ impl Metrics {
             peer_clock_offset,
             gossip_rejected,
             peer_requests_refused,
+            clock_ahead_refused,
+            gossip_custody,
         })
     }
 

@@ -347,6 +347,12 @@ impl Server {
                 .cluster
                 .as_ref()
                 .map_or_else(|| "local".to_string(), |c| c.node_id.clone()),
+        )
+        .with_max_clock_ahead(
+            config
+                .cluster
+                .as_ref()
+                .map_or(crate::functions::MAX_CLOCK_AHEAD, |c| c.max_clock_ahead),
         );
         let functions = Arc::new(match &shared_registry {
             Some(shared) => functions.with_shared_registry(Arc::clone(shared)),

@@ -31,7 +31,7 @@ use futures::StreamExt;
 use tokio::sync::OnceCell;
 
 use crate::kv::KvError;
-use crate::kv::nats::{lost_race, open_bucket, unavailable};
+use crate::kv::nats::{open_bucket, unavailable};
 use crate::names::FunctionName;
 use lichen_core::gossip::SealedText;
 use lichen_core::registry::Entry;
@@ -136,8 +136,15 @@ impl SharedRegistry {
         let Ok(value) = serde_json::to_vec(&SealedText::from(&sealed)) else {
             return;
         };
-        match store.update(key, value.into(), revision).await {
-            Ok(_) => tracing::info!(
+        match crate::kv::nats::write_once(&self.js, store, key, Some(value.into()), revision).await
+        {
+            Ok(crate::kv::nats::Cas::Lost) => {
+                tracing::debug!(
+                    key,
+                    "sealing an entry of the cluster's registry again: it changed, left for later"
+                )
+            }
+            Ok(crate::kv::nats::Cas::Applied(_)) => tracing::info!(
                 key,
                 "an entry of the cluster's registry sealed again under the secrets held now"
             ),
@@ -181,11 +188,17 @@ impl SharedRegistry {
             .map_err(|e| KvError::Invalid(format!("sealing {name}'s entry: {e}")))?;
         let value = serde_json::to_vec(&SealedText::from(&sealed))
             .map_err(|e| KvError::Invalid(e.to_string()))?;
-        match store.update(name.as_str(), value.into(), revision).await {
-            Ok(revision) => Ok(Written::At(revision)),
-            Err(e) if lost_race(e.kind() == kv::UpdateErrorKind::WrongLastRevision, &e) => {
-                Ok(Written::Lost)
-            }
+        match crate::kv::nats::write_once(
+            &self.js,
+            store,
+            name.as_str(),
+            Some(value.into()),
+            revision,
+        )
+        .await
+        {
+            Ok(crate::kv::nats::Cas::Applied(revision)) => Ok(Written::At(revision)),
+            Ok(crate::kv::nats::Cas::Lost) => Ok(Written::Lost),
             Err(e) => Err(unavailable(e)),
         }
     }

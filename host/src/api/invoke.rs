@@ -48,11 +48,12 @@ use opentelemetry::trace::SpanKind;
 pub enum Arrival {
     /// From a client: forwarded to a peer when this host has no room.
     Client,
-    /// An item of a map: like a client's, and its body can be sent again
-    /// if a peer fails after receiving it.
+    /// An item of a map: like a client's; its body is held whole, and
+    /// never sent to a second peer once one took it (it may have run).
     MapItem(Bytes),
-    /// A trigger of the function's own policy (a cron tick): no access
-    /// check, and its body can be sent again like a map item's.
+    /// A trigger of the function's own policy (a cron tick, a NATS
+    /// message): no access check; held and sent at most once like a map
+    /// item.
     Trigger(Bytes),
     /// Forwarded by a peer (its signature checked; with the digest of the
     /// body it signed, if it knew the body): run here at once or refuse as
@@ -306,8 +307,10 @@ async fn admit_and_run(
         Err(_) => {
             if let Some(cluster) = state.cluster() {
                 let replay = match &arrival {
+                    // Triggered work (a tick, a message, a map item) runs
+                    // at most once: after a peer took it, never elsewhere.
                     Arrival::MapItem(bytes) | Arrival::Trigger(bytes) => {
-                        Replay::Body(bytes.clone())
+                        Replay::Once(bytes.clone())
                     }
                     _ if is_idempotent(req.method()) && req.body().is_end_stream() => {
                         Replay::Body(Bytes::new())

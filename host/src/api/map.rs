@@ -7,8 +7,8 @@
 //! a client's: here if there is
 //! room, else a peer with room, else this host's queue. An item refused as
 //! busy waits and tries again until the function's deadline; an item whose
-//! peer fails is sent once more elsewhere. One failed item fails only
-//! itself. In a cluster each result says which host ran it (`served_by`).
+//! peer fails after taking it is `502` (it may have run there, so it is
+//! never run a second time). One failed item fails only itself. In a cluster each result says which host ran it (`served_by`).
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -152,7 +152,6 @@ async fn run_item(
     deadline: Instant,
 ) -> serde_json::Value {
     let bytes = Bytes::from(serde_json::to_vec(&item).unwrap_or_default());
-    let mut retried = false;
     loop {
         let mut req = hyper::Request::new(RequestBody::from(bytes.clone()));
         *req.method_mut() = Method::POST;
@@ -186,11 +185,8 @@ async fn run_item(
             }
             Ok(response) => match collect(state, response).await {
                 Ok(result) => return result,
-                // The response broke off (a peer died mid-answer): once more.
-                Err(error) if !retried => {
-                    tracing::warn!(request_id, error = %error, "map item's response broke off; retrying it");
-                    retried = true;
-                }
+                // The response broke off (a peer died mid-answer): the item
+                // may have run, so it is not run again.
                 Err(error) => {
                     return serde_json::json!({
                         "status": StatusCode::BAD_GATEWAY.as_u16(),

@@ -281,12 +281,13 @@ impl Leases {
             }
         };
         let key = format!("{}.{}.{}", tick.function, tick.trigger, tick.at_ms);
-        match store
-            .create(&key, bytes::Bytes::from(node.to_string()))
-            .await
-        {
-            Ok(_) => Lease::Taken,
-            Err(error) if error.kind() == kv::CreateErrorKind::AlreadyExists => Lease::Held,
+        // Created only if the key has no message yet, under one message
+        // id: a create whose answer was lost is recognised as this host's,
+        // not taken for another's lease.
+        let value = bytes::Bytes::from(node.to_string());
+        match crate::kv::nats::write_once(&self.js, store, &key, Some(value), 0).await {
+            Ok(crate::kv::nats::Cas::Applied(_)) => Lease::Taken,
+            Ok(crate::kv::nats::Cas::Lost) => Lease::Held,
             Err(error) => {
                 tracing::warn!(error = %error, key, "taking a cron lease failed");
                 Lease::Unavailable

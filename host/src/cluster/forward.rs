@@ -7,10 +7,10 @@
 //! - the connection failed: nothing was sent, so any request is retried;
 //! - the peer refused it as busy (before running it): retried while the body
 //!   was not started, as nothing ran;
-//! - it failed after the request left: only a request the caller can replay
-//!   (a map item, an idempotent method without a body) is sent once more
-//!   elsewhere; otherwise 502, or 504 past the deadline. A non-idempotent
-//!   request is never run twice.
+//! - it failed after the request left: only an idempotent method without a
+//!   body is sent once more elsewhere; anything else (a map item, a
+//!   trigger's tick or message included) is 502, or 504 past the deadline.
+//!   A non-idempotent request, and triggered work, is never run twice.
 
 use std::pin::Pin;
 use std::sync::atomic::{AtomicBool, Ordering};

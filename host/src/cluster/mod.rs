@@ -50,6 +50,7 @@ use lichen_core::gossip::{
     PREFIX_TOKEN, SealedText, SecretState, TokenState,
 };
 pub use lichen_core::registry;
+use lichen_core::registry::Stamp;
 use lichen_core::seal::{self, NonceCache, Signed};
 pub use lichen_core::seal::{Keyring, SIGNATURE_HEADER, Secret};
 use transport::{PeerKeys, SealedTransport};
@@ -99,6 +100,9 @@ pub struct ClusterConfig {
     /// the chain of this host's own certificate.
     pub peer_ca: Option<std::path::PathBuf>,
     pub gossip_interval: Duration,
+    /// `--max-clock-ahead`: a stamp further ahead of this host's clock is
+    /// refused (see [`crate::functions::Functions::admit_stamp`]).
+    pub max_clock_ahead: Duration,
     /// The registry lives in the NATS cluster of the key-value backend
     /// (`crate::shared_registry`); gossip carries it too.
     pub shared_registry: bool,
@@ -163,6 +167,9 @@ pub struct Departed {
 /// A gossip value's place: (node incarnation, key).
 type GossipKey = (String, String);
 
+/// The change a `secret:` or `token:` value carries: (stamp, origin).
+type Carried = (Stamp, String);
+
 /// This host's membership in a cluster.
 pub struct Cluster {
     node_id: String,
@@ -188,8 +195,11 @@ pub struct Cluster {
     /// changes, as a round sees every key of every peer.
     parsed: Mutex<HashMap<GossipKey, (u64, Option<FunctionState>)>>,
     /// The version of each `secret:` and `token:` value already read, by
-    /// (node, key).
-    parsed_secrets: Mutex<HashMap<GossipKey, u64>>,
+    /// (node, key), and which change it carries: (stamp, origin).
+    parsed_secrets: Mutex<HashMap<GossipKey, (u64, Option<Carried>)>>,
+    /// The version (stamp, origin) this host gossips of each `secret:` and
+    /// `token:` key (see [`Cluster::keep_custody`]).
+    published: Mutex<HashMap<String, (Stamp, String)>>,
     /// Each peer incarnation's clock offset, with the version of the load
     /// value it was measured from.
     offsets: Mutex<HashMap<String, (u64, i64)>>,
@@ -316,6 +326,7 @@ impl Cluster {
             last_api: Mutex::new(HashMap::new()),
             parsed: Mutex::new(HashMap::new()),
             parsed_secrets: Mutex::new(HashMap::new()),
+            published: Mutex::new(HashMap::new()),
             offsets: Mutex::new(HashMap::new()),
             skewed: Mutex::new(HashSet::new()),
             conflicts: Mutex::new(VecDeque::new()),
@@ -495,17 +506,117 @@ impl Cluster {
             .await;
     }
 
-    /// Gossips every record and secret (at start: what this host stored
-    /// before it joined, stamps and origins as they were).
+    /// Gossips every record (at start: what this host stored before it
+    /// joined, stamps and origins as they were). Secrets and tokens follow
+    /// from [`Cluster::keep_custody`] each round.
     pub async fn publish_all(&self, functions: &Functions) {
         let names = functions.scan_records(|r| Some(r.name.clone()));
         self.publish_each(functions, &names).await;
-        for (name, _) in functions.secrets.versions() {
-            self.publish_secret(&functions.secrets, &name).await;
+    }
+
+    /// Gossips each secret and token this host holds if it is the one to
+    /// ([`Cluster::is_custodian`]), and withdraws those it is no longer the
+    /// one for: a change travels in one copy, from the host that made it,
+    /// not one per host that applied it (a secret may be 32 MiB), and still
+    /// reaches a host that joins after its origin is gone.
+    pub async fn keep_custody(&self, functions: &Functions) {
+        let mut held: Vec<(String, Stamp, String, bool)> = functions
+            .secrets
+            .versions()
+            .into_iter()
+            .map(|(name, v)| (name, v.stamp, v.origin, true))
+            .collect();
+        held.extend(functions.tokens.names().into_iter().filter_map(|name| {
+            let state = functions.tokens.state(&name)?;
+            Some((name, state.stamp, state.origin, false))
+        }));
+        // Who gossips which version of each key, read once for the round.
+        let mut carriers: HashMap<String, Vec<(String, Carried)>> = HashMap::new();
+        for ((node, key), (_, carried)) in self
+            .parsed_secrets
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .iter()
+        {
+            if let Some(carried) = carried {
+                let node = node.rsplit_once('/').map_or(node.as_str(), |(id, _)| id);
+                carriers
+                    .entry(key.clone())
+                    .or_default()
+                    .push((node.to_string(), carried.clone()));
+            }
         }
-        for name in functions.tokens.names() {
-            self.publish_token(&functions.tokens, &name).await;
+        let mut counts = [0i64; 2];
+        for (name, stamp, origin, secret) in held {
+            let key = if secret {
+                format!("{PREFIX_SECRET}{name}")
+            } else {
+                format!("{PREFIX_TOKEN}{name}")
+            };
+            let wanted = self.is_custodian(carriers.get(&key), stamp, &origin);
+            let have = self
+                .published
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .get(&key)
+                .cloned();
+            match (wanted, have) {
+                (true, Some(have)) if have == (stamp, origin.clone()) => {}
+                (true, _) if secret => self.publish_secret(&functions.secrets, &name).await,
+                (true, _) => self.publish_token(&functions.tokens, &name).await,
+                (false, Some(_)) => self.withdraw(&key).await,
+                (false, None) => {}
+            }
+            if wanted {
+                counts[usize::from(!secret)] += 1;
+            }
         }
+        self.metrics
+            .gossip_custody
+            .with_label_values(&["secret"])
+            .set(counts[0]);
+        self.metrics
+            .gossip_custody
+            .with_label_values(&["token"])
+            .set(counts[1]);
+    }
+
+    /// Whether this host gossips its version (`stamp`, `origin`) of a key
+    /// that live peers `carriers` gossip too: the host that made the change
+    /// does; another, once it has heard the cluster, does while no peer
+    /// gossiping that same version is its origin or has a lower node id:
+    /// when the origin is gone, the holder of the lowest id takes over
+    /// (after a round in which several may). A later version elsewhere
+    /// that this host has not taken (refused for its stamp, say) does not
+    /// count: its own stays gossiped.
+    fn is_custodian(
+        &self,
+        carriers: Option<&Vec<(String, Carried)>>,
+        stamp: Stamp,
+        origin: &str,
+    ) -> bool {
+        if origin == self.node_id {
+            return true;
+        }
+        if !self.joined() {
+            return false;
+        }
+        !carriers.is_some_and(|carriers| {
+            carriers.iter().any(|(node, (s, o))| {
+                *s == stamp && o == origin && (node == origin || *node < self.node_id)
+            })
+        })
+    }
+
+    /// Stops gossiping `key` (a tombstone peers drop it by).
+    async fn withdraw(&self, key: &str) {
+        self.chitchat
+            .with_chitchat(|chitchat| chitchat.self_node_state().delete(key))
+            .await;
+        self.published
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(key);
     }
 
     /// Gossips this host's version of the token `name` (revoked ones too,
@@ -520,6 +631,10 @@ impl Cluster {
                 };
                 if let Ok(json) = serde_json::to_string(&state) {
                     chitchat.self_node_state().set(key.as_str(), json.as_str());
+                    self.published
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key.clone(), (state.stamp, state.origin.clone()));
                 }
             })
             .await;
@@ -553,6 +668,10 @@ impl Cluster {
                 };
                 if let Ok(json) = serde_json::to_string(&state) {
                     chitchat.self_node_state().set(key.as_str(), json.as_str());
+                    self.published
+                        .lock()
+                        .unwrap_or_else(|e| e.into_inner())
+                        .insert(key.clone(), (state.stamp, state.origin.clone()));
                 }
             })
             .await;
@@ -670,10 +789,16 @@ impl Cluster {
     /// Forgets every `secret:` value read, so the next round reads them
     /// again (after one failed to be stored).
     fn reread_secrets(&self) {
-        self.parsed_secrets
+        // What each value carries is kept (custody goes on knowing who
+        // gossips what); only the versions are forgotten.
+        for (version, _) in self
+            .parsed_secrets
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clear();
+            .values_mut()
+        {
+            *version = u64::MAX;
+        }
     }
 
     /// Makes the `mod:` keys say exactly which modules this host holds.
@@ -744,10 +869,21 @@ impl Cluster {
             .lock()
             .unwrap_or_else(|e| e.into_inner())
             .retain(|(node, _), _| live.contains(node));
+        // Only what live peers gossip now (a key a peer withdrew goes).
+        let gossiped: HashSet<(String, &str)> = snapshot
+            .iter()
+            .flat_map(|(id, values)| {
+                let node = incarnation(id);
+                values
+                    .iter()
+                    .filter(|(k, _, _)| k.starts_with(PREFIX_SECRET) || k.starts_with(PREFIX_TOKEN))
+                    .map(move |(k, _, _)| (node.clone(), k.as_str()))
+            })
+            .collect();
         self.parsed_secrets
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .retain(|(node, _), _| live.contains(node));
+            .retain(|(node, key), _| gossiped.contains(&(node.clone(), key.as_str())));
         self.offsets
             .lock()
             .unwrap_or_else(|e| e.into_inner())
@@ -800,9 +936,31 @@ impl Cluster {
             .collect();
         departed.sort_by(|a, b| a.node_id.cmp(&b.node_id));
         departed.dedup_by(|a, b| a.node_id == b.node_id);
-        last_api.retain(|node, _| {
-            live.iter().any(|p| p.node_id == *node) || departed.iter().any(|d| d.node_id == *node)
-        });
+        let known = |node: &str| {
+            live.iter().any(|p| p.node_id == node) || departed.iter().any(|d| d.node_id == node)
+        };
+        last_api.retain(|node, _| known(node));
+        // Peers chitchat forgot (dead for its grace period): their
+        // forwarding series and clock notes go too.
+        let mut forwarded_to = self.forwarded_to.lock().unwrap_or_else(|e| e.into_inner());
+        for (function, peers) in forwarded_to.iter_mut() {
+            peers.retain(|peer| {
+                let keep = known(peer);
+                if !keep {
+                    let _ = self
+                        .metrics
+                        .forwarded
+                        .remove_label_values(&[function, peer.as_str()]);
+                }
+                keep
+            });
+        }
+        forwarded_to.retain(|_, peers| !peers.is_empty());
+        drop(forwarded_to);
+        self.skewed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .retain(|node| live.iter().any(|p| p.node_id == *node));
         *self.departed.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(departed);
     }
 
@@ -860,20 +1018,28 @@ impl Cluster {
                     .parsed_secrets
                     .lock()
                     .unwrap_or_else(|e| e.into_inner());
-                if seen.insert(cache_key, version) != Some(version) {
-                    match gossip::read(&key, &value) {
+                if seen.get(&cache_key).map(|(v, _)| *v) != Some(version) {
+                    let carried = match gossip::read(&key, &value) {
                         Some(gossip::Value::Secret(name, state)) => {
+                            let carried = (state.stamp, state.origin.clone());
                             fresh.secrets.push((name.to_string(), state));
+                            Some(carried)
                         }
                         Some(gossip::Value::Token(name, state)) => {
+                            let carried = (state.stamp, state.origin.clone());
                             fresh.tokens.push((name.to_string(), state));
+                            Some(carried)
                         }
-                        _ => tracing::warn!(
-                            peer = node,
-                            key,
-                            "ignoring a gossip value that does not parse"
-                        ),
-                    }
+                        _ => {
+                            tracing::warn!(
+                                peer = node,
+                                key,
+                                "ignoring a gossip value that does not parse"
+                            );
+                            None
+                        }
+                    };
+                    seen.insert(cache_key, (version, carried));
                 }
                 continue;
             }

@@ -76,6 +76,13 @@ pub async fn run(cluster: Arc<Cluster>, state: Weak<Functions>, max_upload: u64)
             progress.unwritable.clear();
         }
         merge_tokens(&cluster, &state, fresh.tokens).await;
+        cluster.keep_custody(&state).await;
+        // What was refused for a stamp ahead of this host's clock is read
+        // again once the clock has caught up (refused again if still ahead).
+        if state.refused_now_due() {
+            cluster.reread();
+            cluster.reread_secrets();
+        }
         merge(&cluster, &state, fresh.functions).await;
         for name in unsettled(&state, &progress) {
             let (cluster, state, progress) = (
@@ -124,12 +131,12 @@ async fn merge(cluster: &Cluster, state: &Functions, fresh: Vec<FunctionState>) 
 }
 
 /// Takes the API tokens peers published that are newer than this host's:
-/// stored, in force for the next request, and published as this host's
-/// own (so a token made or revoked anywhere reaches every host).
+/// stored and in force for the next request (gossiped on by this host
+/// only if it becomes their custodian: [`Cluster::keep_custody`]).
 async fn merge_tokens(cluster: &Cluster, state: &Arc<Functions>, fresh: Vec<(String, TokenState)>) {
     let newer: Vec<(String, TokenState)> = fresh
         .into_iter()
-        .inspect(|(_, peer)| state.observe(peer.stamp))
+        .filter(|(name, peer)| state.admit_stamp(peer.stamp, "token", name))
         .filter(|(name, peer)| {
             state
                 .tokens
@@ -188,7 +195,6 @@ async fn merge_tokens(cluster: &Cluster, state: &Arc<Functions>, fresh: Vec<(Str
     }
     for name in applied {
         tracing::info!(token = name, "API token changed on a peer; in force here");
-        cluster.publish_token(&state.tokens, &name).await;
         if let Some(token) = state.tokens.state(&name) {
             let what = if token.revoked {
                 "revoke token"
@@ -204,8 +210,9 @@ async fn merge_tokens(cluster: &Cluster, state: &Arc<Functions>, fresh: Vec<(Str
 
 /// Takes the secrets peers published that are newer than this host's:
 /// stored (sealed with this host's key), in force for the next invocation,
-/// policies that waited for them loaded again, and published as this
-/// host's own. Whether any changed.
+/// and policies that waited for them loaded again (gossiped on by this
+/// host only if it becomes their custodian: [`Cluster::keep_custody`]).
+/// Whether any changed.
 async fn merge_secrets(
     cluster: &Cluster,
     state: &Arc<Functions>,
@@ -213,7 +220,9 @@ async fn merge_secrets(
 ) -> bool {
     let mut newer = Vec::new();
     for (name, peer) in fresh {
-        state.observe(peer.stamp);
+        if !state.admit_stamp(peer.stamp, "secret", &name) {
+            continue;
+        }
         let Ok(name) = SecretName::try_from(name.clone()) else {
             tracing::warn!(
                 secret = name,
@@ -273,7 +282,6 @@ async fn merge_secrets(
     };
     for (name, done) in &applied {
         tracing::info!(secret = %name.0, removed = *done == Applied::Removed, "secret changed on a peer; in force here from the next invocation");
-        cluster.publish_secret(&state.secrets, &name.0).await;
         let origin = state.secrets.version(&name.0).map(|v| v.origin);
         let what = if *done == Applied::Removed {
             "remove secret"
@@ -314,6 +322,9 @@ async fn join(cluster: &Cluster, state: &Functions, fresh: Vec<Entry>) {
                     changed.push(name);
                 }
             }
+            // Refused for its stamp: counted and logged where it was
+            // refused, read again once this host's clock has caught up.
+            Err(error) if error.code == "clock_ahead" => {}
             Err(error) => {
                 tracing::warn!(function = %name, error = %error.message, "cannot keep a peer's registry entry; reading it again next round");
                 cluster.reread();

@@ -29,10 +29,15 @@ use super::now_ms;
 /// The largest datagram: UDP's limit.
 const MAX_DATAGRAM: usize = 65_507;
 
-/// Which secret each peer (by gossip address) last sealed with.
+/// How long a peer not heard from keeps its entry in [`PeerKeys`] (a
+/// peer back later is learnt again from its first datagram).
+const PEER_KEY_KEPT: std::time::Duration = std::time::Duration::from_secs(3600);
+
+/// Which secret each peer (by gossip address) last sealed with, and when
+/// it was last heard; peers gone for [`PEER_KEY_KEPT`] are forgotten.
 #[derive(Default)]
 pub struct PeerKeys {
-    by_addr: Mutex<HashMap<SocketAddr, Which>>,
+    by_addr: Mutex<HashMap<SocketAddr, (Which, std::time::Instant)>>,
 }
 
 impl PeerKeys {
@@ -40,13 +45,17 @@ impl PeerKeys {
     /// the current one.
     pub fn for_peer(&self, addr: SocketAddr) -> Which {
         let by_addr = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
-        by_addr.get(&addr).copied().unwrap_or(Which::Current)
+        by_addr
+            .get(&addr)
+            .map_or(Which::Current, |(which, _)| *which)
     }
 
     fn heard(&self, addr: SocketAddr, which: Which) {
+        let now = std::time::Instant::now();
         let mut by_addr = self.by_addr.lock().unwrap_or_else(|e| e.into_inner());
-        if by_addr.get(&addr) != Some(&which) {
-            by_addr.insert(addr, which);
+        let new = by_addr.insert(addr, (which, now)).is_none();
+        if new {
+            by_addr.retain(|_, (_, heard)| now.duration_since(*heard) < PEER_KEY_KEPT);
         }
     }
 }

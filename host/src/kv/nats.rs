@@ -184,6 +184,122 @@ pub(crate) fn lost_race(recognised: bool, error: &impl std::fmt::Display) -> boo
     }
 }
 
+/// What a conditional write ([`write_once`]) came to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Cas {
+    /// It is in the stream, at this revision.
+    Applied(u64),
+    /// The key changed since it was read: not written.
+    Lost,
+}
+
+/// How often [`write_once`] sends its message when no answer comes.
+const SENDS: usize = 3;
+
+/// Writes `value` (a delete marker for `None`) at `key` of `store` if the
+/// key's last revision is still `revision`: one logical write, sent under
+/// one `Nats-Msg-Id`. A copy sent again because no answer came (or that
+/// reached the stream twice) is taken once, by JetStream's duplicate
+/// window; and a "wrong last sequence" answer is checked against the key's
+/// last message, which carries the id when a copy did land (its answer
+/// lost), so a write that happened is never taken for one that did not and
+/// made again.
+pub(crate) async fn write_once(
+    js: &jetstream::Context,
+    store: &kv::Store,
+    key: &str,
+    value: Option<Bytes>,
+    revision: u64,
+) -> Result<Cas, String> {
+    // The subject as async-nats writes it (this host sets no JetStream
+    // domain or API prefix).
+    let subject = format!(
+        "{}{key}",
+        store.put_prefix.as_ref().unwrap_or(&store.prefix)
+    );
+    let id = write_id();
+    let mut headers = async_nats::HeaderMap::new();
+    headers.insert("Nats-Msg-Id", id.as_str());
+    headers.insert(
+        "Nats-Expected-Last-Subject-Sequence",
+        revision.to_string().as_str(),
+    );
+    if value.is_none() {
+        headers.insert("KV-Operation", "DEL");
+    }
+    let payload = value.unwrap_or_default();
+    let mut last_error = String::new();
+    for _ in 0..SENDS {
+        let sent = js
+            .publish_with_headers(subject.clone(), headers.clone(), payload.clone())
+            .await
+            .map_err(|e| e.to_string())?;
+        match sent.await {
+            Ok(ack) => return Ok(Cas::Applied(ack.sequence)),
+            Err(e)
+                if lost_race(
+                    e.kind() == jetstream::context::PublishErrorKind::WrongLastSequence,
+                    &e,
+                ) =>
+            {
+                // Only a last message read, and not ours, says the write
+                // did not happen; a failed read leaves it in doubt.
+                return match last_write(store, &subject).await {
+                    Ok(Some((last, sequence))) if last == id => Ok(Cas::Applied(sequence)),
+                    Ok(_) => Ok(Cas::Lost),
+                    Err(error) => Err(format!(
+                        "the write met a newer revision and reading the key back failed ({error}); it may have happened"
+                    )),
+                };
+            }
+            // No answer: the same message again (a copy that landed is
+            // answered as a duplicate, not applied twice). A clustered
+            // server answers a copy that comes while the first is still
+            // being replicated with a duplicate conflict: again, shortly.
+            Err(e) if e.kind() == jetstream::context::PublishErrorKind::TimedOut => {
+                last_error = e.to_string();
+            }
+            Err(e) if e.to_string().to_ascii_lowercase().contains("duplicate") => {
+                last_error = e.to_string();
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.to_string()),
+        }
+    }
+    Err(format!(
+        "no answer from NATS after {SENDS} sends of one write ({last_error}); it may have happened"
+    ))
+}
+
+/// The `Nats-Msg-Id` and sequence of the last message on `subject` (read
+/// from the stream's leader), if it has one; an error if it cannot be read.
+async fn last_write(store: &kv::Store, subject: &str) -> Result<Option<(String, u64)>, String> {
+    let message = store
+        .stream
+        .get_last_raw_message_by_subject(subject)
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok(message
+        .headers
+        .get("Nats-Msg-Id")
+        .map(|id| (id.as_str().to_string(), message.sequence)))
+}
+
+/// A fresh id for one logical write: 128 random bits.
+fn write_id() -> String {
+    use ring::rand::SecureRandom;
+    let mut bytes = [0u8; 16];
+    // A failed draw leaves zeros and a time-based id below: unique enough
+    // for the two minutes of the duplicate window.
+    if ring::rand::SystemRandom::new().fill(&mut bytes).is_err() {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        bytes = now.to_le_bytes();
+    }
+    format!("lichen-{}", hex::encode(bytes))
+}
+
 /// Compare-and-swap rounds of one write: the first at once, each later one
 /// after a random pause growing with the round up to about 10 ms (so
 /// writers that lost to each other do not collide again in step), until
@@ -298,6 +414,11 @@ impl NatsBackend {
             .name("lichen")
             .retry_on_initial_connect()
             .connection_timeout(Duration::from_secs(2))
+            // A server cut off (a partition) is noticed in seconds, not the
+            // client's default minutes, and the client moves to another
+            // of the cluster's servers: the side that reaches NATS goes on
+            // taking cron leases and writing during the cut.
+            .ping_interval(Duration::from_secs(2))
             .event_callback(|event| async move {
                 match event {
                     async_nats::Event::Connected => {
@@ -456,6 +577,7 @@ impl NatsBackend {
     /// Applies a change of (keys, bytes) to the usage record; with a quota,
     /// refuses growth past it.
     async fn adjust_usage(
+        js: &jetstream::Context,
         store: &kv::Store,
         keys: i64,
         bytes: i64,
@@ -473,11 +595,9 @@ impl NatsBackend {
             }
             let record = serde_json::to_vec(&(next.keys, next.bytes))
                 .map_err(|e| KvError::Invalid(e.to_string()))?;
-            match store.update(USAGE_KEY, record.into(), revision).await {
-                Ok(_) => return Ok(()),
-                Err(e) if lost_race(e.kind() == kv::UpdateErrorKind::WrongLastRevision, &e) => {
-                    continue;
-                }
+            match write_once(js, store, USAGE_KEY, Some(record.into()), revision).await {
+                Ok(Cas::Applied(_)) => return Ok(()),
+                Ok(Cas::Lost) => continue,
                 Err(e) => return Err(unavailable(e)),
             }
         }
@@ -513,24 +633,27 @@ impl NatsBackend {
                     let bytes = entry_size(key, &value) as i64 - old_size.unwrap_or(0);
                     let (grow_keys, grow_bytes) = (keys.max(0), bytes.max(0));
                     if grow_keys > 0 || grow_bytes > 0 {
-                        Self::adjust_usage(&store, grow_keys, grow_bytes, Some(quota)).await?;
+                        Self::adjust_usage(&self.js, &store, grow_keys, grow_bytes, Some(quota))
+                            .await?;
                     }
-                    match store.update(&nats_key, value.into(), revision).await {
-                        Ok(_) => {
+                    match write_once(&self.js, &store, &nats_key, Some(value.into()), revision)
+                        .await
+                    {
+                        Ok(Cas::Applied(_)) => {
                             if bytes < 0 {
-                                Self::adjust_usage(&store, 0, bytes, None).await?;
+                                Self::adjust_usage(&self.js, &store, 0, bytes, None).await?;
                             }
                             return Ok(answer);
                         }
-                        Err(e) => {
-                            // Only a lost race says the write did not happen;
-                            // after any other failure it may have, so the
-                            // reservation stays (usage high, never low).
-                            if !lost_race(e.kind() == kv::UpdateErrorKind::WrongLastRevision, &e) {
-                                return Err(unavailable(e));
-                            }
+                        // Only a lost race (checked not to be our own write)
+                        // says the write did not happen; after any other
+                        // failure it may have, so the reservation stays
+                        // (usage high, never low).
+                        Err(e) => return Err(unavailable(e)),
+                        Ok(Cas::Lost) => {
                             if grow_keys > 0 || grow_bytes > 0 {
-                                Self::adjust_usage(&store, -grow_keys, -grow_bytes, None).await?;
+                                Self::adjust_usage(&self.js, &store, -grow_keys, -grow_bytes, None)
+                                    .await?;
                             }
                         }
                     }
@@ -539,22 +662,12 @@ impl NatsBackend {
                     let Some(size) = old_size else {
                         return Ok(answer);
                     };
-                    match store
-                        .delete_expect_revision(&nats_key, Some(revision))
-                        .await
-                    {
-                        Ok(()) => {
-                            Self::adjust_usage(&store, -1, -size, None).await?;
+                    match write_once(&self.js, &store, &nats_key, None, revision).await {
+                        Ok(Cas::Applied(_)) => {
+                            Self::adjust_usage(&self.js, &store, -1, -size, None).await?;
                             return Ok(answer);
                         }
-                        Err(e)
-                            if lost_race(
-                                e.kind() == kv::DeleteErrorKind::WrongLastRevision,
-                                &e,
-                            ) =>
-                        {
-                            continue;
-                        }
+                        Ok(Cas::Lost) => continue,
                         Err(e) => return Err(unavailable(e)),
                     }
                 }

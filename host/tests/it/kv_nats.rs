@@ -271,3 +271,188 @@ async fn registry_entries_on_nats_outlive_a_secret_rotation() {
     assert_eq!(other.read(&name).await.unwrap().0, None);
     assert_eq!(rejected.get(), 1);
 }
+
+/// What the duplicating relay did.
+#[derive(Default)]
+struct Relayed {
+    /// The reply subject of the publish sent twice, until its first answer
+    /// is dropped.
+    dropping: Option<String>,
+    /// Publishes sent twice, answers dropped.
+    doubled: u32,
+    dropped: u32,
+    /// Whether the next write to a store key is doubled.
+    armed: bool,
+}
+
+/// One NATS protocol frame read from `buffer`: its head line and the whole
+/// frame's bytes, or `None` until it has all arrived.
+fn nats_frame(buffer: &[u8]) -> Option<(String, usize)> {
+    let end = buffer.windows(2).position(|w| w == b"\r\n")?;
+    let line = String::from_utf8_lossy(&buffer[..end]).to_string();
+    let words: Vec<&str> = line.split_whitespace().collect();
+    let verb = words
+        .first()
+        .map(|w| w.to_ascii_uppercase())
+        .unwrap_or_default();
+    let payload = match verb.as_str() {
+        "PUB" | "HPUB" | "MSG" | "HMSG" => words.last()?.parse::<usize>().ok()? + 2,
+        _ => 0,
+    };
+    let total = end + 2 + payload;
+    (buffer.len() >= total).then_some((line, total))
+}
+
+/// A relay between a host and `nats-server` that, once armed, sends the
+/// next compare-and-swap write to a store key twice and drops the server's
+/// first answer to it: a write that reached the stream twice and whose
+/// first answer was lost, as a connection cut after the publish leaves it.
+async fn duplicating_relay(upstream: String) -> (String, Arc<std::sync::Mutex<Relayed>>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("nats://{}", listener.local_addr().unwrap());
+    let upstream = upstream.trim_start_matches("nats://").to_string();
+    let state: Arc<std::sync::Mutex<Relayed>> = Arc::default();
+    let shared = Arc::clone(&state);
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
+                continue;
+            };
+            let (mut client_read, mut client_write) = client.into_split();
+            let (mut server_read, mut server_write) = server.into_split();
+            let state = Arc::clone(&shared);
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 16384];
+                loop {
+                    let Ok(n) = client_read.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buffer.extend_from_slice(&chunk[..n]);
+                    while let Some((line, total)) = nats_frame(&buffer) {
+                        let frame: Vec<u8> = buffer.drain(..total).collect();
+                        let words: Vec<&str> = line.split_whitespace().collect();
+                        let double = {
+                            let mut state = state.lock().unwrap();
+                            let write = words.first() == Some(&"HPUB")
+                                && words.len() == 5
+                                && words[1].starts_with("$KV.")
+                                && !words[1].contains(".=")
+                                && String::from_utf8_lossy(&frame)
+                                    .contains("Nats-Expected-Last-Subject-Sequence");
+                            if write && state.armed {
+                                state.armed = false;
+                                state.doubled += 1;
+                                state.dropping = Some(words[2].to_string());
+                                true
+                            } else {
+                                false
+                            }
+                        };
+                        if server_write.write_all(&frame).await.is_err() {
+                            return;
+                        }
+                        if double && server_write.write_all(&frame).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+            let state = Arc::clone(&shared);
+            tokio::spawn(async move {
+                let mut buffer = Vec::new();
+                let mut chunk = [0u8; 16384];
+                loop {
+                    let Ok(n) = server_read.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buffer.extend_from_slice(&chunk[..n]);
+                    while let Some((line, total)) = nats_frame(&buffer) {
+                        let frame: Vec<u8> = buffer.drain(..total).collect();
+                        let words: Vec<&str> = line.split_whitespace().collect();
+                        let drop = {
+                            let mut state = state.lock().unwrap();
+                            let answer = matches!(words.first(), Some(&"MSG") | Some(&"HMSG"))
+                                && state.dropping.as_deref() == words.get(1).copied();
+                            if answer {
+                                state.dropping = None;
+                                state.dropped += 1;
+                            }
+                            answer
+                        };
+                        if !drop && client_write.write_all(&frame).await.is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (url, state)
+}
+
+/// An increment whose write reached the stream twice and whose first answer
+/// was lost (a relay doubles the publish and drops that answer): the
+/// counter goes up by one, not two. Before every write carried a
+/// `Nats-Msg-Id` (and a "wrong last sequence" answer was checked against
+/// the key's last message), the second copy's refusal was taken for a lost
+/// race and the increment made again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_that_reaches_nats_twice_counts_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let nats = NatsServer::start(&dir.path().join("nats"));
+    let (relay, relayed) = duplicating_relay(nats.url.clone()).await;
+    let data = dir.path().join("host");
+    write_policy(&data, "kv", "[keyvalue]\nstores = [\"default\"]\n");
+    let mut config = test_config(&data);
+    config.kv = KvConfig::Nats {
+        urls: vec![relay],
+        replicas: 1,
+        timeout: Duration::from_secs(10),
+    };
+    let host = TestHost::start(config).await;
+    let reply = host.deploy("kv", common::component("kv-draft")).await;
+    assert_eq!(reply.status, StatusCode::CREATED, "{}", reply.text());
+    let increment = || async {
+        send(
+            Method::POST,
+            &format!("{}/fn/kv?op=increment&key=n", host.url),
+            &[],
+            Vec::new(),
+        )
+        .await
+    };
+    // The key exists first, so the doubled write is the increment's.
+    let first = increment().await;
+    assert_eq!(first.status, StatusCode::OK, "{}", first.text());
+    assert_eq!(first.json()["value"], 1);
+    for expected in 2..=4 {
+        relayed.lock().unwrap().armed = true;
+        let reply = increment().await;
+        assert_eq!(reply.status, StatusCode::OK, "{}", reply.text());
+        assert_eq!(reply.json()["value"], expected, "{}", reply.text());
+        let relayed = relayed.lock().unwrap();
+        assert_eq!(
+            (relayed.doubled, relayed.dropped),
+            (expected - 1, expected - 1),
+            "the relay did not double the write and drop its answer"
+        );
+    }
+    let read = send(
+        Method::POST,
+        &format!("{}/fn/kv?op=get&key=n", host.url),
+        &[],
+        Vec::new(),
+    )
+    .await;
+    assert_eq!(read.status, StatusCode::OK, "{}", read.text());
+    assert_eq!(read.json()["value"], "4", "{}", read.text());
+    host.stop().await;
+}

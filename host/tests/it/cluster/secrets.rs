@@ -192,3 +192,68 @@ fn free_gossip() -> String {
         .unwrap()
         .to_string()
 }
+
+/// How many secrets and tokens `node` gossips for the cluster.
+async fn custody(node: &Node) -> (f64, f64) {
+    let metrics = node.metrics().await;
+    (
+        common::series_sum(&metrics, "lichen_gossip_custody{kind=\"secret\"}"),
+        common::series_sum(&metrics, "lichen_gossip_custody{kind=\"token\"}"),
+    )
+}
+
+/// A secret and a token travel in one copy: gossiped by the host that
+/// made them, not by every host that applied them (a secret may be 32
+/// MiB); when that host is gone, one other host (the lowest node id) takes
+/// them over, and a host that joins afterwards learns them from it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_secret_is_gossiped_by_one_host_and_outlives_the_host_that_set_it() {
+    let root = tempfile::tempdir().unwrap();
+    let (mut a, b, c) = super::three(root.path()).await;
+    let set = a
+        .admin(Method::PUT, "/v1/secrets/pg", FIRST.as_bytes().to_vec())
+        .await;
+    assert_eq!(set.status, StatusCode::CREATED, "{}", set.text());
+    let made = a
+        .admin(
+            Method::POST,
+            "/v1/tokens",
+            br#"{"name": "ci", "scopes": ["status:read"]}"#.to_vec(),
+        )
+        .await;
+    assert_eq!(made.status, StatusCode::CREATED, "{}", made.text());
+    for node in [&b, &c] {
+        eventually(&format!("{} holds pg and the token", node.id), || async {
+            let tokens = node.admin(Method::GET, "/v1/tokens", Vec::new()).await;
+            names(node).await == ["pg"] && tokens.text().contains("\"ci\"")
+        })
+        .await;
+    }
+    eventually("only a gossips pg and the token", || async {
+        custody(&a).await == (1.0, 1.0)
+            && custody(&b).await == (0.0, 0.0)
+            && custody(&c).await == (0.0, 0.0)
+    })
+    .await;
+    // And it stays so.
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    assert_eq!(custody(&b).await, (0.0, 0.0));
+    assert_eq!(custody(&c).await, (0.0, 0.0));
+
+    a.kill();
+    eventually(
+        "b, the lowest id left, takes pg and the token over",
+        || async { custody(&b).await == (1.0, 1.0) && custody(&c).await == (0.0, 0.0) },
+    )
+    .await;
+    let d = Node::start(root.path(), "d", &[&c], SECRET);
+    eventually(
+        "d, joining after a is gone, learns pg and the token",
+        || async {
+            let tokens = d.admin(Method::GET, "/v1/tokens", Vec::new()).await;
+            names(&d).await == ["pg"] && tokens.text().contains("\"ci\"")
+        },
+    )
+    .await;
+    assert_eq!(custody(&d).await, (0.0, 0.0));
+}

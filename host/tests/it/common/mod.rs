@@ -1181,3 +1181,14 @@ pub fn run_with_input(command: &mut std::process::Command, input: &[u8]) -> std:
     child.stdin.take().unwrap().write_all(input).unwrap();
     child.wait_with_output().unwrap()
 }
+
+/// Debian's libfaketime (package `faketime`).
+pub fn libfaketime() -> PathBuf {
+    let lib = std::fs::read_dir("/usr/lib")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|arch| arch.path().join("faketime/libfaketime.so.1"))
+        .find(|path| path.exists());
+    lib.expect("libfaketime (Debian's faketime package; scripts/test.sh installs it)")
+}

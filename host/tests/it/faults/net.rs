@@ -256,7 +256,7 @@ impl Net {
             // which forks: the host must be the process this test kills.
             // The wall clock only: timers (monotonic) keep real time.
             command
-                .env("LD_PRELOAD", libfaketime())
+                .env("LD_PRELOAD", common::libfaketime())
                 .env("FAKETIME", shift)
                 .env("FAKETIME_DONT_FAKE_MONOTONIC", "1");
         }
@@ -466,17 +466,6 @@ async fn until_ok(what: &str, url: &str) {
         .is_ok_and(|r| r.status == http::StatusCode::OK)
     })
     .await;
-}
-
-/// Debian's libfaketime (package `faketime`).
-fn libfaketime() -> PathBuf {
-    let lib = std::fs::read_dir("/usr/lib")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|arch| arch.path().join("faketime/libfaketime.so.1"))
-        .find(|path| path.exists());
-    lib.expect("libfaketime (Debian's faketime package; scripts/test.sh installs it)")
 }
 
 fn nft(ns: &str, rule: &str) {
