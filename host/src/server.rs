@@ -475,6 +475,9 @@ impl Server {
                 },
                 () = &mut shutdown, if drained.is_none() => {
                     self.state.start_draining();
+                    if let Some(cluster) = &self.cluster {
+                        cluster.start_draining();
+                    }
                     tracing::info!(
                         drain_ms = self.drain.as_millis() as u64,
                         "draining: /readyz answers 503, still serving"

@@ -228,6 +228,10 @@ pub struct Cluster {
     rounds: AtomicU64,
     /// Whether this host has heard from the cluster (see [`Cluster::joined`]).
     joined: AtomicBool,
+    /// Draining before a shutdown: gossiped as no free slots, so peers stop
+    /// sending it work before its connections close (work they sent as a
+    /// connection closed could not be sent again elsewhere).
+    draining: AtomicBool,
     /// Cron ticks claimed, by this host or its peers ([`claims`]).
     claims: claims::Claims,
     /// Tick leases in NATS, with the NATS key-value backend.
@@ -338,6 +342,7 @@ impl Cluster {
             kv,
             rounds: AtomicU64::new(0),
             joined: AtomicBool::new(false),
+            draining: AtomicBool::new(false),
             claims: claims::Claims::default(),
             leases,
         }))
@@ -350,6 +355,17 @@ impl Cluster {
     /// cluster's functions yet.
     pub fn joined(&self) -> bool {
         self.joined.load(Ordering::Relaxed)
+    }
+
+    /// Stops taking work from peers: from the next round this host gossips
+    /// no free slots (it still serves what reaches it).
+    pub fn start_draining(&self) {
+        self.draining.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether [`Cluster::start_draining`] was called.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::Relaxed)
     }
 
     /// The gossip interval.

@@ -65,6 +65,7 @@ pub async fn run(cluster: Arc<Cluster>, state: Weak<Functions>, max_upload: u64)
         tick.tick().await;
         let Some(state) = state.upgrade() else { return };
         let (free, load) = state.scheduler.host_load();
+        let free = if cluster.is_draining() { 0 } else { free };
         let fresh = cluster.gossip_round(free, load).await;
         if cluster.refused().is_some() {
             return;
