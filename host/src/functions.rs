@@ -24,7 +24,7 @@
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use bytes::Bytes;
@@ -52,13 +52,6 @@ const IN_DOUBT_FOR: std::time::Duration = std::time::Duration::from_secs(600);
 /// How far ahead of this host's clock a stamp heard elsewhere may be by
 /// default (`--max-clock-ahead`).
 pub const MAX_CLOCK_AHEAD: Duration = Duration::from_secs(60);
-
-/// The wall clock in Unix milliseconds.
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
 
 /// The admin lock, held while a deploy or delete changes the store and the
 /// table together.
@@ -255,7 +248,7 @@ impl Functions {
         self.hlc
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .tick(now_ms())
+            .tick(crate::recent::now_unix_ms())
     }
 
     /// Takes a stamp heard from a peer or NATS (`source`: `registry`,
@@ -264,7 +257,7 @@ impl Functions {
     /// counted in `lichen_clock_ahead_refused_total{source}` and logged (once
     /// a minute), and the caller must not adopt what it stamps.
     pub fn admit_stamp(&self, stamp: Stamp, source: &str, what: &str) -> bool {
-        let now_ms = now_ms();
+        let now_ms = crate::recent::now_unix_ms();
         if !lichen_core::registry::is_ahead(stamp, now_ms, self.max_ahead.as_millis() as u64) {
             self.observe(stamp);
             return true;
@@ -298,7 +291,7 @@ impl Functions {
         let due = refused.is_some_and(|ms| {
             !lichen_core::registry::is_ahead(
                 lichen_core::registry::stamp_of_ms(ms),
-                now_ms(),
+                crate::recent::now_unix_ms(),
                 self.max_ahead.as_millis() as u64,
             )
         });

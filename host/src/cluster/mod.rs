@@ -199,7 +199,7 @@ pub struct Cluster {
     parsed_secrets: Mutex<HashMap<GossipKey, (u64, Option<Carried>)>>,
     /// The version (stamp, origin) this host gossips of each `secret:` and
     /// `token:` key (see [`Cluster::keep_custody`]).
-    published: Mutex<HashMap<String, (Stamp, String)>>,
+    published: Mutex<HashMap<String, Carried>>,
     /// Each peer incarnation's clock offset, with the version of the load
     /// value it was measured from.
     offsets: Mutex<HashMap<String, (u64, i64)>>,

@@ -211,12 +211,7 @@ pub(crate) async fn write_once(
     value: Option<Bytes>,
     revision: u64,
 ) -> Result<Cas, String> {
-    // The subject as async-nats writes it (this host sets no JetStream
-    // domain or API prefix).
-    let subject = format!(
-        "{}{key}",
-        store.put_prefix.as_ref().unwrap_or(&store.prefix)
-    );
+    let subject = subject_of(store, key);
     let id = write_id();
     let mut headers = async_nats::HeaderMap::new();
     headers.insert("Nats-Msg-Id", id.as_str());
@@ -269,6 +264,15 @@ pub(crate) async fn write_once(
     Err(format!(
         "no answer from NATS after {SENDS} sends of one write ({last_error}); it may have happened"
     ))
+}
+
+/// The subject `key` of `store` is written on, as async-nats writes it
+/// (this host sets no JetStream domain or API prefix).
+fn subject_of(store: &kv::Store, key: &str) -> String {
+    format!(
+        "{}{key}",
+        store.put_prefix.as_ref().unwrap_or(&store.prefix)
+    )
 }
 
 /// The `Nats-Msg-Id` and sequence of the last message on `subject` (read
@@ -525,9 +529,6 @@ impl NatsBackend {
     /// key's last sequence is still the one read (a leader that has lost
     /// its quorum cannot write it). Read again if the key changed between.
     async fn confirmed(&self, store: &kv::Store, key: &str) -> Result<Option<Bytes>, KvError> {
-        // Subjects as async-nats writes them (this host sets no JetStream
-        // domain or API prefix).
-        let prefix = store.put_prefix.as_ref().unwrap_or(&store.prefix);
         let mut rounds = Rounds::new();
         while rounds.next().await {
             let (value, revision) = Self::entry(store, key).await?;
@@ -538,11 +539,11 @@ impl NatsBackend {
             );
             headers.insert(
                 "Nats-Expected-Last-Subject-Sequence-Subject",
-                format!("{prefix}{key}").as_str(),
+                subject_of(store, key).as_str(),
             );
             let sent = self
                 .js
-                .publish_with_headers(format!("{prefix}{READ_MARK}"), headers, Bytes::new())
+                .publish_with_headers(subject_of(store, READ_MARK), headers, Bytes::new())
                 .await
                 .map_err(unavailable)?;
             match sent.await {

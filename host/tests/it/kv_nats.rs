@@ -308,7 +308,6 @@ fn nats_frame(buffer: &[u8]) -> Option<(String, usize)> {
 /// first answer to it: a write that reached the stream twice and whose
 /// first answer was lost, as a connection cut after the publish leaves it.
 async fn duplicating_relay(upstream: String) -> (String, Arc<std::sync::Mutex<Relayed>>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("nats://{}", listener.local_addr().unwrap());
     let upstream = upstream.trim_start_matches("nats://").to_string();
@@ -319,83 +318,72 @@ async fn duplicating_relay(upstream: String) -> (String, Arc<std::sync::Mutex<Re
             let Ok(server) = tokio::net::TcpStream::connect(&upstream).await else {
                 continue;
             };
-            let (mut client_read, mut client_write) = client.into_split();
-            let (mut server_read, mut server_write) = server.into_split();
+            let (client_read, client_write) = client.into_split();
+            let (server_read, server_write) = server.into_split();
+            // To the server: the armed write to a store key, twice.
             let state = Arc::clone(&shared);
-            tokio::spawn(async move {
-                let mut buffer = Vec::new();
-                let mut chunk = [0u8; 16384];
-                loop {
-                    let Ok(n) = client_read.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buffer.extend_from_slice(&chunk[..n]);
-                    while let Some((line, total)) = nats_frame(&buffer) {
-                        let frame: Vec<u8> = buffer.drain(..total).collect();
-                        let words: Vec<&str> = line.split_whitespace().collect();
-                        let double = {
-                            let mut state = state.lock().unwrap();
-                            let write = words.first() == Some(&"HPUB")
-                                && words.len() == 5
-                                && words[1].starts_with("$KV.")
-                                && !words[1].contains(".=")
-                                && String::from_utf8_lossy(&frame)
-                                    .contains("Nats-Expected-Last-Subject-Sequence");
-                            if write && state.armed {
-                                state.armed = false;
-                                state.doubled += 1;
-                                state.dropping = Some(words[2].to_string());
-                                true
-                            } else {
-                                false
-                            }
-                        };
-                        if server_write.write_all(&frame).await.is_err() {
-                            return;
-                        }
-                        if double && server_write.write_all(&frame).await.is_err() {
-                            return;
-                        }
-                    }
+            tokio::spawn(pump(client_read, server_write, move |words, frame| {
+                let mut state = state.lock().unwrap();
+                let write = words.first() == Some(&"HPUB")
+                    && words.len() == 5
+                    && words[1].starts_with("$KV.")
+                    && !words[1].contains(".=")
+                    && String::from_utf8_lossy(frame)
+                        .contains("Nats-Expected-Last-Subject-Sequence");
+                if write && state.armed {
+                    state.armed = false;
+                    state.doubled += 1;
+                    state.dropping = Some(words[2].to_string());
+                    2
+                } else {
+                    1
                 }
-            });
+            }));
+            // To the client: the first answer to that write, dropped.
             let state = Arc::clone(&shared);
-            tokio::spawn(async move {
-                let mut buffer = Vec::new();
-                let mut chunk = [0u8; 16384];
-                loop {
-                    let Ok(n) = server_read.read(&mut chunk).await else {
-                        return;
-                    };
-                    if n == 0 {
-                        return;
-                    }
-                    buffer.extend_from_slice(&chunk[..n]);
-                    while let Some((line, total)) = nats_frame(&buffer) {
-                        let frame: Vec<u8> = buffer.drain(..total).collect();
-                        let words: Vec<&str> = line.split_whitespace().collect();
-                        let drop = {
-                            let mut state = state.lock().unwrap();
-                            let answer = matches!(words.first(), Some(&"MSG") | Some(&"HMSG"))
-                                && state.dropping.as_deref() == words.get(1).copied();
-                            if answer {
-                                state.dropping = None;
-                                state.dropped += 1;
-                            }
-                            answer
-                        };
-                        if !drop && client_write.write_all(&frame).await.is_err() {
-                            return;
-                        }
-                    }
+            tokio::spawn(pump(server_read, client_write, move |words, _| {
+                let mut state = state.lock().unwrap();
+                let answer = matches!(words.first(), Some(&"MSG") | Some(&"HMSG"))
+                    && state.dropping.as_deref() == words.get(1).copied();
+                if answer {
+                    state.dropping = None;
+                    state.dropped += 1;
+                    0
+                } else {
+                    1
                 }
-            });
+            }));
         }
     });
     (url, state)
+}
+
+/// Copies NATS frames from `from` to `to`, each as many times as `copies`
+/// says (given the frame's head line in words, and the whole frame), until
+/// either side closes.
+async fn pump(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    mut copies: impl FnMut(&[&str], &[u8]) -> usize,
+) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut buffer = Vec::new();
+    let mut chunk = [0u8; 16384];
+    loop {
+        match from.read(&mut chunk).await {
+            Ok(0) | Err(_) => return,
+            Ok(n) => buffer.extend_from_slice(&chunk[..n]),
+        }
+        while let Some((line, total)) = nats_frame(&buffer) {
+            let frame: Vec<u8> = buffer.drain(..total).collect();
+            let words: Vec<&str> = line.split_whitespace().collect();
+            for _ in 0..copies(&words, &frame) {
+                if to.write_all(&frame).await.is_err() {
+                    return;
+                }
+            }
+        }
+    }
 }
 
 /// An increment whose write reached the stream twice and whose first answer

@@ -829,6 +829,21 @@ impl TlsClient {
         ))
     }
 
+    /// A GET of `target` as a peer sends it, with `signature` if given.
+    async fn peer_get(
+        &self,
+        url: &str,
+        target: &str,
+        signature: Option<&str>,
+    ) -> Result<(StatusCode, Bytes), String> {
+        let headers: Vec<(&str, &str)> = signature
+            .map(|s| ("x-lichen-peer-signature", s))
+            .into_iter()
+            .collect();
+        self.request(url, Method::GET, target, &headers, Vec::new())
+            .await
+    }
+
     async fn metrics(&self, url: &str) -> String {
         let (_, body) = self.send(url, Method::GET, "/metrics", Vec::new()).await;
         String::from_utf8_lossy(&body).into_owned()
@@ -1036,13 +1051,7 @@ async fn under_mutual_tls_peers_share_work_and_a_peer_request_needs_the_cluster_
     );
     let signature = signed(&b);
     let (status, body) = client
-        .request(
-            &b.url,
-            Method::GET,
-            &target,
-            &[("x-lichen-peer-signature", &signature)],
-            Vec::new(),
-        )
+        .peer_get(&b.url, &target, Some(&signature))
         .await
         .unwrap();
     assert_eq!(
@@ -1064,15 +1073,7 @@ async fn under_mutual_tls_peers_share_work_and_a_peer_request_needs_the_cluster_
     let (cert, key) = stranger.leaf(&["127.0.0.1"], "c", false);
     let outsider = TlsClient::with(&ca_pem, Some((&cert, &key)));
     let signature = signed(&b);
-    let refused = outsider
-        .request(
-            &b.url,
-            Method::GET,
-            &target,
-            &[("x-lichen-peer-signature", &signature)],
-            Vec::new(),
-        )
-        .await;
+    let refused = outsider.peer_get(&b.url, &target, Some(&signature)).await;
     assert!(
         refused.is_err(),
         "a stranger's certificate was taken: {refused:?}"
@@ -1083,35 +1084,20 @@ async fn under_mutual_tls_peers_share_work_and_a_peer_request_needs_the_cluster_
     let chain = std::fs::read_to_string(root.path().join("certs/c.crt")).unwrap();
     let key = std::fs::read_to_string(root.path().join("certs/c.key")).unwrap();
     let member = TlsClient::with(&ca_pem, Some((&chain, &key)));
-    let (status, body) = member
-        .request(&b.url, Method::GET, &target, &[], Vec::new())
-        .await
-        .unwrap();
+    let (status, body) = member.peer_get(&b.url, &target, None).await.unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED);
     let error: serde_json::Value = serde_json::from_slice(&body).unwrap();
     assert_eq!(error["code"], "peer_signature_missing");
     let signature = signed(&b);
     let (status, body) = member
-        .request(
-            &b.url,
-            Method::GET,
-            &target,
-            &[("x-lichen-peer-signature", &signature)],
-            Vec::new(),
-        )
+        .peer_get(&b.url, &target, Some(&signature))
         .await
         .unwrap();
     assert_eq!(status, StatusCode::OK, "{}", String::from_utf8_lossy(&body));
     assert_eq!(&body[..], &common::component("square")[..]);
     // The same request again, certificate and all: a replay.
     let (status, body) = member
-        .request(
-            &b.url,
-            Method::GET,
-            &target,
-            &[("x-lichen-peer-signature", &signature)],
-            Vec::new(),
-        )
+        .peer_get(&b.url, &target, Some(&signature))
         .await
         .unwrap();
     assert_eq!(status, StatusCode::UNAUTHORIZED);
